@@ -1,0 +1,449 @@
+"""The one frozen config tree that describes a run.
+
+``TrainConfig`` is composed of small frozen dataclasses. It is the single source of truth: the ComfyUI nodes, the
+CLI (TOML/JSON files plus ``--set key=value``) and the saved run metadata all go through :func:`TrainConfig.from_dict`
+and :meth:`TrainConfig.to_dict`. Unknown keys and wrongly typed values are errors that name the field.
+
+Field names follow kohya sd-scripts where one exists (``network_dim``, ``keep_tokens``, ``min_snr_gamma`` …) so
+users recognise them; the node widgets use the same names.
+"""
+from __future__ import annotations
+
+import json
+import types
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import ConfigError
+
+CONFIG_VERSION = 1
+
+# Choice lists: the node dropdowns and the validation below use the same tuples.
+FAMILIES = ("sd15", "sdxl", "sd3", "flux")
+NETWORK_TYPES = ("lora", "dora", "loha", "lokr", "full")
+TARGET_PRESETS = ("attn", "attn_mlp", "all_linear", "all_linear_conv")
+OPTIMIZERS = ("adamw", "adamw8bit", "adafactor", "lion", "dadaptation", "dadaptadam", "prodigy", "sgd")
+SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+SAVE_PRECISION = ("fp32", "fp16", "bf16")
+CROP_STYLES = ("center", "random", "corner")
+CROP_ASPECTS = ("square", "preserve")
+MISSING_CAPTION = ("class_tokens", "empty", "skip")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "flow")
+TIMESTEP_SAMPLING = ("uniform", "logit_normal", "sigmoid", "mode")
+LOSS_WEIGHTING = ("none", "sigma_sqrt", "cosmap")
+
+
+@dataclass(frozen=True)
+class CaptionConfig:
+    trigger_word: str = ""  # prepended, never shuffled or dropped ("class token" / SeaArt trigger)
+    keep_tokens: int = 0  # kohya keep_tokens: first N tags stay in place
+    shuffle_caption: bool = False  # kohya shuffle_caption
+    separator: str = ","  # tag separator (kohya caption_separator)
+    split_on_period: bool = True  # a period also separates tags (SimpleTuner recipe)
+    keep_tokens_separator: str = ""  # kohya keep_tokens_separator, e.g. "|||"
+    caption_dropout_rate: float = 0.0  # whole caption replaced by "" (kohya caption_dropout_rate)
+    caption_tag_dropout_rate: float = 0.0  # each non-kept tag dropped (kohya caption_tag_dropout_rate)
+    caption_dropout_every_n_epochs: int = 0  # kohya: every Nth epoch drops all captions
+    remove_tags: tuple[str, ...] = ()  # exact tags removed before anything else (SeaArt "delete tags")
+    remove_tags_regex: str = ""  # tags fully matching this regex are removed
+    replace_tags: tuple[str, ...] = ()  # "old=new" pairs
+    weighted_captions: bool = False  # parse "(tag:1.2)" into per-token weights
+    max_token_length: int = 75  # 75 / 150 / 225 (CLIP chunking)
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    path: str = ""  # root folder; kohya "10_concept" sub-folders set repeats
+    resolution: int = 512
+    repeats: int = 0  # 0 = from the folder name (default 1)
+    caption_extension: str = ".txt"
+    missing_caption: str = "class_tokens"
+    crop_style: str = "center"
+    crop_aspect: str = "square"
+    enable_bucket: bool = False
+    min_bucket_reso: int = 256
+    max_bucket_reso: int = 1024
+    bucket_reso_steps: int = 64
+    bucket_no_upscale: bool = False
+    flip_aug: bool = False
+    color_aug: bool = False
+    background_color: str = "#ffffff"
+    is_reg: bool = False  # regularization images (kohya reg_data_dir)
+    captions: CaptionConfig = field(default_factory=CaptionConfig)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    family: str = "sd15"
+    path: str = ""  # diffusers folder or single-file .safetensors checkpoint / transformer file
+    vae_path: str = ""  # optional separate VAE file
+    text_encoder_paths: tuple[str, ...] = ()  # optional separate text-encoder files (SD3/Flux)
+    tokenizer_path: str = ""  # folder with tokenizer files; empty = next to the model or ComfyUI's own
+    prediction_type: str = ""  # "" = the family default; epsilon | v_prediction | flow
+    zero_terminal_snr: bool = False
+    clip_skip: int = 1  # 1 = last layer, 2 = penultimate (kohya clip_skip)
+    attention: str = "sdpa"  # sdpa | default
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    network_type: str = "lora"  # lora | dora | loha | lokr | full (full fine-tune)
+    network_dim: int = 16  # LoRA rank
+    network_alpha: float = 16.0
+    target_preset: str = "attn_mlp"
+    train_unet: bool = True
+    train_text_encoder: bool = False
+    conv_dim: int = 0  # LoCon conv rank, 0 = same as network_dim
+    conv_alpha: float = 0.0
+    down_lr_weight: tuple[float, ...] = ()  # kohya block LR weights
+    mid_lr_weight: float = 1.0
+    up_lr_weight: tuple[float, ...] = ()
+    block_dims: tuple[int, ...] = ()  # per-block ranks (down…, mid, up…)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    optimizer: str = "adamw"
+    learning_rate: float = 1e-4
+    unet_lr: float = 0.0  # 0 = learning_rate
+    text_encoder_lr: float = 0.0  # 0 = learning_rate
+    weight_decay: float = 1e-2
+    optimizer_args: tuple[str, ...] = ()  # "key=value" extras passed to the optimizer
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    lr_scheduler: str = "cosine"
+    lr_warmup_steps: int = 0
+    lr_warmup_ratio: float = 0.0  # fraction of total steps; overrides lr_warmup_steps when > 0
+    lr_scheduler_num_cycles: int = 1
+    lr_scheduler_power: float = 1.0
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    seed: int = 42
+    batch_size: int = 1
+    epochs: int = 10
+    max_train_steps: int = 0  # > 0 overrides epochs
+    gradient_accumulation_steps: int = 1
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    drop_last: bool = False  # drop a bucket's last partial batch
+    min_snr_gamma: float = 0.0
+    noise_offset: float = 0.0
+    multires_noise_iterations: int = 0
+    multires_noise_discount: float = 0.3
+    timestep_sampling: str = "uniform"  # flow families
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    flow_shift: float = 1.0
+    loss_weighting: str = "none"
+    guidance_scale: float = 1.0  # Flux guidance embedding value during training
+    ema: bool = False
+    ema_decay: float = 0.999
+    cache_latents: bool = False
+    cache_text_embeddings: bool = False
+    caption_variants: int = 4  # text-cache variants per image, so shuffle/dropout keep working
+
+
+@dataclass(frozen=True)
+class SaveConfig:
+    output_dir: str = "output"
+    run_name: str = "crucible-run"
+    save_every_n_epochs: int = 1
+    save_every_n_steps: int = 0
+    save_last: bool = True
+    checkpoint_limit: int = 0  # keep at most N checkpoints (oldest pruned, the last one kept); 0 = all
+    save_precision: str = "fp16"
+    save_state: bool = True  # write resumable training state next to the checkpoints
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    prompts: tuple[str, ...] = ()
+    negative_prompt: str = ""
+    seed: int = 1234
+    steps: int = 20
+    cfg: float = 7.0
+    width: int = 0  # 0 = the first dataset's resolution
+    height: int = 0
+    sample_every_n_epochs: int = 0
+    sample_every_n_steps: int = 0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    version: int = CONFIG_VERSION
+    model: ModelConfig = field(default_factory=ModelConfig)
+    datasets: tuple[DatasetConfig, ...] = ()
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    save: SaveConfig = field(default_factory=SaveConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    # --- (de)serialisation -------------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "TrainConfig":
+        data = migrate(dict(data))
+        cfg = _build(cls, data, "")
+        validate(cfg)
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def load(cls, path: str | Path, overrides: typing.Iterable[str] = ()) -> "TrainConfig":
+        """Read a TOML or JSON file, apply ``key.sub=value`` overrides, validate."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' does not exist")
+        text = path.read_text(encoding="utf-8")
+        try:
+            if path.suffix.lower() == ".toml":
+                try:
+                    import tomllib
+                except ModuleNotFoundError:  # Python < 3.11
+                    import tomli as tomllib  # type: ignore[no-redef]
+                data = tomllib.loads(text)
+            else:
+                data = json.loads(text)
+        except ValueError as exc:
+            raise ConfigError(f"config file '{path}' is not valid {path.suffix.lstrip('.').upper() or 'JSON'}: {exc}") from exc
+        for item in overrides:
+            data = apply_override(data, item)
+        return cls.from_dict(data)
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        """A copy with top-level sections replaced (each value a dataclass or a dict of that section's fields)."""
+        updates = {}
+        for name, value in changes.items():
+            current = getattr(self, name)
+            if isinstance(value, Mapping) and is_dataclass(current):
+                value = replace(current, **value)
+            updates[name] = value
+        cfg = replace(self, **updates)
+        validate(cfg)
+        return cfg
+
+    @property
+    def dataset(self) -> DatasetConfig:
+        """The first dataset (most runs have one)."""
+        if not self.datasets:
+            raise ConfigError("no dataset configured: set datasets[0].path to a folder of images")
+        return self.datasets[0]
+
+
+# --- helpers -------------------------------------------------------------------------------------------------------
+
+def migrate(data: dict[str, Any]) -> dict[str, Any]:
+    """Upgrade older config dicts to :data:`CONFIG_VERSION`."""
+    version = data.get("version", CONFIG_VERSION)
+    if not isinstance(version, int) or version > CONFIG_VERSION:
+        raise ConfigError(f"config 'version' {version!r} is newer than this Crucible understands ({CONFIG_VERSION}); update Crucible")
+    # Version 1 is the first; later versions add steps here.
+    data["version"] = CONFIG_VERSION
+    if "dataset" in data and "datasets" not in data:  # convenience: a single dataset section
+        data["datasets"] = [data.pop("dataset")]
+    return data
+
+
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _build(cls, data: Any, where: str):
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"config section '{where or 'root'}' must be a table/object, got {type(data).__name__}")
+    hints = _hints(cls)
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}'; known keys here: {', '.join(sorted(names))}")
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(hints[name], value, f"{where}.{name}" if where else name)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, where: str):
+    origin = typing.get_origin(tp)
+    if is_dataclass(tp):
+        return value if isinstance(value, tp) else _build(tp, value, where)
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v for v in (s.strip() for s in value.splitlines()) if v] if args[0] is str else \
+                [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{where}' must be a list, got {value!r}")
+        return tuple(_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return None if value is None else _coerce(args[0], value, where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"config key '{where}' must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str, float)):
+            raise ConfigError(f"config key '{where}' must be an integer, got {value!r}")
+        try:
+            as_float = float(value)
+        except ValueError:
+            raise ConfigError(f"config key '{where}' must be an integer, got {value!r}") from None
+        if as_float != int(as_float):
+            raise ConfigError(f"config key '{where}' must be an integer, got {value!r}")
+        return int(as_float)
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"config key '{where}' must be a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"config key '{where}' must be a number, got {value!r}") from None
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{where}' must be a string, got {value!r}")
+        return value
+    return value
+
+
+def _to_plain(obj: Any) -> Any:
+    if is_dataclass(obj):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in fields(obj)}
+    if isinstance(obj, tuple):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+def apply_override(data: dict[str, Any], item: str) -> dict[str, Any]:
+    """Apply one ``a.b.c=value`` override (value parsed as JSON when possible, else a string).
+
+    ``datasets.0.path=...`` addresses list items by index.
+    """
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' must look like key.sub=value")
+    key, raw = item.split("=", 1)
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        value = raw
+    data = json.loads(json.dumps(data))  # deep copy of plain data
+    node: Any = data
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        if isinstance(node, list):
+            idx = int(part)
+            while len(node) <= idx:
+                node.append({})
+            node = node[idx]
+        else:
+            node = node.setdefault(part, [] if part == "datasets" else {})
+    last = parts[-1]
+    if isinstance(node, list):
+        idx = int(last)
+        while len(node) <= idx:
+            node.append({})
+        node[idx] = value
+    else:
+        node[last] = value
+    return data
+
+
+def _check_choice(value: str, choices: tuple[str, ...], where: str) -> None:
+    if value not in choices:
+        raise ConfigError(f"config key '{where}' is {value!r}; choose one of: {', '.join(choices)}")
+
+
+def _check_range(value: float, where: str, lo: float | None = None, hi: float | None = None) -> None:
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        bounds = f"between {lo} and {hi}" if lo is not None and hi is not None else (f">= {lo}" if lo is not None else f"<= {hi}")
+        raise ConfigError(f"config key '{where}' is {value}; it must be {bounds}")
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Range and consistency checks that need no files; each error names the field."""
+    m, n, o, t, s, p = cfg.model, cfg.network, cfg.optim, cfg.training, cfg.save, cfg.sample
+    _check_choice(m.family, FAMILIES, "model.family")
+    if m.prediction_type:
+        _check_choice(m.prediction_type, PREDICTION_TYPES, "model.prediction_type")
+    _check_range(m.clip_skip, "model.clip_skip", 1, 12)
+    _check_choice(n.network_type, NETWORK_TYPES, "network.network_type")
+    _check_choice(n.target_preset, TARGET_PRESETS, "network.target_preset")
+    if n.network_type != "full":
+        _check_range(n.network_dim, "network.network_dim", 1, 1024)
+        _check_range(n.network_alpha, "network.network_alpha", 0.0)
+    if not (n.train_unet or n.train_text_encoder):
+        raise ConfigError("network.train_unet and network.train_text_encoder are both off: nothing would train")
+    _check_choice(o.optimizer, OPTIMIZERS, "optim.optimizer")
+    _check_choice(o.lr_scheduler, SCHEDULERS, "optim.lr_scheduler")
+    for name in ("learning_rate", "unet_lr", "text_encoder_lr", "weight_decay", "max_grad_norm"):
+        _check_range(getattr(o, name), f"optim.{name}", 0.0)
+    if o.learning_rate <= 0 and not (o.unet_lr > 0 or o.text_encoder_lr > 0):
+        raise ConfigError("optim.learning_rate must be > 0")
+    _check_range(o.lr_warmup_steps, "optim.lr_warmup_steps", 0)
+    _check_range(o.lr_warmup_ratio, "optim.lr_warmup_ratio", 0.0, 1.0)
+    _check_range(o.lr_scheduler_num_cycles, "optim.lr_scheduler_num_cycles", 1)
+    for item in o.optimizer_args:
+        if "=" not in item:
+            raise ConfigError(f"optim.optimizer_args item '{item}' must look like key=value")
+    _check_range(t.batch_size, "training.batch_size", 1, 1024)
+    _check_range(t.epochs, "training.epochs", 1, 100000)
+    _check_range(t.max_train_steps, "training.max_train_steps", 0)
+    _check_range(t.gradient_accumulation_steps, "training.gradient_accumulation_steps", 1, 1024)
+    _check_choice(t.mixed_precision, MIXED_PRECISION, "training.mixed_precision")
+    _check_range(t.min_snr_gamma, "training.min_snr_gamma", 0.0)
+    _check_range(t.noise_offset, "training.noise_offset", 0.0, 1.0)
+    _check_range(t.multires_noise_iterations, "training.multires_noise_iterations", 0, 16)
+    _check_range(t.multires_noise_discount, "training.multires_noise_discount", 0.0, 1.0)
+    _check_choice(t.timestep_sampling, TIMESTEP_SAMPLING, "training.timestep_sampling")
+    _check_choice(t.loss_weighting, LOSS_WEIGHTING, "training.loss_weighting")
+    _check_range(t.ema_decay, "training.ema_decay", 0.0, 1.0)
+    _check_range(t.caption_variants, "training.caption_variants", 1, 64)
+    _check_choice(s.save_precision, SAVE_PRECISION, "save.save_precision")
+    _check_range(s.save_every_n_epochs, "save.save_every_n_epochs", 0)
+    _check_range(s.save_every_n_steps, "save.save_every_n_steps", 0)
+    _check_range(s.checkpoint_limit, "save.checkpoint_limit", 0)
+    if not s.run_name.strip():
+        raise ConfigError("save.run_name is empty: give the run a name")
+    _check_range(p.steps, "sample.steps", 1, 1000)
+    _check_range(p.width, "sample.width", 0, 8192)
+    _check_range(p.height, "sample.height", 0, 8192)
+    for i, d in enumerate(cfg.datasets):
+        w = f"datasets[{i}]"
+        _check_range(d.resolution, f"{w}.resolution", 64, 8192)
+        if d.resolution % 8:
+            raise ConfigError(f"config key '{w}.resolution' is {d.resolution}; it must be a multiple of 8")
+        _check_range(d.repeats, f"{w}.repeats", 0, 100000)
+        _check_choice(d.missing_caption, MISSING_CAPTION, f"{w}.missing_caption")
+        _check_choice(d.crop_style, CROP_STYLES, f"{w}.crop_style")
+        _check_choice(d.crop_aspect, CROP_ASPECTS, f"{w}.crop_aspect")
+        _check_range(d.bucket_reso_steps, f"{w}.bucket_reso_steps", 8, 1024)
+        if d.min_bucket_reso > d.max_bucket_reso:
+            raise ConfigError(f"{w}.min_bucket_reso ({d.min_bucket_reso}) is larger than max_bucket_reso ({d.max_bucket_reso})")
+        c = d.captions
+        _check_range(c.keep_tokens, f"{w}.captions.keep_tokens", 0)
+        _check_range(c.caption_dropout_rate, f"{w}.captions.caption_dropout_rate", 0.0, 1.0)
+        _check_range(c.caption_tag_dropout_rate, f"{w}.captions.caption_tag_dropout_rate", 0.0, 1.0)
+        if c.max_token_length not in (75, 150, 225):
+            raise ConfigError(f"{w}.captions.max_token_length is {c.max_token_length}; choose 75, 150 or 225")
+        for item in c.replace_tags:
+            if "=" not in item:
+                raise ConfigError(f"{w}.captions.replace_tags item '{item}' must look like old=new")
+
+
+__all__ = [name for name in dir() if name.endswith("Config")] + [
+    "CONFIG_VERSION", "validate", "apply_override", "FAMILIES", "NETWORK_TYPES", "TARGET_PRESETS", "OPTIMIZERS",
+    "SCHEDULERS", "MIXED_PRECISION", "SAVE_PRECISION", "CROP_STYLES", "CROP_ASPECTS", "MISSING_CAPTION",
+    "PREDICTION_TYPES", "TIMESTEP_SAMPLING", "LOSS_WEIGHTING",
+]

@@ -1,0 +1,134 @@
+"""The model-family contract.
+
+A family (SD1.5, SDXL, SD3, Flux) is one module implementing :class:`ModelFamily`. The training loop, the sampler and
+the exporter only talk to this interface, so none of them ever branches on the family. A new family is one file
+plus its tests.
+
+Conventions
+-----------
+* Images enter as float tensors ``[B, 3, H, W]`` in ``[-1, 1]``.
+* ``encode_images`` returns latents already scaled (and shifted) the way the denoiser expects them.
+* ``encode_text`` returns a :class:`Conditioning` – a dict of tensors the family's ``predict`` understands
+  (e.g. ``encoder_hidden_states``; SDXL adds ``text_embeds``/``time_ids``; Flux adds pooled CLIP and ids).
+* ``predict`` returns the raw model output (epsilon, v or flow velocity, as the objective expects) in latent shape.
+* Components are named the way diffusers names them in a pipeline folder: ``unet`` or ``transformer``,
+  ``text_encoder``, ``text_encoder_2``, ``text_encoder_3``, ``vae``.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Sequence
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from PIL import Image
+
+    from ..config import ModelConfig
+
+Conditioning = dict  # str -> torch.Tensor
+
+
+@dataclass
+class Components:
+    """Loaded model parts. ``denoiser_name`` is ``"unet"`` or ``"transformer"``."""
+
+    denoiser: Any
+    vae: Any
+    text_encoders: list[Any]
+    tokenizers: list[Any]
+    noise_scheduler: Any  # training scheduler (DDPMScheduler / FlowMatchEulerDiscreteScheduler)
+    denoiser_name: str = "unet"
+    text_encoder_names: tuple[str, ...] = ("text_encoder",)
+    source: str = ""  # where it was loaded from (for metadata)
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def modules(self) -> dict[str, Any]:
+        """Trainable modules by component name (denoiser and text encoders)."""
+        named = {self.denoiser_name: self.denoiser}
+        named.update(zip(self.text_encoder_names, self.text_encoders))
+        return named
+
+    def to(self, device=None, dtype=None) -> "Components":
+        for module in [self.denoiser, self.vae, *self.text_encoders]:
+            if module is not None:
+                module.to(device=device, dtype=dtype)
+        return self
+
+
+@dataclass(frozen=True)
+class LoraNaming:
+    """How this family's LoRA keys are written so ComfyUI's stock LoraLoader accepts them.
+
+    ``prefixes`` maps a component name to its kohya key prefix (``unet`` → ``lora_unet``, ``text_encoder`` →
+    ``lora_te`` …). ``style`` is ``"kohya"`` (``lora_unet_down_blocks_0…`` with ``.lora_down/.lora_up/.alpha``) or
+    ``"diffusers"`` (``transformer.transformer_blocks.0…lora_A.weight`` + ``.alpha``).
+    """
+
+    prefixes: dict[str, str]
+    style: str = "kohya"
+
+
+class ModelFamily(ABC):
+    """One model family. Instances are stateless; state lives in :class:`Components`."""
+
+    name: str = ""
+    default_prediction: str = "epsilon"  # epsilon | v_prediction | flow
+    vae_scale_factor: int = 8
+    latent_channels: int = 4
+    lora_naming: LoraNaming
+
+    # --- loading ------------------------------------------------------------------------------------------------
+    @abstractmethod
+    def load(self, cfg: "ModelConfig", device: "torch.device | str" = "cpu",
+             dtype: "torch.dtype | None" = None) -> Components:
+        """Load every component from ``cfg.path`` (diffusers folder or single file) without network access."""
+
+    # --- training ------------------------------------------------------------------------------------------------
+    @abstractmethod
+    def encode_text(self, comps: Components, captions: Sequence[str], clip_skip: int = 1) -> Conditioning:
+        """Tokenize and encode a batch of captions."""
+
+    @abstractmethod
+    def encode_images(self, comps: Components, pixels: "torch.Tensor") -> "torch.Tensor":
+        """VAE-encode ``[B,3,H,W]`` pixels in [-1,1] into scaled latents (sampled with the VAE's mean here)."""
+
+    @abstractmethod
+    def predict(self, comps: Components, noisy_latents: "torch.Tensor", timesteps: "torch.Tensor",
+                cond: Conditioning) -> "torch.Tensor":
+        """Run the denoiser. ``timesteps`` are the scheduler's timesteps (0..999 or sigma×1000 for flow)."""
+
+    @abstractmethod
+    def lora_target_modules(self, component: str, preset: str) -> list[str]:
+        """Module-name suffixes (peft ``target_modules``) for a component and target preset."""
+
+    def block_of(self, component: str, module_name: str) -> str | None:
+        """The kohya block id (``down_0``, ``mid``, ``up_2`` …) of a denoiser module, for block-wise LR/dims."""
+        return None
+
+    # --- sampling ------------------------------------------------------------------------------------------------
+    @abstractmethod
+    def pipeline(self, comps: Components) -> Any:
+        """A diffusers pipeline built from the (possibly LoRA-patched) components."""
+
+    def sample(self, comps: Components, prompts: Sequence[str], *, seed: int, steps: int, cfg: float,
+               width: int, height: int, negative_prompt: str = "") -> list["Image.Image"]:
+        """Render one image per prompt with a fixed seed (``torch.Generator`` on the CPU, so it is portable)."""
+        import torch
+
+        pipe = self.pipeline(comps)
+        pipe.set_progress_bar_config(disable=True)
+        images = []
+        for prompt in prompts:
+            generator = torch.Generator("cpu").manual_seed(seed)
+            kwargs = dict(prompt=prompt, num_inference_steps=steps, guidance_scale=cfg, width=width,
+                          height=height, generator=generator, output_type="pil")
+            if negative_prompt and cfg > 1:
+                kwargs["negative_prompt"] = negative_prompt
+            images.extend(pipe(**kwargs).images)
+        return images
+
+    # --- export ----------------------------------------------------------------------------------------------
+    def full_export_state_dict(self, comps: Components) -> dict[str, "torch.Tensor"]:
+        """Denoiser weights as ComfyUI's Load Diffusion Model reads them (diffusers names by default)."""
+        return {k: v for k, v in comps.denoiser.state_dict().items()}
