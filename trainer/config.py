@@ -150,8 +150,9 @@ class TrainingConfig:
 
 @dataclass(frozen=True)
 class SaveConfig:
-    output_dir: str = "output"
+    output_dir: str = "output"  # checkpoints go to <output_dir>/<run_name>/
     run_name: str = "crucible-run"
+    work_dir: str = ""  # state, samples, config.json, run.json, loss curve: <work_dir>/<run_name>/ ("" = next to checkpoints)
     save_every_n_epochs: int = 1
     save_every_n_steps: int = 0
     save_last: bool = True

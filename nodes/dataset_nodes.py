@@ -1,0 +1,202 @@
+"""Dataset nodes: load a folder, caption options, caption preview, step plan."""
+from __future__ import annotations
+
+from trainer.config import (CROP_ASPECTS, CROP_STYLES, MISSING_CAPTION, CaptionConfig, DatasetConfig, TrainConfig,
+                            TrainingConfig, validate)
+
+from . import _comfy
+from .widgets import BOOL, FLOAT, INT, STRING, combo, text_result
+
+DATASET = "CRUCIBLE_DATASET"
+CAPTIONS = "CRUCIBLE_CAPTIONS"
+
+
+class CrucibleCaptionOptions:
+    """How captions are rewritten each epoch (kohya / SimpleTuner / SeaArt vocabulary)."""
+
+    CATEGORY = "Crucible/dataset"
+    RETURN_TYPES = (CAPTIONS,)
+    RETURN_NAMES = ("captions",)
+    FUNCTION = "build"
+    DESCRIPTION = "Caption rules: trigger word, tag removal, keep-N shuffle, dropout."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "trigger_word": STRING("", "Prepended to every caption and never shuffled or dropped (kohya class token / SeaArt trigger word). Several: comma-separated."),
+            "keep_tokens": INT(0, 0, 64, "kohya keep_tokens: the first N tags stay in place when shuffling and are never dropped."),
+            "shuffle_caption": BOOL(False, "kohya shuffle_caption: shuffle the tags after the kept ones, differently each epoch."),
+            "separator": STRING(",", "kohya caption_separator: what separates tags."),
+            "split_on_period": BOOL(True, "A period also separates tags (SimpleTuner recipe)."),
+            "keep_tokens_separator": STRING("", "kohya keep_tokens_separator (e.g. |||): tags before it are kept fixed instead of counting keep_tokens."),
+            "caption_dropout_rate": FLOAT(0.0, 0.0, 1.0, 0.01, "kohya caption_dropout_rate: chance that a whole caption becomes empty (SD3 recipe: 0.25)."),
+            "caption_tag_dropout_rate": FLOAT(0.0, 0.0, 1.0, 0.01, "kohya caption_tag_dropout_rate: chance to drop each non-kept tag."),
+            "remove_tags": STRING("", "Tags removed from every caption (one per line or comma-separated) — the SeaArt flow of deleting traits you want bound to the trigger word.", multiline=True),
+            "remove_tags_regex": STRING("", "Tags that fully match this regular expression are removed."),
+            "replace_tags": STRING("", "old=new per line: tag replacement.", multiline=True),
+            "weighted_captions": BOOL(False, "kohya weighted_captions: parse (tag:1.2) into token weights; when off the weight syntax is stripped."),
+            "max_token_length": combo(["75", "150", "225"], "75", "kohya max_token_length: longer captions are split into 75-token CLIP chunks."),
+        }}
+
+    def build(self, remove_tags, replace_tags, max_token_length, **fields):
+        captions = CaptionConfig(remove_tags=_lines(remove_tags), replace_tags=_lines(replace_tags, commas=False),
+                                 max_token_length=int(max_token_length), **fields)
+        validate(TrainConfig(datasets=(DatasetConfig(captions=captions),)))
+        return (captions,)
+
+
+class CrucibleDataset:
+    """A folder of images with same-name caption files; kohya `10_name` folders set repeats."""
+
+    CATEGORY = "Crucible/dataset"
+    RETURN_TYPES = (DATASET, "STRING")
+    RETURN_NAMES = ("dataset", "report")
+    FUNCTION = "load"
+    OUTPUT_NODE = True
+    DESCRIPTION = "Scan a dataset folder (inside ComfyUI/input or an allowed folder) and report what will train."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "path": STRING("crucible_demo", "Dataset folder. Relative paths are inside ComfyUI/input. Sub-folders named like 10_concept set 10 repeats (kohya)."),
+            "resolution": INT(512, 64, 4096, "Training resolution (kohya resolution); images are resized and cropped to it.", step=8),
+            "repeats": INT(0, 0, 10000, "0 = take repeats from kohya folder names (10_concept → 10); > 0 overrides them."),
+            "caption_extension": STRING(".txt", "Caption file extension (kohya caption_extension)."),
+            "missing_caption": combo(list(MISSING_CAPTION), "class_tokens", "Image without a caption file: use the folder's class tokens, an empty caption, or skip the image."),
+            "crop_style": combo(list(CROP_STYLES), "center", "SimpleTuner crop_style: which part of the image survives the crop."),
+            "crop_aspect": combo(list(CROP_ASPECTS), "square", "SimpleTuner crop_aspect: square crops, or preserve the aspect ratio with buckets."),
+            "enable_bucket": BOOL(False, "kohya enable_bucket: aspect-ratio buckets instead of square crops."),
+            "min_bucket_reso": INT(256, 64, 4096, "kohya min_bucket_reso.", step=64),
+            "max_bucket_reso": INT(1024, 64, 8192, "kohya max_bucket_reso.", step=64),
+            "bucket_no_upscale": BOOL(False, "kohya bucket_no_upscale: never upscale small images to fill a bucket."),
+            "flip_aug": BOOL(False, "kohya flip_aug: random horizontal flips (not with latent caching)."),
+            "color_aug": BOOL(False, "kohya color_aug: mild colour jitter (not with latent caching)."),
+            "background_color": STRING("#ffffff", "Transparent images are composited on this colour."),
+            "is_reg": BOOL(False, "kohya reg_data_dir: regularization images (prior preservation)."),
+        }, "optional": {
+            "captions": (CAPTIONS, {"tooltip": "Caption options (Crucible Caption Options). Defaults when unconnected."}),
+            "merge_with": (DATASET, {"tooltip": "Another dataset to train together with this one (each keeps its own options)."}),
+        }}
+
+    @classmethod
+    def IS_CHANGED(cls, path, **_):
+        from trainer.dataset import dataset_fingerprint
+
+        try:
+            folder = _comfy.resolve_dataset_path(path)
+        except Exception:  # noqa: BLE001 - the error is raised properly when the node runs
+            return float("nan")
+        return dataset_fingerprint([DatasetConfig(path=str(folder))])
+
+    def load(self, path, captions=None, merge_with=None, **fields):
+        from trainer.dataset import scan_dataset
+
+        folder = _comfy.resolve_dataset_path(path)
+        config = DatasetConfig(path=str(folder), captions=captions or CaptionConfig(), **fields)
+        validate(TrainConfig(datasets=(config,)))
+        scan = scan_dataset(config, index=len(merge_with or ()))
+        report = scan.report.format()
+        return text_result(report, (tuple(merge_with or ()) + (config,), report))
+
+
+class CrucibleCaptionPreview:
+    """Exactly the captions training will use (same code path, same seed)."""
+
+    CATEGORY = "Crucible/dataset"
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("preview",)
+    FUNCTION = "preview"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "dataset": (DATASET, {"tooltip": "The dataset to preview."}),
+            "images": STRING("0-3", "Which images (0-based, e.g. 0-3 or 0,5,9) to show."),
+            "epochs": INT(2, 1, 100, "Show the captions of epochs 1..N (shuffle and dropout change per epoch)."),
+            "seed": INT(42, 0, 2**31 - 1, "Training seed (training.seed): the preview matches the run with this seed."),
+        }}
+
+    def preview(self, dataset, images, epochs, seed):
+        from trainer.dataset import DataSource
+
+        source = DataSource(dataset, seed=seed)
+        indices = [i for i in _indices(images) if i < len(source.items)]
+        rows = source.caption_preview(indices, list(range(1, epochs + 1)))
+        text = "\n".join(str(r) for r in rows)
+        return text_result(text, (text,))
+
+
+class CrucibleStepPlan:
+    """Images × repeats / batch × epochs: how many steps, which ones save and sample — before anything trains."""
+
+    CATEGORY = "Crucible/dataset"
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("plan",)
+    FUNCTION = "plan"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        d = TrainingConfig()
+        return {"required": {
+            "dataset": (DATASET, {"tooltip": "The dataset to plan for."}),
+            "batch_size": INT(d.batch_size, 1, 1024, "kohya train_batch_size."),
+            "epochs": INT(d.epochs, 1, 100000, "kohya max_train_epochs."),
+            "max_train_steps": INT(0, 0, 10**7, "kohya max_train_steps: > 0 overrides epochs."),
+            "gradient_accumulation_steps": INT(1, 1, 1024, "kohya gradient_accumulation_steps."),
+            "drop_last": BOOL(False, "Drop each bucket's last partial batch (off = keep it, ⌈n/batch⌉)."),
+            "save_every_n_epochs": INT(1, 0, 10000, "kohya save_every_n_epochs."),
+            "save_every_n_steps": INT(0, 0, 10**7, "kohya save_every_n_steps."),
+            "sample_every_n_epochs": INT(0, 0, 10000, "kohya sample_every_n_epochs."),
+            "sample_every_n_steps": INT(0, 0, 10**7, "kohya sample_every_n_steps."),
+            "lr_warmup_ratio": FLOAT(0.0, 0.0, 1.0, 0.01, "Warmup as a fraction of total steps (SimpleTuner default 0.1)."),
+            "seed": INT(42, 0, 2**31 - 1, "training.seed"),
+        }}
+
+    def plan(self, dataset, **f):
+        from trainer.dataset import DataSource
+        from trainer.plan import compute_plan
+
+        cfg = plan_config(dataset, f)
+        source = DataSource(cfg.datasets, seed=cfg.training.seed)
+        text = compute_plan(cfg, source).format()
+        return text_result(text, (text,))
+
+
+def plan_config(dataset, f: dict) -> TrainConfig:
+    cfg = TrainConfig(datasets=tuple(dataset))
+    return cfg.replace(
+        training=dict(batch_size=f["batch_size"], epochs=f["epochs"], max_train_steps=f["max_train_steps"],
+                      gradient_accumulation_steps=f["gradient_accumulation_steps"], drop_last=f["drop_last"],
+                      seed=f["seed"]),
+        save=dict(save_every_n_epochs=f["save_every_n_epochs"], save_every_n_steps=f["save_every_n_steps"]),
+        sample=dict(sample_every_n_epochs=f["sample_every_n_epochs"], sample_every_n_steps=f["sample_every_n_steps"]),
+        optim=dict(lr_warmup_ratio=f["lr_warmup_ratio"]),
+    )
+
+
+def _lines(text: str, commas: bool = True) -> tuple[str, ...]:
+    parts = []
+    for line in (text or "").splitlines():
+        parts.extend(line.split(",") if commas else [line])
+    return tuple(p.strip() for p in parts if p.strip())
+
+
+def _indices(spec: str) -> list[int]:
+    out: list[int] = []
+    for part in (spec or "").replace(" ", "").split(","):
+        if not part:
+            continue
+        if "-" in part:
+            lo, hi = part.split("-", 1)
+            out.extend(range(int(lo), int(hi) + 1))
+        else:
+            out.append(int(part))
+    return out
+
+
+NODES = {"CrucibleDataset": CrucibleDataset, "CrucibleCaptionOptions": CrucibleCaptionOptions,
+         "CrucibleCaptionPreview": CrucibleCaptionPreview, "CrucibleStepPlan": CrucibleStepPlan}
+NAMES = {"CrucibleDataset": "Crucible Dataset", "CrucibleCaptionOptions": "Crucible Caption Options",
+         "CrucibleCaptionPreview": "Crucible Caption Preview", "CrucibleStepPlan": "Crucible Step Plan"}

@@ -1,0 +1,238 @@
+"""Training nodes: model source, network / optimizer / advanced options, and the train node itself.
+
+Every option node returns one section of :class:`trainer.config.TrainConfig`; the train node composes them, so
+input names equal config field names and the same settings work headless (``python -m trainer train``).
+"""
+from __future__ import annotations
+
+from dataclasses import fields
+from pathlib import Path
+
+from trainer.config import (FAMILIES, LOSS_WEIGHTING, MIXED_PRECISION, NETWORK_TYPES, OPTIMIZERS, PREDICTION_TYPES,
+                            SAVE_PRECISION, SCHEDULERS, TARGET_PRESETS, TIMESTEP_SAMPLING, ModelConfig,
+                            NetworkConfig, OptimConfig, SampleConfig, SaveConfig, TrainConfig, TrainingConfig)
+from trainer.errors import CrucibleError
+
+from . import _comfy
+from .dataset_nodes import DATASET, _lines
+from .widgets import BOOL, FLOAT, INT, STRING, combo
+
+MODEL = "CRUCIBLE_MODEL"
+NETWORK = "CRUCIBLE_NETWORK"
+OPTIM = "CRUCIBLE_OPTIM"
+TRAINING = "CRUCIBLE_TRAINING"
+RUN = "CRUCIBLE_RUN"
+NONE = "(none)"
+
+
+class CrucibleModel:
+    """The base model to train, from ComfyUI's models/checkpoints or a diffusers folder."""
+
+    CATEGORY = "Crucible/train"
+    RETURN_TYPES = (MODEL,)
+    RETURN_NAMES = ("model",)
+    FUNCTION = "build"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "family": combo(list(FAMILIES), "sd15", "Model family (kohya: train_network.py vs sdxl_train_network.py …)."),
+            "ckpt_name": combo([NONE] + _comfy.list_models("checkpoints"), NONE, "A single-file checkpoint from models/checkpoints (kohya pretrained_model_name_or_path)."),
+            "path": STRING("", "Or: a diffusers model folder (absolute path). Overrides ckpt_name when set."),
+            "prediction_type": combo(["auto", *PREDICTION_TYPES], "auto", "auto = the family default; v_prediction for SD2-v style models (kohya v_parameterization)."),
+            "zero_terminal_snr": BOOL(False, "kohya zero_terminal_snr: rescale betas so the last step is pure noise (v-prediction models)."),
+            "clip_skip": INT(1, 1, 12, "kohya clip_skip: 2 = penultimate CLIP layer (anime models)."),
+        }}
+
+    def build(self, family, ckpt_name, path, prediction_type, zero_terminal_snr, clip_skip):
+        if path.strip():
+            source = Path(path.strip()).expanduser()
+        elif ckpt_name != NONE:
+            source = _comfy.model_path("checkpoints", ckpt_name)
+        else:
+            raise CrucibleError("Crucible Model: choose a ckpt_name or give a diffusers folder in 'path'")
+        tokenizer = _comfy.comfy_tokenizer_dir()
+        cfg = ModelConfig(family=family, path=str(source), prediction_type="" if prediction_type == "auto" else prediction_type,
+                          zero_terminal_snr=zero_terminal_snr, clip_skip=clip_skip,
+                          tokenizer_path=str(tokenizer) if tokenizer and source.is_file() else "")
+        return (cfg,)
+
+
+def _section_inputs(cls_, spec: dict) -> dict:
+    names = {f.name for f in fields(cls_)}
+    unknown = set(spec) - names
+    assert not unknown, f"widget names must be config fields: {unknown}"
+    return {"required": spec}
+
+
+class CrucibleNetworkOptions:
+    CATEGORY = "Crucible/train"
+    RETURN_TYPES = (NETWORK,)
+    RETURN_NAMES = ("network",)
+    FUNCTION = "build"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return _section_inputs(NetworkConfig, {
+            "network_type": combo(list(NETWORK_TYPES), "lora", "lora, dora (weight-decomposed), loha / lokr (LyCORIS) through peft, or full fine-tune."),
+            "network_dim": INT(16, 1, 1024, "kohya network_dim: LoRA rank."),
+            "network_alpha": FLOAT(16.0, 0.0, 1024.0, 0.5, "kohya network_alpha: scale = alpha / dim."),
+            "target_preset": combo(list(TARGET_PRESETS), "attn_mlp", "Which layers get adapters: attention only, + MLP, every linear layer, + convolutions (LoCon)."),
+            "train_unet": BOOL(True, "Train the UNet/transformer (kohya: off = network_train_text_encoder_only)."),
+            "train_text_encoder": BOOL(False, "Also train the text encoder(s) (kohya: on unless network_train_unet_only)."),
+            "down_lr_weight": STRING("", "kohya down_lr_weight: one LR multiplier per down block, comma-separated (0 freezes a block)."),
+            "mid_lr_weight": FLOAT(1.0, 0.0, 10.0, 0.05, "kohya mid_lr_weight."),
+            "up_lr_weight": STRING("", "kohya up_lr_weight: one LR multiplier per up block."),
+            "block_dims": STRING("", "kohya block_dims: one rank per block (down…, mid, up…)."),
+        })
+
+    def build(self, down_lr_weight, up_lr_weight, block_dims, **f):
+        return (NetworkConfig(down_lr_weight=_floats(down_lr_weight), up_lr_weight=_floats(up_lr_weight),
+                              block_dims=tuple(int(v) for v in _floats(block_dims)), **f),)
+
+
+class CrucibleOptimizerOptions:
+    CATEGORY = "Crucible/train"
+    RETURN_TYPES = (OPTIM,)
+    RETURN_NAMES = ("optimizer",)
+    FUNCTION = "build"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return _section_inputs(OptimConfig, {
+            "optimizer": combo(list(OPTIMIZERS), "adamw", "kohya optimizer_type. prodigy/dadaptation: set learning_rate 1.0. adamw8bit needs CUDA."),
+            "learning_rate": FLOAT(1e-4, 0.0, 10.0, 1e-6, "kohya learning_rate (Prodigy/DAdaptation: 1.0)."),
+            "unet_lr": FLOAT(0.0, 0.0, 10.0, 1e-6, "kohya unet_lr: 0 = learning_rate."),
+            "text_encoder_lr": FLOAT(0.0, 0.0, 10.0, 1e-6, "kohya text_encoder_lr: 0 = learning_rate."),
+            "weight_decay": FLOAT(0.01, 0.0, 10.0, 0.001, "Weight decay."),
+            "optimizer_args": STRING("", "kohya optimizer_args: key=value per line, e.g. betas=(0.9,0.99) or relative_step=True (Adafactor).", multiline=True),
+            "max_grad_norm": FLOAT(1.0, 0.0, 100.0, 0.1, "kohya max_grad_norm: gradient clipping (0 = off)."),
+            "lr_scheduler": combo(list(SCHEDULERS), "cosine", "kohya lr_scheduler (diffusers get_scheduler)."),
+            "lr_warmup_steps": INT(0, 0, 10**7, "kohya lr_warmup_steps."),
+            "lr_warmup_ratio": FLOAT(0.0, 0.0, 1.0, 0.01, "Warmup as a fraction of total steps; overrides lr_warmup_steps (SimpleTuner default 0.1)."),
+            "lr_scheduler_num_cycles": INT(1, 1, 100, "kohya lr_scheduler_num_cycles (cosine_with_restarts)."),
+            "lr_scheduler_power": FLOAT(1.0, 0.0, 10.0, 0.1, "kohya lr_scheduler_power (polynomial)."),
+        })
+
+    def build(self, optimizer_args, **f):
+        return (OptimConfig(optimizer_args=_lines(optimizer_args, commas=False), **f),)
+
+
+class CrucibleTrainingOptions:
+    CATEGORY = "Crucible/train"
+    RETURN_TYPES = (TRAINING,)
+    RETURN_NAMES = ("training",)
+    FUNCTION = "build"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return _section_inputs(TrainingConfig, {
+            "seed": INT(42, 0, 2**31 - 1, "kohya seed: same seed → same run (bit-exact on the CPU)."),
+            "gradient_accumulation_steps": INT(1, 1, 1024, "kohya gradient_accumulation_steps."),
+            "mixed_precision": combo(list(MIXED_PRECISION), "no", "kohya mixed_precision (fp16 needs CUDA; bf16 works on recent GPUs and CPUs)."),
+            "gradient_checkpointing": BOOL(False, "kohya gradient_checkpointing: less memory, slower."),
+            "drop_last": BOOL(False, "Drop each bucket's last partial batch."),
+            "min_snr_gamma": FLOAT(0.0, 0.0, 20.0, 0.5, "kohya min_snr_gamma (5 is common; 0 = off)."),
+            "noise_offset": FLOAT(0.0, 0.0, 1.0, 0.01, "kohya noise_offset (0.05–0.1 for darker/brighter images)."),
+            "multires_noise_iterations": INT(0, 0, 16, "kohya multires_noise_iterations (6–10 typical)."),
+            "multires_noise_discount": FLOAT(0.3, 0.0, 1.0, 0.05, "kohya multires_noise_discount."),
+            "timestep_sampling": combo(list(TIMESTEP_SAMPLING), "uniform", "Flow models (SD3/Flux): how σ is drawn (SimpleTuner flow_sampler)."),
+            "flow_shift": FLOAT(1.0, 0.0, 20.0, 0.1, "Flow models: timestep shift (SD3 3.0)."),
+            "loss_weighting": combo(list(LOSS_WEIGHTING), "none", "Flow models: loss weighting scheme (diffusers weighting_scheme)."),
+            "ema": BOOL(False, "Keep an EMA of the trained weights and save it."),
+            "ema_decay": FLOAT(0.999, 0.0, 1.0, 0.0001, "EMA decay."),
+        })
+
+    def build(self, **f):
+        return (TrainingConfig(**f),)
+
+
+class CrucibleTrain:
+    """Train a LoRA (or full fine-tune) and save checkpoints where ComfyUI's loaders find them."""
+
+    CATEGORY = "Crucible/train"
+    RETURN_TYPES = (RUN, "IMAGE", "STRING", "INT")
+    RETURN_NAMES = ("run", "loss_curve", "checkpoint_names", "checkpoint_steps")
+    OUTPUT_IS_LIST = (False, False, True, True)
+    FUNCTION = "train"
+    OUTPUT_NODE = True
+    DESCRIPTION = ("Trains with live progress, loss curve and sample previews. Cancel saves a checkpoint and the "
+                   "training state; queue again with resume on to continue exactly.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": (MODEL, {"tooltip": "Crucible Model: the base model to train."}),
+            "dataset": (DATASET, {"tooltip": "Crucible Dataset (chain several to merge)."}),
+            "run_name": STRING("my-lora", "Run name: LoRAs go to models/loras/<run_name>/, full fine-tunes to models/diffusion_models/<run_name>/ (kohya output_name)."),
+            "epochs": INT(10, 1, 100000, "kohya max_train_epochs."),
+            "max_train_steps": INT(0, 0, 10**7, "kohya max_train_steps: > 0 overrides epochs."),
+            "batch_size": INT(1, 1, 1024, "kohya train_batch_size."),
+            "save_every_n_epochs": INT(1, 0, 10000, "kohya save_every_n_epochs."),
+            "save_every_n_steps": INT(0, 0, 10**7, "kohya save_every_n_steps."),
+            "checkpoint_limit": INT(0, 0, 10000, "kohya save_last_n_epochs: keep at most N checkpoints (the last is always kept); 0 = all."),
+            "save_precision": combo(list(SAVE_PRECISION), "fp16", "kohya save_precision."),
+            "sample_prompts": STRING("", "Preview prompts, one per line (SeaArt 'model effect preview'). Rendered at the sample steps.", multiline=True),
+            "sample_every_n_epochs": INT(0, 0, 10000, "kohya sample_every_n_epochs (0 = off)."),
+            "sample_every_n_steps": INT(0, 0, 10**7, "kohya sample_every_n_steps (0 = off)."),
+            "resume": BOOL(False, "Continue this run from its saved state (after Cancel or a stop). The loss sequence equals an uninterrupted run."),
+        }, "optional": {
+            "network": (NETWORK, {"tooltip": "Crucible Network Options (default: LoRA dim 16, alpha 16, attention+MLP)."}),
+            "optimizer": (OPTIM, {"tooltip": "Crucible Optimizer Options (default: AdamW 1e-4, cosine)."}),
+            "training": (TRAINING, {"tooltip": "Crucible Training Options (seed, precision, noise, min-SNR …)."}),
+            "resume_force": ("BOOLEAN", {"default": False, "tooltip": "Resume even if the dataset or config changed since the state was saved."}),
+        }}
+
+    def train(self, model, dataset, run_name, sample_prompts, resume, network=None, optimizer=None, training=None,
+              resume_force=False, **f):
+        from trainer.loop import train
+        from trainer.plots import loss_curve
+
+        cfg = build_train_config(model, dataset, run_name, sample_prompts, network, optimizer, training, f)
+        state_dir = Path(cfg.save.work_dir) / cfg.save.run_name / "state"
+        _comfy.free_memory()
+        progress = _comfy.ComfyProgress(total=1, preview_every=10)
+        result = train(cfg, progress, resume_from=state_dir if resume else None, force_resume=resume_force)
+        if result.cancelled:
+            _comfy.raise_if_interrupted()  # the checkpoint and state are saved; let ComfyUI mark the prompt stopped
+        kind_root = _comfy.model_folder("diffusion_models" if cfg.network.network_type == "full" else "loras")
+        names = [c.path.relative_to(kind_root).as_posix() for c in result.checkpoints]
+        run = {"run_dir": str(result.run_dir), "work_dir": str(result.work_dir), "family": cfg.model.family,
+               "kind": "full" if cfg.network.network_type == "full" else "lora",
+               "checkpoints": [{"path": str(c.path), "name": n, "step": c.step, "epoch": c.epoch, "loss": c.loss}
+                               for c, n in zip(result.checkpoints, names)]}
+        curve = _comfy.pil_to_image([loss_curve(result.losses)])
+        summary = f"{len(names)} checkpoints in {result.run_dir}; last loss {result.losses[-1]:.4f}" if result.losses else "no steps"
+        return {"ui": {"text": [summary]}, "result": (run, curve, names, [c.step for c in result.checkpoints])}
+
+
+def build_train_config(model, dataset, run_name, sample_prompts, network, optimizer, training, f) -> TrainConfig:
+    kind = "diffusion_models" if network is not None and network.network_type == "full" else "loras"
+    save = SaveConfig(output_dir=str(_comfy.model_folder(kind)), run_name=run_name,
+                      work_dir=str(_comfy.output_dir() / "crucible"),
+                      save_every_n_epochs=f["save_every_n_epochs"], save_every_n_steps=f["save_every_n_steps"],
+                      checkpoint_limit=f["checkpoint_limit"], save_precision=f["save_precision"])
+    sample = SampleConfig(prompts=_lines(sample_prompts, commas=False), sample_every_n_epochs=f["sample_every_n_epochs"],
+                          sample_every_n_steps=f["sample_every_n_steps"])
+    tr = training or TrainingConfig()
+    from dataclasses import replace
+
+    tr = replace(tr, epochs=f["epochs"], max_train_steps=f["max_train_steps"], batch_size=f["batch_size"])
+    cfg = TrainConfig(model=model, datasets=tuple(dataset), network=network or NetworkConfig(),
+                      optim=optimizer or OptimConfig(), training=tr, save=save, sample=sample)
+    return TrainConfig.from_dict(cfg.to_dict())  # full validation, same path as the CLI
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in (text or "").replace(";", ",").split(",") if v.strip())
+    except ValueError:
+        raise CrucibleError(f"'{text}' must be numbers separated by commas") from None
+
+
+NODES = {"CrucibleModel": CrucibleModel, "CrucibleNetworkOptions": CrucibleNetworkOptions,
+         "CrucibleOptimizerOptions": CrucibleOptimizerOptions, "CrucibleTrainingOptions": CrucibleTrainingOptions,
+         "CrucibleTrain": CrucibleTrain}
+NAMES = {"CrucibleModel": "Crucible Model", "CrucibleNetworkOptions": "Crucible Network Options",
+         "CrucibleOptimizerOptions": "Crucible Optimizer Options", "CrucibleTrainingOptions": "Crucible Training Options",
+         "CrucibleTrain": "Crucible Train"}

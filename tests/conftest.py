@@ -1,0 +1,37 @@
+"""Shared fixtures: paths to ../shared, and the tiny models built once per session."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    if not SHARED.is_dir():
+        pytest.fail(f"reference data folder {SHARED} is missing (CI puts ../shared beside the repo)")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def tiny_sd15(tmp_path_factory) -> Path:
+    """A tiny SD1.5-architecture diffusers folder (+ single-file checkpoint beside it)."""
+    from trainer.tiny import build_tiny_pipeline
+
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "sd15", family="sd15", seed=0, single_file=True)
+
+
+@pytest.fixture(scope="session")
+def demo_dataset() -> Path:
+    return ROOT / "trainer" / "demo_data"

@@ -1,0 +1,51 @@
+"""trainer/ never imports ComfyUI; exactly one module in nodes/ touches ComfyUI's runtime modules."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+COMFY_MODULES = {"comfy", "folder_paths", "server", "nodes", "comfy_api", "comfy_extras", "execution"}
+
+
+def imported_roots(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    roots = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            roots.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            roots.add(node.module.split(".")[0])
+    return roots
+
+
+def test_trainer_never_imports_comfyui():
+    offenders = {}
+    for path in sorted((ROOT / "trainer").rglob("*.py")):
+        bad = imported_roots(path) & COMFY_MODULES
+        if bad:
+            offenders[str(path.relative_to(ROOT))] = sorted(bad)
+    assert not offenders, f"trainer/ must not import ComfyUI: {offenders}"
+
+
+def test_exactly_one_node_module_touches_comfyui():
+    touching = [p.name for p in sorted((ROOT / "nodes").glob("*.py")) if imported_roots(p) & COMFY_MODULES]
+    assert touching == ["_comfy.py"], touching
+
+
+def test_import_walk_detects_a_comfy_import(tmp_path):
+    # the checker itself must be able to fail
+    probe = tmp_path / "probe.py"
+    probe.write_text("def f():\n    import folder_paths\n    from comfy.sd import load_lora_for_models\n")
+    assert imported_roots(probe) >= {"folder_paths", "comfy"}
+
+
+def test_importing_trainer_is_light():
+    import subprocess
+    import sys
+
+    code = ("import sys, trainer, trainer.config, trainer.errors, trainer.fileio, trainer.render, trainer.sweep;"
+            "heavy = [m for m in ('torch', 'diffusers', 'peft', 'transformers') if m in sys.modules];"
+            "print(','.join(heavy))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "", f"importing the trainer's light modules pulled in {out.stdout.strip()}"

@@ -1,0 +1,143 @@
+"""``python -m trainer …`` — the headless front end. Same config schema as the ComfyUI nodes.
+
+    python -m trainer train CONFIG.toml [--set training.epochs=4] [--resume RUN/state] [--force-resume]
+    python -m trainer plan CONFIG.toml            # the step plan, nothing trains
+    python -m trainer preview CONFIG.toml         # captions exactly as training will see them
+    python -m trainer sweep RUN_DIR --prompt "…" --seed 1 [--strengths 0.6,0.8,1.0] [--out strip.png]
+    python -m trainer demo [--out demo_output]    # tiny model + bundled data, end to end
+
+Multi-GPU: ``accelerate launch -m trainer train CONFIG.toml`` (only rank 0 writes files).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .errors import CrucibleError
+
+
+def _config(args):
+    from .config import TrainConfig
+
+    return TrainConfig.load(args.config, args.set or [])
+
+
+def cmd_train(args) -> int:
+    from .callbacks import ConsoleProgress
+    from .loop import train
+
+    cfg = _config(args)
+    callbacks = [ConsoleProgress()]
+    if args.tensorboard:
+        from .tb import TensorBoardCallbacks
+
+        callbacks.append(TensorBoardCallbacks(Path(cfg.save.work_dir or cfg.save.output_dir) / cfg.save.run_name / "logs"))
+    from .callbacks import MultiCallbacks
+
+    result = train(cfg, MultiCallbacks(callbacks), resume_from=args.resume, force_resume=args.force_resume)
+    print(f"checkpoints in {result.run_dir}:")
+    for ckpt in result.checkpoints:
+        print(f"  step {ckpt.step:>6}  epoch {ckpt.epoch:>3}  {ckpt.path.name}")
+    if result.cancelled and result.state_dir:
+        print(f"stopped early; resume with: python -m trainer train {args.config} --resume {result.state_dir}")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from .dataset import DataSource
+    from .plan import compute_plan
+
+    cfg = _config(args)
+    source = DataSource(cfg.datasets, seed=cfg.training.seed)
+    print(source.report.format())
+    print(compute_plan(cfg, source).format())
+    return 0
+
+
+def cmd_preview(args) -> int:
+    from .dataset import DataSource
+
+    cfg = _config(args)
+    source = DataSource(cfg.datasets, seed=cfg.training.seed)
+    count = min(args.images, len(source.items))
+    for row in source.caption_preview(list(range(count)), list(range(1, args.epochs + 1))):
+        print(row)
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from .sweep import sweep_run
+
+    strengths = [float(s) for s in args.strengths.split(",")] if args.strengths else [1.0]
+    out = sweep_run(args.run_dir, prompts=args.prompt or [], seeds=args.seed or [], strengths=strengths,
+                    steps=args.steps, cfg_scale=args.cfg, include_base=not args.no_base, out=args.out,
+                    every=args.every)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(Path(args.out), epochs=args.epochs)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m trainer", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(sp):
+        sp.add_argument("config", help="TOML or JSON config (same schema as the ComfyUI nodes)")
+        sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. training.epochs=4")
+        return sp
+
+    t = with_config(sub.add_parser("train", help="train a LoRA or full fine-tune"))
+    t.add_argument("--resume", metavar="STATE_DIR", help="resume from a saved state folder (<run>/state)")
+    t.add_argument("--force-resume", action="store_true", help="resume even if the config or dataset changed")
+    t.add_argument("--tensorboard", action="store_true", help="log loss and LR to <run>/logs (needs tensorboard)")
+    t.set_defaults(fn=cmd_train)
+    with_config(sub.add_parser("plan", help="print the dataset report and step plan")).set_defaults(fn=cmd_plan)
+    pv = with_config(sub.add_parser("preview", help="print captions exactly as training will see them"))
+    pv.add_argument("--images", type=int, default=4)
+    pv.add_argument("--epochs", type=int, default=2)
+    pv.set_defaults(fn=cmd_preview)
+    s = sub.add_parser("sweep", help="render every checkpoint of a run and compose a labelled strip/grid")
+    s.add_argument("run_dir", help="the run's work folder (with run.json)")
+    s.add_argument("--prompt", action="append", help="prompt (repeat for several rows)")
+    s.add_argument("--seed", action="append", type=int, help="seed (repeat for several rows)")
+    s.add_argument("--strengths", default="", help="LoRA strengths, e.g. 0.6,0.8,1.0")
+    s.add_argument("--steps", type=int, default=20)
+    s.add_argument("--cfg", type=float, default=7.0)
+    s.add_argument("--every", type=int, default=1, help="use every Nth checkpoint")
+    s.add_argument("--no-base", action="store_true", help="leave out the base-model column")
+    s.add_argument("--out", default=None, help="PNG path (default <run>/sweep.png)")
+    s.set_defaults(fn=cmd_sweep)
+    d = sub.add_parser("demo", help="tiny model + bundled dataset: train, sweep, strip")
+    d.add_argument("--out", default="demo_output")
+    d.add_argument("--epochs", type=int, default=6)
+    d.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    for noisy in ("diffusers", "transformers", "accelerate", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return args.fn(args)
+    except CrucibleError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

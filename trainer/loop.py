@@ -1,0 +1,368 @@
+"""The training loop.
+
+One optimizer step reads: sample σ/t → ``objective.noise`` → ``family.predict`` → weighted MSE against the target.
+The loop never branches on the model family; everything family-specific is behind :class:`ModelFamily`.
+
+Determinism: the epoch's batch order, captions and crops come from ``DataSource`` keyed by (seed, epoch); noise
+and timesteps come from a generator seeded per (seed, step, micro-batch, rank). A run stopped after step *k* and
+resumed from its saved state therefore computes exactly the steps an uninterrupted run would.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .callbacks import Callbacks, CheckpointInfo, SampleInfo, StepInfo
+from .config import TrainConfig
+from .errors import CrucibleError, TrainingDivergedError
+from .families import Components, ModelFamily, get_family
+from .families.objectives import make_objective
+from .fileio import atomic_write_json, safe_name
+from .network import Network, attach_network, param_groups
+from .noise import offset_noise, pyramid_noise
+from .optim import build_optimizer, build_scheduler
+from .state import load_state, save_state
+
+log = logging.getLogger("crucible")
+
+DTYPES = {"fp32": torch.float32, "no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class RunResult:
+    run_dir: Path  # where checkpoints are
+    work_dir: Path  # state, samples, config.json, run.json
+    checkpoints: list[CheckpointInfo]
+    losses: list[float]  # mean loss per optimizer step (index 0 = step 1)
+    cancelled: bool
+    plan: Any
+    state_dir: Path | None = None
+    samples: list[SampleInfo] = field(default_factory=list)
+
+
+def train(cfg: TrainConfig, callbacks: Callbacks | None = None, *, resume_from: str | Path | None = None,
+          force_resume: bool = False, components: Components | None = None) -> RunResult:
+    """Train ``cfg`` to completion (or until ``callbacks.should_stop()``), saving as the plan says."""
+    with torch.inference_mode(False), torch.enable_grad():
+        return Trainer(cfg, callbacks or Callbacks()).run(resume_from, force_resume, components)
+
+
+def make_accelerator(mixed_precision: str):
+    """An ``accelerate.Accelerator`` for this run; outside ``accelerate launch`` its global state is reset so a
+    long-lived process (ComfyUI) can run trainings with different precisions one after another."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if not launched:
+        AcceleratorState._reset_state(True)
+    if mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise CrucibleError("training.mixed_precision 'fp16' needs a CUDA GPU (it uses a gradient scaler); "
+                            "on the CPU choose 'bf16' or 'no'")
+    return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
+
+
+def step_generator(seed: int, *keys: int) -> torch.Generator:
+    digest = hashlib.sha256(repr((seed, *keys)).encode()).digest()
+    return torch.Generator("cpu").manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, callbacks: Callbacks):
+        self.cfg = cfg
+        self.callbacks = callbacks
+        self.family: ModelFamily = get_family(cfg.model.family)
+        run = safe_name(cfg.save.run_name, "save.run_name")
+        self.run_name = run
+        self.run_dir = Path(cfg.save.output_dir) / run
+        self.work_dir = Path(cfg.save.work_dir) / run if cfg.save.work_dir else self.run_dir
+        self.state_dir = self.work_dir / "state"
+        self.checkpoints: list[CheckpointInfo] = []
+        self.losses: list[float] = []
+        self.samples: list[SampleInfo] = []
+
+    # --- set-up --------------------------------------------------------------------------------------------------
+    def _setup(self, components: Components | None):
+        from .dataset import DataSource
+        from .plan import compute_plan
+
+        cfg = self.cfg
+        self.acc = make_accelerator(cfg.training.mixed_precision)
+        self.source = DataSource(cfg.datasets, seed=cfg.training.seed)
+        self.plan = compute_plan(cfg, self.source, num_processes=self.acc.num_processes)
+        device = self.acc.device
+        comps = components or self.family.load(cfg.model, device=device)
+        comps.to(device=device)
+        self.comps = comps
+        if cfg.network.network_type != "full" and cfg.training.mixed_precision != "no":
+            weight_dtype = DTYPES[cfg.training.mixed_precision]
+            for module in [comps.denoiser, *comps.text_encoders]:
+                module.to(dtype=weight_dtype)  # frozen base weights in the compute dtype (kohya/diffusers practice)
+        self.net: Network = attach_network(self.family, comps, cfg.network)
+        if cfg.network.network_type != "full":
+            from diffusers.training_utils import cast_training_params
+
+            cast_training_params(list(self.net.modules.values()), dtype=torch.float32)
+        if cfg.training.gradient_checkpointing:
+            self._enable_gradient_checkpointing()
+        self.optimizer = build_optimizer(param_groups(self.family, self.net, cfg.optim), cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.plan.total_steps)
+        prediction = cfg.model.prediction_type or self.family.default_prediction
+        self.objective = make_objective(prediction, comps.noise_scheduler, cfg.training)
+        self.ema = None
+        if cfg.training.ema:
+            from diffusers.training_utils import EMAModel
+
+            self.ema = EMAModel(self.net.parameters(), decay=cfg.training.ema_decay)
+        names = list(self.net.modules)
+        prepared = self.acc.prepare(*self.net.modules.values(), self.optimizer)
+        self.optimizer = prepared[-1]
+        wrapped = dict(zip(names, prepared[:-1]))
+        # Only the forward pass goes through the (possibly DDP-wrapped) modules.
+        self.train_comps = dataclasses.replace(
+            comps, denoiser=wrapped.get(comps.denoiser_name, comps.denoiser),
+            text_encoders=[wrapped.get(n, m) for n, m in zip(comps.text_encoder_names, comps.text_encoders)])
+        self.trains_text = any(n in wrapped for n in comps.text_encoder_names)
+
+    def _enable_gradient_checkpointing(self) -> None:
+        for module in self.net.modules.values():
+            if hasattr(module, "enable_gradient_checkpointing"):
+                module.enable_gradient_checkpointing()
+            elif hasattr(module, "gradient_checkpointing_enable"):
+                module.gradient_checkpointing_enable()
+
+    # --- run -----------------------------------------------------------------------------------------------------
+    def run(self, resume_from, force_resume: bool, components: Components | None) -> RunResult:
+        self._setup(components)
+        start = self._resume(resume_from, force_resume) if resume_from else 0
+        if self.acc.is_main_process:
+            self.work_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(self.work_dir / "config.json", self.cfg.to_dict())
+        self.callbacks.on_start(self.plan)
+        cancelled = self._loop(start)
+        self.acc.wait_for_everyone()
+        self._write_manifest("cancelled" if cancelled else "finished")
+        return RunResult(self.run_dir, self.work_dir, self.checkpoints, self.losses, cancelled, self.plan,
+                         self.state_dir if self.cfg.save.save_state else None, self.samples)
+
+    def _resume(self, folder, force: bool) -> int:
+        saved = load_state(Path(folder), self.cfg, self.source.fingerprint, force=force)
+        payload = saved.payload
+        self.net.load_state_dicts(payload["network"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.scheduler.load_state_dict(payload["scheduler"])
+        if self.ema is not None and payload.get("ema"):
+            self.ema.load_state_dict(payload["ema"])
+        self.losses = [float(x) for x in payload.get("losses", [])][: saved.step]
+        manifest = Path(folder).parent / "run.json"
+        if manifest.is_file():
+            import json
+
+            data = json.loads(manifest.read_text(encoding="utf-8"))
+            self.checkpoints = [CheckpointInfo(Path(c["path"]), c["step"], c["epoch"], c.get("loss"), c.get("kind", "lora"))
+                                for c in data.get("checkpoints", []) if c["step"] <= saved.step and Path(c["path"]).exists()]
+        log.info("resuming %s at step %d (epoch %d)", self.run_name, saved.step, saved.epoch)
+        return saved.step
+
+    def _loop(self, start_step: int) -> bool:
+        plan, tr = self.plan, self.cfg.training
+        step = start_step
+        t0, done_here = time.monotonic(), 0
+        for epoch in range(1, plan.epochs + 1):
+            groups = self._epoch_groups(epoch)
+            for index, group in enumerate(groups):
+                step_of = (epoch - 1) * plan.steps_per_epoch + index + 1
+                if step_of <= start_step:
+                    continue
+                if step_of > plan.total_steps:
+                    break
+                step = step_of
+                loss = self._optimizer_step(group, step, epoch)
+                self.losses.append(loss)
+                done_here += 1
+                spent = (time.monotonic() - t0) / done_here
+                self.callbacks.on_step(StepInfo(step, plan.total_steps, epoch, loss, self.scheduler.get_last_lr()[0],
+                                                spent, spent * (plan.total_steps - step)))
+                if plan.is_sample_step(step) and self.cfg.sample.prompts:
+                    self._sample(step, epoch)
+                stop = self.callbacks.should_stop() and step < plan.total_steps
+                if plan.is_save_step(step) or stop:
+                    self._save(step, epoch, final=step == plan.total_steps)
+                if stop:
+                    log.info("stopped at step %d; checkpoint and state saved", step)
+                    return True
+            if step >= plan.total_steps:
+                break
+        return False
+
+    def _epoch_groups(self, epoch: int) -> list[list[Any]]:
+        """This rank's micro-batches for the epoch, grouped into optimizer steps."""
+        tr = self.cfg.training
+        batches = self.source.epoch_batches(epoch, tr.batch_size, tr.drop_last)
+        world, rank = self.acc.num_processes, self.acc.process_index
+        if world > 1:  # pad by wrapping so every rank takes the same number of steps
+            need = math.ceil(len(batches) / world) * world
+            batches = (batches + batches[: need - len(batches)])[rank::world]
+        accum = tr.gradient_accumulation_steps
+        return [batches[i:i + accum] for i in range(0, len(batches), accum)]
+
+    def _optimizer_step(self, group: list[Any], step: int, epoch: int) -> float:
+        total = torch.zeros((), device=self.acc.device)
+        for micro, batch_plan in enumerate(group):
+            last = micro == len(group) - 1
+            sync = contextlib.nullcontext() if last or self.acc.num_processes == 1 else \
+                self.acc.no_sync(self.train_comps.denoiser)
+            with sync:
+                loss = self._loss(batch_plan, epoch, step, micro)
+                if not torch.isfinite(loss):
+                    raise TrainingDivergedError(
+                        f"loss became {loss.item()} at step {step} (epoch {epoch}); training stopped. The last "
+                        "good checkpoint is kept. Lower the learning rate, or use bf16/no mixed precision")
+                self.acc.backward(loss / len(group))
+            total += loss.detach()
+        params = self.net.parameters()
+        if self.cfg.optim.max_grad_norm > 0:
+            norm = self.acc.clip_grad_norm_(params, self.cfg.optim.max_grad_norm)
+            if norm is not None and not torch.isfinite(torch.as_tensor(norm)):
+                raise TrainingDivergedError(f"gradient norm became {float(norm)} at step {step}; training stopped. "
+                                            "The last good checkpoint is kept. Lower the learning rate")
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.step(params)
+        mean = self.acc.reduce(total / len(group), reduction="mean")
+        return float(mean)
+
+    def _loss(self, batch_plan: Any, epoch: int, step: int, micro: int) -> torch.Tensor:
+        tr, fam, comps = self.cfg.training, self.family, self.train_comps
+        batch = self.source.load_batch(batch_plan, epoch)
+        gen = step_generator(tr.seed, step, micro, self.acc.process_index)
+        with torch.no_grad():
+            pixels = batch.pixels.to(self.acc.device, dtype=next(comps.vae.parameters()).dtype)
+            latents = fam.encode_images(comps, pixels).float()
+        text_ctx = contextlib.nullcontext() if self.trains_text else torch.no_grad()
+        clip_skip = self.cfg.model.clip_skip
+        with text_ctx, self.acc.autocast():
+            cond = fam.encode_text(comps, batch.captions, clip_skip=clip_skip)
+        noise = torch.randn(latents.shape, generator=gen).to(latents)
+        noise = offset_noise(noise, tr.noise_offset, gen)
+        noise = pyramid_noise(noise, tr.multires_noise_iterations, tr.multires_noise_discount, gen)
+        noised = self.objective.noise(latents, noise, gen)
+        with self.acc.autocast():
+            pred = fam.predict(comps, noised.noisy, noised.timesteps, cond)
+        per_sample = F.mse_loss(pred.float(), noised.target.float(), reduction="none").mean(
+            dim=tuple(range(1, pred.ndim)))
+        if noised.weights is not None:
+            per_sample = per_sample * noised.weights.to(per_sample)
+        return per_sample.mean()
+
+    # --- outputs -------------------------------------------------------------------------------------------------
+    def _save(self, step: int, epoch: int, final: bool) -> None:
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            from .checkpoints import write_checkpoint
+
+            with self._ema_weights():
+                info = write_checkpoint(self, step, epoch, final=final)
+            self.checkpoints.append(info)
+            self._prune()
+            if self.cfg.save.save_state:
+                self._save_state(step, epoch)
+            self._write_manifest("running")
+            self.callbacks.on_checkpoint(info)
+        self.acc.wait_for_everyone()
+
+    @contextlib.contextmanager
+    def _ema_weights(self):
+        if self.ema is None:
+            yield
+            return
+        params = self.net.parameters()
+        self.ema.store(params)
+        self.ema.copy_to(params)
+        try:
+            yield
+        finally:
+            self.ema.restore(params)
+
+    def _save_state(self, step: int, epoch: int) -> None:
+        payload = {
+            "network": self.net.state_dicts(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else {},
+            "losses": list(self.losses),
+        }
+        save_state(self.state_dir, step=step, epoch=epoch, payload=payload, cfg=self.cfg,
+                   data_fingerprint=self.source.fingerprint, extra={"run_name": self.run_name})
+
+    def _prune(self) -> None:
+        limit = self.cfg.save.checkpoint_limit
+        if limit <= 0 or len(self.checkpoints) <= limit:
+            return
+        keep_last = self.checkpoints[-1]
+        older = self.checkpoints[:-1]
+        while len(older) + 1 > limit and older:
+            victim = older.pop(0)
+            with contextlib.suppress(FileNotFoundError):
+                victim.path.unlink()
+            log.info("checkpoint limit %d: removed %s", limit, victim.path.name)
+        self.checkpoints = older + [keep_last]
+
+    def _write_manifest(self, status: str) -> None:
+        if not self.acc.is_main_process:
+            return
+        data = {
+            "run_name": self.run_name,
+            "family": self.family.name,
+            "kind": "full" if self.net.is_full else "lora",
+            "status": status,
+            "run_dir": str(self.run_dir),
+            "checkpoints": [{"file": c.path.name, "path": str(c.path), "step": c.step, "epoch": c.epoch,
+                             "loss": c.loss, "kind": c.kind} for c in self.checkpoints],
+            "losses": self.losses,
+            "plan": self.plan.to_dict(),
+            "samples": [{"step": s.step, "paths": [str(p) for p in s.paths]} for s in self.samples],
+        }
+        atomic_write_json(self.work_dir / "run.json", data)
+
+    def _sample(self, step: int, epoch: int) -> None:
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            from .fileio import atomic_write
+
+            s = self.cfg.sample
+            res = self.cfg.dataset.resolution
+            modules = list(self.net.modules.values())
+            modes = [m.training for m in modules]
+            for m in modules:
+                m.eval()
+            try:
+                with torch.no_grad(), self._ema_weights():
+                    images = self.family.sample(self.comps, s.prompts, seed=s.seed, steps=s.steps, cfg=s.cfg,
+                                                width=s.width or res, height=s.height or res,
+                                                negative_prompt=s.negative_prompt)
+            finally:
+                for m, mode in zip(modules, modes):
+                    m.train(mode)
+            paths = []
+            for i, image in enumerate(images):
+                path = self.work_dir / "samples" / f"{self.run_name}-s{step:06d}-p{i}.png"
+                atomic_write(path, lambda tmp, im=image: im.save(tmp, format="PNG"))
+                paths.append(path)
+            info = SampleInfo(step, epoch, tuple(s.prompts), tuple(images), tuple(paths))
+            self.samples.append(info)
+            self.callbacks.on_sample(info)
+        self.acc.wait_for_everyone()

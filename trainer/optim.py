@@ -1,0 +1,132 @@
+"""Optimizer and learning-rate scheduler factories, keyed by the names in :data:`trainer.config.OPTIMIZERS` /
+:data:`SCHEDULERS` (the same tuples feed the node dropdowns).
+
+Schedulers come from ``diffusers.optimization.get_scheduler``. Optional optimizers are imported lazily; a missing
+package raises :class:`~trainer.errors.MissingDependencyError` naming what to ``pip install``.
+"""
+from __future__ import annotations
+
+import ast
+import logging
+from typing import Any, Callable
+
+import torch
+
+from .config import OptimConfig
+from .errors import ConfigError, CrucibleError, require
+
+log = logging.getLogger("crucible")
+
+
+def parse_optimizer_args(items: tuple[str, ...]) -> dict[str, Any]:
+    """``("betas=(0.9,0.99)", "relative_step=True")`` → kwargs (Python literals; bare words stay strings)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, _, raw = item.partition("=")
+        key, raw = key.strip(), raw.strip()
+        if not key.isidentifier():
+            raise ConfigError(f"optim.optimizer_args: '{item}' must look like name=value")
+        try:
+            out[key] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            lowered = raw.lower()
+            out[key] = {"true": True, "false": False, "none": None}.get(lowered, raw)
+    return out
+
+
+def _adamw(groups, cfg, extra):
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, **extra)
+
+
+def _sgd(groups, cfg, extra):
+    extra.setdefault("momentum", 0.9)
+    return torch.optim.SGD(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, **extra)
+
+
+def _adamw8bit(groups, cfg, extra):
+    if not torch.cuda.is_available():
+        raise CrucibleError("optimizer 'adamw8bit' needs a CUDA GPU (bitsandbytes 8-bit states); on this machine "
+                            "choose 'adamw' or 'adafactor'")
+    bnb = require("bitsandbytes", "bitsandbytes", "the adamw8bit optimizer")
+    return bnb.optim.AdamW8bit(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, **extra)
+
+
+def _adafactor(groups, cfg, extra):
+    from transformers.optimization import Adafactor
+
+    relative = bool(extra.pop("relative_step", False))
+    extra.setdefault("scale_parameter", relative)
+    extra.setdefault("warmup_init", False)
+    lr = None if relative else cfg.learning_rate
+    if relative:
+        for g in groups:
+            g.pop("lr", None)
+    return Adafactor(groups, lr=lr, relative_step=relative, weight_decay=cfg.weight_decay, **extra)
+
+
+def _lion(groups, cfg, extra):
+    lion = require("lion_pytorch", "lion-pytorch", "the Lion optimizer")
+    return lion.Lion(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, **extra)
+
+
+def _dadapt(decouple: bool):
+    def build(groups, cfg, extra):
+        dadaptation = require("dadaptation", "dadaptation", "the DAdaptation optimizers")
+        _warn_lr_free("DAdaptation", cfg)
+        if decouple:
+            extra.setdefault("decouple", True)
+        return dadaptation.DAdaptAdam(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, **extra)
+
+    return build
+
+
+def _prodigy(groups, cfg, extra):
+    prodigyopt = require("prodigyopt", "prodigyopt", "the Prodigy optimizer")
+    _warn_lr_free("Prodigy", cfg)
+    extra.setdefault("safeguard_warmup", True)
+    extra.setdefault("use_bias_correction", True)
+    return prodigyopt.Prodigy(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, **extra)
+
+
+def _warn_lr_free(name: str, cfg: OptimConfig) -> None:
+    if cfg.learning_rate != 1.0:
+        log.warning("%s adapts the step size itself: learning_rate should be 1.0 (got %g)", name, cfg.learning_rate)
+
+
+OPTIMIZER_FACTORIES: dict[str, Callable] = {
+    "adamw": _adamw,
+    "adamw8bit": _adamw8bit,
+    "adafactor": _adafactor,
+    "lion": _lion,
+    "dadaptation": _dadapt(decouple=False),  # kohya "DAdaptation": DAdaptAdam with L2-style decay
+    "dadaptadam": _dadapt(decouple=True),  # AdamW-style decoupled decay
+    "prodigy": _prodigy,
+    "sgd": _sgd,
+}
+
+
+def build_optimizer(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
+    try:
+        factory = OPTIMIZER_FACTORIES[cfg.optimizer]
+    except KeyError:
+        raise ConfigError(f"optim.optimizer {cfg.optimizer!r} is not one of {', '.join(OPTIMIZER_FACTORIES)}") from None
+    extra = parse_optimizer_args(cfg.optimizer_args)
+    clean = [{k: v for k, v in g.items() if k != "name"} for g in groups]
+    try:
+        return factory(clean, cfg, extra)
+    except TypeError as exc:  # an unknown optimizer_args key
+        raise ConfigError(f"optim.optimizer_args do not fit {cfg.optimizer}: {exc}") from exc
+
+
+def warmup_steps(cfg: OptimConfig, total_steps: int) -> int:
+    steps = round(cfg.lr_warmup_ratio * total_steps) if cfg.lr_warmup_ratio > 0 else cfg.lr_warmup_steps
+    return max(0, min(int(steps), total_steps))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
+    """``diffusers.optimization.get_scheduler`` with warmup, cycles and power from the config."""
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=warmup_steps(cfg, total_steps),
+                         num_training_steps=max(total_steps, 1), num_cycles=cfg.lr_scheduler_num_cycles,
+                         power=cfg.lr_scheduler_power)

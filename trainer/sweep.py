@@ -1,0 +1,166 @@
+"""Checkpoint sweeps: which checkpoints, in which order, on which grid cell — and the headless renderer.
+
+The ComfyUI sweep node and ``python -m trainer sweep`` share :func:`plan_sweep`: columns are checkpoints (base
+first), rows are prompt × seed × strength. The step of a checkpoint is read from its metadata, never parsed out of
+its file name.
+"""
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from .errors import CrucibleError
+
+BASE_LABEL = "base"
+
+
+@dataclass(frozen=True)
+class SweepItem:
+    path: Path | None  # None = the base model
+    kind: str  # lora | full
+    strength: float
+    prompt: str
+    seed: int
+    label: str  # column label
+    row_label: str
+    column: int
+    row: int
+
+
+def read_safetensors_metadata(path: str | Path) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file, read from its header only."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            (length,) = struct.unpack("<Q", fh.read(8))
+            if length > 100_000_000:
+                raise ValueError("header too large")
+            header = json.loads(fh.read(length))
+    except (OSError, ValueError, struct.error) as exc:
+        raise CrucibleError(f"'{path}' is not a readable .safetensors file ({exc})") from exc
+    return dict(header.get("__metadata__") or {})
+
+
+def read_checkpoint_info(path: str | Path) -> dict[str, Any]:
+    """``{path, step, epoch, loss}`` from a checkpoint's metadata (Crucible or kohya keys)."""
+    meta = read_safetensors_metadata(path)
+
+    def number(*keys, cast=int):
+        for key in keys:
+            if meta.get(key) not in (None, ""):
+                try:
+                    return cast(float(meta[key])) if cast is int else cast(meta[key])
+                except ValueError:
+                    continue
+        return None
+
+    return {"path": str(path), "step": number("crucible_step", "ss_steps"),
+            "epoch": number("crucible_epoch", "ss_epoch"), "loss": number("crucible_loss", cast=float)}
+
+
+def select_checkpoints(checkpoints: Sequence[dict], *, name_filter: str = "", every_nth: int = 1) -> list[dict]:
+    """Sort by step (metadata), filter by name, keep every Nth — always keeping the last one."""
+    items = [c for c in checkpoints if name_filter.lower() in Path(c.get("name") or c["path"]).name.lower()]
+    items.sort(key=lambda c: (c.get("step") is None, c.get("step") or 0, Path(c["path"]).name))
+    if every_nth > 1 and items:
+        kept = items[::every_nth]
+        if kept[-1] is not items[-1]:
+            kept.append(items[-1])
+        items = kept
+    if not items:
+        raise CrucibleError(f"no checkpoint matches name_filter {name_filter!r}" if name_filter else "no checkpoints to sweep")
+    return items
+
+
+def column_label(c: dict) -> str:
+    if c.get("step") is not None:
+        label = f"step {c['step']}"
+        return label + (f" · ep {c['epoch']}" if c.get("epoch") is not None else "")
+    return Path(c.get("name") or c["path"]).stem
+
+
+def plan_sweep(checkpoints: Sequence[dict], *, prompts: Sequence[str], seeds: Sequence[int],
+               strengths: Sequence[float], include_base: bool = True) -> list[SweepItem]:
+    """Every (column, row) cell of the sweep grid as one item."""
+    rows = [(p, s, w) for p in prompts for s in seeds for w in strengths]
+    columns: list[tuple[Path | None, str, str]] = [(None, "lora", BASE_LABEL)] if include_base else []
+    columns += [(Path(c["path"]), c.get("kind", "lora"), column_label(c)) for c in checkpoints]
+    multi = len(strengths) > 1
+    items = []
+    for r, (prompt, seed, strength) in enumerate(rows):
+        row_label = prompt + (f" · seed {seed}" if len(seeds) > 1 else "") + (f" · ×{strength:g}" if multi else "")
+        for col, (path, kind, label) in enumerate(columns):
+            items.append(SweepItem(path, kind, 0.0 if path is None else strength, prompt, seed, label, row_label,
+                                   col, r))
+    return items
+
+
+def sweep_run(run_dir: str | Path, *, prompts: Sequence[str], seeds: Sequence[int], strengths: Sequence[float],
+              steps: int = 20, cfg_scale: float = 7.0, include_base: bool = True, out: str | Path | None = None,
+              every: int = 1, width: int = 0, height: int = 0) -> Path:
+    """Render every checkpoint of a finished (or stopped) run with the diffusers pipeline and save the grid."""
+    import torch
+
+    from .config import TrainConfig
+    from .families import get_family
+    from .network import attach_network
+    from .render import arrange, compose_grid, save_png
+
+    run_dir = Path(run_dir)
+    manifest_path = run_dir / "run.json"
+    if not manifest_path.is_file():
+        raise CrucibleError(f"'{run_dir}' has no run.json; give the run's work folder (it holds config.json and run.json)")
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    cfg = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text(encoding="utf-8")))
+    family = get_family(cfg.model.family)
+    checkpoints = [dict(c, name=c["file"]) for c in manifest["checkpoints"] if Path(c["path"]).exists()]
+    chosen = select_checkpoints(checkpoints, every_nth=every)
+    prompts = list(prompts) or list(cfg.sample.prompts) or ["a photo"]
+    seeds = list(seeds) or [cfg.sample.seed]
+    items = plan_sweep(chosen, prompts=prompts, seeds=seeds, strengths=strengths, include_base=include_base)
+    comps = family.load(cfg.model)
+    res = cfg.dataset.resolution if cfg.datasets else 512
+    width, height = width or cfg.sample.width or res, height or cfg.sample.height or res
+    full = manifest.get("kind") == "full"
+    net = None if full else attach_network(family, comps, cfg.network)
+    base_state = {k: v.detach().clone() for k, v in comps.denoiser.state_dict().items()} if full else None
+    images = []
+    with torch.no_grad():
+        for item in items:
+            _apply_checkpoint(comps, net, item, base_state)
+            images.extend(family.sample(comps, [item.prompt], seed=item.seed, steps=steps, cfg=cfg_scale,
+                                        width=width, height=height))
+    labels = {i.column: i.label for i in items}
+    row_labels = {i.row: i.row_label for i in items}
+    cells = arrange(images, [i.column for i in items], [i.row for i in items])
+    losses = {i.column: _loss_caption(chosen, i) for i in items}
+    composite = compose_grid(cells, col_labels=[labels[c] for c in sorted(labels)],
+                             row_labels=[row_labels[r] for r in sorted(row_labels)],
+                             title=f"{manifest['run_name']} — {len(chosen)} checkpoints",
+                             cell_captions=[[losses[c] for c in sorted(labels)] for _ in row_labels])
+    out = Path(out) if out else run_dir / "sweep.png"
+    return save_png(composite, out, {"crucible_sweep": {"run": manifest["run_name"], "prompts": prompts,
+                                                        "seeds": seeds, "strengths": list(strengths)}})
+
+
+def _loss_caption(chosen: list[dict], item: SweepItem) -> str:
+    if item.path is None:
+        return ""
+    for c in chosen:
+        if Path(c["path"]) == item.path and c.get("loss") is not None:
+            return f"loss {c['loss']:.4f}"
+    return ""
+
+
+def _apply_checkpoint(comps, net, item: SweepItem, base_state) -> None:
+    from safetensors.torch import load_file
+
+    from .checkpoints import load_lora_file
+
+    if base_state is not None:  # full fine-tune: swap the denoiser weights
+        comps.denoiser.load_state_dict(load_file(str(item.path)) if item.path else base_state)
+        return
+    load_lora_file(net, item.path, strength=item.strength)
