@@ -100,7 +100,8 @@ class Trainer:
         cfg = self.cfg
         self.acc = make_accelerator(cfg.training.mixed_precision)
         self.source = DataSource(cfg.datasets, seed=cfg.training.seed)
-        self.plan = compute_plan(cfg, self.source, num_processes=self.acc.num_processes)
+        self.plan = compute_plan(cfg, self.source, num_processes=self.acc.num_processes) \
+            if self.acc.num_processes > 1 else compute_plan(cfg, self.source)
         device = self.acc.device
         comps = components or self.family.load(cfg.model, device=device)
         comps.to(device=device)
@@ -109,7 +110,9 @@ class Trainer:
             weight_dtype = DTYPES[cfg.training.mixed_precision]
             for module in [comps.denoiser, *comps.text_encoders]:
                 module.to(dtype=weight_dtype)  # frozen base weights in the compute dtype (kohya/diffusers practice)
-        self.net: Network = attach_network(self.family, comps, cfg.network)
+        with torch.random.fork_rng(devices=[]):  # adapter init draws from the global RNG: seed it, leave it as it was
+            torch.manual_seed(cfg.training.seed)
+            self.net: Network = attach_network(self.family, comps, cfg.network)
         if cfg.network.network_type != "full":
             from diffusers.training_utils import cast_training_params
 
@@ -157,7 +160,7 @@ class Trainer:
                          self.state_dir if self.cfg.save.save_state else None, self.samples)
 
     def _resume(self, folder, force: bool) -> int:
-        saved = load_state(Path(folder), self.cfg, self.source.fingerprint, force=force)
+        saved = load_state(Path(folder), self.cfg, self.source.fingerprint(), force=force)
         payload = saved.payload
         self.net.load_state_dicts(payload["network"])
         self.optimizer.load_state_dict(payload["optimizer"])
@@ -306,7 +309,7 @@ class Trainer:
             "losses": list(self.losses),
         }
         save_state(self.state_dir, step=step, epoch=epoch, payload=payload, cfg=self.cfg,
-                   data_fingerprint=self.source.fingerprint, extra={"run_name": self.run_name})
+                   data_fingerprint=self.source.fingerprint(), extra={"run_name": self.run_name})
 
     def _prune(self) -> None:
         limit = self.cfg.save.checkpoint_limit

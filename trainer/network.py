@@ -24,6 +24,7 @@ class Network:
     cfg: NetworkConfig
     modules: dict[str, torch.nn.Module]  # component name -> module that trains
     peft_configs: dict[str, Any] = field(default_factory=dict)  # component -> peft config (adapters only)
+    family_name: str = ""
 
     @property
     def is_full(self) -> bool:
@@ -116,7 +117,7 @@ def attach_network(family: ModelFamily, comps: Components, cfg: NetworkConfig) -
     if cfg.train_text_encoder:
         wanted.extend(comps.text_encoder_names)
     modules = {name: comps.modules()[name] for name in wanted}
-    net = Network(cfg, modules)
+    net = Network(cfg, modules, family_name=family.name)
     if cfg.network_type == "full":
         for module in modules.values():
             module.requires_grad_(True)

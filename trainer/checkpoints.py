@@ -1,0 +1,91 @@
+"""Writing checkpoints (ComfyUI-loadable exports) during a run, and loading a LoRA file back into an adapter.
+
+File names carry epoch and step for people (``<run>-e0003-s000120.safetensors``); the step and epoch also live in
+the metadata, which is what the sweep reads.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from .callbacks import CheckpointInfo
+from .fileio import save_safetensors
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .loop import Trainer
+    from .network import Network
+
+SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_started = time.time()
+
+
+def checkpoint_name(run_name: str, step: int, epoch: int) -> str:
+    return f"{run_name}-e{epoch:04d}-s{step:06d}.safetensors"
+
+
+def write_checkpoint(trainer: "Trainer", step: int, epoch: int, *, final: bool = False) -> CheckpointInfo:
+    """Export the current weights of ``trainer`` into its run folder and return what was written."""
+    from .export import export_peft_modules, lora_metadata
+
+    cfg, net = trainer.cfg, trainer.net
+    dtype = SAVE_DTYPES[cfg.save.save_precision]
+    loss = trainer.losses[-1] if trainer.losses else None
+    meta = lora_metadata(cfg, step=step, epoch=epoch, started_at=_started,
+                         num_train_images=len(trainer.source.items),
+                         tag_frequency=getattr(trainer.source, "tag_frequency", None),
+                         output_name=trainer.run_name)
+    if loss is not None:
+        meta["crucible_loss"] = f"{loss:.6f}"
+    path = trainer.run_dir / checkpoint_name(trainer.run_name, step, epoch)
+    if net.is_full:
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v
+                   for k, v in trainer.family.full_export_state_dict(trainer.comps).items()}
+        meta = {k: v for k, v in meta.items() if not k.startswith("ss_network")}
+        kind = "full"
+    else:
+        tensors = export_peft_modules(trainer.family.name, net.modules, dtype=dtype)
+        kind = "lora"
+    save_safetensors(path, tensors, meta)
+    return CheckpointInfo(path=path, step=step, epoch=epoch, loss=loss, kind=kind, final=final)
+
+
+def load_lora_file(net: "Network", path: str | Path | None, strength: float = 1.0) -> None:
+    """Load a LoRA file (or, with ``path=None``, zeros = the base model) into ``net``'s adapters at ``strength``.
+
+    Strength scales the up matrices, which is exactly ComfyUI's ``strength_model`` for plain LoRA.
+    """
+    from safetensors.torch import load_file
+
+    from .export import load_lora_into
+
+    tensors = load_file(str(path)) if path is not None else None
+    for component, module in net.modules.items():
+        _enable_adapters(module, tensors is not None)
+        if tensors is None:
+            continue
+        load_lora_into(net.family_name, component, module, tensors)
+        if strength != 1.0:
+            _scale_adapter(module, strength)
+
+
+def _enable_adapters(module: torch.nn.Module, enabled: bool) -> None:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for layer in module.modules():
+        if isinstance(layer, BaseTunerLayer):
+            layer.enable_adapters(enabled)
+
+
+def _scale_adapter(module: torch.nn.Module, strength: float) -> None:
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if ".lora_B." in name:
+                p.mul_(strength)
+
+
+def read_run_manifest(work_dir: str | Path) -> dict:
+    return json.loads((Path(work_dir) / "run.json").read_text(encoding="utf-8"))
