@@ -36,7 +36,7 @@ def write_checkpoint(trainer: "Trainer", step: int, epoch: int, *, final: bool =
     loss = trainer.losses[-1] if trainer.losses else None
     meta = lora_metadata(cfg, step=step, epoch=epoch, started_at=_started,
                          num_train_images=len(trainer.source.items),
-                         tag_frequency=getattr(trainer.source, "tag_frequency", None),
+                         tag_frequency=dataset_tag_frequency(trainer.source),
                          output_name=trainer.run_name)
     if loss is not None:
         meta["crucible_loss"] = f"{loss:.6f}"
@@ -51,6 +51,20 @@ def write_checkpoint(trainer: "Trainer", step: int, epoch: int, *, final: bool =
         kind = "lora"
     save_safetensors(path, tensors, meta)
     return CheckpointInfo(path=path, step=step, epoch=epoch, loss=loss, kind=kind, final=final)
+
+
+def dataset_tag_frequency(source) -> dict[str, dict[str, int]]:
+    """kohya's ``ss_tag_frequency``: ``{concept: {tag: count}}`` over every dataset of the run."""
+    from .captions import tag_frequency
+
+    merged: dict[str, dict[str, int]] = {}
+    for index, ds in enumerate(source.datasets):
+        pairs = ((item.concept, item.caption_raw) for item in source.items if item.dataset_index == index)
+        for concept, tags in tag_frequency(pairs, ds.captions).items():
+            bucket = merged.setdefault(concept, {})
+            for tag, count in tags.items():
+                bucket[tag] = bucket.get(tag, 0) + count
+    return merged
 
 
 def load_lora_file(net: "Network", path: str | Path | None, strength: float = 1.0) -> None:

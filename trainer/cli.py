@@ -51,7 +51,7 @@ def cmd_plan(args) -> int:
 
     cfg = _config(args)
     source = DataSource(cfg.datasets, seed=cfg.training.seed)
-    print(source.report.format())
+    print(source.report_text())
     print(compute_plan(cfg, source).format())
     return 0
 
@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_sweep)
     d = sub.add_parser("demo", help="tiny model + bundled dataset: train, sweep, strip")
     d.add_argument("--out", default="demo_output")
-    d.add_argument("--epochs", type=int, default=6)
+    d.add_argument("--epochs", type=int, default=5)
     d.set_defaults(fn=cmd_demo)
     return p
 

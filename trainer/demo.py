@@ -27,12 +27,12 @@ def demo_config(model_dir: Path, out: Path, epochs: int) -> TrainConfig:
         "optim": {"learning_rate": 1e-3, "lr_scheduler": "cosine", "lr_warmup_ratio": 0.05},
         "training": {"batch_size": 4, "epochs": epochs, "seed": 42},
         "save": {"output_dir": str(out / "loras"), "work_dir": str(out / "runs"), "run_name": "demo",
-                 "save_every_n_epochs": max(1, epochs // 4), "save_precision": "fp32"},
+                 "save_every_n_epochs": 1, "save_precision": "fp32"},
         "sample": {"prompts": ["crucible, red circle, white background"], "steps": 8, "cfg": 3.0, "seed": 7},
     })
 
 
-def run_demo(out: Path, epochs: int = 6) -> Path:
+def run_demo(out: Path, epochs: int = 5) -> Path:
     from .dataset import DataSource
     from .loop import train
     from .plan import compute_plan
@@ -45,7 +45,7 @@ def run_demo(out: Path, epochs: int = 6) -> Path:
     model_dir = build_tiny_pipeline(out / "tiny-sd15", family="sd15", seed=0, single_file=True)
     cfg = demo_config(model_dir, out, epochs)
     source = DataSource(cfg.datasets, seed=cfg.training.seed)
-    print(source.report.format())
+    print(source.report_text())
     print(compute_plan(cfg, source).format())
     print("2/4 training")
     result = train(cfg, ConsoleProgress(every=10))

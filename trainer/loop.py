@@ -100,8 +100,7 @@ class Trainer:
         cfg = self.cfg
         self.acc = make_accelerator(cfg.training.mixed_precision)
         self.source = DataSource(cfg.datasets, seed=cfg.training.seed)
-        self.plan = compute_plan(cfg, self.source, num_processes=self.acc.num_processes) \
-            if self.acc.num_processes > 1 else compute_plan(cfg, self.source)
+        self.plan = compute_plan(cfg, self.source, num_processes=self.acc.num_processes)
         device = self.acc.device
         comps = components or self.family.load(cfg.model, device=device)
         comps.to(device=device)

@@ -91,7 +91,7 @@ def plan_sweep(checkpoints: Sequence[dict], *, prompts: Sequence[str], seeds: Se
     multi = len(strengths) > 1
     items = []
     for r, (prompt, seed, strength) in enumerate(rows):
-        row_label = prompt + (f" · seed {seed}" if len(seeds) > 1 else "") + (f" · ×{strength:g}" if multi else "")
+        row_label = prompt + (f" · seed {seed}" if len(seeds) > 1 else "") + (f" · x{strength:g}" if multi else "")
         for col, (path, kind, label) in enumerate(columns):
             items.append(SweepItem(path, kind, 0.0 if path is None else strength, prompt, seed, label, row_label,
                                    col, r))
@@ -135,15 +135,25 @@ def sweep_run(run_dir: str | Path, *, prompts: Sequence[str], seeds: Sequence[in
                                         width=width, height=height))
     labels = {i.column: i.label for i in items}
     row_labels = {i.row: i.row_label for i in items}
-    cells = arrange(images, [i.column for i in items], [i.row for i in items])
+    cells = arrange([_display_size(im) for im in images], [i.column for i in items], [i.row for i in items])
     losses = {i.column: _loss_caption(chosen, i) for i in items}
     composite = compose_grid(cells, col_labels=[labels[c] for c in sorted(labels)],
                              row_labels=[row_labels[r] for r in sorted(row_labels)],
-                             title=f"{manifest['run_name']} — {len(chosen)} checkpoints",
+                             title=f"{manifest['run_name']}: {len(chosen)} checkpoints",
                              cell_captions=[[losses[c] for c in sorted(labels)] for _ in row_labels])
     out = Path(out) if out else run_dir / "sweep.png"
     return save_png(composite, out, {"crucible_sweep": {"run": manifest["run_name"], "prompts": prompts,
                                                         "seeds": seeds, "strengths": list(strengths)}})
+
+
+def _display_size(image, minimum: int = 256):
+    """Small renders (tiny test models) are enlarged with nearest-neighbour so labels fit under them."""
+    from PIL import Image
+
+    factor = -(-minimum // max(1, min(image.size)))
+    if factor <= 1:
+        return image
+    return image.resize((image.width * factor, image.height * factor), Image.NEAREST)
 
 
 def _loss_caption(chosen: list[dict], item: SweepItem) -> str:
