@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -29,7 +30,8 @@ def cmd_train(args) -> int:
     from .loop import train
 
     cfg = _config(args)
-    callbacks = [ConsoleProgress()]
+    main_process = os.environ.get("RANK", "0") == "0"  # under accelerate launch only rank 0 reports
+    callbacks = [ConsoleProgress()] if main_process else []
     if args.tensorboard:
         from .tb import TensorBoardCallbacks
 
@@ -37,6 +39,8 @@ def cmd_train(args) -> int:
     from .callbacks import MultiCallbacks
 
     result = train(cfg, MultiCallbacks(callbacks), resume_from=args.resume, force_resume=args.force_resume)
+    if not main_process:
+        return 0
     print(f"checkpoints in {result.run_dir}:")
     for ckpt in result.checkpoints:
         print(f"  step {ckpt.step:>6}  epoch {ckpt.epoch:>3}  {ckpt.path.name}")

@@ -151,9 +151,11 @@ class Trainer:
         if self.acc.is_main_process:
             self.work_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_json(self.work_dir / "config.json", self.cfg.to_dict())
-        self.callbacks.on_start(self.plan)
+        if self.acc.is_main_process:
+            self.callbacks.on_start(self.plan)
         cancelled = self._loop(start)
         self.acc.wait_for_everyone()
+        log.debug("rank %d trained weights sha256 %s", self.acc.process_index, self._weights_digest())
         self._write_manifest("cancelled" if cancelled else "finished")
         return RunResult(self.run_dir, self.work_dir, self.checkpoints, self.losses, cancelled, self.plan,
                          self.state_dir if self.cfg.save.save_state else None, self.samples)
@@ -194,11 +196,13 @@ class Trainer:
                 self.losses.append(loss)
                 done_here += 1
                 spent = (time.monotonic() - t0) / done_here
-                self.callbacks.on_step(StepInfo(step, plan.total_steps, epoch, loss, self.scheduler.get_last_lr()[0],
-                                                spent, spent * (plan.total_steps - step)))
+                if self.acc.is_main_process:
+                    self.callbacks.on_step(StepInfo(step, plan.total_steps, epoch, loss,
+                                                    self.scheduler.get_last_lr()[0], spent,
+                                                    spent * (plan.total_steps - step)))
                 if plan.is_sample_step(step) and self.cfg.sample.prompts:
                     self._sample(step, epoch)
-                stop = self.callbacks.should_stop() and step < plan.total_steps
+                stop = self._should_stop() and step < plan.total_steps
                 if plan.is_save_step(step) or stop:
                     self._save(step, epoch, final=step == plan.total_steps)
                 if stop:
@@ -207,6 +211,21 @@ class Trainer:
             if step >= plan.total_steps:
                 break
         return False
+
+    def _should_stop(self) -> bool:
+        """The main process's Cancel, agreed by every process (a stop on one rank alone would hang the others)."""
+        wanted = self.acc.is_main_process and self.callbacks.should_stop()
+        if self.acc.num_processes == 1:
+            return wanted
+        flag = torch.tensor([1.0 if wanted else 0.0], device=self.acc.device)
+        return bool(self.acc.reduce(flag, reduction="sum").item() > 0)
+
+    def _weights_digest(self) -> str:
+        digest = hashlib.sha256()
+        for _, name, p in sorted(self.net.named_trainable(), key=lambda x: (x[0], x[1])):
+            digest.update(name.encode())
+            digest.update(p.detach().float().cpu().numpy().tobytes())
+        return digest.hexdigest()[:16]
 
     def _epoch_groups(self, epoch: int) -> list[list[Any]]:
         """This rank's micro-batches for the epoch, grouped into optimizer steps."""

@@ -1,0 +1,43 @@
+"""Two CPU processes under `accelerate launch` (gloo): the ranks end with identical weights, only rank 0 writes."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def test_two_processes_agree_and_only_rank0_writes(tiny_sd15, demo_dataset, tmp_path):
+    accelerate = Path(sys.executable).with_name("accelerate")
+    if not accelerate.exists():
+        accelerate = shutil.which("accelerate")
+    assert accelerate, "accelerate's launcher is part of the accelerate package"
+    cfg = {"model": {"family": "sd15", "path": str(tiny_sd15)},
+           "datasets": [{"path": str(demo_dataset), "resolution": 64, "repeats": 1}],
+           "network": {"network_dim": 4, "network_alpha": 4},
+           "training": {"batch_size": 2, "epochs": 1, "seed": 1},
+           "save": {"output_dir": str(tmp_path / "out"), "run_name": "mp", "save_every_n_epochs": 1}}
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.run([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "trainer", "-v", "train",
+                           "cfg.json"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-3000:]
+    digests = dict(re.findall(r"rank (\d+) trained weights sha256 (\w+)", output))
+    assert set(digests) == {"0", "1"}, output[-3000:]
+    assert digests["0"] == digests["1"]
+    files = sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*") if p.is_file())
+    # 12 images / batch 2 = 6 batches, 3 per process → 3 optimizer steps; one checkpoint, written once
+    assert files == ["mp/config.json", "mp/mp-e0001-s000003.safetensors", "mp/run.json", "mp/state/state.json",
+                     "mp/state/state.pt"], files
+    manifest = json.loads((tmp_path / "out" / "mp" / "run.json").read_text())
+    assert manifest["plan"]["num_processes"] == 2 and len(manifest["losses"]) == 3
