@@ -70,7 +70,8 @@ def dataset_tag_frequency(source) -> dict[str, dict[str, int]]:
 def load_lora_file(net: "Network", path: str | Path | None, strength: float = 1.0) -> None:
     """Load a LoRA file (or, with ``path=None``, zeros = the base model) into ``net``'s adapters at ``strength``.
 
-    Strength scales the up matrices, which is exactly ComfyUI's ``strength_model`` for plain LoRA.
+    Strength multiplies each adapter's delta: exactly ComfyUI's ``strength_model`` for LoRA, LoHa and LoKr; for
+    DoRA it scales the low-rank part (peft's convention), which differs slightly from ComfyUI's blend.
     """
     from safetensors.torch import load_file
 
@@ -82,8 +83,7 @@ def load_lora_file(net: "Network", path: str | Path | None, strength: float = 1.
         if tensors is None:
             continue
         load_lora_into(net.family_name, component, module, tensors)
-        if strength != 1.0:
-            _scale_adapter(module, strength)
+        _set_strength(module, strength)
 
 
 def _enable_adapters(module: torch.nn.Module, enabled: bool) -> None:
@@ -94,11 +94,15 @@ def _enable_adapters(module: torch.nn.Module, enabled: bool) -> None:
             layer.enable_adapters(enabled)
 
 
-def _scale_adapter(module: torch.nn.Module, strength: float) -> None:
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if ".lora_B." in name:
-                p.mul_(strength)
+def _set_strength(module: torch.nn.Module, strength: float) -> None:
+    """Scale every adapter layer's delta (peft ``set_scale``: LoRA, DoRA's low-rank part, LoHa, LoKr)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from .network import ADAPTER
+
+    for layer in module.modules():
+        if isinstance(layer, BaseTunerLayer) and hasattr(layer, "set_scale"):
+            layer.set_scale(ADAPTER, strength)
 
 
 def read_run_manifest(work_dir: str | Path) -> dict:
