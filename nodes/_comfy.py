@@ -36,7 +36,8 @@ def model_folder(kind: str) -> Path:
         folders = fp.get_folder_paths("unet")
     if not folders:
         raise CrucibleError(f"ComfyUI has no '{kind}' model folder configured")
-    return Path(folders[0])
+    # ComfyUI lists the legacy models/unet before models/diffusion_models: prefer the folder named like the kind.
+    return Path(next((f for f in folders if Path(f).name == kind), folders[0]))
 
 
 def list_models(kind: str) -> list[str]:

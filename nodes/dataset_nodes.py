@@ -5,7 +5,7 @@ from trainer.config import (CROP_ASPECTS, CROP_STYLES, MISSING_CAPTION, CaptionC
                             TrainingConfig, validate)
 
 from . import _comfy
-from .widgets import BOOL, FLOAT, INT, STRING, combo, text_result
+from .widgets import BOOL, FLOAT, INT, SEED, STRING, combo, text_result
 
 DATASET = "CRUCIBLE_DATASET"
 CAPTIONS = "CRUCIBLE_CAPTIONS"
@@ -114,7 +114,7 @@ class CrucibleCaptionPreview:
             "dataset": (DATASET, {"tooltip": "The dataset to preview."}),
             "images": STRING("0-3", "Which images (0-based, e.g. 0-3 or 0,5,9) to show."),
             "epochs": INT(2, 1, 100, "Show the captions of epochs 1..N (shuffle and dropout change per epoch)."),
-            "seed": INT(42, 0, 2**31 - 1, "Training seed (training.seed): the preview matches the run with this seed."),
+            "seed": SEED(42, "Training seed (training.seed): the preview matches the run with this seed."),
         }}
 
     def preview(self, dataset, images, epochs, seed):
@@ -123,7 +123,8 @@ class CrucibleCaptionPreview:
         source = DataSource(dataset, seed=seed)
         indices = [i for i in _indices(images) if i < len(source.items)]
         rows = source.caption_preview(indices, list(range(1, epochs + 1)))
-        text = "\n".join(str(r) for r in rows)
+        text = "\n".join(f"#{r.item} epoch {r.epoch}: {r.caption if not r.dropped else '(caption dropped)'}"
+                         for r in rows)
         return text_result(text, (text,))
 
 
@@ -151,7 +152,7 @@ class CrucibleStepPlan:
             "sample_every_n_epochs": INT(0, 0, 10000, "kohya sample_every_n_epochs."),
             "sample_every_n_steps": INT(0, 0, 10**7, "kohya sample_every_n_steps."),
             "lr_warmup_ratio": FLOAT(0.0, 0.0, 1.0, 0.01, "Warmup as a fraction of total steps (SimpleTuner default 0.1)."),
-            "seed": INT(42, 0, 2**31 - 1, "training.seed"),
+            "seed": SEED(42, "training.seed: the plan (bucket order, dropped samples) for the run with this seed."),
         }}
 
     def plan(self, dataset, **f):

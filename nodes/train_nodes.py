@@ -12,10 +12,11 @@ from trainer.config import (FAMILIES, LOSS_WEIGHTING, MIXED_PRECISION, NETWORK_T
                             SAVE_PRECISION, SCHEDULERS, TARGET_PRESETS, TIMESTEP_SAMPLING, ModelConfig,
                             NetworkConfig, OptimConfig, SampleConfig, SaveConfig, TrainConfig, TrainingConfig)
 from trainer.errors import CrucibleError
+from trainer.fileio import safe_name
 
 from . import _comfy
 from .dataset_nodes import DATASET, _lines
-from .widgets import BOOL, FLOAT, INT, STRING, combo
+from .widgets import BOOL, FLOAT, INT, SEED, STRING, combo
 
 MODEL = "CRUCIBLE_MODEL"
 NETWORK = "CRUCIBLE_NETWORK"
@@ -51,11 +52,19 @@ class CrucibleModel:
             source = _comfy.model_path("checkpoints", ckpt_name)
         else:
             raise CrucibleError("Crucible Model: choose a ckpt_name or give a diffusers folder in 'path'")
-        tokenizer = _comfy.comfy_tokenizer_dir()
+        # A single file has no tokenizer inside: one saved next to it wins, else ComfyUI's own CLIP tokenizer.
+        tokenizer = _comfy.comfy_tokenizer_dir() if source.is_file() and not _has_own_tokenizer(source) else None
         cfg = ModelConfig(family=family, path=str(source), prediction_type="" if prediction_type == "auto" else prediction_type,
                           zero_terminal_snr=zero_terminal_snr, clip_skip=clip_skip,
-                          tokenizer_path=str(tokenizer) if tokenizer and source.is_file() else "")
+                          tokenizer_path=str(tokenizer) if tokenizer else "")
         return (cfg,)
+
+
+def _has_own_tokenizer(checkpoint: Path) -> bool:
+    """``<name>_tokenizer/`` or ``tokenizer/`` beside a single-file checkpoint (trainer.families.tokenizers order)."""
+    from trainer.families.tokenizers import is_tokenizer_dir
+
+    return any(is_tokenizer_dir(checkpoint.parent / sub) for sub in (f"{checkpoint.stem}_tokenizer", "tokenizer"))
 
 
 def _section_inputs(cls_, spec: dict) -> dict:
@@ -127,7 +136,7 @@ class CrucibleTrainingOptions:
     @classmethod
     def INPUT_TYPES(cls):
         return _section_inputs(TrainingConfig, {
-            "seed": INT(42, 0, 2**31 - 1, "kohya seed: same seed → same run (bit-exact on the CPU)."),
+            "seed": SEED(42, "kohya seed: same seed → same run (bit-exact on the CPU)."),
             "gradient_accumulation_steps": INT(1, 1, 1024, "kohya gradient_accumulation_steps."),
             "mixed_precision": combo(list(MIXED_PRECISION), "no", "kohya mixed_precision (fp16 needs CUDA; bf16 works on recent GPUs and CPUs)."),
             "gradient_checkpointing": BOOL(False, "kohya gradient_checkpointing: less memory, slower."),
@@ -189,7 +198,7 @@ class CrucibleTrain:
         from trainer.plots import loss_curve
 
         cfg = build_train_config(model, dataset, run_name, sample_prompts, network, optimizer, training, f)
-        state_dir = Path(cfg.save.work_dir) / cfg.save.run_name / "state"
+        state_dir = Path(cfg.save.work_dir) / safe_name(cfg.save.run_name, "run_name") / "state"  # as the loop names it
         _comfy.free_memory()
         progress = _comfy.ComfyProgress(total=1, preview_every=10)
         result = train(cfg, progress, resume_from=state_dir if resume else None, force_resume=resume_force)

@@ -8,6 +8,13 @@ def INT(default: int, lo: int, hi: int, tooltip: str, step: int = 1) -> tuple:
     return ("INT", {"default": default, "min": lo, "max": hi, "step": step, "tooltip": tooltip})
 
 
+def SEED(default: int, tooltip: str) -> tuple:
+    """A seed. ComfyUI's frontend gives every INT input named ``seed`` a control_after_generate widget (default
+    "randomize"); start it at "fixed" so a preview matches the run and a re-queue repeats it."""
+    return ("INT", {"default": default, "min": 0, "max": 2**31 - 1, "step": 1, "control_after_generate": "fixed",
+                    "tooltip": tooltip})
+
+
 def FLOAT(default: float, lo: float, hi: float, step: float, tooltip: str) -> tuple:
     return ("FLOAT", {"default": default, "min": lo, "max": hi, "step": step, "round": False, "tooltip": tooltip})
 

@@ -171,3 +171,31 @@ def test_nan_loss_stops_with_clear_error_and_keeps_checkpoints(tiny_sd15, demo_d
         train(cfg)
     kept = sorted((tmp_path / "loras" / "t").glob("*.safetensors"))
     assert len(kept) == 1 and load_file(str(kept[0]))  # epoch-1 checkpoint intact and readable
+
+
+def test_full_finetune_exports_a_diffusers_unet_that_reloads(tiny_sd15, demo_dataset, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    cfg = make_config(tiny_sd15, demo_dataset, tmp_path, network={"network_type": "full"},
+                      optim={"learning_rate": 1e-4}, training={"epochs": 2}, save={"save_every_n_epochs": 1})
+    result = train(cfg)
+    assert [c.kind for c in result.checkpoints] == ["full", "full"]
+    state = load_file(str(result.checkpoints[-1].path))
+    assert "conv_in.weight" in state and not any(".lora" in k for k in state)  # diffusers UNet naming
+    fresh = UNet2DConditionModel.from_pretrained(str(tiny_sd15), subfolder="unet")
+    base_conv = fresh.conv_in.weight.detach().clone()
+    missing, unexpected = fresh.load_state_dict(state, strict=True), None
+    assert not torch.equal(base_conv, fresh.conv_in.weight)  # training changed the weights
+    assert unexpected is None and not missing.missing_keys
+
+
+def test_headless_sweep_renders_a_labelled_grid(trained, tmp_path):
+    from trainer.render import read_layout
+    from trainer.sweep import sweep_run
+
+    _, result = trained
+    out = sweep_run(result.work_dir, prompts=["crucible, red circle"], seeds=[1], strengths=[0.5, 1.0], steps=2,
+                    out=tmp_path / "grid.png")
+    layout = read_layout(out)
+    assert layout["cols"] == 3 and layout["rows"] == 2  # base + 2 checkpoints; 2 strengths
+    assert layout["col_labels"][0] == "base" and layout["col_labels"][1].startswith("step 12")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import importlib
 
 from ..errors import ConfigError
-from .base import Components, Conditioning, LoraNaming, ModelFamily
+from .base import Components, Conditioning, ModelFamily
 
 _MODULES = {"sd15": "sd15", "sdxl": "sdxl", "sd3": "sd3", "flux": "flux"}
 _cache: dict[str, ModelFamily] = {}
@@ -20,4 +20,4 @@ def get_family(name: str) -> ModelFamily:
     return _cache[name]
 
 
-__all__ = ["Components", "Conditioning", "LoraNaming", "ModelFamily", "get_family"]
+__all__ = ["Components", "Conditioning", "ModelFamily", "get_family"]

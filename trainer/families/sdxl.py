@@ -1,0 +1,106 @@
+"""Stable Diffusion XL: UNet with size/crop conditioning, CLIP-L + CLIP-G (with projection), 8× VAE (×0.13025).
+
+Conditioning as in diffusers' SDXL pipeline and kohya's SDXL trainer:
+
+* ``encoder_hidden_states`` = CLIP-L and CLIP-G penultimate hidden states (no final layer norm) concatenated on the
+  feature axis; ``clip_skip`` 1 means that standard penultimate layer and each step more goes one layer further back.
+* ``text_embeds`` = CLIP-G's projected pooled output of the first 75-token window.
+* ``time_ids`` = (original h, w, crop top, crop left, target h, w) per image, see :func:`sdxl_time_ids`. The data
+  pipeline knows the sizes, ``encode_text`` does not: :meth:`StableDiffusionXLFamily.predict` falls back to the
+  latent size (uncropped, original = target) when the conditioning carries no ``time_ids``.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Sequence
+
+from .base import Components, Conditioning
+from .sd15 import WINDOW, StableDiffusionFamily, check_clip_skip, chunked_token_ids, encode_windows, unwrap
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+Size = tuple[int, int]  # (height, width) in pixels
+
+
+def sdxl_time_ids(original_sizes: Sequence[Size], crops_top_left: Sequence[Size] | None = None,
+                  target_sizes: Sequence[Size] | None = None) -> "torch.Tensor":
+    """SDXL's added time ids ``[B, 6]``: original (h, w), crop top-left (top, left), target (h, w) per image.
+
+    Crops default to (0, 0) and targets to the original sizes.
+    """
+    import torch
+
+    crops = crops_top_left if crops_top_left is not None else [(0, 0)] * len(original_sizes)
+    targets = target_sizes if target_sizes is not None else original_sizes
+    if not len(original_sizes) == len(crops) == len(targets):
+        raise ValueError("original_sizes, crops_top_left and target_sizes need one entry per image")
+    rows = [[*map(int, o), *map(int, c), *map(int, t)] for o, c, t in zip(original_sizes, crops, targets)]
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+class StableDiffusionXLFamily(StableDiffusionFamily):
+    """SDXL base (epsilon; v-prediction / zero-terminal-SNR fine-tunes via the config or ComfyUI's markers)."""
+
+    name = "sdxl"
+    encoders = (("text_encoder", "clip_l"), ("text_encoder_2", "clip_g"))
+
+    def encode_text(self, comps: Components, captions: Sequence[str], clip_skip: int = 1,
+                    max_token_length: int = WINDOW) -> Conditioning:
+        """``encoder_hidden_states`` ``[B, 77·windows, 768+1280]`` and ``text_embeds`` ``[B, 1280]``."""
+        import torch
+
+        layer = -(clip_skip + 1)
+        hidden = []
+        pooled = None
+        for encoder, tokenizer in zip(comps.text_encoders, comps.tokenizers):
+            check_clip_skip(encoder, clip_skip, extra=1)
+            ids = chunked_token_ids(tokenizer, captions, max_token_length)
+            states, out = encode_windows(encoder, ids, layer, final_norm=False)
+            hidden.append(states)
+            if hasattr(out, "text_embeds"):
+                pooled = out.text_embeds.reshape(ids.shape[0], ids.shape[1], -1)[:, 0]
+        return {"encoder_hidden_states": torch.cat(hidden, dim=-1), "text_embeds": pooled}
+
+    def _added_cond(self, comps: Components, latents: "torch.Tensor", cond: Conditioning) -> dict:
+        """``text_embeds`` and ``time_ids`` (from the latent size when the batch did not bring its own)."""
+        dtype = unwrap(comps.denoiser).dtype
+        batch = latents.shape[0]
+        time_ids = cond.get("time_ids")
+        if time_ids is None:
+            scale = self.vae_scale_factor_of(comps)
+            time_ids = sdxl_time_ids([(latents.shape[-2] * scale, latents.shape[-1] * scale)] * batch)
+        elif time_ids.shape[0] == 1 and batch > 1:
+            time_ids = time_ids.expand(batch, -1)
+        elif time_ids.shape[0] != batch:
+            raise ValueError(f"time_ids has {time_ids.shape[0]} rows for a batch of {batch} latents")
+        return {"text_embeds": cond["text_embeds"].to(latents.device, dtype),
+                "time_ids": time_ids.to(latents.device, dtype)}
+
+    @staticmethod
+    def vae_scale_factor_of(comps: Components) -> int:
+        """Pixels per latent of the loaded VAE (8 for real models and Crucible's tiny ones)."""
+        return 2 ** (len(unwrap(comps.vae).config.block_out_channels) - 1)
+
+    def pipeline(self, comps: Components):
+        from diffusers import StableDiffusionXLPipeline
+
+        from .sd15 import sampling_scheduler
+
+        return StableDiffusionXLPipeline(vae=comps.vae, text_encoder=comps.text_encoders[0],
+                                         text_encoder_2=comps.text_encoders[1], tokenizer=comps.tokenizers[0],
+                                         tokenizer_2=comps.tokenizers[1], unet=comps.denoiser,
+                                         scheduler=sampling_scheduler(comps.noise_scheduler))
+
+    def prompt_embeds(self, comps: Components, prompt: str, negative_prompt: str, clip_skip: int,
+                      max_token_length: int) -> dict[str, "torch.Tensor"]:
+        """Prompt embeddings; an empty negative prompt is left to the pipeline, which uses zeros as SDXL does."""
+        pos = self.encode_text(comps, [prompt], clip_skip, max_token_length)
+        kwargs = {"prompt_embeds": pos["encoder_hidden_states"], "pooled_prompt_embeds": pos["text_embeds"]}
+        if negative_prompt:
+            neg = self.encode_text(comps, [negative_prompt], clip_skip, max_token_length)
+            kwargs.update(negative_prompt_embeds=neg["encoder_hidden_states"],
+                          negative_pooled_prompt_embeds=neg["text_embeds"])
+        return kwargs
+
+
+FAMILY = StableDiffusionXLFamily()
