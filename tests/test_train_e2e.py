@@ -199,3 +199,15 @@ def test_headless_sweep_renders_a_labelled_grid(trained, tmp_path):
     layout = read_layout(out)
     assert layout["cols"] == 3 and layout["rows"] == 2  # base + 2 checkpoints; 2 strengths
     assert layout["col_labels"][0] == "base" and layout["col_labels"][1].startswith("step 12")
+
+
+def test_cached_latents_and_text_train_and_resume_exactly(tiny_sd15, demo_dataset, tmp_path):
+    sections = dict(training={"epochs": 2, "seed": 4, "cache_latents": True, "cache_latents_to_disk": True,
+                              "cache_text_embeddings": True, "caption_variants": 3},
+                    save={"save_every_n_epochs": 0})
+    full = train(make_config(tiny_sd15, demo_dataset, tmp_path / "a", **sections))
+    assert len(list((tmp_path / "a" / "runs" / "t" / "cache" / "latents").glob("*.safetensors"))) == 12
+    cfg_b = make_config(tiny_sd15, demo_dataset, tmp_path / "b", **sections)
+    stopped = train(cfg_b, StopAt(2))
+    resumed = train(cfg_b, resume_from=stopped.state_dir)
+    assert resumed.losses == full.losses

@@ -143,8 +143,9 @@ class TrainingConfig:
     guidance_scale: float = 1.0  # Flux guidance embedding value during training
     ema: bool = False
     ema_decay: float = 0.999
-    cache_latents: bool = False
-    cache_text_embeddings: bool = False
+    cache_latents: bool = False  # kohya cache_latents (not with flip/colour/random-crop augmentation)
+    cache_latents_to_disk: bool = False  # kohya cache_latents_to_disk: safetensors under <work_dir>/<run>/cache
+    cache_text_embeddings: bool = False  # kohya cache_text_encoder_outputs, but shuffle/dropout keep working
     caption_variants: int = 4  # text-cache variants per image, so shuffle/dropout keep working
 
 

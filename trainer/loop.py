@@ -127,6 +127,8 @@ class Trainer:
             from diffusers.training_utils import EMAModel
 
             self.ema = EMAModel(self.net.parameters(), decay=cfg.training.ema_decay)
+        self.max_token_length = max(d.captions.max_token_length for d in cfg.datasets)
+        self._setup_caches()
         names = list(self.net.modules)
         prepared = self.acc.prepare(*self.net.modules.values(), self.optimizer)
         self.optimizer = prepared[-1]
@@ -136,6 +138,26 @@ class Trainer:
             comps, denoiser=wrapped.get(comps.denoiser_name, comps.denoiser),
             text_encoders=[wrapped.get(n, m) for n, m in zip(comps.text_encoder_names, comps.text_encoders)])
         self.trains_text = any(n in wrapped for n in comps.text_encoder_names)
+
+    def _setup_caches(self) -> None:
+        from .cache import LatentCache, TextCache, model_identity
+
+        tr, comps = self.cfg.training, self.comps
+        self.latent_cache = self.text_cache = None
+        if tr.cache_latents:
+            folder = self.work_dir / "cache" / "latents" if tr.cache_latents_to_disk else None
+            ident = model_identity(self.cfg.model.path, self.cfg.model.vae_path)
+            self.latent_cache = LatentCache(self.source, ident, folder)
+        trains_text = self.cfg.network.train_text_encoder
+        if tr.cache_text_embeddings and trains_text:
+            log.warning("cache_text_embeddings is ignored while a text encoder trains (its outputs change every step)")
+        elif tr.cache_text_embeddings:
+            def encode(texts: list[str]):
+                with torch.no_grad(), self.acc.autocast():
+                    return self.family.encode_text(comps, texts, clip_skip=self.cfg.model.clip_skip,
+                                                   max_token_length=self.max_token_length)
+
+            self.text_cache = TextCache(self.source, tr.caption_variants, encode)
 
     def _enable_gradient_checkpointing(self) -> None:
         for module in self.net.modules.values():
@@ -268,15 +290,16 @@ class Trainer:
 
     def _loss(self, batch_plan: Any, epoch: int, step: int, micro: int) -> torch.Tensor:
         tr, fam, comps = self.cfg.training, self.family, self.train_comps
-        batch = self.source.load_batch(batch_plan, epoch)
         gen = step_generator(tr.seed, step, micro, self.acc.process_index)
-        with torch.no_grad():
-            pixels = batch.pixels.to(self.acc.device, dtype=next(comps.vae.parameters()).dtype)
-            latents = fam.encode_images(comps, pixels).float()
-        text_ctx = contextlib.nullcontext() if self.trains_text else torch.no_grad()
-        clip_skip = self.cfg.model.clip_skip
-        with text_ctx, self.acc.autocast():
-            cond = fam.encode_text(comps, batch.captions, clip_skip=clip_skip)
+        latents = self._latents(batch_plan, epoch)
+        if self.text_cache is not None:
+            cond = {k: v.to(self.acc.device) for k, v in self.text_cache.conditioning(batch_plan, epoch).items()}
+        else:
+            captions = [self.source.caption(s[0], epoch, s[1]).text for s in batch_plan]
+            text_ctx = contextlib.nullcontext() if self.trains_text else torch.no_grad()
+            with text_ctx, self.acc.autocast():
+                cond = fam.encode_text(comps, captions, clip_skip=self.cfg.model.clip_skip,
+                                       max_token_length=self.max_token_length)
         noise = torch.randn(latents.shape, generator=gen).to(latents)
         noise = offset_noise(noise, tr.noise_offset, gen)
         noise = pyramid_noise(noise, tr.multires_noise_iterations, tr.multires_noise_discount, gen)
@@ -288,6 +311,18 @@ class Trainer:
         if noised.weights is not None:
             per_sample = per_sample * noised.weights.to(per_sample)
         return per_sample.mean()
+
+    def _latents(self, batch_plan, epoch: int) -> torch.Tensor:
+        comps = self.train_comps
+        vae_dtype = next(comps.vae.parameters()).dtype
+
+        def encode(pixels: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                return self.family.encode_images(comps, pixels.to(self.acc.device, dtype=vae_dtype)).float()
+
+        if self.latent_cache is not None:
+            return self.latent_cache.latents(batch_plan, epoch, encode).to(self.acc.device)
+        return encode(self.source.load_batch(batch_plan, epoch).pixels)
 
     # --- outputs -------------------------------------------------------------------------------------------------
     def _save(self, step: int, epoch: int, final: bool) -> None:

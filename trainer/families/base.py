@@ -73,8 +73,10 @@ class ModelFamily(ABC):
 
     # --- training ------------------------------------------------------------------------------------------------
     @abstractmethod
-    def encode_text(self, comps: Components, captions: Sequence[str], clip_skip: int = 1) -> Conditioning:
-        """Tokenize and encode a batch of captions."""
+    def encode_text(self, comps: Components, captions: Sequence[str], clip_skip: int = 1,
+                    max_token_length: int = 75) -> Conditioning:
+        """Tokenize and encode a batch of captions (every tensor batch-first). ``max_token_length`` 150/225 splits
+        long captions into 75-token CLIP windows."""
 
     @abstractmethod
     def encode_images(self, comps: Components, pixels: "torch.Tensor") -> "torch.Tensor":

@@ -1,0 +1,154 @@
+"""Latent and text-embedding caches: speed without losing augmentation.
+
+* :class:`LatentCache` keeps each image's VAE latents (in memory, optionally also on disk as safetensors). The key
+  is the image file's content hash + its bucket size + crop style + the model's identity, so a changed file, crop
+  or VAE never reuses a stale latent. Random pixel augmentation (flip, colour jitter, random crop) changes the
+  latents per epoch, so it cannot be combined with latent caching — the run is refused with a message saying so.
+* :class:`TextCache` keeps shuffle and dropout alive, unlike kohya (which turns shuffle off when caching): each
+  image gets ``K`` pre-shuffled caption variants plus the empty caption; every step draws one variant per sample
+  (seeded by seed/epoch/item/repeat, so resume stays exact) and caption dropout picks the empty one. When a text
+  encoder is being trained the cache is not used (embeddings change every step).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from .captions import caption_dropped, process_caption, sample_rng
+from .errors import ConfigError
+from .fileio import save_safetensors
+
+log = logging.getLogger("crucible")
+
+
+def file_digest(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def model_identity(*paths: str) -> str:
+    """A short id for the weights in use: paths plus their sizes and modification times."""
+    parts = []
+    for p in paths:
+        if not p:
+            continue
+        path = Path(p)
+        files = sorted(path.rglob("*.safetensors")) if path.is_dir() else [path]
+        parts += [f"{f}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files if f.exists()]
+    return hashlib.blake2b("|".join(parts).encode(), digest_size=8).hexdigest()
+
+
+class LatentCache:
+    """Per-image latents keyed by content, bucket, crop and model."""
+
+    def __init__(self, source, model_id: str, folder: Path | None = None):
+        if source.has_random_augmentation:
+            raise ConfigError("training.cache_latents cannot be combined with flip_aug, color_aug or "
+                              "crop_style 'random' (the pixels change every epoch); turn caching or the "
+                              "augmentation off")
+        self.source = source
+        self.model_id = model_id
+        self.folder = Path(folder) if folder else None
+        self.memory: dict[int, torch.Tensor] = {}
+        self.hits = self.misses = 0
+
+    def key(self, item: int) -> str:
+        image = self.source.items[item]
+        ds = self.source.datasets[image.dataset_index]
+        w, h = self.source.buckets[item]
+        raw = f"{file_digest(Path(image.path))}|{w}x{h}|{ds.crop_style}|{ds.crop_aspect}|{ds.background_color}|{self.model_id}"
+        return hashlib.blake2b(raw.encode(), digest_size=16).hexdigest()
+
+    def latents(self, samples: Sequence, epoch: int, encode: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Latents for a batch plan; misses are decoded and encoded one image at a time (then kept)."""
+        out = []
+        for sample in samples:
+            item = sample[0]
+            if item not in self.memory:
+                self.memory[item] = self._load_or_encode(item, epoch, encode)
+                self.misses += 1
+            else:
+                self.hits += 1
+            out.append(self.memory[item])
+        return torch.stack(out)
+
+    def _load_or_encode(self, item: int, epoch: int, encode) -> torch.Tensor:
+        path = self.folder / f"{self.key(item)}.safetensors" if self.folder else None
+        if path is not None and path.is_file():
+            from safetensors.torch import load_file
+
+            try:
+                return load_file(str(path))["latents"]
+            except Exception as exc:  # noqa: BLE001 - a damaged cache file is re-created, never trusted
+                log.warning("latent cache file %s is unreadable (%s); re-encoding", path, exc)
+        batch = self.source.load_batch([(item, 0)], epoch)
+        latents = encode(batch.pixels)[0].detach().float().cpu()
+        if path is not None:
+            save_safetensors(path, {"latents": latents}, {"crucible_latent_key": self.key(item)})
+        return latents
+
+
+class TextCache:
+    """``K`` caption variants per image plus the empty caption, encoded once."""
+
+    def __init__(self, source, variants: int, encode: Callable[[list[str]], dict[str, torch.Tensor]]):
+        self.source = source
+        self.variants = variants
+        self.encode = encode
+        self.entries: dict[int, list[dict[str, torch.Tensor]]] = {}
+        self.empty: dict[str, torch.Tensor] | None = None
+
+    def variant_texts(self, item: int) -> list[str]:
+        """The item's caption variants: the normal caption pipeline (shuffle, tag dropout, …) for epochs 1..K,
+        with whole-caption dropout left to :meth:`caption_for`."""
+        image = self.source.items[item]
+        cfg = replace(self.source.datasets[image.dataset_index].captions, caption_dropout_rate=0.0,
+                      caption_dropout_every_n_epochs=0)
+        return [process_caption(image.caption_raw, cfg, seed=self.source.seed, epoch=v + 1, item=item).text
+                for v in range(self.variants)]
+
+    def choice(self, item: int, epoch: int, repeat: int) -> int | None:
+        """Which variant a sample uses (``None`` = the dropped, empty caption)."""
+        image = self.source.items[item]
+        cfg = self.source.datasets[image.dataset_index].captions
+        if caption_dropped(cfg, seed=self.source.seed, epoch=epoch, item=item, repeat=repeat):
+            return None
+        return sample_rng(self.source.seed, epoch, item, repeat, "text_variant").randrange(self.variants)
+
+    def caption_for(self, item: int, epoch: int, repeat: int) -> str:
+        v = self.choice(item, epoch, repeat)
+        return "" if v is None else self.variant_texts(item)[v]
+
+    def conditioning(self, samples: Sequence, epoch: int) -> dict[str, torch.Tensor]:
+        parts = []
+        for sample in samples:
+            item, repeat = sample[0], sample[1]
+            v = self.choice(item, epoch, repeat)
+            self._fill(item)
+            parts.append(self.empty if v is None else self.entries[item][v])
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+    def _fill(self, item: int) -> None:
+        if item in self.entries:
+            return
+        texts = self.variant_texts(item) + [""]
+        cond = self.encode(texts)
+        n = len(texts)
+        rows = [{k: _row(v, i, n) for k, v in cond.items()} for i in range(n)]
+        self.entries[item] = rows[:-1]
+        if self.empty is None:
+            self.empty = rows[-1]
+
+
+def _row(value: torch.Tensor, i: int, n: int) -> torch.Tensor:
+    if not value.ndim or value.shape[0] != n:
+        raise ValueError(f"text conditioning tensors must be batch-first (got shape {tuple(value.shape)} for {n} captions)")
+    return value.detach()[i:i + 1].cpu()
