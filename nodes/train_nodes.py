@@ -150,6 +150,10 @@ class CrucibleTrainingOptions:
             "loss_weighting": combo(list(LOSS_WEIGHTING), "none", "Flow models: loss weighting scheme (diffusers weighting_scheme)."),
             "ema": BOOL(False, "Keep an EMA of the trained weights and save it."),
             "ema_decay": FLOAT(0.999, 0.0, 1.0, 0.0001, "EMA decay."),
+            "cache_latents": BOOL(False, "kohya cache_latents: encode each image once (not with flip/colour/random-crop augmentation)."),
+            "cache_latents_to_disk": BOOL(False, "kohya cache_latents_to_disk: keep the latents as safetensors in the run folder, reused by later runs."),
+            "cache_text_embeddings": BOOL(False, "kohya cache_text_encoder_outputs, but shuffle and caption dropout keep working: K caption variants per image are encoded once."),
+            "caption_variants": INT(4, 1, 64, "Text cache: shuffled caption variants per image (K)."),
         })
 
     def build(self, **f):
