@@ -211,3 +211,30 @@ def test_cached_latents_and_text_train_and_resume_exactly(tiny_sd15, demo_datase
     stopped = train(cfg_b, StopAt(2))
     resumed = train(cfg_b, resume_from=stopped.state_dir)
     assert resumed.losses == full.losses
+
+
+def test_weighted_captions_reach_the_text_encoder(tiny_sd15, tmp_path, monkeypatch):
+    from PIL import Image
+
+    from trainer.families.sd15 import StableDiffusionFamily
+
+    data = tmp_path / "data" / "1_thing"
+    data.mkdir(parents=True)
+    for i in range(2):
+        Image.new("RGB", (64, 64), (40 * i, 90, 200)).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text("a cat, (red hat:1.4), blue sky")
+    seen = []
+    real = StableDiffusionFamily.encode_text
+
+    def spy(self, comps, captions, **kw):
+        seen.append(kw.get("weights"))
+        return real(self, comps, captions, **kw)
+
+    monkeypatch.setattr(StableDiffusionFamily, "encode_text", spy)
+    cfg = make_config(tiny_sd15, tmp_path / "data", tmp_path / "out", training={"epochs": 1, "batch_size": 2},
+                      save={"save_every_n_epochs": 0})
+    cfg = cfg.replace(datasets=(cfg.dataset.__class__(path=str(tmp_path / "data"), resolution=64,
+                                                     captions=cfg.dataset.captions.__class__(weighted_captions=True)),))
+    train(cfg)
+    assert seen and seen[0] is not None
+    assert any(w == 1.4 for pieces in seen[0] for _, w in pieces)

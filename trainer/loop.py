@@ -295,11 +295,14 @@ class Trainer:
         if self.text_cache is not None:
             cond = {k: v.to(self.acc.device) for k, v in self.text_cache.conditioning(batch_plan, epoch).items()}
         else:
-            captions = [self.source.caption(s[0], epoch, s[1]).text for s in batch_plan]
+            captions = [self.source.caption(s[0], epoch, s[1]) for s in batch_plan]
+            extra = {}
+            if any(c.weights is not None for c in captions):  # weighted captions: per-token weights
+                extra["weights"] = [c.weights if c.weights is not None else ((c.text, 1.0),) for c in captions]
             text_ctx = contextlib.nullcontext() if self.trains_text else torch.no_grad()
             with text_ctx, self.acc.autocast():
-                cond = fam.encode_text(comps, captions, clip_skip=self.cfg.model.clip_skip,
-                                       max_token_length=self.max_token_length)
+                cond = fam.encode_text(comps, [c.text for c in captions], clip_skip=self.cfg.model.clip_skip,
+                                       max_token_length=self.max_token_length, **extra)
         noise = torch.randn(latents.shape, generator=gen).to(latents)
         noise = offset_noise(noise, tr.noise_offset, gen)
         noise = pyramid_noise(noise, tr.multires_noise_iterations, tr.multires_noise_discount, gen)

@@ -74,9 +74,10 @@ class ModelFamily(ABC):
     # --- training ------------------------------------------------------------------------------------------------
     @abstractmethod
     def encode_text(self, comps: Components, captions: Sequence[str], clip_skip: int = 1,
-                    max_token_length: int = 75) -> Conditioning:
+                    max_token_length: int = 75, weights=None) -> Conditioning:
         """Tokenize and encode a batch of captions (every tensor batch-first). ``max_token_length`` 150/225 splits
-        long captions into 75-token CLIP windows."""
+        long captions into 75-token CLIP windows. ``weights``: per caption, its ``(text, weight)`` pieces (kohya
+        weighted captions) — scale those tokens' embeddings; ``None`` = unweighted."""
 
     @abstractmethod
     def encode_images(self, comps: Components, pixels: "torch.Tensor") -> "torch.Tensor":

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 from ..errors import ConfigError, ModelLoadError
 from . import single_file as sf
 from .base import Components, Conditioning, ModelFamily
+from .token_weights import apply_token_weights, token_weights
 from .tokenizers import find_clip_tokenizer
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -218,12 +219,16 @@ class StableDiffusionFamily(ModelFamily):
 
     # --- training -----------------------------------------------------------------------------------------------
     def encode_text(self, comps: Components, captions: Sequence[str], clip_skip: int = 1,
-                    max_token_length: int = WINDOW) -> Conditioning:
-        """``{"encoder_hidden_states": [B, 77·windows, 768]}`` from CLIP-L layer ``-clip_skip`` (final-normed)."""
+                    max_token_length: int = WINDOW, weights=None) -> Conditioning:
+        """``{"encoder_hidden_states": [B, 77·windows, 768]}`` from CLIP-L layer ``-clip_skip`` (final-normed).
+
+        ``weights`` (optional): each caption's ``(text, weight)`` pieces — kohya's weighted captions."""
         encoder = comps.text_encoders[0]
         check_clip_skip(encoder, clip_skip)
         ids = chunked_token_ids(comps.tokenizers[0], captions, max_token_length)
         hidden, _ = encode_windows(encoder, ids, -clip_skip, final_norm=True)
+        if weights is not None:
+            hidden = apply_token_weights(hidden, token_weights(comps.tokenizers[0], weights, max_token_length))
         return {"encoder_hidden_states": hidden}
 
     def encode_images(self, comps: Components, pixels: "torch.Tensor",

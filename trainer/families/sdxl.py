@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Sequence
 
 from .base import Components, Conditioning
+from .token_weights import apply_token_weights, token_weights
 from .sd15 import WINDOW, StableDiffusionFamily, check_clip_skip, chunked_token_ids, encode_windows, unwrap
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -45,7 +46,7 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
     encoders = (("text_encoder", "clip_l"), ("text_encoder_2", "clip_g"))
 
     def encode_text(self, comps: Components, captions: Sequence[str], clip_skip: int = 1,
-                    max_token_length: int = WINDOW) -> Conditioning:
+                    max_token_length: int = WINDOW, weights=None) -> Conditioning:
         """``encoder_hidden_states`` ``[B, 77·windows, 768+1280]`` and ``text_embeds`` ``[B, 1280]``."""
         import torch
 
@@ -56,6 +57,8 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
             check_clip_skip(encoder, clip_skip, extra=1)
             ids = chunked_token_ids(tokenizer, captions, max_token_length)
             states, out = encode_windows(encoder, ids, layer, final_norm=False)
+            if weights is not None:
+                states = apply_token_weights(states, token_weights(tokenizer, weights, max_token_length))
             hidden.append(states)
             if hasattr(out, "text_embeds"):
                 pooled = out.text_embeds.reshape(ids.shape[0], ids.shape[1], -1)[:, 0]
