@@ -99,21 +99,24 @@ class LatentCache:
 class TextCache:
     """``K`` caption variants per image plus the empty caption, encoded once."""
 
-    def __init__(self, source, variants: int, encode: Callable[[list[str]], dict[str, torch.Tensor]]):
+    def __init__(self, source, variants: int, encode: Callable[..., dict[str, torch.Tensor]]):
         self.source = source
         self.variants = variants
         self.encode = encode
         self.entries: dict[int, list[dict[str, torch.Tensor]]] = {}
         self.empty: dict[str, torch.Tensor] | None = None
 
-    def variant_texts(self, item: int) -> list[str]:
+    def variants_of(self, item: int):
         """The item's caption variants: the normal caption pipeline (shuffle, tag dropout, …) for epochs 1..K,
-        with whole-caption dropout left to :meth:`caption_for`."""
+        with whole-caption dropout left to :meth:`choice`."""
         image = self.source.items[item]
         cfg = replace(self.source.datasets[image.dataset_index].captions, caption_dropout_rate=0.0,
                       caption_dropout_every_n_epochs=0)
-        return [process_caption(image.caption_raw, cfg, seed=self.source.seed, epoch=v + 1, item=item).text
+        return [process_caption(image.caption_raw, cfg, seed=self.source.seed, epoch=v + 1, item=item)
                 for v in range(self.variants)]
+
+    def variant_texts(self, item: int) -> list[str]:
+        return [c.text for c in self.variants_of(item)]
 
     def choice(self, item: int, epoch: int, repeat: int) -> int | None:
         """Which variant a sample uses (``None`` = the dropped, empty caption)."""
@@ -139,8 +142,12 @@ class TextCache:
     def _fill(self, item: int) -> None:
         if item in self.entries:
             return
-        texts = self.variant_texts(item) + [""]
-        cond = self.encode(texts)
+        captions = self.variants_of(item)
+        texts = [c.text for c in captions] + [""]
+        if any(c.weights is not None for c in captions):  # weighted captions: the encoder scales those tokens
+            cond = self.encode(texts, [c.weights or ((c.text, 1.0),) for c in captions] + [(("", 1.0),)])
+        else:
+            cond = self.encode(texts)
         n = len(texts)
         rows = [{k: _row(v, i, n) for k, v in cond.items()} for i in range(n)]
         self.entries[item] = rows[:-1]

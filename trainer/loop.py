@@ -152,10 +152,11 @@ class Trainer:
         if tr.cache_text_embeddings and trains_text:
             log.warning("cache_text_embeddings is ignored while a text encoder trains (its outputs change every step)")
         elif tr.cache_text_embeddings:
-            def encode(texts: list[str]):
+            def encode(texts: list[str], weights=None):
+                extra = {"weights": weights} if weights is not None else {}
                 with torch.no_grad(), self.acc.autocast():
                     return self.family.encode_text(comps, texts, clip_skip=self.cfg.model.clip_skip,
-                                                   max_token_length=self.max_token_length)
+                                                   max_token_length=self.max_token_length, **extra)
 
             self.text_cache = TextCache(self.source, tr.caption_variants, encode)
 
