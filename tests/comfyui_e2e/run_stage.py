@@ -588,6 +588,10 @@ async def main_async(args: argparse.Namespace) -> int:
             listed.add(name)
     if probe_log == "" and not expected:
         print("(the pack maps no node classes yet)")
+    if (pack_dir / "nodes" / "web" / "crucible.js").is_file():  # the pack's WEB_DIRECTORY is served to browsers
+        status, body = server.raw(f"/extensions/{pack_dir.name}/crucible.js")
+        results.check("web extension served", [] if status == 200 and b"registerExtension" in body else
+                      [f"GET /extensions/{pack_dir.name}/crucible.js answered HTTP {status}"])
     print(f"--- import + listing: {time.monotonic() - t0:.1f}s", flush=True)
 
     # 3. resources
