@@ -21,14 +21,6 @@ from trainer.lora_keys import is_scale_shift_swapped, swap_halves  # noqa: E402
 TOLERANCE = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny ops run far faster on one thread, above all on a busy 2-core CI runner."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # --- ComfyUI 0.8.0, restated ---------------------------------------------------------------------------------------
 
@@ -232,7 +224,7 @@ def test_swap_rule_matches_comfyui_keymaps():
         last = {"sd3": 23, "flux": 18}[family]
         for name in swapped:
             assert is_scale_shift_swapped(family, name, (2 * dim[family], dim[family])), name
-        for name in (f"transformer_blocks.0.norm1_context.linear", f"transformer_blocks.{last}.norm1.linear"):
+        for name in ("transformer_blocks.0.norm1_context.linear", f"transformer_blocks.{last}.norm1.linear"):
             assert not is_scale_shift_swapped(family, name, (6 * dim[family], dim[family]))
         assert swapped == ({"norm_out.linear", "transformer_blocks.23.norm1_context.linear"} if family == "sd3"
                            else {"norm_out.linear"})

@@ -44,14 +44,6 @@ UP_SUFFIXES = (".lora_up.weight", ".lora_B.weight")
 COMPONENTS = [(family, component) for family, comps in TARGET_PRESETS.items() for component in comps]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny ops run far faster on one thread, above all on a busy 2-core CI runner."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # --- full-size models on the meta device -----------------------------------------------------------------------------
 

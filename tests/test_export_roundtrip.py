@@ -20,14 +20,6 @@ from trainer.fileio import save_safetensors  # noqa: E402
 from trainer.lora_targets import lora_target_modules  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny ops run far faster on one thread, above all on a busy 2-core CI runner."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def tiny_unet() -> "diffusers.UNet2DConditionModel":
     torch.manual_seed(0)

@@ -203,7 +203,7 @@ class Trainer:
         return saved.step
 
     def _loop(self, start_step: int) -> bool:
-        plan, tr = self.plan, self.cfg.training
+        plan = self.plan
         step = start_step
         t0, done_here = time.monotonic(), 0
         for epoch in range(1, plan.epochs + 1):
