@@ -194,14 +194,16 @@ class CrucibleTrain:
             "optimizer": (OPTIM, {"tooltip": "Crucible Optimizer Options (default: AdamW 1e-4, cosine)."}),
             "training": (TRAINING, {"tooltip": "Crucible Training Options (seed, precision, noise, min-SNR …)."}),
             "resume_force": ("BOOLEAN", {"default": False, "tooltip": "Resume even if the dataset or config changed since the state was saved."}),
+            "also_save_checkpoint": ("BOOLEAN", {"default": False, "tooltip": "Full fine-tune only: also save the whole model (UNet, VAE, text encoders) as a single-file checkpoint in models/checkpoints/<run_name>/ for Load Checkpoint."}),
         }}
 
     def train(self, model, dataset, run_name, sample_prompts, resume, network=None, optimizer=None, training=None,
-              resume_force=False, **f):
+              resume_force=False, also_save_checkpoint=False, **f):
         from trainer.loop import train
         from trainer.plots import loss_curve
 
-        cfg = build_train_config(model, dataset, run_name, sample_prompts, network, optimizer, training, f)
+        cfg = build_train_config(model, dataset, run_name, sample_prompts, network, optimizer, training, f,
+                                 also_save_checkpoint)
         state_dir = Path(cfg.save.work_dir) / safe_name(cfg.save.run_name, "run_name") / "state"  # as the loop names it
         _comfy.free_memory()
         progress = _comfy.ComfyProgress(total=1, preview_every=10)
@@ -219,9 +221,12 @@ class CrucibleTrain:
         return {"ui": {"text": [summary]}, "result": (run, curve, names, [c.step for c in result.checkpoints])}
 
 
-def build_train_config(model, dataset, run_name, sample_prompts, network, optimizer, training, f) -> TrainConfig:
-    kind = "diffusion_models" if network is not None and network.network_type == "full" else "loras"
-    save = SaveConfig(output_dir=str(_comfy.model_folder(kind)), run_name=run_name,
+def build_train_config(model, dataset, run_name, sample_prompts, network, optimizer, training, f,
+                       also_save_checkpoint: bool = False) -> TrainConfig:
+    full = network is not None and network.network_type == "full"
+    kind = "diffusion_models" if full else "loras"
+    single = str(_comfy.model_folder("checkpoints")) if full and also_save_checkpoint else ""
+    save = SaveConfig(output_dir=str(_comfy.model_folder(kind)), run_name=run_name, single_file_dir=single,
                       work_dir=str(_comfy.output_dir() / "crucible"),
                       save_every_n_epochs=f["save_every_n_epochs"], save_every_n_steps=f["save_every_n_steps"],
                       checkpoint_limit=f["checkpoint_limit"], save_precision=f["save_precision"])

@@ -50,7 +50,22 @@ def write_checkpoint(trainer: "Trainer", step: int, epoch: int, *, final: bool =
         tensors = export_peft_modules(trainer.family.name, net.modules, dtype=dtype)
         kind = "lora"
     save_safetensors(path, tensors, meta)
+    if net.is_full and cfg.save.single_file_dir:
+        write_single_file(trainer, path.name, meta, dtype)
     return CheckpointInfo(path=path, step=step, epoch=epoch, loss=loss, kind=kind, final=final)
+
+
+def write_single_file(trainer: "Trainer", name: str, meta: dict, dtype: torch.dtype) -> Path:
+    """The whole model (denoiser, VAE, text encoders) as one ComfyUI/A1111 single-file checkpoint."""
+    from .errors import ConfigError
+
+    exporter = getattr(trainer.family, "single_file_state_dict", None)
+    if exporter is None:
+        raise ConfigError(f"save.single_file_dir: {trainer.family.name} has no single-file checkpoint layout; "
+                          "leave it empty and load the denoiser with Load Diffusion Model")
+    tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in exporter(trainer.comps).items()}
+    path = Path(trainer.cfg.save.single_file_dir) / trainer.run_name / name
+    return save_safetensors(path, tensors, meta)
 
 
 def dataset_tag_frequency(source) -> dict[str, dict[str, int]]:

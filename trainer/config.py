@@ -160,6 +160,7 @@ class SaveConfig:
     checkpoint_limit: int = 0  # keep at most N checkpoints (oldest pruned, the last one kept); 0 = all
     save_precision: str = "fp16"
     save_state: bool = True  # write resumable training state next to the checkpoints
+    single_file_dir: str = ""  # full fine-tunes: also write a whole-model single-file checkpoint to <dir>/<run>/
 
 
 @dataclass(frozen=True)
