@@ -146,7 +146,7 @@ class CrucibleTrainingOptions:
             "multires_noise_iterations": INT(0, 0, 16, "kohya multires_noise_iterations (6–10 typical)."),
             "multires_noise_discount": FLOAT(0.3, 0.0, 1.0, 0.05, "kohya multires_noise_discount."),
             "timestep_sampling": combo(list(TIMESTEP_SAMPLING), "uniform", "Flow models (SD3/Flux): how σ is drawn (SimpleTuner flow_sampler)."),
-            "flow_shift": FLOAT(1.0, 0.0, 20.0, 0.1, "Flow models: timestep shift (SD3 3.0)."),
+            "flow_shift": FLOAT(0.0, 0.0, 20.0, 0.1, "Flow models: σ shift (SimpleTuner flow_schedule_shift; SD3 recipes use 3.0). 0 = auto: Flux dev shifts by resolution, others 1.0."),
             "loss_weighting": combo(list(LOSS_WEIGHTING), "none", "Flow models: loss weighting scheme (diffusers weighting_scheme)."),
             "ema": BOOL(False, "Keep an EMA of the trained weights and save it."),
             "ema_decay": FLOAT(0.999, 0.0, 1.0, 0.0001, "EMA decay."),

@@ -183,3 +183,23 @@ def test_flow_noising_and_target():
     assert torch.allclose(nb.noisy, (1 - sig) * x + sig * n, atol=1e-6)
     assert torch.equal(nb.target, n - x)
     assert nb.weights is not None and nb.weights.shape == (3,)
+
+
+def test_flow_shift_auto_asks_the_family_per_batch():
+    from trainer.families.objectives import make_objective
+
+    seen = []
+
+    def family_shift(latents):
+        seen.append(tuple(latents.shape))
+        return 3.0
+
+    x, n = torch.randn(2, 16, 8, 8), torch.randn(2, 16, 8, 8)
+    auto = make_objective("flow", flow_scheduler(), TrainingConfig(), shift_fn=family_shift)
+    fixed = make_objective("flow", flow_scheduler(), TrainingConfig(flow_shift=3.0))
+    a = auto.noise(x, n, torch.Generator().manual_seed(0))
+    b = fixed.noise(x, n, torch.Generator().manual_seed(0))
+    assert seen == [(2, 16, 8, 8)] and torch.allclose(a.timesteps, b.timesteps)
+    manual = make_objective("flow", flow_scheduler(), TrainingConfig(flow_shift=2.0), shift_fn=family_shift)
+    manual.noise(x, n, torch.Generator().manual_seed(0))
+    assert len(seen) == 1  # an explicit flow_shift wins over the family's

@@ -138,7 +138,7 @@ class TrainingConfig:
     logit_mean: float = 0.0
     logit_std: float = 1.0
     mode_scale: float = 1.29
-    flow_shift: float = 1.0
+    flow_shift: float = 0.0  # σ shift for flow models; 0 = auto (Flux dev: resolution-dependent, else 1.0)
     loss_weighting: str = "none"
     guidance_scale: float = 1.0  # Flux guidance embedding value during training
     ema: bool = False
@@ -411,6 +411,7 @@ def validate(cfg: TrainConfig) -> None:
     _check_range(t.multires_noise_discount, "training.multires_noise_discount", 0.0, 1.0)
     _check_choice(t.timestep_sampling, TIMESTEP_SAMPLING, "training.timestep_sampling")
     _check_choice(t.loss_weighting, LOSS_WEIGHTING, "training.loss_weighting")
+    _check_range(t.flow_shift, "training.flow_shift", 0.0, 100.0)
     _check_range(t.ema_decay, "training.ema_decay", 0.0, 1.0)
     _check_range(t.caption_variants, "training.caption_variants", 1, 64)
     _check_choice(s.save_precision, SAVE_PRECISION, "save.save_precision")

@@ -102,13 +102,17 @@ class Trainer:
         self.source = DataSource(cfg.datasets, seed=cfg.training.seed)
         self.plan = compute_plan(cfg, self.source, num_processes=self.acc.num_processes)
         device = self.acc.device
-        comps = components or self.family.load(cfg.model, device=device)
+        # LoRA under mixed precision: frozen base weights load straight in the compute dtype (kohya/diffusers
+        # practice; a 12B Flux in fp32 would not fit), the trainable adapter stays fp32 (below).
+        lowp = cfg.network.network_type != "full" and cfg.training.mixed_precision != "no"
+        weight_dtype = DTYPES[cfg.training.mixed_precision] if lowp else None
+        comps = components or self.family.load(cfg.model, device=device, dtype=weight_dtype)
         comps.to(device=device)
         self.comps = comps
-        if cfg.network.network_type != "full" and cfg.training.mixed_precision != "no":
-            weight_dtype = DTYPES[cfg.training.mixed_precision]
+        if lowp:
             for module in [comps.denoiser, *comps.text_encoders]:
-                module.to(dtype=weight_dtype)  # frozen base weights in the compute dtype (kohya/diffusers practice)
+                module.to(dtype=weight_dtype)
+        self.family.configure_training(comps, cfg.training)
         with torch.random.fork_rng(devices=[]):  # adapter init draws from the global RNG: seed it, leave it as it was
             torch.manual_seed(cfg.training.seed)
             self.net: Network = attach_network(self.family, comps, cfg.network)
@@ -121,7 +125,8 @@ class Trainer:
         self.optimizer = build_optimizer(param_groups(self.family, self.net, cfg.optim), cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.plan.total_steps)
         prediction = cfg.model.prediction_type or self.family.default_prediction
-        self.objective = make_objective(prediction, comps.noise_scheduler, cfg.training)
+        self.objective = make_objective(prediction, comps.noise_scheduler, cfg.training,
+                                        shift_fn=lambda latents: self.family.flow_shift(comps, latents))
         self.ema = None
         if cfg.training.ema:
             from diffusers.training_utils import EMAModel

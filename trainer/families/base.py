@@ -92,6 +92,14 @@ class ModelFamily(ABC):
     def lora_target_modules(self, component: str, preset: str) -> list[str]:
         """Module-name suffixes (peft ``target_modules``) for a component and target preset."""
 
+    def configure_training(self, comps: Components, training: Any) -> None:
+        """Hook called once before training (e.g. Flux stores its guidance value). Default: nothing."""
+
+    def flow_shift(self, comps: Components, latents: "torch.Tensor") -> float | None:
+        """Flow families: the family's own σ shift for latents of this size (Flux dev's resolution-dependent
+        shift), used when ``training.flow_shift`` is 0 ("auto"). ``None`` = no opinion (shift 1.0)."""
+        return None
+
     def block_of(self, component: str, module_name: str) -> str | None:
         """The kohya block id (``down_0``, ``mid``, ``up_2`` …) of a denoiser module, for block-wise LR/dims."""
         return None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -61,10 +62,13 @@ class DiffusionObjective:
 class FlowMatchingObjective:
     """Rectified flow as in diffusers' SD3/Flux training scripts."""
 
-    def __init__(self, scheduler, training: TrainingConfig, shift: float | None = None):
+    def __init__(self, scheduler, training: TrainingConfig, shift: float | None = None,
+                 shift_fn: Callable[[torch.Tensor], float | None] | None = None):
         self.scheduler = scheduler
         self.training = training
-        self.shift = float(shift if shift is not None else training.flow_shift)
+        self.shift = float(shift if shift is not None else (training.flow_shift or 1.0))
+        # flow_shift 0 = "auto": ask the family per batch (Flux dev: resolution-dependent), else 1.0
+        self.shift_fn = shift_fn if shift is None and training.flow_shift == 0 else None
         self.num_timesteps = int(getattr(scheduler.config, "num_train_timesteps", 1000))
 
     def sample_sigmas(self, batch: int, generator: torch.Generator, shift: float | None = None) -> torch.Tensor:
@@ -87,6 +91,8 @@ class FlowMatchingObjective:
 
     def noise(self, latents: torch.Tensor, noise: torch.Tensor, generator: torch.Generator,
               shift: float | None = None) -> NoisedBatch:
+        if shift is None and self.shift_fn is not None:
+            shift = self.shift_fn(latents)
         sigmas = self.sample_sigmas(latents.shape[0], generator, shift).to(latents.device, latents.dtype)
         s = sigmas.view(-1, *([1] * (latents.ndim - 1)))
         noisy = (1 - s) * latents + s * noise
@@ -102,8 +108,10 @@ class FlowMatchingObjective:
         return compute_loss_weighting_for_sd3(weighting_scheme=scheme, sigmas=sigmas)
 
 
-def make_objective(prediction_type: str, scheduler, training: TrainingConfig):
-    """The objective for a prediction type (``epsilon`` | ``v_prediction`` | ``flow``)."""
+def make_objective(prediction_type: str, scheduler, training: TrainingConfig,
+                   shift_fn: Callable[[torch.Tensor], float | None] | None = None):
+    """The objective for a prediction type (``epsilon`` | ``v_prediction`` | ``flow``). ``shift_fn`` gives a flow
+    family's own σ shift for a batch of latents (used when ``training.flow_shift`` is 0)."""
     if prediction_type == "flow":
-        return FlowMatchingObjective(scheduler, training)
+        return FlowMatchingObjective(scheduler, training, shift_fn=shift_fn)
     return DiffusionObjective(scheduler, prediction_type, training)
