@@ -273,6 +273,7 @@ def test_lora_export_is_comfyui_shaped_and_reloads(lora_run, shared_dir):
             return FAMILY.predict(comps, latents, t, FAMILY.encode_text(comps, ["red circle"]))
 
     fresh = _load_for_training(cfg)
+    FAMILY.configure_training(fresh, cfg.training)  # the same guidance value the trained model saw
     base = output(fresh)
     load_lora_file(attach_network(FAMILY, fresh, cfg.network), result.checkpoints[-1].path)
     reloaded = output(fresh)
