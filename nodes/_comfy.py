@@ -28,12 +28,20 @@ def _folder_paths():
     return folder_paths
 
 
+# ComfyUI before mid-2024 called these folders by their old names.
+LEGACY_KINDS = {"diffusion_models": "unet", "text_encoders": "clip"}
+
+
+def _kind(kind: str) -> str:
+    fp = _folder_paths()
+    return LEGACY_KINDS.get(kind, kind) if kind not in fp.folder_names_and_paths else kind
+
+
 def model_folder(kind: str) -> Path:
     """The first folder ComfyUI registers for ``kind`` (``loras``, ``diffusion_models``, ``checkpoints`` …)."""
     fp = _folder_paths()
-    folders = fp.get_folder_paths(kind) if kind in fp.folder_names_and_paths else []
-    if not folders and kind == "diffusion_models":  # ComfyUI before 2024-08 called it "unet"
-        folders = fp.get_folder_paths("unet")
+    resolved = _kind(kind)
+    folders = fp.get_folder_paths(resolved) if resolved in fp.folder_names_and_paths else []
     if not folders:
         raise CrucibleError(f"ComfyUI has no '{kind}' model folder configured")
     # ComfyUI lists the legacy models/unet before models/diffusion_models: prefer the folder named like the kind.
@@ -42,19 +50,17 @@ def model_folder(kind: str) -> Path:
 
 def list_models(kind: str) -> list[str]:
     fp = _folder_paths()
-    if kind not in fp.folder_names_and_paths and kind == "diffusion_models":
-        kind = "unet"
     try:
-        return sorted(fp.get_filename_list(kind))
+        return sorted(fp.get_filename_list(_kind(kind)))
     except KeyError:
         return []
 
 
 def model_path(kind: str, name: str) -> Path:
     fp = _folder_paths()
-    path = fp.get_full_path(kind, name)
-    if path is None and kind == "diffusion_models":
-        path = fp.get_full_path("unet", name)
+    path = fp.get_full_path(_kind(kind), name)
+    if path is None and kind in LEGACY_KINDS:
+        path = fp.get_full_path(LEGACY_KINDS[kind], name)
     if path is None:
         raise CrucibleError(f"'{name}' is not in ComfyUI's models/{kind} folder; pick a file from the list")
     return Path(path)
@@ -105,7 +111,32 @@ def resolve_dataset_path(path: str) -> Path:
     candidate = Path(path.strip()).expanduser()
     if not candidate.is_absolute():
         candidate = input_dir() / candidate
-    return ensure_inside(candidate, allowed_roots(), "dataset path")
+    roots = allowed_roots()
+    folder = ensure_inside(candidate, roots, "dataset path")
+    _refuse_escaping_links(folder, roots)
+    return folder
+
+
+def _refuse_escaping_links(folder: Path, roots: list[Path]) -> None:
+    """Refuse symlinks among the files a scan reads (the folder and its concept sub-folders) that point outside
+    the allowed roots: a link must not smuggle images from elsewhere into a training run."""
+    if not folder.is_dir():
+        return  # the scan reports a missing folder with its own message
+    levels = [folder]
+    try:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.is_symlink():
+                    ensure_inside(entry.path, roots, f"dataset entry '{entry.name}' (a symlink)")
+                if entry.is_dir():
+                    levels.append(Path(entry.path))
+        for sub in levels[1:]:
+            with os.scandir(sub) as entries:
+                for entry in entries:
+                    if entry.is_symlink():
+                        ensure_inside(entry.path, roots, f"dataset entry '{sub.name}/{entry.name}' (a symlink)")
+    except OSError:
+        return  # unreadable folders are reported by the scan
 
 
 def comfy_tokenizer_dir() -> Path | None:

@@ -67,6 +67,40 @@ def _has_own_tokenizer(checkpoint: Path) -> bool:
     return any(is_tokenizer_dir(checkpoint.parent / sub) for sub in (f"{checkpoint.stem}_tokenizer", "tokenizer"))
 
 
+class CrucibleSplitModel:
+    """SD3/SD3.5 or Flux as ComfyUI keeps them: transformer, text encoders and VAE in separate files."""
+
+    CATEGORY = "Crucible/train"
+    RETURN_TYPES = (MODEL,)
+    RETURN_NAMES = ("model",)
+    FUNCTION = "build"
+    DESCRIPTION = "Pick the same files as your Load Diffusion Model / CLIP loader / Load VAE nodes."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        encoders = [NONE] + _comfy.list_models("text_encoders")
+        return {"required": {
+            "family": combo(["sd3", "flux"], "flux", "sd3 (SD3 / SD3.5) or flux (Flux.1 dev / schnell)."),
+            "unet_name": combo([NONE] + _comfy.list_models("diffusion_models"), NONE, "The transformer file from models/diffusion_models (the one Load Diffusion Model uses)."),
+            "clip_name1": combo(encoders, NONE, "Text encoder from models/text_encoders: CLIP-L (both families)."),
+            "clip_name2": combo(encoders, NONE, "Text encoder: CLIP-G (SD3) or T5-XXL (Flux)."),
+            "clip_name3": combo(encoders, NONE, "Text encoder: T5-XXL (SD3; optional — SD3 can train without T5)."),
+            "vae_name": combo([NONE] + _comfy.list_models("vae"), NONE, "The VAE from models/vae (ae.safetensors for Flux)."),
+            "path": STRING("", "Or: a diffusers folder (absolute path) with everything in it. Overrides the files."),
+        }}
+
+    def build(self, family, unet_name, clip_name1, clip_name2, clip_name3, vae_name, path):
+        if path.strip():
+            return (ModelConfig(family=family, path=str(Path(path.strip()).expanduser())),)
+        if unet_name == NONE:
+            raise CrucibleError("Crucible Split Model: choose unet_name (the transformer) or give a diffusers folder in 'path'")
+        encoders = tuple(str(_comfy.model_path("text_encoders", n)) for n in (clip_name1, clip_name2, clip_name3)
+                         if n != NONE)
+        vae = str(_comfy.model_path("vae", vae_name)) if vae_name != NONE else ""
+        return (ModelConfig(family=family, path=str(_comfy.model_path("diffusion_models", unet_name)),
+                            text_encoder_paths=encoders, vae_path=vae),)
+
+
 def _section_inputs(cls_, spec: dict) -> dict:
     names = {f.name for f in fields(cls_)}
     unknown = set(spec) - names
@@ -248,9 +282,9 @@ def _floats(text: str) -> tuple[float, ...]:
         raise CrucibleError(f"'{text}' must be numbers separated by commas") from None
 
 
-NODES = {"CrucibleModel": CrucibleModel, "CrucibleNetworkOptions": CrucibleNetworkOptions,
+NODES = {"CrucibleModel": CrucibleModel, "CrucibleSplitModel": CrucibleSplitModel, "CrucibleNetworkOptions": CrucibleNetworkOptions,
          "CrucibleOptimizerOptions": CrucibleOptimizerOptions, "CrucibleTrainingOptions": CrucibleTrainingOptions,
          "CrucibleTrain": CrucibleTrain}
-NAMES = {"CrucibleModel": "Crucible Model", "CrucibleNetworkOptions": "Crucible Network Options",
+NAMES = {"CrucibleModel": "Crucible Model", "CrucibleSplitModel": "Crucible Split Model (SD3/Flux)", "CrucibleNetworkOptions": "Crucible Network Options",
          "CrucibleOptimizerOptions": "Crucible Optimizer Options", "CrucibleTrainingOptions": "Crucible Training Options",
          "CrucibleTrain": "Crucible Train"}

@@ -460,3 +460,34 @@ def test_image_grid_strip_from_one_batch_without_saving(nodes, comfy):
         grid(nodes, [batch], columns=[0, 1], rows=[0, 0, 0])
     with pytest.raises(CrucibleError, match="no images"):
         grid(nodes, [])
+
+
+# --- SD3 / Flux from ComfyUI's split files --------------------------------------------------------------------------
+@pytest.mark.slow
+def test_split_model_node_picks_comfyui_files_and_trains_flux(nodes, comfy, small_input, tmp_path_factory):
+    from trainer.tiny_flow import build_tiny_flow_model
+
+    tiny = build_tiny_flow_model(tmp_path_factory.mktemp("flux"), "flux")
+    shutil.copytree(tiny.comfy_root / "comfy", comfy.base / "comfy", dirs_exist_ok=True)  # ComfyUI's tokenizers
+    targets = {"diffusion_models": [tiny.transformer_file], "text_encoders": list(tiny.text_encoder_files),
+               "vae": [tiny.vae_file]}
+    for kind, files in targets.items():
+        folder = comfy.models_dir / kind
+        folder.mkdir(parents=True, exist_ok=True)
+        for f in files:
+            shutil.copy(f, folder / f.name)
+    names = {kind: [f.name for f in files] for kind, files in targets.items()}
+    assert set(names["diffusion_models"]) <= set(nodes["CrucibleSplitModel"].INPUT_TYPES()["required"]["unet_name"][0])
+    (model,), _ = run(nodes, "CrucibleSplitModel", family="flux", unet_name=names["diffusion_models"][0],
+                      clip_name1=names["text_encoders"][0], clip_name2=names["text_encoders"][1],
+                      vae_name=names["vae"][0])
+    assert model.family == "flux" and len(model.text_encoder_paths) == 2 and model.vae_path
+    comfy.reset_interrupt()
+    (network,), _ = run(nodes, "CrucibleNetworkOptions", network_dim=4, network_alpha=4.0)
+    outputs, _ = run(nodes, "CrucibleTrain", model=model, dataset=dataset(nodes, SMALL, repeats=1), run_name="flux-run",
+                     epochs=1, batch_size=2, network=network)
+    run_info, _curve, ckpt_names, steps = outputs
+    assert run_info["family"] == "flux" and steps == [2]
+    assert ckpt_names[0].startswith("flux-run/") and (comfy.models_dir / "loras" / ckpt_names[0]).is_file()
+    with pytest.raises(Exception, match="unet_name"):
+        run(nodes, "CrucibleSplitModel", family="flux")
