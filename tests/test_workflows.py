@@ -27,6 +27,8 @@ API_FILES = sorted(p.stem for p in (WORKFLOWS / "api").glob("*.json"))
 REQUIRED = {"crucible_dataset_preview", "crucible_sd15_lora_sweep", "crucible_sdxl_lora_grid",
             "crucible_full_finetune_sweep", "crucible_api_sweep", "crucible_ci_dataset_plan",
             "crucible_ci_train_tiny", "crucible_ci_strip"}
+# File lists that are not empty on a server without files: Load VAE always offers the built-in "pixel_space".
+CORE_FILE_COMBOS = {("VAELoader", "vae_name")}
 VIRTUAL = {"Note", "MarkdownNote"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 CONTROL = "control_after_generate"
@@ -42,7 +44,7 @@ def pack_schemas(tmp_path_factory) -> tuple[dict, set[tuple[str, str]]]:
     try:
         pack = comfy_stubs.load_pack()
         empty = comfy_stubs.pack_object_info(pack)
-        for kind in ("checkpoints", "loras", "diffusion_models"):
+        for kind in ("checkpoints", "loras", "diffusion_models", "text_encoders", "vae"):
             probe = stub.model_dir(kind) / "probe" / "probe.safetensors"
             probe.parent.mkdir(parents=True)
             probe.write_bytes(b"")
@@ -73,7 +75,7 @@ def file_combos(core_schemas, pack_schemas) -> set[tuple[str, str]]:
             for name, spec in specs.items()
             if isinstance(spec, list) and ((isinstance(spec[0], list) and not spec[0]) or
                                            (spec[0] == "COMBO" and not _options(spec).get("options")))}
-    return core | pack_schemas[1]
+    return core | pack_schemas[1] | CORE_FILE_COMBOS
 
 
 def _options(spec) -> dict:
@@ -581,3 +583,37 @@ def test_ci_train_tiny_runs(ci_comfy):
     assert steps == [3, 6] and len(names) == 2 and run_info["kind"] == "lora"
     assert all((stub.model_dir("loras") / name).is_file() for name in names)
     assert list(stub.output_dir.glob("crucible/ci_train_tiny_*.png"))
+
+
+def test_split_file_workflows_train_and_render_sd3_and_flux():
+    """SD3/Flux: Crucible Split Model trains on the files the user's loaders load; the sweep feeds the stock chain."""
+    loaders = {"crucible_sd3_full_finetune_sweep": "TripleCLIPLoader", "crucible_flux_lora_sweep": "DualCLIPLoader"}
+    for name, clip_loader in loaders.items():
+        prompt = load(f"api/{name}.json")
+        ids = {n["class_type"]: k for k, n in prompt.items()}
+        split, unet = _nodes_of(prompt, "CrucibleSplitModel")[0]["inputs"], _nodes_of(prompt, "UNETLoader")[0]["inputs"]
+        clips = _nodes_of(prompt, clip_loader)[0]["inputs"]
+        assert split["unet_name"] == unet["unet_name"], name
+        encoders = [k for k in clips if k.startswith("clip_name")]
+        assert [split[k] for k in encoders] == [clips[k] for k in encoders], name
+        assert split["vae_name"] == _nodes_of(prompt, "VAELoader")[0]["inputs"]["vae_name"], name
+        sweep = _nodes_of(prompt, "CrucibleCheckpointSweep")[0]["inputs"]
+        assert (sweep["model"], sweep["clip"], sweep["run"]) == \
+            ([ids["UNETLoader"], 0], [ids[clip_loader], 0], [ids["CrucibleTrain"], 0]), name
+        (sampler,) = _nodes_of(prompt, "KSampler")
+        assert sampler["inputs"]["seed"] == [ids["CrucibleCheckpointSweep"], 3], name
+        assert prompt[sampler["inputs"]["latent_image"][0]]["class_type"] == "EmptySD3LatentImage", name
+        assert _nodes_of(prompt, "VAEDecode")[0]["inputs"]["vae"] == [ids["VAELoader"], 0], name
+    sd3 = load("api/crucible_sd3_full_finetune_sweep.json")
+    assert _nodes_of(sd3, "CrucibleSplitModel")[0]["inputs"]["family"] == "sd3"
+    assert _nodes_of(sd3, "CrucibleNetworkOptions")[0]["inputs"]["network_type"] == "full"
+    assert _nodes_of(sd3, "CrucibleCaptionOptions")[0]["inputs"]["caption_dropout_rate"] == 0.25
+    (sampler,) = _nodes_of(sd3, "KSampler")
+    assert sd3[sampler["inputs"]["model"][0]]["class_type"] == "ModelSamplingSD3"
+    train, plan = _nodes_of(sd3, "CrucibleTrain")[0]["inputs"], _nodes_of(sd3, "CrucibleStepPlan")[0]["inputs"]
+    assert train["sample_every_n_steps"] == plan["sample_every_n_steps"] > 0
+    flux = load("api/crucible_flux_lora_sweep.json")
+    assert _nodes_of(flux, "DualCLIPLoader")[0]["inputs"]["type"] == "flux"
+    (sampler,) = _nodes_of(flux, "KSampler")
+    assert sampler["inputs"]["cfg"] == 1.0
+    assert flux[sampler["inputs"]["positive"][0]]["class_type"] == "FluxGuidance"

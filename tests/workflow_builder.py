@@ -36,6 +36,7 @@ DISPLAY_HEIGHT = {"PreviewImage": 280, "SaveImage": 280, "CrucibleImageGrid": 36
 SD15_CKPT = "v1-5-pruned-emaonly-fp16.safetensors"
 SDXL_CKPT = "sd_xl_base_1.0.safetensors"
 TINY_CKPT = "crucible_tiny_sd15.safetensors"
+COMFY_CKPT = "crucible_comfy_sd15.safetensors"  # trainer.tiny.build_comfy_sd15: small, but Load Checkpoint takes it
 DEMO_FOLDER = "crucible_demo"
 DEMO_PROMPTS = "crucible, red circle, black background\ncrucible, blue square, black background"
 NEGATIVE = "blurry, low quality, watermark, text"
@@ -541,6 +542,191 @@ def api_sweep(schemas: dict) -> Workflow:
     return wf
 
 
+# --- SD3 / Flux: split-file models (transformer, text encoders and VAE in separate files) -----------------------------
+SD3_FILES = dict(unet_name="sd3_medium.safetensors", clip_name1="clip_l.safetensors", clip_name2="clip_g.safetensors",
+                 clip_name3="t5xxl_fp16.safetensors", vae_name="sd3_vae.safetensors")
+FLUX_FILES = dict(unet_name="flux1-dev.safetensors", clip_name1="clip_l.safetensors",
+                  clip_name2="t5xxl_fp16.safetensors", vae_name="ae.safetensors")
+DEMO_STEPS_PER_EPOCH = 120  # the demo dataset: 12 images x 10 repeats at batch size 1
+
+
+@dataclass
+class SplitLoaders:
+    """The user's own loaders of a split-file model: MODEL, CLIP and VAE come from three nodes."""
+
+    model: Node
+    clip: Node
+    vae: Node
+
+
+def split_loader_stage(wf: Workflow, col: Column, files: dict[str, str], *, note: str) -> SplitLoaders:
+    """Load Diffusion Model + Triple (three encoders: SD3) or Dual (Flux) CLIP loader + Load VAE, on ``files``."""
+    n = col.note(note)
+    model = col.add("UNETLoader", unet_name=files["unet_name"], weight_dtype="default")
+    encoders = {k: v for k, v in files.items() if k.startswith("clip_name")}
+    if len(encoders) == 3:
+        clip = col.add("TripleCLIPLoader", title="TripleCLIPLoader (clip_l, clip_g, t5xxl)", **encoders)
+    else:
+        clip = col.add("DualCLIPLoader", type="flux", **encoders)
+    vae = col.add("VAELoader", vae_name=files["vae_name"])
+    wf.group("1. Your loaders", n, model, clip, vae)
+    return SplitLoaders(model, clip, vae)
+
+
+def captioned_dataset_stage(wf: Workflow, col: Column, *, note: str, captions: dict[str, Any],
+                            **dataset_values: Any) -> tuple[Node, Group]:
+    """Caption Options (the recipe's ``captions``) -> Crucible Dataset, grouped; returns the dataset and its group."""
+    n = col.note(note)
+    options = col.add("CrucibleCaptionOptions", **captions)
+    data = col.add("CrucibleDataset", path=DEMO_FOLDER, **dataset_values)
+    wf.connect(options, "captions", data, "captions")
+    return data, wf.group("2. Dataset", n, options, data)
+
+
+def split_train_stage(wf: Workflow, x: int, data: Node, *, family: str, files: dict[str, str], note: str,
+                      network: dict, optimizer: dict, training: dict, train: dict) -> Node:
+    """Crucible Split Model (the loaders' files) + network/optimizer/training options -> Crucible Train."""
+    left, right = Column(wf, x), Column(wf, x + 360)
+    n = left.note(note)
+    model = left.add("CrucibleSplitModel", family=family, **files)
+    net = left.add("CrucibleNetworkOptions", **network)
+    opt = left.add("CrucibleOptimizerOptions", **optimizer)
+    trainer = right.add("CrucibleTrain", **train)
+    options = right.add("CrucibleTrainingOptions", **training)
+    preview = right.add("PreviewImage", title="Loss curve")
+    for src, name in ((model, "model"), (data, "dataset"), (net, "network"), (opt, "optimizer"), (options, "training")):
+        wf.connect(src, name, trainer, name)
+    wf.connect(trainer, "loss_curve", preview, "images")
+    wf.group("3. Train", n, model, net, opt, trainer, options, preview)
+    return trainer
+
+
+def split_sweep_stage(wf: Workflow, x: int, loaders: SplitLoaders, trainer: Node, *, note: str,
+                      **values: Any) -> tuple[Node, Group]:
+    """Crucible Checkpoint Sweep over the run, on the MODEL and CLIP of the user's loaders."""
+    col = Column(wf, x)
+    n = col.note(note)
+    sweep = col.add("CrucibleCheckpointSweep", **values)
+    wf.connect(loaders.model, "MODEL", sweep, "model")
+    wf.connect(loaders.clip, "CLIP", sweep, "clip")
+    wf.connect(trainer, "run", sweep, "run")
+    return sweep, wf.group("4. Sweep and render", n, sweep)
+
+
+def flow_render_stage(wf: Workflow, x: int, sweep: Node, vae: Node, group: Group, *, size: int, steps: int,
+                      cfg: float, sampler: str, scheduler: str, negative: str, shift: float | None = None,
+                      guidance: float | None = None) -> Node:
+    """The stock SD3/Flux text-encode -> sample -> decode chain fed by the sweep's lists; its nodes join ``group``.
+
+    ``shift`` puts ModelSamplingSD3 before KSampler, ``guidance`` FluxGuidance after the prompt. Returns VAE Decode."""
+    left, right = Column(wf, x), Column(wf, x + 360)
+    positive = left.add("CLIPTextEncode", title="Prompt (from the sweep)", text="")
+    conditioning = positive
+    members = [positive]
+    if guidance is not None:
+        conditioning = left.add("FluxGuidance", title="FluxGuidance", guidance=guidance)
+        wf.connect(positive, 0, conditioning, "conditioning")
+        members.append(conditioning)
+    negative_node = left.add("CLIPTextEncode", title="Negative prompt" if negative else "Negative (unused at cfg 1)",
+                             text=negative)
+    latent = left.add("EmptySD3LatentImage", title="EmptySD3LatentImage", width=size, height=size, batch_size=1)
+    members += [negative_node, latent]
+    model = sweep
+    if shift is not None:
+        model = right.add("ModelSamplingSD3", shift=shift)
+        wf.connect(sweep, "model", model, "model")
+        members.append(model)
+    sampler_node = right.add("KSampler", seed=1234, steps=steps, cfg=cfg, sampler_name=sampler, scheduler=scheduler)
+    decode = right.add("VAEDecode")
+    for dst in (positive, negative_node):
+        wf.connect(sweep, "clip", dst, "clip")
+    wf.connect(sweep, "prompt", positive, "text")
+    wf.connect(model, 0, sampler_node, "model")
+    wf.connect(sweep, "seed", sampler_node, "seed")
+    wf.connect(conditioning, 0, sampler_node, "positive")
+    wf.connect(negative_node, 0, sampler_node, "negative")
+    wf.connect(latent, 0, sampler_node, "latent_image")
+    wf.connect(sampler_node, 0, decode, "samples")
+    wf.connect(vae, "VAE", decode, "vae")
+    group.members += [*members, sampler_node, decode]
+    return decode
+
+
+def sd3_full_finetune_sweep(schemas: dict) -> Workflow:
+    """The SD3-Medium full fine-tune recipe, then every epoch's transformer rendered side by side."""
+    wf = Workflow("crucible_sd3_full_finetune_sweep", schemas)
+    loader_col = Column(wf, 0)
+    loaders = split_loader_stage(
+        wf, loader_col, SD3_FILES,
+        note="Your SD3 loaders, as for any SD3 render: the transformer (models/diffusion_models), clip_l + clip_g + "
+             "t5xxl (models/text_encoders) and the SD3 VAE (models/vae). The sweep renders every checkpoint with "
+             "them; Crucible Split Model trains on the same files.")
+    data, _ = captioned_dataset_stage(
+        wf, Column(wf, 400), resolution=1024, repeats=10,
+        captions=dict(trigger_word="crucible", caption_dropout_rate=0.25),
+        note="The SD3 recipe: 1024 px, 10 repeats, and 25% of the captions dropped (caption_dropout_rate 0.25) so "
+             "the model keeps its unconditional prediction for CFG. " + NOTES["dataset"])
+    quarter = DEMO_STEPS_PER_EPOCH // 4
+    col = Column(wf, 0, loader_col.y + 80)  # below the loaders' group
+    plan_note = col.note(f"Validation every quarter epoch = sample_every_n_steps of steps per epoch / 4. The step "
+                         f"plan shows steps per epoch: the demo's 12 images x 10 repeats at batch 1 are "
+                         f"{DEMO_STEPS_PER_EPOCH}, so Train samples every {quarter} steps. Redo this for your data.")
+    plan = col.add("CrucibleStepPlan", batch_size=1, epochs=4, save_every_n_epochs=1, sample_every_n_steps=quarter,
+                   lr_warmup_ratio=0.1, seed=42)
+    shown = col.add("PreviewAny", title="Step plan")
+    wf.connect(data, "dataset", plan, "dataset")
+    wf.connect(plan, "plan", shown, "source")
+    wf.group("2b. Step plan", plan_note, plan, shown)
+    trainer = split_train_stage(
+        wf, 800, data, family="sd3", files=SD3_FILES,
+        note="network_type full trains the whole MMDiT: AdamW 1.5e-5, cosine with 10% warmup, bf16 + gradient "
+             "checkpointing, logit-normal timesteps with shift 3. Each epoch saves a complete transformer to "
+             "models/diffusion_models/<run_name>/. Cancel saves the state; resume continues.",
+        network=dict(network_type="full"),
+        optimizer=dict(learning_rate=1.5e-5, lr_scheduler="cosine", lr_warmup_ratio=0.1),
+        training=dict(mixed_precision="bf16", gradient_checkpointing=True, timestep_sampling="logit_normal",
+                      flow_shift=3.0),
+        train=dict(run_name="sd3-full", epochs=4, batch_size=1, save_every_n_epochs=1, save_precision="bf16",
+                   sample_prompts="crucible, red circle, black background", sample_every_n_steps=quarter))
+    sweep, group = split_sweep_stage(
+        wf, 1600, loaders, trainer, prompts=DEMO_PROMPTS, seeds="1234", strengths="1.0", include_base=True,
+        note="Full checkpoints: the sweep loads each one with ComfyUI's own diffusion-model loader (CLIP and VAE "
+             "stay your loaders'); the base model is the first column. Rendered like any SD3 image: "
+             "ModelSamplingSD3 shift 3, cfg 4.5, 28 steps dpmpp_2m / sgm_uniform, 1024 x 1024.")
+    decode = flow_render_stage(wf, 1960, sweep, loaders.vae, group, size=1024, steps=28, cfg=4.5, sampler="dpmpp_2m",
+                               scheduler="sgm_uniform", negative=NEGATIVE, shift=3.0)
+    grid_stage(wf, 2720, decode, sweep, title="sd3-full: every epoch", prefix="crucible/sd3-full")
+    return wf
+
+
+def flux_lora_sweep(schemas: dict) -> Workflow:
+    """A Flux.1-dev LoRA from the split files, then every checkpoint rendered with FluxGuidance."""
+    wf = Workflow("crucible_flux_lora_sweep", schemas)
+    loaders = split_loader_stage(
+        wf, Column(wf, 0), FLUX_FILES,
+        note="Your Flux loaders, as for any Flux render: the transformer (models/diffusion_models), clip_l + t5xxl "
+             "(DualCLIPLoader type flux) and ae.safetensors (models/vae). The sweep applies each LoRA to them.")
+    data, _ = captioned_dataset_stage(wf, Column(wf, 400), resolution=1024,
+                                      captions=dict(trigger_word="crucible", keep_tokens=1), note=NOTES["dataset"])
+    trainer = split_train_stage(
+        wf, 800, data, family="flux", files=FLUX_FILES,
+        note="Crucible Split Model reads the loaders' files. A LoRA (dim 16) of the transformer, AdamW 1e-4, bf16 "
+             "+ gradient checkpointing; flow_shift 0 = Flux dev's resolution-dependent shift. LoRAs are saved to "
+             "models/loras/<run_name>/; Cancel saves the state, resume continues.",
+        network=dict(network_dim=16, network_alpha=16.0),
+        optimizer=dict(learning_rate=1e-4, lr_warmup_ratio=0.05),
+        training=dict(mixed_precision="bf16", gradient_checkpointing=True),
+        train=dict(run_name="flux-lora", epochs=10, batch_size=1, save_every_n_epochs=2))
+    sweep, group = split_sweep_stage(
+        wf, 1600, loaders, trainer, prompts=DEMO_PROMPTS, seeds="1234", strengths="1.0", include_base=True,
+        note="Flux dev is guidance-distilled: FluxGuidance 3.5 on the prompt, KSampler cfg 1.0 (the negative is "
+             "not used), euler / simple, 20 steps, 1024 x 1024. " + NOTES["sweep"])
+    decode = flow_render_stage(wf, 1960, sweep, loaders.vae, group, size=1024, steps=20, cfg=1.0, sampler="euler",
+                               scheduler="simple", negative="", guidance=3.5)
+    grid_stage(wf, 2720, decode, sweep, title="flux-lora: every checkpoint", prefix="crucible/flux-lora")
+    return wf
+
+
 def ci_dataset_plan(schemas: dict) -> Workflow:
     wf = Workflow("crucible_ci_dataset_plan", schemas)
     col = Column(wf, 0)
@@ -572,6 +758,32 @@ def ci_train_tiny(schemas: dict) -> Workflow:
     return wf
 
 
+def ci_lora_sweep(schemas: dict) -> Workflow:
+    """CI: the pack's signature loop in one queue item on a checkpoint ComfyUI itself loads: train a LoRA, then
+    render the base model and every epoch's LoRA with ComfyUI's own loader, sampler and decoder into one grid."""
+    wf = Workflow("crucible_ci_lora_sweep", schemas)
+    col = Column(wf, 0)
+    n = col.note("CI: Load Checkpoint and Crucible Model read the same small SD1.5 the stage builds. Two epochs at "
+                 "64 px (12 images / batch 4 = 6 steps) with a high learning rate save two LoRAs; the sweep renders "
+                 "base + both with the stock nodes, so each column must differ from the base one.")
+    loader = col.add("CheckpointLoaderSimple", ckpt_name=COMFY_CKPT)
+    model = col.add("CrucibleModel", family="sd15", ckpt_name=COMFY_CKPT)
+    data = col.add("CrucibleDataset", path=DEMO_FOLDER, resolution=64, repeats=1)
+    net = col.add("CrucibleNetworkOptions", network_dim=4, network_alpha=4.0)
+    opt = col.add("CrucibleOptimizerOptions", learning_rate=1e-2, lr_scheduler="constant")
+    trainer = col.add("CrucibleTrain", run_name="ci_sweep", epochs=2, batch_size=4, save_every_n_epochs=1)
+    for src, name in ((model, "model"), (data, "dataset"), (net, "network"), (opt, "optimizer")):
+        wf.connect(src, name, trainer, name)
+    wf.group("Train", n, loader, model, data, net, opt, trainer)
+    sweep, group = sweep_node(wf, Column(wf, 400), loader, run=trainer, group_title="Sweep and render",
+                              prompts="crucible, red circle, black background", seeds="1234", strengths="1.0",
+                              include_base=True)
+    decode = render_stage(wf, 760, sweep, loader, group, size=64, steps=2, cfg=7.0)
+    grid_stage(wf, 1520, decode, sweep, title="ci_sweep: base + every epoch", prefix="crucible/ci_lora_sweep",
+               group_title="Grid")
+    return wf
+
+
 def ci_strip(schemas: dict) -> Workflow:
     wf = Workflow("crucible_ci_strip", schemas)
     col = Column(wf, 0)
@@ -597,8 +809,11 @@ BUILDERS: dict[str, tuple[Callable[[dict], Workflow], bool]] = {
     "crucible_full_finetune_sweep": (full_finetune_sweep, True),
     "crucible_sweep_saved_run": (sweep_saved_run, True),
     "crucible_api_sweep": (api_sweep, True),
+    "crucible_sd3_full_finetune_sweep": (sd3_full_finetune_sweep, True),
+    "crucible_flux_lora_sweep": (flux_lora_sweep, True),
     "crucible_ci_dataset_plan": (ci_dataset_plan, False),
     "crucible_ci_train_tiny": (ci_train_tiny, False),
+    "crucible_ci_lora_sweep": (ci_lora_sweep, False),
     "crucible_ci_strip": (ci_strip, False),
 }
 
