@@ -143,32 +143,44 @@ else
   RES[demo_data]="{\"status\": \"missing\", \"why\": \"no $DEMO/<n>_<name>/*.png\"}"
   echo "SKIP demo dataset: no PNGs under $DEMO/*/"
 fi
-if [[ -f $PACK/trainer/tiny.py ]]; then
-  mkdir -p "$WORK/tiny"
-  if (cd "$COMFY/custom_nodes/$PACK_NAME" && "$VPY" - "$WORK/tiny/crucible_tiny_sd15" "$COMFY/models/checkpoints") > "$WORK/tiny.log" 2>&1 <<'EOF'
+# build_checkpoint NAME FILE WHAT PYTHON: run PYTHON (argv[1] = models/checkpoints, argv[2] = a scratch folder) with
+# the ComfyUI venv's interpreter inside the installed pack, and record resource NAME = FILE (a "checkpoint" resource:
+# the driver checks that Load Checkpoint lists it). A build that raises is a "failed" resource (the entries that need
+# it FAIL); a pack without trainer/tiny.py makes it "missing" (they SKIP).
+build_checkpoint() {
+  local name=$1 file=$2 what=$3 code=$4 log=$WORK/$1.log start=$SECONDS
+  if [[ ! -f $PACK/trainer/tiny.py ]]; then
+    echo "SKIP $what: $PACK/trainer/tiny.py does not exist yet"
+    RES[$name]='{"status": "missing", "why": "trainer/tiny.py does not exist yet"}'
+    return 0
+  fi
+  mkdir -p "$WORK/scratch-$name"
+  if (cd "$COMFY/custom_nodes/$PACK_NAME" && "$VPY" -c "$code" "$COMFY/models/checkpoints" "$WORK/scratch-$name") \
+       > "$log" 2>&1; then
+    cat "$log"
+    echo "$what -> models/checkpoints/$file ($(du -h "$COMFY/models/checkpoints/$file" | cut -f1), $((SECONDS - start))s)"
+    RES[$name]="{\"status\": \"ok\", \"value\": \"$file\", \"kind\": \"checkpoint\"}"
+  else
+    tail -n 30 "$log"
+    RES[$name]="{\"status\": \"failed\", \"why\": \"building the $what failed, see $log\"}"
+  fi
+}
+# The tiny SD1.5 for training only (ComfyUI cannot load its 32-channel UNet); its tokenizer travels with it.
+build_checkpoint tiny_sd15 crucible_tiny_sd15.safetensors "tiny SD1.5 checkpoint" '
 import shutil, sys
 from pathlib import Path
 from trainer.tiny import build_tiny_pipeline, single_file_path
-folder, dest = Path(sys.argv[1]), Path(sys.argv[2])
+dest, folder = Path(sys.argv[1]), Path(sys.argv[2]) / "crucible_tiny_sd15"
 build_tiny_pipeline(folder, family="sd15", seed=0, single_file=True)
-single = single_file_path(folder)
-shutil.move(single, dest / single.name)
-tok = folder.parent / f"{folder.name}_tokenizer"  # the single file's tokenizer travels with it
-if tok.is_dir():
-    shutil.move(tok, dest / tok.name)
-print(f"tiny SD1.5 checkpoint -> {dest / single.name}")
-EOF
-  then
-    cat "$WORK/tiny.log"
-    RES[tiny_sd15]='{"status": "ok", "value": "crucible_tiny_sd15.safetensors"}'
-  else
-    tail -n 30 "$WORK/tiny.log"
-    RES[tiny_sd15]="{\"status\": \"failed\", \"why\": \"trainer.tiny.build_tiny_pipeline failed, see $WORK/tiny.log\"}"
-  fi
-else
-  echo "SKIP tiny SD1.5 checkpoint: $PACK/trainer/tiny.py does not exist yet"
-  RES[tiny_sd15]='{"status": "missing", "why": "trainer/tiny.py does not exist yet"}'
-fi
+shutil.move(single_file_path(folder), dest / "crucible_tiny_sd15.safetensors")
+shutil.move(folder.parent / "crucible_tiny_sd15_tokenizer", dest / "crucible_tiny_sd15_tokenizer")
+'
+# The smallest SD1.5 that ComfyUI's own Load Checkpoint detects and loads (uses ComfyUI's tokenizer).
+build_checkpoint comfy_sd15 crucible_comfy_sd15.safetensors "ComfyUI-loadable SD1.5 checkpoint" '
+import sys
+from trainer.tiny import build_comfy_sd15
+build_comfy_sd15(sys.argv[1], seed=0, name="crucible_comfy_sd15")
+'
 { echo "{"; sep=""; for k in "${!RES[@]}"; do printf '%s "%s": %s\n' "$sep" "$k" "${RES[$k]}"; sep=","; done; echo "}"; } > "$RESOURCES"
 
 # ---------------------------------------------------------------------------------------------------------------------

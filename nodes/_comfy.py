@@ -139,14 +139,27 @@ def _refuse_escaping_links(folder: Path, roots: list[Path]) -> None:
         return  # unreadable folders are reported by the scan
 
 
+def resolve_model_path(path: str) -> Path:
+    """A model file or diffusers folder typed into a node: it must lie inside one of ComfyUI's model folders or an
+    allowed root (a /prompt request must not make the server read arbitrary files)."""
+    fp = _folder_paths()
+    roots = [Path(fp.models_dir)] if getattr(fp, "models_dir", None) else []
+    for kind in fp.folder_names_and_paths:
+        roots += [Path(f) for f in fp.get_folder_paths(kind)]
+    return ensure_inside(Path(path.strip()).expanduser(), roots + allowed_roots(), "model path")
+
+
 def comfy_tokenizer_dir() -> Path | None:
     """ComfyUI's bundled CLIP tokenizer folder (``comfy/sd1_tokenizer``), if ComfyUI is importable."""
     try:
         import comfy
     except ImportError:
         return None
-    folder = Path(comfy.__file__).parent / "sd1_tokenizer"
-    return folder if folder.is_dir() else None
+    for base in getattr(comfy, "__path__", []):  # comfy/ is a namespace package: it has no __file__
+        folder = Path(base) / "sd1_tokenizer"
+        if folder.is_dir():
+            return folder
+    return None
 
 
 # --- runtime -----------------------------------------------------------------------------------------------------------

@@ -47,7 +47,7 @@ class CrucibleModel:
 
     def build(self, family, ckpt_name, path, prediction_type, zero_terminal_snr, clip_skip):
         if path.strip():
-            source = Path(path.strip()).expanduser()
+            source = _comfy.resolve_model_path(path)
         elif ckpt_name != NONE:
             source = _comfy.model_path("checkpoints", ckpt_name)
         else:
@@ -91,7 +91,7 @@ class CrucibleSplitModel:
 
     def build(self, family, unet_name, clip_name1, clip_name2, clip_name3, vae_name, path):
         if path.strip():
-            return (ModelConfig(family=family, path=str(Path(path.strip()).expanduser())),)
+            return (ModelConfig(family=family, path=str(_comfy.resolve_model_path(path))),)
         if unet_name == NONE:
             raise CrucibleError("Crucible Split Model: choose unet_name (the transformer) or give a diffusers folder in 'path'")
         encoders = tuple(str(_comfy.model_path("text_encoders", n)) for n in (clip_name1, clip_name2, clip_name3)
@@ -239,6 +239,7 @@ class CrucibleTrain:
         cfg = build_train_config(model, dataset, run_name, sample_prompts, network, optimizer, training, f,
                                  also_save_checkpoint)
         state_dir = Path(cfg.save.work_dir) / safe_name(cfg.save.run_name, "run_name") / "state"  # as the loop names it
+        check_plan(cfg)  # refuse an impossible plan before ComfyUI's models are unloaded
         _comfy.free_memory()
         progress = _comfy.ComfyProgress(total=1, preview_every=10)
         result = train(cfg, progress, resume_from=state_dir if resume else None, force_resume=resume_force)
@@ -253,6 +254,14 @@ class CrucibleTrain:
         curve = _comfy.pil_to_image([loss_curve(result.losses)])
         summary = f"{len(names)} checkpoints in {result.run_dir}; last loss {result.losses[-1]:.4f}" if result.losses else "no steps"
         return {"ui": {"text": [summary]}, "result": (run, curve, names, [c.step for c in result.checkpoints])}
+
+
+def check_plan(cfg: TrainConfig) -> None:
+    """Scan the data and compute the step plan: every 'this cannot train' error surfaces before any work."""
+    from trainer.dataset import DataSource
+    from trainer.plan import compute_plan
+
+    compute_plan(cfg, DataSource(cfg.datasets, seed=cfg.training.seed))
 
 
 def build_train_config(model, dataset, run_name, sample_prompts, network, optimizer, training, f,

@@ -139,8 +139,8 @@ class ComfyStub:
         fp.get_user_directory = lambda: str(stub.base / "user")
 
         comfy = types.ModuleType("comfy")
-        comfy.__path__ = []  # a package, so "import comfy.utils" resolves through sys.modules
-        comfy.__file__ = str(self.base / "comfy" / "__init__.py")
+        # Like the real one, comfy/ is a namespace package: a __path__, no __file__ (modules resolve via sys.modules)
+        comfy.__path__ = [str(self.base / "comfy")]
 
         utils = types.ModuleType("comfy.utils")
         utils.PROGRESS_BAR_HOOK = None
@@ -277,3 +277,16 @@ def pack_object_info(pack: types.ModuleType) -> dict[str, dict[str, Any]]:
     names = pack.NODE_DISPLAY_NAME_MAPPINGS
     return {node_id: node_info(node_id, cls, names.get(node_id, node_id))
             for node_id, cls in pack.NODE_CLASS_MAPPINGS.items()}
+
+
+def in_models(folder) -> "Path":
+    """A copy of a model folder inside the stub ComfyUI's models folder: node inputs may only name model paths
+    inside ComfyUI's folders (or allowed roots), as on a real server."""
+    import shutil
+
+    import folder_paths
+
+    dest = Path(folder_paths.models_dir) / "diffusers" / Path(folder).name
+    if not dest.exists():
+        shutil.copytree(folder, dest)
+    return dest

@@ -239,8 +239,9 @@ def test_step_plan(nodes, demo_input):
 
 # --- model node --------------------------------------------------------------------------------------------------
 def test_model_from_a_diffusers_folder(nodes, tiny_sd15):
-    (cfg,), _ = run(nodes, "CrucibleModel", family="sd15", path=str(tiny_sd15), clip_skip=2)
-    assert (cfg.family, Path(cfg.path), cfg.clip_skip, cfg.prediction_type) == ("sd15", tiny_sd15, 2, "")
+    (cfg,), _ = run(nodes, "CrucibleModel", family="sd15", path=str(comfy_stubs.in_models(tiny_sd15)), clip_skip=2)
+    assert (cfg.family, Path(cfg.path), cfg.clip_skip, cfg.prediction_type) == \
+        ("sd15", comfy_stubs.in_models(tiny_sd15), 2, "")
     with pytest.raises(CrucibleError, match="ckpt_name"):
         run(nodes, "CrucibleModel", path="  ")
 
@@ -266,7 +267,7 @@ def test_model_from_models_checkpoints_keeps_its_own_tokenizer(nodes, comfy, tin
 
 # --- training ----------------------------------------------------------------------------------------------------
 def train_inputs(nodes, tiny_sd15, run_name: str, **overrides) -> dict:
-    (model,), _ = run(nodes, "CrucibleModel", path=str(tiny_sd15))
+    (model,), _ = run(nodes, "CrucibleModel", path=str(comfy_stubs.in_models(tiny_sd15)))
     (network,), _ = run(nodes, "CrucibleNetworkOptions", network_dim=4, network_alpha=4.0)
     (optimizer,), _ = run(nodes, "CrucibleOptimizerOptions", learning_rate=1e-3, lr_scheduler="constant")
     (training,), _ = run(nodes, "CrucibleTrainingOptions", seed=3)
@@ -491,3 +492,12 @@ def test_split_model_node_picks_comfyui_files_and_trains_flux(nodes, comfy, smal
     assert ckpt_names[0].startswith("flux-run/") and (comfy.models_dir / "loras" / ckpt_names[0]).is_file()
     with pytest.raises(Exception, match="unet_name"):
         run(nodes, "CrucibleSplitModel", family="flux")
+
+
+def test_model_paths_outside_comfyui_folders_are_refused(nodes, tiny_sd15):
+    from trainer.errors import UnsafePathError
+
+    with pytest.raises(UnsafePathError, match="model path"):
+        run(nodes, "CrucibleModel", path=str(tiny_sd15))  # a /prompt request cannot point the server anywhere
+    with pytest.raises(UnsafePathError, match="model path"):
+        run(nodes, "CrucibleSplitModel", family="flux", path="/etc")

@@ -387,7 +387,7 @@ def test_ci_workflows_need_only_what_the_ci_stage_provides(file_combos):
         prompt = load(f"api/{name}.json")
         files = [v for n in prompt.values() for k, v in n["inputs"].items()
                  if (n["class_type"], k) in file_combos and v not in ("(none)", "(from run input)")]
-        assert set(files) <= {workflow_builder.TINY_CKPT}, (name, files)
+        assert set(files) <= {workflow_builder.TINY_CKPT, workflow_builder.COMFY_CKPT}, (name, files)
         assert {n["inputs"]["path"] for n in _nodes_of(prompt, "CrucibleDataset")} <= {"crucible_demo"}, name
     tiny = load("api/crucible_ci_train_tiny.json")
     (train,) = _nodes_of(tiny, "CrucibleTrain")

@@ -152,8 +152,12 @@ class Workflow:
 
     def add(self, type_: str, pos: tuple[int, int], *, title: str | None = None, node_width: int = 320,
             **values: Any) -> Node:
-        """A node with every widget at its default, overridden by ``values`` (a seed's control: ``<name>_control``)."""
+        """A node with every widget at its default, overridden by ``values`` (a seed's control: ``<name>_control``).
+
+        A node whose own widget is called ``title`` (Crucible Image Grid) gets ``title`` as that widget's value too."""
         info = self.schemas[type_]
+        if title is not None and "title" not in values and any(n == "title" for n, _ in ordered_inputs(info)):
+            values["title"] = title
         widgets, controls = {}, {}
         for name, spec in ordered_inputs(info):
             if is_widget(spec):

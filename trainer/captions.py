@@ -70,7 +70,7 @@ class _Tag:
 
 def sample_rng(seed: int, epoch: int, item: int | str, repeat: int, purpose: str) -> random.Random:
     """A private RNG for one draw of one sample, from a stable hash (the same on every machine and Python run)."""
-    key = f"{seed}|{epoch}|{item}|{repeat}|{purpose}".encode()
+    key = f"{seed}|{epoch}|{item}|{repeat}|{purpose}".encode("utf-8", "surrogatepass")
     return random.Random(int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big"))
 
 

@@ -10,6 +10,7 @@ users recognise them; the node widgets use the same names.
 from __future__ import annotations
 
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass, replace
@@ -300,23 +301,33 @@ def _coerce(tp: Any, value: Any, where: str):
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, (int, str, float)):
             raise ConfigError(f"config key '{where}' must be an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
         try:
             as_float = float(value)
         except ValueError:
             raise ConfigError(f"config key '{where}' must be an integer, got {value!r}") from None
-        if as_float != int(as_float):
+        if not math.isfinite(as_float) or as_float != int(as_float):
             raise ConfigError(f"config key '{where}' must be an integer, got {value!r}")
         return int(as_float)
     if tp is float:
         if isinstance(value, bool):
             raise ConfigError(f"config key '{where}' must be a number, got {value!r}")
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"config key '{where}' must be a number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise ConfigError(f"config key '{where}' must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"config key '{where}' must be a string, got {value!r}")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ConfigError(f"config key '{where}' holds characters that are not valid text (lone surrogates); "
+                              "retype it") from None
         return value
     return value
 
@@ -369,6 +380,8 @@ def _check_choice(value: str, choices: tuple[str, ...], where: str) -> None:
 
 
 def _check_range(value: float, where: str, lo: float | None = None, hi: float | None = None) -> None:
+    if not math.isfinite(value):  # a dataclass built in code bypasses _coerce's check
+        raise ConfigError(f"config key '{where}' is {value}; it must be a finite number")
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         bounds = f"between {lo} and {hi}" if lo is not None and hi is not None else (f">= {lo}" if lo is not None else f"<= {hi}")
         raise ConfigError(f"config key '{where}' is {value}; it must be {bounds}")

@@ -156,7 +156,7 @@ class ScanReport:
         if self.skipped:
             lines.append(f"  skipped {len(self.skipped)} file(s):")
             lines.extend(f"    {self._rel(p)}: {why}" for p, why in self.skipped)
-        return "\n".join(lines)
+        return _printable("\n".join(lines))
 
     def _caption_line(self) -> str:
         missing = len(self.missing_captions)
@@ -294,10 +294,23 @@ def _concept_groups(root: Path, cfg: DatasetConfig, skipped: list[tuple[str, str
 
 def _folder_repeats(name: str) -> tuple[int, str]:
     """``"10_ohwx man"`` → ``(10, "ohwx man")``; a name without the prefix → ``(1, name)``."""
+    name = _name_text(name)
     match = _KOHYA_FOLDER.match(name)
     if match and match.group(2).strip():
         return int(match.group(1)), match.group(2).strip()
     return 1, name.strip()
+
+
+def _name_text(name: str) -> str:
+    """A folder name as text a tokenizer accepts. Names that are not valid UTF-8 (Python keeps their bytes as
+    surrogate escapes; typical of archives made on Windows) are read as cp1252, else latin-1, like captions."""
+    if not any("\udc80" <= c <= "\udcff" for c in name):
+        return name
+    raw = name.encode("utf-8", "surrogateescape")
+    try:
+        return raw.decode("cp1252")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
 
 
 def _pil():
@@ -330,6 +343,7 @@ def _probe(path: Path) -> tuple[int, int]:
         raise UnusableImage(f"cannot read ({exc.strerror or exc})") from None
     if size == 0:
         raise UnusableImage("empty file (0 bytes)")
+    _check_declared_size(path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
@@ -352,6 +366,31 @@ def _probe(path: Path) -> tuple[int, int]:
     if _looks_truncated(path, fmt, size) and not _decodes(path):
         raise UnusableImage("truncated or corrupt image data; re-export or remove it")
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+def _check_declared_size(path: Path) -> None:
+    """Refuse a bomb before Pillow opens it, for the one format whose *opening* allocates the whole canvas (WebP:
+    libwebp's decoder is created in ``Image.open``). Pillow guards that only while its global ``MAX_IMAGE_PIXELS``
+    is set, which any other ComfyUI node may have turned off; Crucible's own limit must hold regardless."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(30)
+    except OSError:
+        return  # Image.open reports it
+    if len(head) < 30 or head[:4] != b"RIFF" or head[8:12] != b"WEBP":
+        return
+    chunk = head[12:16]
+    if chunk == b"VP8 " and head[23:26] == b"\x9d\x01\x2a":
+        width, height = (int.from_bytes(head[26:28], "little") & 0x3FFF,
+                         int.from_bytes(head[28:30], "little") & 0x3FFF)
+    elif chunk == b"VP8X":
+        width, height = int.from_bytes(head[24:27], "little") + 1, int.from_bytes(head[27:30], "little") + 1
+    elif chunk == b"VP8L" and head[20] == 0x2F:
+        bits = int.from_bytes(head[21:25], "little")
+        width, height = (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    else:
+        return
+    _check_pixels(width, height)
 
 
 def _check_pixels(width: int, height: int) -> None:
@@ -474,7 +513,17 @@ def _warn_once(report: ScanReport) -> None:
     shown = lines[:_MAX_LOGGED]
     if len(lines) > _MAX_LOGGED:
         shown.append(f"... and {len(lines) - _MAX_LOGGED} more (see the dataset report)")
-    logger.warning("dataset '%s': %d file issue(s):\n  %s", report.root, len(lines), "\n  ".join(shown))
+    logger.warning("%s", _printable(f"dataset '{report.root}': {len(lines)} file issue(s):\n  " + "\n  ".join(shown)))
+
+
+def _printable(text: str) -> str:
+    """``text`` with lone surrogates (file names that are not valid UTF-8) spelled as ``\\xNN`` escapes, so it
+    can be logged, shown and sent as UTF-8 anywhere."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # surrogates that did not come from undecodable bytes
+        raw = text.encode("utf-8", "surrogatepass")
+    return raw.decode("utf-8", "backslashreplace")
 
 
 # --- fingerprint -----------------------------------------------------------------------------------------------------
@@ -567,8 +616,9 @@ def load_pil(item: ImageItem, target_w: int, target_h: int, cfg: DatasetConfig, 
 
 
 def _file_key(item: ImageItem) -> str:
-    """A stable per-image RNG key that survives moving the dataset folder."""
-    return f"{item.dataset_index}/{item.path.parent.name}/{item.path.name}"
+    """A stable per-image RNG key that survives moving the dataset folder. File names that are not valid UTF-8
+    (kept by Python as surrogate escapes) are spelled with backslash escapes, so the key can always be hashed."""
+    return _printable(f"{item.dataset_index}/{item.path.parent.name}/{item.path.name}")
 
 
 def _open_rgb(path: Path, target_w: int, target_h: int, background: tuple[int, int, int]) -> "Image.Image":
@@ -578,6 +628,7 @@ def _open_rgb(path: Path, target_w: int, target_h: int, background: tuple[int, i
     Image = _pil()
 
     try:
+        _check_declared_size(path)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path, formats=_PIL_FORMATS) as img:

@@ -3,6 +3,9 @@
 Every file Crucible writes (LoRA, model, training state, PNG, cache, JSON) goes through :func:`atomic_write`: the
 bytes go to a temporary file in the destination folder, are fsynced, and the temp file is renamed over the final
 name. A crash or a kill mid-save leaves either the old file or the new one, never a partial one.
+
+A kill can leave the temp file itself behind (``.<name>.<pid>.<random>.tmp``, hidden); the next process that writes
+to that folder removes the ones whose writer process is gone, so repeated crashes never pile up multi-GB leftovers.
 """
 from __future__ import annotations
 
@@ -11,13 +14,21 @@ import json
 import os
 import re
 import tempfile
+import time
+import unicodedata
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from .errors import CrucibleError, UnsafePathError
 
-_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))}
-MAX_NAME = 120
+# Windows device names (also with an extension, trailing spaces, or superscript digits: "CON .txt", "COM¹").
+_RESERVED = {"con", "prn", "aux", "nul", "conin$", "conout$",
+             *(f"{dev}{d}" for dev in ("com", "lpt") for d in "123456789\u00b9\u00b2\u00b3")}
+MAX_NAME = 120  # characters
+MAX_NAME_BYTES = 160  # UTF-8 bytes: leaves room for suffixes and temp-file decoration under the usual 255-byte limit
+_STARTED = time.time()  # temp files older than this cannot belong to a writer in this process
+_TEMP_NAME = re.compile(r"^\..+\.(\d+)\.[a-z0-9_]{8}\.tmp$")  # what atomic_path's mkstemp call creates
+_SWEPT: set[tuple[int, str]] = set()  # (process id, folder) pairs already swept for stale temp files
 
 
 @contextlib.contextmanager
@@ -26,7 +37,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        remove_stale_temps(path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
         raise CrucibleError(f"cannot write '{path}': {exc.strerror or exc}. Check the folder exists, is writable and has free space") from exc
     os.close(fd)
@@ -43,6 +55,45 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+def remove_stale_temps(folder: str | Path) -> list[Path]:
+    """Delete the temp files killed writers left in ``folder``; returns what was removed.
+
+    A temp file ``.<name>.<pid>.<random>.tmp`` is stale when process ``pid`` no longer exists (POSIX), or, where that
+    cannot be checked, when it is older than this process. Temp files of live writers are never touched. Each folder
+    is swept once per process (the first time it is written to), so saving thousands of cache files stays linear.
+    """
+    key = (os.getpid(), str(folder))
+    if key in _SWEPT:
+        return []
+    _SWEPT.add(key)
+    removed = []
+    try:
+        with os.scandir(folder) as entries:
+            temps = [(e, m) for e in entries if e.name.startswith(".") and (m := _TEMP_NAME.match(e.name))]
+    except OSError:
+        return removed
+    for entry, match in temps:
+        with contextlib.suppress(OSError):
+            if _is_stale(int(match.group(1)), entry.stat(follow_symlinks=False).st_mtime):
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+    return removed
+
+
+def _is_stale(pid: int, mtime: float) -> bool:
+    if pid == os.getpid():
+        return False  # another thread of this process may be writing it right now
+    if os.name == "posix":
+        try:
+            os.kill(pid, 0)  # signal 0: existence check only (on Windows os.kill would terminate the process)
+        except ProcessLookupError:
+            return True
+        except OSError:
+            return False  # exists, owned by someone else
+        return False
+    return mtime < _STARTED
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -84,23 +135,46 @@ def save_safetensors(path: str | Path, tensors: dict, metadata: dict[str, str] |
 def safe_name(name: str, what: str = "name") -> str:
     """Normalise a user-given run or file name into one safe path component.
 
-    Separators, drive letters, control characters and reserved device names are refused or replaced so the
-    result can never leave the folder it is joined to.
+    Separators, drive letters, control characters, lone surrogates and reserved device names are replaced, leading
+    and trailing dots and spaces go, and the result is cut to :data:`MAX_NAME` characters / :data:`MAX_NAME_BYTES`
+    UTF-8 bytes. So it never leaves the folder it is joined to, is never hidden, ``.`` or ``..``, and is a valid file
+    name on Linux, macOS and Windows. ``safe_name(safe_name(x)) == safe_name(x)``.
     """
     if not isinstance(name, str) or not name.strip():
         raise CrucibleError(f"{what} is empty: give it a name")
-    cleaned = re.sub(r"[\x00-\x1f<>:\"/\\|?*]", "_", name.strip())
-    cleaned = cleaned.strip(" .")
+    cleaned = _UNSAFE_CHARS.sub("_", _trim(name))
+    cleaned = "".join("_" if unicodedata.category(c) == "Cs" else c for c in cleaned)  # lone surrogates
+    cleaned = _truncate(_trim(cleaned))
     if not cleaned or set(cleaned) <= {"_", "."}:
         raise CrucibleError(f"{what} {name!r} has no usable characters; use letters, digits, '-' or '_'")
-    if cleaned.split(".")[0].lower() in _RESERVED:
-        cleaned = "_" + cleaned
-    return cleaned[:MAX_NAME]
+    if cleaned.split(".")[0].rstrip().lower() in _RESERVED:
+        cleaned = _truncate("_" + cleaned)
+    return cleaned
+
+
+_UNSAFE_CHARS = re.compile(r"[\x00-\x1f\x7f<>:\"/\\|?*]")
+_ENDS = re.compile(r"^[\s.]+|[\s.]+$")
+
+
+def _trim(text: str) -> str:
+    """Without leading/trailing whitespace and dots (Windows drops trailing ones; leading dots hide files)."""
+    return _ENDS.sub("", text)
+
+
+def _truncate(name: str) -> str:
+    """At most :data:`MAX_NAME` characters and :data:`MAX_NAME_BYTES` UTF-8 bytes, still trimmed."""
+    name = name[:MAX_NAME]
+    while len(name.encode("utf-8")) > MAX_NAME_BYTES:
+        name = name[:-1]
+    return _trim(name)
 
 
 def ensure_inside(path: str | Path, roots: list[str | Path], what: str = "path") -> Path:
     """Resolve ``path`` (following symlinks) and refuse it unless it lies inside one of ``roots``."""
-    resolved = Path(path).expanduser().resolve()
+    try:
+        resolved = Path(path).expanduser().resolve()
+    except (OSError, ValueError, RuntimeError) as exc:  # NUL byte, symlink loop, unreadable component
+        raise UnsafePathError(f"{what} '{path}' cannot be resolved ({exc}); give a plain folder path") from None
     for root in roots:
         root = Path(root).expanduser().resolve()
         if resolved == root or root in resolved.parents:

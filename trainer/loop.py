@@ -113,6 +113,9 @@ class Trainer:
             for module in [comps.denoiser, *comps.text_encoders]:
                 module.to(dtype=weight_dtype)
         self.family.configure_training(comps, cfg.training)
+        if cfg.network.network_type == "full" and cfg.network.train_text_encoder and not cfg.save.single_file_dir:
+            log.warning("network_type 'full' exports only the %s; the trained text encoder is kept in the training "
+                        "state only. Set save.single_file_dir to also save the whole model", comps.denoiser_name)
         with torch.random.fork_rng(devices=[]):  # adapter init draws from the global RNG: seed it, leave it as it was
             torch.manual_seed(cfg.training.seed)
             self.net: Network = attach_network(self.family, comps, cfg.network)
@@ -171,6 +174,7 @@ class Trainer:
                 module.enable_gradient_checkpointing()
             elif hasattr(module, "gradient_checkpointing_enable"):
                 module.gradient_checkpointing_enable()
+                module.train()  # transformers checkpoints only in training mode (CLIP/T5 have no dropout to enable)
 
     # --- run -----------------------------------------------------------------------------------------------------
     def run(self, resume_from, force_resume: bool, components: Components | None) -> RunResult:
@@ -281,11 +285,13 @@ class Trainer:
                 self.acc.backward(loss / len(group))
             total += loss.detach()
         params = self.net.parameters()
-        if self.cfg.optim.max_grad_norm > 0:
-            norm = self.acc.clip_grad_norm_(params, self.cfg.optim.max_grad_norm)
-            if norm is not None and not torch.isfinite(torch.as_tensor(norm)):
-                raise TrainingDivergedError(f"gradient norm became {float(norm)} at step {step}; training stopped. "
-                                            "The last good checkpoint is kept. Lower the learning rate")
+        # Always measure the gradient norm (an infinite max_norm clips nothing), so a non-finite gradient stops the
+        # run before the weights change — with clipping on or off.
+        max_norm = self.cfg.optim.max_grad_norm if self.cfg.optim.max_grad_norm > 0 else float("inf")
+        norm = self.acc.clip_grad_norm_(params, max_norm)
+        if norm is not None and not torch.isfinite(torch.as_tensor(norm)):
+            raise TrainingDivergedError(f"gradient norm became {float(norm)} at step {step}; training stopped. "
+                                        "The last good checkpoint is kept. Lower the learning rate")
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -379,10 +385,13 @@ class Trainer:
             return
         keep_last = self.checkpoints[-1]
         older = self.checkpoints[:-1]
+        single_dir = Path(self.cfg.save.single_file_dir) / self.run_name if self.cfg.save.single_file_dir else None
         while len(older) + 1 > limit and older:
             victim = older.pop(0)
-            with contextlib.suppress(FileNotFoundError):
-                victim.path.unlink()
+            for path in (victim.path, single_dir / victim.path.name if single_dir else None):
+                if path is not None:
+                    with contextlib.suppress(FileNotFoundError):
+                        path.unlink()
             log.info("checkpoint limit %d: removed %s", limit, victim.path.name)
         self.checkpoints = older + [keep_last]
 

@@ -62,9 +62,9 @@ class Network:
                                   f"(unexpected key {unexpected[0]}); resume with the same network settings")
 
 
-def _peft_config(cfg: NetworkConfig, targets: list[str], rank_pattern: dict[str, int]):
+def _peft_config(cfg: NetworkConfig, targets: list[str], rank_pattern: dict[str, int],
+                 alpha_pattern: dict[str, float]):
     peft = require("peft", "peft", "LoRA training")
-    alpha_pattern = {k: cfg.network_alpha * v / cfg.network_dim for k, v in rank_pattern.items()}
     common = dict(r=cfg.network_dim, target_modules=targets, rank_pattern=rank_pattern)
     if cfg.network_type in ("lora", "dora"):
         return peft.LoraConfig(lora_alpha=cfg.network_alpha, init_lora_weights=True, alpha_pattern=alpha_pattern,
@@ -92,6 +92,22 @@ def _block_rank_pattern(family: ModelFamily, comp: str, module: torch.nn.Module,
         if block in dims and any(name == t or name.endswith("." + t) for t in targets):
             pattern[re.escape(name)] = int(dims[block])
     return pattern
+
+
+def _conv_patterns(module: torch.nn.Module, cfg: NetworkConfig,
+                   targets: list[str]) -> tuple[dict[str, int], dict[str, float]]:
+    """kohya LoCon ``conv_dim``/``conv_alpha``: rank and alpha of the targeted k×k convolutions (1×1 convolutions
+    count as linear layers, as in kohya). 0 keeps the linear layers' rank / ``network_alpha``."""
+    if not (cfg.conv_dim or cfg.conv_alpha):
+        return {}, {}
+    ranks, alphas = {}, {}
+    for name, layer in module.named_modules():
+        if isinstance(layer, torch.nn.Conv2d) and layer.kernel_size != (1, 1) and \
+                any(name == t or name.endswith("." + t) for t in targets):
+            if cfg.conv_dim:
+                ranks[re.escape(name)] = int(cfg.conv_dim)
+            alphas[re.escape(name)] = float(cfg.conv_alpha or cfg.network_alpha)
+    return ranks, alphas
 
 
 def _block_order(family: ModelFamily, comp: str, module: torch.nn.Module) -> list[str]:
@@ -126,7 +142,11 @@ def attach_network(family: ModelFamily, comps: Components, cfg: NetworkConfig) -
     for comp, module in modules.items():
         targets = family.lora_target_modules(comp, cfg.target_preset)
         pattern = _block_rank_pattern(family, comp, module, cfg, targets)
-        peft_cfg = _peft_config(cfg, targets, pattern)
+        alphas = {k: cfg.network_alpha * v / cfg.network_dim for k, v in pattern.items()}  # same alpha/rank per block
+        conv_ranks, conv_alphas = _conv_patterns(module, cfg, targets)
+        pattern.update(conv_ranks)
+        alphas.update(conv_alphas)
+        peft_cfg = _peft_config(cfg, targets, pattern, alphas)
         peft.inject_adapter_in_model(peft_cfg, module, adapter_name=ADAPTER)
         net.peft_configs[comp] = peft_cfg
     if not net.parameters():

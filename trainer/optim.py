@@ -124,8 +124,20 @@ def warmup_steps(cfg: OptimConfig, total_steps: int) -> int:
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
-    """``diffusers.optimization.get_scheduler`` with warmup, cycles and power from the config."""
+    """``diffusers.optimization.get_scheduler`` with warmup, cycles and power from the config.
+
+    Adafactor with ``relative_step=True`` computes its own step size (its groups have no ``lr``): it gets
+    transformers' ``AdafactorSchedule``, which only reports that step size.
+    """
     from diffusers.optimization import get_scheduler
+
+    if any(group.get("lr") is None for group in optimizer.param_groups):
+        from transformers.optimization import AdafactorSchedule
+
+        if cfg.lr_scheduler != "constant" or warmup_steps(cfg, total_steps):
+            log.warning("Adafactor with relative_step=True sets its own learning rate; lr_scheduler %r and warmup "
+                        "are ignored", cfg.lr_scheduler)
+        return AdafactorSchedule(optimizer)
 
     return get_scheduler(cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=warmup_steps(cfg, total_steps),
                          num_training_steps=max(total_steps, 1), num_cycles=cfg.lr_scheduler_num_cycles,

@@ -2,8 +2,9 @@
 
 A state folder holds ``state.pt`` (trainable weights, optimizer, scheduler, EMA: only tensors and plain Python
 values, read back with ``torch.load(weights_only=True)``) and ``state.json`` (step, epoch, config and dataset
-hashes, written last). Both are written atomically; ``state.json`` names the step that ``state.pt`` must hold, so
-a mismatched pair is detected instead of silently mixing two saves.
+hashes, written last, for people and for a quick check). Both are written atomically, and ``state.pt`` carries its
+own copy of that record: a crash or a full disk between the two writes leaves a new ``state.pt`` beside the previous
+``state.json``, and resuming then trusts ``state.pt``'s record, so the pair is never mixed and never unusable.
 
 Data order, captions, crops and noise are all keyed by ``(seed, epoch, index)``, so weights + optimizer + scheduler
 + position are all a resumed run needs to continue bit-for-bit.
@@ -45,10 +46,10 @@ class SavedState:
 def save_state(folder: Path, *, step: int, epoch: int, payload: dict[str, Any], cfg: TrainConfig,
                data_fingerprint: str, extra: dict[str, Any] | None = None) -> Path:
     folder = Path(folder)
-    blob = dict(payload, step=step, epoch=epoch, format=STATE_FORMAT)
-    atomic_write(folder / "state.pt", lambda tmp: torch.save(blob, tmp))
     meta = {"format": STATE_FORMAT, "step": step, "epoch": epoch, "config_hash": config_hash(cfg),
             "data_fingerprint": data_fingerprint, "config": cfg.to_dict(), **(extra or {})}
+    blob = dict(payload, step=step, epoch=epoch, format=STATE_FORMAT, meta=meta)
+    atomic_write(folder / "state.pt", lambda tmp: torch.save(blob, tmp))
     atomic_write_json(folder / "state.json", meta)
     return folder
 
@@ -60,9 +61,45 @@ def load_state(folder: Path, cfg: TrainConfig, data_fingerprint: str, *, force: 
     if not meta_path.is_file() or not blob_path.is_file():
         raise CrucibleError(f"no training state in '{folder}' (expected state.json and state.pt); "
                             "resume needs a folder written by a previous run with save_state on")
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    if meta.get("format") != STATE_FORMAT:
-        raise CrucibleError(f"training state '{folder}' has format {meta.get('format')}, this Crucible reads {STATE_FORMAT}")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CrucibleError(f"training state '{meta_path}' cannot be read ({exc}); it may be damaged") from exc
+    if not isinstance(meta, dict) or meta.get("format") != STATE_FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise CrucibleError(f"training state '{folder}' has format {found}, this Crucible reads {STATE_FORMAT}")
+    _check_unchanged(folder, meta, cfg, data_fingerprint, force)  # before reading a possibly large file
+    blob = _load_blob(blob_path)
+    if not isinstance(blob, dict):
+        raise CrucibleError(f"training state '{blob_path}' is not a Crucible training state")
+    own = blob.get("meta")
+    if isinstance(own, dict) and own.get("step") == blob.get("step") != meta.get("step"):
+        # Interrupted between writing state.pt and state.json: state.pt is newer and complete, and says what it is.
+        meta = own
+        _check_unchanged(folder, meta, cfg, data_fingerprint, force)
+    if blob.get("step") != meta.get("step"):
+        raise CrucibleError(f"training state in '{folder}' is inconsistent (state.pt step {blob.get('step')}, "
+                            f"state.json step {meta.get('step')}); resume from an earlier state")
+    return SavedState(step=int(meta["step"]), epoch=int(meta["epoch"]), payload=blob, meta=meta)
+
+
+def _load_blob(path: Path) -> Any:
+    """``torch.load(weights_only=True)``: tensors and plain values only, so a crafted pickle cannot run code."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CrucibleError(f"training state '{path}' was refused: it holds Python objects other than tensors and "
+                            "plain values, which could run code when loaded. Crucible did not write it; delete the "
+                            "state folder (or restore it from a backup) and train again") from exc
+    except Exception as exc:  # noqa: BLE001 - a truncated zip, a wrong file: unusable either way
+        raise CrucibleError(f"training state '{path}' cannot be read ({type(exc).__name__}); it is damaged. "
+                            "Delete the state folder, or restore it from a backup") from exc
+
+
+def _check_unchanged(folder: Path, meta: dict[str, Any], cfg: TrainConfig, data_fingerprint: str,
+                     force: bool) -> None:
     problems = []
     if meta.get("config_hash") != config_hash(cfg):
         problems.append("the training config changed")
@@ -71,11 +108,3 @@ def load_state(folder: Path, cfg: TrainConfig, data_fingerprint: str, *, force: 
     if problems and not force:
         raise CrucibleError(f"cannot resume from '{folder}': {' and '.join(problems)} since it was saved. "
                             "Restore them, or resume with force (resume_force / --force-resume) to continue anyway")
-    try:
-        blob = torch.load(blob_path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means an unusable file
-        raise CrucibleError(f"training state '{blob_path}' cannot be read ({exc}); it may be damaged") from exc
-    if blob.get("step") != meta.get("step"):
-        raise CrucibleError(f"training state in '{folder}' is inconsistent (state.pt step {blob.get('step')}, "
-                            f"state.json step {meta.get('step')}); resume from an earlier state")
-    return SavedState(step=int(meta["step"]), epoch=int(meta["epoch"]), payload=blob, meta=meta)

@@ -9,7 +9,8 @@ requirements install). The checks, each printed as ``PASS``/``FAIL``/``SKIP`` as
    required/optional/hidden input names, output types, ``OUTPUT_NODE`` flag and display name.
 3. **Resources** — test data the stage prepared (``resources.json``) is visible to ComfyUI.
 4. **Workflows** — every entry of the CI list (``tests/comfyui_e2e/ci_workflows.json``, format in the README next
-   to this file) is posted to ``/prompt``, followed over the websocket and ``/history``, and its outputs checked.
+   to this file) is posted to ``/prompt``, followed over the websocket and ``/history``, and its outputs checked:
+   counts, served images, saved grids (their ``crucible_layout`` and pixels) and the server log it produced.
 5. **Negative** — a Crucible node given a bad input is rejected with an error that names the input.
 
 The last line is ``N passed, M failed``; the exit status is 1 when anything failed.
@@ -32,7 +33,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ENTRY_KEYS = {"file", "name", "note", "needs", "inputs", "expect", "expect_error", "timeout", "min_progress"}
+ENTRY_KEYS = {"file", "name", "note", "needs", "inputs", "expect", "expect_error", "timeout", "min_progress",
+              "expect_grid", "log_forbids"}
+GRID_KEYS = {"cols", "rows", "columns_differ"}
+MIN_CELL_DIFFERENCE = 1.0  # mean |Δ| in 0..255 levels between two grid cells that must differ
 DEFAULT_TIMEOUT = 300.0
 PROBE_MARK = "@@crucible-probe@@"
 NOT_A_CHOICE = "__crucible_ci_not_a_choice__"
@@ -189,6 +193,8 @@ class Entry:
     expect_error: list[str] = field(default_factory=list)
     timeout: float = DEFAULT_TIMEOUT
     min_progress: int = 0
+    expect_grid: dict[str, dict[str, Any]] = field(default_factory=dict)
+    log_forbids: list[str] = field(default_factory=list)
 
 
 def load_sidecar(path: Path) -> list[Entry]:
@@ -216,10 +222,11 @@ def _entry(path: Path, index: int, item: Any) -> Entry:
     entry = Entry(file=item["file"], name=item.get("name") or Path(item["file"]).stem, note=item.get("note", ""),
                   needs=item.get("needs", []), inputs=item.get("inputs", {}), expect=item.get("expect", {}),
                   expect_error=item.get("expect_error", []), timeout=float(item.get("timeout", DEFAULT_TIMEOUT)),
-                  min_progress=int(item.get("min_progress", 0)))
+                  min_progress=int(item.get("min_progress", 0)), expect_grid=item.get("expect_grid", {}),
+                  log_forbids=item.get("log_forbids", []))
     if not (isinstance(entry.needs, list) and all(isinstance(n, str) for n in entry.needs)):
         raise SidecarError(f"{where}.needs: a list of resource names such as [\"demo_data\", \"tiny_sd15\"]")
-    for key in ("inputs", "expect"):
+    for key in ("inputs", "expect", "expect_grid"):
         value = getattr(entry, key)
         if not (isinstance(value, dict) and all(isinstance(v, dict) for v in value.values())):
             raise SidecarError(f"{where}.{key}: an object {{node_id: {{name: value}}}}")
@@ -229,9 +236,25 @@ def _entry(path: Path, index: int, item: Any) -> Entry:
                 raise SidecarError(f"{where}.expect.{node_id}.{kind}: a count (int) or {{\"min\": n, \"max\": m}}")
     if not (isinstance(entry.expect_error, list) and all(isinstance(s, str) for s in entry.expect_error)):
         raise SidecarError(f"{where}.expect_error: a list of strings the error must mention, e.g. [\"learning_rate\"]")
-    if entry.expect_error and entry.expect:
-        raise SidecarError(f"{where}: \"expect\" and \"expect_error\" exclude each other")
+    for node_id, spec in entry.expect_grid.items():
+        _check_grid_spec(f"{where}.expect_grid.{node_id}", spec)
+    if not (isinstance(entry.log_forbids, list) and all(isinstance(s, str) and s.strip() for s in entry.log_forbids)):
+        raise SidecarError(f"{where}.log_forbids: a list of non-empty strings, e.g. [\"lora key not loaded\"]")
+    if entry.expect_error and (entry.expect or entry.expect_grid):
+        raise SidecarError(f"{where}: \"expect\"/\"expect_grid\" and \"expect_error\" exclude each other")
     return entry
+
+
+def _check_grid_spec(where: str, spec: dict) -> None:
+    unknown = set(spec) - GRID_KEYS
+    if unknown or not spec:
+        extra = f", not {sorted(unknown)}" if unknown else ""
+        raise SidecarError(f"{where}: give some of {sorted(GRID_KEYS)}{extra}")
+    for key in ("cols", "rows"):
+        if key in spec and not _valid_count(spec[key]):
+            raise SidecarError(f"{where}.{key}: a count (int) or {{\"min\": n, \"max\": m}}")
+    if not isinstance(spec.get("columns_differ", False), bool):
+        raise SidecarError(f"{where}.columns_differ: true or false")
 
 
 def _valid_count(spec: Any) -> bool:
@@ -291,9 +314,10 @@ def build_prompt(entry: Entry, workflow: dict, object_info: dict, variables: dic
                 raise ValueError(f"inputs: {prompt[node_id]['class_type']} (node {node_id}) has no input {name!r}; "
                                  f"it has {sorted(known)}")
             prompt[node_id]["inputs"][name] = substitute(value, variables)
-    for node_id in entry.expect:
-        if node_id not in prompt:
-            raise ValueError(f"expect: node {node_id!r} is not in {entry.file}")
+    for key in ("expect", "expect_grid"):
+        for node_id in getattr(entry, key):
+            if node_id not in prompt:
+                raise ValueError(f"{key}: node {node_id!r} is not in {entry.file}")
     return prompt
 
 
@@ -404,7 +428,7 @@ def check_outputs(server: Server, entry: Entry, run: Run) -> list[str]:
     for node_id, kinds in outputs.items():
         for item in kinds.get("images", []):
             if isinstance(item, dict) and "filename" in item:
-                query = urllib.parse.urlencode({k: item.get(k, "") for k in ("filename", "subfolder", "type")})
+                query = _view_query(item)
                 status, data = server.raw(f"/view?{query}")
                 if status != 200 or not data.startswith((b"\x89PNG", b"\xff\xd8", b"RIFF", b"GIF8")):
                     problems.append(f"node {node_id}: /view?{query} -> {status}, {len(data)} bytes, not an image")
@@ -413,13 +437,133 @@ def check_outputs(server: Server, entry: Entry, run: Run) -> list[str]:
     return problems
 
 
+def _view_query(item: dict) -> str:
+    return urllib.parse.urlencode({k: item.get(k, "") for k in ("filename", "subfolder", "type")})
+
+
+def check_grids(server: Server, entry: Entry, run: Run, pack_dir: Path) -> tuple[list[str], list[str]]:
+    """(problems, findings) for the grids ``entry.expect_grid`` names: every PNG such a node saved is fetched with
+    ``/view``, and its ``crucible_layout`` and cell pixels are checked against the spec."""
+    outputs = (run.history or {}).get("outputs", {})
+    problems, findings = [], []
+    for node_id, spec in entry.expect_grid.items():
+        items = [i for i in outputs.get(node_id, {}).get("images", []) if isinstance(i, dict) and "filename" in i]
+        if not items:
+            problems.append(f"node {node_id}: saved no grid image to check (turn its 'save' on)")
+        for item in items:
+            status, data = server.raw(f"/view?{_view_query(item)}")
+            if status != 200:
+                problems.append(f"node {node_id}: /view?{_view_query(item)} -> {status}")
+                continue
+            found, summary = grid_problems(data, spec, pack_dir, where=f"node {node_id} grid {item['filename']}")
+            problems += found
+            findings.append(summary)
+    return problems, findings
+
+
+def grid_problems(png: bytes, spec: dict, pack_dir: Path, where: str = "grid") -> tuple[list[str], str]:
+    """Problems of one saved grid PNG against an ``expect_grid`` spec, and a one-line summary of what it shows.
+
+    The layout comes from the PNG's ``crucible_layout`` chunk (read by the pack's own ``trainer.render``); with
+    ``columns_differ`` every cell must differ from the first cell of its row (the base model's render) by at least
+    :data:`MIN_CELL_DIFFERENCE` on average: equal pixels mean the checkpoint changed nothing.
+    """
+    import tempfile
+
+    import numpy as np
+    from PIL import Image
+
+    render = _pack_module(pack_dir, "trainer.render")
+    with tempfile.TemporaryDirectory(prefix="crucible-grid-") as tmp:
+        path = Path(tmp) / "grid.png"
+        path.write_bytes(png)
+        try:
+            layout = render.read_layout(path)
+        except Exception as exc:  # noqa: BLE001 - any unreadable grid is a finding, not a crash of the driver
+            return [f"{where}: no readable layout ({exc})"], ""
+        with Image.open(path) as image:
+            pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
+    problems = [f"{where}: {layout.get(key)} {key}, expected {spec[key]}"
+                for key in ("cols", "rows") if key in spec and not _count_ok(int(layout.get(key, -1)), spec[key])]
+    try:
+        diffs = cell_differences(pixels, layout)
+    except ValueError as exc:
+        return problems + [f"{where}: {exc}"], ""
+    labels = layout.get("col_labels") or []
+    name = lambda col: f"column {col}" + (f" ({labels[col]!r})" if col < len(labels) else "")  # noqa: E731
+    if spec.get("columns_differ"):
+        problems += [f"{where}: row {row} {name(col)} differs from {name(0)} by only {diff:.2f}/255 on average "
+                     f"(at least {MIN_CELL_DIFFERENCE} expected): the checkpoint did not change the render"
+                     for (row, col), diff in diffs.items() if diff < MIN_CELL_DIFFERENCE]
+    shown = ", ".join(f"r{row} {name(col)} {diff:.1f}" for (row, col), diff in diffs.items())
+    summary = f"{layout.get('rows')}x{layout.get('cols')} grid; mean |Δ| vs {name(0)}: {shown or 'no other column'}"
+    return problems, summary
+
+
+def cell_differences(pixels, layout: dict) -> dict[tuple[int, int], float]:
+    """Mean absolute pixel difference (0..255) of every cell from the first cell of its row, keyed (row, col).
+
+    ``pixels`` is the grid as an ``[H, W, 3]`` array; cells are cut at their ``image_box`` (the pasted image,
+    without letterboxing). A cell without an image or of another size than its row's first one is a ValueError.
+    """
+    import numpy as np
+
+    def crop(cell: dict):
+        if not cell.get("image_box"):
+            raise ValueError(f"cell row {cell['row']} column {cell['col']} has no image (a placeholder)")
+        x0, y0, x1, y1 = cell["image_box"]
+        return pixels[y0:y1, x0:x1]
+
+    cells = {(c["row"], c["col"]): c for c in layout.get("cells", [])}
+    out = {}
+    for (row, col), cell in sorted(cells.items()):
+        if col == 0:
+            continue
+        first, this = crop(cells[(row, 0)]), crop(cell)
+        if first.shape != this.shape:
+            raise ValueError(f"cell row {row} column {col} is {this.shape[1]}x{this.shape[0]} but column 0 is "
+                             f"{first.shape[1]}x{first.shape[0]}")
+        out[(row, col)] = float(np.abs(this - first).mean())
+    return out
+
+
+def _pack_module(pack_dir: Path, name: str):
+    """Import ``name`` from the installed pack (its ``trainer`` package is plain Python, no ComfyUI needed)."""
+    import importlib
+
+    if str(pack_dir) not in sys.path:
+        sys.path.insert(0, str(pack_dir))
+    return importlib.import_module(name)
+
+
+def log_since(path: Path | None, offset: int) -> str:
+    """The server log's text from byte ``offset`` on ("" without a log)."""
+    if path is None or not path.is_file():
+        return ""
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        return fh.read().decode("utf-8", "replace")
+
+
+def log_size(path: Path | None) -> int:
+    return path.stat().st_size if path is not None and path.is_file() else 0
+
+
+def forbidden_lines(text: str, needles: list[str]) -> list[str]:
+    """Lines of ``text`` that contain any of ``needles`` (case-insensitive), in order, each once."""
+    lowered = [n.lower() for n in needles]
+    return list(dict.fromkeys(line for line in text.splitlines() if any(n in line.lower() for n in lowered)))
+
+
 def mentions_all(text: str, needles: list[str]) -> list[str]:
     return [n for n in needles if n.lower() not in text.lower()]
 
 
 async def run_entry(server: Server, results: Results, entry: Entry, pack_dir: Path, object_info: dict,
-                    variables: dict[str, str], resources: dict) -> dict | None:
-    """Run one CI workflow entry; returns the posted prompt when it passed, for reuse by the negative checks."""
+                    variables: dict[str, str], resources: dict, server_log: Path | None = None) -> dict | None:
+    """Run one CI workflow entry; returns the posted prompt when it passed, for reuse by the negative checks.
+
+    ``server_log`` is the server's log file: ``entry.log_forbids`` is checked against what it gained meanwhile."""
     label = f"workflow {entry.name}"
     unmet = [n for n in entry.needs if resources.get(n, {}).get("status") != "ok"]
     if unmet:
@@ -434,13 +578,18 @@ async def run_entry(server: Server, results: Results, entry: Entry, pack_dir: Pa
     except (OSError, ValueError, KeyError) as exc:
         results.fail(label, f"{entry.file}: {exc}")
         return None
+    log_start = log_size(server_log)
     run = await run_prompt(server, prompt, entry.timeout)
     took = f"{run.seconds:.1f}s, {run.progress} progress events"
+    logged = forbidden_lines(log_since(server_log, log_start), entry.log_forbids)
+    log_problems = [f"the server logged {len(logged)} line(s) containing {entry.log_forbids} while it ran:\n"
+                    + "\n".join(logged[:20])] if logged else []
     if entry.expect_error:
         text = run.error_text()
         if run.rejected or not run.succeeded:
             missing = mentions_all(text, entry.expect_error)
-            results.check(label + " (must fail)", [f"the error does not mention {missing}:\n{text}"] if missing else [],
+            results.check(label + " (must fail)",
+                          ([f"the error does not mention {missing}:\n{text}"] if missing else []) + log_problems,
                           f"rejected as expected ({took})")
         else:
             results.fail(label + " (must fail)", f"it succeeded ({took}); expected an error naming {entry.expect_error}")
@@ -456,7 +605,11 @@ async def run_entry(server: Server, results: Results, entry: Entry, pack_dir: Pa
         state = f"timed out after {entry.timeout:g}s (the prompt was interrupted)" if run.timed_out else "execution failed"
         results.fail(label, f"{state} ({took})\n{run.error_text()}")
         return None
-    ok = results.check(label, check_outputs(server, entry, run), took)
+    grid_found, findings = check_grids(server, entry, run, pack_dir)
+    if entry.log_forbids:
+        findings.append(f"log free of {entry.log_forbids}")
+    ok = results.check(label, check_outputs(server, entry, run) + grid_found + log_problems,
+                       "; ".join([took, *findings]))
     return prompt if ok else None
 
 
@@ -600,7 +753,7 @@ async def main_async(args: argparse.Namespace) -> int:
             results.skip(f"resource {name}", res.get("why", "not prepared"))
         elif res.get("status") != "ok":
             results.fail(f"resource {name}", res.get("why", "failed"))
-        elif name == "tiny_sd15":
+        elif res.get("kind") == "checkpoint":  # must be in Load Checkpoint's list, as a user would pick it
             choices = object_info.get("CheckpointLoaderSimple", {}).get("input", {}).get("required", {}) \
                 .get("ckpt_name", [[]])[0]
             results.check(f"resource {name}", [] if res["value"] in choices else
@@ -628,7 +781,8 @@ async def main_async(args: argparse.Namespace) -> int:
                  **{name: str(res["value"]) for name, res in resources.items() if res.get("status") == "ok"}}
     passed_prompts = []
     for entry in entries:
-        prompt = await run_entry(server, results, entry, pack_dir, object_info, variables, resources)
+        prompt = await run_entry(server, results, entry, pack_dir, object_info, variables, resources,
+                                 Path(args.server_log))
         if prompt:
             passed_prompts.append(prompt)
     print(f"--- workflows: {time.monotonic() - t1:.1f}s", flush=True)

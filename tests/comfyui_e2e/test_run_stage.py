@@ -1,7 +1,8 @@
-"""Unit tests for the real-ComfyUI stage driver's pure logic (no server, no ComfyUI, stdlib only).
+"""Unit tests for the real-ComfyUI stage driver's pure logic (no server, no ComfyUI).
 
 The stage itself (``.ci/comfyui_stage.sh``) is exercised by ``make test-comfyui``; these tests keep the parts that
-decide PASS/FAIL honest: the CI list's validation, input overrides, the negative-check value picker and the log scan.
+decide PASS/FAIL honest: the CI list's validation, input overrides, the negative-check value picker, the log scans
+and the saved-grid check (grids composed with the pack's own ``trainer.render``).
 """
 from __future__ import annotations
 
@@ -52,8 +53,8 @@ def test_repo_ci_list_is_valid_and_points_at_existing_api_workflows():
     path = HERE / "ci_workflows.json"
     entries = rs.load_sidecar(path)
     stage = (REPO / ".ci" / "comfyui_stage.sh").read_text(encoding="utf-8")
-    resources = set(re.findall(r"RES\[(\w+)\]=", stage))
-    assert resources >= {"demo_data", "tiny_sd15"}
+    resources = set(re.findall(r"RES\[(\w+)\]=", stage)) | set(re.findall(r"^build_checkpoint (\w+) ", stage, re.M))
+    assert resources >= {"demo_data", "tiny_sd15", "comfy_sd15"}
     for entry in entries:
         rs.load_api_workflow(REPO / entry.file)  # exists and is API format
         assert set(entry.needs) <= resources, (entry.name, entry.needs)
@@ -69,6 +70,14 @@ def test_repo_ci_list_is_valid_and_points_at_existing_api_workflows():
     ({"file": "w.json", "expect": {"2": {"images": True}}}, "expect.2.images"),
     ({"file": "w.json", "needs": "demo_data"}, ".needs"),
     ({"file": "w.json", "expect": {"2": {"images": 1}}, "expect_error": ["x"]}, "exclude each other"),
+    ({"file": "w.json", "expect_grid": {"2": {"cols": 3}}, "expect_error": ["x"]}, "exclude each other"),
+    ({"file": "w.json", "expect_grid": {"2": {"colums": 3}}}, "expect_grid.2: give some of"),
+    ({"file": "w.json", "expect_grid": {"2": {}}}, "expect_grid.2: give some of"),
+    ({"file": "w.json", "expect_grid": {"2": {"cols": -1}}}, "expect_grid.2.cols"),
+    ({"file": "w.json", "expect_grid": {"2": {"columns_differ": "yes"}}}, "expect_grid.2.columns_differ"),
+    ({"file": "w.json", "expect_grid": {"2": 3}}, ".expect_grid: an object"),
+    ({"file": "w.json", "log_forbids": "lora key not loaded"}, ".log_forbids"),
+    ({"file": "w.json", "log_forbids": ["ok", " "]}, ".log_forbids"),
 ])
 def test_malformed_ci_entries_are_refused_naming_the_key(tmp_path, entry, message):
     with pytest.raises(rs.SidecarError, match=re.escape(message)):
@@ -92,10 +101,12 @@ def test_build_prompt_applies_overrides_with_placeholders_and_leaves_the_workflo
     ({"9": {"steps": 1}}, {}, WORKFLOW, "node '9' is not in"),
     ({"1": {"stpes": 1}}, {}, WORKFLOW, "has no input 'stpes'"),
     ({}, {"7": {"images": 1}}, WORKFLOW, "expect: node '7'"),
+    ({}, {}, WORKFLOW, "expect_grid: node '8'"),
     ({}, {}, {"1": {"class_type": "NoSuchNode", "inputs": {}}}, "not on this server: ['NoSuchNode']"),
 ])
 def test_build_prompt_refuses_what_cannot_work(inputs, expect, workflow, message):
-    entry = rs.Entry(file="w.json", name="w", inputs=inputs, expect=expect)
+    grid = {"8": {"cols": 1}} if "expect_grid" in message else {}
+    entry = rs.Entry(file="w.json", name="w", inputs=inputs, expect=expect, expect_grid=grid)
     with pytest.raises(ValueError, match=re.escape(message)):
         rs.build_prompt(entry, workflow, OBJECT_INFO, {})
 
@@ -181,3 +192,97 @@ def test_run_error_text_and_success_cover_partial_validation():
                                          (5, {"max": 4}, False), (4, {"min": 4, "max": 4}, True)])
 def test_count_specs(n, spec, ok):
     assert rs._count_ok(n, spec) is ok
+
+
+def test_entry_with_grid_and_log_checks_parses(tmp_path):
+    (entry,) = rs.load_sidecar(write_sidecar(tmp_path, [{
+        "file": "w.json", "expect": {"2": {"images": 1}}, "expect_grid": {"2": {"cols": 3, "rows": {"min": 1},
+                                                                               "columns_differ": True}},
+        "log_forbids": ["lora key not loaded", "NOT LOADED"]}]))
+    assert entry.expect_grid == {"2": {"cols": 3, "rows": {"min": 1}, "columns_differ": True}}
+    assert entry.log_forbids == ["lora key not loaded", "NOT LOADED"]
+
+
+# --- server log -------------------------------------------------------------------------------------------------------
+def test_forbidden_lines_find_both_comfyui_lora_warnings_case_insensitively():
+    log = "\n".join(["got prompt", "lora key not loaded: lora_unet_down_blocks_0_attentions_0_proj_in.alpha",
+                     "NOT LOADED diffusion_model.input_blocks.1.1.proj_in.weight", "Requested to load BaseModel",
+                     "lora key not loaded: lora_unet_down_blocks_0_attentions_0_proj_in.alpha",
+                     "Loading 1 new model", "Prompt executed in 59.16 seconds"])
+    found = rs.forbidden_lines(log, ["LoRA key not loaded", "not loaded "])
+    assert found == ["lora key not loaded: lora_unet_down_blocks_0_attentions_0_proj_in.alpha",
+                     "NOT LOADED diffusion_model.input_blocks.1.1.proj_in.weight"]
+    assert rs.forbidden_lines(log, ["IMPORT FAILED"]) == [] and rs.forbidden_lines(log, []) == []
+
+
+def test_log_since_reads_only_what_the_run_added(tmp_path):
+    log = tmp_path / "server.log"
+    log.write_text("before: lora key not loaded: x\n")
+    start = rs.log_size(log)
+    with open(log, "a") as fh:
+        fh.write("during\n")
+    assert rs.log_since(log, start) == "during\n"
+    assert rs.log_size(tmp_path / "absent.log") == 0 and rs.log_since(None, 0) == ""
+
+
+# --- saved grids ------------------------------------------------------------------------------------------------------
+def grid_png(tmp_path: Path, shades: list[list[int | None]], labels=("base", "e1", "e2")) -> bytes:
+    """A grid PNG as Crucible Image Grid saves it: one solid 16x16 cell per shade (None = no image)."""
+    from PIL import Image
+
+    from trainer.render import compose_grid, save_png
+
+    cells = [[None if v is None else Image.new("RGB", (16, 16), (v, v, v)) for v in row] for row in shades]
+    path = save_png(compose_grid(cells, col_labels=list(labels[:len(shades[0])])), tmp_path / "grid.png")
+    return path.read_bytes()
+
+
+def test_grid_check_passes_when_every_checkpoint_column_differs_from_the_base(tmp_path):
+    png = grid_png(tmp_path, [[100, 110, 140], [50, 52, 60]])
+    problems, summary = rs.grid_problems(png, {"cols": 3, "rows": 2, "columns_differ": True}, REPO)
+    assert problems == []
+    assert "2x3 grid" in summary and "r0 column 1 ('e1') 10.0" in summary and "r1 column 2 ('e2') 10.0" in summary
+
+
+def test_grid_check_names_a_column_equal_to_the_base_and_wrong_counts(tmp_path):
+    png = grid_png(tmp_path, [[100, 100, 140]])
+    problems, _ = rs.grid_problems(png, {"cols": 2, "rows": {"min": 1}, "columns_differ": True}, REPO, where="g")
+    assert problems[0] == "g: 3 cols, expected 2"
+    assert len(problems) == 2 and "row 0 column 1 ('e1') differs from column 0 ('base') by only 0.00/255" in problems[1]
+    assert rs.grid_problems(png, {"cols": 3}, REPO)[0] == []  # equal columns are fine unless columns_differ
+
+
+def test_grid_check_refuses_placeholders_and_pngs_without_a_layout(tmp_path):
+    from PIL import Image
+
+    problems, _ = rs.grid_problems(grid_png(tmp_path, [[100, None]]), {"columns_differ": True}, REPO, where="g")
+    assert problems == ["g: cell row 0 column 1 has no image (a placeholder)"]
+    plain = tmp_path / "plain.png"
+    Image.new("RGB", (8, 8)).save(plain)
+    problems, _ = rs.grid_problems(plain.read_bytes(), {"cols": 1}, REPO, where="g")
+    assert len(problems) == 1 and problems[0].startswith("g: no readable layout") and "crucible_layout" in problems[0]
+
+
+class FakeServer:
+    """``Server.raw`` over a dict of /view paths."""
+
+    def __init__(self, files: dict[str, bytes]):
+        self.files = files
+
+    def raw(self, path: str, timeout: float = 60.0) -> tuple[int, bytes]:
+        return (200, self.files[path]) if path in self.files else (404, b"")
+
+
+def test_check_grids_fetches_each_saved_grid_and_reports_a_missing_one(tmp_path):
+    png = grid_png(tmp_path, [[100, 120, 130]])
+    item = {"filename": "g.png", "subfolder": "crucible", "type": "output"}
+    server = FakeServer({"/view?" + rs._view_query(item): png})
+    history = {"outputs": {"15": {"images": [item]}}, "status": {"status_str": "success", "completed": True}}
+    run = rs.Run(200, {"prompt_id": "p"}, history=history)
+    entry = rs.Entry(file="w.json", name="w", expect_grid={"15": {"cols": 3, "columns_differ": True}})
+    problems, findings = rs.check_grids(server, entry, run, REPO)
+    assert problems == [] and len(findings) == 1 and "1x3 grid" in findings[0]
+    entry.expect_grid = {"15": {"cols": 3}, "16": {"cols": 1}}
+    problems, _ = rs.check_grids(FakeServer({}), entry, run, REPO)
+    assert problems[0].startswith("node 15: /view?") and problems[0].endswith("-> 404")
+    assert problems[1] == "node 16: saved no grid image to check (turn its 'save' on)"
