@@ -111,8 +111,12 @@ def network_args(path: Path) -> dict[str, float]:
 def file_ranks(path: Path) -> dict[str, tuple[int, float]]:
     """``{prefix: (rank, alpha)}`` of a LoRA file."""
     tensors = load_file(str(path))
-    return {key[: -len(".lora_down.weight")]: (int(value.shape[0]), float(tensors[key.replace("lora_down.weight", "alpha")]))
-            for key, value in tensors.items() if key.endswith(".lora_down.weight")}
+    ranks = {}
+    for key, down in tensors.items():
+        if key.endswith(".lora_down.weight"):
+            prefix = key.removesuffix(".lora_down.weight")
+            ranks[prefix] = int(down.shape[0]), float(tensors[prefix + ".alpha"])
+    return ranks
 
 
 def block_of_prefix(prefix: str) -> str | None:
@@ -176,7 +180,7 @@ def baseline(tiny_sd15, demo_dataset, tmp_path_factory):
     return train(make_config(tiny_sd15, demo_dataset, tmp_path_factory.mktemp("baseline")))
 
 
-# --- 1. network types, presets, text encoders, full fine-tune ----------------------------------------------------------
+# --- 1. network types, presets, text encoders, full fine-tune ------------------------------------------------------
 
 @pytest.mark.parametrize("network_type", ["lora", "dora", "loha", "lokr"])
 def test_network_type_trains_and_its_file_reloads_to_the_trained_output(network_type, tiny_sd15, demo_dataset,
@@ -284,7 +288,7 @@ def test_full_finetune_with_text_encoder_what_is_exported(tiny_sd15, demo_datase
     assert torch.equal(fc1, comps.text_encoders[0].state_dict()[key]) and not torch.equal(fc1, base_te[key])
 
 
-# --- 2. block-wise learning rates and ranks, separate LRs --------------------------------------------------------------
+# --- 2. block-wise learning rates and ranks, separate LRs ----------------------------------------------------------
 
 def _groups(cfg: TrainConfig):
     """The optimizer groups the loop builds for ``cfg`` (same functions it calls) and every adapter parameter."""
@@ -406,8 +410,9 @@ def test_gradient_checkpointing_recomputes_and_gives_the_same_training(tiny_sd15
                           training={"gradient_checkpointing": checkpointing})
         comps = FAMILY.load(cfg.model)
         calls = {"unet": 0, "text": 0}
-        for key, module in (("unet", find_module(comps.denoiser, "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k")),
-                            ("text", find_module(comps.text_encoders[0], "layers.0.self_attn.k_proj"))):
+        watched = {"unet": find_module(comps.denoiser, "transformer_blocks.0.attn1.to_k"),
+                   "text": find_module(comps.text_encoders[0], "layers.0.self_attn.k_proj")}
+        for key, module in watched.items():
             module.register_forward_hook(lambda *_, key=key: calls.__setitem__(key, calls[key] + 1))
         result = train(cfg, components=comps)
         runs[checkpointing] = result, calls
