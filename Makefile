@@ -26,7 +26,7 @@ $(STAMP): requirements.txt pyproject.toml
 	@$(BIN)/python -c "import torch" 2>/dev/null || \
 	  $(BIN)/python -m pip install -q $(TORCH_SPEC) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/python -m pip install -q -r requirements.txt
-	$(BIN)/python -m pip install -q pytest pytest-xdist hypothesis websocket-client prodigyopt dadaptation lion-pytorch tomli
+	$(BIN)/python -m pip install -q pytest pytest-xdist hypothesis websocket-client tensorboard prodigyopt dadaptation lion-pytorch tomli
 	@touch $@
 
 demo: setup

@@ -78,6 +78,45 @@ def step_generator(seed: int, *keys: int) -> torch.Generator:
     return torch.Generator("cpu").manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
 
 
+class BatchPrefetcher:
+    """Decodes the next optimizer step's batches on a background thread while the current step computes.
+
+    ``DataSource.load_batch`` is deterministic in (batch plan, epoch), so a prefetched batch is the batch the step
+    would have loaded itself; order and results do not depend on timing.
+    """
+
+    def __init__(self, source, enabled: bool = True):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.source = source
+        self.enabled = enabled
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="crucible-prefetch") if enabled else None
+        self.pending: dict[Any, Any] = {}
+
+    @staticmethod
+    def _key(batch_plan, epoch: int):
+        return epoch, tuple(tuple(s) for s in batch_plan)
+
+    def request(self, group: list[Any], epoch: int) -> None:
+        if not self.enabled:
+            return
+        for batch_plan in group:
+            key = self._key(batch_plan, epoch)
+            if key not in self.pending:
+                self.pending[key] = self.pool.submit(self.source.load_batch, batch_plan, epoch)
+
+    def get(self, batch_plan, epoch: int):
+        future = self.pending.pop(self._key(batch_plan, epoch), None)
+        return future.result() if future is not None else self.source.load_batch(batch_plan, epoch)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            for future in self.pending.values():
+                future.cancel()
+            self.pending.clear()
+            self.pool.shutdown(wait=True)
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, callbacks: Callbacks):
         self.cfg = cfg
@@ -148,6 +187,7 @@ class Trainer:
         self.trains_text = any(n in wrapped for n in comps.text_encoder_names)
 
     def _setup_caches(self) -> None:
+        self.prefetch = BatchPrefetcher(self.source, enabled=not self.cfg.training.cache_latents)
         from .cache import LatentCache, TextCache, model_identity
 
         tr, comps = self.cfg.training, self.comps
@@ -185,7 +225,10 @@ class Trainer:
             atomic_write_json(self.work_dir / "config.json", self.cfg.to_dict())
         if self.acc.is_main_process:
             self.callbacks.on_start(self.plan)
-        cancelled = self._loop(start)
+        try:
+            cancelled = self._loop(start)
+        finally:
+            self.prefetch.close()
         self.acc.wait_for_everyone()
         log.debug("rank %d trained weights sha256 %s", self.acc.process_index, self._weights_digest())
         self._write_manifest("cancelled" if cancelled else "finished")
@@ -224,6 +267,8 @@ class Trainer:
                 if step_of > plan.total_steps:
                     break
                 step = step_of
+                if index + 1 < len(groups):  # decode the next step's images while this one computes
+                    self.prefetch.request(groups[index + 1], epoch)
                 loss = self._optimizer_step(group, step, epoch)
                 self.losses.append(loss)
                 done_here += 1
@@ -337,7 +382,7 @@ class Trainer:
 
         if self.latent_cache is not None:
             return self.latent_cache.latents(batch_plan, epoch, encode).to(self.acc.device)
-        return encode(self.source.load_batch(batch_plan, epoch).pixels)
+        return encode(self.prefetch.get(batch_plan, epoch).pixels)
 
     # --- outputs -------------------------------------------------------------------------------------------------
     def _save(self, step: int, epoch: int, final: bool) -> None:

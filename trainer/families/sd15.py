@@ -85,6 +85,11 @@ def windows_needed(tokenizer, texts: Sequence[str]) -> int:
     return max(1, math.ceil(max(lengths, default=0) / WINDOW))
 
 
+def param_dtype(module) -> "torch.dtype":
+    """The dtype of a module's first parameter (diffusers' ``.dtype`` walks every parameter: slow per step)."""
+    return next(unwrap(module).parameters()).dtype
+
+
 def unwrap(module):
     """The module inside a DDP / accelerate wrapper (config, dtype and submodules live there)."""
     return getattr(module, "module", module)
@@ -243,7 +248,7 @@ class StableDiffusionFamily(ModelFamily):
     def predict(self, comps: Components, noisy_latents: "torch.Tensor", timesteps: "torch.Tensor",
                 cond: Conditioning) -> "torch.Tensor":
         unet = comps.denoiser
-        dtype = unwrap(unet).dtype
+        dtype = param_dtype(unet)
         hidden = cond["encoder_hidden_states"].to(noisy_latents.device, dtype)
         return unet(noisy_latents.to(dtype), timesteps, encoder_hidden_states=hidden,
                     added_cond_kwargs=self._added_cond(comps, noisy_latents, cond), return_dict=False)[0]

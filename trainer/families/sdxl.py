@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Sequence
 
 from .base import Components, Conditioning
 from .token_weights import apply_token_weights, token_weights
-from .sd15 import WINDOW, StableDiffusionFamily, check_clip_skip, chunked_token_ids, encode_windows, unwrap
+from .sd15 import (WINDOW, StableDiffusionFamily, check_clip_skip, chunked_token_ids, encode_windows, param_dtype,
+                   unwrap)
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -66,7 +67,7 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
 
     def _added_cond(self, comps: Components, latents: "torch.Tensor", cond: Conditioning) -> dict:
         """``text_embeds`` and ``time_ids`` (from the latent size when the batch did not bring its own)."""
-        dtype = unwrap(comps.denoiser).dtype
+        dtype = param_dtype(comps.denoiser)
         batch = latents.shape[0]
         time_ids = cond.get("time_ids")
         if time_ids is None:
