@@ -26,6 +26,7 @@ from trainer.config import TrainConfig
 from trainer.errors import CrucibleError, TrainingDivergedError
 from trainer.loop import Trainer, train
 from trainer.state import load_state
+from run_helpers import StopAt
 
 pytestmark = pytest.mark.slow
 
@@ -51,17 +52,6 @@ def run_config(model: Path, data: Path, out: Path, **sections) -> TrainConfig:
     return TrainConfig.from_dict(base)
 
 
-class StopAt(Callbacks):
-    """Presses Cancel after optimizer step ``step`` (what ComfyUI's Cancel button does)."""
-
-    def __init__(self, step: int):
-        self.step, self.seen = step, 0
-
-    def on_step(self, info):
-        self.seen = info.step
-
-    def should_stop(self):
-        return self.seen >= self.step
 
 
 class Hashes(Callbacks):

@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from trainer.callbacks import Callbacks
 from trainer.config import TrainConfig
 from trainer.families import get_family
 from trainer.loop import train
+from run_helpers import StopAt
 
 pytestmark = pytest.mark.slow
 
@@ -104,15 +104,6 @@ def test_reloaded_file_reproduces_the_trained_model(trained):
         assert (w - b).abs().max() > 1e-4
 
 
-class StopAt(Callbacks):
-    def __init__(self, step: int):
-        self.step, self.seen = step, 0
-
-    def on_step(self, info):
-        self.seen = info.step
-
-    def should_stop(self):
-        return self.seen >= self.step
 
 
 def test_resume_after_a_stop_is_exact(tiny_sdxl, demo_dataset, tmp_path):

@@ -9,9 +9,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from trainer.callbacks import Callbacks
 from trainer.config import TrainConfig
 from trainer.loop import train
+from run_helpers import StopAt
 
 pytestmark = pytest.mark.slow
 
@@ -112,15 +112,6 @@ def test_reloaded_lora_reproduces_trained_output(trained):
     assert (ref - reloaded).abs().max() < 1e-4
 
 
-class StopAt(Callbacks):
-    def __init__(self, step: int):
-        self.step, self.seen = step, 0
-
-    def on_step(self, info):
-        self.seen = info.step
-
-    def should_stop(self):
-        return self.seen >= self.step
 
 
 def test_cancel_saves_and_resume_is_exact(tiny_sd15, demo_dataset, tmp_path):
