@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import fields
 from pathlib import Path
 
-from trainer.config import (FAMILIES, LOSS_WEIGHTING, MIXED_PRECISION, NETWORK_TYPES, OPTIMIZERS, PREDICTION_TYPES,
+from trainer.config import (ATTENTION, FAMILIES, LOSS_WEIGHTING, MIXED_PRECISION, NETWORK_TYPES, OPTIMIZERS, PREDICTION_TYPES,
                             SAVE_PRECISION, SCHEDULERS, TARGET_PRESETS, TIMESTEP_SAMPLING, ModelConfig,
                             NetworkConfig, OptimConfig, SampleConfig, SaveConfig, TrainConfig, TrainingConfig)
 from trainer.errors import CrucibleError
@@ -43,9 +43,10 @@ class CrucibleModel:
             "prediction_type": combo(["auto", *PREDICTION_TYPES], "auto", "auto = the family default; v_prediction for SD2-v style models (kohya v_parameterization)."),
             "zero_terminal_snr": BOOL(False, "kohya zero_terminal_snr: rescale betas so the last step is pure noise (v-prediction models)."),
             "clip_skip": INT(1, 1, 12, "kohya clip_skip: 2 = penultimate CLIP layer (anime models)."),
+            "attention": combo(list(ATTENTION), "sdpa", "kohya --sdpa / --xformers: sdpa is torch's fused attention (default); xformers needs the xformers package (CUDA)."),
         }}
 
-    def build(self, family, ckpt_name, path, prediction_type, zero_terminal_snr, clip_skip):
+    def build(self, family, ckpt_name, path, prediction_type, zero_terminal_snr, clip_skip, attention="sdpa"):
         if path.strip():
             source = _comfy.resolve_model_path(path)
         elif ckpt_name != NONE:
@@ -55,7 +56,7 @@ class CrucibleModel:
         # A single file has no tokenizer inside: one saved next to it wins, else ComfyUI's own CLIP tokenizer.
         tokenizer = _comfy.comfy_tokenizer_dir() if source.is_file() and not _has_own_tokenizer(source) else None
         cfg = ModelConfig(family=family, path=str(source), prediction_type="" if prediction_type == "auto" else prediction_type,
-                          zero_terminal_snr=zero_terminal_snr, clip_skip=clip_skip,
+                          zero_terminal_snr=zero_terminal_snr, clip_skip=clip_skip, attention=attention,
                           tokenizer_path=str(tokenizer) if tokenizer else "")
         return (cfg,)
 

@@ -68,3 +68,24 @@ def test_replace_validates():
     assert cfg.replace(training={"epochs": 3}).training.epochs == 3
     with pytest.raises(ConfigError):
         cfg.replace(training={"epochs": 0})
+
+
+def test_attention_choice_is_validated_and_xformers_needs_its_package(monkeypatch):
+    import builtins
+
+    from trainer.errors import MissingDependencyError
+    from trainer.loop import use_attention
+
+    with pytest.raises(ConfigError, match="model.attention"):
+        TrainConfig.from_dict({"model": {"attention": "flash9"}})
+    real_import = builtins.__import__
+
+    def no_xformers(name, *args, **kwargs):
+        if name == "xformers":
+            raise ImportError("no module named xformers")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_xformers)
+    with pytest.raises(MissingDependencyError, match="pip install xformers"):
+        use_attention(object(), "xformers")
+    use_attention(object(), "sdpa")  # the default needs nothing

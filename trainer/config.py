@@ -35,6 +35,7 @@ MISSING_CAPTION = ("class_tokens", "empty", "skip")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "flow")
 TIMESTEP_SAMPLING = ("uniform", "logit_normal", "sigmoid", "mode")
 LOSS_WEIGHTING = ("none", "sigma_sqrt", "cosmap")
+ATTENTION = ("sdpa", "xformers")
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ class ModelConfig:
     prediction_type: str = ""  # "" = the family default; epsilon | v_prediction | flow
     zero_terminal_snr: bool = False
     clip_skip: int = 1  # 1 = last layer, 2 = penultimate (kohya clip_skip)
-    attention: str = "sdpa"  # sdpa | default
+    attention: str = "sdpa"  # sdpa (torch scaled-dot-product, diffusers' default) | xformers (kohya --xformers)
 
 
 @dataclass(frozen=True)
@@ -394,6 +395,7 @@ def validate(cfg: TrainConfig) -> None:
     if m.prediction_type:
         _check_choice(m.prediction_type, PREDICTION_TYPES, "model.prediction_type")
     _check_range(m.clip_skip, "model.clip_skip", 1, 12)
+    _check_choice(m.attention, ATTENTION, "model.attention")
     _check_choice(n.network_type, NETWORK_TYPES, "network.network_type")
     _check_choice(n.target_preset, TARGET_PRESETS, "network.target_preset")
     if n.network_type != "full":
@@ -462,5 +464,5 @@ def validate(cfg: TrainConfig) -> None:
 __all__ = [name for name in dir() if name.endswith("Config")] + [
     "CONFIG_VERSION", "validate", "apply_override", "FAMILIES", "NETWORK_TYPES", "TARGET_PRESETS", "OPTIMIZERS",
     "SCHEDULERS", "MIXED_PRECISION", "SAVE_PRECISION", "CROP_STYLES", "CROP_ASPECTS", "MISSING_CAPTION",
-    "PREDICTION_TYPES", "TIMESTEP_SAMPLING", "LOSS_WEIGHTING",
+    "PREDICTION_TYPES", "TIMESTEP_SAMPLING", "LOSS_WEIGHTING", "ATTENTION",
 ]

@@ -73,6 +73,16 @@ def make_accelerator(mixed_precision: str):
     return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
 
 
+def use_attention(comps: Components, mode: str) -> None:
+    """``sdpa``: diffusers' default processors already call torch's scaled_dot_product_attention. ``xformers``:
+    memory-efficient attention from the optional xformers package (CUDA builds)."""
+    if mode == "xformers":
+        from .errors import require
+
+        require("xformers", "xformers", "model.attention 'xformers'")
+        comps.denoiser.enable_xformers_memory_efficient_attention()
+
+
 def step_generator(seed: int, *keys: int) -> torch.Generator:
     digest = hashlib.sha256(repr((seed, *keys)).encode()).digest()
     return torch.Generator("cpu").manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
@@ -152,6 +162,7 @@ class Trainer:
             for module in [comps.denoiser, *comps.text_encoders]:
                 module.to(dtype=weight_dtype)
         self.family.configure_training(comps, cfg.training)
+        use_attention(comps, cfg.model.attention)
         if cfg.network.network_type == "full" and cfg.network.train_text_encoder and not cfg.save.single_file_dir:
             log.warning("network_type 'full' exports only the %s; the trained text encoder is kept in the training "
                         "state only. Set save.single_file_dir to also save the whole model", comps.denoiser_name)
