@@ -176,6 +176,7 @@ class Trainer:
         if cfg.training.gradient_checkpointing:
             self._enable_gradient_checkpointing()
         self.optimizer = build_optimizer(param_groups(self.family, self.net, cfg.optim), cfg.optim)
+        self.params = self.net.parameters()  # after param_groups froze zero-LR blocks; walked once, used every step
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.plan.total_steps)
         prediction = cfg.model.prediction_type or self.family.default_prediction
         self.objective = make_objective(prediction, comps.noise_scheduler, cfg.training,
@@ -340,7 +341,7 @@ class Trainer:
                         "good checkpoint is kept. Lower the learning rate, or use bf16/no mixed precision")
                 self.acc.backward(loss / len(group))
             total += loss.detach()
-        params = self.net.parameters()
+        params = self.params
         # Always measure the gradient norm (an infinite max_norm clips nothing), so a non-finite gradient stops the
         # run before the weights change — with clipping on or off.
         max_norm = self.cfg.optim.max_grad_norm if self.cfg.optim.max_grad_norm > 0 else float("inf")
