@@ -501,3 +501,15 @@ def test_model_paths_outside_comfyui_folders_are_refused(nodes, tiny_sd15):
         run(nodes, "CrucibleModel", path=str(tiny_sd15))  # a /prompt request cannot point the server anywhere
     with pytest.raises(UnsafePathError, match="model path"):
         run(nodes, "CrucibleSplitModel", family="flux", path="/etc")
+
+
+@pytest.mark.slow
+def test_train_renders_preview_samples_into_the_progress_bar(nodes, comfy, tiny_sd15, small_input):
+    comfy.reset_interrupt()
+    inputs = train_inputs(nodes, tiny_sd15, "sampled-run", epochs=1, sample_prompts="crucible, red circle\nblue square",
+                          sample_every_n_epochs=1)
+    (run_info, _curve, _names, _steps), _ = run(nodes, "CrucibleTrain", **inputs)
+    previews = [p for _v, _t, p in comfy.last_progress().updates if p is not None and p[1].size == (64, 64)]
+    assert previews, "the sample render never reached ComfyUI's progress-bar preview"
+    samples = sorted((Path(run_info["work_dir"]) / "samples").glob("*.png"))
+    assert [s.name for s in samples] == ["sampled-run-s000002-p0.png", "sampled-run-s000002-p1.png"]
