@@ -115,13 +115,23 @@ class CrucibleCaptionPreview:
             "images": STRING("0-3", "Which images (0-based, e.g. 0-3 or 0,5,9) to show."),
             "epochs": INT(2, 1, 100, "Show the captions of epochs 1..N (shuffle and dropout change per epoch)."),
             "seed": SEED(42, "Training seed (training.seed): the preview matches the run with this seed."),
+        }, "optional": {
+            "training": ("CRUCIBLE_TRAINING", {"tooltip": "The Training Options of the run: with cache_text_embeddings on, training draws each caption from K cached variants, and the preview shows those."}),
         }}
 
-    def preview(self, dataset, images, epochs, seed):
+    def preview(self, dataset, images, epochs, seed, training=None):
         from trainer.dataset import DataSource
 
         source = DataSource(dataset, seed=seed)
         indices = [i for i in _indices(images) if i < len(source.items)]
+        if training is not None and training.cache_text_embeddings:
+            from trainer.cache import TextCache
+
+            cache = TextCache(source, training.caption_variants, encode=None)
+            lines = [f"#{i} epoch {e}: {cache.caption_for(i, e, 0) or '(caption dropped)'}"
+                     for i in indices for e in range(1, epochs + 1)]
+            text = f"(text cache: {training.caption_variants} variants per image)\n" + "\n".join(lines)
+            return text_result(text, (text,))
         rows = source.caption_preview(indices, list(range(1, epochs + 1)))
         text = "\n".join(f"#{r.item} epoch {r.epoch}: {r.caption if not r.dropped else '(caption dropped)'}"
                          for r in rows)

@@ -513,3 +513,16 @@ def test_train_renders_preview_samples_into_the_progress_bar(nodes, comfy, tiny_
     assert previews, "the sample render never reached ComfyUI's progress-bar preview"
     samples = sorted((Path(run_info["work_dir"]) / "samples").glob("*.png"))
     assert [s.name for s in samples] == ["sampled-run-s000002-p0.png", "sampled-run-s000002-p1.png"]
+
+
+def test_caption_preview_follows_the_text_cache(nodes, demo_input):
+    from trainer.cache import TextCache
+    from trainer.dataset import DataSource
+
+    (training,), _ = run(nodes, "CrucibleTrainingOptions", seed=3, cache_text_embeddings=True, caption_variants=2)
+    (options,), _ = run(nodes, "CrucibleCaptionOptions", shuffle_caption=True)
+    data = dataset(nodes, captions=options)
+    (text,), _ = run(nodes, "CrucibleCaptionPreview", dataset=data, images="0", epochs=3, seed=3, training=training)
+    cache = TextCache(DataSource(data, seed=3), 2, encode=None)
+    assert text.splitlines()[1:] == [f"#0 epoch {e}: {cache.caption_for(0, e, 0)}" for e in (1, 2, 3)]
+    assert all(line.split(": ", 1)[1] in cache.variant_texts(0) for line in text.splitlines()[1:])
