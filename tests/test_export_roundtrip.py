@@ -51,11 +51,14 @@ def config(network: str, component: str, alpha: float = 8.0):
 
 
 def with_adapter(component: str, cfg, randomize: bool) -> torch.nn.Module:
-    """A copy of the base component with a peft adapter; ``randomize`` makes every adapter weight non-zero."""
+    """A copy of the base component with a peft adapter; ``randomize`` makes every adapter weight non-zero.
+
+    The adapter is injected with peft directly, as ``trainer.network.attach_network`` does: ``model.add_adapter`` is
+    transformers' / diffusers' wrapper and carries its own peft version gate (transformers 5.25 refuses peft 0.21)."""
     model = copy.deepcopy(BASES[component])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model.add_adapter(cfg)
+        peft.inject_adapter_in_model(cfg, model, adapter_name="default")
     if randomize:
         generator = torch.Generator().manual_seed(7)
         with torch.no_grad():
