@@ -1,7 +1,7 @@
 """The example workflows in ``workflows/`` (UI format) and ``workflows/api/`` (API format), checked node by node.
 
-Core node schemas come from a real ComfyUI 0.8.0 ``/object_info`` (``../shared/comfyui/object_info.json``); the pack's
-own from its classes, imported with ComfyUI's runtime stubbed. The rules of the frontend this file encodes:
+Core node schemas come from a real ComfyUI 0.8.0 ``/object_info`` (vendored in ``tests/data/comfyui-0.8.0``, read through
+the ``comfyui_reference`` fixture); the pack's own from its classes, imported with ComfyUI's runtime stubbed. The rules of the frontend this file encodes:
 
 * widgets are the INT/FLOAT/STRING/BOOLEAN/COMBO inputs without ``forceInput``, stored in ``widgets_values`` in
   ``input_order`` (required, then optional);
@@ -57,15 +57,16 @@ def pack_schemas(tmp_path_factory) -> tuple[dict, set[tuple[str, str]]]:
 
 
 @pytest.fixture(scope="module")
-def core_schemas(shared_dir) -> dict:
-    return json.loads((shared_dir / "comfyui" / "object_info.json").read_text(encoding="utf-8"))
+def core_schemas(comfyui_reference) -> dict:
+    return comfyui_reference.object_info()
 
 
 @pytest.fixture(scope="module")
-def schemas(core_schemas, pack_schemas) -> dict:
-    clash = set(core_schemas) & set(pack_schemas[0])
+def schemas(core_schemas, pack_schemas, comfyui_reference) -> dict:
+    clash = comfyui_reference.core_node_names() & set(pack_schemas[0])
     assert not clash, f"pack node ids shadow core nodes: {sorted(clash)}"
     return {**core_schemas, **pack_schemas[0]}
+
 
 
 @pytest.fixture(scope="module")
@@ -142,6 +143,15 @@ def test_the_expected_workflows_exist_with_api_twins():
     api_only = set(API_FILES) - set(UI_FILES)
     assert all(name.startswith("crucible_ci_") for name in api_only), \
         f"only CI workflows may be API-only (users load the UI files): {sorted(api_only)}"
+
+
+def test_vendored_schemas_cover_every_core_node_the_workflows_use(comfyui_reference):
+    used = {n["type"] for name in UI_FILES for n in load(f"{name}.json")["nodes"]}
+    used |= {n["class_type"] for name in API_FILES for n in load(f"api/{name}.json").values()}
+    core = used & comfyui_reference.core_node_names()
+    missing = sorted(core - set(comfyui_reference.object_info()))
+    assert not missing, f"run tests/data/regenerate_comfyui_reference.py: no vendored schema for {missing}"
+    assert {"KSampler", "PreviewAny", "CheckpointLoaderSimple"} <= core
 
 
 def test_files_are_what_the_builder_writes(schemas):

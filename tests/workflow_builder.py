@@ -2,7 +2,7 @@
 
 Each workflow is described once, below, as nodes, links and groups; both files are generated from that description,
 so the UI file and its API twin cannot drift apart. Widget values are filled in ``input_order`` from the node
-schemas: ComfyUI's ``object_info.json`` (``../shared/comfyui``) for core nodes, the pack's own ``INPUT_TYPES`` (loaded
+schemas: ComfyUI 0.8.0's ``object_info`` (vendored in ``tests/data/comfyui-0.8.0``) for core nodes, the pack's own ``INPUT_TYPES`` (loaded
 with stubbed ComfyUI modules) for Crucible nodes. After changing a workflow below or a Crucible node's inputs, run::
 
     .venv/bin/python tests/workflow_builder.py          # rewrite the files
@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
 WORKFLOWS = ROOT / "workflows"
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 SEED_NAMES = ("seed", "noise_seed")  # the frontend adds a control_after_generate widget to these INT inputs
@@ -44,7 +43,10 @@ NEGATIVE = "blurry, low quality, watermark, text"
 
 # --- schemas -------------------------------------------------------------------------------------------------------
 def core_object_info() -> dict[str, dict]:
-    return json.loads((SHARED / "comfyui" / "object_info.json").read_text(encoding="utf-8"))
+    sys.path[:0] = [p for p in (str(ROOT), str(Path(__file__).parent)) if p not in sys.path]
+    from comfyui_reference import REFERENCE
+
+    return REFERENCE.object_info()
 
 
 def pack_object_info() -> dict[str, dict]:
