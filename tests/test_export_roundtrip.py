@@ -117,6 +117,11 @@ def test_plain_lora_file_into_a_dora_adapter_reproduces_the_lora(tmp_path):
 
 def test_diffusers_reads_the_kohya_unet_file_the_same_way(tmp_path):
     """An independent reader: diffusers' kohya conversion (lora_state_dict + load_lora_into_unet)."""
+    from packaging.version import Version
+
+    if Version(diffusers.__version__) < Version("0.39"):
+        pytest.skip("diffusers < 0.39's kohya converter drops conv_in / conv_out / time_embedding keys (mapped from "
+                    "0.39 on), so it cannot read the whole file; the pack itself does not use that converter")
     tensors, expected = roundtrip_file(tmp_path, "lora")
     unet_keys = {k: v for k, v in tensors.items() if k.startswith("lora_unet_")}
     state, alphas = diffusers.StableDiffusionPipeline.lora_state_dict(unet_keys)

@@ -225,7 +225,9 @@ class Trainer:
             if hasattr(module, "enable_gradient_checkpointing"):
                 module.enable_gradient_checkpointing()
             elif hasattr(module, "gradient_checkpointing_enable"):
-                module.gradient_checkpointing_enable()
+                # Non-reentrant: transformers 4.x defaults to reentrant checkpointing, which gives a LoRA injected with
+                # peft directly no gradient (the block inputs do not require grad), so the text encoder never learns.
+                module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
                 module.train()  # transformers checkpoints only in training mode (CLIP/T5 have no dropout to enable)
 
     # --- run -----------------------------------------------------------------------------------------------------
