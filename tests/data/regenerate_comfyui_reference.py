@@ -68,13 +68,14 @@ def gz_bytes(text: str) -> bytes:
     return buffer.getvalue()
 
 
-def render(object_info: dict, keymaps: dict[str, str]) -> dict[str, bytes]:
+def render(object_info: dict, keymaps: dict[str, str], extra_names: set[str] = frozenset()) -> dict[str, bytes]:
     """Relative path -> file content of the vendored folder (README excluded: written by hand)."""
     core = core_only(object_info)
     used = used_core_nodes(set(core))
+    names = sorted(set(core) | set(extra_names))
     files = {
         "object_info.json": json.dumps({n: core[n] for n in sorted(used)}, indent=1, sort_keys=True) + "\n",
-        "core_nodes.json": json.dumps({"comfyui_version": "0.8.0", "count": len(core), "names": sorted(core)},
+        "core_nodes.json": json.dumps({"comfyui_version": "0.8.0", "count": len(names), "names": names},
                                       indent=1) + "\n",
     }
     out = {name: text.encode("utf-8") for name, text in files.items()}
@@ -103,9 +104,10 @@ def object_info_from_server(tree: Path, python: str, timeout: float = 600.0) -> 
     """Start ComfyUI (CPU, no custom nodes) from ``tree``, read ``GET /object_info``, stop it."""
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="comfyui-ref-") as base:
+        # Everything the server writes (user folder, database, output) stays in the scratch folder, and its model
+        # folders are empty: file-list COMBOs come out empty, as in the vendored data.
         cmd = [python, str(tree / "main.py"), "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-               "--disable-all-custom-nodes", "--output-directory", f"{base}/output", "--input-directory",
-               f"{base}/input", "--temp-directory", f"{base}/temp"]
+               "--disable-all-custom-nodes", "--base-directory", base, "--database-url", "sqlite:///:memory:"]
         with open(Path(base) / "server.log", "wb") as log:
             server = subprocess.Popen(cmd, cwd=tree, stdout=log, stderr=subprocess.STDOUT)
             try:
@@ -142,7 +144,14 @@ def main(argv: list[str] | None = None) -> int:
     else:
         parser.error(f"no source: give --reference DIR or --comfyui TREE ({DEFAULT_REFERENCE} is absent)")
     keymaps = keymaps_from(reference) if reference else vendored_keymaps()
-    files = render(object_info, keymaps)
+    extra: set[str] = set()
+    if args.comfyui and (OUT / "core_nodes.json").is_file():
+        # A CPU install lacks some optional node modules (no torchaudio: the audio nodes fail to import). Keep the
+        # names the vendored list has; say which.
+        extra = set(json.loads((OUT / "core_nodes.json").read_text(encoding="utf-8"))["names"]) - set(core_only(object_info))
+        if extra:
+            print(f"not loaded by this server, kept from the vendored list: {', '.join(sorted(extra))}")
+    files = render(object_info, keymaps, extra)
     stale = [name for name, data in files.items()
              if not (OUT / name).is_file() or (OUT / name).read_bytes() != data]
     if args.check:
