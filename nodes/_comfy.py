@@ -183,8 +183,69 @@ def raise_if_interrupted() -> None:
     mm.throw_exception_if_processing_interrupted()
 
 
+def is_interrupt(exc: BaseException) -> bool:
+    """Whether ``exc`` is ComfyUI's "the user pressed Cancel" exception (``InterruptProcessingException``; every
+    ComfyUI version raises it from ``throw_exception_if_processing_interrupted``, which its progress hook calls)."""
+    try:
+        import comfy.model_management as mm
+
+        own = getattr(mm, "InterruptProcessingException", None)
+    except ImportError:
+        own = None
+    return (own is not None and isinstance(exc, own)) or type(exc).__name__ == "InterruptProcessingException"
+
+
+def interrupt_exception() -> BaseException:
+    import comfy.model_management as mm
+
+    return mm.InterruptProcessingException()
+
+
+def hand_back_memory() -> None:
+    """After a run: let ComfyUI return cached device memory (the trainer already dropped its models)."""
+    import comfy.model_management as mm
+
+    mm.soft_empty_cache()
+
+
+def show_report(node_id: str | None, text: str) -> bool:
+    """Put ``text`` under the node in the browser even though the node is about to raise: ComfyUI delivers a node's
+    ``ui`` output only when it returns, so this sends the same ``executed`` message ComfyUI would (every version
+    since 2023 has ``PromptServer.instance.send_sync``; the pack's web extension shows ``output.text``)."""
+    if node_id is None:
+        return False
+    try:
+        from server import PromptServer
+    except ImportError:
+        return False
+    server = getattr(PromptServer, "instance", None)
+    if server is None or getattr(server, "client_id", None) is None:  # ComfyUI sends node output to its client only
+        return False
+    data = {"node": node_id, "display_node": node_id, "output": {"text": [text]}, "prompt_id": _prompt_id(server)}
+    server.send_sync("executed", data, server.client_id)
+    return True
+
+
+def _prompt_id(server) -> str | None:
+    try:  # ComfyUI >= 0.3.4x knows the executing prompt per task
+        from comfy_execution.utils import get_executing_context
+
+        context = get_executing_context()
+        if context is not None and getattr(context, "prompt_id", None):
+            return context.prompt_id
+    except ImportError:
+        pass
+    return getattr(server, "last_prompt_id", None)
+
+
 class ComfyProgress(Callbacks):
-    """Drives ComfyUI's progress bar (which also shows preview images) and turns Cancel into a clean stop."""
+    """Drives ComfyUI's progress bar (which also shows preview images) and turns Cancel into a clean stop.
+
+    ComfyUI's progress hook raises its interrupt exception from inside ``ProgressBar.update*`` once the user pressed
+    Cancel (and clears the flag as it raises). The exception is caught here and remembered, so the loop reads
+    :meth:`should_stop`, saves the checkpoint and state at the step reached, and returns; the node then calls
+    :meth:`raise_interrupt` so ComfyUI still marks the prompt interrupted.
+    """
 
     def __init__(self, total: int, node_id: str | None = None, preview_every: int = 0):
         import comfy.utils
@@ -193,9 +254,22 @@ class ComfyProgress(Callbacks):
         self.losses: list[float] = []
         self.preview_every = preview_every
         self.last_line = ""
+        self.interrupt: BaseException | None = None  # ComfyUI's exception, caught in a progress update
+        self.stop_seen = False  # should_stop() answered True (the flag was read directly)
+
+    def _update(self, value: int, total: int | None, preview=None) -> None:
+        try:
+            self.bar.update_absolute(value, total, preview)
+        except Exception as exc:
+            if not is_interrupt(exc):
+                raise
+            if self.interrupt is None:
+                self.interrupt = exc
+                print("[Crucible] Cancel pressed: saving a checkpoint and the training state at the step reached",
+                      flush=True)
 
     def on_start(self, plan) -> None:
-        self.bar.update_absolute(0, plan.total_steps)
+        self._update(0, plan.total_steps)
 
     def on_step(self, info: StepInfo) -> None:
         from trainer.callbacks import format_seconds
@@ -210,17 +284,35 @@ class ComfyProgress(Callbacks):
                           f"{rate:.2f} it/s ETA {format_seconds(info.eta_seconds)}")
         if info.step % 10 == 0 or info.step == info.total_steps:
             print(f"[Crucible] {self.last_line}", flush=True)
-        self.bar.update_absolute(info.step, info.total_steps, preview)
+        self._update(info.step, info.total_steps, preview)
 
     def on_sample(self, sample: SampleInfo) -> None:
         if sample.images:
-            self.bar.update_absolute(self.bar.current, None, ("PNG", sample.images[0], 512))
+            self._update(self.bar.current, None, ("PNG", sample.images[0], 512))
 
     def on_checkpoint(self, ckpt: CheckpointInfo) -> None:
         print(f"[Crucible] saved {ckpt.path} (step {ckpt.step})", flush=True)
 
     def should_stop(self) -> bool:
-        return interrupted()
+        if self.interrupt is not None or interrupted():
+            self.stop_seen = True
+        return self.stop_seen
+
+    @property
+    def cancelled(self) -> bool:
+        """The user pressed Cancel during the run (seen through either path)."""
+        return self.stop_seen or self.interrupt is not None or interrupted()
+
+    def raise_interrupt(self) -> None:
+        """Raise ComfyUI's interrupt exception, so the prompt ends as interrupted (nothing downstream runs)."""
+        from trainer.release import forget_frames
+
+        if self.interrupt is not None:
+            exc, self.interrupt = self.interrupt, None
+            forget_frames(exc)  # its frames (the training loop's) must not keep anything alive
+            raise exc.with_traceback(None)
+        raise_if_interrupted()  # the flag is still set: ComfyUI's own call raises (and clears it)
+        raise interrupt_exception()  # the flag was read and cleared elsewhere: the Cancel still ends the prompt
 
 
 # --- tensors <-> images ------------------------------------------------------------------------------------------------

@@ -1,9 +1,11 @@
 """Stand-ins for ComfyUI's runtime modules, so tests import and run the pack the way ComfyUI does, without ComfyUI.
 
 :func:`install` puts ``folder_paths``, ``comfy``, ``comfy.utils``, ``comfy.model_management`` and ``comfy.sd`` into
-``sys.modules``. They behave like ComfyUI's own where the pack relies on it (the folder API, ``ProgressBar``, the
-interrupt flag that ``throw_exception_if_processing_interrupted`` clears, safetensors loading) and record every call
-the pack makes, so tests can assert on them. :func:`load_pack` imports the repository root ``__init__.py`` as a
+``sys.modules`` (plus ``server`` with ``PromptServer.instance``). They behave like ComfyUI's own where the pack relies
+on it (the folder API; ``ProgressBar``, whose every update runs ComfyUI's progress hook and so raises
+``InterruptProcessingException`` once Cancel was pressed; the interrupt flag that
+``throw_exception_if_processing_interrupted`` clears; safetensors loading) and record every call the pack makes,
+so tests can assert on them. :func:`load_pack` imports the repository root ``__init__.py`` as a
 package, exactly like ComfyUI's ``load_custom_node``; :func:`node_info` turns a node class into the entry
 ``GET /object_info`` would list for it.
 """
@@ -24,7 +26,7 @@ MODEL_FOLDERS = {"checkpoints": ("checkpoints",), "loras": ("loras",), "diffusio
                  "vae": ("vae",), "text_encoders": ("text_encoders", "clip")}
 LEGACY_NAMES = {"unet": "diffusion_models", "clip": "text_encoders"}
 MODEL_EXTENSIONS = {".ckpt", ".pt", ".pt2", ".bin", ".pth", ".safetensors", ".pkl", ".sft"}
-STUB_MODULES = ("folder_paths", "comfy", "comfy.utils", "comfy.model_management", "comfy.sd")
+STUB_MODULES = ("folder_paths", "comfy", "comfy.utils", "comfy.model_management", "comfy.sd", "server")
 
 
 class InterruptProcessingException(Exception):
@@ -77,6 +79,9 @@ class ComfyStub:
     interrupt: bool = False
     interrupt_after: int | None = None  # processing_interrupted() turns True at this call (1-based)
     interrupt_polls: int = 0
+    cancel_at_progress: int | None = None  # the user presses Cancel while the bar is at this value (a step number)
+    client_id: str | None = "stub-client"  # the browser tab that queued the prompt (None: an API call without one)
+    sent: list[tuple[str, dict, Any]] = field(default_factory=list)  # PromptServer.send_sync(event, data, sid)
     modules: dict[str, types.ModuleType] = field(default_factory=dict)
 
     @property
@@ -103,8 +108,18 @@ class ComfyStub:
         assert self.progress, "no ComfyUI ProgressBar was created"
         return self.progress[-1]
 
-    def reset_interrupt(self, after: int | None = None) -> None:
+    def reset_interrupt(self, after: int | None = None, at_progress: int | None = None) -> None:
+        """Clear the Cancel flag. ``after``: the flag turns on at that call of ``processing_interrupted()``;
+        ``at_progress``: it turns on when the progress bar reaches that value, so the progress hook raises there,
+        as ComfyUI's does."""
         self.interrupt, self.interrupt_after, self.interrupt_polls = False, after, 0
+        self.cancel_at_progress = at_progress
+
+    def _progress_hook(self, value: int) -> None:
+        """ComfyUI's main.py hook: every ProgressBar update first calls throw_exception_if_processing_interrupted."""
+        if self.cancel_at_progress is not None and value >= self.cancel_at_progress:
+            self.interrupt, self.cancel_at_progress = True, None
+        self._throw_if_interrupted()
 
     # --- the stub modules ---------------------------------------------------------------------------------------
     def _processing_interrupted(self) -> bool:
@@ -159,9 +174,12 @@ class ComfyStub:
         sd.load_lora_for_models = self._load_lora_for_models
         sd.load_diffusion_model = self._load_diffusion_model
 
+        server = types.ModuleType("server")
+        server.PromptServer = type("PromptServer", (), {"instance": _PromptServer(self)})
+
         comfy.utils, comfy.model_management, comfy.sd = utils, mm, sd
         self.modules = {"folder_paths": fp, "comfy": comfy, "comfy.utils": utils, "comfy.model_management": mm,
-                        "comfy.sd": sd}
+                        "comfy.sd": sd, "server": server}
         return self.modules
 
     def _load_torch_file(self, path: str, safe_load: bool = False, device=None, return_metadata: bool = False):
@@ -194,12 +212,28 @@ def _progress_bar_class(stub: ComfyStub) -> type:
             if total is not None:
                 self.total = total
             self.current = min(value, self.total)
+            stub._progress_hook(self.current)  # raises like ComfyUI's hook when Cancel was pressed
             self.record.updates.append((self.current, self.total, preview))
 
         def update(self, value):
             self.update_absolute(self.current + value)
 
     return ProgressBar
+
+
+class _PromptServer:
+    """``server.PromptServer.instance``: the fields the pack reads, and ``send_sync`` recording each message."""
+
+    def __init__(self, stub: ComfyStub):
+        self.stub = stub
+        self.last_prompt_id = "stub-prompt"
+
+    @property
+    def client_id(self):
+        return self.stub.client_id
+
+    def send_sync(self, event, data, sid=None):
+        self.stub.sent.append((event, data, sid))
 
 
 def _filename_list(folders: list[str], extensions: set[str]) -> list[str]:

@@ -335,6 +335,126 @@ def test_cancel_saves_a_checkpoint_and_state_then_resume_finishes(nodes, comfy, 
     assert manifest["losses"] == pytest.approx(uninterrupted["losses"], rel=1e-5)
 
 
+def lora_tensors(path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+@pytest.mark.slow  # uses the trained fixture
+def test_cancel_raised_by_comfys_progress_hook_saves_reports_and_resumes_exactly(nodes, comfy, tiny_sd15, trained):
+    """ComfyUI's progress hook raises InterruptProcessingException inside the bar update (and clears the flag):
+    the run must still save the checkpoint, state/ and run.json at the step reached, say so, then re-raise."""
+    inputs = train_inputs(nodes, tiny_sd15, "hook-cancel")
+    folder = comfy.model_dir("loras") / "hook-cancel"
+    work = comfy.output_dir / "crucible" / "hook-cancel"
+    train_cls = nodes["CrucibleTrain"]
+    cached_key = train_cls.IS_CHANGED(**inputs)
+    comfy.reset_interrupt(at_progress=3)  # Cancel pressed during step 3 of 4: the hook raises at the step-3 update
+    comfy.sent.clear()
+    with pytest.raises(comfy_stubs.InterruptProcessingException):
+        run(nodes, "CrucibleTrain", unique_id="7", **inputs)
+    assert not comfy.interrupt  # ComfyUI's hook cleared the flag as it raised
+    saved = sorted(p.name for p in folder.glob("*.safetensors"))
+    assert saved == ["hook-cancel-e0001-s000002.safetensors", "hook-cancel-e0002-s000003.safetensors"]
+    assert json.loads((work / "state" / "state.json").read_text())["step"] == 3 and (work / "state" / "state.pt").is_file()
+    manifest = json.loads((work / "run.json").read_text())
+    assert manifest["status"] == "cancelled" and [c["step"] for c in manifest["checkpoints"]] == [2, 3]
+    # the report reaches the node in the browser although the node raised, and ComfyUI's log has it too
+    (event, data, sid), = [m for m in comfy.sent if m[0] == "executed"]
+    report = data["output"]["text"][0]
+    assert (data["node"], data["prompt_id"], sid) == ("7", "stub-prompt", comfy.client_id)
+    assert report.startswith("cancelled at step 3; saved ") and "hook-cancel-e0002-s000003.safetensors" in report
+    assert report.endswith("queue again with resume on to continue")
+    # ComfyUI must not reuse a result cached before the Cancel: the run's files changed under it
+    assert train_cls.IS_CHANGED(**inputs) != cached_key
+
+    comfy.reset_interrupt()
+    (run_info, _, names, steps), ui = run(nodes, "CrucibleTrain", **{**inputs, "resume": True})
+    assert steps == [2, 3, 4] and "3 checkpoints" in ui["text"][0]
+    manifest = json.loads((work / "run.json").read_text())
+    uninterrupted = json.loads((Path(trained[0][0]["work_dir"]) / "run.json").read_text())
+    assert manifest["status"] == "finished" and manifest["losses"] == uninterrupted["losses"]
+    final, reference = lora_tensors(run_info["checkpoints"][-1]["path"]), lora_tensors(trained[0][0]["checkpoints"][-1]["path"])
+    assert final.keys() == reference.keys()
+    assert all(torch.equal(final[k], reference[k]) for k in final), "the resumed LoRA differs from the uninterrupted one"
+    assert train_cls.IS_CHANGED(**inputs) == train_cls.IS_CHANGED(**inputs)  # stable again: finished runs are cached
+
+
+@pytest.mark.slow
+def test_cancel_during_the_last_step_keeps_the_finished_run_and_still_stops_the_prompt(nodes, comfy, tiny_sd15,
+                                                                                     small_input):
+    inputs = train_inputs(nodes, tiny_sd15, "last-cancel", epochs=1)
+    comfy.reset_interrupt(at_progress=2)  # step 2 is the last
+    comfy.sent.clear()
+    with pytest.raises(comfy_stubs.InterruptProcessingException):
+        run(nodes, "CrucibleTrain", unique_id="3", **inputs)
+    work = comfy.output_dir / "crucible" / "last-cancel"
+    assert json.loads((work / "run.json").read_text())["status"] == "finished"
+    report = next(d for e, d, _ in comfy.sent if e == "executed")["output"]["text"][0]
+    assert report.startswith("cancelled after the last step 2: the run is complete; saved ")
+    comfy.reset_interrupt()
+    (_run, _, _, steps), _ = run(nodes, "CrucibleTrain", **{**inputs, "resume": True})
+    assert steps == [2]  # nothing left to train: the saved run is passed on
+
+
+class LoadSpy:
+    """Weak references to every denoiser and text encoder the sd15 family loads."""
+
+    def __init__(self, monkeypatch):
+        import weakref
+
+        from trainer.families import get_family
+
+        cls = type(get_family("sd15"))
+        real = cls.load
+        self.refs: list = []
+
+        def load(family, *args, **kwargs):
+            comps = real(family, *args, **kwargs)
+            self.refs += [weakref.ref(m) for m in (comps.denoiser, *comps.text_encoders)]
+            return comps
+
+        monkeypatch.setattr(cls, "load", load)
+
+    def alive(self) -> int:
+        count = sum(ref() is not None for ref in self.refs)
+        self.refs.clear()
+        return count
+
+
+@pytest.mark.slow
+def test_train_node_hands_every_model_back_when_it_returns_fails_or_is_cancelled(nodes, comfy, tiny_sd15,
+                                                                               small_input, monkeypatch):
+    """bf16 (accelerate wraps forward in a cycle) and the text cache (a closure back to the trainer) make the worst
+    case; no test-side gc.collect(): the node itself must leave nothing behind."""
+    from trainer.loop import Trainer
+
+    spy = LoadSpy(monkeypatch)
+    (training,), _ = run(nodes, "CrucibleTrainingOptions", seed=3, mixed_precision="bf16",
+                         cache_text_embeddings=True, ema=True)
+    inputs = train_inputs(nodes, tiny_sd15, "memory-run", epochs=1, training=training)
+    comfy.reset_interrupt()
+    run(nodes, "CrucibleTrain", **inputs)
+    assert spy.alive() == 0, "models outlive a finished run"
+
+    comfy.reset_interrupt(at_progress=1)
+    with pytest.raises(comfy_stubs.InterruptProcessingException) as cancelled:
+        run(nodes, "CrucibleTrain", **inputs)
+    assert spy.alive() == 0, "models outlive a cancelled run (ComfyUI keeps the exception while it reports it)"
+    del cancelled
+
+    def broken_save(self, *args, **kwargs):
+        raise OSError("disk went away")
+
+    monkeypatch.setattr(Trainer, "_save", broken_save)
+    comfy.reset_interrupt()
+    with pytest.raises(OSError, match="disk went away") as failed:
+        run(nodes, "CrucibleTrain", **inputs)
+    assert spy.alive() == 0, "models outlive a failed run (the traceback's frames hold them)"
+    assert "broken_save" in "".join(__import__("traceback").format_exception(failed.value))  # still readable
+
+
 # --- sweep -------------------------------------------------------------------------------------------------------
 BASE_MODEL, BASE_CLIP = "base MODEL", "base CLIP"
 
