@@ -350,3 +350,87 @@ def load_diffusion_model(path: Path):
 
     loader = getattr(comfy.sd, "load_diffusion_model", None) or comfy.sd.load_unet
     return loader(str(path))
+
+
+# --- full checkpoints as weight patches read from the file on demand --------------------------------------------------
+class FileWeight(tuple):
+    """A ComfyUI weight patch value of the one-tensor ``diff`` kind whose tensor stays in the checkpoint file: it
+    is read when ComfyUI applies the patch (``ModelPatcher.patch_weight_to_device`` as the model is loaded for
+    sampling, or at each forward in low-VRAM mode) and dropped after. Added with ``strength_model`` 0, ComfyUI
+    computes ``0 * weight + 1 * tensor``: the patch *sets* the weight, in every ComfyUI version since 2023."""
+
+    def __new__(cls, path: str, name: str):
+        self = super().__new__(cls, (None,))
+        self.path, self.name = path, name
+        return self
+
+    def __getitem__(self, index):
+        if index not in (0, -1):
+            raise IndexError(index)
+        from safetensors import safe_open
+
+        with safe_open(self.path, framework="pt", device="cpu") as f:  # unmapped again on exit
+            return f.get_tensor(self.name)
+
+    def __iter__(self):
+        yield self[0]
+
+    def __repr__(self) -> str:
+        return f"FileWeight({Path(self.path).name}:{self.name})"
+
+
+def _diffusers_key_map(unet_config: dict) -> dict:
+    """diffusers name -> ComfyUI name (a string, or ``(name, offset[, function])`` for a slice of a fused weight),
+    from ComfyUI's own conversion tables: the ones its Load Diffusion Model uses for diffusers-format files."""
+    import comfy.utils
+
+    image_model = unet_config.get("image_model")
+    if image_model == "flux" and hasattr(comfy.utils, "flux_to_diffusers"):
+        return comfy.utils.flux_to_diffusers(unet_config, output_prefix="")
+    if image_model == "mmdit" and hasattr(comfy.utils, "mmdit_to_diffusers"):
+        return comfy.utils.mmdit_to_diffusers(unet_config, output_prefix="")
+    return comfy.utils.unet_to_diffusers(unet_config)
+
+
+def full_checkpoint_model(model, path: Path):
+    """A full fine-tune checkpoint as a clone of the base MODEL (same architecture) whose weights are patched from
+    the file on demand: a sweep's list of such MODELs holds no weights, and sampling holds one checkpoint at a time.
+
+    Falls back to ComfyUI's Load Diffusion Model when the file does not map onto ``model`` (another architecture, or
+    a ComfyUI without the conversion table for this family)."""
+    import logging
+
+    from safetensors import safe_open
+
+    try:
+        inner = model.model
+        unet_config = inner.model_config.unet_config
+        mapping = _diffusers_key_map(unet_config)
+        prefix = "diffusion_model."
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            names = list(f.keys())
+            shapes = {n: tuple(f.get_slice(n).get_shape()) for n in names}
+        own = {k: tuple(v.shape) for k, v in inner.state_dict().items()}
+        patches, problems = {}, []
+        for name in names:
+            target = mapping.get(name)
+            key = target if isinstance(target, str) else target[0] if target else None
+            if key is None or prefix + key not in own:
+                problems.append(f"{name}: no place in the MODEL")
+            elif isinstance(target, str) and own[prefix + key] != shapes[name]:
+                problems.append(f"{name}: shape {shapes[name]} vs {own[prefix + key]} in the MODEL")
+            else:
+                full_key = prefix + key if isinstance(target, str) else (prefix + key, *target[1:])
+                patches[full_key] = FileWeight(str(path), name)
+        if problems:
+            raise CrucibleError(f"{len(problems)} of {len(names)} weights do not fit, e.g. {problems[0]}")
+        clone = model.clone()
+        added = clone.add_patches(patches, 1.0, 0.0)  # strength_model 0: the file's tensor replaces the weight
+        if len(added) != len(patches):
+            raise CrucibleError(f"this ComfyUI patched {len(added)} of {len(patches)} weights")
+        return clone
+    except Exception as exc:  # noqa: BLE001 - any mismatch: ComfyUI's own loader reads the whole file instead
+        logging.warning("[Crucible] %s is loaded whole (it cannot be patched onto the MODEL input: %s); a sweep then "
+                        "holds every such checkpoint in memory. Connect the base model the run trained.",
+                        Path(path).name, exc)
+        return load_diffusion_model(path)

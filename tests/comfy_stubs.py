@@ -58,6 +58,57 @@ class LoadedDiffusionModel:
     path: str
 
 
+class StubBaseModel:
+    """The ``BaseModel`` inside a ModelPatcher: ComfyUI-named weights under ``diffusion_model.``, and the detected
+    ``model_config.unet_config``. The stub's config carries the diffusers -> ComfyUI name table that ComfyUI's
+    ``comfy.utils.unet_to_diffusers`` would compute from the real config."""
+
+    def __init__(self, weights: dict, diffusers_names: dict):
+        import types as _types
+
+        self.weights = {f"diffusion_model.{k}": v for k, v in weights.items()}
+        self.model_config = _types.SimpleNamespace(unet_config={"stub_diffusers_names": dict(diffusers_names)})
+
+    def state_dict(self) -> dict:
+        return dict(self.weights)
+
+
+class StubModelPatcher:
+    """``comfy.model_patcher.ModelPatcher`` as far as weight patches go: ``clone`` shares the model, ``add_patches``
+    keeps ComfyUI's tuple layout ``(strength_patch, value, strength_model, offset, function)``, and
+    :meth:`patched_weights` applies them the way ``comfy.lora.calculate_weight`` does for the ``diff`` kind."""
+
+    def __init__(self, model: StubBaseModel):
+        self.model, self.patches = model, {}
+
+    def clone(self) -> "StubModelPatcher":
+        other = StubModelPatcher(self.model)
+        other.patches = {k: list(v) for k, v in self.patches.items()}
+        return other
+
+    def add_patches(self, patches: dict, strength_patch: float = 1.0, strength_model: float = 1.0) -> list:
+        added = []
+        own = self.model.state_dict()
+        for k in patches:
+            key, offset, function = (k, None, None) if isinstance(k, str) else (k[0], k[1], k[2] if len(k) > 2 else None)
+            if key in own:
+                self.patches.setdefault(key, []).append((strength_patch, patches[k], strength_model, offset, function))
+                added.append(k)
+        return added
+
+    def patched_weights(self) -> dict:
+        out = {}
+        for key, weight in self.model.state_dict().items():
+            weight = weight.float().clone()
+            for strength, value, strength_model, _offset, function in self.patches.get(key, []):
+                if strength_model != 1.0:
+                    weight *= strength_model
+                assert len(value) == 1, "only the one-tensor diff kind is modelled"
+                weight += (function or (lambda a: a))(strength * value[0].to(weight.dtype))
+            out[key] = weight
+        return out
+
+
 class LoadedFile(dict):
     """The tensors of a file read by the stub ``comfy.utils.load_torch_file``, remembering where they came from."""
 
@@ -161,6 +212,7 @@ class ComfyStub:
         utils.PROGRESS_BAR_HOOK = None
         utils.ProgressBar = _progress_bar_class(self)
         utils.load_torch_file = self._load_torch_file
+        utils.unet_to_diffusers = lambda unet_config: dict(unet_config["stub_diffusers_names"])
 
         mm = types.ModuleType("comfy.model_management")
         mm.InterruptProcessingException = InterruptProcessingException

@@ -529,6 +529,44 @@ def test_sweep_full_finetunes_loads_them_with_comfys_diffusion_loader(nodes, com
     assert comfy.diffusion_calls == [str(folder / "full-10.safetensors"), str(folder / "full-20.safetensors")]
 
 
+def test_sweep_full_checkpoints_are_patches_read_from_their_files_when_rendered(nodes, comfy, pack, caplog):
+    """A sweep's list of MODELs must not hold the checkpoints: each is a clone of the base MODEL (sharing its
+    weights) whose patches name tensors in the file, read only when ComfyUI applies them for sampling."""
+    from trainer.fileio import save_safetensors
+
+    comfy_module = sys.modules[f"{comfy_stubs.PACK_NAME}.nodes._comfy"]
+    names = {"conv_in.weight": "input_blocks.0.0.weight", "mid_block.resnets.0.norm1.bias": "middle_block.0.in_layers.0.bias"}
+    base = comfy_stubs.StubModelPatcher(comfy_stubs.StubBaseModel(
+        {"input_blocks.0.0.weight": torch.zeros(2, 3), "middle_block.0.in_layers.0.bias": torch.zeros(4),
+         "out.2.weight": torch.ones(2)}, names))
+    folder = comfy_module.model_folder("diffusion_models") / "lazy-run"
+    files = {}
+    for step in (10, 20, 30):
+        files[step] = {"conv_in.weight": torch.full((2, 3), float(step)), "mid_block.resnets.0.norm1.bias": torch.arange(4.0) + step}
+        save_safetensors(folder / f"lazy-{step}.safetensors", files[step], {"crucible_step": str(step)})
+    comfy.diffusion_calls.clear()
+    out = sweep(nodes, model=base, folder="diffusion_models/lazy-run", prompts="p", seeds="1", strengths="1.0")
+    assert out["label"] == ["base", "step 10", "step 20", "step 30"] and out["model"][0] is base
+    assert comfy.diffusion_calls == []  # no checkpoint was loaded whole
+    for step, model in zip((10, 20, 30), out["model"][1:]):
+        assert model.model is base.model  # a clone: the base weights are shared, not copied
+        values = [p[1] for patches in model.patches.values() for p in patches]
+        assert len(values) == 2 and all(isinstance(v, comfy_module.FileWeight) for v in values)
+        assert not any(isinstance(x, torch.Tensor) for v in values for x in tuple.__iter__(v))  # no data held
+        patched = model.patched_weights()  # what ComfyUI computes when it loads the model for sampling
+        assert torch.equal(patched["diffusion_model.input_blocks.0.0.weight"], files[step]["conv_in.weight"])
+        assert torch.equal(patched["diffusion_model.middle_block.0.in_layers.0.bias"], files[step]["mid_block.resnets.0.norm1.bias"])
+        assert torch.equal(patched["diffusion_model.out.2.weight"], torch.ones(2))  # not in the file: untouched
+    assert base.patches == {} and torch.equal(base.model.weights["diffusion_model.input_blocks.0.0.weight"], torch.zeros(2, 3))
+
+    wrong = comfy_stubs.StubModelPatcher(comfy_stubs.StubBaseModel({"input_blocks.0.0.weight": torch.zeros(5)}, names))
+    comfy.diffusion_calls.clear()
+    with caplog.at_level("WARNING"):
+        out = sweep(nodes, model=wrong, folder="diffusion_models/lazy-run", prompts="p", seeds="1", strengths="1.0")
+    assert len(comfy.diffusion_calls) == 3  # another architecture: ComfyUI's own loader, as before
+    assert "do not fit" in caplog.text and "Connect the base model" in caplog.text
+
+
 # --- image grid --------------------------------------------------------------------------------------------------
 def colour(i: int) -> tuple[int, int, int]:
     return (40 * (i % 6), 255 - 30 * (i % 8), 90 + 20 * (i % 5))
