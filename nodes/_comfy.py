@@ -375,6 +375,9 @@ class FileWeight(tuple):
     def __iter__(self):
         yield self[0]
 
+    def __getnewargs__(self):  # copy / pickle rebuild it from the file reference, never from the data
+        return self.path, self.name
+
     def __repr__(self) -> str:
         return f"FileWeight({Path(self.path).name}:{self.name})"
 

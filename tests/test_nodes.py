@@ -398,6 +398,20 @@ def test_cancel_during_the_last_step_keeps_the_finished_run_and_still_stops_the_
     assert steps == [2]  # nothing left to train: the saved run is passed on
 
 
+def test_show_report_sends_the_executed_message_only_to_the_client_that_queued(comfy, pack):
+    comfy_module = sys.modules[f"{comfy_stubs.PACK_NAME}.nodes._comfy"]
+    comfy.sent.clear()
+    assert comfy_module.show_report("12", "cancelled at step 1; …")
+    assert comfy.sent == [("executed", {"node": "12", "display_node": "12", "output": {"text": ["cancelled at step 1; …"]},
+                                        "prompt_id": "stub-prompt"}, comfy.client_id)]
+    saved, comfy.client_id = comfy.client_id, None  # a prompt posted without a client id: ComfyUI sends no UI output
+    try:
+        assert not comfy_module.show_report("12", "x") and not comfy_module.show_report(None, "x")
+    finally:
+        comfy.client_id = saved
+    assert len(comfy.sent) == 1
+
+
 class LoadSpy:
     """Weak references to every denoiser and text encoder the sd15 family loads."""
 
