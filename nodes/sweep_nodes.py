@@ -1,4 +1,5 @@
-"""Checkpoint sweep: one LoRA-patched (or fully loaded) MODEL/CLIP per checkpoint × strength × prompt × seed, as
+"""Checkpoint sweep: one LoRA-patched MODEL/CLIP (or, for a full fine-tune, the base MODEL patched from the
+checkpoint file on demand) per checkpoint × strength × prompt × seed, as
 list outputs, so the user's own CLIPTextEncode → KSampler → VAEDecode chain renders each one in a single queue item.
 """
 from __future__ import annotations
@@ -85,7 +86,7 @@ def _patched(model, clip, item: SweepItem, cache: dict):
         if item.path is None:
             cache[key] = (model, clip)
         elif item.kind == "full":
-            cache[key] = (_comfy.load_diffusion_model(item.path), clip)
+            cache[key] = (_comfy.full_checkpoint_model(model, item.path), clip)  # weights stay in the file
         else:
             cache[key] = _comfy.apply_lora(model, clip, item.path, item.strength)
     return cache[key]

@@ -230,12 +230,17 @@ class CrucibleTrain:
             "training": (TRAINING, {"tooltip": "Crucible Training Options (seed, precision, noise, min-SNR …)."}),
             "resume_force": ("BOOLEAN", {"default": False, "tooltip": "Resume even if the dataset or config changed since the state was saved."}),
             "also_save_checkpoint": ("BOOLEAN", {"default": False, "tooltip": "Full fine-tune only: also save the whole model (UNet, VAE, text encoders) as a single-file checkpoint in models/checkpoints/<run_name>/ for Load Checkpoint."}),
-        }}
+        }, "hidden": {"unique_id": "UNIQUE_ID"}}
+
+    @classmethod
+    def IS_CHANGED(cls, run_name="", **_):
+        """Unchanged inputs reuse ComfyUI's cached result, unless a run under this name was cancelled or failed
+        since: its files on disk are then no longer what the cached result describes."""
+        return str(_UNFINISHED.get(_run_key(run_name), 0))
 
     def train(self, model, dataset, run_name, sample_prompts, resume, network=None, optimizer=None, training=None,
-              resume_force=False, also_save_checkpoint=False, **f):
+              resume_force=False, also_save_checkpoint=False, unique_id=None, **f):
         from trainer.loop import train
-        from trainer.plots import loss_curve
 
         cfg = build_train_config(model, dataset, run_name, sample_prompts, network, optimizer, training, f,
                                  also_save_checkpoint)
@@ -243,18 +248,64 @@ class CrucibleTrain:
         check_plan(cfg)  # refuse an impossible plan before ComfyUI's models are unloaded
         _comfy.free_memory()
         progress = _comfy.ComfyProgress(total=1, preview_every=10)
-        result = train(cfg, progress, resume_from=state_dir if resume else None, force_resume=resume_force)
-        if result.cancelled:
-            _comfy.raise_if_interrupted()  # the checkpoint and state are saved; let ComfyUI mark the prompt stopped
-        kind_root = _comfy.model_folder("diffusion_models" if cfg.network.network_type == "full" else "loras")
-        names = [c.path.relative_to(kind_root).as_posix() for c in result.checkpoints]
-        run = {"run_dir": str(result.run_dir), "work_dir": str(result.work_dir), "family": cfg.model.family,
-               "kind": "full" if cfg.network.network_type == "full" else "lora",
-               "checkpoints": [{"path": str(c.path), "name": n, "step": c.step, "epoch": c.epoch, "loss": c.loss}
-                               for c, n in zip(result.checkpoints, names)]}
-        curve = _comfy.pil_to_image([loss_curve(result.losses)])
-        summary = f"{len(names)} checkpoints in {result.run_dir}; last loss {result.losses[-1]:.4f}" if result.losses else "no steps"
+        key = _run_key(run_name)
+        try:  # train() releases every model it loaded before it returns or raises
+            result = train(cfg, progress, resume_from=state_dir if resume else None, force_resume=resume_force)
+        except BaseException:
+            _UNFINISHED[key] = _UNFINISHED.get(key, 0) + 1
+            raise
+        finally:
+            _comfy.hand_back_memory()
+        summary = run_summary(result, cancelled=progress.cancelled)
+        if progress.cancelled:
+            _UNFINISHED[key] = _UNFINISHED.get(key, 0) + 1
+            print(f"[Crucible] {summary}", flush=True)
+            _comfy.show_report(unique_id, summary)  # the UI text of a raising node is otherwise never delivered
+            progress.raise_interrupt()  # checkpoint and state are saved; ComfyUI marks the prompt interrupted
+        run, names = run_output(cfg, result)
+        curve = _comfy.pil_to_image([_loss_curve(result.losses)])
         return {"ui": {"text": [summary]}, "result": (run, curve, names, [c.step for c in result.checkpoints])}
+
+
+_UNFINISHED: dict[str, int] = {}  # run folder -> how many runs under it were cancelled or failed in this process
+
+
+def _run_key(run_name) -> str:
+    try:
+        return safe_name(str(run_name), "run_name")
+    except CrucibleError:
+        return str(run_name)
+
+
+def _loss_curve(losses):
+    from trainer.plots import loss_curve
+
+    return loss_curve(losses)
+
+
+def run_summary(result, cancelled: bool = False) -> str:
+    """The node's report: what the run left on disk, and after a Cancel how to go on."""
+    last = result.checkpoints[-1] if result.checkpoints else None
+    if cancelled and last is not None:
+        state = f" (training state in {result.state_dir})" if result.state_dir else ""
+        if result.cancelled:
+            return f"cancelled at step {last.step}; saved {last.path}{state}; queue again with resume on to continue"
+        return (f"cancelled after the last step {last.step}: the run is complete; saved {last.path}{state}; "
+                "queue again with resume on to pass it to the next nodes")
+    if not result.losses:
+        return "no steps"
+    return f"{len(result.checkpoints)} checkpoints in {result.run_dir}; last loss {result.losses[-1]:.4f}"
+
+
+def run_output(cfg: TrainConfig, result) -> tuple[dict, list[str]]:
+    """The CRUCIBLE_RUN socket value and the checkpoint names as ComfyUI's loaders list them."""
+    kind_root = _comfy.model_folder("diffusion_models" if cfg.network.network_type == "full" else "loras")
+    names = [c.path.relative_to(kind_root).as_posix() for c in result.checkpoints]
+    run = {"run_dir": str(result.run_dir), "work_dir": str(result.work_dir), "family": cfg.model.family,
+           "kind": "full" if cfg.network.network_type == "full" else "lora",
+           "checkpoints": [{"path": str(c.path), "name": n, "step": c.step, "epoch": c.epoch, "loss": c.loss}
+                           for c, n in zip(result.checkpoints, names)]}
+    return run, names
 
 
 def check_plan(cfg: TrainConfig) -> None:

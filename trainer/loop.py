@@ -53,9 +53,22 @@ class RunResult:
 
 def train(cfg: TrainConfig, callbacks: Callbacks | None = None, *, resume_from: str | Path | None = None,
           force_resume: bool = False, components: Components | None = None) -> RunResult:
-    """Train ``cfg`` to completion (or until ``callbacks.should_stop()``), saving as the plan says."""
-    with torch.inference_mode(False), torch.enable_grad():
-        return Trainer(cfg, callbacks or Callbacks()).run(resume_from, force_resume, components)
+    """Train ``cfg`` to completion (or until ``callbacks.should_stop()``), saving as the plan says.
+
+    Whatever the outcome (finished, cancelled, raised), every model the run loaded is released before this returns
+    (:mod:`trainer.release`): a host like ComfyUI goes on running in the same process.
+    """
+    from .release import forget_frames, release_run
+
+    trainer = Trainer(cfg, callbacks or Callbacks())
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            return trainer.run(resume_from, force_resume, components)
+    except BaseException as exc:
+        forget_frames(exc)  # the traceback's frames would keep the models alive for as long as the caller keeps exc
+        raise
+    finally:
+        release_run(trainer)
 
 
 def make_accelerator(mixed_precision: str):
