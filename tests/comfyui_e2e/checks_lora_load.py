@@ -1,0 +1,211 @@
+"""LoRA files Crucible exports load through ComfyUI's own code with no key lost, and patch exactly what peft merges.
+
+For each family (sd15, sdxl, sd3, flux; models from ``comfy_models.py``) and network type (LoRA, DoRA, LoHa, LoKr):
+1. Crucible's ``attach_network`` injects the adapter (``all_linear_conv`` preset: every attention, MLP, projection
+   and, in UNets, convolution layer; on sd15 the text encoder too), every adapter weight is set random and non-zero
+   (DoRA magnitudes moved away from the weight norms), and ``export_peft_modules`` writes the LoRA file.
+2. ComfyUI reads it as *LoraLoader* does (``comfy.utils.load_torch_file`` + ``comfy.sd.load_lora_for_models``):
+   no ``lora key not loaded`` and no ``NOT LOADED`` warning may appear.
+3. ``ModelPatcher.patch_model`` applies it. Every adapted module is looked up in ComfyUI's LoRA key map
+   (``comfy.lora.model_lora_keys_unet`` / ``_clip``), which gives ComfyUI's weight (and, for fused q/k/v or swapped
+   scale/shift, the slice and reordering): ComfyUI's weight change there must equal peft's merged weight change of
+   the same module, max |Δcomfy − Δpeft| / max |Δpeft| < 1e-4, and ComfyUI must patch no other weight.
+
+A family that this ComfyUI does not have (the 2024 tree: no SD3/Flux) SKIPs; on 0.8.0 every case must run.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from comfy_python import LogCapture, report, run_script, setup_comfy  # noqa: E402
+
+NETWORKS = ("lora", "dora", "loha", "lokr")
+MAX_RELATIVE_ERROR = 1e-4
+MUST_SUPPORT = {"0.8.0": {"sd15", "sdxl", "sd3", "flux"}}
+
+
+async def run_checks(ctx) -> None:
+    await run_script(ctx, Path(__file__), timeout=1500)
+
+
+def adapted_copy(case, network: str, seed: int = 1):
+    """A deep copy of the case's trainable modules with Crucible's adapter, every adapter weight random."""
+    import copy
+    import warnings
+
+    import torch
+
+    from trainer.config import NetworkConfig
+    from trainer.families import get_family
+    from trainer.families.base import Components
+    from trainer.network import attach_network
+
+    comps = case.comps
+    copied = Components(denoiser=copy.deepcopy(comps.denoiser), vae=None,
+                        text_encoders=[copy.deepcopy(t) for t in comps.text_encoders] if case.clip else [],
+                        tokenizers=[], noise_scheduler=None, denoiser_name=comps.denoiser_name,
+                        text_encoder_names=comps.text_encoder_names if case.clip else ())
+    cfg = NetworkConfig(network_type=network, network_dim=4, network_alpha=8.0, target_preset="all_linear_conv",
+                        train_text_encoder=case.clip is not None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        net = attach_network(get_family(case.family), copied, cfg)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in net.modules.values():
+            for name, param in module.named_parameters():
+                if "lora_magnitude_vector" in name:
+                    param.mul_(1.2 + 0.2 * torch.rand(param.shape, generator=generator))
+                elif any(tag in name for tag in ("lora_", "hada_", "lokr_")):
+                    param.copy_(0.1 * torch.randn(param.shape, generator=generator))
+    return net
+
+
+def peft_changes(net) -> dict[tuple[str, str], tuple]:
+    """{(component, module name): (base weight, merged weight − base weight)} from peft's own merge."""
+    from trainer.export import adapter_layers
+
+    out = {}
+    for component, module in net.modules.items():
+        for name, layer in adapter_layers(module).items():
+            base = layer.get_base_layer().weight.detach().clone().float()
+            layer.merge()
+            merged = layer.get_base_layer().weight.detach().clone().float()
+            layer.unmerge()
+            out[(component, name)] = (base, merged - base)
+    return out
+
+
+def comfy_target(key_map: dict, prefix: str):
+    """(weight key, narrow (dim, start, size) or None, reorder function or None) of a LoRA key prefix, or None."""
+    target = key_map.get(prefix)
+    if target is None:
+        return None
+    if isinstance(target, str):
+        return target, None, None
+    return target[0], (target[1] if len(target) > 1 else None), (target[2] if len(target) > 2 else None)
+
+
+def compare(case, network: str, tmp: Path) -> tuple[list[str], str]:
+    """(problems, summary) of one family × network type (see the module doc)."""
+    import comfy.lora
+    import comfy.sd
+    import comfy.utils
+    import torch
+
+    from trainer.export import export_peft_modules
+    from trainer.fileio import save_safetensors
+    from trainer.lora_keys import key_style
+
+    net = adapted_copy(case, network)
+    path = save_safetensors(tmp / f"{case.family}_{network}.safetensors",
+                            export_peft_modules(case.family, net.modules, dtype=torch.float32))
+    expected = peft_changes(net)
+    del net
+    with LogCapture() as log:
+        lora = comfy.utils.load_torch_file(str(path), safe_load=True)
+        model, clip = comfy.sd.load_lora_for_models(case.model, case.clip, lora, 1.0, 1.0)
+    problems = [f"ComfyUI: {m}" for m in log.matching("lora key not loaded", "NOT LOADED")][:20]
+
+    patchers = {"model": model, **({"clip": clip.patcher} if clip is not None else {})}
+    key_map = comfy.lora.model_lora_keys_unet(case.model.model, {})
+    if case.clip is not None:
+        key_map = comfy.lora.model_lora_keys_clip(case.clip.cond_stage_model, key_map)
+    base, patched = {}, {}
+    for which, patcher in patchers.items():
+        weights = patcher.model.state_dict()
+        base[which] = {k: v.detach().clone().float() for k, v in weights.items() if k in patcher.patches}
+        patcher.patch_model()
+        try:
+            weights = patcher.model.state_dict()
+            patched[which] = {k: weights[k].detach().clone().float() for k in base[which]}
+        finally:
+            patcher.unpatch_model()
+    owner = {k: which for which in base for k in base[which]}
+
+    worst, touched = 0.0, set()
+    for (component, name), (peft_base, peft_delta) in expected.items():
+        prefix = key_style(case.family, component).module_key(name)
+        target = comfy_target(key_map, prefix)
+        if target is None:
+            problems.append(f"{prefix}: not in ComfyUI's LoRA key map")
+            continue
+        key, narrow, reorder = target
+        if key not in owner:
+            problems.append(f"{prefix}: ComfyUI did not patch its weight {key}")
+            continue
+        touched.add(key)
+        before, after = base[owner[key]][key], patched[owner[key]][key]
+        if narrow is not None:
+            before, after = before.narrow(*narrow), after.narrow(*narrow)
+        if reorder is not None:  # ComfyUI's layout -> diffusers' (swap_scale_shift is its own inverse)
+            before, after = reorder(before), reorder(after)
+        if before.numel() != peft_base.numel():
+            problems.append(f"{prefix}: ComfyUI's weight {key} {tuple(before.shape)} vs peft {tuple(peft_base.shape)}")
+            continue
+        before, after = before.reshape(peft_base.shape), after.reshape(peft_base.shape)
+        if not torch.equal(before, peft_base):
+            problems.append(f"{prefix}: ComfyUI's base weight {key} differs from the diffusers module's "
+                            f"(max {float((before - peft_base).abs().max()):.3g})")
+            continue
+        scale = float(peft_delta.abs().max())
+        error = float(((after - before) - peft_delta).abs().max()) / max(scale, 1e-12)
+        worst = max(worst, error)
+        if error >= MAX_RELATIVE_ERROR:
+            problems.append(f"{prefix} -> {key}: max relative error {error:.3g} (change max {scale:.3g})")
+    extra = sorted(set(owner) - touched)
+    if extra:
+        problems.append(f"ComfyUI patched {len(extra)} weight(s) no adapted module maps to: {extra[:5]}")
+    counts = {c: sum(1 for comp, _ in expected if comp == c) for c in dict.fromkeys(c for c, _ in expected)}
+    summary = (f"{len(lora)} tensors, modules {counts}, {len(owner)} ComfyUI weights patched, "
+               f"max relative error {worst:.2e}")
+    return problems[:40], summary
+
+
+def main() -> None:
+    import gc
+    import tempfile
+
+    import torch
+
+    args = setup_comfy()
+    torch.set_grad_enabled(False)
+    import comfy_models
+
+    wanted = {n for n in args.only.split(",") if n} or set(comfy_models.FAMILIES)
+    for family in comfy_models.FAMILIES:
+        if family not in wanted:
+            continue
+        if not comfy_models.supported(family):
+            status = "fail" if family in MUST_SUPPORT.get(args.comfy_version, ()) else "skip"
+            report(status, f"{family} LoRA files", f"this ComfyUI ({args.comfy_version}) has no "
+                   f"comfy.supported_models.{comfy_models.CONFIG_CLASS[family]}")
+            continue
+        try:
+            case = comfy_models.build(family)
+        except Exception:  # noqa: BLE001 - report and go on with the next family
+            import traceback
+
+            report("fail", f"{family} model for the LoRA checks", traceback.format_exc()[-3000:])
+            continue
+        print(f"{family}: {case.how}", flush=True)
+        with tempfile.TemporaryDirectory(prefix=f"crucible-lora-{family}-") as tmp:
+            for network in NETWORKS:
+                name = f"{family} {network} file: ComfyUI loads every key, patch equals peft's merge"
+                try:
+                    with torch.enable_grad():  # peft's merge needs no grad, but injection builds parameters
+                        problems, summary = compare(case, network, Path(tmp))
+                except Exception:  # noqa: BLE001
+                    import traceback
+
+                    report("fail", name, traceback.format_exc()[-3000:])
+                    continue
+                report("fail" if problems else "pass", name, "\n".join(problems) if problems else summary)
+        del case
+        gc.collect()
+
+
+if __name__ == "__main__":
+    main()
