@@ -6,7 +6,7 @@ For each family (sd15, sdxl, sd3, flux; models from ``comfy_models.py``) and net
    (DoRA magnitudes moved away from the weight norms), and ``export_peft_modules`` writes the LoRA file.
 2. ComfyUI reads it as *LoraLoader* does (``comfy.utils.load_torch_file`` + ``comfy.sd.load_lora_for_models``):
    no ``lora key not loaded`` and no ``NOT LOADED`` warning may appear.
-3. ``ModelPatcher.patch_model`` applies it. Every adapted module is looked up in ComfyUI's LoRA key map
+3. ComfyUI applies it as for sampling (``comfy.model_management.load_models_gpu``). Every adapted module is looked up in ComfyUI's LoRA key map
    (``comfy.lora.model_lora_keys_unet`` / ``_clip``), which gives ComfyUI's weight (and, for fused q/k/v or swapped
    scale/shift, the slice and reordering): ComfyUI's weight change there must equal peft's merged weight change of
    the same module, max |Δcomfy − Δpeft| / max |Δpeft| < 1e-4, and ComfyUI must patch no other weight.
@@ -88,6 +88,29 @@ def comfy_target(key_map: dict, prefix: str):
     return target[0], (target[1] if len(target) > 1 else None), (target[2] if len(target) > 2 else None)
 
 
+def weights_before_and_after(patcher) -> tuple[dict, dict]:
+    """The weights a patcher's patches touch, unpatched and as ComfyUI loads them for sampling/encoding
+    (``comfy.model_management.load_models_gpu``, which swaps out whatever patcher of the model was loaded before)."""
+    import comfy.model_management as mm
+
+    def load() -> None:
+        try:
+            mm.load_models_gpu([patcher], force_full_load=True)
+        except TypeError:  # the 2024 tree has no force_full_load
+            mm.load_models_gpu([patcher])
+
+    mm.unload_all_models()
+    keys = set(patcher.patches)
+    before = {k: v.detach().clone().float() for k, v in patcher.model.state_dict().items() if k in keys}
+    load()
+    try:
+        weights = patcher.model.state_dict()
+        after = {k: weights[k].detach().clone().float() for k in before}
+    finally:
+        mm.unload_all_models()
+    return before, after
+
+
 def compare(case, network: str, tmp: Path) -> tuple[list[str], str]:
     """(problems, summary) of one family × network type (see the module doc)."""
     import comfy.lora
@@ -115,14 +138,7 @@ def compare(case, network: str, tmp: Path) -> tuple[list[str], str]:
         key_map = comfy.lora.model_lora_keys_clip(case.clip.cond_stage_model, key_map)
     base, patched = {}, {}
     for which, patcher in patchers.items():
-        weights = patcher.model.state_dict()
-        base[which] = {k: v.detach().clone().float() for k, v in weights.items() if k in patcher.patches}
-        patcher.patch_model()
-        try:
-            weights = patcher.model.state_dict()
-            patched[which] = {k: weights[k].detach().clone().float() for k in base[which]}
-        finally:
-            patcher.unpatch_model()
+        base[which], patched[which] = weights_before_and_after(patcher)
     owner = {k: which for which in base for k in base[which]}
 
     worst, touched = 0.0, set()
@@ -194,6 +210,11 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix=f"crucible-lora-{family}-") as tmp:
             for network in NETWORKS:
                 name = f"{family} {network} file: ComfyUI loads every key, patch equals peft's merge"
+                if network == "dora" and not comfy_models.supports_dora():
+                    status = "fail" if args.comfy_version in MUST_SUPPORT else "skip"
+                    report(status, name, f"this ComfyUI ({args.comfy_version}) has no DoRA support "
+                                         "(no dora_scale in comfy/lora.py)")
+                    continue
                 try:
                     with torch.enable_grad():  # peft's merge needs no grad, but injection builds parameters
                         problems, summary = compare(case, network, Path(tmp))

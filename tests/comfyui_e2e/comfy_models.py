@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 FAMILIES = ("sd15", "sdxl", "sd3", "flux")
@@ -39,6 +40,15 @@ def supported(family: str) -> bool:
     import comfy.supported_models
 
     return hasattr(comfy.supported_models, CONFIG_CLASS[family])
+
+
+def supports_dora() -> bool:
+    """Whether this ComfyUI applies DoRA files (``dora_scale``; added to ComfyUI in spring 2024)."""
+    import inspect
+
+    import comfy.lora
+
+    return "dora_scale" in inspect.getsource(comfy.lora)
 
 
 def build(family: str, seed: int = 0) -> ComfyCase:
@@ -72,8 +82,16 @@ def _sd15(seed: int) -> ComfyCase:
 
     comps = comfy_sd15_components(seed)
     state = diffusers_to_single_file(comps, "sd15")
-    model, clip, _vae, _ = comfy.sd.load_state_dict_guess_config(state, output_vae=False, output_clip=True,
-                                                                 model_options=_fp32(), te_model_options=_fp32())
+    if hasattr(comfy.sd, "load_state_dict_guess_config"):
+        model, clip, _vae, _ = comfy.sd.load_state_dict_guess_config(state, output_vae=False, output_clip=True,
+                                                                     model_options=_fp32(), te_model_options=_fp32())
+    else:  # the 2024 tree loads checkpoints from files only (float32 on the CPU)
+        from trainer.fileio import save_safetensors
+
+        with tempfile.TemporaryDirectory(prefix="crucible-sd15-") as tmp:
+            path = save_safetensors(Path(tmp) / "sd15.safetensors", state)
+            model, clip, _vae, _ = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=False,
+                                                                         output_clip=True)
     del state
     comps.vae = None
     return ComfyCase("sd15", comps, model, clip,
