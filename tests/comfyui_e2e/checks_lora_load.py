@@ -30,9 +30,9 @@ async def run_checks(ctx) -> None:
     await run_script(ctx, Path(__file__), timeout=1500)
 
 
-def adapted_copy(case, network: str, seed: int = 1):
-    """A deep copy of the case's trainable modules with Crucible's adapter, every adapter weight random."""
-    import copy
+def attach_random_adapter(case, network: str, seed: int = 1):
+    """Crucible's adapter injected into the case's own modules (undone by :func:`strip_adapter`), every adapter
+    weight random and non-zero. In place rather than on a copy: the Flux is 2 GB."""
     import warnings
 
     import torch
@@ -43,15 +43,14 @@ def adapted_copy(case, network: str, seed: int = 1):
     from trainer.network import attach_network
 
     comps = case.comps
-    copied = Components(denoiser=copy.deepcopy(comps.denoiser), vae=None,
-                        text_encoders=[copy.deepcopy(t) for t in comps.text_encoders] if case.clip else [],
-                        tokenizers=[], noise_scheduler=None, denoiser_name=comps.denoiser_name,
-                        text_encoder_names=comps.text_encoder_names if case.clip else ())
+    view = Components(denoiser=comps.denoiser, vae=None, text_encoders=list(comps.text_encoders) if case.clip else [],
+                      tokenizers=[], noise_scheduler=None, denoiser_name=comps.denoiser_name,
+                      text_encoder_names=comps.text_encoder_names if case.clip else ())
     cfg = NetworkConfig(network_type=network, network_dim=4, network_alpha=8.0, target_preset="all_linear_conv",
                         train_text_encoder=case.clip is not None)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        net = attach_network(get_family(case.family), copied, cfg)
+        net = attach_network(get_family(case.family), view, cfg)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for module in net.modules.values():
@@ -63,19 +62,35 @@ def adapted_copy(case, network: str, seed: int = 1):
     return net
 
 
-def peft_changes(net) -> dict[tuple[str, str], tuple]:
-    """{(component, module name): (base weight, merged weight − base weight)} from peft's own merge."""
-    from trainer.export import adapter_layers
+def strip_adapter(net) -> None:
+    """Put every wrapped layer's base layer back, so the modules are the plain base model again."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
-    out = {}
-    for component, module in net.modules.items():
-        for name, layer in adapter_layers(module).items():
-            base = layer.get_base_layer().weight.detach().clone().float()
-            layer.merge()
-            merged = layer.get_base_layer().weight.detach().clone().float()
-            layer.unmerge()
-            out[(component, name)] = (base, merged - base)
-    return out
+    for module in net.modules.values():
+        for name, layer in list(module.named_modules()):
+            if isinstance(layer, BaseTunerLayer):
+                parent, _, leaf = name.rpartition(".")
+                setattr(module.get_submodule(parent) if parent else module, leaf, layer.get_base_layer())
+        for attr in ("peft_config", "_hf_peft_config_loaded"):
+            if attr in module.__dict__:
+                delattr(module, attr)
+        left = [n for n, _ in module.named_parameters() if any(t in n for t in ("lora_", "hada_", "lokr_"))]
+        if left:
+            raise RuntimeError(f"adapter weights left after stripping: {left[:3]}")
+
+
+def peft_change(layer):
+    """(base weight, peft's merged weight − base) of one adapter layer; the base weight is restored bit for bit."""
+    import torch
+
+    weight = layer.get_base_layer().weight
+    with torch.no_grad():
+        base = weight.detach().clone()
+        layer.merge()
+        delta = layer.get_base_layer().weight.detach().float() - base.float()
+        layer.unmerge()
+        layer.get_base_layer().weight.data.copy_(base)  # unmerge is not exact in floating point
+    return base.float(), delta
 
 
 def comfy_target(key_map: dict, prefix: str):
@@ -88,27 +103,36 @@ def comfy_target(key_map: dict, prefix: str):
     return target[0], (target[1] if len(target) > 1 else None), (target[2] if len(target) > 2 else None)
 
 
-def weights_before_and_after(patcher) -> tuple[dict, dict]:
-    """The weights a patcher's patches touch, unpatched and as ComfyUI loads them for sampling/encoding
-    (``comfy.model_management.load_models_gpu``, which swaps out whatever patcher of the model was loaded before)."""
-    import comfy.model_management as mm
+class Loaded:
+    """ComfyUI's patchers loaded as for sampling (``comfy.model_management.load_models_gpu``, which swaps out any
+    other patcher of the same model): ``weights(key)`` is (unpatched, patched) from ComfyUI's own backup."""
 
-    def load() -> None:
-        try:
-            mm.load_models_gpu([patcher], force_full_load=True)
-        except TypeError:  # the 2024 tree has no force_full_load
-            mm.load_models_gpu([patcher])
+    def __init__(self, patchers: dict) -> None:
+        self.patchers = patchers
+        self.owner = {k: which for which, p in patchers.items() for k in p.patches}
 
-    mm.unload_all_models()
-    keys = set(patcher.patches)
-    before = {k: v.detach().clone().float() for k, v in patcher.model.state_dict().items() if k in keys}
-    load()
-    try:
-        weights = patcher.model.state_dict()
-        after = {k: weights[k].detach().clone().float() for k in before}
-    finally:
+    def __enter__(self) -> "Loaded":
+        import comfy.model_management as mm
+
         mm.unload_all_models()
-    return before, after
+        try:
+            mm.load_models_gpu(list(self.patchers.values()), force_full_load=True)
+        except TypeError:  # the 2024 tree has no force_full_load
+            mm.load_models_gpu(list(self.patchers.values()))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import comfy.model_management as mm
+
+        mm.unload_all_models()
+
+    def weights(self, key: str):
+        import comfy.utils
+
+        patcher = self.patchers[self.owner[key]]
+        backup = patcher.backup[key]
+        before = getattr(backup, "weight", backup)  # a namedtuple in 0.8.0, the tensor in the 2024 tree
+        return before.detach().float(), comfy.utils.get_attr(patcher.model, key).detach().float()
 
 
 def compare(case, network: str, tmp: Path) -> tuple[list[str], str]:
@@ -118,66 +142,73 @@ def compare(case, network: str, tmp: Path) -> tuple[list[str], str]:
     import comfy.utils
     import torch
 
-    from trainer.export import export_peft_modules
+    from trainer.export import adapter_layers, export_peft_modules
     from trainer.fileio import save_safetensors
     from trainer.lora_keys import key_style
 
-    net = adapted_copy(case, network)
-    path = save_safetensors(tmp / f"{case.family}_{network}.safetensors",
-                            export_peft_modules(case.family, net.modules, dtype=torch.float32))
-    expected = peft_changes(net)
-    del net
-    with LogCapture() as log:
-        lora = comfy.utils.load_torch_file(str(path), safe_load=True)
-        model, clip = comfy.sd.load_lora_for_models(case.model, case.clip, lora, 1.0, 1.0)
-    problems = [f"ComfyUI: {m}" for m in log.matching("lora key not loaded", "NOT LOADED")][:20]
+    net = attach_random_adapter(case, network)
+    try:
+        path = save_safetensors(tmp / f"{case.family}_{network}.safetensors",
+                                export_peft_modules(case.family, net.modules, dtype=torch.float32))
+        with LogCapture() as log:
+            lora = comfy.utils.load_torch_file(str(path), safe_load=True)
+            model, clip = comfy.sd.load_lora_for_models(case.model, case.clip, lora, 1.0, 1.0)
+        problems = [f"ComfyUI: {m}" for m in log.matching("lora key not loaded", "NOT LOADED")][:20]
+        key_map = comfy.lora.model_lora_keys_unet(case.model.model, {})
+        if case.clip is not None:
+            key_map = comfy.lora.model_lora_keys_clip(case.clip.cond_stage_model, key_map)
+        patchers = {"model": model, **({"clip": clip.patcher} if clip is not None else {})}
+        worst, touched, counts = 0.0, set(), {}
+        with Loaded(patchers) as loaded:
+            for component, module in net.modules.items():
+                layers = adapter_layers(module)
+                counts[component] = len(layers)
+                for name, layer in layers.items():
+                    prefix = key_style(case.family, component).module_key(name)
+                    error = _compare_module(prefix, comfy_target(key_map, prefix), layer, loaded, touched, problems)
+                    worst = max(worst, error)
+        extra = sorted(set(loaded.owner) - touched)
+        if extra:
+            problems.append(f"ComfyUI patched {len(extra)} weight(s) no adapted module maps to: {extra[:5]}")
+        summary = (f"{len(lora)} tensors, modules {counts}, {len(loaded.owner)} ComfyUI weights patched, "
+                   f"max relative error {worst:.2e}")
+        return problems[:40], summary
+    finally:
+        strip_adapter(net)
 
-    patchers = {"model": model, **({"clip": clip.patcher} if clip is not None else {})}
-    key_map = comfy.lora.model_lora_keys_unet(case.model.model, {})
-    if case.clip is not None:
-        key_map = comfy.lora.model_lora_keys_clip(case.clip.cond_stage_model, key_map)
-    base, patched = {}, {}
-    for which, patcher in patchers.items():
-        base[which], patched[which] = weights_before_and_after(patcher)
-    owner = {k: which for which in base for k in base[which]}
 
-    worst, touched = 0.0, set()
-    for (component, name), (peft_base, peft_delta) in expected.items():
-        prefix = key_style(case.family, component).module_key(name)
-        target = comfy_target(key_map, prefix)
-        if target is None:
-            problems.append(f"{prefix}: not in ComfyUI's LoRA key map")
-            continue
-        key, narrow, reorder = target
-        if key not in owner:
-            problems.append(f"{prefix}: ComfyUI did not patch its weight {key}")
-            continue
-        touched.add(key)
-        before, after = base[owner[key]][key], patched[owner[key]][key]
-        if narrow is not None:
-            before, after = before.narrow(*narrow), after.narrow(*narrow)
-        if reorder is not None:  # ComfyUI's layout -> diffusers' (swap_scale_shift is its own inverse)
-            before, after = reorder(before), reorder(after)
-        if before.numel() != peft_base.numel():
-            problems.append(f"{prefix}: ComfyUI's weight {key} {tuple(before.shape)} vs peft {tuple(peft_base.shape)}")
-            continue
-        before, after = before.reshape(peft_base.shape), after.reshape(peft_base.shape)
-        if not torch.equal(before, peft_base):
-            problems.append(f"{prefix}: ComfyUI's base weight {key} differs from the diffusers module's "
-                            f"(max {float((before - peft_base).abs().max()):.3g})")
-            continue
-        scale = float(peft_delta.abs().max())
-        error = float(((after - before) - peft_delta).abs().max()) / max(scale, 1e-12)
-        worst = max(worst, error)
-        if error >= MAX_RELATIVE_ERROR:
-            problems.append(f"{prefix} -> {key}: max relative error {error:.3g} (change max {scale:.3g})")
-    extra = sorted(set(owner) - touched)
-    if extra:
-        problems.append(f"ComfyUI patched {len(extra)} weight(s) no adapted module maps to: {extra[:5]}")
-    counts = {c: sum(1 for comp, _ in expected if comp == c) for c in dict.fromkeys(c for c, _ in expected)}
-    summary = (f"{len(lora)} tensors, modules {counts}, {len(owner)} ComfyUI weights patched, "
-               f"max relative error {worst:.2e}")
-    return problems[:40], summary
+def _compare_module(prefix: str, target, layer, loaded: Loaded, touched: set, problems: list) -> float:
+    """ComfyUI's change of the weight ``prefix`` maps to against peft's merged change of ``layer``; the relative
+    error (a problem is appended when it is too big or the weights cannot be compared)."""
+    import torch
+
+    if target is None:
+        problems.append(f"{prefix}: not in ComfyUI's LoRA key map")
+        return 0.0
+    key, narrow, reorder = target
+    if key not in loaded.owner:
+        problems.append(f"{prefix}: ComfyUI did not patch its weight {key}")
+        return 0.0
+    touched.add(key)
+    before, after = loaded.weights(key)
+    if narrow is not None:
+        before, after = before.narrow(*narrow), after.narrow(*narrow)
+    if reorder is not None:  # ComfyUI's layout -> diffusers' (swap_scale_shift is its own inverse)
+        before, after = reorder(before), reorder(after)
+    peft_base, peft_delta = peft_change(layer)
+    if before.numel() != peft_base.numel():
+        problems.append(f"{prefix}: ComfyUI's weight {key} {tuple(before.shape)} vs peft {tuple(peft_base.shape)}")
+        return 0.0
+    before, after = before.reshape(peft_base.shape), after.reshape(peft_base.shape)
+    if not torch.equal(before, peft_base):
+        problems.append(f"{prefix}: ComfyUI's unpatched weight {key} differs from the diffusers module's "
+                        f"(max {float((before - peft_base).abs().max()):.3g})")
+        return 0.0
+    scale = float(peft_delta.abs().max())
+    error = float(((after - before) - peft_delta).abs().max()) / max(scale, 1e-12)
+    if error >= MAX_RELATIVE_ERROR:
+        problems.append(f"{prefix} -> {key}: max relative error {error:.3g} (change max {scale:.3g})")
+    return error
 
 
 def main() -> None:
