@@ -217,7 +217,8 @@ def main() -> None:
 
     import torch
 
-    args = setup_comfy()
+    # On the CPU the 2024 tree keeps text encoders in float16; the comparison needs ComfyUI's float32 weights.
+    args = setup_comfy(comfy_flags=("--fp32-text-enc",))
     torch.set_grad_enabled(False)
     import comfy_models
 

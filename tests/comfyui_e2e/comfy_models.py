@@ -134,7 +134,8 @@ def _sd3(seed: int) -> ComfyCase:
     family = get_family("sd3")
     with tempfile.TemporaryDirectory(prefix="crucible-sd3-") as tmp:
         comps = family.load(build_tiny_flow_model(tmp, "sd3", seed=seed).folder_config())
-    model = comfy.sd.load_diffusion_model_state_dict(_cloned(family.full_export_state_dict(comps)), model_options=_fp32())
+    state = _cloned(family.full_export_state_dict(comps))
+    model = comfy.sd.load_diffusion_model_state_dict(state, model_options=_fp32())
     if model is None:
         raise AssertionError("comfy.sd.load_diffusion_model_state_dict did not recognise the tiny SD3")
     comps.vae = None

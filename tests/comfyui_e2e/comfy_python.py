@@ -29,9 +29,10 @@ STATUSES = ("pass", "fail", "skip")
 
 
 # --- the script's side ---------------------------------------------------------------------------------------------
-def setup_comfy(argv: list[str] | None = None) -> argparse.Namespace:
+def setup_comfy(argv: list[str] | None = None, comfy_flags: tuple[str, ...] = ()) -> argparse.Namespace:
     """Parse the arguments :func:`run_script` passes, then make ``import comfy.*`` and ``import trainer`` work as in
-    the server: ComfyUI's root and the pack on ``sys.path``, ``--cpu`` as ComfyUI's command line."""
+    the server: ComfyUI's root and the pack on ``sys.path``, ``--cpu`` plus ``comfy_flags`` as ComfyUI's command
+    line."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--comfy-root", required=True)
     ap.add_argument("--pack-dir", required=True)
@@ -39,7 +40,7 @@ def setup_comfy(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--only", default="", help="comma-separated subset of the script's cases")
     args = ap.parse_args(argv)
     os.chdir(args.comfy_root)
-    sys.argv = [os.path.join(args.comfy_root, "main.py"), "--cpu"]  # comfy.cli_args parses sys.argv on import
+    sys.argv = [os.path.join(args.comfy_root, "main.py"), "--cpu", *comfy_flags]  # comfy.cli_args parses it
     sys.path[:0] = [args.comfy_root, args.pack_dir]
     try:
         import comfy.options  # 0.8.0 parses the command line only when asked; the 2024 tree always does
