@@ -52,6 +52,7 @@ if [[ ${1:-} != --comfy ]]; then
     skips=$(grep -E '^\([0-9]+ skipped\)$' "$LOGS/$v.log" | tail -n 1 || true)
     echo "ComfyUI $v: ${counts:-the driver did not finish} ${skips} — exit ${RC[$v]}, ${TOOK[$v]}s"
     grep -E '^FAIL ' "$LOGS/$v.log" | sed "s/^FAIL /  FAIL [$v] /" || true
+    echo "  timings:$(sed -n "/^=== \[comfyui $v\] timings/,/ total\$/{/===/d;p}" "$LOGS/$v.log" | paste -sd ';' | sed 's/  */ /g')"
   done
   rm -rf "$LOGS"
   exit $overall
