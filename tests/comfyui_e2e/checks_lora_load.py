@@ -238,7 +238,7 @@ def main() -> None:
 
             report("fail", f"{family} model for the LoRA checks", traceback.format_exc()[-3000:])
             continue
-        print(f"{family}: {case.how}", flush=True)
+        report("pass", f"{family} model recognised by ComfyUI", case.how)
         with tempfile.TemporaryDirectory(prefix=f"crucible-lora-{family}-") as tmp:
             for network in NETWORKS:
                 name = f"{family} {network} file: ComfyUI loads every key, patch equals peft's merge"
@@ -248,7 +248,7 @@ def main() -> None:
                                          "(no dora_scale in comfy/lora.py)")
                     continue
                 try:
-                    with torch.enable_grad():  # peft's merge needs no grad, but injection builds parameters
+                    with torch.enable_grad():  # the adapter is injected as in training
                         problems, summary = compare(case, network, Path(tmp))
                 except Exception:  # noqa: BLE001
                     import traceback

