@@ -109,8 +109,10 @@ async def run_script(ctx: Any, script: Path, timeout: float, extra: list[str] | 
     prefix = f"{script.stem.removeprefix('checks_')}: "
     cmd = [sys.executable, str(script), "--comfy-root", str(ctx.comfy_root), "--pack-dir", str(ctx.pack_dir),
            "--comfy-version", str(ctx.comfy_version), *(extra or [])]
+    env = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}  # no \r-joined progress lines
     proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.PIPE,
-                                                stderr=asyncio.subprocess.STDOUT, cwd=str(ctx.comfy_root))
+                                                stderr=asyncio.subprocess.STDOUT, cwd=str(ctx.comfy_root), env=env,
+                                                limit=1 << 22)
     tail: list[str] = []
     seen = 0
 
