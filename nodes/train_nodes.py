@@ -15,14 +15,10 @@ from trainer.errors import CrucibleError
 from trainer.fileio import safe_name
 
 from . import _comfy
-from .dataset_nodes import DATASET, _lines
+from ._sockets import DATASET, MODEL, NETWORK, OPTIM, RUN, TRAINING, RunRecord
+from .dataset_nodes import _lines
 from .widgets import BOOL, FLOAT, INT, SEED, STRING, combo
 
-MODEL = "CRUCIBLE_MODEL"
-NETWORK = "CRUCIBLE_NETWORK"
-OPTIM = "CRUCIBLE_OPTIM"
-TRAINING = "CRUCIBLE_TRAINING"
-RUN = "CRUCIBLE_RUN"
 NONE = "(none)"
 
 
@@ -248,10 +244,10 @@ class CrucibleTrain:
             _comfy.raise_if_interrupted()  # the checkpoint and state are saved; let ComfyUI mark the prompt stopped
         kind_root = _comfy.model_folder("diffusion_models" if cfg.network.network_type == "full" else "loras")
         names = [c.path.relative_to(kind_root).as_posix() for c in result.checkpoints]
-        run = {"run_dir": str(result.run_dir), "work_dir": str(result.work_dir), "family": cfg.model.family,
-               "kind": "full" if cfg.network.network_type == "full" else "lora",
-               "checkpoints": [{"path": str(c.path), "name": n, "step": c.step, "epoch": c.epoch, "loss": c.loss}
-                               for c, n in zip(result.checkpoints, names)]}
+        run = RunRecord(run_dir=str(result.run_dir), work_dir=str(result.work_dir), family=cfg.model.family,
+                        kind="full" if cfg.network.network_type == "full" else "lora",
+                        checkpoints=[{"path": str(c.path), "name": n, "step": c.step, "epoch": c.epoch, "loss": c.loss}
+                                     for c, n in zip(result.checkpoints, names)])
         curve = _comfy.pil_to_image([loss_curve(result.losses)])
         summary = f"{len(names)} checkpoints in {result.run_dir}; last loss {result.losses[-1]:.4f}" if result.losses else "no steps"
         return {"ui": {"text": [summary]}, "result": (run, curve, names, [c.step for c in result.checkpoints])}
