@@ -7,8 +7,8 @@ node's FUNCTION:
 
 * each custom-typed input must be an instance of the type its producing node returns (a config dataclass, a
   :class:`RunRecord`), else a :class:`CrucibleError` says which input and which node to connect;
-* each STRING input must be text that can be encoded (no lone surrogates, no NUL): it is refused up front, before
-  it can reach a path, a log line or ComfyUI's console;
+* each STRING input must be text that can be encoded (no lone surrogates): it is refused up front, before it can
+  reach a path, a log line or ComfyUI's console;
 * the body runs under the trainer's read policy (``_comfy.node_read_policy()``), so every file the trainer opens is
   checked against ComfyUI's folders and the configured ones where it is used;
 * an unexpected exception whose message is not console-safe is re-raised as a console-safe
@@ -66,11 +66,10 @@ def check_socket(title: str, name: str, socket: str, value: Any) -> None:
 
 
 def check_text(title: str, name: str, value: Any) -> None:
-    """Refuse a STRING input that cannot be encoded or holds a NUL character."""
+    """Refuse a STRING input that cannot be encoded (NUL bytes are the path checks' business: a run name with one
+    is cleaned by ``safe_name``, a dataset path with one is refused)."""
     if not isinstance(value, str):
         return  # ComfyUI converts STRING widgets with str(); a linked STRING output is the other node's business
-    if "\x00" in value:
-        raise CrucibleError(f"{title}: input '{name}' contains a NUL character; remove it")
     if any(unicodedata.category(c) == "Cs" for c in value):
         raise CrucibleError(f"{title}: input '{name}' contains characters that cannot be encoded (a lone "
                             f"surrogate such as \\udcff): {console_safe(value[:80])!s}; type it again")
@@ -95,7 +94,8 @@ def _input_kinds(cls) -> dict[str, tuple[str, bool]]:
 def check_inputs(cls, title: str, inputs: dict) -> None:
     """The checks :func:`guard` runs at the top of a node's FUNCTION (see the module docstring)."""
     as_lists = bool(getattr(cls, "INPUT_IS_LIST", False))
-    for name, (kind, required) in _input_kinds(cls).items():
+    kinds = sorted(_input_kinds(cls).items(), key=lambda item: item[1][0] != "STRING")  # text first: it is cheap
+    for name, (kind, required) in kinds:
         value = inputs.get(name)
         values = value if as_lists and isinstance(value, list) else [value]
         for item in values:
