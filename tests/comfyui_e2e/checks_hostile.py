@@ -130,7 +130,8 @@ class Hostile:
         return {"class_type": class_type, "inputs": values}
 
     def dataset(self, **inputs) -> dict:
-        return self.node("CrucibleDataset", path=self.var("demo_data", "crucible_demo"), resolution=64, **inputs)
+        return self.node("CrucibleDataset", **{"path": self.var("demo_data", "crucible_demo"), "resolution": 64,
+                                               **inputs})
 
     def producers(self) -> dict[str, dict]:
         """A genuine node for every custom socket type a forged case does not forge (not the run)."""
@@ -176,27 +177,34 @@ class Hostile:
         elif run.succeeded:
             problems.append("the prompt ran to success; expected a refusal")
         elif run.rejected and comfy_may_refuse and mentions_all(text, needles):
-            detail = f"refused by ComfyUI's own validation (HTTP {run.status})"
+            detail = f"refused by ComfyUI's own validation (HTTP {run.status}): {_validation_message(run)}"
             self.refused_by_comfy.append(name)
         else:
             missing = mentions_all(text, needles)
             if missing:
                 problems.append(f"the error does not mention {missing}:\n{text[-3000:]}")
-            detail = _first_message(run) or text[:160]
+            detail = _first_message(run) or _validation_message(run) or text[:160]
         problems += self.leaks(run, offset)
         problems += await self.alive()
         self.ctx.results.check(f"hostile: {name}", problems, detail[:220])
 
-    async def passes(self, name: str, prompt: dict, check) -> Run | None:
-        """Post ``prompt``: it must succeed (a sanitised name, for example) and ``check(run)`` list no problems."""
+    async def passes(self, name: str, prompt: dict, check, or_refused: list[str] | None = None) -> Run | None:
+        """Post ``prompt``: it must succeed (a sanitised name, for example) and ``check(run)`` list no problems;
+        with ``or_refused``, a refusal whose error mentions those strings is fine too."""
         if self.stuck:
             self.ctx.results.fail(f"hostile: {name}", "not run: the queue is stuck since an earlier case")
             return None
         offset = log_size(self.ctx.server_log)
         run = await run_prompt(self.ctx.server, prompt, TIMEOUT)
-        problems = [] if run.succeeded else [f"the prompt did not succeed:\n{run.error_text()[-3000:]}"]
-        problems += check(run) + self.leaks(run, offset) + await self.alive()
-        self.ctx.results.check(f"hostile: {name}", problems, f"{run.seconds:.1f}s")
+        detail = f"ran in {run.seconds:.1f}s"
+        if run.succeeded:
+            problems = check(run)
+        elif or_refused is not None and not run.timed_out and not mentions_all(run.error_text(), or_refused):
+            problems, detail = [], "refused: " + (_first_message(run) or run.error_text()[:160])
+        else:
+            problems = [f"the prompt did not succeed:\n{run.error_text()[-3000:]}"]
+        problems += self.leaks(run, offset) + await self.alive()
+        self.ctx.results.check(f"hostile: {name}", problems, detail[:220])
         return run
 
     def leaks(self, run: Run, offset: int) -> list[str]:
@@ -238,6 +246,14 @@ def _first_message(run: Run) -> str:
         if event == "execution_error":
             return f"{data.get('node_type')}: {data.get('exception_message', '')}".strip()
     return ""
+
+
+def _validation_message(run: Run) -> str:
+    """The first node error of a prompt ComfyUI refused (400), as one line."""
+    for node_id, entry in run.node_errors.items():
+        for error in entry.get("errors", []):
+            return f"node {node_id}: {error.get('message', '')}: {error.get('details', '')}"
+    return (run.body.get("error") or {}).get("message", "") if isinstance(run.body, dict) else ""
 
 
 def _safetensors_with(marker: str) -> bytes:
@@ -386,8 +402,8 @@ async def pickles(h: Hostile) -> None:
         h.ctx.results.skip("hostile: pickle as training state", f"the run saved no {state}")
         return
     state.write_bytes(pickle.dumps({"step": 1, "epoch": 1, "format": 1, "network": Pwn(h.pwned[0])}))
-    await h.refused("pickle as training state (resume)", h.train_prompt("hostile-state", resume=True, epochs=2),
-                    ["refused"])
+    await h.refused("pickle as training state (resume)", h.train_prompt("hostile-state", resume=True,
+                                                                        resume_force=True), ["refused"])
 
 
 async def names_and_prefixes(h: Hostile) -> None:
@@ -404,8 +420,9 @@ async def names_and_prefixes(h: Hostile) -> None:
     for prefix in ["../../../hostile-escape", "/tmp/hostile-escape", "..\\..\\hostile-escape", "CON"]:
         prompt = {"1": h.node("EmptyImage", width=8, height=8, batch_size=1),
                   "2": h.node("CrucibleImageGrid", images=["1", 0], save=True, filename_prefix=prefix)}
-        await h.passes(f"grid filename_prefix {prefix!r} stays in output/", prompt,
-                       inside(root / "output", "*hostile-escape*" if "hostile" in prefix else "*CON*"))
+        await h.passes(f"grid filename_prefix {prefix!r} stays in output/ (or is refused)", prompt,
+                       inside(root / "output", "*hostile-escape*" if "hostile" in prefix else "*CON*"),
+                       or_refused=["filename_prefix"])
     if h.ctx.resources.get("tiny_sd15", {}).get("status") != "ok":
         h.ctx.results.skip("hostile: run names", "no tiny_sd15 resource to train with")
         return
