@@ -12,7 +12,7 @@ from trainer.config import (ATTENTION, FAMILIES, LOSS_WEIGHTING, MIXED_PRECISION
                             SAVE_PRECISION, SCHEDULERS, TARGET_PRESETS, TIMESTEP_SAMPLING, ModelConfig,
                             NetworkConfig, OptimConfig, SampleConfig, SaveConfig, TrainConfig, TrainingConfig)
 from trainer.errors import CrucibleError
-from trainer.fileio import safe_name
+from trainer.fileio import safe_name, shown
 
 from . import _comfy
 from ._sockets import DATASET, MODEL, NETWORK, OPTIM, RUN, TRAINING, RunRecord
@@ -285,7 +285,7 @@ def _floats(text: str) -> tuple[float, ...]:
     try:
         return tuple(float(v) for v in (text or "").replace(";", ",").split(",") if v.strip())
     except ValueError:
-        raise CrucibleError(f"'{text}' must be numbers separated by commas") from None
+        raise CrucibleError(f"{shown(text)} must be numbers separated by commas") from None
 
 
 NODES = {"CrucibleModel": CrucibleModel, "CrucibleSplitModel": CrucibleSplitModel, "CrucibleNetworkOptions": CrucibleNetworkOptions,
