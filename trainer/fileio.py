@@ -182,7 +182,8 @@ def ensure_inside(path: str | Path, roots: list[str | Path], what: str = "path")
         root = Path(root).expanduser().resolve()
         if resolved == root or root in resolved.parents:
             return resolved
-    allowed = ", ".join(str(r) for r in roots) or "(none configured)"
+    allowed = ", ".join(str(r) for r in roots[:4]) or "(none configured)"
+    allowed += f" and {len(roots) - 4} more" if len(roots) > 4 else ""
     raise UnsafePathError(f"{what} {shown(str(path))} is outside the allowed folders ({allowed}). "
                           "Move it into one of them, or add its folder to CRUCIBLE_ALLOWED_DIRS")
 
