@@ -15,10 +15,10 @@ import numpy as np
 
 from trainer.callbacks import Callbacks, CheckpointInfo, SampleInfo, StepInfo
 from trainer.errors import CrucibleError
-from trainer.fileio import ensure_inside
+from trainer.fileio import ALLOWED_DIRS_ENV, ReadPolicy, check_path_text, ensure_inside, shown
 
-ALLOWED_DIRS_ENV = "CRUCIBLE_ALLOWED_DIRS"
 SETTINGS_FILE = "crucible_settings.json"
+CHECKPOINT_KINDS = ("loras", "diffusion_models", "checkpoints")  # where a run's checkpoints may be loaded from
 
 
 # --- folders ---------------------------------------------------------------------------------------------------------
@@ -106,9 +106,9 @@ def _user_dir() -> str | None:
 def resolve_dataset_path(path: str) -> Path:
     """A dataset folder from a node input: relative paths are taken inside ComfyUI's input folder; the result must
     lie (after following symlinks) inside an allowed root."""
-    if not path or not path.strip():
+    if not isinstance(path, str) or not path.strip():
         raise CrucibleError("dataset path is empty: put your images in a folder under ComfyUI/input and give its name")
-    candidate = Path(path.strip()).expanduser()
+    candidate = Path(check_path_text(path.strip(), "dataset path")).expanduser()
     if not candidate.is_absolute():
         candidate = input_dir() / candidate
     roots = allowed_roots()
@@ -142,11 +142,47 @@ def _refuse_escaping_links(folder: Path, roots: list[Path]) -> None:
 def resolve_model_path(path: str) -> Path:
     """A model file or diffusers folder typed into a node: it must lie inside one of ComfyUI's model folders or an
     allowed root (a /prompt request must not make the server read arbitrary files)."""
+    text = check_path_text(path.strip(), "model path")
+    return ensure_inside(Path(text).expanduser(), model_roots(), "model path")
+
+
+def _kind_folders(kinds) -> list[Path]:
+    fp = _folder_paths()
+    out = []
+    for kind in kinds:
+        for name in {kind, _kind(kind), LEGACY_KINDS.get(kind, kind)}:
+            if name in fp.folder_names_and_paths:
+                out += [Path(f) for f in fp.get_folder_paths(name)]
+    return list(dict.fromkeys(out))
+
+
+def model_roots() -> list[Path]:
+    """Where model files (checkpoints, encoders, VAEs, tokenizers) may be read from: ComfyUI's model folders
+    (``extra_model_paths.yaml`` included; not custom_nodes), its bundled CLIP tokenizer, and the allowed roots."""
     fp = _folder_paths()
     roots = [Path(fp.models_dir)] if getattr(fp, "models_dir", None) else []
-    for kind in fp.folder_names_and_paths:
-        roots += [Path(f) for f in fp.get_folder_paths(kind)]
-    return ensure_inside(Path(path.strip()).expanduser(), roots + allowed_roots(), "model path")
+    roots += _kind_folders(k for k in fp.folder_names_and_paths if k != "custom_nodes")
+    tokenizer = comfy_tokenizer_dir()
+    return roots + ([tokenizer] if tokenizer else []) + allowed_roots()
+
+
+def node_read_policy() -> ReadPolicy:
+    """The trainer's read policy for a node run: datasets from the allowed roots, models from the model roots."""
+    return ReadPolicy(data=tuple(allowed_roots()), models=tuple(model_roots()))
+
+
+def confine_checkpoint(path: Any, what: str = "checkpoint") -> Path:
+    """A trained checkpoint about to be loaded: a .safetensors file inside ComfyUI's loras / diffusion_models /
+    checkpoints folders, nothing else (a forged run record must not make the server open any file)."""
+    if not isinstance(path, (str, Path)) or not str(path).strip():
+        raise CrucibleError(f"{what} has no file path; connect Crucible Train's run output")
+    text = check_path_text(str(path), what)
+    if not text.lower().endswith(".safetensors"):
+        raise CrucibleError(f"{what} {shown(text)} is not a .safetensors file; only safetensors checkpoints are loaded")
+    resolved = ensure_inside(text, _kind_folders(CHECKPOINT_KINDS), what)
+    if not resolved.is_file():
+        raise CrucibleError(f"{what} {shown(text)} does not exist (deleted or moved?); train again or pick a folder")
+    return resolved
 
 
 def comfy_tokenizer_dir() -> Path | None:
@@ -340,7 +376,7 @@ def apply_lora(model, clip, path: Path, strength: float):
     import comfy.sd
     import comfy.utils
 
-    lora = comfy.utils.load_torch_file(str(path), safe_load=True)
+    lora = comfy.utils.load_torch_file(str(confine_checkpoint(path)), safe_load=True)
     return comfy.sd.load_lora_for_models(model, clip, lora, strength, strength)
 
 
@@ -349,7 +385,7 @@ def load_diffusion_model(path: Path):
     import comfy.sd
 
     loader = getattr(comfy.sd, "load_diffusion_model", None) or comfy.sd.load_unet
-    return loader(str(path))
+    return loader(str(confine_checkpoint(path)))
 
 
 # --- full checkpoints as weight patches read from the file on demand --------------------------------------------------
@@ -405,6 +441,7 @@ def full_checkpoint_model(model, path: Path):
 
     from safetensors import safe_open
 
+    path = confine_checkpoint(path)
     try:
         inner = model.model
         unet_config = inner.model_config.unet_config

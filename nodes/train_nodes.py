@@ -12,17 +12,13 @@ from trainer.config import (ATTENTION, FAMILIES, LOSS_WEIGHTING, MIXED_PRECISION
                             SAVE_PRECISION, SCHEDULERS, TARGET_PRESETS, TIMESTEP_SAMPLING, ModelConfig,
                             NetworkConfig, OptimConfig, SampleConfig, SaveConfig, TrainConfig, TrainingConfig)
 from trainer.errors import CrucibleError
-from trainer.fileio import safe_name
+from trainer.fileio import safe_name, shown
 
 from . import _comfy
-from .dataset_nodes import DATASET, _lines
+from ._sockets import DATASET, MODEL, NETWORK, OPTIM, RUN, TRAINING, RunRecord
+from .dataset_nodes import _lines
 from .widgets import BOOL, FLOAT, INT, SEED, STRING, combo
 
-MODEL = "CRUCIBLE_MODEL"
-NETWORK = "CRUCIBLE_NETWORK"
-OPTIM = "CRUCIBLE_OPTIM"
-TRAINING = "CRUCIBLE_TRAINING"
-RUN = "CRUCIBLE_RUN"
 NONE = "(none)"
 
 
@@ -301,10 +297,10 @@ def run_output(cfg: TrainConfig, result) -> tuple[dict, list[str]]:
     """The CRUCIBLE_RUN socket value and the checkpoint names as ComfyUI's loaders list them."""
     kind_root = _comfy.model_folder("diffusion_models" if cfg.network.network_type == "full" else "loras")
     names = [c.path.relative_to(kind_root).as_posix() for c in result.checkpoints]
-    run = {"run_dir": str(result.run_dir), "work_dir": str(result.work_dir), "family": cfg.model.family,
-           "kind": "full" if cfg.network.network_type == "full" else "lora",
-           "checkpoints": [{"path": str(c.path), "name": n, "step": c.step, "epoch": c.epoch, "loss": c.loss}
-                           for c, n in zip(result.checkpoints, names)]}
+    run = RunRecord(run_dir=str(result.run_dir), work_dir=str(result.work_dir), family=cfg.model.family,
+                    kind="full" if cfg.network.network_type == "full" else "lora",
+                    checkpoints=[{"path": str(c.path), "name": n, "step": c.step, "epoch": c.epoch, "loss": c.loss}
+                                 for c, n in zip(result.checkpoints, names)])
     return run, names
 
 
@@ -340,7 +336,7 @@ def _floats(text: str) -> tuple[float, ...]:
     try:
         return tuple(float(v) for v in (text or "").replace(";", ",").split(",") if v.strip())
     except ValueError:
-        raise CrucibleError(f"'{text}' must be numbers separated by commas") from None
+        raise CrucibleError(f"{shown(text)} must be numbers separated by commas") from None
 
 
 NODES = {"CrucibleModel": CrucibleModel, "CrucibleSplitModel": CrucibleSplitModel, "CrucibleNetworkOptions": CrucibleNetworkOptions,
