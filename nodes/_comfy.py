@@ -217,7 +217,7 @@ class ComfyProgress(Callbacks):
             self.bar.update_absolute(self.bar.current, None, ("PNG", sample.images[0], 512))
 
     def on_checkpoint(self, ckpt: CheckpointInfo) -> None:
-        print(f"[Crucible] saved {ckpt.path} (step {ckpt.step})", flush=True)
+        print(f"[Crucible] {ckpt.summary}", flush=True)
 
     def should_stop(self) -> bool:
         return interrupted()
