@@ -50,11 +50,11 @@ def cmd_train(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from .dataset import DataSource
     from .plan import compute_plan
+    from .validation import training_source
 
     cfg = _config(args)
-    source = DataSource(cfg.datasets, seed=cfg.training.seed)
+    source = training_source(cfg)
     print(source.report_text())
     print(compute_plan(cfg, source).format())
     return 0
@@ -79,6 +79,11 @@ def cmd_sweep(args) -> int:
                     steps=args.steps, cfg_scale=args.cfg, include_base=not args.no_base, out=args.out,
                     every=args.every)
     print(f"wrote {out}")
+    from .checkpoints import read_run_manifest
+    from .sweep import read_checkpoint_info, recommendation
+
+    print(recommendation([read_checkpoint_info(c["path"]) for c in read_run_manifest(args.run_dir)["checkpoints"]
+                          if Path(c["path"]).exists()]))
     return 0
 
 

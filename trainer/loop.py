@@ -32,6 +32,7 @@ from .fileio import atomic_write_json, safe_name
 from .network import Network, attach_network, param_groups
 from .noise import offset_noise, pyramid_noise
 from .optim import build_optimizer, build_scheduler
+from .plots import save_loss_curve
 from .state import load_state, save_state
 from .validation import validation_summary
 
@@ -415,6 +416,7 @@ class Trainer:
             if self.cfg.save.save_state:
                 self._save_state(step, epoch)
             self._write_manifest("running")
+            save_loss_curve(self.work_dir / "loss_curve.png", self.losses, self.checkpoints)
             self.callbacks.on_checkpoint(info)
         self.acc.wait_for_everyone()
 

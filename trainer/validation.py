@@ -172,14 +172,10 @@ class Validator:
         return ValidationResult(sum(per_point.values()) / len(per_point), per_point)
 
 
-def best_index(values: Sequence[float | None]) -> int | None:
-    """Position of the lowest validation loss (the first of equals), or None when no value is known."""
-    known = [(v, i) for i, v in enumerate(values) if v is not None and v == v]
-    return min(known)[1] if known else None
-
-
 def validation_summary(validator: Validator | None, checkpoints: Sequence[Any]) -> dict[str, Any]:
     """run.json's ``validation`` entry: the set used, the schedule points and the recommended checkpoint."""
+    from .sweep import best_index
+
     if validator is None:
         return {"images": 0}
     best = best_index([c.val_loss for c in checkpoints])
