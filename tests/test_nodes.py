@@ -166,7 +166,8 @@ def test_object_info_entries_match_the_classes(pack):
     train = info["CrucibleTrain"]
     assert train["output"] == ["CRUCIBLE_RUN", "IMAGE", "STRING", "INT"]
     assert train["output_is_list"] == [False, False, True, True]
-    assert train["input_order"]["optional"][-2:] == ["resume_force", "also_save_checkpoint"]  # appended only
+    assert train["input_order"]["optional"][-3:] == ["resume_force", "also_save_checkpoint",  # appended only
+                                                     "validation_dataset"]
     json.dumps(info)  # ComfyUI serves this as JSON
 
 
@@ -231,10 +232,10 @@ def test_caption_options_refuse_bad_replacements(nodes):
 
 
 def test_step_plan(nodes, demo_input):
-    ds = dataset(nodes)  # 12 images x 10 repeats (from the folder name) = 120 samples
+    ds = dataset(nodes)  # 12 images, 1 held out for validation: 11 x 10 repeats (from the folder name) = 110 samples
     (text,), _ = run(nodes, "CrucibleStepPlan", dataset=ds, batch_size=4, epochs=2, save_every_n_epochs=1)
-    assert "30 optimizer steps per epoch x 2 epoch(s) = 60 steps" in text
-    assert "checkpoints at steps: 30 (epoch 1), 60 (epoch 2)" in text
+    assert "28 optimizer steps per epoch x 2 epoch(s) = 56 steps" in text
+    assert "checkpoints at steps: 28 (epoch 1), 56 (epoch 2)" in text
 
 
 # --- model node --------------------------------------------------------------------------------------------------
