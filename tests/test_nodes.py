@@ -336,6 +336,26 @@ def test_cancel_saves_a_checkpoint_and_state_then_resume_finishes(nodes, comfy, 
     assert manifest["losses"] == pytest.approx(uninterrupted["losses"], rel=1e-5)
 
 
+@pytest.mark.slow
+def test_validation_dataset_input_scores_every_checkpoint_and_the_sweep_marks_the_best(nodes, comfy, tiny_sd15,
+                                                                                       small_input):
+    from trainer.render import BEST_MARK
+
+    comfy.reset_interrupt()
+    inputs = train_inputs(nodes, tiny_sd15, "node-val", validation_dataset=dataset(nodes, SMALL, repeats=1))
+    (run_info, _curve, _names, _steps), ui = run(nodes, "CrucibleTrain", **inputs)
+    vals = [c["val_loss"] for c in run_info["checkpoints"]]
+    assert len(vals) == 2 and all(isinstance(v, float) for v in vals)
+    assert all(set(c["val_loss_t"]) == {"0.25", "0.50", "0.75", "1.00"} for c in run_info["checkpoints"])
+    best = run_info["checkpoints"][vals.index(min(vals))]
+    assert f"recommended: {Path(best['path']).name}" in ui["text"][0]
+    for source in ({"run": run_info}, {"folder": "loras/node-val"}):  # the run output, or the files' metadata
+        out = sweep(nodes, seeds="1", strengths="1.0", **source)
+        labels = dict(zip(out["column"], out["label"]))
+        assert [labels[c].endswith(BEST_MARK) for c in (1, 2)] == [v == min(vals) for v in vals]
+        assert all(f"val {v:.4f}" in labels[c] for c, v in zip((1, 2), vals))
+
+
 # --- sweep -------------------------------------------------------------------------------------------------------
 BASE_MODEL, BASE_CLIP = "base MODEL", "base CLIP"
 
