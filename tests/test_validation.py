@@ -238,3 +238,33 @@ def test_comfy_client_reads_the_validation_loss_from_metadata(tmp_path):
     composite = compose_sweep(ckpts, [[Image.new("RGB", (32, 32))] for _ in ckpts])
     assert composite.layout["col_labels"] == ["step 5 · val 0.4000", f"step 10 · val 0.1234 {BEST_MARK}",
                                               "step 15 · val 0.2000"]
+
+
+def test_the_comfyui_stage_check_reads_the_grid_and_the_lora_metadata(tmp_path):
+    """tests/comfyui_e2e/checks_validation.py, run on a ComfyUI folder laid out as the stage leaves it."""
+    import sys
+
+    import torch
+    from PIL import Image
+
+    from trainer.fileio import save_safetensors
+
+    sys.path.insert(0, str(Path(__file__).parent / "comfyui_e2e"))
+    from checks_validation import problems_for
+
+    root, pack = tmp_path / "ComfyUI", Path(__file__).resolve().parents[1]
+    assert problems_for(root, pack)[0] is None  # nothing ran: a SKIP, not a FAIL
+    ckpts = []
+    for step, val in ((2, 0.31), (4, 0.27)):
+        path = root / "models" / "loras" / "ci_sweep" / f"ci_sweep-s{step}.safetensors"
+        save_safetensors(path, {"w": torch.zeros(1)}, {"crucible_step": str(step), "crucible_val_loss": f"{val:.6f}"})
+        ckpts.append(read_checkpoint_info(path))
+    items = plan_sweep(ckpts, prompts=["p"], seeds=[1], strengths=[1.0])
+    cells = [[Image.new("RGB", (32, 32)) for _ in range(3)]]
+    grid = root / "output" / "crucible" / "ci_lora_sweep_1.png"
+    save_png(compose_grid(cells, col_labels=[i.label for i in items]), grid)
+    problems, detail = problems_for(root, pack)
+    assert problems == [] and "val 0.2700" in detail
+    save_png(compose_grid(cells, col_labels=["base", "step 2", f"step 4 {BEST_MARK}"]), grid)
+    problems, _ = problems_for(root, pack)
+    assert len(problems) == 2 and "0.3100" in problems[0]
