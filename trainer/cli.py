@@ -4,7 +4,8 @@
     python -m trainer plan CONFIG.toml            # the step plan, nothing trains
     python -m trainer preview CONFIG.toml         # captions exactly as training will see them
     python -m trainer sweep RUN_DIR --prompt "…" --seed 1 [--strengths 0.6,0.8,1.0] [--out strip.png]
-    python -m trainer demo [--out demo_output]    # tiny model + bundled data, end to end
+    python -m trainer demo [--out demo_output]    # pre-trained tiny base + a LoRA on a new concept, end to end
+    python -m trainer demo-base [--out DIR]       # only (re)build the demo's pre-trained tiny base model
 
 Multi-GPU: ``accelerate launch -m trainer train CONFIG.toml`` (only rank 0 writes files).
 """
@@ -87,6 +88,13 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_demo_base(args) -> int:
+    from .demo_base import build_demo_base
+
+    build_demo_base(Path(args.out), seed=args.seed)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -130,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="demo_output")
     d.add_argument("--epochs", type=int, default=5)
     d.set_defaults(fn=cmd_demo)
+    b = sub.add_parser("demo-base", help="pre-train the demo's tiny base model on drawn shapes (a few CPU minutes)")
+    b.add_argument("--out", default="demo_output/demo-base")
+    b.add_argument("--seed", type=int, default=0)
+    b.set_defaults(fn=cmd_demo_base)
     return p
 
 
