@@ -793,6 +793,9 @@ class DataSource:
       images, regularization images alone are an error.
     * All randomness (batch order, captions, crops, flips) comes from local RNGs seeded by ``(seed, epoch, …)``, so
       any epoch can be replayed exactly, in any order (exact resume).
+    * ``validation_split`` holds images out for the validation loss (:func:`trainer.validation.holdout_items`): they
+      stay in :attr:`items` (indices are stable) and are listed in :attr:`validation_items`, but get no repeats, so
+      no epoch, bucket count or step plan includes them.
     """
 
     def __init__(self, datasets: Sequence[DatasetConfig], seed: int, validation_split: float = 0.0):

@@ -99,9 +99,9 @@ class Validator:
             note = f"Validation: {len(indices)} images of the validation dataset"
         else:
             source, indices, note = trainer.source, trainer.source.validation_items, trainer.source.validation_note
-        if note:
-            log.info("%s", note)
-        return cls(trainer, source, indices, note or "Validation: off (validation_split 0, no validation dataset)")
+        note = note or "Validation: off (validation_split 0 and no validation dataset): no validation loss"
+        log.info("%s", note)
+        return cls(trainer, source, indices, note)
 
     def __len__(self) -> int:
         return len(self.indices)
