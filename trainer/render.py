@@ -35,7 +35,7 @@ LAYOUT_VERSION = 1
 # A column label containing this is the recommended checkpoint (lowest validation loss, see trainer/sweep.py): its
 # label is drawn in ``GridStyle.highlight_color`` and its cells framed in that colour. ASCII/Latin-1 on purpose:
 # Pillow's built-in font has no star glyph.
-BEST_MARK = "» best «"
+BEST_MARK = "»best«"  # one word, so label wrapping never splits it
 
 
 @dataclass(frozen=True)

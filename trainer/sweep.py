@@ -81,15 +81,16 @@ def select_checkpoints(checkpoints: Sequence[dict], *, name_filter: str = "", ev
     return items
 
 
-def column_label(c: dict, best: bool = False) -> str:
-    """``step 120 · ep 3 · val 0.1234``, with :data:`trainer.render.BEST_MARK` on the recommended column."""
+def column_label(c: dict, best: bool = False, with_val: bool = True) -> str:
+    """``step 120 · ep 3 · val 0.1234``, with :data:`trainer.render.BEST_MARK` on the recommended column (without
+    the loss when ``with_val`` is off: the headless grid prints it under the cells instead)."""
     from .render import BEST_MARK
 
     if c.get("step") is not None:
         label = f"step {c['step']}" + (f" · ep {c['epoch']}" if c.get("epoch") is not None else "")
     else:
         label = Path(c.get("name") or c["path"]).stem
-    if c.get("val_loss") is not None:
+    if with_val and c.get("val_loss") is not None:
         label += f" · val {c['val_loss']:.4f}"
     return label + (f" {BEST_MARK}" if best else "")
 
@@ -108,12 +109,13 @@ def loss_caption(c: dict) -> str:
 
 
 def plan_sweep(checkpoints: Sequence[dict], *, prompts: Sequence[str], seeds: Sequence[int],
-               strengths: Sequence[float], include_base: bool = True) -> list[SweepItem]:
+               strengths: Sequence[float], include_base: bool = True, val_in_label: bool = True) -> list[SweepItem]:
     """Every (column, row) cell of the sweep grid as one item."""
     rows = [(p, s, w) for p in prompts for s in seeds for w in strengths]
     columns: list[tuple[Path | None, str, str]] = [(None, "lora", BASE_LABEL)] if include_base else []
     best = best_index([c.get("val_loss") for c in checkpoints])
-    columns += [(Path(c["path"]), c.get("kind", "lora"), column_label(c, i == best)) for i, c in enumerate(checkpoints)]
+    columns += [(Path(c["path"]), c.get("kind", "lora"), column_label(c, i == best, val_in_label))
+                for i, c in enumerate(checkpoints)]
     multi = len(strengths) > 1
     items = []
     for r, (prompt, seed, strength) in enumerate(rows):
@@ -147,7 +149,8 @@ def sweep_run(run_dir: str | Path, *, prompts: Sequence[str], seeds: Sequence[in
     chosen = select_checkpoints(checkpoints, every_nth=every)
     prompts = list(prompts) or list(cfg.sample.prompts) or ["a photo"]
     seeds = list(seeds) or [cfg.sample.seed]
-    items = plan_sweep(chosen, prompts=prompts, seeds=seeds, strengths=strengths, include_base=include_base)
+    items = plan_sweep(chosen, prompts=prompts, seeds=seeds, strengths=strengths, include_base=include_base,
+                       val_in_label=False)  # the validation loss goes under the cells (_loss_caption)
     comps = family.load(cfg.model)
     res = cfg.dataset.resolution if cfg.datasets else 512
     width, height = width or cfg.sample.width or res, height or cfg.sample.height or res
