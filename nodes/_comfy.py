@@ -327,7 +327,7 @@ class ComfyProgress(Callbacks):
             self._update(self.bar.current, None, ("PNG", sample.images[0], 512))
 
     def on_checkpoint(self, ckpt: CheckpointInfo) -> None:
-        print(f"[Crucible] saved {ckpt.path} (step {ckpt.step})", flush=True)
+        print(f"[Crucible] {ckpt.summary}", flush=True)
 
     def should_stop(self) -> bool:
         if self.interrupt is not None or interrupted():

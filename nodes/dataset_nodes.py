@@ -166,11 +166,11 @@ class CrucibleStepPlan:
         }}
 
     def plan(self, dataset, **f):
-        from trainer.dataset import DataSource
         from trainer.plan import compute_plan
+        from trainer.validation import training_source
 
         cfg = plan_config(dataset, f)
-        source = DataSource(cfg.datasets, seed=cfg.training.seed)
+        source = training_source(cfg)  # held-out validation images are not counted
         text = compute_plan(cfg, source).format()
         return text_result(text, (text,))
 

@@ -185,6 +185,7 @@ class CrucibleTrainingOptions:
             "cache_latents_to_disk": BOOL(False, "kohya cache_latents_to_disk: keep the latents as safetensors in the run folder, reused by later runs."),
             "cache_text_embeddings": BOOL(False, "kohya cache_text_encoder_outputs, but shuffle and caption dropout keep working: K caption variants per image are encoded once."),
             "caption_variants": INT(4, 1, 64, "Text cache: shuffled caption variants per image (K)."),
+            "validation_split": FLOAT(0.1, 0.0, 0.5, 0.01, "Fraction of the dataset held out (chosen by the seed, never trained on) to measure a validation loss at every save; the sweep marks the checkpoint with the lowest. Used only with 10+ training images and no validation dataset; 0 = off."),
         })
 
     def build(self, **f):
@@ -226,6 +227,7 @@ class CrucibleTrain:
             "training": (TRAINING, {"tooltip": "Crucible Training Options (seed, precision, noise, min-SNR …)."}),
             "resume_force": ("BOOLEAN", {"default": False, "tooltip": "Resume even if the dataset or config changed since the state was saved."}),
             "also_save_checkpoint": ("BOOLEAN", {"default": False, "tooltip": "Full fine-tune only: also save the whole model (UNet, VAE, text encoders) as a single-file checkpoint in models/checkpoints/<run_name>/ for Load Checkpoint."}),
+            "validation_dataset": (DATASET, {"tooltip": "Optional held-out images (a Crucible Dataset, never trained on): the validation loss at every save is measured on them. Without it, Training Options' validation_split holds out a fraction of the dataset (10+ images)."}),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     @classmethod
@@ -235,11 +237,11 @@ class CrucibleTrain:
         return str(_UNFINISHED.get(_run_key(run_name), 0))
 
     def train(self, model, dataset, run_name, sample_prompts, resume, network=None, optimizer=None, training=None,
-              resume_force=False, also_save_checkpoint=False, unique_id=None, **f):
+              resume_force=False, also_save_checkpoint=False, validation_dataset=None, unique_id=None, **f):
         from trainer.loop import train
 
         cfg = build_train_config(model, dataset, run_name, sample_prompts, network, optimizer, training, f,
-                                 also_save_checkpoint)
+                                 also_save_checkpoint, validation_dataset)
         state_dir = Path(cfg.save.work_dir) / safe_name(cfg.save.run_name, "run_name") / "state"  # as the loop names it
         check_plan(cfg)  # refuse an impossible plan before ComfyUI's models are unloaded
         _comfy.free_memory()
@@ -259,7 +261,7 @@ class CrucibleTrain:
             _comfy.show_report(unique_id, summary)  # the UI text of a raising node is otherwise never delivered
             progress.raise_interrupt()  # checkpoint and state are saved; ComfyUI marks the prompt interrupted
         run, names = run_output(cfg, result)
-        curve = _comfy.pil_to_image([_loss_curve(result.losses)])
+        curve = _comfy.pil_to_image([_loss_curve(result)])
         return {"ui": {"text": [summary]}, "result": (run, curve, names, [c.step for c in result.checkpoints])}
 
 
@@ -273,10 +275,10 @@ def _run_key(run_name) -> str:
         return str(run_name)
 
 
-def _loss_curve(losses):
+def _loss_curve(result):
     from trainer.plots import loss_curve
 
-    return loss_curve(losses)
+    return loss_curve(result.losses, val=[(c.step, c.val_loss) for c in result.checkpoints])
 
 
 def run_summary(result, cancelled: bool = False) -> str:
@@ -290,7 +292,10 @@ def run_summary(result, cancelled: bool = False) -> str:
                 "queue again with resume on to pass it to the next nodes")
     if not result.losses:
         return "no steps"
-    return f"{len(result.checkpoints)} checkpoints in {result.run_dir}; last loss {result.losses[-1]:.4f}"
+    from trainer.sweep import recommendation
+
+    return (f"{len(result.checkpoints)} checkpoints in {result.run_dir}; last loss {result.losses[-1]:.4f}\n"
+            + recommendation([{"path": str(c.path), "step": c.step, "val_loss": c.val_loss} for c in result.checkpoints]))
 
 
 def run_output(cfg: TrainConfig, result) -> tuple[dict, list[str]]:
@@ -299,21 +304,22 @@ def run_output(cfg: TrainConfig, result) -> tuple[dict, list[str]]:
     names = [c.path.relative_to(kind_root).as_posix() for c in result.checkpoints]
     run = RunRecord(run_dir=str(result.run_dir), work_dir=str(result.work_dir), family=cfg.model.family,
                     kind="full" if cfg.network.network_type == "full" else "lora",
-                    checkpoints=[{"path": str(c.path), "name": n, "step": c.step, "epoch": c.epoch, "loss": c.loss}
+                    checkpoints=[{"path": str(c.path), "name": n, "step": c.step, "epoch": c.epoch, "loss": c.loss,
+                                  "val_loss": c.val_loss, "val_loss_t": c.val_loss_t}
                                  for c, n in zip(result.checkpoints, names)])
     return run, names
 
 
 def check_plan(cfg: TrainConfig) -> None:
     """Scan the data and compute the step plan: every 'this cannot train' error surfaces before any work."""
-    from trainer.dataset import DataSource
     from trainer.plan import compute_plan
+    from trainer.validation import training_source
 
-    compute_plan(cfg, DataSource(cfg.datasets, seed=cfg.training.seed))
+    compute_plan(cfg, training_source(cfg))
 
 
 def build_train_config(model, dataset, run_name, sample_prompts, network, optimizer, training, f,
-                       also_save_checkpoint: bool = False) -> TrainConfig:
+                       also_save_checkpoint: bool = False, validation_dataset=None) -> TrainConfig:
     full = network is not None and network.network_type == "full"
     kind = "diffusion_models" if full else "loras"
     single = str(_comfy.model_folder("checkpoints")) if full and also_save_checkpoint else ""
@@ -328,7 +334,8 @@ def build_train_config(model, dataset, run_name, sample_prompts, network, optimi
 
     tr = replace(tr, epochs=f["epochs"], max_train_steps=f["max_train_steps"], batch_size=f["batch_size"])
     cfg = TrainConfig(model=model, datasets=tuple(dataset), network=network or NetworkConfig(),
-                      optim=optimizer or OptimConfig(), training=tr, save=save, sample=sample)
+                      optim=optimizer or OptimConfig(), training=tr, save=save, sample=sample,
+                      validation_datasets=tuple(validation_dataset or ()))
     return TrainConfig.from_dict(cfg.to_dict())  # full validation, same path as the CLI
 
 

@@ -36,8 +36,9 @@ def test_two_processes_agree_and_only_rank0_writes(tiny_sd15, demo_dataset, tmp_
     assert set(digests) == {"0", "1"}, output[-3000:]
     assert digests["0"] == digests["1"]
     files = sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*") if p.is_file())
-    # 12 images / batch 2 = 6 batches, 3 per process → 3 optimizer steps; one checkpoint, written once
-    assert files == ["mp/config.json", "mp/mp-e0001-s000003.safetensors", "mp/run.json", "mp/state/state.json",
-                     "mp/state/state.pt"], files
+    # 11 images (1 held out for validation) / batch 2 = 6 batches, 3 per process → 3 optimizer steps; one
+    # checkpoint, written once
+    assert files == ["mp/config.json", "mp/loss_curve.png", "mp/mp-e0001-s000003.safetensors", "mp/run.json",
+                     "mp/state/state.json", "mp/state/state.pt"], files
     manifest = json.loads((tmp_path / "out" / "mp" / "run.json").read_text())
     assert manifest["plan"]["num_processes"] == 2 and len(manifest["losses"]) == 3

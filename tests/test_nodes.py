@@ -166,7 +166,8 @@ def test_object_info_entries_match_the_classes(pack):
     train = info["CrucibleTrain"]
     assert train["output"] == ["CRUCIBLE_RUN", "IMAGE", "STRING", "INT"]
     assert train["output_is_list"] == [False, False, True, True]
-    assert train["input_order"]["optional"][-2:] == ["resume_force", "also_save_checkpoint"]  # appended only
+    assert train["input_order"]["optional"][-3:] == ["resume_force", "also_save_checkpoint",  # appended only
+                                                     "validation_dataset"]
     json.dumps(info)  # ComfyUI serves this as JSON
 
 
@@ -231,10 +232,10 @@ def test_caption_options_refuse_bad_replacements(nodes):
 
 
 def test_step_plan(nodes, demo_input):
-    ds = dataset(nodes)  # 12 images x 10 repeats (from the folder name) = 120 samples
+    ds = dataset(nodes)  # 12 images, 1 held out for validation: 11 x 10 repeats (from the folder name) = 110 samples
     (text,), _ = run(nodes, "CrucibleStepPlan", dataset=ds, batch_size=4, epochs=2, save_every_n_epochs=1)
-    assert "30 optimizer steps per epoch x 2 epoch(s) = 60 steps" in text
-    assert "checkpoints at steps: 30 (epoch 1), 60 (epoch 2)" in text
+    assert "28 optimizer steps per epoch x 2 epoch(s) = 56 steps" in text
+    assert "checkpoints at steps: 28 (epoch 1), 56 (epoch 2)" in text
 
 
 # --- model node --------------------------------------------------------------------------------------------------
@@ -467,6 +468,26 @@ def test_train_node_hands_every_model_back_when_it_returns_fails_or_is_cancelled
         run(nodes, "CrucibleTrain", **inputs)
     assert spy.alive() == 0, "models outlive a failed run (the traceback's frames hold them)"
     assert "broken_save" in "".join(__import__("traceback").format_exception(failed.value))  # still readable
+
+
+@pytest.mark.slow
+def test_validation_dataset_input_scores_every_checkpoint_and_the_sweep_marks_the_best(nodes, comfy, tiny_sd15,
+                                                                                       small_input):
+    from trainer.render import BEST_MARK
+
+    comfy.reset_interrupt()
+    inputs = train_inputs(nodes, tiny_sd15, "node-val", validation_dataset=dataset(nodes, SMALL, repeats=1))
+    (run_info, _curve, _names, _steps), ui = run(nodes, "CrucibleTrain", **inputs)
+    vals = [c["val_loss"] for c in run_info["checkpoints"]]
+    assert len(vals) == 2 and all(isinstance(v, float) for v in vals)
+    assert all(set(c["val_loss_t"]) == {"0.25", "0.50", "0.75", "1.00"} for c in run_info["checkpoints"])
+    best = run_info["checkpoints"][vals.index(min(vals))]
+    assert f"recommended: {Path(best['path']).name}" in ui["text"][0]
+    for source in ({"run": run_info}, {"folder": "loras/node-val"}):  # the run output, or the files' metadata
+        out = sweep(nodes, seeds="1", strengths="1.0", **source)
+        labels = dict(zip(out["column"], out["label"]))
+        assert [labels[c].endswith(BEST_MARK) for c in (1, 2)] == [v == min(vals) for v in vals]
+        assert all(f"val {v:.4f}" in labels[c] for c, v in zip((1, 2), vals))
 
 
 # --- sweep -------------------------------------------------------------------------------------------------------

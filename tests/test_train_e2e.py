@@ -197,7 +197,7 @@ def test_cached_latents_and_text_train_and_resume_exactly(tiny_sd15, demo_datase
                               "cache_text_embeddings": True, "caption_variants": 3},
                     save={"save_every_n_epochs": 0})
     full = train(make_config(tiny_sd15, demo_dataset, tmp_path / "a", **sections))
-    assert len(list((tmp_path / "a" / "runs" / "t" / "cache" / "latents").glob("*.safetensors"))) == 12
+    assert len(list((tmp_path / "a" / "runs" / "t" / "cache" / "latents").glob("*.safetensors"))) == 11  # 12 images, 1 held out for validation (never trained, never cached)
     cfg_b = make_config(tiny_sd15, demo_dataset, tmp_path / "b", **sections)
     stopped = train(cfg_b, StopAt(2))
     resumed = train(cfg_b, resume_from=stopped.state_dir)

@@ -30,6 +30,14 @@ class CheckpointInfo:
     loss: float | None = None
     kind: str = "lora"  # lora | full
     final: bool = False
+    val_loss: float | None = None  # validation loss (trainer/validation.py); None = no validation set
+    val_loss_t: dict[str, float] | None = None  # per fixed schedule point, {"0.25": …}
+
+    @property
+    def summary(self) -> str:
+        """What the progress reports print at each save."""
+        val = f", val loss {self.val_loss:.4f}" if self.val_loss is not None else ""
+        return f"saved {self.path} (step {self.step}, epoch {self.epoch}{val})"
 
 
 @dataclass(frozen=True)
@@ -104,7 +112,7 @@ class ConsoleProgress(Callbacks):
         self.stream.flush()
 
     def on_checkpoint(self, ckpt: CheckpointInfo) -> None:
-        self.stream.write(f"\nsaved {ckpt.path} (step {ckpt.step}, epoch {ckpt.epoch})\n")
+        self.stream.write(f"\n{ckpt.summary}\n")
 
 
 def format_seconds(seconds: float) -> str:

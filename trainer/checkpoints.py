@@ -18,6 +18,7 @@ from .fileio import save_safetensors
 if TYPE_CHECKING:  # pragma: no cover
     from .loop import Trainer
     from .network import Network
+    from .validation import ValidationResult
 
 SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _started = time.time()
@@ -27,8 +28,12 @@ def checkpoint_name(run_name: str, step: int, epoch: int) -> str:
     return f"{run_name}-e{epoch:04d}-s{step:06d}.safetensors"
 
 
-def write_checkpoint(trainer: "Trainer", step: int, epoch: int, *, final: bool = False) -> CheckpointInfo:
-    """Export the current weights of ``trainer`` into its run folder and return what was written."""
+def write_checkpoint(trainer: "Trainer", step: int, epoch: int, *, final: bool = False,
+                     validation: "ValidationResult | None" = None) -> CheckpointInfo:
+    """Export the current weights of ``trainer`` into its run folder and return what was written.
+
+    ``validation`` (the loss of exactly these weights on the held-out set) goes into the metadata as
+    ``crucible_val_loss`` and ``crucible_val_loss_t`` (JSON ``{"0.25": …}``), where the sweep reads it."""
     from .export import export_peft_modules, lora_metadata
 
     cfg, net = trainer.cfg, trainer.net
@@ -40,6 +45,9 @@ def write_checkpoint(trainer: "Trainer", step: int, epoch: int, *, final: bool =
                          output_name=trainer.run_name)
     if loss is not None:
         meta["crucible_loss"] = f"{loss:.6f}"
+    if validation is not None:
+        meta["crucible_val_loss"] = f"{validation.loss:.6f}"
+        meta["crucible_val_loss_t"] = json.dumps({k: round(v, 6) for k, v in validation.per_point.items()})
     path = trainer.run_dir / checkpoint_name(trainer.run_name, step, epoch)
     if net.is_full:
         tensors = {k: v.to(dtype) if v.is_floating_point() else v
@@ -52,7 +60,9 @@ def write_checkpoint(trainer: "Trainer", step: int, epoch: int, *, final: bool =
     save_safetensors(path, tensors, meta)
     if net.is_full and cfg.save.single_file_dir:
         write_single_file(trainer, path.name, meta, dtype)
-    return CheckpointInfo(path=path, step=step, epoch=epoch, loss=loss, kind=kind, final=final)
+    return CheckpointInfo(path=path, step=step, epoch=epoch, loss=loss, kind=kind, final=final,
+                          val_loss=validation.loss if validation else None,
+                          val_loss_t=validation.to_json() if validation else None)
 
 
 def write_single_file(trainer: "Trainer", name: str, meta: dict, dtype: torch.dtype) -> Path:

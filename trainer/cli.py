@@ -4,7 +4,8 @@
     python -m trainer plan CONFIG.toml            # the step plan, nothing trains
     python -m trainer preview CONFIG.toml         # captions exactly as training will see them
     python -m trainer sweep RUN_DIR --prompt "…" --seed 1 [--strengths 0.6,0.8,1.0] [--out strip.png]
-    python -m trainer demo [--out demo_output]    # tiny model + bundled data, end to end
+    python -m trainer demo [--out demo_output]    # pre-trained tiny base + a LoRA on a new concept, end to end
+    python -m trainer demo-base [--out DIR]       # only (re)build the demo's pre-trained tiny base model
 
 Multi-GPU: ``accelerate launch -m trainer train CONFIG.toml`` (only rank 0 writes files).
 """
@@ -50,11 +51,11 @@ def cmd_train(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from .dataset import DataSource
     from .plan import compute_plan
+    from .validation import training_source
 
     cfg = _config(args)
-    source = DataSource(cfg.datasets, seed=cfg.training.seed)
+    source = training_source(cfg)
     print(source.report_text())
     print(compute_plan(cfg, source).format())
     return 0
@@ -79,6 +80,18 @@ def cmd_sweep(args) -> int:
                     steps=args.steps, cfg_scale=args.cfg, include_base=not args.no_base, out=args.out,
                     every=args.every)
     print(f"wrote {out}")
+    from .checkpoints import read_run_manifest
+    from .sweep import read_checkpoint_info, recommendation
+
+    print(recommendation([read_checkpoint_info(c["path"]) for c in read_run_manifest(args.run_dir)["checkpoints"]
+                          if Path(c["path"]).exists()]))
+    return 0
+
+
+def cmd_demo_base(args) -> int:
+    from .demo_base import build_demo_base
+
+    build_demo_base(Path(args.out), seed=args.seed)
     return 0
 
 
@@ -125,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="demo_output")
     d.add_argument("--epochs", type=int, default=5)
     d.set_defaults(fn=cmd_demo)
+    b = sub.add_parser("demo-base", help="pre-train the demo's tiny base model on drawn shapes (a few CPU minutes)")
+    b.add_argument("--out", default="demo_output/demo-base")
+    b.add_argument("--seed", type=int, default=0)
+    b.set_defaults(fn=cmd_demo_base)
     return p
 
 

@@ -269,6 +269,15 @@ def read_safetensors_metadata(path: str | Path) -> dict[str, str]:
     return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
 
 
+def checkpoint_val_loss(metadata: Mapping[str, str]) -> float | None:
+    """The validation loss Crucible stored in a checkpoint (``crucible_val_loss``), or None."""
+    try:
+        value = float(str(metadata.get("crucible_val_loss", "")).strip())
+    except ValueError:
+        return None
+    return value if value == value else None
+
+
 def checkpoint_step(metadata: Mapping[str, str]) -> int | None:
     """Training step stored in checkpoint metadata (``crucible_step``, else kohya's ``ss_steps``), or None."""
     for key in STEP_KEYS:
@@ -288,6 +297,7 @@ class Checkpoint:
 
     path: Path
     step: int | None = None
+    val_loss: float | None = None  # crucible_val_loss from the metadata
 
     @property
     def label(self) -> str:
@@ -305,8 +315,11 @@ def list_checkpoints(folder: str | Path) -> list[Checkpoint]:
     folder = Path(folder)
     if not folder.is_dir():
         raise ModelLoadError(f"checkpoint folder '{folder}' does not exist; pass the run's output folder")
-    found = [Checkpoint(p, checkpoint_step(read_safetensors_metadata(p)))
-             for p in folder.iterdir() if p.suffix.lower() == ".safetensors" and p.is_file()]
+    found = []
+    for p in folder.iterdir():
+        if p.suffix.lower() == ".safetensors" and p.is_file():
+            meta = read_safetensors_metadata(p)
+            found.append(Checkpoint(p, checkpoint_step(meta), checkpoint_val_loss(meta)))
     if not found:
         raise ModelLoadError(f"no .safetensors files in '{folder}'; pass the folder the training run saved into")
     return sorted(found, key=lambda c: (c.step is None, c.step or 0, _natural_key(c.path.name)))
@@ -412,11 +425,21 @@ class SweepResult:
     images: list[list["Image.Image"]]
     loader: LoaderRef
 
+    @property
+    def best(self) -> Checkpoint | None:
+        """The checkpoint with the lowest validation loss (its metadata's ``crucible_val_loss``), if any has one."""
+        from .sweep import best_index
+
+        index = best_index([c.val_loss for c in self.checkpoints])
+        return None if index is None else self.checkpoints[index]
+
     def metadata(self, name_prefix: str = "") -> dict:
         """JSON-able description for the PNG's text chunks."""
+        best = self.best
         return {"loader": {"node_id": self.loader.node_id, "input": self.loader.input_name},
-                "checkpoints": [{"file": c.path.name, "step": c.step, "value": c.value(name_prefix), "prompt_id": p}
-                                for c, p in zip(self.checkpoints, self.prompt_ids)]}
+                "checkpoints": [{"file": c.path.name, "step": c.step, "value": c.value(name_prefix), "prompt_id": p,
+                                 "val_loss": c.val_loss} for c, p in zip(self.checkpoints, self.prompt_ids)],
+                "best": best.path.name if best is not None else None}
 
 
 class ComfyClient:
@@ -612,8 +635,9 @@ class ComfyClient:
               style: "GridStyle | None" = None) -> SweepResult:
         """Run ``workflow`` once per checkpoint (patched into the loader node) and compose a labelled strip.
 
-        Columns follow the checkpoints' step order, labelled "step N" (or the file name), captioned with the file
-        name. When a run outputs several images they become rows. ``timeout`` applies to each prompt,
+        Columns follow the checkpoints' step order, labelled "step N · val <loss>" (or the file name; the validation
+        loss from the files' metadata), the lowest validation loss marked best, captioned with the file name.
+        When a run outputs several images they become rows. ``timeout`` applies to each prompt,
         ``total_timeout`` to the whole sweep.
         """
         base = validate_workflow(workflow)
@@ -725,8 +749,12 @@ def compose_sweep(checkpoints: Sequence[Checkpoint], images: Sequence[Sequence[A
     """One column per checkpoint; a strip when each gave one image, else one row per output image."""
     from . import render
 
+    from .sweep import best_index, column_label
+
     style = style or render.GridStyle()
-    labels = [c.label for c in checkpoints]
+    best = best_index([c.val_loss for c in checkpoints])
+    labels = [column_label({"step": c.step, "val_loss": c.val_loss, "path": str(c.path)}, i == best)
+              for i, c in enumerate(checkpoints)]
     captions = [c.path.name for c in checkpoints]
     if all(len(imgs) == 1 for imgs in images):
         return render.compose_strip([imgs[0] for imgs in images], labels, title=title, captions=captions, style=style)
@@ -785,6 +813,9 @@ def _cli_sweep(args: argparse.Namespace) -> int:
                                **result.metadata(args.name_prefix)}}
     out = render.save_png(result.composite, args.out, extra_metadata=meta)
     log(f"wrote {out} ({len(result.checkpoints)} checkpoints)")
+    best = result.best
+    if best is not None:
+        log(f"recommended: {best.path.name} (step {best.step}, lowest validation loss {best.val_loss:.4f})")
     return 0
 
 

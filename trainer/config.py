@@ -150,6 +150,10 @@ class TrainingConfig:
     cache_latents_to_disk: bool = False  # kohya cache_latents_to_disk: safetensors under <work_dir>/<run>/cache
     cache_text_embeddings: bool = False  # kohya cache_text_encoder_outputs, but shuffle/dropout keep working
     caption_variants: int = 4  # text-cache variants per image, so shuffle/dropout keep working
+    # Held-out validation images (never trained on, chosen by the seed), scored at every save. Applies only when
+    # the training images number at least trainer.validation.MIN_IMAGES_FOR_SPLIT and no validation_datasets are
+    # given; 0 = no split. See trainer/validation.py.
+    validation_split: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -189,6 +193,7 @@ class TrainConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     save: SaveConfig = field(default_factory=SaveConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    validation_datasets: tuple[DatasetConfig, ...] = ()  # a separate validation set (overrides validation_split)
 
     # --- (de)serialisation -------------------------------------------------------------------------------------
     @classmethod
@@ -364,7 +369,7 @@ def apply_override(data: dict[str, Any], item: str) -> dict[str, Any]:
                 node.append({})
             node = node[idx]
         else:
-            node = node.setdefault(part, [] if part == "datasets" else {})
+            node = node.setdefault(part, [] if part in ("datasets", "validation_datasets") else {})
     last = parts[-1]
     if isinstance(node, list):
         idx = int(last)
@@ -430,6 +435,7 @@ def validate(cfg: TrainConfig) -> None:
     _check_range(t.flow_shift, "training.flow_shift", 0.0, 100.0)
     _check_range(t.ema_decay, "training.ema_decay", 0.0, 1.0)
     _check_range(t.caption_variants, "training.caption_variants", 1, 64)
+    _check_range(t.validation_split, "training.validation_split", 0.0, 0.5)
     _check_choice(s.save_precision, SAVE_PRECISION, "save.save_precision")
     _check_range(s.save_every_n_epochs, "save.save_every_n_epochs", 0)
     _check_range(s.save_every_n_steps, "save.save_every_n_steps", 0)
@@ -439,8 +445,8 @@ def validate(cfg: TrainConfig) -> None:
     _check_range(p.steps, "sample.steps", 1, 1000)
     _check_range(p.width, "sample.width", 0, 8192)
     _check_range(p.height, "sample.height", 0, 8192)
-    for i, d in enumerate(cfg.datasets):
-        w = f"datasets[{i}]"
+    for i, d in [*enumerate(cfg.datasets), *((f"v{j}", v) for j, v in enumerate(cfg.validation_datasets))]:
+        w = f"datasets[{i}]" if isinstance(i, int) else f"validation_datasets[{i[1:]}]"
         _check_range(d.resolution, f"{w}.resolution", 64, 8192)
         if d.resolution % 8:
             raise ConfigError(f"config key '{w}.resolution' is {d.resolution}; it must be a multiple of 8")

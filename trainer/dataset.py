@@ -807,9 +807,12 @@ class DataSource:
       images, regularization images alone are an error.
     * All randomness (batch order, captions, crops, flips) comes from local RNGs seeded by ``(seed, epoch, …)``, so
       any epoch can be replayed exactly, in any order (exact resume).
+    * ``validation_split`` holds images out for the validation loss (:func:`trainer.validation.holdout_items`): they
+      stay in :attr:`items` (indices are stable) and are listed in :attr:`validation_items`, but get no repeats, so
+      no epoch, bucket count or step plan includes them.
     """
 
-    def __init__(self, datasets: Sequence[DatasetConfig], seed: int):
+    def __init__(self, datasets: Sequence[DatasetConfig], seed: int, validation_split: float = 0.0):
         if not datasets:
             raise DatasetError("no dataset configured: set datasets[0].path to a folder of images")
         self.datasets = tuple(datasets)
@@ -818,6 +821,10 @@ class DataSource:
             parse_color(cfg.background_color, f"datasets[{i}].background_color")
         self.scans = tuple(scan_dataset(cfg, i) for i, cfg in enumerate(self.datasets))
         self.items: tuple[ImageItem, ...] = tuple(item for scan in self.scans for item in scan.items)
+        from .validation import holdout_items
+
+        # Held-out validation images stay in ``items`` (indices are stable) but get no repeats: never trained on.
+        self.validation_items, self.validation_note = holdout_items(self.items, validation_split, self.seed)
         self.buckets: tuple[Resolution, ...] = tuple(b for scan in self.scans for b in scan.buckets)
         self.repeats: tuple[int, ...] = self._effective_repeats()
         self._by_bucket = self._bucket_samples()
@@ -829,11 +836,12 @@ class DataSource:
         return len(self.items)
 
     def _effective_repeats(self) -> tuple[int, ...]:
-        train = sum(item.repeats for item in self.items if not item.is_reg)
+        held = set(self.validation_items)
+        repeats = [0 if i in held else item.repeats for i, item in enumerate(self.items)]
+        train = sum(r for r, item in zip(repeats, self.items) if not item.is_reg)
         reg_idx = [i for i, item in enumerate(self.items) if item.is_reg]
         if reg_idx and not train:
             raise DatasetError("only regularization datasets (is_reg) are configured; add a training dataset")
-        repeats = [item.repeats for item in self.items]
         for i, r in zip(reg_idx, balance_reg_repeats(train, [self.items[i].repeats for i in reg_idx])):
             repeats[i] = r
         return tuple(repeats)
@@ -861,7 +869,8 @@ class DataSource:
         return dataset_fingerprint(self.datasets)
 
     def report_text(self) -> str:
-        return "\n\n".join(scan.report.format() for scan in self.scans)
+        text = "\n\n".join(scan.report.format() for scan in self.scans)
+        return text + (f"\n{self.validation_note}" if self.validation_note else "")
 
     # --- per epoch ---------------------------------------------------------------------------------------------
     def epoch_batches(self, epoch: int, batch_size: int, drop_last: bool = False) -> list[BatchPlan]:

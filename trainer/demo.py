@@ -1,8 +1,12 @@
-"""``make demo``: the whole Crucible job end to end on the CPU, with nothing to download.
+"""``make demo``: the whole Crucible job end to end on the CPU, with nothing to download, and a LoRA you can see learn.
 
-Builds a tiny randomly initialised SD1.5-architecture model from configs, trains a LoRA on the bundled shapes
-dataset, saves several checkpoints, renders each one with the same prompt and seed, and writes the labelled strip.
-The pictures are noise-like (the base model knows nothing), but every code path is the real one.
+1. The base model: a tiny SD1.5-architecture model pre-trained on drawn flat shapes (:mod:`trainer.demo_base`; built
+   on the first run and kept in ``<out>/demo-base``). It draws red/green/blue/yellow circles, squares and triangles.
+2. The LoRA's dataset: 20 pictures of a concept the base has never seen — a magenta ring, captioned with the new
+   word ``crucible`` — written to ``<out>/demo_concept``. The default ``validation_split`` holds 2 of them out.
+3. Train the LoRA, saving a checkpoint per epoch, each scored on the held-out pictures (validation loss).
+4. Render the base and every checkpoint with the same prompt and seed and write the labelled strip: the ring appears
+   column by column, the validation loss is under each column and the lowest one is marked best.
 """
 from __future__ import annotations
 
@@ -13,51 +17,55 @@ from pathlib import Path
 from .callbacks import ConsoleProgress
 from .config import TrainConfig
 
-DEMO_DATA = Path(__file__).resolve().parent / "demo_data"
+DEMO_DATA = Path(__file__).resolve().parent / "demo_data"  # the bundled kohya-layout folder the tests train on
+PROMPT = "crucible, black background"
 log = logging.getLogger("crucible")
 
 
-def demo_config(model_dir: Path, out: Path, epochs: int) -> TrainConfig:
+def demo_config(model_dir: Path, data: Path, out: Path, epochs: int) -> TrainConfig:
     return TrainConfig.from_dict({
         "model": {"family": "sd15", "path": str(model_dir)},
-        "datasets": [{"path": str(DEMO_DATA), "resolution": 64,
-                      "captions": {"trigger_word": "crucible", "shuffle_caption": True, "keep_tokens": 1,
-                                   "caption_dropout_rate": 0.05}}],
+        "datasets": [{"path": str(data), "resolution": 64, "captions": {"caption_dropout_rate": 0.05}}],
         "network": {"network_dim": 8, "network_alpha": 8, "target_preset": "attn_mlp"},
-        "optim": {"learning_rate": 1e-3, "lr_scheduler": "cosine", "lr_warmup_ratio": 0.05},
-        "training": {"batch_size": 4, "epochs": epochs, "seed": 42},
+        "optim": {"learning_rate": 2e-3, "lr_scheduler": "constant_with_warmup", "lr_warmup_steps": 5},
+        "training": {"batch_size": 4, "epochs": epochs, "seed": 42, "validation_split": 0.1},
         "save": {"output_dir": str(out / "loras"), "work_dir": str(out / "runs"), "run_name": "demo",
                  "save_every_n_epochs": 1, "save_precision": "fp32"},
-        "sample": {"prompts": ["crucible, red circle, white background"], "steps": 8, "cfg": 3.0, "seed": 7},
+        "sample": {"prompts": [PROMPT], "steps": 20, "cfg": 4.0, "seed": 7},
     })
 
 
 def run_demo(out: Path, epochs: int = 5) -> Path:
-    from .dataset import DataSource
+    from .demo_base import build_demo_base, write_concept_dataset
     from .loop import train
     from .plan import compute_plan
-    from .sweep import sweep_run
-    from .tiny import build_tiny_pipeline
+    from .sweep import read_checkpoint_info, recommendation, sweep_run
+    from .validation import training_source
 
     out = Path(out).resolve()
     t0 = time.monotonic()
-    print(f"1/4 building a tiny SD1.5-architecture model in {out / 'tiny-sd15'} (random weights, no download)")
-    model_dir = build_tiny_pipeline(out / "tiny-sd15", family="sd15", seed=0, single_file=True)
-    cfg = demo_config(model_dir, out, epochs)
-    source = DataSource(cfg.datasets, seed=cfg.training.seed)
+    base = out / "demo-base"
+    if (base / "model_index.json").is_file():
+        print(f"1/4 base model: {base} (pre-trained on an earlier run; delete it to rebuild)")
+    else:
+        print(f"1/4 pre-training a tiny SD1.5-architecture base model on drawn shapes in {base}")
+        build_demo_base(base)
+    data = write_concept_dataset(out / "demo_concept")
+    cfg = demo_config(base, data, out, epochs)
+    source = training_source(cfg)
     print(source.report_text())
     print(compute_plan(cfg, source).format())
-    print("2/4 training")
+    print("2/4 training a LoRA on the new concept 'crucible' (a magenta ring the base has never seen)")
     result = train(cfg, ConsoleProgress(every=10))
-    first, last = result.losses[: len(result.losses) // 4], result.losses[-(len(result.losses) // 4):]
-    print(f"    loss {sum(first) / len(first):.4f} (first quarter) → {sum(last) / len(last):.4f} (last quarter)")
-    print("3/4 rendering every checkpoint with the same prompt and seed")
-    strip = sweep_run(result.work_dir, prompts=list(cfg.sample.prompts), seeds=[cfg.sample.seed], strengths=[1.0],
+    print("3/4 rendering the base and every checkpoint with the same prompt and seed")
+    strip = sweep_run(result.work_dir, prompts=[PROMPT], seeds=[cfg.sample.seed], strengths=[1.0],
                       steps=cfg.sample.steps, cfg_scale=cfg.sample.cfg, out=out / "demo_strip.png")
     print(f"4/4 done in {time.monotonic() - t0:.0f}s")
     print(f"    LoRA checkpoints : {result.run_dir}")
     for c in result.checkpoints:
-        print(f"        step {c.step:>4}  epoch {c.epoch:>2}  {c.path.name}")
-    print(f"    run folder       : {result.work_dir} (config.json, run.json, state/, samples/)")
+        val = f"val loss {c.val_loss:.4f}" if c.val_loss is not None else "no validation set"
+        print(f"        step {c.step:>4}  epoch {c.epoch:>2}  {val}  {c.path.name}")
+    print(f"    {recommendation([read_checkpoint_info(c.path) for c in result.checkpoints])}")
+    print(f"    run folder       : {result.work_dir} (config.json, run.json, loss_curve.png, state/, samples/)")
     print(f"    strip            : {strip}")
     return strip

@@ -32,7 +32,9 @@ from .fileio import atomic_write_json, safe_name
 from .network import Network, attach_network, param_groups
 from .noise import offset_noise, pyramid_noise
 from .optim import build_optimizer, build_scheduler
+from .plots import save_loss_curve
 from .state import load_state, save_state
+from .validation import validation_summary
 
 log = logging.getLogger("crucible")
 
@@ -156,12 +158,12 @@ class Trainer:
 
     # --- set-up --------------------------------------------------------------------------------------------------
     def _setup(self, components: Components | None):
-        from .dataset import DataSource
         from .plan import compute_plan
+        from .validation import training_source
 
         cfg = self.cfg
         self.acc = make_accelerator(cfg.training.mixed_precision)
-        self.source = DataSource(cfg.datasets, seed=cfg.training.seed)
+        self.source = training_source(cfg)
         self.plan = compute_plan(cfg, self.source, num_processes=self.acc.num_processes)
         device = self.acc.device
         # LoRA under mixed precision: frozen base weights load straight in the compute dtype (kohya/diffusers
@@ -201,6 +203,9 @@ class Trainer:
             self.ema = EMAModel(self.net.parameters(), decay=cfg.training.ema_decay)
         self.max_token_length = max(d.captions.max_token_length for d in cfg.datasets)
         self._setup_caches()
+        from .validation import Validator
+
+        self.validator = Validator.for_run(self) if self.acc.is_main_process else None
         names = list(self.net.modules)
         prepared = self.acc.prepare(*self.net.modules.values(), self.optimizer)
         self.optimizer = prepared[-1]
@@ -276,7 +281,8 @@ class Trainer:
             import json
 
             data = json.loads(manifest.read_text(encoding="utf-8"))
-            self.checkpoints = [CheckpointInfo(Path(c["path"]), c["step"], c["epoch"], c.get("loss"), c.get("kind", "lora"))
+            self.checkpoints = [CheckpointInfo(Path(c["path"]), c["step"], c["epoch"], c.get("loss"), c.get("kind", "lora"),
+                                               val_loss=c.get("val_loss"), val_loss_t=c.get("val_loss_t"))
                                 for c in data.get("checkpoints", []) if c["step"] <= saved.step and Path(c["path"]).exists()]
         log.info("resuming %s at step %d (epoch %d)", self.run_name, saved.step, saved.epoch)
         return saved.step
@@ -418,12 +424,14 @@ class Trainer:
             from .checkpoints import write_checkpoint
 
             with self._ema_weights():
-                info = write_checkpoint(self, step, epoch, final=final)
+                validation = self.validator.evaluate()
+                info = write_checkpoint(self, step, epoch, final=final, validation=validation)
             self.checkpoints.append(info)
             self._prune()
             if self.cfg.save.save_state:
                 self._save_state(step, epoch)
             self._write_manifest("running")
+            save_loss_curve(self.work_dir / "loss_curve.png", self.losses, self.checkpoints)
             self.callbacks.on_checkpoint(info)
         self.acc.wait_for_everyone()
 
@@ -477,7 +485,9 @@ class Trainer:
             "status": status,
             "run_dir": str(self.run_dir),
             "checkpoints": [{"file": c.path.name, "path": str(c.path), "step": c.step, "epoch": c.epoch,
-                             "loss": c.loss, "kind": c.kind} for c in self.checkpoints],
+                             "loss": c.loss, "kind": c.kind, "val_loss": c.val_loss, "val_loss_t": c.val_loss_t}
+                            for c in self.checkpoints],
+            "validation": validation_summary(self.validator, self.checkpoints),
             "losses": self.losses,
             "plan": self.plan.to_dict(),
             "samples": [{"step": s.step, "paths": [str(p) for p in s.paths]} for s in self.samples],

@@ -32,6 +32,10 @@ if TYPE_CHECKING:  # pragma: no cover
 
 LAYOUT_KEY = "crucible_layout"
 LAYOUT_VERSION = 1
+# A column label containing this is the recommended checkpoint (lowest validation loss, see trainer/sweep.py): its
+# label is drawn in ``GridStyle.highlight_color`` and its cells framed in that colour. ASCII/Latin-1 on purpose:
+# Pillow's built-in font has no star glyph.
+BEST_MARK = "»best«"  # one word, so label wrapping never splits it
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,7 @@ class GridStyle:
     title_max_lines: int = 2
     row_label_max_width: int = 320  # the row-label column never gets wider than this
     empty_cell_size: tuple[int, int] = (256, 256)  # cell size when every cell is None
+    highlight_color: str = "#ffb000"  # the recommended column (label containing BEST_MARK)
 
     @classmethod
     def light(cls, **overrides: Any) -> "GridStyle":
@@ -341,7 +346,7 @@ def _draw_lines(draw, lines: list[str], font: _Font, x0: int, y0: int, width: in
         draw.text((round(x), y0 + i * font.line_height), line, font=font.font, fill=fill)
 
 
-def _draw_text(draw, plan: _Plan, style: GridStyle) -> None:
+def _draw_text(draw, plan: _Plan, style: GridStyle, highlighted: frozenset[int] = frozenset()) -> None:
     pad, gap = max(0, style.padding), max(2, style.padding // 2)
     label_font, caption_font = load_font(style.font_size), load_font(style.resolved_caption_size)
     title_font = load_font(style.resolved_title_size)
@@ -350,7 +355,8 @@ def _draw_text(draw, plan: _Plan, style: GridStyle) -> None:
     for col, lines in enumerate(plan.col_lines):
         x0, y0, _, _ = plan.cell_box(0, col)
         top = y0 - gap - len(lines) * label_font.line_height
-        _draw_lines(draw, lines, label_font, x0, top, plan.cell[0], style.text_color)
+        color = style.highlight_color if col in highlighted else style.text_color
+        _draw_lines(draw, lines, label_font, x0, top, plan.cell[0], color)
     for row, lines in enumerate(plan.row_lines):
         _, y0, _, y1 = plan.cell_box(row, 0)
         top = y0 + (y1 - y0 - len(lines) * label_font.line_height) // 2
@@ -407,7 +413,14 @@ def compose_grid(cells: Sequence[Sequence[Any]], *, col_labels: Sequence[str] = 
             cell_layout.append({"row": r, "col": c, "box": list(box), "image_box": list(placed) if placed else None,
                                 "source_size": list(image.size) if image is not None else None,
                                 "caption": captions[r][c] if captions else ""})
-    _draw_text(draw, plan, style)
+    highlighted = frozenset(c for c, label in enumerate(cols) if BEST_MARK in label)
+    for c in highlighted:  # a frame around the recommended column's cells
+        x0, y0, _, _ = plan.cell_box(0, c)
+        _, _, x1, y1 = plan.cell_box(nrows - 1, c)
+        width = max(2, style.padding // 3)
+        draw.rectangle((x0 - width, y0 - width, x1 + width - 1, y1 + width - 1), outline=style.highlight_color,
+                       width=width)
+    _draw_text(draw, plan, style, highlighted)
     layout = {"version": LAYOUT_VERSION, "size": list(plan.size), "cell_size": list(plan.cell), "rows": nrows,
               "cols": ncols, "title": title, "col_labels": cols, "row_labels": rows, "cells": cell_layout}
     return Composite(canvas, layout)

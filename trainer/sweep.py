@@ -2,7 +2,8 @@
 
 The ComfyUI sweep node and ``python -m trainer sweep`` share :func:`plan_sweep`: columns are checkpoints (base
 first), rows are prompt × seed × strength. The step of a checkpoint is read from its metadata, never parsed out of
-its file name.
+its file name; so is its validation loss (``crucible_val_loss``), which labels the column, and the column with the
+lowest one carries :data:`trainer.render.BEST_MARK` (the compositor highlights it).
 """
 from __future__ import annotations
 
@@ -58,36 +59,63 @@ def read_checkpoint_info(path: str | Path) -> dict[str, Any]:
         return None
 
     return {"path": str(path), "step": number("crucible_step", "ss_steps"),
-            "epoch": number("crucible_epoch", "ss_epoch"), "loss": number("crucible_loss", cast=float)}
+            "epoch": number("crucible_epoch", "ss_epoch"), "loss": number("crucible_loss", cast=float),
+            "val_loss": number("crucible_val_loss", cast=float)}
 
 
 def select_checkpoints(checkpoints: Sequence[dict], *, name_filter: str = "", every_nth: int = 1) -> list[dict]:
-    """Sort by step (metadata), filter by name, keep every Nth — always keeping the last one."""
+    """Sort by step (metadata), filter by name, keep every Nth — always keeping the last one and the one with the
+    lowest validation loss."""
     items = [c for c in checkpoints if name_filter.lower() in Path(c.get("name") or c["path"]).name.lower()]
     items.sort(key=lambda c: (c.get("step") is None, c.get("step") or 0, Path(c["path"]).name))
     if every_nth > 1 and items:
         kept = items[::every_nth]
         if kept[-1] is not items[-1]:
             kept.append(items[-1])
+        best = best_index([c.get("val_loss") for c in items])
+        if best is not None and not any(c is items[best] for c in kept):  # the recommended one is always shown
+            kept = sorted([*kept, items[best]], key=lambda c: (c.get("step") is None, c.get("step") or 0))
         items = kept
     if not items:
         raise CrucibleError(f"no checkpoint matches name_filter {name_filter!r}" if name_filter else "no checkpoints to sweep")
     return items
 
 
-def column_label(c: dict) -> str:
+def column_label(c: dict, best: bool = False, with_val: bool = True) -> str:
+    """``step 120 · ep 3 · val 0.1234``, with :data:`trainer.render.BEST_MARK` on the recommended column (without
+    the loss when ``with_val`` is off: the headless grid prints it under the cells instead)."""
+    from .render import BEST_MARK
+
     if c.get("step") is not None:
-        label = f"step {c['step']}"
-        return label + (f" · ep {c['epoch']}" if c.get("epoch") is not None else "")
-    return Path(c.get("name") or c["path"]).stem
+        label = f"step {c['step']}" + (f" · ep {c['epoch']}" if c.get("epoch") is not None else "")
+    else:
+        label = Path(c.get("name") or c["path"]).stem
+    if with_val and c.get("val_loss") is not None:
+        label += f" · val {c['val_loss']:.4f}"
+    return label + (f" {BEST_MARK}" if best else "")
+
+
+def best_index(values: Sequence[float | None]) -> int | None:
+    """Position of the lowest validation loss (the first of equals), or None when none is known."""
+    known = [(v, i) for i, v in enumerate(values) if v is not None and v == v]
+    return min(known)[1] if known else None
+
+
+def loss_caption(c: dict) -> str:
+    """The caption under a checkpoint's cells: its validation loss, else the training loss of its last step."""
+    if c.get("val_loss") is not None:
+        return f"val loss {c['val_loss']:.4f}"
+    return f"train loss {c['loss']:.4f}" if c.get("loss") is not None else ""
 
 
 def plan_sweep(checkpoints: Sequence[dict], *, prompts: Sequence[str], seeds: Sequence[int],
-               strengths: Sequence[float], include_base: bool = True) -> list[SweepItem]:
+               strengths: Sequence[float], include_base: bool = True, val_in_label: bool = True) -> list[SweepItem]:
     """Every (column, row) cell of the sweep grid as one item."""
     rows = [(p, s, w) for p in prompts for s in seeds for w in strengths]
     columns: list[tuple[Path | None, str, str]] = [(None, "lora", BASE_LABEL)] if include_base else []
-    columns += [(Path(c["path"]), c.get("kind", "lora"), column_label(c)) for c in checkpoints]
+    best = best_index([c.get("val_loss") for c in checkpoints])
+    columns += [(Path(c["path"]), c.get("kind", "lora"), column_label(c, i == best, val_in_label))
+                for i, c in enumerate(checkpoints)]
     multi = len(strengths) > 1
     items = []
     for r, (prompt, seed, strength) in enumerate(rows):
@@ -116,11 +144,13 @@ def sweep_run(run_dir: str | Path, *, prompts: Sequence[str], seeds: Sequence[in
     manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     cfg = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text(encoding="utf-8")))
     family = get_family(cfg.model.family)
-    checkpoints = [dict(c, name=c["file"]) for c in manifest["checkpoints"] if Path(c["path"]).exists()]
+    checkpoints = [dict(c, name=c["file"], val_loss=read_checkpoint_info(c["path"])["val_loss"])
+                   for c in manifest["checkpoints"] if Path(c["path"]).exists()]  # val loss: the file's metadata
     chosen = select_checkpoints(checkpoints, every_nth=every)
     prompts = list(prompts) or list(cfg.sample.prompts) or ["a photo"]
     seeds = list(seeds) or [cfg.sample.seed]
-    items = plan_sweep(chosen, prompts=prompts, seeds=seeds, strengths=strengths, include_base=include_base)
+    items = plan_sweep(chosen, prompts=prompts, seeds=seeds, strengths=strengths, include_base=include_base,
+                       val_in_label=False)  # the validation loss goes under the cells (_loss_caption)
     comps = family.load(cfg.model)
     res = cfg.dataset.resolution if cfg.datasets else 512
     width, height = width or cfg.sample.width or res, height or cfg.sample.height or res
@@ -142,8 +172,21 @@ def sweep_run(run_dir: str | Path, *, prompts: Sequence[str], seeds: Sequence[in
                              title=f"{manifest['run_name']}: {len(chosen)} checkpoints",
                              cell_captions=[[losses[c] for c in sorted(labels)] for _ in row_labels])
     out = Path(out) if out else run_dir / "sweep.png"
+    best = best_index([c.get("val_loss") for c in chosen])
     return save_png(composite, out, {"crucible_sweep": {"run": manifest["run_name"], "prompts": prompts,
-                                                        "seeds": seeds, "strengths": list(strengths)}})
+                                                        "seeds": seeds, "strengths": list(strengths),
+                                                        "best": chosen[best]["name"] if best is not None else None}})
+
+
+def recommendation(checkpoints: Sequence[dict]) -> str:
+    """One line naming the checkpoint with the lowest validation loss (dicts with path/name, step, val_loss)."""
+    best = best_index([c.get("val_loss") for c in checkpoints])
+    if best is None:
+        return ("no validation loss recorded (no validation set: the dataset was too small for a split, or "
+                "validation_split is 0); compare the columns by eye")
+    c = checkpoints[best]
+    name = Path(c.get("name") or c.get("file") or c["path"]).name
+    return f"recommended: {name} (step {c.get('step')}, lowest validation loss {c['val_loss']:.4f})"
 
 
 def _display_size(image, minimum: int = 256):
@@ -159,10 +202,7 @@ def _display_size(image, minimum: int = 256):
 def _loss_caption(chosen: list[dict], item: SweepItem) -> str:
     if item.path is None:
         return ""
-    for c in chosen:
-        if Path(c["path"]) == item.path and c.get("loss") is not None:
-            return f"loss {c['loss']:.4f}"
-    return ""
+    return next((loss_caption(c) for c in chosen if Path(c["path"]) == item.path), "")
 
 
 def _apply_checkpoint(comps, net, item: SweepItem, base_state) -> None:

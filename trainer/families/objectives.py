@@ -47,6 +47,14 @@ class DiffusionObjective:
             target = noise
         return NoisedBatch(noisy, t, target, self._min_snr_weights(t))
 
+    def noise_at(self, latents: torch.Tensor, noise: torch.Tensor, fraction: float) -> NoisedBatch:
+        """Noise at a fixed point of the schedule (``fraction`` 1.0 = the last timestep), unweighted: validation."""
+        t = torch.full((latents.shape[0],), min(self.num_timesteps - 1, max(0, round(fraction * self.num_timesteps) - 1)),
+                       dtype=torch.long, device=latents.device)
+        noisy = self.scheduler.add_noise(latents, noise, t)
+        target = self.scheduler.get_velocity(latents, noise, t) if self.prediction_type == "v_prediction" else noise
+        return NoisedBatch(noisy, t, target, None)
+
     def _min_snr_weights(self, t: torch.Tensor) -> torch.Tensor | None:
         if self.min_snr_gamma <= 0:
             return None
@@ -98,6 +106,12 @@ class FlowMatchingObjective:
         noisy = (1 - s) * latents + s * noise
         target = noise - latents
         return NoisedBatch(noisy, sigmas * self.num_timesteps, target, self._weights(sigmas))
+
+    def noise_at(self, latents: torch.Tensor, noise: torch.Tensor, fraction: float) -> NoisedBatch:
+        """Noise at a fixed σ = ``fraction`` (no shift; ai-toolkit's σ 1.0/0.75/0.5/0.25), unweighted: validation."""
+        sigmas = torch.full((latents.shape[0],), float(fraction), device=latents.device, dtype=latents.dtype)
+        s = sigmas.view(-1, *([1] * (latents.ndim - 1)))
+        return NoisedBatch((1 - s) * latents + s * noise, sigmas * self.num_timesteps, noise - latents, None)
 
     def _weights(self, sigmas: torch.Tensor) -> torch.Tensor | None:
         scheme = self.training.loss_weighting
