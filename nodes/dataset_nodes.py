@@ -27,7 +27,7 @@ class CrucibleCaptionOptions:
             "keep_tokens": INT(0, 0, 64, "kohya keep_tokens: the first N tags stay in place when shuffling and are never dropped."),
             "shuffle_caption": BOOL(False, "kohya shuffle_caption: shuffle the tags after the kept ones, differently each epoch."),
             "separator": STRING(",", "kohya caption_separator: what separates tags."),
-            "split_on_period": BOOL(True, "A period also separates tags (SimpleTuner recipe)."),
+            "split_on_period": BOOL(True, "A period ending a sentence also separates tags — only when shuffle_caption, keep_tokens or caption_tag_dropout_rate needs tags. With no caption option on, captions reach the model exactly as written (kohya, SimpleTuner)."),
             "keep_tokens_separator": STRING("", "kohya keep_tokens_separator (e.g. |||): tags before it are kept fixed instead of counting keep_tokens."),
             "caption_dropout_rate": FLOAT(0.0, 0.0, 1.0, 0.01, "kohya caption_dropout_rate: chance that a whole caption becomes empty (SD3 recipe: 0.25)."),
             "caption_tag_dropout_rate": FLOAT(0.0, 0.0, 1.0, 0.01, "kohya caption_tag_dropout_rate: chance to drop each non-kept tag."),

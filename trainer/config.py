@@ -44,7 +44,7 @@ class CaptionConfig:
     keep_tokens: int = 0  # kohya keep_tokens: first N tags stay in place
     shuffle_caption: bool = False  # kohya shuffle_caption
     separator: str = ","  # tag separator (kohya caption_separator)
-    split_on_period: bool = True  # a period also separates tags (SimpleTuner recipe)
+    split_on_period: bool = True  # a sentence-ending period also separates tags, only when shuffle/keep-N/tag dropout need tags
     keep_tokens_separator: str = ""  # kohya keep_tokens_separator, e.g. "|||"
     caption_dropout_rate: float = 0.0  # whole caption replaced by "" (kohya caption_dropout_rate)
     caption_tag_dropout_rate: float = 0.0  # each non-kept tag dropped (kohya caption_tag_dropout_rate)
