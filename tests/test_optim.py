@@ -70,7 +70,8 @@ def test_schedules_match_diffusers_get_scheduler(name):
                       lr_scheduler_power=2.0)
     total = 50
     ours = build_scheduler(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), cfg, total)
-    ref = get_scheduler(name, torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), num_warmup_steps=5,
+    ref_name = "constant_with_warmup" if name == "constant" else name  # constant + warmup: warmup applies
+    ref = get_scheduler(ref_name, torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), num_warmup_steps=5,
                         num_training_steps=total, num_cycles=2, power=2.0)
     a, b = [], []
     for _ in range(total):

@@ -14,6 +14,7 @@ import torch
 
 from .config import OptimConfig
 from .errors import ConfigError, CrucibleError, require
+from .plan import scheduler_name, warmup_steps
 
 log = logging.getLogger("crucible")
 
@@ -118,11 +119,6 @@ def build_optimizer(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimiz
         raise ConfigError(f"optim.optimizer_args do not fit {cfg.optimizer}: {exc}") from exc
 
 
-def warmup_steps(cfg: OptimConfig, total_steps: int) -> int:
-    steps = round(cfg.lr_warmup_ratio * total_steps) if cfg.lr_warmup_ratio > 0 else cfg.lr_warmup_steps
-    return max(0, min(int(steps), total_steps))
-
-
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
     """``diffusers.optimization.get_scheduler`` with warmup, cycles and power from the config.
 
@@ -139,6 +135,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_st
                         "are ignored", cfg.lr_scheduler)
         return AdafactorSchedule(optimizer)
 
-    return get_scheduler(cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=warmup_steps(cfg, total_steps),
+    warmup = warmup_steps(cfg, total_steps)
+    return get_scheduler(scheduler_name(cfg.lr_scheduler, warmup), optimizer=optimizer, num_warmup_steps=warmup,
                          num_training_steps=max(total_steps, 1), num_cycles=cfg.lr_scheduler_num_cycles,
                          power=cfg.lr_scheduler_power)
