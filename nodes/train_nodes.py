@@ -189,6 +189,7 @@ class CrucibleTrainingOptions:
             "cache_latents_to_disk": BOOL(False, "kohya cache_latents_to_disk: keep the latents as safetensors in the run folder, reused by later runs."),
             "cache_text_embeddings": BOOL(False, "kohya cache_text_encoder_outputs, but shuffle and caption dropout keep working: K caption variants per image are encoded once."),
             "caption_variants": INT(4, 1, 64, "Text cache: shuffled caption variants per image (K)."),
+            "prior_loss_weight": FLOAT(1.0, 0.0, 100.0, 0.05, "kohya prior_loss_weight: loss weight of regularization images (datasets with is_reg on); 1.0 = same as training images."),
         })
 
     def build(self, **f):

@@ -44,3 +44,49 @@ def test_constant_with_warmup_is_not_shown_but_ignored():
     assert "constant_with_warmup" in plan.format()
     no_warmup = TrainConfig.from_dict({"optim": {"lr_scheduler": "constant"}})
     assert "constant_with_warmup" not in plan_from_counts({(64, 64): 20}, no_warmup).format()
+
+
+# --- regularization images: kohya prior_loss_weight --------------------------------------------------------------------
+
+def _reg_run(tiny_sd15, tmp_path, weight, name):
+    from PIL import Image
+
+    from trainer.loop import train
+
+    for folder, colour in (("data/1_thing", (200, 40, 40)), ("reg/1_person", (40, 40, 200))):
+        path = tmp_path / folder
+        if not path.exists():
+            path.mkdir(parents=True)
+            for i in range(2):
+                Image.new("RGB", (64, 64), (colour[0], 60 * i, colour[2])).save(path / f"{i}.png")
+                (path / f"{i}.txt").write_text(folder.split("_")[-1])
+    cfg = TrainConfig.from_dict({
+        "model": {"family": "sd15", "path": str(tiny_sd15)},
+        "datasets": [{"path": str(tmp_path / "data"), "resolution": 64},
+                     {"path": str(tmp_path / "reg"), "resolution": 64, "is_reg": True}],
+        "network": {"network_dim": 4, "network_alpha": 4},
+        "optim": {"learning_rate": 1e-2, "lr_scheduler": "constant"},
+        "training": {"batch_size": 1, "epochs": 1, "seed": 5, "prior_loss_weight": weight},
+        "save": {"output_dir": str(tmp_path / name), "run_name": "r", "save_every_n_epochs": 0, "save_last": False,
+                 "save_state": False},
+    })
+    return cfg, train(cfg)
+
+
+@pytest.mark.slow
+def test_prior_loss_weight_scales_the_loss_of_regularization_samples(tiny_sd15, tmp_path):
+    from trainer.dataset import DataSource
+
+    cfg, full = _reg_run(tiny_sd15, tmp_path, 1.0, "full")
+    _, half = _reg_run(tiny_sd15, tmp_path, 0.5, "half")
+    _, off = _reg_run(tiny_sd15, tmp_path, 0.0, "off")
+    source = DataSource(cfg.datasets, seed=cfg.training.seed)
+    is_reg = [source.items[batch[0].item].is_reg for batch in source.epoch_batches(1, 1)]
+    assert len(is_reg) == len(full.losses) == 4 and sum(is_reg) == 2
+    assert all(loss > 0 for loss in full.losses)
+    assert [loss == 0.0 for loss in off.losses] == is_reg  # masked-out regularization steps contribute nothing
+    first = is_reg.index(True)  # up to the first regularization step both runs are identical
+    assert half.losses[:first] == full.losses[:first]
+    assert half.losses[first] == pytest.approx(0.5 * full.losses[first], rel=1e-5)
+    with pytest.raises(Exception, match="prior_loss_weight"):
+        TrainConfig.from_dict({"training": {"prior_loss_weight": -1}})

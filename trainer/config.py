@@ -149,6 +149,7 @@ class TrainingConfig:
     cache_latents_to_disk: bool = False  # kohya cache_latents_to_disk: safetensors under <work_dir>/<run>/cache
     cache_text_embeddings: bool = False  # kohya cache_text_encoder_outputs, but shuffle/dropout keep working
     caption_variants: int = 4  # text-cache variants per image, so shuffle/dropout keep working
+    prior_loss_weight: float = 1.0  # kohya prior_loss_weight: loss multiplier of regularization (is_reg) samples
 
 
 @dataclass(frozen=True)
@@ -429,6 +430,7 @@ def validate(cfg: TrainConfig) -> None:
     _check_range(t.flow_shift, "training.flow_shift", 0.0, 100.0)
     _check_range(t.ema_decay, "training.ema_decay", 0.0, 1.0)
     _check_range(t.caption_variants, "training.caption_variants", 1, 64)
+    _check_range(t.prior_loss_weight, "training.prior_loss_weight", 0.0, 100.0)
     _check_choice(s.save_precision, SAVE_PRECISION, "save.save_precision")
     _check_range(s.save_every_n_epochs, "save.save_every_n_epochs", 0)
     _check_range(s.save_every_n_steps, "save.save_every_n_steps", 0)

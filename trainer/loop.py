@@ -382,6 +382,9 @@ class Trainer:
             dim=tuple(range(1, pred.ndim)))
         if noised.weights is not None:
             per_sample = per_sample * noised.weights.to(per_sample)
+        reg = [self.source.items[s[0]].is_reg for s in batch_plan]
+        if any(reg):  # kohya prior_loss_weight: regularization samples' loss is scaled
+            per_sample = per_sample * torch.tensor([tr.prior_loss_weight if r else 1.0 for r in reg]).to(per_sample)
         return per_sample.mean()
 
     def _latents(self, batch_plan, epoch: int) -> torch.Tensor:
