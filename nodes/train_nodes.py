@@ -144,8 +144,8 @@ class CrucibleOptimizerOptions:
     @classmethod
     def INPUT_TYPES(cls):
         return _section_inputs(OptimConfig, {
-            "optimizer": combo(list(OPTIMIZERS), "adamw", "kohya optimizer_type. prodigy/dadaptation: set learning_rate 1.0. adamw8bit needs CUDA."),
-            "learning_rate": FLOAT(1e-4, 0.0, 10.0, 1e-6, "kohya learning_rate (Prodigy/DAdaptation: 1.0)."),
+            "optimizer": combo(list(OPTIMIZERS), "adamw", "kohya optimizer_type (same names; dadaptation = kohya's DAdaptation, i.e. DAdaptAdamPreprint). prodigy and dadapt*: learning-rate free, see learning_rate. adafactor: kohya defaults (relative_step=True: it sets its own step size; for a fixed LR put scale_parameter=False, relative_step=False, warmup_init=False in optimizer_args). adamw8bit needs CUDA."),
+            "learning_rate": FLOAT(1e-4, 0.0, 10.0, 1e-6, "kohya learning_rate. Prodigy / DAdaptation*: left at the default 1e-4, 1.0 is used (their recommended value); any other value is kept."),
             "unet_lr": FLOAT(0.0, 0.0, 10.0, 1e-6, "kohya unet_lr: 0 = learning_rate."),
             "text_encoder_lr": FLOAT(0.0, 0.0, 10.0, 1e-6, "kohya text_encoder_lr: 0 = learning_rate."),
             "weight_decay": FLOAT(0.01, 0.0, 10.0, 0.001, "Weight decay."),

@@ -90,3 +90,57 @@ def test_prior_loss_weight_scales_the_loss_of_regularization_samples(tiny_sd15, 
     assert half.losses[first] == pytest.approx(0.5 * full.losses[first], rel=1e-5)
     with pytest.raises(Exception, match="prior_loss_weight"):
         TrainConfig.from_dict({"training": {"prior_loss_weight": -1}})
+
+
+# --- optimizers: kohya names, adaptive learning rate, Adafactor defaults ------------------------------------------------
+
+@pytest.mark.parametrize("name", ["Prodigy", "DAdaptation", "DAdaptAdam", "dadaptlion", "DAdaptSGD"])
+def test_adaptive_optimizers_default_to_learning_rate_one(name):
+    cfg = TrainConfig.from_dict({"optim": {"optimizer": name}})
+    assert cfg.optim.learning_rate == 1.0
+    assert TrainConfig.from_dict({"optim": {"optimizer": name, "learning_rate": 0.5}}).optim.learning_rate == 0.5
+    assert TrainConfig.from_dict({"optim": {"optimizer": "AdamW"}}).optim.learning_rate == 1e-4
+
+
+def test_optimizer_tooltip_says_adaptive_optimizers_use_one():
+    from nodes.train_nodes import CrucibleOptimizerOptions
+
+    spec = CrucibleOptimizerOptions.INPUT_TYPES()["required"]
+    assert "1.0" in spec["learning_rate"][1]["tooltip"] and "default" in spec["learning_rate"][1]["tooltip"]
+    assert {"dadaptlion", "dadaptsgd", "dadaptadagrad", "sgdnesterov"} <= set(spec["optimizer"][0])
+
+
+@pytest.mark.parametrize("name,cls", [("DAdaptation", "DAdaptAdamPreprint"), ("DAdaptAdamPreprint", "DAdaptAdamPreprint"),
+                                      ("DAdaptAdam", "DAdaptAdam"), ("DAdaptLion", "DAdaptLion"),
+                                      ("DAdaptSGD", "DAdaptSGD"), ("DAdaptAdaGrad", "DAdaptAdaGrad"),
+                                      ("SGDNesterov", "SGD"), ("AdaFactor", "Adafactor")])
+def test_optimizer_names_mean_what_kohya_means(name, cls):
+    from trainer.optim import build_optimizer
+
+    cfg = TrainConfig.from_dict({"optim": {"optimizer": name}}).optim
+    w = torch.nn.Parameter(torch.zeros(3))
+    opt = build_optimizer([{"params": [w], "lr": cfg.learning_rate}], cfg)
+    assert type(opt).__name__ == cls
+    if name == "DAdaptAdam":
+        assert opt.defaults["decouple"] is False  # kohya passes no decouple: the package default
+    if name == "SGDNesterov":
+        assert opt.defaults["nesterov"] is True
+
+
+def test_adafactor_uses_kohya_defaults():
+    from trainer.optim import build_optimizer, build_scheduler
+
+    w = torch.nn.Parameter(torch.zeros(3))
+    cfg = TrainConfig.from_dict({"optim": {"optimizer": "adafactor", "learning_rate": 1e-3}}).optim
+    opt = build_optimizer([{"params": [w], "lr": 1e-3}], cfg)
+    assert opt.defaults["relative_step"] is True and opt.defaults["scale_parameter"] is True
+    assert opt.defaults["warmup_init"] is False
+    assert build_scheduler(opt, cfg, 10).get_last_lr()[0] == pytest.approx(1e-3)  # kohya: lr is the initial_lr
+    manual = TrainConfig.from_dict({"optim": {"optimizer": "adafactor", "optimizer_args": [
+        "scale_parameter=False", "relative_step=False", "warmup_init=False"]}}).optim
+    opt = build_optimizer([{"params": [w], "lr": 1e-4}], manual)
+    assert opt.defaults["relative_step"] is False and opt.defaults["scale_parameter"] is False
+    assert opt.param_groups[0]["lr"] == 1e-4
+    warm = TrainConfig.from_dict({"optim": {"optimizer": "adafactor", "optimizer_args": [
+        "relative_step=False", "warmup_init=True"]}}).optim
+    assert build_optimizer([{"params": [w], "lr": 1e-4}], warm).defaults["relative_step"] is True  # as kohya

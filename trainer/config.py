@@ -25,7 +25,16 @@ CONFIG_VERSION = 1
 FAMILIES = ("sd15", "sdxl", "sd3", "flux")
 NETWORK_TYPES = ("lora", "dora", "loha", "lokr", "full")
 TARGET_PRESETS = ("attn", "attn_mlp", "all_linear", "all_linear_conv")
-OPTIMIZERS = ("adamw", "adamw8bit", "adafactor", "lion", "dadaptation", "dadaptadam", "prodigy", "sgd")
+# kohya sd-scripts' optimizer_type names, matched case-insensitively as kohya does ("DAdaptation" is kohya's
+# DAdaptAdamPreprint; "sgd" is plain SGD with momentum 0.9).
+OPTIMIZERS = ("adamw", "adamw8bit", "adafactor", "lion", "dadaptation", "dadaptadam", "prodigy", "sgd",
+              "dadaptadagrad", "dadaptadan", "dadaptadanip", "dadaptlion", "dadaptsgd", "sgdnesterov")
+OPTIMIZER_ALIASES = {"dadaptadampreprint": "dadaptation"}
+# Learning-rate-free optimizers: the learning rate multiplies the step size they find; 1.0 is the recommendation.
+ADAPTIVE_OPTIMIZERS = ("prodigy", "dadaptation", "dadaptadam", "dadaptadagrad", "dadaptadan", "dadaptadanip",
+                       "dadaptlion", "dadaptsgd")
+DEFAULT_LEARNING_RATE = 1e-4
+ADAPTIVE_LEARNING_RATE = 1.0
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 SAVE_PRECISION = ("fp32", "fp16", "bf16")
@@ -108,8 +117,8 @@ class NetworkConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    optimizer: str = "adamw"
-    learning_rate: float = 1e-4
+    optimizer: str = "adamw"  # kohya optimizer_type, any case (see OPTIMIZERS)
+    learning_rate: float = DEFAULT_LEARNING_RATE  # adaptive optimizers: the untouched default means 1.0
     unet_lr: float = 0.0  # 0 = learning_rate
     text_encoder_lr: float = 0.0  # 0 = learning_rate
     weight_decay: float = 1e-2
@@ -120,6 +129,13 @@ class OptimConfig:
     lr_warmup_ratio: float = 0.0  # fraction of total steps; overrides lr_warmup_steps when > 0
     lr_scheduler_num_cycles: int = 1
     lr_scheduler_power: float = 1.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.optimizer, str):  # kohya names in any case, and kohya's aliases
+            name = self.optimizer.strip().lower()
+            object.__setattr__(self, "optimizer", OPTIMIZER_ALIASES.get(name, name))
+        if self.optimizer in ADAPTIVE_OPTIMIZERS and self.learning_rate == DEFAULT_LEARNING_RATE:
+            object.__setattr__(self, "learning_rate", ADAPTIVE_LEARNING_RATE)
 
 
 @dataclass(frozen=True)
@@ -465,6 +481,7 @@ def validate(cfg: TrainConfig) -> None:
 
 __all__ = [name for name in dir() if name.endswith("Config")] + [
     "CONFIG_VERSION", "validate", "apply_override", "FAMILIES", "NETWORK_TYPES", "TARGET_PRESETS", "OPTIMIZERS",
+    "OPTIMIZER_ALIASES", "ADAPTIVE_OPTIMIZERS", "DEFAULT_LEARNING_RATE", "ADAPTIVE_LEARNING_RATE",
     "SCHEDULERS", "MIXED_PRECISION", "SAVE_PRECISION", "CROP_STYLES", "CROP_ASPECTS", "MISSING_CAPTION",
     "PREDICTION_TYPES", "TIMESTEP_SAMPLING", "LOSS_WEIGHTING", "ATTENTION",
 ]
