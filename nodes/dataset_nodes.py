@@ -79,14 +79,15 @@ class CrucibleDataset:
         }}
 
     @classmethod
-    def IS_CHANGED(cls, path, **_):
+    def IS_CHANGED(cls, path, caption_extension=".txt", **_):
         from trainer.dataset import dataset_fingerprint
 
         try:
             folder = _comfy.resolve_dataset_path(path)
+            config = DatasetConfig(path=str(folder), caption_extension=caption_extension)
         except Exception:  # noqa: BLE001 - the error is raised properly when the node runs
             return float("nan")
-        return dataset_fingerprint([DatasetConfig(path=str(folder))])
+        return dataset_fingerprint([config])
 
     def load(self, path, captions=None, merge_with=None, **fields):
         from trainer.dataset import scan_dataset

@@ -144,3 +144,32 @@ def test_adafactor_uses_kohya_defaults():
     warm = TrainConfig.from_dict({"optim": {"optimizer": "adafactor", "optimizer_args": [
         "relative_step=False", "warmup_init=True"]}}).optim
     assert build_optimizer([{"params": [w], "lr": 1e-4}], warm).defaults["relative_step"] is True  # as kohya
+
+
+# --- metadata: ss_training_started_at is the start of this run ---------------------------------------------------------
+
+@pytest.mark.slow
+def test_training_started_at_is_the_start_of_each_run(tiny_sd15, demo_dataset, tmp_path):
+    import time
+
+    from safetensors import safe_open
+
+    import trainer.checkpoints  # noqa: F401 - imported long before the run starts, as in a ComfyUI session
+    from trainer.loop import train
+
+    starts = []
+    for name in ("a", "b"):
+        cfg = TrainConfig.from_dict({
+            "model": {"family": "sd15", "path": str(tiny_sd15)},
+            "datasets": [{"path": str(demo_dataset), "resolution": 64, "repeats": 1}],
+            "network": {"network_dim": 2, "network_alpha": 2},
+            "training": {"batch_size": 4, "max_train_steps": 1},
+            "save": {"output_dir": str(tmp_path / name), "run_name": name, "save_state": False},
+        })
+        before = time.time()
+        result = train(cfg)
+        with safe_open(str(result.checkpoints[-1].path), "pt") as f:
+            started = float(f.metadata()["ss_training_started_at"])
+        assert before <= started <= time.time()
+        starts.append(started)
+    assert starts[0] < starts[1]

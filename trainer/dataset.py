@@ -107,6 +107,7 @@ class ScanReport:
     top_tags: tuple[tuple[str, int], ...]
     tag_frequency: dict[str, dict[str, int]] = field(hash=False, compare=False)  # kohya ss_tag_frequency
     bucket_counts: tuple[tuple[Resolution, int], ...] = ()  # images per bucket
+    outside_kohya_folders: tuple[str, ...] = ()  # concept folders kohya would not read (root, no N_ prefix)
 
     @property
     def images(self) -> int:
@@ -150,6 +151,10 @@ class ScanReport:
                      f"characters: min {s.min_chars}, mean {s.mean_chars:.0f}, max {s.max_chars}")
         if self.top_tags:
             lines.append("  top tags: " + ", ".join(f"{t} ({n})" for t, n in self.top_tags))
+        if self.outside_kohya_folders:
+            lines.append(f"  note: images in {', '.join(self.outside_kohya_folders)} are outside kohya-style N_name "
+                         "sub-folders: they train here with the repeats shown above, but kohya would ignore them "
+                         "(it reads only N_name sub-folders). Move them into N_name folders or set repeats.")
         if self.caption_fallbacks:
             lines.append(f"  {len(self.caption_fallbacks)} caption file(s) were not UTF-8:")
             lines.extend(f"    {self._rel(p)}: read as {enc}" for p, enc in self.caption_fallbacks)
@@ -498,6 +503,8 @@ def _build_report(root, index, cfg, items, buckets, concepts, skipped, missing, 
         missing_captions=tuple(missing), missing_caption_policy=cfg.missing_caption,
         caption_fallbacks=tuple(fallbacks), caption_stats=stats, top_tags=tuple(overall.most_common(_TOP_TAGS)),
         tag_frequency=frequency, bucket_counts=tuple(sorted(Counter(buckets).items())),
+        outside_kohya_folders=() if cfg.repeats > 0 else tuple(
+            c.folder for c in concepts if c.folder == "(root)" or not _KOHYA_FOLDER.match(_name_text(c.folder))),
     )
 
 

@@ -140,6 +140,7 @@ class Trainer:
         self.checkpoints: list[CheckpointInfo] = []
         self.losses: list[float] = []
         self.samples: list[SampleInfo] = []
+        self.started_at = time.time()  # kohya ss_training_started_at: when this run (not the process) started
 
     # --- set-up --------------------------------------------------------------------------------------------------
     def _setup(self, components: Components | None):

@@ -1,0 +1,34 @@
+"""Issue 15 through the nodes (ComfyUI stubbed as in test_nodes): widgets and reports kohya users expect."""
+from __future__ import annotations
+
+from PIL import Image
+
+from test_nodes import comfy, dataset, defaults, nodes, pack, run  # noqa: F401 - shared fixtures and helpers
+
+
+def _images(folder, n=2, caption_ext=".txt", caption="a red square"):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.new("RGB", (64, 64), (200, 30 * i, 30)).save(folder / f"{i}.png")
+        (folder / f"{i}{caption_ext}").write_text(caption, encoding="utf-8")
+
+
+def test_dataset_is_changed_follows_the_chosen_caption_extension(nodes, comfy):
+    _images(comfy.input_dir / "capext" / "3_thing", caption_ext=".caption")
+    is_changed = nodes["CrucibleDataset"].IS_CHANGED
+    before = is_changed(path="capext", caption_extension=".caption")
+    (comfy.input_dir / "capext" / "3_thing" / "0.caption").write_text("a blue square, edited", encoding="utf-8")
+    assert is_changed(path="capext", caption_extension=".caption") != before
+
+
+def test_dataset_report_warns_about_images_kohya_would_ignore(nodes, comfy):
+    _images(comfy.input_dir / "mixed" / "2_good")
+    _images(comfy.input_dir / "mixed" / "plain", n=1)
+    _images(comfy.input_dir / "mixed", n=1)
+    (_, report), ui = run(nodes, "CrucibleDataset", path="mixed", resolution=64)
+    assert "kohya" in report and "plain" in report and "(root)" in report
+    assert "N_name" in report
+    (_, report), _ = run(nodes, "CrucibleDataset", path="mixed", resolution=64, repeats=3)
+    assert "kohya would ignore" not in report  # explicit repeats: every folder is meant to train
+    (_, report), _ = run(nodes, "CrucibleDataset", path="mixed/2_good", resolution=64)
+    assert "kohya would ignore" in report  # a flat folder: kohya reads none of it
