@@ -255,6 +255,7 @@ class CrucibleTrain:
                                for c, n in zip(result.checkpoints, names)]}
         curve = _comfy.pil_to_image([loss_curve(result.losses)])
         summary = f"{len(names)} checkpoints in {result.run_dir}; last loss {result.losses[-1]:.4f}" if result.losses else "no steps"
+        summary += "".join(f"\nnote: {note}" for note in result.plan.notes)  # settings the model ignores
         return {"ui": {"text": [summary]}, "result": (run, curve, names, [c.step for c in result.checkpoints])}
 
 

@@ -173,3 +173,43 @@ def test_training_started_at_is_the_start_of_each_run(tiny_sd15, demo_dataset, t
         assert before <= started <= time.time()
         starts.append(started)
     assert starts[0] < starts[1]
+
+
+# --- family-dependent settings: refused or reported, never silently ignored ----------------------------------------------
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_weighted_captions_refused_on_flow_families_at_validation(family):
+    from trainer.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=rf"weighted_captions.*{family}"):
+        TrainConfig.from_dict({"model": {"family": family}, "datasets": [{"captions": {"weighted_captions": True}}]})
+    TrainConfig.from_dict({"model": {"family": "sdxl"}, "datasets": [{"captions": {"weighted_captions": True}}]})
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl", "sd3", "flux"])
+def test_family_contract_encode_text_takes_every_argument_the_loop_passes(family):
+    import inspect
+
+    from trainer.families import get_family
+
+    fam = get_family(family)
+    params = inspect.signature(fam.encode_text).parameters
+    assert {"clip_skip", "max_token_length"} <= set(params)
+    assert ("weights" in params) == ("weighted_captions" in fam.honoured_settings)
+
+
+def test_settings_a_family_ignores_are_reported_in_the_plan():
+    flux = TrainConfig.from_dict({"model": {"family": "flux", "clip_skip": 2},
+                                  "datasets": [{"captions": {"max_token_length": 150}}],
+                                  "training": {"min_snr_gamma": 5.0}})
+    text = plan_from_counts({(64, 64): 4}, flux).format()
+    for name in ("clip_skip", "max_token_length", "min_snr_gamma"):
+        assert name in text, name
+    assert plan_from_counts({(64, 64): 4}, flux).notes
+    sd15 = TrainConfig.from_dict({"model": {"family": "sd15", "clip_skip": 2},
+                                  "datasets": [{"captions": {"max_token_length": 150}}],
+                                  "training": {"min_snr_gamma": 5.0}})
+    assert plan_from_counts({(64, 64): 4}, sd15).notes == ()
+    flow_only = TrainConfig.from_dict({"training": {"loss_weighting": "cosmap", "guidance_scale": 3.5}})
+    notes = " ".join(plan_from_counts({(64, 64): 4}, flow_only).notes)
+    assert "loss_weighting" in notes and "guidance_scale" in notes

@@ -477,6 +477,9 @@ def validate(cfg: TrainConfig) -> None:
         for item in c.replace_tags:
             if "=" not in item:
                 raise ConfigError(f"{w}.captions.replace_tags item '{item}' must look like old=new")
+    from .families.settings import check_family_settings
+
+    check_family_settings(cfg)  # settings the family cannot apply: refused here, before any model loads
 
 
 __all__ = [name for name in dir() if name.endswith("Config")] + [

@@ -151,6 +151,8 @@ class Trainer:
         self.acc = make_accelerator(cfg.training.mixed_precision)
         self.source = DataSource(cfg.datasets, seed=cfg.training.seed)
         self.plan = compute_plan(cfg, self.source, num_processes=self.acc.num_processes)
+        for note in self.plan.notes:  # settings this model ignores: said, never silent
+            log.warning("%s", note)
         device = self.acc.device
         # LoRA under mixed precision: frozen base weights load straight in the compute dtype (kohya/diffusers
         # practice; a 12B Flux in fp32 would not fit), the trainable adapter stays fp32 (below).

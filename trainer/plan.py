@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any, Mapping
 
 from .errors import ConfigError, DatasetError
+from .families.settings import check_family_settings
 
 if TYPE_CHECKING:  # pragma: no cover
     from .config import OptimConfig, TrainConfig
@@ -64,6 +65,7 @@ class StepPlan:
     sample_points: tuple[tuple[int, int], ...]
     num_processes: int = 1  # data-parallel processes: each takes every Nth batch (padded to equal length)
     lr_scheduler: str = ""  # the scheduler that runs (see scheduler_name)
+    notes: tuple[str, ...] = ()  # settings this model ignores (trainer.families.settings), shown with the plan
 
     @property
     def batches_per_process(self) -> int:
@@ -127,6 +129,7 @@ class StepPlan:
         ]
         if self.sample_points:
             lines.append("samples at steps: " + _points(self.sample_points))
+        lines.extend(f"note: {note}" for note in self.notes)
         return "\n".join(lines)
 
 
@@ -180,7 +183,7 @@ def plan_from_counts(bucket_counts: Mapping[Resolution, int], cfg: "TrainConfig"
         save_every_n_epochs=s.save_every_n_epochs, save_every_n_steps=s.save_every_n_steps, save_last=s.save_last,
         sample_every_n_epochs=p.sample_every_n_epochs, sample_every_n_steps=p.sample_every_n_steps,
         save_points=(), sample_points=(), num_processes=num_processes,
-        lr_scheduler=scheduler_name(o.lr_scheduler, warmup),
+        lr_scheduler=scheduler_name(o.lr_scheduler, warmup), notes=tuple(check_family_settings(cfg)),
     )
     return _with_points(plan)
 

@@ -64,6 +64,9 @@ class ModelFamily(ABC):
     default_prediction: str = "epsilon"  # epsilon | v_prediction | flow
     vae_scale_factor: int = 8
     latent_channels: int = 4
+    # The family-dependent settings (trainer.families.settings.FAMILY_SETTINGS) this family applies; a setting not
+    # listed is refused at validation or reported in the plan, never silently ignored.
+    honoured_settings: frozenset[str] = frozenset()
 
     # --- loading ------------------------------------------------------------------------------------------------
     @abstractmethod

@@ -119,6 +119,8 @@ def image_ids(h: int, w: int, device=None, dtype=None) -> "torch.Tensor":
 class FluxFamily(FlowFamily):
     """Flux.1 dev (guidance-distilled) and schnell."""
 
+    honoured_settings = frozenset({"guidance_scale"})
+
     name = "flux"
     title = "Flux"
     encoders = (EncoderSpec("text_encoder", "clip_l"), EncoderSpec("text_encoder_2", "t5xxl"))

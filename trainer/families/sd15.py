@@ -127,6 +127,8 @@ def check_clip_skip(encoder, clip_skip: int, extra: int = 0) -> None:
 class StableDiffusionFamily(ModelFamily):
     """SD1.5 (and the shared machinery of SDXL)."""
 
+    honoured_settings = frozenset({"weighted_captions", "clip_skip", "max_token_length", "block_weights"})
+
     name = "sd15"
     default_prediction = "epsilon"
     vae_scale_factor = 8

@@ -1,0 +1,88 @@
+"""Settings whose effect depends on the model family: each family declares the ones it applies
+(:attr:`ModelFamily.honoured_settings`); here the config is checked against that declaration.
+
+A setting a family does not apply is either refused at config validation, before any model loads (where training
+would crash or the user relies on it to shape the result), or reported as a note in the step plan (shown by the Step
+Plan and Train nodes, ``python -m trainer plan`` and the log), so nothing is silently ignored. Settings that depend on
+the prediction type rather than the family (min-SNR for ε/v models; σ sampling, loss weighting and shift for flow
+models) are checked against the run's prediction type.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+from ..errors import ConfigError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..config import TrainConfig
+
+BLOCK_FIELDS = ("down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_dims", "block_alphas", "conv_block_dims",
+                "conv_block_alphas")
+
+
+def _block_fields_set(cfg: "TrainConfig") -> list[str]:
+    n = cfg.network
+    return [name for name in BLOCK_FIELDS if hasattr(n, name)
+            and getattr(n, name) not in ((), "", 1.0 if name == "mid_lr_weight" else ())]
+
+
+@dataclass(frozen=True)
+class FamilySetting:
+    """A setting some families apply. ``used`` names the fields set in a config (empty = not set)."""
+
+    name: str
+    used: Callable[["TrainConfig"], list[str]]
+    refuse: bool  # True: a config error; False: a note in the plan
+    why: str  # what the family does instead
+
+
+FAMILY_SETTINGS = (
+    FamilySetting("weighted_captions", lambda c: ["datasets[].captions.weighted_captions"]
+                  if any(d.captions.weighted_captions for d in c.datasets) else [], True,
+                  "its text encoders take no per-token weights; turn weighted_captions off (the weight syntax is "
+                  "then stripped from the captions)"),
+    FamilySetting("clip_skip", lambda c: ["model.clip_skip"] if c.model.clip_skip != 1 else [], False,
+                  "it uses CLIP's pooled output only, so the layer choice changes nothing"),
+    FamilySetting("max_token_length", lambda c: ["datasets[].captions.max_token_length"]
+                  if any(d.captions.max_token_length != 75 for d in c.datasets) else [], False,
+                  "its CLIP reads the first 77 tokens and T5 has its own length"),
+    FamilySetting("block_weights", lambda c: [f"network.{f}" for f in _block_fields_set(c)], True,
+                  "block-wise learning rates and ranks follow kohya's UNet layout (SD1.5/SDXL only); clear them"),
+    FamilySetting("guidance_scale", lambda c: ["training.guidance_scale"]
+                  if c.training.guidance_scale != 1.0 else [], False,
+                  "only Flux has a guidance embedding to feed"),
+)
+
+
+def check_family_settings(cfg: "TrainConfig") -> list[str]:
+    """Raise :class:`ConfigError` for a set setting the family cannot apply and refuses; return notes for the
+    ones it ignores."""
+    from . import get_family
+
+    family = get_family(cfg.model.family)
+    notes = []
+    for setting in FAMILY_SETTINGS:
+        used = setting.used(cfg)
+        if not used or setting.name in family.honoured_settings:
+            continue
+        message = f"{', '.join(used)} does nothing on {family.name}: {setting.why}"
+        if setting.refuse:
+            raise ConfigError(f"{message}.")
+        notes.append(message)
+    return notes + _prediction_notes(cfg, family)
+
+
+def _prediction_notes(cfg: "TrainConfig", family) -> list[str]:
+    t = cfg.training
+    prediction = cfg.model.prediction_type or family.default_prediction
+    if prediction == "flow":
+        return [f"training.min_snr_gamma does nothing on flow models ({family.name}): min-SNR weights ε/v "
+                "losses; use training.loss_weighting instead"] if t.min_snr_gamma > 0 else []
+    flow_only = [name for name, default in (("timestep_sampling", "uniform"), ("loss_weighting", "none"),
+                                            ("flow_shift", 0.0)) if getattr(t, name) != default]
+    return [f"training.{', training.'.join(flow_only)} apply to flow models (SD3/Flux) only; {family.name} "
+            f"({prediction}) ignores them"] if flow_only else []
+
+
+__all__ = ["FAMILY_SETTINGS", "FamilySetting", "check_family_settings", "BLOCK_FIELDS"]
