@@ -213,3 +213,94 @@ def test_settings_a_family_ignores_are_reported_in_the_plan():
     flow_only = TrainConfig.from_dict({"training": {"loss_weighting": "cosmap", "guidance_scale": 3.5}})
     notes = " ".join(plan_from_counts({(64, 64): 4}, flow_only).notes)
     assert "loss_weighting" in notes and "guidance_scale" in notes
+
+
+# --- SDXL micro-conditioning: each image's original size and crop offsets -------------------------------------------------
+
+def _wide_dataset(root, style="center", flip=False):
+    from PIL import Image
+
+    folder = root / "1_wide"
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (100, 60), (200, 30, 30)).save(folder / "wide.png")
+    Image.new("RGB", (64, 64), (30, 30, 200)).save(folder / "square.png")
+    return {"path": str(root), "resolution": 64, "crop_style": style, "flip_aug": flip}
+
+
+def test_image_geometry_is_original_size_and_crop_offset(tmp_path):
+    from trainer.config import DatasetConfig
+    from trainer.dataset import DataSource, Sample
+
+    source = DataSource([DatasetConfig(**_wide_dataset(tmp_path))], seed=1)
+    wide = next(i for i, item in enumerate(source.items) if item.path.name == "wide.png")
+    square = 1 - wide
+    # 100x60 covers 64x64 at scale 64/60: resized to 106.7x64, centre crop starts 21 px in (x), 0 (y)
+    assert source.image_geometry([Sample(wide, 0), Sample(square, 0)], 1) == [(60, 100, 0, 21), (64, 64, 0, 0)]
+    corner = DataSource([DatasetConfig(**_wide_dataset(tmp_path, "corner"))], seed=1)
+    assert corner.image_geometry([Sample(wide, 0)], 1) == [(60, 100, 0, 0)]
+    rand = DataSource([DatasetConfig(**_wide_dataset(tmp_path, "random"))], seed=1)
+    lefts = {rand.image_geometry([Sample(wide, 0)], e)[0][3] for e in range(1, 12)}
+    assert len(lefts) > 1 and all(0 <= x <= 43 for x in lefts)
+
+
+def test_image_geometry_matches_the_pixels_of_a_random_crop(tmp_path):
+    """The offset reported is where the crop really is: cut it from the resized image and compare pixels."""
+    import numpy as np
+    from PIL import Image
+
+    from trainer.config import DatasetConfig
+    from trainer.dataset import DataSource, Sample, load_pil
+
+    folder = tmp_path / "1_grad"
+    folder.mkdir(parents=True)
+    ramp = np.tile(np.arange(128, dtype=np.uint8) * 2, (64, 1))
+    Image.fromarray(np.stack([ramp] * 3, -1)).save(folder / "ramp.png")
+    cfg = DatasetConfig(path=str(tmp_path), resolution=64, crop_style="random")
+    source = DataSource([cfg], seed=3)
+    for epoch in (1, 2, 3):
+        _, _, top, left = source.image_geometry([Sample(0, 0)], epoch)[0]
+        crop = np.asarray(load_pil(source.items[0], 64, 64, cfg, seed=3, epoch=epoch, repeat=0))[0, :, 0]
+        assert top == 0 and abs(int(crop[0]) - 2 * left) <= 2
+
+
+def test_sdxl_time_ids_come_from_the_image_geometry(monkeypatch):
+    from trainer.families import get_family
+
+    fam = get_family("sdxl")
+
+    class Comps:  # only what _added_cond reads
+        denoiser = torch.nn.Linear(1, 1)
+        vae = None
+
+    monkeypatch.setattr(type(fam), "vae_scale_factor_of", staticmethod(lambda comps: 8))
+    cond = {"text_embeds": torch.zeros(2, 4), "image_geometry": torch.tensor([[60, 100, 0, 21], [64, 64, 0, 0]])}
+    out = fam._added_cond(Comps(), torch.zeros(2, 4, 8, 8), cond)
+    assert out["time_ids"].tolist() == [[60, 100, 0, 21, 64, 64], [64, 64, 0, 0, 64, 64]]
+
+
+@pytest.mark.slow
+def test_sdxl_training_conditions_on_each_images_size_and_crop(tmp_path, monkeypatch):
+    from trainer.families import get_family
+    from trainer.loop import train
+    from trainer.tiny import build_tiny_pipeline
+
+    fam = get_family("sdxl")
+    seen = []
+    real = type(fam)._added_cond
+
+    def spy(self, comps, latents, cond):
+        out = real(self, comps, latents, cond)
+        seen.extend(tuple(int(v) for v in row) for row in out["time_ids"].tolist())
+        return out
+
+    monkeypatch.setattr(type(fam), "_added_cond", spy)
+    model = build_tiny_pipeline(tmp_path / "xl", family="sdxl", seed=1)
+    cfg = TrainConfig.from_dict({
+        "model": {"family": "sdxl", "path": str(model)}, "datasets": [_wide_dataset(tmp_path / "data")],
+        "network": {"network_dim": 2, "network_alpha": 2},
+        "training": {"batch_size": 1, "epochs": 1},
+        "save": {"output_dir": str(tmp_path / "out"), "run_name": "xl", "save_every_n_epochs": 0,
+                 "save_last": False, "save_state": False},
+    })
+    train(cfg)
+    assert sorted(set(seen)) == [(60, 100, 0, 21, 64, 64), (64, 64, 0, 0, 64, 64)]

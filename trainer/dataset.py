@@ -687,11 +687,9 @@ def _to_rgb(img: "Image.Image", background: tuple[int, int, int]) -> "Image.Imag
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def _cover_crop(img: "Image.Image", target_w: int, target_h: int, style: str, rng) -> "Image.Image":
-    """Scale to cover ``target`` (aspect kept), then crop; done as one resampling of the crop box."""
-    from PIL import Image
-
-    width, height = img.size
+def _crop_box(width: float, height: float, target_w: int, target_h: int, style: str, rng) -> tuple[float, ...]:
+    """``(scale, left, top, crop_w, crop_h)``: the image is scaled by ``scale`` to cover the target and the box
+    ``(left, top, crop_w, crop_h)`` (in image pixels) is cut out per ``style``."""
     scale = max(target_w / width, target_h / height)
     crop_w, crop_h = min(width, target_w / scale), min(height, target_h / scale)
     free_x, free_y = width - crop_w, height - crop_h
@@ -701,11 +699,34 @@ def _cover_crop(img: "Image.Image", target_w: int, target_h: int, style: str, rn
         left, top = 0.0, 0.0
     else:
         left, top = free_x / 2, free_y / 2
+    return scale, left, top, crop_w, crop_h
+
+
+def _cover_crop(img: "Image.Image", target_w: int, target_h: int, style: str, rng) -> "Image.Image":
+    """Scale to cover ``target`` (aspect kept), then crop; done as one resampling of the crop box."""
+    from PIL import Image
+
+    scale, left, top, crop_w, crop_h = _crop_box(*img.size, target_w, target_h, style, rng)
     if abs(scale - 1.0) < 1e-9:  # same scale: a plain pixel crop, no resampling blur
         left, top = round(left), round(top)
         return img.crop((left, top, left + target_w, top + target_h))
     box = (left, top, left + crop_w, top + crop_h)
     return img.resize((target_w, target_h), Image.Resampling.LANCZOS, box=box, reducing_gap=3.0)
+
+
+def image_geometry(item: ImageItem, target_w: int, target_h: int, cfg: DatasetConfig, *, seed: int, epoch: int,
+                   repeat: int) -> tuple[int, int, int, int]:
+    """``(original h, original w, crop top, crop left)`` of one training sample, as SDXL's micro-conditioning wants
+    them (kohya, diffusers): the image's own size and where :func:`load_pil`'s crop starts in the image scaled to
+    cover the target (mirrored when the sample is flipped). Computed from the header size and the same seeded
+    draws as the pixels, without decoding."""
+    key = _file_key(item)
+    scale, left, top, _, _ = _crop_box(item.width, item.height, target_w, target_h, cfg.crop_style,
+                                       sample_rng(seed, epoch, key, repeat, "crop"))
+    left_px = left * scale
+    if cfg.flip_aug and sample_rng(seed, epoch, key, repeat, "flip").random() < 0.5:
+        left_px = item.width * scale - target_w - left_px
+    return item.height, item.width, round(top * scale), max(0, round(left_px))
 
 
 def _color_jitter(chw, rng):
@@ -879,6 +900,16 @@ class DataSource:
         sample_rng(self.seed, epoch, "batches", 0, "order").shuffle(batches)
         return batches
 
+    def image_geometry(self, batch_plan: Sequence[Sample | tuple[int, int]], epoch: int) -> list[tuple[int, ...]]:
+        """Per sample ``(original h, original w, crop top, crop left)`` (see :func:`image_geometry`)."""
+        out = []
+        for item, repeat in batch_plan:
+            image = self.items[item]
+            width, height = self.buckets[item]
+            out.append(image_geometry(image, width, height, self.datasets[image.dataset_index], seed=self.seed,
+                                      epoch=epoch, repeat=repeat))
+        return out
+
     def caption(self, item: int, epoch: int, repeat: int = 0) -> ProcessedCaption:
         """The processed caption of one sample — the single caption path used by training and previews."""
         _check_epoch(epoch)
@@ -958,6 +989,6 @@ def _s(n: int) -> str:
 
 __all__ = ["ImageItem", "ConceptSummary", "CaptionStats", "ScanReport", "ScanResult", "scan_dataset",
            "probe_image", "read_caption", "UnusableImage", "dataset_fingerprint", "parse_color", "load_image",
-           "load_pil", "Sample",
+           "load_pil", "image_geometry", "Sample",
            "BatchPlan", "Batch", "CaptionPreviewRow", "balance_reg_repeats", "DataSource", "IMAGE_EXTENSIONS",
            "MAX_IMAGE_PIXELS"]

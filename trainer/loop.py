@@ -375,6 +375,7 @@ class Trainer:
             with text_ctx, self.acc.autocast():
                 cond = fam.encode_text(comps, [c.text for c in captions], clip_skip=self.cfg.model.clip_skip,
                                        max_token_length=self.max_token_length, **extra)
+        cond["image_geometry"] = torch.tensor(self.source.image_geometry(batch_plan, epoch))  # SDXL micro-conditioning
         noise = torch.randn(latents.shape, generator=gen).to(latents)
         noise = offset_noise(noise, tr.noise_offset, gen)
         noise = pyramid_noise(noise, tr.multires_noise_iterations, tr.multires_noise_discount, gen)

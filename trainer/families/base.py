@@ -9,7 +9,9 @@ Conventions
 * Images enter as float tensors ``[B, 3, H, W]`` in ``[-1, 1]``.
 * ``encode_images`` returns latents already scaled (and shifted) the way the denoiser expects them.
 * ``encode_text`` returns a :class:`Conditioning` – a dict of tensors the family's ``predict`` understands
-  (e.g. ``encoder_hidden_states``; SDXL adds ``text_embeds``/``time_ids``; Flux adds pooled CLIP and ids).
+  (e.g. ``encoder_hidden_states``; SDXL adds ``text_embeds``/``time_ids``; Flux adds pooled CLIP and ids). The loop
+  adds ``image_geometry`` ``[B, 4]`` (original h, w, crop top, left of each image); families that condition on it
+  (SDXL) use it, the others ignore it.
 * ``predict`` returns the raw model output (epsilon, v or flow velocity, as the objective expects) in latent shape.
 * Components are named the way diffusers names them in a pipeline folder: ``unet`` or ``transformer``,
   ``text_encoder``, ``text_encoder_2``, ``text_encoder_3``, ``vae``.
