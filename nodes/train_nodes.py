@@ -124,15 +124,21 @@ class CrucibleNetworkOptions:
             "target_preset": combo(list(TARGET_PRESETS), "attn_mlp", "Which layers get adapters: attention only, + MLP, every linear layer, + convolutions (LoCon)."),
             "train_unet": BOOL(True, "Train the UNet/transformer (kohya: off = network_train_text_encoder_only)."),
             "train_text_encoder": BOOL(False, "Also train the text encoder(s) (kohya: on unless network_train_unet_only)."),
-            "down_lr_weight": STRING("", "kohya down_lr_weight: one LR multiplier per down block, comma-separated (0 freezes a block)."),
-            "mid_lr_weight": FLOAT(1.0, 0.0, 10.0, 0.05, "kohya mid_lr_weight."),
-            "up_lr_weight": STRING("", "kohya up_lr_weight: one LR multiplier per up block."),
-            "block_dims": STRING("", "kohya block_dims: one rank per block (down…, mid, up…)."),
+            "down_lr_weight": STRING("", "kohya down_lr_weight (SD1.5/SDXL): one LR multiplier per input block IN00-IN11 (SDXL: 9), shallow to deep, comma-separated, 0 freezes a block; or a preset: cosine, sine, linear, reverse_linear, zeros, optionally +number."),
+            "mid_lr_weight": FLOAT(1.0, 0.0, 10.0, 0.05, "kohya mid_lr_weight (SDXL: all three middle parts)."),
+            "up_lr_weight": STRING("", "kohya up_lr_weight: one LR multiplier per output block OUT00-OUT11 (SDXL: 9), deep to shallow; or a preset as for down_lr_weight."),
+            "block_dims": STRING("", "kohya block_dims: one rank per block in kohya's layout — 25 values for SD1.5 (12 IN, MID, 12 OUT), 23 for SDXL (embedding, 9 IN, 3 MID, 9 OUT, output); 0 = no adapter in that block."),
+            "block_alphas": STRING("", "kohya block_alphas: one alpha per block (same count as block_dims); empty = network_alpha."),
+            "conv_block_dims": STRING("", "kohya conv_block_dims: rank of the 3x3 convolutions per block (same count as block_dims); needs a preset with convolutions (all_linear_conv)."),
+            "conv_block_alphas": STRING("", "kohya conv_block_alphas: alpha of the 3x3 convolutions per block; empty = conv_alpha."),
+            "conv_dim": INT(0, 0, 1024, "kohya conv_dim (LoCon): rank of the 3x3 convolutions with the all_linear_conv preset; 0 = network_dim."),
+            "conv_alpha": FLOAT(0.0, 0.0, 1024.0, 0.5, "kohya conv_alpha; 0 = network_alpha."),
         })
 
-    def build(self, down_lr_weight, up_lr_weight, block_dims, **f):
-        return (NetworkConfig(down_lr_weight=_floats(down_lr_weight), up_lr_weight=_floats(up_lr_weight),
-                              block_dims=tuple(int(v) for v in _floats(block_dims)), **f),)
+    def build(self, block_dims, block_alphas="", conv_block_dims="", conv_block_alphas="", **f):
+        return (NetworkConfig(block_dims=_ints(block_dims, "block_dims"), block_alphas=_floats(block_alphas),
+                              conv_block_dims=_ints(conv_block_dims, "conv_block_dims"),
+                              conv_block_alphas=_floats(conv_block_alphas), **f),)
 
 
 class CrucibleOptimizerOptions:
@@ -285,6 +291,13 @@ def build_train_config(model, dataset, run_name, sample_prompts, network, optimi
     cfg = TrainConfig(model=model, datasets=tuple(dataset), network=network or NetworkConfig(),
                       optim=optimizer or OptimConfig(), training=tr, save=save, sample=sample)
     return TrainConfig.from_dict(cfg.to_dict())  # full validation, same path as the CLI
+
+
+def _ints(text: str, name: str) -> tuple[int, ...]:
+    values = _floats(text)
+    if any(v != int(v) for v in values):
+        raise CrucibleError(f"{name} '{text}' must be whole numbers (ranks) separated by commas")
+    return tuple(int(v) for v in values)
 
 
 def _floats(text: str) -> tuple[float, ...]:

@@ -304,3 +304,84 @@ def test_sdxl_training_conditions_on_each_images_size_and_crop(tmp_path, monkeyp
     })
     train(cfg)
     assert sorted(set(seen)) == [(60, 100, 0, 21, 64, 64), (64, 64, 0, 0, 64, 64)]
+
+
+# --- block-wise LR / dims in kohya's layout ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family,name,index", [
+    ("sd15", "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", 1),
+    ("sd15", "down_blocks.0.resnets.1.conv1", 2),
+    ("sd15", "down_blocks.0.downsamplers.0.conv", 3),
+    ("sd15", "down_blocks.3.resnets.1.conv2", 11),
+    ("sd15", "mid_block.attentions.0.proj_in", 12),
+    ("sd15", "up_blocks.0.resnets.2.conv1", 15),
+    ("sd15", "up_blocks.0.upsamplers.0.conv", 15),
+    ("sd15", "up_blocks.3.attentions.2.proj_out", 24),
+    ("sdxl", "add_embedding.linear_1", 0),
+    ("sdxl", "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k", 5),
+    ("sdxl", "mid_block.resnets.1.conv1", 12),
+    ("sdxl", "up_blocks.0.attentions.1.proj_out", 14),
+    ("sdxl", "conv_out", 22),
+])
+def test_kohya_block_index_of_diffusers_module_names(family, name, index):
+    from trainer.families import get_family
+
+    assert get_family(family).block_index("unet", name) == index
+
+
+def test_kohya_lr_weight_presets_and_counts():
+    from trainer.errors import ConfigError
+    from trainer.families.kohya_blocks import SD15_BLOCKS, SDXL_BLOCKS, parse_weights
+
+    cosine = parse_weights("cosine", 12, "down", "sd15")
+    assert cosine[0] == pytest.approx(1.0) and cosine[-1] == pytest.approx(0.0) and len(cosine) == 12
+    assert parse_weights("sine+0.5", 9, "up", "sdxl")[-1] == pytest.approx(1.5)
+    assert parse_weights("zeros+0.25", 12, "d", "sd15") == [0.25] * 12
+    assert parse_weights("linear", 12, "d", "sd15")[6] == pytest.approx(6 / 11)
+    assert parse_weights("reverse_linear", 12, "d", "sd15")[0] == pytest.approx(1.0)
+    with pytest.raises(ConfigError, match="needs 12"):
+        parse_weights("1,1,1", 12, "network.down_lr_weight", "sd15")
+    with pytest.raises(ConfigError, match="needs 25"):
+        SD15_BLOCKS.per_block((4,) * 24, "block_dims")
+    assert SDXL_BLOCKS.total == 23 and SD15_BLOCKS.total == 25
+    with pytest.raises(ConfigError, match="down_lr_weight.*needs 9"):
+        TrainConfig.from_dict({"model": {"family": "sdxl"}, "network": {"down_lr_weight": "1,1,1,1,1,1,1,1,1,1,1,1"}})
+    with pytest.raises(ConfigError, match="block_dims.*needs 25"):
+        TrainConfig.from_dict({"network": {"block_dims": [4] * 9}})
+    TrainConfig.from_dict({"network": {"block_dims": [4] * 25, "down_lr_weight": [0] * 6 + [1] * 6,
+                                       "up_lr_weight": "cosine+0.1"}})  # TOML lists still work
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_block_fields_refused_on_transformer_families(family):
+    from trainer.errors import ConfigError
+
+    for fields in ({"down_lr_weight": "cosine"}, {"block_dims": [4] * 25}, {"conv_block_alphas": [1.0] * 25}):
+        with pytest.raises(ConfigError, match=f"does nothing on {family}"):
+            TrainConfig.from_dict({"model": {"family": family}, "network": fields})
+
+
+@pytest.mark.slow
+def test_kohya_down_lr_weight_freezes_only_the_shallow_blocks(tiny_sd15):
+    """12 values, the first four 0: IN01–IN03 (the tiny UNet's down_blocks.0) freeze, IN04 and the rest train."""
+    from trainer.families import get_family
+    from trainer.network import attach_network, param_groups
+
+    fam = get_family("sd15")
+    cfg = TrainConfig.from_dict({"model": {"family": "sd15", "path": str(tiny_sd15)},
+                                 "network": {"network_dim": 4, "target_preset": "all_linear_conv",
+                                             "down_lr_weight": "0,0,0,0,1,1,1,1,1,1,1,1",
+                                             "block_dims": [4] * 5 + [2] * 20}})
+    comps = fam.load(cfg.model)
+    net = attach_network(fam, comps, cfg.network)
+    groups = param_groups(fam, net, cfg.optim)
+    trained = {n for _, n, p in net.named_trainable()}
+    assert not any(n.startswith("down_blocks.0.") for n in trained)  # IN01–IN03 (its downsampler is IN03)
+    assert any(n.startswith("down_blocks.1.resnets.0.") for n in trained)  # IN04
+    assert any(n.startswith("mid_block.") for n in trained)
+    assert any(n.startswith("up_blocks.") for n in trained) and groups
+    unet = comps.denoiser
+    ranks = {name.rsplit(".lora_A", 1)[0]: m.weight.shape[0] for name, m in unet.named_modules()
+             if name.endswith("lora_A.default")}
+    assert ranks["down_blocks.0.attentions.0.proj_in"] == 4  # IN01: block_dims[1]
+    assert ranks["up_blocks.1.attentions.0.proj_in"] == 2  # OUT03: block_dims[16]

@@ -1,7 +1,11 @@
 """Issue 15 through the nodes (ComfyUI stubbed as in test_nodes): widgets and reports kohya users expect."""
 from __future__ import annotations
 
+import pytest
 from PIL import Image
+
+from trainer.config import TrainConfig
+from trainer.errors import ConfigError
 
 from test_nodes import comfy, dataset, defaults, nodes, pack, run  # noqa: F401 - shared fixtures and helpers
 
@@ -32,3 +36,13 @@ def test_dataset_report_warns_about_images_kohya_would_ignore(nodes, comfy):
     assert "kohya would ignore" not in report  # explicit repeats: every folder is meant to train
     (_, report), _ = run(nodes, "CrucibleDataset", path="mixed/2_good", resolution=64)
     assert "kohya would ignore" in report  # a flat folder: kohya reads none of it
+
+
+def test_network_options_take_kohya_block_settings(nodes):
+    (net,), _ = run(nodes, "CrucibleNetworkOptions", down_lr_weight="cosine+0.1", up_lr_weight="0,0,0,0,0,0,1,1,1,1,1,1",
+                    block_dims=",".join(["8"] * 25), block_alphas=",".join(["4"] * 25), conv_dim=4, conv_alpha=2.0,
+                    target_preset="all_linear_conv", conv_block_dims=",".join(["2"] * 25))
+    assert net.down_lr_weight == "cosine+0.1" and len(net.block_dims) == 25 and net.conv_dim == 4
+    assert net.conv_block_dims == (2,) * 25 and net.block_alphas == (4.0,) * 25
+    with pytest.raises(ConfigError, match="needs 23"):  # SDXL's layout has 23 blocks
+        TrainConfig.from_dict({"model": {"family": "sdxl"}, "network": {"block_dims": list(net.block_dims)}})

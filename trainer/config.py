@@ -109,10 +109,14 @@ class NetworkConfig:
     train_text_encoder: bool = False
     conv_dim: int = 0  # LoCon conv rank, 0 = same as network_dim
     conv_alpha: float = 0.0
-    down_lr_weight: tuple[float, ...] = ()  # kohya block LR weights
-    mid_lr_weight: float = 1.0
-    up_lr_weight: tuple[float, ...] = ()
-    block_dims: tuple[int, ...] = ()  # per-block ranks (down…, mid, up…)
+    # Block-wise settings in kohya's layout (trainer.families.kohya_blocks): SD1.5 12 IN + MID + 12 OUT, SDXL 9+3+9.
+    down_lr_weight: str = ""  # kohya down_lr_weight: 12 (SDXL 9) numbers, or cosine/sine/linear/reverse_linear/zeros[+n]
+    mid_lr_weight: float = 1.0  # kohya mid_lr_weight (SDXL: its three middle parts)
+    up_lr_weight: str = ""  # kohya up_lr_weight, deep to shallow
+    block_dims: tuple[int, ...] = ()  # kohya block_dims: one rank per block (SD1.5 25, SDXL 23 values)
+    block_alphas: tuple[float, ...] = ()  # kohya block_alphas (default network_alpha)
+    conv_block_dims: tuple[int, ...] = ()  # kohya conv_block_dims: 3x3 convolution ranks per block
+    conv_block_alphas: tuple[float, ...] = ()  # kohya conv_block_alphas (default conv_alpha)
 
 
 @dataclass(frozen=True)
@@ -273,6 +277,11 @@ def migrate(data: dict[str, Any]) -> dict[str, Any]:
     data["version"] = CONFIG_VERSION
     if "dataset" in data and "datasets" not in data:  # convenience: a single dataset section
         data["datasets"] = [data.pop("dataset")]
+    network = data.get("network")
+    if isinstance(network, dict):  # kohya block LR weights as a list of numbers (TOML/JSON) → the text form
+        for key in ("down_lr_weight", "up_lr_weight"):
+            if isinstance(network.get(key), (list, tuple)):
+                network[key] = ",".join(str(v) for v in network[key])
     return data
 
 

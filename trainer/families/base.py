@@ -105,9 +105,14 @@ class ModelFamily(ABC):
         shift), used when ``training.flow_shift`` is 0 ("auto"). ``None`` = no opinion (shift 1.0)."""
         return None
 
-    def block_of(self, component: str, module_name: str) -> str | None:
-        """The kohya block id (``down_0``, ``mid``, ``up_2`` …) of a denoiser module, for block-wise LR/dims."""
-        return None
+    # kohya's block layout (trainer.families.kohya_blocks) for block-wise LR/dims; None = not supported.
+    block_layout: Any = None
+
+    def block_index(self, component: str, module_name: str) -> int | None:
+        """The kohya block index of a denoiser module (into ``block_dims``), for block-wise LR/dims."""
+        if self.block_layout is None or component != "unet":
+            return None
+        return self.block_layout.index(module_name)
 
     # --- sampling ------------------------------------------------------------------------------------------------
     @abstractmethod

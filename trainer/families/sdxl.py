@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Sequence
 
 from .base import Components, Conditioning
+from .kohya_blocks import SDXL_BLOCKS
 from .token_weights import apply_token_weights, token_weights
 from .sd15 import (WINDOW, StableDiffusionFamily, check_clip_skip, chunked_token_ids, encode_windows, param_dtype,
                    unwrap)
@@ -45,6 +46,7 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
     """SDXL base (epsilon; v-prediction / zero-terminal-SNR fine-tunes via the config or ComfyUI's markers)."""
 
     name = "sdxl"
+    block_layout = SDXL_BLOCKS
     encoders = (("text_encoder", "clip_l"), ("text_encoder_2", "clip_g"))
 
     def encode_text(self, comps: Components, captions: Sequence[str], clip_skip: int = 1,

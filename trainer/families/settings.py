@@ -64,13 +64,27 @@ def check_family_settings(cfg: "TrainConfig") -> list[str]:
     notes = []
     for setting in FAMILY_SETTINGS:
         used = setting.used(cfg)
-        if not used or setting.name in family.honoured_settings:
+        if not used:
+            continue
+        if setting.name in family.honoured_settings:
+            if setting.name == "block_weights":
+                _check_block_counts(cfg, family)
             continue
         message = f"{', '.join(used)} does nothing on {family.name}: {setting.why}"
         if setting.refuse:
             raise ConfigError(f"{message}.")
         notes.append(message)
     return notes + _prediction_notes(cfg, family)
+
+
+def _check_block_counts(cfg: "TrainConfig", family) -> None:
+    """Block-wise lists must match the family's kohya layout (a wrong count names the expected one)."""
+    n, layout = cfg.network, family.block_layout
+    if layout is None:
+        return
+    layout.lr_weights(n.down_lr_weight, n.mid_lr_weight, n.up_lr_weight)
+    for name in ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas"):
+        layout.per_block(getattr(n, name), name)
 
 
 def _prediction_notes(cfg: "TrainConfig", family) -> list[str]:
