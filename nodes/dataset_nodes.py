@@ -36,6 +36,7 @@ class CrucibleCaptionOptions:
             "replace_tags": STRING("", "old=new per line: tag replacement.", multiline=True),
             "weighted_captions": BOOL(False, "kohya weighted_captions: parse (tag:1.2) into token weights; when off the weight syntax is stripped."),
             "max_token_length": combo(["75", "150", "225"], "75", "kohya max_token_length: longer captions are split into 75-token CLIP chunks."),
+            "caption_dropout_every_n_epochs": INT(0, 0, 10000, "kohya caption_dropout_every_n_epochs: every Nth epoch trains with all captions dropped (0 = off)."),
         }}
 
     def build(self, remove_tags, replace_tags, max_token_length, **fields):
@@ -72,7 +73,8 @@ class CrucibleDataset:
             "flip_aug": BOOL(False, "kohya flip_aug: random horizontal flips (not with latent caching)."),
             "color_aug": BOOL(False, "kohya color_aug: mild colour jitter (not with latent caching)."),
             "background_color": STRING("#ffffff", "Transparent images are composited on this colour."),
-            "is_reg": BOOL(False, "kohya reg_data_dir: regularization images (prior preservation)."),
+            "is_reg": BOOL(False, "kohya reg_data_dir: regularization images (prior preservation; loss weight: prior_loss_weight on Training Options)."),
+            "bucket_reso_steps": INT(64, 8, 1024, "kohya bucket_reso_steps: bucket sides are multiples of this (64 default; 32 gives finer buckets).", step=8),
         }, "optional": {
             "captions": (CAPTIONS, {"tooltip": "Caption options (Crucible Caption Options). Defaults when unconnected."}),
             "merge_with": (DATASET, {"tooltip": "Another dataset to train together with this one (each keeps its own options)."}),

@@ -196,6 +196,10 @@ class CrucibleTrainingOptions:
             "cache_text_embeddings": BOOL(False, "kohya cache_text_encoder_outputs, but shuffle and caption dropout keep working: K caption variants per image are encoded once."),
             "caption_variants": INT(4, 1, 64, "Text cache: shuffled caption variants per image (K)."),
             "prior_loss_weight": FLOAT(1.0, 0.0, 100.0, 0.05, "kohya prior_loss_weight: loss weight of regularization images (datasets with is_reg on); 1.0 = same as training images."),
+            "guidance_scale": FLOAT(1.0, 0.0, 100.0, 0.1, "Flux dev: the guidance embedding value during training (kohya guidance_scale; 1.0 recommended for LoRAs). Other families: no effect (reported)."),
+            "logit_mean": FLOAT(0.0, -10.0, 10.0, 0.05, "Flow models, timestep_sampling logit_normal: mean (SD3 / kohya logit_mean)."),
+            "logit_std": FLOAT(1.0, 0.0, 10.0, 0.05, "Flow models, timestep_sampling logit_normal: standard deviation (kohya logit_std)."),
+            "mode_scale": FLOAT(1.29, 0.0, 10.0, 0.01, "Flow models, timestep_sampling mode: scale (kohya mode_scale)."),
         })
 
     def build(self, **f):
@@ -227,7 +231,7 @@ class CrucibleTrain:
             "save_every_n_steps": INT(0, 0, 10**7, "kohya save_every_n_steps."),
             "checkpoint_limit": INT(0, 0, 10000, "kohya save_last_n_epochs: keep at most N checkpoints (the last is always kept); 0 = all."),
             "save_precision": combo(list(SAVE_PRECISION), "fp16", "kohya save_precision."),
-            "sample_prompts": STRING("", "Preview prompts, one per line (SeaArt 'model effect preview'). Rendered at the sample steps.", multiline=True),
+            "sample_prompts": STRING("", "Preview prompts, one per line (SeaArt 'model effect preview'). Rendered at the sample steps; with no sample_every_n_* set, once per epoch.", multiline=True),
             "sample_every_n_epochs": INT(0, 0, 10000, "kohya sample_every_n_epochs (0 = off)."),
             "sample_every_n_steps": INT(0, 0, 10**7, "kohya sample_every_n_steps (0 = off)."),
             "resume": BOOL(False, "Continue this run from its saved state (after Cancel or a stop). The loss sequence equals an uninterrupted run."),
@@ -237,6 +241,14 @@ class CrucibleTrain:
             "training": (TRAINING, {"tooltip": "Crucible Training Options (seed, precision, noise, min-SNR …)."}),
             "resume_force": ("BOOLEAN", {"default": False, "tooltip": "Resume even if the dataset or config changed since the state was saved."}),
             "also_save_checkpoint": ("BOOLEAN", {"default": False, "tooltip": "Full fine-tune only: also save the whole model (UNet, VAE, text encoders) as a single-file checkpoint in models/checkpoints/<run_name>/ for Load Checkpoint."}),
+            "sample_steps": INT(20, 1, 1000, "Preview sampling steps (kohya --s, SeaArt sample steps)."),
+            "sample_cfg": FLOAT(7.0, 0.0, 100.0, 0.1, "Preview CFG scale (kohya --l). SD3 uses it; Flux uses sample_guidance instead."),
+            "sample_seed": SEED(1234, "Preview seed (kohya --d): the same seed at every checkpoint, so previews compare."),
+            "sample_negative_prompt": STRING("", "Preview negative prompt (kohya --n); Flux has none.", multiline=True),
+            "sample_width": INT(0, 0, 8192, "Preview width (kohya --w); 0 = the dataset resolution.", step=8),
+            "sample_height": INT(0, 0, 8192, "Preview height (kohya --h); 0 = the dataset resolution.", step=8),
+            "sample_guidance": FLOAT(3.5, 0.0, 100.0, 0.1, "Flux previews: embedded guidance (ComfyUI FluxGuidance, kohya --g; 3.5 for dev)."),
+            "save_last": BOOL(True, "kohya: always save the final step's checkpoint, whatever the save cadence."),
         }}
 
     def train(self, model, dataset, run_name, sample_prompts, resume, network=None, optimizer=None, training=None,
@@ -281,9 +293,15 @@ def build_train_config(model, dataset, run_name, sample_prompts, network, optimi
     save = SaveConfig(output_dir=str(_comfy.model_folder(kind)), run_name=run_name, single_file_dir=single,
                       work_dir=str(_comfy.output_dir() / "crucible"),
                       save_every_n_epochs=f["save_every_n_epochs"], save_every_n_steps=f["save_every_n_steps"],
-                      checkpoint_limit=f["checkpoint_limit"], save_precision=f["save_precision"])
+                      checkpoint_limit=f["checkpoint_limit"], save_precision=f["save_precision"],
+                      save_last=f.get("save_last", True))
+    d = SampleConfig()
     sample = SampleConfig(prompts=_lines(sample_prompts, commas=False), sample_every_n_epochs=f["sample_every_n_epochs"],
-                          sample_every_n_steps=f["sample_every_n_steps"])
+                          sample_every_n_steps=f["sample_every_n_steps"], steps=f.get("sample_steps", d.steps),
+                          cfg=f.get("sample_cfg", d.cfg), seed=f.get("sample_seed", d.seed),
+                          negative_prompt=f.get("sample_negative_prompt", d.negative_prompt),
+                          width=f.get("sample_width", d.width), height=f.get("sample_height", d.height),
+                          guidance=f.get("sample_guidance", d.guidance))
     tr = training or TrainingConfig()
     from dataclasses import replace
 

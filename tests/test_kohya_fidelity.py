@@ -385,3 +385,66 @@ def test_kohya_down_lr_weight_freezes_only_the_shallow_blocks(tiny_sd15):
              if name.endswith("lora_A.default")}
     assert ranks["down_blocks.0.attentions.0.proj_in"] == 4  # IN01: block_dims[1]
     assert ranks["up_blocks.1.attentions.0.proj_in"] == 2  # OUT03: block_dims[16]
+
+
+# --- preview samples ---------------------------------------------------------------------------------------------------
+
+def test_prompts_without_a_cadence_preview_once_per_epoch():
+    with_prompts = TrainConfig.from_dict({"training": {"epochs": 3}, "sample": {"prompts": ["a cat"]}})
+    plan = plan_from_counts({(64, 64): 4}, with_prompts)
+    assert [e for _, e in plan.sample_points] == [1, 2, 3]
+    assert "samples at steps" in plan.format()
+    assert plan_from_counts({(64, 64): 4}, TrainConfig.from_dict({"training": {"epochs": 3}})).sample_points == ()
+    stepped = TrainConfig.from_dict({"training": {"epochs": 3}, "sample": {"prompts": ["a"], "sample_every_n_steps": 2}})
+    assert [s for s, _ in plan_from_counts({(64, 64): 4}, stepped).sample_points] == [2, 4, 6, 8, 10, 12]
+
+
+def test_flux_previews_use_the_flux_guidance_not_the_cfg(monkeypatch):
+    from trainer.families import get_family
+
+    fam = get_family("flux")
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    class Pipe:
+        def set_progress_bar_config(self, **_):
+            pass
+
+    def prompt_kwargs(self, comps, prompt, negative_prompt, cfg):
+        seen["guidance"] = cfg
+        raise Stop
+
+    monkeypatch.setattr(type(fam), "pipeline", lambda self, comps: Pipe())
+    monkeypatch.setattr(type(fam), "prompt_kwargs", prompt_kwargs)
+    with pytest.raises(Stop):
+        fam.sample(None, ["a"], seed=1, steps=2, cfg=7.0, width=64, height=64, guidance=3.5)
+    assert seen["guidance"] == 3.5
+    with pytest.raises(Stop):
+        fam.sample(None, ["a"], seed=1, steps=2, cfg=4.0, width=64, height=64)  # the sweep's cfg stays the guidance
+    assert seen["guidance"] == 4.0
+
+
+@pytest.mark.slow
+def test_preview_settings_reach_the_sampler(tiny_sd15, demo_dataset, tmp_path, monkeypatch):
+    from trainer.families.sd15 import StableDiffusionFamily
+    from trainer.loop import train
+
+    calls = []
+    monkeypatch.setattr(StableDiffusionFamily, "sample",
+                        lambda self, comps, prompts, **kw: calls.append(kw) or [__import__("PIL.Image").Image.new(
+                            "RGB", (kw["width"], kw["height"]))] * len(prompts))
+    cfg = TrainConfig.from_dict({
+        "model": {"family": "sd15", "path": str(tiny_sd15)},
+        "datasets": [{"path": str(demo_dataset), "resolution": 64, "repeats": 1}],
+        "network": {"network_dim": 2, "network_alpha": 2},
+        "training": {"batch_size": 6, "epochs": 2},
+        "sample": {"prompts": ["a red circle"], "steps": 3, "cfg": 2.5, "seed": 9, "negative_prompt": "blurry",
+                   "width": 96, "height": 64, "guidance": 2.0},
+        "save": {"output_dir": str(tmp_path), "run_name": "p", "save_every_n_epochs": 0, "save_state": False},
+    })
+    result = train(cfg)
+    assert len(calls) == 2 and len(result.samples) == 2  # no cadence given: one preview per epoch
+    assert calls[0] == {"seed": 9, "steps": 3, "cfg": 2.5, "width": 96, "height": 64, "negative_prompt": "blurry",
+                        "guidance": 2.0}

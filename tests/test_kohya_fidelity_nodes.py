@@ -46,3 +46,38 @@ def test_network_options_take_kohya_block_settings(nodes):
     assert net.conv_block_dims == (2,) * 25 and net.block_alphas == (4.0,) * 25
     with pytest.raises(ConfigError, match="needs 23"):  # SDXL's layout has 23 blocks
         TrainConfig.from_dict({"model": {"family": "sdxl"}, "network": {"block_dims": list(net.block_dims)}})
+
+
+def test_cli_only_settings_have_node_inputs(nodes):
+    spec = {name: {**cls.INPUT_TYPES().get("required", {}), **cls.INPUT_TYPES().get("optional", {})}
+            for name, cls in nodes.items()}
+    train = spec["CrucibleTrain"]
+    for name in ("sample_steps", "sample_cfg", "sample_seed", "sample_negative_prompt", "sample_width",
+                 "sample_height", "sample_guidance", "save_last"):
+        assert name in nodes["CrucibleTrain"].INPUT_TYPES()["optional"], name
+    assert "bucket_reso_steps" in spec["CrucibleDataset"]
+    assert "caption_dropout_every_n_epochs" in spec["CrucibleCaptionOptions"]
+    assert {"conv_dim", "conv_alpha"} <= set(spec["CrucibleNetworkOptions"])
+    assert {"guidance_scale", "logit_mean", "logit_std", "mode_scale", "prior_loss_weight"} <= \
+        set(spec["CrucibleTrainingOptions"])
+    assert train["sample_prompts"][1]["tooltip"].count("epoch")
+
+
+def test_train_node_preview_settings_reach_the_config(nodes, comfy):
+    import sys
+
+    import comfy_stubs
+
+    module = sys.modules[f"{comfy_stubs.PACK_NAME}.nodes.train_nodes"]
+    from trainer.config import DatasetConfig, ModelConfig
+
+    f = {"epochs": 2, "max_train_steps": 0, "batch_size": 1, "save_every_n_epochs": 1, "save_every_n_steps": 0,
+         "checkpoint_limit": 0, "save_precision": "fp16", "sample_every_n_epochs": 0, "sample_every_n_steps": 0,
+         "sample_steps": 12, "sample_cfg": 4.5, "sample_seed": 7, "sample_negative_prompt": "blurry",
+         "sample_width": 512, "sample_height": 768, "sample_guidance": 3.0, "save_last": False}
+    cfg = module.build_train_config(ModelConfig(), (DatasetConfig(path=str(comfy.input_dir)),), "r", "a cat",
+                                    None, None, None, f)
+    s = cfg.sample
+    assert (s.steps, s.cfg, s.seed, s.negative_prompt, s.width, s.height, s.guidance) == \
+        (12, 4.5, 7, "blurry", 512, 768, 3.0)
+    assert cfg.save.save_last is False

@@ -166,7 +166,8 @@ def test_object_info_entries_match_the_classes(pack):
     train = info["CrucibleTrain"]
     assert train["output"] == ["CRUCIBLE_RUN", "IMAGE", "STRING", "INT"]
     assert train["output_is_list"] == [False, False, True, True]
-    assert train["input_order"]["optional"][-2:] == ["resume_force", "also_save_checkpoint"]  # appended only
+    assert train["input_order"]["optional"][:5] == ["network", "optimizer", "training", "resume_force",
+                                                    "also_save_checkpoint"]  # later inputs are appended after these
     json.dumps(info)  # ComfyUI serves this as JSON
 
 

@@ -195,8 +195,9 @@ class SampleConfig:
     cfg: float = 7.0
     width: int = 0  # 0 = the first dataset's resolution
     height: int = 0
-    sample_every_n_epochs: int = 0
+    sample_every_n_epochs: int = 0  # with prompts and no cadence at all: one preview per epoch (see trainer.plan)
     sample_every_n_steps: int = 0
+    guidance: float = 3.5  # Flux previews: embedded guidance (ComfyUI FluxGuidance, kohya --g); cfg for the others
 
 
 @dataclass(frozen=True)
@@ -465,6 +466,7 @@ def validate(cfg: TrainConfig) -> None:
     _check_range(p.steps, "sample.steps", 1, 1000)
     _check_range(p.width, "sample.width", 0, 8192)
     _check_range(p.height, "sample.height", 0, 8192)
+    _check_range(p.guidance, "sample.guidance", 0.0, 100.0)
     for i, d in enumerate(cfg.datasets):
         w = f"datasets[{i}]"
         _check_range(d.resolution, f"{w}.resolution", 64, 8192)

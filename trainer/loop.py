@@ -491,7 +491,7 @@ class Trainer:
                 with torch.no_grad(), self._ema_weights():
                     images = self.family.sample(self.comps, s.prompts, seed=s.seed, steps=s.steps, cfg=s.cfg,
                                                 width=s.width or res, height=s.height or res,
-                                                negative_prompt=s.negative_prompt)
+                                                negative_prompt=s.negative_prompt, guidance=s.guidance)
             finally:
                 for m, mode in zip(modules, modes):
                     m.train(mode)

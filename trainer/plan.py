@@ -24,7 +24,8 @@ Save / sample rules
 * ``save_every_n_epochs = N``: at the last step of every complete epoch ``e`` with ``e % N == 0``.
 * ``save_every_n_steps = M``: at every step ``s`` with ``s % M == 0``.
 * ``save_last``: at the final step.
-* Samples: the same with ``sample_every_n_epochs`` / ``sample_every_n_steps`` (no implicit final sample).
+* Samples: the same with ``sample_every_n_epochs`` / ``sample_every_n_steps`` (no implicit final sample). Prompts
+  given with neither set render one preview per epoch (prompts never render nothing silently).
 """
 from __future__ import annotations
 
@@ -181,11 +182,18 @@ def plan_from_counts(bucket_counts: Mapping[Resolution, int], cfg: "TrainConfig"
         total_steps=total, warmup_steps=warmup, batch_size=t.batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps, drop_last=t.drop_last, bucket_counts=counts,
         save_every_n_epochs=s.save_every_n_epochs, save_every_n_steps=s.save_every_n_steps, save_last=s.save_last,
-        sample_every_n_epochs=p.sample_every_n_epochs, sample_every_n_steps=p.sample_every_n_steps,
+        sample_every_n_epochs=_sample_epochs(p), sample_every_n_steps=p.sample_every_n_steps,
         save_points=(), sample_points=(), num_processes=num_processes,
         lr_scheduler=scheduler_name(o.lr_scheduler, warmup), notes=tuple(check_family_settings(cfg)),
     )
     return _with_points(plan)
+
+
+def _sample_epochs(sample) -> int:
+    """``sample_every_n_epochs``, or 1 when prompts are given with no cadence at all."""
+    if sample.prompts and sample.sample_every_n_epochs <= 0 and sample.sample_every_n_steps <= 0:
+        return 1
+    return sample.sample_every_n_epochs
 
 
 def warmup_steps(optim: "OptimConfig", total_steps: int) -> int:

@@ -120,8 +120,10 @@ class ModelFamily(ABC):
         """A diffusers pipeline built from the (possibly LoRA-patched) components."""
 
     def sample(self, comps: Components, prompts: Sequence[str], *, seed: int, steps: int, cfg: float,
-               width: int, height: int, negative_prompt: str = "") -> list["Image.Image"]:
-        """Render one image per prompt with a fixed seed (``torch.Generator`` on the CPU, so it is portable)."""
+               width: int, height: int, negative_prompt: str = "", guidance: float | None = None) -> list["Image.Image"]:
+        """Render one image per prompt with a fixed seed (``torch.Generator`` on the CPU, so it is portable).
+        ``guidance``: a guidance-distilled model's embedded guidance (Flux); None = use ``cfg`` for it. Families
+        with classifier-free guidance ignore it."""
         import torch
 
         pipe = self.pipeline(comps)

@@ -567,6 +567,8 @@ class FlowFamily(ModelFamily):
         """The family's own σ shift for latents of this size, or ``None`` to use ``training.flow_shift``."""
         return None
 
+    guidance_distilled = False  # Flux: sampling takes an embedded guidance value instead of classifier-free cfg
+
     def configure_training(self, comps: Components, training) -> None:
         """Take what ``predict`` needs from the :class:`~trainer.config.TrainingConfig` (Flux: guidance)."""
 
@@ -585,7 +587,7 @@ class FlowFamily(ModelFamily):
         return latents
 
     def sample(self, comps: Components, prompts: Sequence[str], *, seed: int, steps: int, cfg: float,
-               width: int, height: int, negative_prompt: str = "") -> list["Image.Image"]:
+               width: int, height: int, negative_prompt: str = "", guidance: float | None = None) -> list["Image.Image"]:
         """Render one image per prompt with a fixed CPU seed; the VAE decode happens here, in the VAE's dtype."""
         import torch
 
@@ -597,7 +599,8 @@ class FlowFamily(ModelFamily):
         images = []
         with torch.no_grad():
             for prompt in prompts:
-                kwargs = self.prompt_kwargs(comps, prompt, negative_prompt, cfg)
+                scale = guidance if guidance is not None and self.guidance_distilled else cfg
+                kwargs = self.prompt_kwargs(comps, prompt, negative_prompt, scale)
                 generator = torch.Generator("cpu").manual_seed(seed)
                 latents = pipe(**kwargs, num_inference_steps=steps, width=width, height=height, generator=generator,
                                output_type="latent").images

@@ -11,8 +11,8 @@ As ``FluxPipeline`` and ComfyUI's Flux text encoder do it:
 * :meth:`FluxFamily.flow_shift` is dev's resolution-dependent shift (``exp(mu)``, ``mu`` from the image sequence
   length as ``FluxPipeline`` computes it), the same as kohya's ``flux_shift``.
 
-Sampling passes ``cfg`` as the embedded guidance (ComfyUI's *FluxGuidance*, 3.5 for dev; schnell ignores it); Flux
-has no negative prompt.
+Sampling passes ``guidance`` (training previews: ``sample.guidance``) or else ``cfg`` (the sweep) as the embedded
+guidance (ComfyUI's *FluxGuidance*, 3.5 for dev; schnell ignores it); Flux has no negative prompt.
 """
 from __future__ import annotations
 
@@ -120,6 +120,7 @@ class FluxFamily(FlowFamily):
     """Flux.1 dev (guidance-distilled) and schnell."""
 
     honoured_settings = frozenset({"guidance_scale"})
+    guidance_distilled = True
 
     name = "flux"
     title = "Flux"

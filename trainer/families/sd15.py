@@ -273,7 +273,7 @@ class StableDiffusionFamily(ModelFamily):
                                        feature_extractor=None, requires_safety_checker=False)
 
     def sample(self, comps: Components, prompts: Sequence[str], *, seed: int, steps: int, cfg: float,
-               width: int, height: int, negative_prompt: str = "") -> list["Image.Image"]:
+               width: int, height: int, negative_prompt: str = "", guidance: float | None = None) -> list["Image.Image"]:
         """Render one image per prompt. Prompts are encoded exactly as in training (clip skip, 75-token windows,
         so long prompts are not cut at 77 tokens) and handed to the diffusers pipeline as embeddings."""
         import torch
