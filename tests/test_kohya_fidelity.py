@@ -448,3 +448,25 @@ def test_preview_settings_reach_the_sampler(tiny_sd15, demo_dataset, tmp_path, m
     assert len(calls) == 2 and len(result.samples) == 2  # no cadence given: one preview per epoch
     assert calls[0] == {"seed": 9, "steps": 3, "cfg": 2.5, "width": 96, "height": 64, "negative_prompt": "blurry",
                         "guidance": 2.0}
+
+
+# --- python -m trainer preview: a readable table, --json for scripts ---------------------------------------------------
+
+def test_cli_preview_prints_a_table_and_json(demo_dataset, tmp_path, capsys):
+    import json
+
+    from trainer.cli import main
+
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({"datasets": [{"path": str(demo_dataset), "captions": {"trigger_word": "ohwx"}}]}))
+    assert main(["preview", str(config), "--images", "2", "--epochs", "2"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert "CaptionPreviewRow" not in out
+    assert lines[0].split()[:3] == ["file", "epoch", "caption"]
+    assert len([line for line in lines[2:] if line.strip()]) == 4
+    assert all("ohwx" in line for line in lines[2:6])
+    assert main(["preview", str(config), "--images", "2", "--epochs", "1", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 2 and {"file", "epoch", "caption", "raw", "dropped"} <= set(rows[0])
+    assert rows[0]["caption"].startswith("ohwx")
