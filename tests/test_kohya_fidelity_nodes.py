@@ -81,3 +81,44 @@ def test_train_node_preview_settings_reach_the_config(nodes, comfy):
     assert (s.steps, s.cfg, s.seed, s.negative_prompt, s.width, s.height, s.guidance) == \
         (12, 4.5, 7, "blurry", 512, 768, 3.0)
     assert cfg.save.save_last is False
+
+
+# --- tagging: images + tagger strings → a captioned dataset -------------------------------------------------------------
+
+def stub_tagger(images) -> list[str]:
+    """What a WD14-style tagger node outputs: one tag string per image."""
+    return [f"1girl, solo, {'red' if float(img[..., 0].mean()) > 0.5 else 'blue'}_hair, smile" for img in images]
+
+
+def test_write_captions_node_makes_a_dataset_that_trains(nodes, comfy):
+    import torch
+
+    from trainer.errors import CrucibleError
+
+    images = torch.stack([torch.full((32, 48, 3), v) for v in (0.9, 0.1)])
+    captions = stub_tagger(images)
+    node = nodes["CrucibleWriteCaptions"]()
+    args = dict(images=[images], captions=captions, path=["tagged/10_ohwx"], name_prefix=["img"],
+                trigger_word=["ohwx"], remove_tags=["solo"], overwrite=[False])
+    out = node.write(**args)
+    folder = comfy.input_dir / "tagged" / "10_ohwx"
+    assert sorted(p.name for p in folder.iterdir()) == ["img_0000.png", "img_0000.txt", "img_0001.png", "img_0001.txt"]
+    assert (folder / "img_0000.txt").read_text(encoding="utf-8") == "ohwx, 1girl, red_hair, smile"
+    assert (folder / "img_0001.txt").read_text(encoding="utf-8") == "ohwx, 1girl, blue_hair, smile"
+    assert out["result"][0] == "tagged/10_ohwx" and "2 image(s)" in out["result"][1]
+
+    (folder / "img_0000.txt").write_text("hand-edited caption", encoding="utf-8")
+    again = node.write(**args)
+    assert "2 skipped" in again["result"][1]
+    assert (folder / "img_0000.txt").read_text(encoding="utf-8") == "hand-edited caption"  # never overwritten
+    node.write(**{**args, "overwrite": [True]})
+    assert (folder / "img_0000.txt").read_text(encoding="utf-8") == "ohwx, 1girl, red_hair, smile"
+    assert not [p for p in folder.iterdir() if p.name.startswith(".") or p.suffix == ".tmp"]  # no temp files left
+
+    (_, report), _ = run(nodes, "CrucibleDataset", path="tagged", resolution=64)
+    assert "2 images x 10 repeats" in report
+
+    with pytest.raises(CrucibleError):
+        node.write(**{**args, "path": ["/etc/crucible-tagged"]})
+    with pytest.raises(CrucibleError, match="2 image"):
+        node.write(**{**args, "captions": captions[:1], "overwrite": [True]})

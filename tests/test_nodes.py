@@ -20,7 +20,7 @@ import torch
 import comfy_stubs
 from trainer.errors import CrucibleError, UnsafePathError
 
-SUBMODULES = ("dataset_nodes", "train_nodes", "sweep_nodes", "image_nodes")
+SUBMODULES = ("dataset_nodes", "train_nodes", "sweep_nodes", "image_nodes", "tagging_nodes")
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
 DEMO = "crucible_demo"
 SMALL = "crucible_small"
