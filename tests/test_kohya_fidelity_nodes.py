@@ -122,3 +122,13 @@ def test_write_captions_node_makes_a_dataset_that_trains(nodes, comfy):
         node.write(**{**args, "path": ["/etc/crucible-tagged"]})
     with pytest.raises(CrucibleError, match="2 image"):
         node.write(**{**args, "captions": captions[:1], "overwrite": [True]})
+
+
+def test_coming_from_kohya_page_names_every_node_input(nodes):
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "coming_from_kohya.md").read_text(encoding="utf-8")
+    missing = [f"{node_id}.{name}" for node_id, cls in nodes.items()
+               for section in ("required", "optional") for name in cls.INPUT_TYPES().get(section, {})
+               if f"`{name}`" not in page and node_id not in ("CrucibleCheckpointSweep", "CrucibleImageGrid")]
+    assert not missing, f"docs/coming_from_kohya.md does not map: {missing}"
