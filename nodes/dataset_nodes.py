@@ -75,6 +75,8 @@ class CrucibleDataset:
             "background_color": STRING("#ffffff", "Transparent images are composited on this colour."),
             "is_reg": BOOL(False, "kohya reg_data_dir: regularization images (prior preservation; loss weight: prior_loss_weight on Training Options)."),
             "bucket_reso_steps": INT(64, 8, 1024, "kohya bucket_reso_steps: bucket sides are multiples of this (64 default; 32 gives finer buckets).", step=8),
+            "alpha_mask": BOOL(False, "kohya alpha_mask: each image's transparency is its loss mask (turn masked_loss on in Training Options)."),
+            "mask_dir": STRING("", "kohya conditioning_data_dir for masked loss: a folder of same-name mask images (white = train, black = ignore); relative = inside the dataset folder."),
         }, "optional": {
             "captions": (CAPTIONS, {"tooltip": "Caption options (Crucible Caption Options). Defaults when unconnected."}),
             "merge_with": (DATASET, {"tooltip": "Another dataset to train together with this one (each keeps its own options)."}),
@@ -95,6 +97,8 @@ class CrucibleDataset:
         from trainer.dataset import scan_dataset
 
         folder = _comfy.resolve_dataset_path(path)
+        if fields.get("mask_dir", "").strip():  # confined like the dataset itself
+            fields["mask_dir"] = str(_comfy.resolve_dataset_path(str(folder / fields["mask_dir"].strip())))
         config = DatasetConfig(path=str(folder), captions=captions or CaptionConfig(), **fields)
         validate(TrainConfig(datasets=(config,)))
         scan = scan_dataset(config, index=len(merge_with or ()))

@@ -200,6 +200,7 @@ class CrucibleTrainingOptions:
             "logit_mean": FLOAT(0.0, -10.0, 10.0, 0.05, "Flow models, timestep_sampling logit_normal: mean (SD3 / kohya logit_mean)."),
             "logit_std": FLOAT(1.0, 0.0, 10.0, 0.05, "Flow models, timestep_sampling logit_normal: standard deviation (kohya logit_std)."),
             "mode_scale": FLOAT(1.29, 0.0, 10.0, 0.01, "Flow models, timestep_sampling mode: scale (kohya mode_scale)."),
+            "masked_loss": BOOL(False, "kohya masked_loss: weight the loss by each image's mask (alpha_mask or mask_dir on the Dataset); masked-out areas are not learned."),
         })
 
     def build(self, **f):

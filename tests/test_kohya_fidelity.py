@@ -470,3 +470,106 @@ def test_cli_preview_prints_a_table_and_json(demo_dataset, tmp_path, capsys):
     rows = json.loads(capsys.readouterr().out)
     assert len(rows) == 2 and {"file", "epoch", "caption", "raw", "dropped"} <= set(rows[0])
     assert rows[0]["caption"].startswith("ohwx")
+
+
+# --- masked loss ---------------------------------------------------------------------------------------------------------
+
+def _half_masked_image(folder, name="half.png", size=(100, 60)):
+    """RGBA: left half opaque red, right half transparent blue; returns the split column."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    w, h = size
+    arr = np.zeros((h, w, 4), dtype=np.uint8)
+    arr[:, : w // 2] = (255, 0, 0, 255)
+    arr[:, w // 2:] = (0, 0, 255, 0)
+    Image.fromarray(arr, "RGBA").save(folder / name)
+    (folder / name).with_suffix(".txt").write_text("a red thing")
+    return w // 2
+
+
+@pytest.mark.parametrize("style,flip", [("center", False), ("random", False), ("center", True)])
+def test_alpha_masks_follow_the_crop_and_flip_of_their_image(tmp_path, style, flip):
+    import numpy as np
+
+    from trainer.config import DatasetConfig
+    from trainer.dataset import DataSource, load_pil
+    from trainer.masks import load_mask
+
+    _half_masked_image(tmp_path / "1_thing")
+    cfg = DatasetConfig(path=str(tmp_path), resolution=64, crop_style=style, flip_aug=flip, alpha_mask=True,
+                        background_color="#0000ff")
+    source = DataSource([cfg], seed=4)
+    item = source.items[0]
+    for epoch in range(1, 6):
+        mask = load_mask(item, 64, 64, cfg, seed=4, epoch=epoch, repeat=0)
+        red = np.asarray(load_pil(item, 64, 64, cfg, seed=4, epoch=epoch, repeat=0))[..., 0] / 255.0
+        assert mask.shape == (64, 64) and mask.min() < 0.05 and mask.max() > 0.95
+        assert np.abs(mask - red).mean() < 0.02  # opaque exactly where the (red) pixels are
+
+
+def test_mask_dir_masks_are_found_and_not_trained_on(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from trainer.config import DatasetConfig
+    from trainer.dataset import DataSource
+    from trainer.masks import load_mask
+
+    _half_masked_image(tmp_path / "1_thing", "pic.png", size=(64, 64))
+    (tmp_path / "masks" / "1_thing").mkdir(parents=True)
+    Image.fromarray(np.tile(np.array([0, 255], dtype=np.uint8).repeat(32), (64, 1)), "L").save(
+        tmp_path / "masks" / "1_thing" / "pic.png")
+    cfg = DatasetConfig(path=str(tmp_path), resolution=64, mask_dir="masks")
+    source = DataSource([cfg], seed=1)
+    assert [i.path.name for i in source.items] == ["pic.png"]  # the mask folder is not a concept folder
+    mask = load_mask(source.items[0], 64, 64, cfg, seed=1, epoch=1, repeat=0)
+    assert mask[:, :30].max() == 0.0 and mask[:, 34:].min() == 1.0
+
+
+def test_masked_out_pixels_get_no_gradient():
+    from trainer.masks import apply_mask
+
+    pred = torch.randn(2, 4, 8, 8, requires_grad=True)
+    target = torch.randn(2, 4, 8, 8)
+    masks = torch.ones(2, 1, 64, 64)
+    masks[0, :, :, :32] = 0  # left half of image 0
+    error = torch.nn.functional.mse_loss(pred, target, reduction="none")
+    apply_mask(error, masks).mean().backward()
+    assert pred.grad[0, :, :, :4].abs().max() == 0 and pred.grad[0, :, :, 4:].abs().min() > 0
+    assert pred.grad[1].abs().min() > 0
+
+
+def test_masked_loss_without_masks_is_refused_and_unused_masks_are_reported():
+    from trainer.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="masked_loss"):
+        TrainConfig.from_dict({"datasets": [{"path": "x"}], "training": {"masked_loss": True}})
+    unused = TrainConfig.from_dict({"datasets": [{"path": "x", "alpha_mask": True}]})
+    assert any("masked_loss is off" in n for n in plan_from_counts({(64, 64): 2}, unused).notes)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cache", [False, True])
+def test_fully_masked_images_train_nothing(tiny_sd15, tmp_path, cache):
+    import numpy as np
+    from PIL import Image
+
+    from trainer.loop import train
+
+    data = tmp_path / "data"
+    for i in range(2):
+        _half_masked_image(data / "1_thing", f"{i}.png", size=(64, 64))
+    (data / "black").mkdir()
+    for i in range(2):
+        Image.fromarray(np.zeros((64, 64), dtype=np.uint8), "L").save(data / "black" / f"{i}.png")
+    cfg = TrainConfig.from_dict({
+        "model": {"family": "sd15", "path": str(tiny_sd15)},
+        "datasets": [{"path": str(data), "resolution": 64, "mask_dir": "black"}],
+        "network": {"network_dim": 2, "network_alpha": 2},
+        "training": {"batch_size": 1, "epochs": 1, "masked_loss": True, "cache_latents": cache},
+        "save": {"output_dir": str(tmp_path / "out"), "run_name": "m", "save_every_n_epochs": 0,
+                 "save_last": False, "save_state": False},
+    })
+    assert train(cfg).losses == [0.0, 0.0]

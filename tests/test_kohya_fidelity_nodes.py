@@ -132,3 +132,13 @@ def test_coming_from_kohya_page_names_every_node_input(nodes):
                for section in ("required", "optional") for name in cls.INPUT_TYPES().get(section, {})
                if f"`{name}`" not in page and node_id not in ("CrucibleCheckpointSweep", "CrucibleImageGrid")]
     assert not missing, f"docs/coming_from_kohya.md does not map: {missing}"
+
+
+def test_dataset_node_mask_dir_is_confined(nodes, comfy):
+    from trainer.errors import CrucibleError
+
+    _images(comfy.input_dir / "masked" / "1_thing")
+    (datasets, _), _ = run(nodes, "CrucibleDataset", path="masked", resolution=64, alpha_mask=True, mask_dir="masks")
+    assert datasets[-1].alpha_mask and datasets[-1].mask_dir == str((comfy.input_dir / "masked" / "masks").resolve())
+    with pytest.raises(CrucibleError):
+        run(nodes, "CrucibleDataset", path="masked", resolution=64, mask_dir="../../../etc")

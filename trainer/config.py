@@ -83,6 +83,8 @@ class DatasetConfig:
     color_aug: bool = False
     background_color: str = "#ffffff"
     is_reg: bool = False  # regularization images (kohya reg_data_dir)
+    alpha_mask: bool = False  # kohya alpha_mask: the image's alpha channel is its loss mask (training.masked_loss)
+    mask_dir: str = ""  # same-name mask images (kohya conditioning_data_dir); relative = inside the dataset folder
     captions: CaptionConfig = field(default_factory=CaptionConfig)
 
 
@@ -170,6 +172,7 @@ class TrainingConfig:
     cache_text_embeddings: bool = False  # kohya cache_text_encoder_outputs, but shuffle/dropout keep working
     caption_variants: int = 4  # text-cache variants per image, so shuffle/dropout keep working
     prior_loss_weight: float = 1.0  # kohya prior_loss_weight: loss multiplier of regularization (is_reg) samples
+    masked_loss: bool = False  # kohya masked_loss: weight the loss by each image's mask (datasets' alpha_mask/mask_dir)
 
 
 @dataclass(frozen=True)
@@ -488,6 +491,9 @@ def validate(cfg: TrainConfig) -> None:
         for item in c.replace_tags:
             if "=" not in item:
                 raise ConfigError(f"{w}.captions.replace_tags item '{item}' must look like old=new")
+    if t.masked_loss and not any(d.alpha_mask or d.mask_dir.strip() for d in cfg.datasets) and cfg.datasets:
+        raise ConfigError("training.masked_loss is on but no dataset has masks: turn on alpha_mask (masks from the "
+                          "images' transparency) or set mask_dir on a dataset")
     from .families.settings import check_family_settings
 
     check_family_settings(cfg)  # settings the family cannot apply: refused here, before any model loads

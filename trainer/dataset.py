@@ -283,7 +283,9 @@ def _concept_groups(root: Path, cfg: DatasetConfig, skipped: list[tuple[str, str
     Sub-folders ``N_name`` get ``N`` repeats and class tokens ``name``; other sub-folders 1 repeat and their own name.
     The root's images use the root's name the same way. ``cfg.repeats > 0`` overrides every folder.
     """
-    groups = [(root, True)] + [(Path(e.path), False) for e in _list_dir(root) if e.is_dir()]
+    masks = (root / cfg.mask_dir).resolve() if cfg.mask_dir.strip() else None  # mask images are not training images
+    groups = [(root, True)] + [(Path(e.path), False) for e in _list_dir(root)
+                               if e.is_dir() and (masks is None or Path(e.path).resolve() != masks)]
     for folder, is_root in groups:
         images = [Path(e.path) for e in _list_dir(folder) if _is_image_name(e.name) and e.is_file()]
         if not images:

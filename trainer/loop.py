@@ -382,8 +382,12 @@ class Trainer:
         noised = self.objective.noise(latents, noise, gen)
         with self.acc.autocast():
             pred = fam.predict(comps, noised.noisy, noised.timesteps, cond)
-        per_sample = F.mse_loss(pred.float(), noised.target.float(), reduction="none").mean(
-            dim=tuple(range(1, pred.ndim)))
+        error = F.mse_loss(pred.float(), noised.target.float(), reduction="none")
+        if tr.masked_loss:  # kohya masked_loss: masked-out pixels contribute nothing (trainer.masks)
+            from .masks import apply_mask, batch_masks
+
+            error = apply_mask(error, batch_masks(self.source, batch_plan, epoch))
+        per_sample = error.mean(dim=tuple(range(1, pred.ndim)))
         if noised.weights is not None:
             per_sample = per_sample * noised.weights.to(per_sample)
         reg = [self.source.items[s[0]].is_reg for s in batch_plan]

@@ -74,6 +74,9 @@ def check_family_settings(cfg: "TrainConfig") -> list[str]:
         if setting.refuse:
             raise ConfigError(f"{message}.")
         notes.append(message)
+    if any(d.alpha_mask or d.mask_dir.strip() for d in cfg.datasets) and not cfg.training.masked_loss:
+        notes.append("datasets[].alpha_mask / mask_dir give masks, but training.masked_loss is off: the masks are "
+                     "not used (turn masked_loss on)")
     return notes + _prediction_notes(cfg, family)
 
 
