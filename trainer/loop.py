@@ -58,10 +58,12 @@ def train(cfg: TrainConfig, callbacks: Callbacks | None = None, *, resume_from: 
         return Trainer(cfg, callbacks or Callbacks()).run(resume_from, force_resume, components)
 
 
-def make_accelerator(mixed_precision: str):
+def make_accelerator(mixed_precision: str, find_unused_parameters: bool = False):
     """An ``accelerate.Accelerator`` for this run; outside ``accelerate launch`` its global state is reset so a
-    long-lived process (ComfyUI) can run trainings with different precisions one after another."""
-    from accelerate import Accelerator
+    long-lived process (ComfyUI) can run trainings with different precisions one after another.
+    ``find_unused_parameters``: DDP accepts parameters without a gradient (text encoders: the layers after the
+    clip-skip layer are never used)."""
+    from accelerate import Accelerator, DistributedDataParallelKwargs
     from accelerate.state import AcceleratorState
 
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -70,7 +72,8 @@ def make_accelerator(mixed_precision: str):
     if mixed_precision == "fp16" and not torch.cuda.is_available():
         raise CrucibleError("training.mixed_precision 'fp16' needs a CUDA GPU (it uses a gradient scaler); "
                             "on the CPU choose 'bf16' or 'no'")
-    return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if find_unused_parameters else []
+    return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available(), kwargs_handlers=handlers)
 
 
 def use_attention(comps: Components, mode: str) -> None:
@@ -148,7 +151,7 @@ class Trainer:
         from .plan import compute_plan
 
         cfg = self.cfg
-        self.acc = make_accelerator(cfg.training.mixed_precision)
+        self.acc = make_accelerator(cfg.training.mixed_precision, cfg.network.train_text_encoder)
         self.source = DataSource(cfg.datasets, seed=cfg.training.seed)
         self.plan = compute_plan(cfg, self.source, num_processes=self.acc.num_processes)
         for note in self.plan.notes:  # settings this model ignores: said, never silent
