@@ -7,7 +7,8 @@ from PIL import Image
 from trainer.config import TrainConfig
 from trainer.errors import ConfigError
 
-from test_nodes import comfy, dataset, defaults, nodes, pack, run  # noqa: F401 - shared fixtures and helpers
+from test_nodes import (comfy, dataset, defaults, nodes, pack, run, small_input,  # noqa: F401 - shared fixtures
+                        train_inputs)
 
 
 def _images(folder, n=2, caption_ext=".txt", caption="a red square"):
@@ -142,3 +143,12 @@ def test_dataset_node_mask_dir_is_confined(nodes, comfy):
     assert datasets[-1].alpha_mask and datasets[-1].mask_dir == str((comfy.input_dir / "masked" / "masks").resolve())
     with pytest.raises(CrucibleError):
         run(nodes, "CrucibleDataset", path="masked", resolution=64, mask_dir="../../../etc")
+
+
+@pytest.mark.slow
+def test_train_node_report_names_settings_the_model_ignores(nodes, comfy, tiny_sd15, small_input):
+    (training,), _ = run(nodes, "CrucibleTrainingOptions", seed=3, loss_weighting="cosmap")
+    comfy.reset_interrupt()
+    outputs, ui = run(nodes, "CrucibleTrain", **train_inputs(nodes, tiny_sd15, "noted", epochs=1, training=training))
+    report = ui["text"][0]
+    assert "note:" in report and "loss_weighting" in report and "sd15" in report
