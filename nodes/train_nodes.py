@@ -201,6 +201,7 @@ class CrucibleTrainingOptions:
             "logit_std": FLOAT(1.0, 0.0, 10.0, 0.05, "Flow models, timestep_sampling logit_normal: standard deviation (kohya logit_std)."),
             "mode_scale": FLOAT(1.29, 0.0, 10.0, 0.01, "Flow models, timestep_sampling mode: scale (kohya mode_scale)."),
             "masked_loss": BOOL(False, "kohya masked_loss: weight the loss by each image's mask (alpha_mask or mask_dir on the Dataset); masked-out areas are not learned."),
+            "t5xxl_max_token_length": INT(0, 0, 512, "SD3/Flux: T5 tokens per caption (kohya t5xxl_max_token_length: SD3 256, Flux dev 512). 0 = ComfyUI's padding (SD3 77, Flux 256), so training matches ComfyUI's text encoding."),
         })
 
     def build(self, **f):

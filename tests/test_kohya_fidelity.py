@@ -573,3 +573,21 @@ def test_fully_masked_images_train_nothing(tiny_sd15, tmp_path, cache):
                  "save_last": False, "save_state": False},
     })
     assert train(cfg).losses == [0.0, 0.0]
+
+
+# --- T5 token length (kohya t5xxl_max_token_length) ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("family,default", [("sd3", 77), ("flux", 256)])
+def test_t5_token_length_is_a_training_option(family, default):
+    from trainer.config import TrainingConfig
+    from trainer.families import get_family
+    from trainer.families.base import Components
+
+    fam = get_family(family)
+    comps = Components(None, None, [], [], None, extras={"t5_length": fam.t5_length, "guidance": 1.0})
+    fam.configure_training(comps, TrainingConfig())
+    assert comps.extras["t5_length"] == default  # 0 = ComfyUI's padding length
+    fam.configure_training(comps, TrainingConfig(t5xxl_max_token_length=512))
+    assert comps.extras["t5_length"] == 512
+    sd15 = TrainConfig.from_dict({"training": {"t5xxl_max_token_length": 256}})
+    assert any("t5xxl_max_token_length" in n for n in plan_from_counts({(64, 64): 2}, sd15).notes)

@@ -165,6 +165,7 @@ class TrainingConfig:
     flow_shift: float = 0.0  # σ shift for flow models; 0 = auto (Flux dev: resolution-dependent, else 1.0)
     loss_weighting: str = "none"
     guidance_scale: float = 1.0  # Flux guidance embedding value during training
+    t5xxl_max_token_length: int = 0  # SD3/Flux T5 tokens per caption; 0 = ComfyUI's padding (SD3 77, Flux 256)
     ema: bool = False
     ema_decay: float = 0.999
     cache_latents: bool = False  # kohya cache_latents (not with flip/colour/random-crop augmentation)
@@ -460,6 +461,7 @@ def validate(cfg: TrainConfig) -> None:
     _check_range(t.ema_decay, "training.ema_decay", 0.0, 1.0)
     _check_range(t.caption_variants, "training.caption_variants", 1, 64)
     _check_range(t.prior_loss_weight, "training.prior_loss_weight", 0.0, 100.0)
+    _check_range(t.t5xxl_max_token_length, "training.t5xxl_max_token_length", 0, 512)
     _check_choice(s.save_precision, SAVE_PRECISION, "save.save_precision")
     _check_range(s.save_every_n_epochs, "save.save_every_n_epochs", 0)
     _check_range(s.save_every_n_steps, "save.save_every_n_steps", 0)

@@ -570,7 +570,9 @@ class FlowFamily(ModelFamily):
     guidance_distilled = False  # Flux: sampling takes an embedded guidance value instead of classifier-free cfg
 
     def configure_training(self, comps: Components, training) -> None:
-        """Take what ``predict`` needs from the :class:`~trainer.config.TrainingConfig` (Flux: guidance)."""
+        """Take what ``predict`` needs from the :class:`~trainer.config.TrainingConfig`: the T5 token length
+        (kohya ``t5xxl_max_token_length``; 0 = the family's ComfyUI padding). Flux adds its guidance."""
+        comps.extras["t5_length"] = int(training.t5xxl_max_token_length or self.t5_length)
 
     def lora_target_modules(self, component: str, preset: str) -> list[str]:
         from ..lora_targets import lora_target_modules

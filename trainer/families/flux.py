@@ -119,7 +119,7 @@ def image_ids(h: int, w: int, device=None, dtype=None) -> "torch.Tensor":
 class FluxFamily(FlowFamily):
     """Flux.1 dev (guidance-distilled) and schnell."""
 
-    honoured_settings = frozenset({"guidance_scale"})
+    honoured_settings = frozenset({"guidance_scale", "t5xxl_max_token_length"})
     guidance_distilled = True
 
     name = "flux"
@@ -156,7 +156,9 @@ class FluxFamily(FlowFamily):
         return {"guidance_embeds": bool(transformer.config.guidance_embeds), "guidance": 1.0}
 
     def configure_training(self, comps: Components, training) -> None:
-        """Train dev with ``training.guidance_scale`` as its guidance embedding."""
+        """Train dev with ``training.guidance_scale`` as its guidance embedding (and the T5 length as every flow
+        family)."""
+        super().configure_training(comps, training)
         comps.extras["guidance"] = float(training.guidance_scale)
 
     def flow_shift(self, comps: Components, latents: "torch.Tensor") -> float | None:

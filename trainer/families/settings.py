@@ -49,6 +49,8 @@ FAMILY_SETTINGS = (
                   "its CLIP reads the first 77 tokens and T5 has its own length"),
     FamilySetting("block_weights", lambda c: [f"network.{f}" for f in _block_fields_set(c)], True,
                   "block-wise learning rates and ranks follow kohya's UNet layout (SD1.5/SDXL only); clear them"),
+    FamilySetting("t5xxl_max_token_length", lambda c: ["training.t5xxl_max_token_length"]
+                  if c.training.t5xxl_max_token_length else [], False, "it has no T5 text encoder"),
     FamilySetting("guidance_scale", lambda c: ["training.guidance_scale"]
                   if c.training.guidance_scale != 1.0 else [], False,
                   "only Flux has a guidance embedding to feed"),
