@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import logging
 
+from . import _sockets
+
 log = logging.getLogger("crucible")
 
 NODE_CLASS_MAPPINGS: dict = {}
@@ -14,5 +16,7 @@ for _module in ("dataset_nodes", "train_nodes", "sweep_nodes", "image_nodes", "t
     except Exception as exc:  # noqa: BLE001 - one broken module must not hide the others
         log.error("Crucible: could not load nodes/%s.py: %s", _module, exc)
         continue
+    for _id, _cls in _mod.NODES.items():  # every node checks its inputs first (nodes/_sockets.py)
+        _sockets.guard(_cls, _mod.NAMES.get(_id, _id))
     NODE_CLASS_MAPPINGS.update(_mod.NODES)
     NODE_DISPLAY_NAME_MAPPINGS.update(_mod.NAMES)

@@ -4,11 +4,11 @@ from __future__ import annotations
 from trainer.config import (CROP_ASPECTS, CROP_STYLES, MISSING_CAPTION, CaptionConfig, DatasetConfig, TrainConfig,
                             TrainingConfig, validate)
 
-from . import _comfy
-from .widgets import BOOL, FLOAT, INT, SEED, STRING, combo, text_result
+from trainer.errors import CrucibleError
 
-DATASET = "CRUCIBLE_DATASET"
-CAPTIONS = "CRUCIBLE_CAPTIONS"
+from . import _comfy
+from ._sockets import CAPTIONS, DATASET, TRAINING
+from .widgets import BOOL, FLOAT, INT, SEED, STRING, combo, text_result
 
 
 class CrucibleCaptionOptions:
@@ -123,14 +123,14 @@ class CrucibleCaptionPreview:
             "epochs": INT(2, 1, 100, "Show the captions of epochs 1..N (shuffle and dropout change per epoch)."),
             "seed": SEED(42, "Training seed (training.seed): the preview matches the run with this seed."),
         }, "optional": {
-            "training": ("CRUCIBLE_TRAINING", {"tooltip": "The Training Options of the run: with cache_text_embeddings on, training draws each caption from K cached variants, and the preview shows those."}),
+            "training": (TRAINING, {"tooltip": "The Training Options of the run: with cache_text_embeddings on, training draws each caption from K cached variants, and the preview shows those."}),
         }}
 
     def preview(self, dataset, images, epochs, seed, training=None):
         from trainer.dataset import DataSource
 
         source = DataSource(dataset, seed=seed)
-        indices = [i for i in _indices(images) if i < len(source.items)]
+        indices = _indices(images, len(source.items))
         if training is not None and training.cache_text_embeddings:
             from trainer.cache import TextCache
 
@@ -201,16 +201,18 @@ def _lines(text: str, commas: bool = True) -> tuple[str, ...]:
     return tuple(p.strip() for p in parts if p.strip())
 
 
-def _indices(spec: str) -> list[int]:
+def _indices(spec: str, count: int) -> list[int]:
+    """``"0-3,7"`` → ``[0, 1, 2, 3, 7]``, keeping only indices below ``count`` (so ``0-999999999`` is cheap)."""
     out: list[int] = []
     for part in (spec or "").replace(" ", "").split(","):
         if not part:
             continue
-        if "-" in part:
-            lo, hi = part.split("-", 1)
-            out.extend(range(int(lo), int(hi) + 1))
-        else:
-            out.append(int(part))
+        lo, _, hi = part.partition("-")
+        try:
+            first, last = int(lo), int(hi if hi else lo)
+        except ValueError:
+            raise CrucibleError("Crucible Caption Preview: 'images' must be indices such as 0-3 or 0,5,9") from None
+        out.extend(range(max(first, 0), min(last, count - 1) + 1))
     return out
 
 

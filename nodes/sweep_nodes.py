@@ -1,13 +1,16 @@
-"""Checkpoint sweep: one LoRA-patched (or fully loaded) MODEL/CLIP per checkpoint × strength × prompt × seed, as
+"""Checkpoint sweep: one LoRA-patched MODEL/CLIP (or, for a full fine-tune, the base MODEL patched from the
+checkpoint file on demand) per checkpoint × strength × prompt × seed, as
 list outputs, so the user's own CLIPTextEncode → KSampler → VAEDecode chain renders each one in a single queue item.
 """
 from __future__ import annotations
+
+import math
 
 from trainer.errors import CrucibleError
 from trainer.sweep import SweepItem, plan_sweep, select_checkpoints
 
 from . import _comfy
-from .train_nodes import RUN
+from ._sockets import RUN, check_socket
 from .widgets import BOOL, INT, STRING, combo
 
 FROM_RUN = "(from run input)"
@@ -65,7 +68,7 @@ def _checkpoints(folder: str, run) -> list[dict]:
     if folder == FROM_RUN:
         if not run:
             raise CrucibleError("Crucible Checkpoint Sweep: connect a run, or pick a folder of checkpoints")
-        return [dict(c, kind=run["kind"]) for c in run["checkpoints"]]
+        return _run_checkpoints(run)
     kind, _, name = folder.partition("/")
     from trainer.sweep import read_checkpoint_info
 
@@ -79,13 +82,29 @@ def _checkpoints(folder: str, run) -> list[dict]:
     return found
 
 
+def _run_checkpoints(run) -> list[dict]:
+    """A run record's checkpoints, each confined to ComfyUI's loras / diffusion_models / checkpoints folders."""
+    check_socket("Crucible Checkpoint Sweep", "run", RUN, run)
+    kind, entries = run.get("kind"), run.get("checkpoints")
+    if kind not in ("lora", "full") or not isinstance(entries, list) or not entries:
+        raise CrucibleError("Crucible Checkpoint Sweep: the run has no checkpoints (it saved none); train with "
+                            "save_every_n_epochs or save_every_n_steps, or pick a folder")
+    found = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise CrucibleError(f"Crucible Checkpoint Sweep: checkpoint {i} of the run is not a checkpoint record")
+        path = _comfy.confine_checkpoint(entry.get("path"), f"Crucible Checkpoint Sweep: checkpoint {i} of the run")
+        found.append(dict(entry, path=str(path), kind=kind))
+    return found
+
+
 def _patched(model, clip, item: SweepItem, cache: dict):
     key = (item.path, item.strength)
     if key not in cache:
         if item.path is None:
             cache[key] = (model, clip)
         elif item.kind == "full":
-            cache[key] = (_comfy.load_diffusion_model(item.path), clip)
+            cache[key] = (_comfy.full_checkpoint_model(model, item.path), clip)  # weights stay in the file
         else:
             cache[key] = _comfy.apply_lora(model, clip, item.path, item.strength)
     return cache[key]
@@ -98,11 +117,17 @@ def _prompts(text: str) -> list[str]:
     return prompts
 
 
+MAX_SEED = 2**64 - 1  # KSampler's seed range
+MAX_STRENGTH = 100.0
+
+
 def _ints(text: str, what: str) -> list[int]:
     try:
         values = [int(v) for v in (text or "").replace(";", ",").split(",") if v.strip()]
     except ValueError:
         raise CrucibleError(f"Crucible Checkpoint Sweep: '{what}' must be whole numbers separated by commas") from None
+    if any(not 0 <= v <= MAX_SEED for v in values):
+        raise CrucibleError(f"Crucible Checkpoint Sweep: '{what}' must be between 0 and {MAX_SEED}")
     return values or [0]
 
 
@@ -111,6 +136,9 @@ def _float_list(text: str) -> list[float]:
         values = [float(v) for v in (text or "").replace(";", ",").split(",") if v.strip()]
     except ValueError:
         raise CrucibleError("Crucible Checkpoint Sweep: 'strengths' must be numbers separated by commas") from None
+    if any(not math.isfinite(v) or abs(v) > MAX_STRENGTH for v in values):
+        raise CrucibleError(f"Crucible Checkpoint Sweep: 'strengths' must be finite numbers between -{MAX_STRENGTH:g} "
+                            f"and {MAX_STRENGTH:g}")
     return values or [1.0]
 
 

@@ -12,17 +12,13 @@ from trainer.config import (ATTENTION, FAMILIES, LOSS_WEIGHTING, MIXED_PRECISION
                             SAVE_PRECISION, SCHEDULERS, TARGET_PRESETS, TIMESTEP_SAMPLING, ModelConfig,
                             NetworkConfig, OptimConfig, SampleConfig, SaveConfig, TrainConfig, TrainingConfig)
 from trainer.errors import CrucibleError
-from trainer.fileio import safe_name
+from trainer.fileio import safe_name, shown
 
 from . import _comfy
-from .dataset_nodes import DATASET, _lines
+from ._sockets import DATASET, MODEL, NETWORK, OPTIM, RUN, TRAINING, RunRecord
+from .dataset_nodes import _lines
 from .widgets import BOOL, FLOAT, INT, SEED, STRING, combo
 
-MODEL = "CRUCIBLE_MODEL"
-NETWORK = "CRUCIBLE_NETWORK"
-OPTIM = "CRUCIBLE_OPTIM"
-TRAINING = "CRUCIBLE_TRAINING"
-RUN = "CRUCIBLE_RUN"
 NONE = "(none)"
 
 
@@ -251,12 +247,17 @@ class CrucibleTrain:
             "sample_height": INT(0, 0, 8192, "Preview height (kohya --h); 0 = the dataset resolution.", step=8),
             "sample_guidance": FLOAT(3.5, 0.0, 100.0, 0.1, "Flux previews: embedded guidance (ComfyUI FluxGuidance, kohya --g; 3.5 for dev)."),
             "save_last": BOOL(True, "kohya: always save the final step's checkpoint, whatever the save cadence."),
-        }}
+        }, "hidden": {"unique_id": "UNIQUE_ID"}}
+
+    @classmethod
+    def IS_CHANGED(cls, run_name="", **_):
+        """Unchanged inputs reuse ComfyUI's cached result, unless a run under this name was cancelled or failed
+        since: its files on disk are then no longer what the cached result describes."""
+        return str(_UNFINISHED.get(_run_key(run_name), 0))
 
     def train(self, model, dataset, run_name, sample_prompts, resume, network=None, optimizer=None, training=None,
-              resume_force=False, also_save_checkpoint=False, **f):
+              resume_force=False, also_save_checkpoint=False, unique_id=None, **f):
         from trainer.loop import train
-        from trainer.plots import loss_curve
 
         cfg = build_train_config(model, dataset, run_name, sample_prompts, network, optimizer, training, f,
                                  also_save_checkpoint)
@@ -264,19 +265,70 @@ class CrucibleTrain:
         check_plan(cfg)  # refuse an impossible plan before ComfyUI's models are unloaded
         _comfy.free_memory()
         progress = _comfy.ComfyProgress(total=1, preview_every=10)
-        result = train(cfg, progress, resume_from=state_dir if resume else None, force_resume=resume_force)
-        if result.cancelled:
-            _comfy.raise_if_interrupted()  # the checkpoint and state are saved; let ComfyUI mark the prompt stopped
-        kind_root = _comfy.model_folder("diffusion_models" if cfg.network.network_type == "full" else "loras")
-        names = [c.path.relative_to(kind_root).as_posix() for c in result.checkpoints]
-        run = {"run_dir": str(result.run_dir), "work_dir": str(result.work_dir), "family": cfg.model.family,
-               "kind": "full" if cfg.network.network_type == "full" else "lora",
-               "checkpoints": [{"path": str(c.path), "name": n, "step": c.step, "epoch": c.epoch, "loss": c.loss}
-                               for c, n in zip(result.checkpoints, names)]}
-        curve = _comfy.pil_to_image([loss_curve(result.losses)])
-        summary = f"{len(names)} checkpoints in {result.run_dir}; last loss {result.losses[-1]:.4f}" if result.losses else "no steps"
-        summary += "".join(f"\nnote: {note}" for note in result.plan.notes)  # settings the model ignores
+        key = _run_key(run_name)
+        try:  # train() releases every model it loaded before it returns or raises
+            result = train(cfg, progress, resume_from=state_dir if resume else None, force_resume=resume_force)
+        except BaseException:
+            _UNFINISHED[key] = _UNFINISHED.get(key, 0) + 1
+            raise
+        finally:
+            _comfy.hand_back_memory()
+        summary = run_summary(result, cancelled=progress.cancelled)
+        if progress.cancelled:
+            _UNFINISHED[key] = _UNFINISHED.get(key, 0) + 1
+            print(f"[Crucible] {summary}", flush=True)
+            _comfy.show_report(unique_id, summary)  # the UI text of a raising node is otherwise never delivered
+            progress.raise_interrupt()  # checkpoint and state are saved; ComfyUI marks the prompt interrupted
+        run, names = run_output(cfg, result)
+        curve = _comfy.pil_to_image([_loss_curve(result.losses)])
         return {"ui": {"text": [summary]}, "result": (run, curve, names, [c.step for c in result.checkpoints])}
+
+
+_UNFINISHED: dict[str, int] = {}  # run folder -> how many runs under it were cancelled or failed in this process
+
+
+def _run_key(run_name) -> str:
+    try:
+        return safe_name(str(run_name), "run_name")
+    except CrucibleError:
+        return str(run_name)
+
+
+def _loss_curve(losses):
+    from trainer.plots import loss_curve
+
+    return loss_curve(losses)
+
+
+def run_summary(result, cancelled: bool = False) -> str:
+    """The node's report: what the run left on disk, after a Cancel how to go on, and the settings this model
+    ignores (the plan's notes, trainer.families.settings)."""
+    notes = getattr(getattr(result, "plan", None), "notes", ()) or ()
+    return _run_state(result, cancelled) + "".join(f"\nnote: {note}" for note in notes)
+
+
+def _run_state(result, cancelled: bool) -> str:
+    last = result.checkpoints[-1] if result.checkpoints else None
+    if cancelled and last is not None:
+        state = f" (training state in {result.state_dir})" if result.state_dir else ""
+        if result.cancelled:
+            return f"cancelled at step {last.step}; saved {last.path}{state}; queue again with resume on to continue"
+        return (f"cancelled after the last step {last.step}: the run is complete; saved {last.path}{state}; "
+                "queue again with resume on to pass it to the next nodes")
+    if not result.losses:
+        return "no steps"
+    return f"{len(result.checkpoints)} checkpoints in {result.run_dir}; last loss {result.losses[-1]:.4f}"
+
+
+def run_output(cfg: TrainConfig, result) -> tuple[dict, list[str]]:
+    """The CRUCIBLE_RUN socket value and the checkpoint names as ComfyUI's loaders list them."""
+    kind_root = _comfy.model_folder("diffusion_models" if cfg.network.network_type == "full" else "loras")
+    names = [c.path.relative_to(kind_root).as_posix() for c in result.checkpoints]
+    run = RunRecord(run_dir=str(result.run_dir), work_dir=str(result.work_dir), family=cfg.model.family,
+                    kind="full" if cfg.network.network_type == "full" else "lora",
+                    checkpoints=[{"path": str(c.path), "name": n, "step": c.step, "epoch": c.epoch, "loss": c.loss}
+                                 for c, n in zip(result.checkpoints, names)])
+    return run, names
 
 
 def check_plan(cfg: TrainConfig) -> None:
@@ -324,7 +376,7 @@ def _floats(text: str) -> tuple[float, ...]:
     try:
         return tuple(float(v) for v in (text or "").replace(";", ",").split(",") if v.strip())
     except ValueError:
-        raise CrucibleError(f"'{text}' must be numbers separated by commas") from None
+        raise CrucibleError(f"{shown(text)} must be numbers separated by commas") from None
 
 
 NODES = {"CrucibleModel": CrucibleModel, "CrucibleSplitModel": CrucibleSplitModel, "CrucibleNetworkOptions": CrucibleNetworkOptions,

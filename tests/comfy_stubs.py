@@ -1,9 +1,11 @@
 """Stand-ins for ComfyUI's runtime modules, so tests import and run the pack the way ComfyUI does, without ComfyUI.
 
 :func:`install` puts ``folder_paths``, ``comfy``, ``comfy.utils``, ``comfy.model_management`` and ``comfy.sd`` into
-``sys.modules``. They behave like ComfyUI's own where the pack relies on it (the folder API, ``ProgressBar``, the
-interrupt flag that ``throw_exception_if_processing_interrupted`` clears, safetensors loading) and record every call
-the pack makes, so tests can assert on them. :func:`load_pack` imports the repository root ``__init__.py`` as a
+``sys.modules`` (plus ``server`` with ``PromptServer.instance``). They behave like ComfyUI's own where the pack relies
+on it (the folder API; ``ProgressBar``, whose every update runs ComfyUI's progress hook and so raises
+``InterruptProcessingException`` once Cancel was pressed; the interrupt flag that
+``throw_exception_if_processing_interrupted`` clears; safetensors loading) and record every call the pack makes,
+so tests can assert on them. :func:`load_pack` imports the repository root ``__init__.py`` as a
 package, exactly like ComfyUI's ``load_custom_node``; :func:`node_info` turns a node class into the entry
 ``GET /object_info`` would list for it.
 """
@@ -24,7 +26,7 @@ MODEL_FOLDERS = {"checkpoints": ("checkpoints",), "loras": ("loras",), "diffusio
                  "vae": ("vae",), "text_encoders": ("text_encoders", "clip")}
 LEGACY_NAMES = {"unet": "diffusion_models", "clip": "text_encoders"}
 MODEL_EXTENSIONS = {".ckpt", ".pt", ".pt2", ".bin", ".pth", ".safetensors", ".pkl", ".sft"}
-STUB_MODULES = ("folder_paths", "comfy", "comfy.utils", "comfy.model_management", "comfy.sd")
+STUB_MODULES = ("folder_paths", "comfy", "comfy.utils", "comfy.model_management", "comfy.sd", "server")
 
 
 class InterruptProcessingException(Exception):
@@ -56,6 +58,57 @@ class LoadedDiffusionModel:
     path: str
 
 
+class StubBaseModel:
+    """The ``BaseModel`` inside a ModelPatcher: ComfyUI-named weights under ``diffusion_model.``, and the detected
+    ``model_config.unet_config``. The stub's config carries the diffusers -> ComfyUI name table that ComfyUI's
+    ``comfy.utils.unet_to_diffusers`` would compute from the real config."""
+
+    def __init__(self, weights: dict, diffusers_names: dict):
+        import types as _types
+
+        self.weights = {f"diffusion_model.{k}": v for k, v in weights.items()}
+        self.model_config = _types.SimpleNamespace(unet_config={"stub_diffusers_names": dict(diffusers_names)})
+
+    def state_dict(self) -> dict:
+        return dict(self.weights)
+
+
+class StubModelPatcher:
+    """``comfy.model_patcher.ModelPatcher`` as far as weight patches go: ``clone`` shares the model, ``add_patches``
+    keeps ComfyUI's tuple layout ``(strength_patch, value, strength_model, offset, function)``, and
+    :meth:`patched_weights` applies them the way ``comfy.lora.calculate_weight`` does for the ``diff`` kind."""
+
+    def __init__(self, model: StubBaseModel):
+        self.model, self.patches = model, {}
+
+    def clone(self) -> "StubModelPatcher":
+        other = StubModelPatcher(self.model)
+        other.patches = {k: list(v) for k, v in self.patches.items()}
+        return other
+
+    def add_patches(self, patches: dict, strength_patch: float = 1.0, strength_model: float = 1.0) -> list:
+        added = []
+        own = self.model.state_dict()
+        for k in patches:
+            key, offset, function = (k, None, None) if isinstance(k, str) else (k[0], k[1], k[2] if len(k) > 2 else None)
+            if key in own:
+                self.patches.setdefault(key, []).append((strength_patch, patches[k], strength_model, offset, function))
+                added.append(k)
+        return added
+
+    def patched_weights(self) -> dict:
+        out = {}
+        for key, weight in self.model.state_dict().items():
+            weight = weight.float().clone()
+            for strength, value, strength_model, _offset, function in self.patches.get(key, []):
+                if strength_model != 1.0:
+                    weight *= strength_model
+                assert len(value) == 1, "only the one-tensor diff kind is modelled"
+                weight += (function or (lambda a: a))(strength * value[0].to(weight.dtype))
+            out[key] = weight
+        return out
+
+
 class LoadedFile(dict):
     """The tensors of a file read by the stub ``comfy.utils.load_torch_file``, remembering where they came from."""
 
@@ -77,6 +130,9 @@ class ComfyStub:
     interrupt: bool = False
     interrupt_after: int | None = None  # processing_interrupted() turns True at this call (1-based)
     interrupt_polls: int = 0
+    cancel_at_progress: int | None = None  # the user presses Cancel while the bar is at this value (a step number)
+    client_id: str | None = "stub-client"  # the browser tab that queued the prompt (None: an API call without one)
+    sent: list[tuple[str, dict, Any]] = field(default_factory=list)  # PromptServer.send_sync(event, data, sid)
     modules: dict[str, types.ModuleType] = field(default_factory=dict)
 
     @property
@@ -103,8 +159,18 @@ class ComfyStub:
         assert self.progress, "no ComfyUI ProgressBar was created"
         return self.progress[-1]
 
-    def reset_interrupt(self, after: int | None = None) -> None:
+    def reset_interrupt(self, after: int | None = None, at_progress: int | None = None) -> None:
+        """Clear the Cancel flag. ``after``: the flag turns on at that call of ``processing_interrupted()``;
+        ``at_progress``: it turns on when the progress bar reaches that value, so the progress hook raises there,
+        as ComfyUI's does."""
         self.interrupt, self.interrupt_after, self.interrupt_polls = False, after, 0
+        self.cancel_at_progress = at_progress
+
+    def _progress_hook(self, value: int) -> None:
+        """ComfyUI's main.py hook: every ProgressBar update first calls throw_exception_if_processing_interrupted."""
+        if self.cancel_at_progress is not None and value >= self.cancel_at_progress:
+            self.interrupt, self.cancel_at_progress = True, None
+        self._throw_if_interrupted()
 
     # --- the stub modules ---------------------------------------------------------------------------------------
     def _processing_interrupted(self) -> bool:
@@ -146,6 +212,7 @@ class ComfyStub:
         utils.PROGRESS_BAR_HOOK = None
         utils.ProgressBar = _progress_bar_class(self)
         utils.load_torch_file = self._load_torch_file
+        utils.unet_to_diffusers = lambda unet_config: dict(unet_config["stub_diffusers_names"])
 
         mm = types.ModuleType("comfy.model_management")
         mm.InterruptProcessingException = InterruptProcessingException
@@ -159,9 +226,12 @@ class ComfyStub:
         sd.load_lora_for_models = self._load_lora_for_models
         sd.load_diffusion_model = self._load_diffusion_model
 
+        server = types.ModuleType("server")
+        server.PromptServer = type("PromptServer", (), {"instance": _PromptServer(self)})
+
         comfy.utils, comfy.model_management, comfy.sd = utils, mm, sd
         self.modules = {"folder_paths": fp, "comfy": comfy, "comfy.utils": utils, "comfy.model_management": mm,
-                        "comfy.sd": sd}
+                        "comfy.sd": sd, "server": server}
         return self.modules
 
     def _load_torch_file(self, path: str, safe_load: bool = False, device=None, return_metadata: bool = False):
@@ -194,12 +264,28 @@ def _progress_bar_class(stub: ComfyStub) -> type:
             if total is not None:
                 self.total = total
             self.current = min(value, self.total)
+            stub._progress_hook(self.current)  # raises like ComfyUI's hook when Cancel was pressed
             self.record.updates.append((self.current, self.total, preview))
 
         def update(self, value):
             self.update_absolute(self.current + value)
 
     return ProgressBar
+
+
+class _PromptServer:
+    """``server.PromptServer.instance``: the fields the pack reads, and ``send_sync`` recording each message."""
+
+    def __init__(self, stub: ComfyStub):
+        self.stub = stub
+        self.last_prompt_id = "stub-prompt"
+
+    @property
+    def client_id(self):
+        return self.stub.client_id
+
+    def send_sync(self, event, data, sid=None):
+        self.stub.sent.append((event, data, sid))
 
 
 def _filename_list(folders: list[str], extensions: set[str]) -> list[str]:

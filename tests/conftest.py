@@ -1,4 +1,4 @@
-"""Shared fixtures: paths to ../shared, and the tiny models built once per session."""
+"""Shared fixtures: the vendored ComfyUI reference data, and the tiny models built once per session."""
 from __future__ import annotations
 
 import os
@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+TESTS = Path(__file__).resolve().parent
+for path in (ROOT, TESTS):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -24,10 +25,13 @@ torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
-def shared_dir() -> Path:
-    if not SHARED.is_dir():
-        pytest.fail(f"reference data folder {SHARED} is missing (CI puts ../shared beside the repo)")
-    return SHARED
+def comfyui_reference():
+    """ComfyUI 0.8.0's node schemas and LoRA key maps, vendored in tests/data/comfyui-0.8.0 (see its README).
+
+    The one way tests read ComfyUI reference data: nothing reads ``../shared``, so a fresh clone passes alone."""
+    from comfyui_reference import REFERENCE
+
+    return REFERENCE
 
 
 @pytest.fixture(scope="session")

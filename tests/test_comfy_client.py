@@ -19,7 +19,6 @@ import threading
 import time
 import urllib.parse
 import uuid
-from functools import lru_cache
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -31,7 +30,6 @@ from trainer.comfy_client import (Checkpoint, ComfyClient, ComfyConnectionError,
                                   ExecutionFailedError, PromptRejectedError, WorkflowError)
 from trainer.render import read_layout
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "comfyui"
 IMAGE_SIZE = (48, 32)
 WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
@@ -53,11 +51,6 @@ WORKFLOW = {
     "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
     "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "sweep", "images": ["8", 0]}},
 }
-
-
-@lru_cache(maxsize=1)
-def known_classes() -> frozenset[str]:
-    return frozenset(json.loads((SHARED / "object_info.json").read_text()))
 
 
 def colour_of(name: str) -> tuple[int, int, int]:
@@ -88,7 +81,9 @@ def ws_frame(payload: bytes, opcode: int = 0x1) -> bytes:
 class FakeComfy:
     """A tiny ComfyUI. ``mode``: 'run' (finish after ``delay``), 'hang' (never finish), 'fail' (node error)."""
 
-    def __init__(self, loras=(), mode="run", delay=0.15, images_per_prompt=1, websocket=True):
+    def __init__(self, known_classes: frozenset[str], loras=(), mode="run", delay=0.15, images_per_prompt=1,
+                 websocket=True):
+        self.known_classes = known_classes  # ComfyUI 0.8.0's core node classes
         self.loras, self.mode, self.delay = list(loras), mode, delay
         self.images_per_prompt, self.websocket = images_per_prompt, websocket
         self.bodies: list[dict] = []  # every POST /prompt body
@@ -124,7 +119,7 @@ class FakeComfy:
     # -- /prompt
     def validate(self, prompt: dict) -> tuple[dict, dict] | None:
         for node_id, node in prompt.items():
-            if node.get("class_type") not in known_classes():
+            if node.get("class_type") not in self.known_classes:
                 return ({"type": "invalid_prompt", "message": f"Cannot execute because node "
                          f"{node.get('class_type')} does not exist.", "details": f"Node ID '#{node_id}'",
                          "extra_info": {}}, {})
@@ -293,11 +288,11 @@ def _make_handler(fake: FakeComfy):
 
 
 @pytest.fixture
-def make_fake():
+def make_fake(comfyui_reference):
     fakes = []
 
     def factory(**kwargs) -> FakeComfy:
-        fakes.append(FakeComfy(**kwargs).start())
+        fakes.append(FakeComfy(comfyui_reference.core_node_names(), **kwargs).start())
         return fakes[-1]
 
     yield factory

@@ -210,15 +210,11 @@ def test_plain_lora_alpha_matches_peft():
     assert max_diff(comfy_merge(model, tensors, "sd15", comfy_lora_delta), merged_weights(model)) < TOLERANCE
 
 
-def test_swap_rule_matches_comfyui_keymaps():
+def test_swap_rule_matches_comfyui_keymaps(comfyui_reference):
     """is_scale_shift_swapped marks exactly the modules ComfyUI's SD3/Flux maps give swap_scale_shift."""
-    import json
-    from pathlib import Path
-
-    shared = Path(__file__).resolve().parents[1].parent / "shared" / "comfyui" / "lora_keymaps"
     dim = {"sd3": 1536, "flux": 3072}
     for family in ("sd3", "flux"):
-        unet = json.loads((shared / f"{family}.json").read_text(encoding="utf-8"))["unet"]
+        unet = comfyui_reference.keymap(family)["unet"]
         swapped = {k.removeprefix("transformer.") for k, v in unet.items()
                    if k.startswith("transformer.") and isinstance(v, list) and v[-1] == "swap_scale_shift"}
         last = {"sd3": 23, "flux": 18}[family]

@@ -2,16 +2,14 @@
 
 Each model is built on the meta device (no memory, no download), peft adapters are injected for every target
 preset, the exporter runs, and every written key must be one ComfyUI's LoraLoader maps
-(``shared/comfyui/lora_keymaps/<family>.json``), cover every trained module, hit no ComfyUI weight twice and carry
+(vendored in ``tests/data/comfyui-0.8.0``, read through the ``comfyui_reference`` fixture), cover every trained module, hit no ComfyUI weight twice and carry
 a scalar ``.alpha``.
 """
 from __future__ import annotations
 
-import json
 import re
 import warnings
 from functools import lru_cache
-from pathlib import Path
 
 import pytest
 
@@ -27,8 +25,6 @@ from trainer.errors import ConfigError, CrucibleError  # noqa: E402
 from trainer.export import adapter_layers, export_lora, export_peft_modules  # noqa: E402
 from trainer.lora_keys import lora_prefix  # noqa: E402
 from trainer.lora_targets import TARGET_PRESETS, lora_target_modules  # noqa: E402
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "comfyui"
 
 # Suffixes ComfyUI 0.8.0 reads after a key prefix (lora_formats.md, plus comfy/weight_adapter/loha.py and lokr.py).
 ACCEPTED_SUFFIXES = (
@@ -115,13 +111,8 @@ def inject(model: nn.Module, config) -> nn.Module:
         return peft.inject_adapter_in_model(config, model)
 
 
-@lru_cache(maxsize=None)
-def keymap(family: str) -> dict:
-    return json.loads((SHARED / "lora_keymaps" / f"{family}.json").read_text(encoding="utf-8"))
-
-
-def component_map(family: str, component: str) -> dict:
-    return keymap(family)["unet" if component in ("unet", "transformer") else "clip"]
+def component_map(reference, family: str, component: str) -> dict:
+    return reference.keymap(family)["unet" if component in ("unet", "transformer") else "clip"]
 
 
 # --- checks ------------------------------------------------------------------------------------------------------------
@@ -134,9 +125,9 @@ def split_key(key: str) -> tuple[str, str]:
     raise AssertionError(f"key {key!r} ends in no suffix ComfyUI reads")
 
 
-def assert_loadable(tensors: dict, family: str, component: str, trained: int) -> dict[str, object]:
+def assert_loadable(reference, tensors: dict, family: str, component: str, trained: int) -> dict[str, object]:
     """ComfyUI's load-time view of an exported component; returns prefix -> target."""
-    kmap = component_map(family, component)
+    kmap = component_map(reference, family, component)
     groups: dict[str, dict[str, object]] = {}
     for key, value in tensors.items():
         prefix, suffix = split_key(key)
@@ -199,14 +190,14 @@ def preset_modules(family: str, component: str, preset: str) -> set[str]:
 
 @pytest.mark.parametrize("preset", PRESET_NAMES)
 @pytest.mark.parametrize("family,component", COMPONENTS)
-def test_every_preset_exports_loadable_keys(family, component, preset):
+def test_every_preset_exports_loadable_keys(family, component, preset, comfyui_reference):
     model = widest(family, component)
     trained = preset_modules(family, component, preset)
     assert trained, "the preset trains nothing"
     state = {k: v for k, v in peft.get_peft_model_state_dict(model).items() if k.rsplit(".", 2)[0] in trained}
     assert {k.rsplit(".", 2)[0] for k in state} == trained
     tensors = export_lora(family, {component: state}, configs={component: model.peft_config["default"]})
-    assert_loadable(tensors, family, component, len(trained))
+    assert_loadable(comfyui_reference, tensors, family, component, len(trained))
     assert {float(v) for k, v in tensors.items() if k.endswith(".alpha")} == {8.0}
 
 
@@ -256,7 +247,7 @@ def test_key_names_follow_the_tested_conventions(family, component, module, expe
 # SD1.5 has 3x3 and 1x1 convolutions; SD3 has fused-qkv slices, swapped modulation halves and a conv patch embedding.
 @pytest.mark.parametrize("family,component", [("sd15", "unet"), ("sd3", "transformer")])
 @pytest.mark.parametrize("network", ["dora", "loha", "lokr"])
-def test_dora_loha_lokr_keys_load_on_full_size_denoisers(family, component, network):
+def test_dora_loha_lokr_keys_load_on_full_size_denoisers(family, component, network, comfyui_reference):
     targets = lora_target_modules(family, component, "all_linear_conv")
     config = {"dora": peft.LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=targets),
               "loha": peft.LoHaConfig(r=4, alpha=8, target_modules=targets),
@@ -264,7 +255,7 @@ def test_dora_loha_lokr_keys_load_on_full_size_denoisers(family, component, netw
     model = inject(build(family, component), config)
     layers = adapter_layers(model)
     tensors = export_peft_modules(family, {component: model})
-    assert_loadable(tensors, family, component, len(layers))
+    assert_loadable(comfyui_reference, tensors, family, component, len(layers))
     if network == "dora":
         for name, layer in layers.items():
             weight = layer.get_base_layer().weight

@@ -51,11 +51,14 @@ def config(network: str, component: str, alpha: float = 8.0):
 
 
 def with_adapter(component: str, cfg, randomize: bool) -> torch.nn.Module:
-    """A copy of the base component with a peft adapter; ``randomize`` makes every adapter weight non-zero."""
+    """A copy of the base component with a peft adapter; ``randomize`` makes every adapter weight non-zero.
+
+    The adapter is injected with peft directly, as ``trainer.network.attach_network`` does: ``model.add_adapter`` is
+    transformers' / diffusers' wrapper and carries its own peft version gate (transformers 5.25 refuses peft 0.21)."""
     model = copy.deepcopy(BASES[component])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model.add_adapter(cfg)
+        peft.inject_adapter_in_model(cfg, model, adapter_name="default")
     if randomize:
         generator = torch.Generator().manual_seed(7)
         with torch.no_grad():
@@ -114,6 +117,11 @@ def test_plain_lora_file_into_a_dora_adapter_reproduces_the_lora(tmp_path):
 
 def test_diffusers_reads_the_kohya_unet_file_the_same_way(tmp_path):
     """An independent reader: diffusers' kohya conversion (lora_state_dict + load_lora_into_unet)."""
+    from packaging.version import Version
+
+    if Version(diffusers.__version__) < Version("0.39"):
+        pytest.skip("diffusers < 0.39's kohya converter drops conv_in / conv_out / time_embedding keys (mapped from "
+                    "0.39 on), so it cannot read the whole file; the pack itself does not use that converter")
     tensors, expected = roundtrip_file(tmp_path, "lora")
     unet_keys = {k: v for k, v in tensors.items() if k.startswith("lora_unet_")}
     state, alphas = diffusers.StableDiffusionPipeline.lora_state_dict(unet_keys)

@@ -2,7 +2,6 @@
 text conditioning, a real LoRA and full training run, export and sampling."""
 from __future__ import annotations
 
-import json
 import shutil
 
 import pytest
@@ -248,7 +247,7 @@ def test_lora_training_lowers_the_loss(lora_run):
     assert sum(losses[-8:]) / 8 < 0.9 * sum(losses[:8]) / 8, losses
 
 
-def test_lora_export_is_comfyui_shaped_and_reloads(lora_run, shared_dir):
+def test_lora_export_is_comfyui_shaped_and_reloads(lora_run, comfyui_reference):
     from trainer.checkpoints import load_lora_file
     from trainer.network import attach_network
 
@@ -257,7 +256,7 @@ def test_lora_export_is_comfyui_shaped_and_reloads(lora_run, shared_dir):
     prefixes = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in tensors}
     assert all(k.startswith("transformer.") for k in tensors)
     assert all(f"{p}.alpha" in tensors and f"{p}.lora_A.weight" in tensors for p in prefixes)
-    keymap = json.loads((shared_dir / "comfyui" / "lora_keymaps" / "sd3.json").read_text())
+    keymap = comfyui_reference.keymap("sd3")
     assert prefixes <= set(keymap["unet"]), sorted(prefixes - set(keymap["unet"]))[:3]
     latents = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(0))
     t = torch.tensor([500.0])

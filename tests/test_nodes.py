@@ -336,6 +336,140 @@ def test_cancel_saves_a_checkpoint_and_state_then_resume_finishes(nodes, comfy, 
     assert manifest["losses"] == pytest.approx(uninterrupted["losses"], rel=1e-5)
 
 
+def lora_tensors(path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+@pytest.mark.slow  # uses the trained fixture
+def test_cancel_raised_by_comfys_progress_hook_saves_reports_and_resumes_exactly(nodes, comfy, tiny_sd15, trained):
+    """ComfyUI's progress hook raises InterruptProcessingException inside the bar update (and clears the flag):
+    the run must still save the checkpoint, state/ and run.json at the step reached, say so, then re-raise."""
+    inputs = train_inputs(nodes, tiny_sd15, "hook-cancel")
+    folder = comfy.model_dir("loras") / "hook-cancel"
+    work = comfy.output_dir / "crucible" / "hook-cancel"
+    train_cls = nodes["CrucibleTrain"]
+    cached_key = train_cls.IS_CHANGED(**inputs)
+    comfy.reset_interrupt(at_progress=3)  # Cancel pressed during step 3 of 4: the hook raises at the step-3 update
+    comfy.sent.clear()
+    with pytest.raises(comfy_stubs.InterruptProcessingException):
+        run(nodes, "CrucibleTrain", unique_id="7", **inputs)
+    assert not comfy.interrupt  # ComfyUI's hook cleared the flag as it raised
+    saved = sorted(p.name for p in folder.glob("*.safetensors"))
+    assert saved == ["hook-cancel-e0001-s000002.safetensors", "hook-cancel-e0002-s000003.safetensors"]
+    assert json.loads((work / "state" / "state.json").read_text())["step"] == 3 and (work / "state" / "state.pt").is_file()
+    manifest = json.loads((work / "run.json").read_text())
+    assert manifest["status"] == "cancelled" and [c["step"] for c in manifest["checkpoints"]] == [2, 3]
+    # the report reaches the node in the browser although the node raised, and ComfyUI's log has it too
+    (event, data, sid), = [m for m in comfy.sent if m[0] == "executed"]
+    report = data["output"]["text"][0]
+    assert (data["node"], data["prompt_id"], sid) == ("7", "stub-prompt", comfy.client_id)
+    assert report.startswith("cancelled at step 3; saved ") and "hook-cancel-e0002-s000003.safetensors" in report
+    assert report.endswith("queue again with resume on to continue")
+    # ComfyUI must not reuse a result cached before the Cancel: the run's files changed under it
+    assert train_cls.IS_CHANGED(**inputs) != cached_key
+
+    comfy.reset_interrupt()
+    (run_info, _, names, steps), ui = run(nodes, "CrucibleTrain", **{**inputs, "resume": True})
+    assert steps == [2, 3, 4] and "3 checkpoints" in ui["text"][0]
+    manifest = json.loads((work / "run.json").read_text())
+    uninterrupted = json.loads((Path(trained[0][0]["work_dir"]) / "run.json").read_text())
+    assert manifest["status"] == "finished" and manifest["losses"] == uninterrupted["losses"]
+    final, reference = lora_tensors(run_info["checkpoints"][-1]["path"]), lora_tensors(trained[0][0]["checkpoints"][-1]["path"])
+    assert final.keys() == reference.keys()
+    assert all(torch.equal(final[k], reference[k]) for k in final), "the resumed LoRA differs from the uninterrupted one"
+    assert train_cls.IS_CHANGED(**inputs) == train_cls.IS_CHANGED(**inputs)  # stable again: finished runs are cached
+
+
+@pytest.mark.slow
+def test_cancel_during_the_last_step_keeps_the_finished_run_and_still_stops_the_prompt(nodes, comfy, tiny_sd15,
+                                                                                     small_input):
+    inputs = train_inputs(nodes, tiny_sd15, "last-cancel", epochs=1)
+    comfy.reset_interrupt(at_progress=2)  # step 2 is the last
+    comfy.sent.clear()
+    with pytest.raises(comfy_stubs.InterruptProcessingException):
+        run(nodes, "CrucibleTrain", unique_id="3", **inputs)
+    work = comfy.output_dir / "crucible" / "last-cancel"
+    assert json.loads((work / "run.json").read_text())["status"] == "finished"
+    report = next(d for e, d, _ in comfy.sent if e == "executed")["output"]["text"][0]
+    assert report.startswith("cancelled after the last step 2: the run is complete; saved ")
+    comfy.reset_interrupt()
+    (_run, _, _, steps), _ = run(nodes, "CrucibleTrain", **{**inputs, "resume": True})
+    assert steps == [2]  # nothing left to train: the saved run is passed on
+
+
+def test_show_report_sends_the_executed_message_only_to_the_client_that_queued(comfy, pack):
+    comfy_module = sys.modules[f"{comfy_stubs.PACK_NAME}.nodes._comfy"]
+    comfy.sent.clear()
+    assert comfy_module.show_report("12", "cancelled at step 1; …")
+    assert comfy.sent == [("executed", {"node": "12", "display_node": "12", "output": {"text": ["cancelled at step 1; …"]},
+                                        "prompt_id": "stub-prompt"}, comfy.client_id)]
+    saved, comfy.client_id = comfy.client_id, None  # a prompt posted without a client id: ComfyUI sends no UI output
+    try:
+        assert not comfy_module.show_report("12", "x") and not comfy_module.show_report(None, "x")
+    finally:
+        comfy.client_id = saved
+    assert len(comfy.sent) == 1
+
+
+class LoadSpy:
+    """Weak references to every denoiser and text encoder the sd15 family loads."""
+
+    def __init__(self, monkeypatch):
+        import weakref
+
+        from trainer.families import get_family
+
+        cls = type(get_family("sd15"))
+        real = cls.load
+        self.refs: list = []
+
+        def load(family, *args, **kwargs):
+            comps = real(family, *args, **kwargs)
+            self.refs += [weakref.ref(m) for m in (comps.denoiser, *comps.text_encoders)]
+            return comps
+
+        monkeypatch.setattr(cls, "load", load)
+
+    def alive(self) -> int:
+        count = sum(ref() is not None for ref in self.refs)
+        self.refs.clear()
+        return count
+
+
+@pytest.mark.slow
+def test_train_node_hands_every_model_back_when_it_returns_fails_or_is_cancelled(nodes, comfy, tiny_sd15,
+                                                                               small_input, monkeypatch):
+    """bf16 (accelerate wraps forward in a cycle) and the text cache (a closure back to the trainer) make the worst
+    case; no test-side gc.collect(): the node itself must leave nothing behind."""
+    from trainer.loop import Trainer
+
+    spy = LoadSpy(monkeypatch)
+    (training,), _ = run(nodes, "CrucibleTrainingOptions", seed=3, mixed_precision="bf16",
+                         cache_text_embeddings=True, ema=True)
+    inputs = train_inputs(nodes, tiny_sd15, "memory-run", epochs=1, training=training)
+    comfy.reset_interrupt()
+    run(nodes, "CrucibleTrain", **inputs)
+    assert spy.alive() == 0, "models outlive a finished run"
+
+    comfy.reset_interrupt(at_progress=1)
+    with pytest.raises(comfy_stubs.InterruptProcessingException) as cancelled:
+        run(nodes, "CrucibleTrain", **inputs)
+    assert spy.alive() == 0, "models outlive a cancelled run (ComfyUI keeps the exception while it reports it)"
+    del cancelled
+
+    def broken_save(self, *args, **kwargs):
+        raise OSError("disk went away")
+
+    monkeypatch.setattr(Trainer, "_save", broken_save)
+    comfy.reset_interrupt()
+    with pytest.raises(OSError, match="disk went away") as failed:
+        run(nodes, "CrucibleTrain", **inputs)
+    assert spy.alive() == 0, "models outlive a failed run (the traceback's frames hold them)"
+    assert "broken_save" in "".join(__import__("traceback").format_exception(failed.value))  # still readable
+
+
 # --- sweep -------------------------------------------------------------------------------------------------------
 BASE_MODEL, BASE_CLIP = "base MODEL", "base CLIP"
 
@@ -408,6 +542,44 @@ def test_sweep_full_finetunes_loads_them_with_comfys_diffusion_loader(nodes, com
     assert out["model"][1:] == [comfy_stubs.LoadedDiffusionModel(str(folder / f"full-{s}.safetensors")) for s in (10, 20)]
     assert out["clip"] == [BASE_CLIP] * 3
     assert comfy.diffusion_calls == [str(folder / "full-10.safetensors"), str(folder / "full-20.safetensors")]
+
+
+def test_sweep_full_checkpoints_are_patches_read_from_their_files_when_rendered(nodes, comfy, pack, caplog):
+    """A sweep's list of MODELs must not hold the checkpoints: each is a clone of the base MODEL (sharing its
+    weights) whose patches name tensors in the file, read only when ComfyUI applies them for sampling."""
+    from trainer.fileio import save_safetensors
+
+    comfy_module = sys.modules[f"{comfy_stubs.PACK_NAME}.nodes._comfy"]
+    names = {"conv_in.weight": "input_blocks.0.0.weight", "mid_block.resnets.0.norm1.bias": "middle_block.0.in_layers.0.bias"}
+    base = comfy_stubs.StubModelPatcher(comfy_stubs.StubBaseModel(
+        {"input_blocks.0.0.weight": torch.zeros(2, 3), "middle_block.0.in_layers.0.bias": torch.zeros(4),
+         "out.2.weight": torch.ones(2)}, names))
+    folder = comfy_module.model_folder("diffusion_models") / "lazy-run"
+    files = {}
+    for step in (10, 20, 30):
+        files[step] = {"conv_in.weight": torch.full((2, 3), float(step)), "mid_block.resnets.0.norm1.bias": torch.arange(4.0) + step}
+        save_safetensors(folder / f"lazy-{step}.safetensors", files[step], {"crucible_step": str(step)})
+    comfy.diffusion_calls.clear()
+    out = sweep(nodes, model=base, folder="diffusion_models/lazy-run", prompts="p", seeds="1", strengths="1.0")
+    assert out["label"] == ["base", "step 10", "step 20", "step 30"] and out["model"][0] is base
+    assert comfy.diffusion_calls == []  # no checkpoint was loaded whole
+    for step, model in zip((10, 20, 30), out["model"][1:]):
+        assert model.model is base.model  # a clone: the base weights are shared, not copied
+        values = [p[1] for patches in model.patches.values() for p in patches]
+        assert len(values) == 2 and all(isinstance(v, comfy_module.FileWeight) for v in values)
+        assert not any(isinstance(x, torch.Tensor) for v in values for x in tuple.__iter__(v))  # no data held
+        patched = model.patched_weights()  # what ComfyUI computes when it loads the model for sampling
+        assert torch.equal(patched["diffusion_model.input_blocks.0.0.weight"], files[step]["conv_in.weight"])
+        assert torch.equal(patched["diffusion_model.middle_block.0.in_layers.0.bias"], files[step]["mid_block.resnets.0.norm1.bias"])
+        assert torch.equal(patched["diffusion_model.out.2.weight"], torch.ones(2))  # not in the file: untouched
+    assert base.patches == {} and torch.equal(base.model.weights["diffusion_model.input_blocks.0.0.weight"], torch.zeros(2, 3))
+
+    wrong = comfy_stubs.StubModelPatcher(comfy_stubs.StubBaseModel({"input_blocks.0.0.weight": torch.zeros(5)}, names))
+    comfy.diffusion_calls.clear()
+    with caplog.at_level("WARNING"):
+        out = sweep(nodes, model=wrong, folder="diffusion_models/lazy-run", prompts="p", seeds="1", strengths="1.0")
+    assert len(comfy.diffusion_calls) == 3  # another architecture: ComfyUI's own loader, as before
+    assert "do not fit" in caplog.text and "Connect the base model" in caplog.text
 
 
 # --- image grid --------------------------------------------------------------------------------------------------

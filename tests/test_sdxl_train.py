@@ -2,7 +2,6 @@
 ComfyUI keys, reloads to the trained output and resumes exactly."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -79,7 +78,7 @@ def test_loss_falls(trained):
     assert last < first * 0.8, (first, last)
 
 
-def test_unet_and_both_text_encoders_export_comfyui_keys(trained, shared_dir):
+def test_unet_and_both_text_encoders_export_comfyui_keys(trained, comfyui_reference):
     """Every prefix is a key of ComfyUI's full-size SDXL map: the tiny model's names (two UNet levels, a two-deep
     transformer, three CLIP layers) are a subset of the full-size ones."""
     _, result, _ = trained
@@ -90,7 +89,7 @@ def test_unet_and_both_text_encoders_export_comfyui_keys(trained, shared_dir):
     assert {"lora_unet_conv_in", "lora_unet_add_embedding_linear_1",
             "lora_unet_down_blocks_1_attentions_0_transformer_blocks_1_attn2_to_k"} <= groups["lora_unet_"]
     assert "lora_te2_text_model_encoder_layers_2_mlp_fc1" in groups["lora_te2_text_model_"]
-    keymap = json.loads((shared_dir / "comfyui" / "lora_keymaps" / "sdxl.json").read_text())
+    keymap = comfyui_reference.keymap("sdxl")
     missing = sorted(prefixes - set(keymap["unet"]) - set(keymap["clip"]))
     assert not missing, missing[:5]
 

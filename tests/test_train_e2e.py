@@ -67,10 +67,10 @@ def test_checkpoints_written_with_metadata(trained):
     assert not list(Path(cfg.save.output_dir).rglob("*.tmp"))
 
 
-def test_written_prefixes_are_accepted_by_comfyui_keymap(trained, shared_dir):
+def test_written_prefixes_are_accepted_by_comfyui_keymap(trained, comfyui_reference):
     """Every prefix of the tiny model's file is a key of ComfyUI's SD1.5 map (tiny module names ⊂ full-size)."""
     _, result = trained
-    keymap = json.loads((shared_dir / "comfyui" / "lora_keymaps" / "sd15.json").read_text())
+    keymap = comfyui_reference.keymap("sd15")
     accepted = set(keymap["unet"]) | set(keymap["clip"])
     prefixes = {k.split(".")[0] for k in load_file(str(result.checkpoints[-1].path))}
     missing = sorted(p for p in prefixes if p not in accepted)

@@ -93,8 +93,8 @@ def prefixes(path: Path) -> set[str]:
     return {key.split(".")[0] for key in load_file(str(path))}
 
 
-def keymap(shared_dir: Path, family: str = "sd15") -> set[str]:
-    data = json.loads((shared_dir / "comfyui" / "lora_keymaps" / f"{family}.json").read_text())
+def keymap(reference, family: str = "sd15") -> set[str]:
+    data = reference.keymap(family)
     return set(data["unet"]) | set(data["clip"])
 
 
@@ -195,9 +195,9 @@ def test_network_type_trains_and_its_file_reloads_to_the_trained_output(network_
     assert_reload_reproduces(cfg, comps, path)
 
 
-def test_target_presets_grow_reload_and_stay_in_comfyui_keymap(tiny_sd15, demo_dataset, tmp_path, shared_dir):
+def test_target_presets_grow_reload_and_stay_in_comfyui_keymap(tiny_sd15, demo_dataset, tmp_path, comfyui_reference):
     """attn ⊂ attn_mlp ⊂ all_linear ⊂ all_linear_conv; every file reloads and every prefix is a ComfyUI key."""
-    accepted = keymap(shared_dir)
+    accepted = keymap(comfyui_reference)
     written = []
     for preset in ("attn", "attn_mlp", "all_linear", "all_linear_conv"):
         cfg = make_config(tiny_sd15, demo_dataset, tmp_path / preset,
@@ -234,7 +234,7 @@ def test_conv_dim_and_conv_alpha_set_the_rank_of_kxk_convolutions(tiny_sd15, dem
     assert_reload_reproduces(cfg, comps, path)
 
 
-def test_text_encoder_trains_with_comfyui_keys(tiny_sd15, demo_dataset, tmp_path, shared_dir):
+def test_text_encoder_trains_with_comfyui_keys(tiny_sd15, demo_dataset, tmp_path, comfyui_reference):
     """Every prefix of the tiny model is a key of ComfyUI's full-size SD1.5 map: tiny module names (3 CLIP layers,
     two UNet levels) are a subset of the full-size ones."""
     cfg = make_config(tiny_sd15, demo_dataset, tmp_path, network={"train_text_encoder": True})
@@ -244,7 +244,7 @@ def test_text_encoder_trains_with_comfyui_keys(tiny_sd15, demo_dataset, tmp_path
     te = {p for p in written if p.startswith("lora_te_text_model_")}
     assert "lora_te_text_model_encoder_layers_2_mlp_fc2" in te
     assert written - te and all(p.startswith("lora_unet_") for p in written - te)
-    assert written <= keymap(shared_dir), sorted(written - keymap(shared_dir))[:5]
+    assert written <= keymap(comfyui_reference), sorted(written - keymap(comfyui_reference))[:5]
     assert_reload_reproduces(cfg, comps, path)
     base_text = base_outputs(cfg.model.path)[0]
     assert (outputs(comps)[0] - base_text).abs().max() > 1e-4, "the text encoder did not change"

@@ -1,18 +1,23 @@
 """The example workflows in ``workflows/`` (UI format) and ``workflows/api/`` (API format), checked node by node.
 
-Core node schemas come from a real ComfyUI 0.8.0 ``/object_info`` (``../shared/comfyui/object_info.json``); the pack's
-own from its classes, imported with ComfyUI's runtime stubbed. The rules of the frontend this file encodes:
+Core node schemas come from a real ComfyUI 0.8.0 ``/object_info`` (vendored in ``tests/data/comfyui-0.8.0``, read through
+the ``comfyui_reference`` fixture); the pack's own from its classes, imported with ComfyUI's runtime stubbed. The rules of the frontend this file encodes:
 
 * widgets are the INT/FLOAT/STRING/BOOLEAN/COMBO inputs without ``forceInput``, stored in ``widgets_values`` in
   ``input_order`` (required, then optional);
 * an INT widget is followed by its ``control_after_generate`` value when its spec sets that option, or, when the
   option is absent, when it is named ``seed`` / ``noise_seed`` (KSampler's ``seed`` sets it to true);
-* ``Note`` / ``MarkdownNote`` exist only in the frontend: they are in UI files and never in API files.
+* ``Note`` / ``MarkdownNote`` exist only in the frontend: they are in UI files and never in API files;
+* the frontend's own extensions add widgets to some core nodes (PreviewAny: two text previews saved as null and a
+  ``previewMode`` toggle), saved after the schema's widgets (``workflow_builder.FRONTEND_WIDGETS``);
+* a node grows once it has run (an image preview, a report box) and never shrinks by itself: the layout leaves room
+  for the grown size (``workflow_builder.grown_height``).
 """
 from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -57,15 +62,16 @@ def pack_schemas(tmp_path_factory) -> tuple[dict, set[tuple[str, str]]]:
 
 
 @pytest.fixture(scope="module")
-def core_schemas(shared_dir) -> dict:
-    return json.loads((shared_dir / "comfyui" / "object_info.json").read_text(encoding="utf-8"))
+def core_schemas(comfyui_reference) -> dict:
+    return comfyui_reference.object_info()
 
 
 @pytest.fixture(scope="module")
-def schemas(core_schemas, pack_schemas) -> dict:
-    clash = set(core_schemas) & set(pack_schemas[0])
+def schemas(core_schemas, pack_schemas, comfyui_reference) -> dict:
+    clash = comfyui_reference.core_node_names() & set(pack_schemas[0])
     assert not clash, f"pack node ids shadow core nodes: {sorted(clash)}"
     return {**core_schemas, **pack_schemas[0]}
+
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +116,10 @@ def widget_names(info: dict) -> list[str]:
     return names
 
 
+def frontend_widgets(node_type: str) -> tuple:
+    return workflow_builder.FRONTEND_WIDGETS.get(node_type, ())
+
+
 def compatible(output_type: str, input_type: str) -> bool:
     return output_type == input_type or "*" in (output_type, input_type)
 
@@ -144,6 +154,15 @@ def test_the_expected_workflows_exist_with_api_twins():
         f"only CI workflows may be API-only (users load the UI files): {sorted(api_only)}"
 
 
+def test_vendored_schemas_cover_every_core_node_the_workflows_use(comfyui_reference):
+    used = {n["type"] for name in UI_FILES for n in load(f"{name}.json")["nodes"]}
+    used |= {n["class_type"] for name in API_FILES for n in load(f"api/{name}.json").values()}
+    core = used & comfyui_reference.core_node_names()
+    missing = sorted(core - set(comfyui_reference.object_info()))
+    assert not missing, f"run tests/data/regenerate_comfyui_reference.py: no vendored schema for {missing}"
+    assert {"KSampler", "PreviewAny", "CheckpointLoaderSimple"} <= core
+
+
 def test_files_are_what_the_builder_writes(schemas):
     built = workflow_builder.build_all(schemas)
     on_disk = {p.relative_to(WORKFLOWS).as_posix() for p in WORKFLOWS.rglob("*.json")}
@@ -166,8 +185,14 @@ def ui_node_problems(node: dict, schemas: dict, file_combos) -> list[str]:
     info = schemas[node["type"]]
     problems = []
     names, values = widget_names(info), node.get("widgets_values", [])
-    if len(values) != len(names):
-        problems.append(f"{where}: {len(values)} widgets_values for the {len(names)} widgets {names}")
+    extra = frontend_widgets(node["type"])
+    if len(values) != len(names) + len(extra):
+        added = f" + the frontend's {[w.name for w in extra]}" if extra else ""
+        problems.append(f"{where}: {len(values)} widgets_values for the {len(names) + len(extra)} widgets "
+                        f"{names}{added}")
+    for widget, value in zip(extra, values[len(names):]):
+        if value is not widget.saved and not (widget.saved is not None and type(value) is type(widget.saved)):
+            problems.append(f"{where}: the frontend saves its '{widget.name}' widget as {widget.saved!r}, not {value!r}")
     specs = {name: spec for name, spec, _ in inputs_in_order(info)}
     for name, value in zip(names, values):
         if name == CONTROL:
@@ -278,6 +303,69 @@ def test_ui_workflow_is_grouped_with_a_note_per_stage(name):
     assert not overlaps, f"overlapping nodes: {overlaps}"
 
 
+def grown_boxes(wf: dict, schemas: dict) -> dict[int, tuple[float, float, float, float]]:
+    """Each node's box once every node has run: the frontend grows a node to fit an image preview or a report box."""
+    boxes = {}
+    for node in wf["nodes"]:
+        x, top, right, bottom = _box(node)
+        if node["type"] not in VIRTUAL:
+            bottom = max(bottom, node["pos"][1] + workflow_builder.grown_height(node["type"], schemas[node["type"]]))
+        boxes[node["id"]] = (x, top, right, bottom)
+    return boxes
+
+
+def grown_overlaps(wf: dict, schemas: dict) -> list[str]:
+    boxes = sorted(grown_boxes(wf, schemas).items())
+    return [f"nodes {a} and {b} overlap by {min(p[2], q[2]) - max(p[0], q[0]):.0f} x "
+            f"{min(p[3], q[3]) - max(p[1], q[1]):.0f} px" for i, (a, p) in enumerate(boxes) for b, q in boxes[i + 1:]
+            if p[0] < q[2] and q[0] < p[2] and p[1] < q[3] and q[1] < p[3]]
+
+
+@pytest.mark.parametrize("name", UI_FILES)
+def test_nodes_have_room_to_grow_after_a_run(name, schemas):
+    """A run adds the Train node's live loss curve and report, a preview's image, a sampler's latent previews: the
+    grown nodes overlap nothing and stay inside their groups."""
+    wf = load(f"{name}.json")
+    assert not grown_overlaps(wf, schemas)
+    boxes = grown_boxes(wf, schemas)
+    for group in wf["groups"]:
+        members = [n["id"] for n in wf["nodes"] if _inside(_box(n), group["bounding"])]
+        outside = [i for i in members if not _inside(boxes[i], group["bounding"])]
+        assert not outside, f"group '{group['title']}': nodes {outside} grow out of it"
+
+
+def test_room_to_grow_catches_the_train_node_covering_its_loss_curve(schemas):
+    """The layout of d78f120: Crucible Train (saved 580 px high) with the loss-curve preview 70 px below it."""
+    wf = load("crucible_sd15_lora_sweep.json")
+    train, curve = _ui_node(wf, "CrucibleTrain"), _ui_node(wf, "PreviewImage")
+    train["size"][1] = 580
+    curve["pos"][1] = train["pos"][1] + 580 + 70
+    static = [(a["id"], b["id"]) for a in wf["nodes"] for b in wf["nodes"] if a["id"] < b["id"]
+              and _box(a)[1] < _box(b)[3] and _box(b)[1] < _box(a)[3] and _box(a)[0] < _box(b)[2] and _box(b)[0] < _box(a)[2]]
+    assert not static  # the saved sizes alone look fine...
+    problems = grown_overlaps(wf, schemas)  # ...until the node has run
+    assert any(f"nodes {train['id']} and {curve['id']} overlap by 320 x" in p for p in problems), problems
+
+
+def test_growing_nodes_match_the_packs_frontend_extension():
+    """nodes/web/crucible.js adds the report box to its TEXT_NODES: exactly the pack nodes said to grow with text."""
+    js = (ROOT / "nodes" / "web" / "crucible.js").read_text(encoding="utf-8")
+    text_nodes = set(re.findall(r'"(Crucible\w+)"', re.search(r"TEXT_NODES = new Set\(\[(.*?)\]\)", js, re.S).group(1)))
+    grows = {t for t, what in workflow_builder.GROWS_AFTER_RUN.items() if "text" in what}
+    assert text_nodes == grows
+
+
+def test_preview_any_is_saved_with_the_frontends_widgets(schemas, file_combos):
+    wf = load("crucible_dataset_preview.json")
+    previews = [n for n in wf["nodes"] if n["type"] == "PreviewAny"]
+    assert previews and all(n["widgets_values"] == [None, None, False] for n in previews)
+    previews[0]["widgets_values"] = []  # what the files held before: the frontend rewrites them on every save
+    problems = ui_node_problems(previews[0], schemas, file_combos)
+    assert any("0 widgets_values for the 3 widgets" in p and "previewMode" in p for p in problems), problems
+    previews[0]["widgets_values"] = ["text", None, False]
+    assert any("saves its 'preview' widget as None" in p for p in ui_node_problems(previews[0], schemas, file_combos))
+
+
 # --- API format ----------------------------------------------------------------------------------------------------
 def api_problems(prompt: dict, schemas: dict, file_combos) -> list[str]:
     problems = []
@@ -342,7 +430,7 @@ def twin_problems(ui: dict, api: dict, schemas: dict) -> list[str]:
             if slot.get("link") is not None:
                 link = links[slot["link"]]
                 linked[slot["name"]] = [str(link[1]), link[2]]
-        widgets = {n: v for n, v in zip(widget_names(info), node["widgets_values"]) if n != CONTROL}
+        widgets = {n: v for n, v in zip(widget_names(info), node["widgets_values"]) if n != CONTROL}  # not FRONTEND_WIDGETS
         expected = {**{n: v for n, v in widgets.items() if n not in linked}, **linked}
         if entry["inputs"] != expected:
             problems.append(f"node {node_id} ({node['type']}): API inputs {entry['inputs']} != UI {expected}")

@@ -2,7 +2,7 @@
 
 Each workflow is described once, below, as nodes, links and groups; both files are generated from that description,
 so the UI file and its API twin cannot drift apart. Widget values are filled in ``input_order`` from the node
-schemas: ComfyUI's ``object_info.json`` (``../shared/comfyui``) for core nodes, the pack's own ``INPUT_TYPES`` (loaded
+schemas: ComfyUI 0.8.0's ``object_info`` (vendored in ``tests/data/comfyui-0.8.0``) for core nodes, the pack's own ``INPUT_TYPES`` (loaded
 with stubbed ComfyUI modules) for Crucible nodes. After changing a workflow below or a Crucible node's inputs, run::
 
     .venv/bin/python tests/workflow_builder.py          # rewrite the files
@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
 WORKFLOWS = ROOT / "workflows"
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 SEED_NAMES = ("seed", "noise_seed")  # the frontend adds a control_after_generate widget to these INT inputs
@@ -30,8 +29,41 @@ NOTE_COLOR, NOTE_BGCOLOR = "#432", "#653"
 GROUP_COLORS = ("#3f789e", "#8A8", "#b58b2a", "#a1309b", "#88A", "#b06634")
 TITLE_HEIGHT, SLOT_HEIGHT, WIDGET_HEIGHT, MULTILINE_HEIGHT = 30, 22, 26, 90
 GAP = 40
-# Room below the widgets for what a node shows after it ran (an image, a text box).
+# Room below the widgets for a comfortable view of what a node shows after it ran (an image, a text box); never less
+# than the frontend grows the node to (``grown_height``).
 DISPLAY_HEIGHT = {"PreviewImage": 280, "SaveImage": 280, "CrucibleImageGrid": 360, "PreviewAny": 140}
+
+# --- the frontend ComfyUI 0.8.0 ships (comfyui-frontend-package 1.35.9) ------------------------------------------------
+# LiteGraph's LGraphNode.computeSize: NODE_SLOT_HEIGHT per row (rows = max(socket inputs, outputs, 1)), then per
+# visible widget its height + 4 (NODE_WIDGET_HEIGHT 20; a DOM widget its computeLayoutSize minHeight: a textarea 50,
+# the "$$canvas-image-preview" widget 220), then 8.
+FE_SLOT_HEIGHT, FE_WIDGET_HEIGHT, FE_TEXTAREA_HEIGHT, FE_IMAGE_PREVIEW_HEIGHT = 20, 20, 50, 220
+
+
+@dataclass(frozen=True)
+class FrontendWidget:
+    """A widget the frontend's own extension adds to every node of a type, after the schema's widgets."""
+
+    name: str
+    saved: Any  # what LGraphNode.serialize writes into widgets_values (None: the widget has serialize = false)
+    height: int  # its computeSize share (0: hidden)
+
+
+# Comfy.PreviewAny (onNodeCreated) adds a read-only markdown preview (hidden), a read-only text preview (both
+# serialize = false, so saved as null) and a "previewMode" toggle (Markdown / Plaintext, default false). They are not
+# node inputs: the API twins leave them out (the server ignores unknown inputs).
+FRONTEND_WIDGETS: dict[str, tuple[FrontendWidget, ...]] = {
+    "PreviewAny": (FrontendWidget("preview", None, 0), FrontendWidget("preview", None, FE_TEXTAREA_HEIGHT),
+                   FrontendWidget("previewMode", False, FE_WIDGET_HEIGHT)),
+}
+# What a node gains once it has run: "image" = an image preview (ui images, or previews sent through the progress bar:
+# Crucible Train's live loss curve and samples, a sampler's latent previews when the preview method is on); "text" =
+# the report box of nodes/web/crucible.js (TEXT_NODES there). The node grows to fit; it never shrinks by itself.
+GROWS_AFTER_RUN: dict[str, tuple[str, ...]] = {
+    "PreviewImage": ("image",), "SaveImage": ("image",), "CrucibleImageGrid": ("image",), "KSampler": ("image",),
+    "CrucibleTrain": ("image", "text"), "CrucibleDataset": ("text",), "CrucibleCaptionPreview": ("text",),
+    "CrucibleStepPlan": ("text",),
+}
 
 SD15_CKPT = "v1-5-pruned-emaonly-fp16.safetensors"
 SDXL_CKPT = "sd_xl_base_1.0.safetensors"
@@ -44,7 +76,10 @@ NEGATIVE = "blurry, low quality, watermark, text"
 
 # --- schemas -------------------------------------------------------------------------------------------------------
 def core_object_info() -> dict[str, dict]:
-    return json.loads((SHARED / "comfyui" / "object_info.json").read_text(encoding="utf-8"))
+    sys.path[:0] = [p for p in (str(ROOT), str(Path(__file__).parent)) if p not in sys.path]
+    from comfyui_reference import REFERENCE
+
+    return REFERENCE.object_info()
 
 
 def pack_object_info() -> dict[str, dict]:
@@ -166,7 +201,7 @@ class Workflow:
                     controls[name] = values.pop(f"{name}_control", "fixed")
         if values:
             raise ValueError(f"{self.name}: {type_} has no widget(s) {sorted(values)}")
-        size = (node_width, _height(info) + DISPLAY_HEIGHT.get(type_, 0))
+        size = (node_width, max(_height(info) + DISPLAY_HEIGHT.get(type_, 0), grown_height(type_, info)))
         node = Node(len(self.nodes) + 1, type_, pos, size, title, widgets, controls, info)
         self.nodes.append(node)
         return node
@@ -241,7 +276,7 @@ class Workflow:
             values.append(value)
             if name in node.controls:
                 values.append(node.controls[name])
-        data["widgets_values"] = values
+        data["widgets_values"] = values + [w.saved for w in FRONTEND_WIDGETS.get(node.type, ())]
         return data
 
     def ui(self) -> dict:
@@ -291,6 +326,22 @@ def _height(info: dict) -> int:
     widgets = sum(1 + has_control(n, s) for n, s in specs if is_widget(s))
     multiline = sum(1 for _, s in specs if is_widget(s) and spec_options(s).get("multiline"))
     return 16 + SLOT_HEIGHT * max(sockets, len(info["output"]), 1) + WIDGET_HEIGHT * widgets + MULTILINE_HEIGHT * multiline
+
+
+def grown_height(type_: str, info: dict) -> int:
+    """The height the frontend gives a node of this type once it has run (LGraphNode.computeSize, see above)."""
+    specs = ordered_inputs(info)
+    rows = max(sum(1 for _, s in specs if not is_widget(s)), len(info["output"]), 1)
+    widgets = []
+    for name, spec in specs:
+        if is_widget(spec):
+            widgets.append(FE_TEXTAREA_HEIGHT if spec_options(spec).get("multiline") else FE_WIDGET_HEIGHT)
+            if has_control(name, spec):
+                widgets.append(FE_WIDGET_HEIGHT)
+    widgets += [w.height for w in FRONTEND_WIDGETS.get(type_, ()) if w.height]
+    grows = GROWS_AFTER_RUN.get(type_, ())
+    widgets += [FE_IMAGE_PREVIEW_HEIGHT] * ("image" in grows) + [FE_TEXTAREA_HEIGHT] * ("text" in grows)
+    return FE_SLOT_HEIGHT * rows + sum(h + 4 for h in widgets) + 8
 
 
 def _bounding(members: list[Node]) -> list[int]:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .errors import ConfigError
+from .fileio import caption_suffix
 
 CONFIG_VERSION = 1
 
@@ -479,6 +480,7 @@ def validate(cfg: TrainConfig) -> None:
             raise ConfigError(f"config key '{w}.resolution' is {d.resolution}; it must be a multiple of 8")
         _check_range(d.repeats, f"{w}.repeats", 0, 100000)
         _check_choice(d.missing_caption, MISSING_CAPTION, f"{w}.missing_caption")
+        caption_suffix(d.caption_extension, f"{w}.caption_extension")
         _check_choice(d.crop_style, CROP_STYLES, f"{w}.crop_style")
         _check_choice(d.crop_aspect, CROP_ASPECTS, f"{w}.crop_aspect")
         _check_range(d.bucket_reso_steps, f"{w}.bucket_reso_steps", 8, 1024)

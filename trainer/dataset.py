@@ -36,6 +36,7 @@ from .buckets import Resolution, assign_bucket, check_bucket_config
 from .captions import ProcessedCaption, clean_tags, process_caption, sample_rng, tag_frequency
 from .config import DatasetConfig
 from .errors import ConfigError, DatasetError
+from .fileio import caption_suffix, check_read, current_read_policy
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -205,9 +206,9 @@ def scan_dataset(cfg: DatasetConfig, index: int = 0) -> ScanResult:
     Raises :class:`DatasetError` when the folder is missing, holds no images, or none of them is usable.
     """
     where = f"datasets[{index}].path"
+    ext = caption_suffix(cfg.caption_extension, f"datasets[{index}].caption_extension")
     root = _check_root(cfg.path, where)
     check_bucket_config(cfg, f"datasets[{index}]")
-    ext = _caption_ext(cfg.caption_extension)
     items: list[ImageItem] = []
     skipped: list[tuple[str, str]] = []
     missing: list[str] = []
@@ -218,6 +219,7 @@ def scan_dataset(cfg: DatasetConfig, index: int = 0) -> ScanResult:
         candidates += len(images)
         count = 0
         for path in images:
+            _check_file(path, "dataset image")
             try:
                 width, height = probe_image(path)
                 caption, encoding = read_caption(path, ext)
@@ -247,7 +249,7 @@ def _check_root(path: str, where: str) -> Path:
     if not path or not path.strip():
         raise DatasetError(f"{where} is empty: set it to a folder of images (kohya layout: sub-folders such as "
                            "'10_concept')")
-    root = Path(path).expanduser()
+    root = check_read(path, "data", f"dataset folder ({where})")
     if not root.exists():
         raise DatasetError(f"dataset folder '{root}' ({where}) does not exist: check the path, or create the folder "
                            "and put images in it")
@@ -258,8 +260,14 @@ def _check_root(path: str, where: str) -> Path:
 
 
 def _caption_ext(ext: str) -> str:
-    ext = (ext or ".txt").strip()
-    return ext if ext.startswith(".") else "." + ext
+    return caption_suffix(ext)
+
+
+def _check_file(path: Path, what: str) -> None:
+    """Under a restricted read policy (ComfyUI), a file the scan reads must resolve inside the allowed folders:
+    a symlink (or a linked concept folder) must not smuggle files from elsewhere into a run or a report."""
+    if current_read_policy().data is not None:
+        check_read(path, "data", f"{what} '{path.name}'", typed=False)
 
 
 def _list_dir(folder: Path) -> list[os.DirEntry]:
@@ -456,6 +464,7 @@ def read_caption(image: Path, ext: str = ".txt") -> tuple[str | None, str | None
     latin-1 (which never fails), and the encoding used is returned so it can be reported.
     """
     path = image.parent / (image.stem + _caption_ext(ext))
+    _check_file(path, "caption file")
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -549,11 +558,16 @@ def dataset_fingerprint(cfgs: DatasetConfig | Sequence[DatasetConfig]) -> str:
     digest = hashlib.sha256()
     for index, cfg in enumerate(cfgs):
         digest.update(f"dataset {index}\n".encode())
-        root = Path(cfg.path).expanduser() if cfg.path.strip() else None
-        if root is None or not root.is_dir():
+        try:
+            root = Path(cfg.path).expanduser() if cfg.path.strip() else None
+            ext = _caption_ext(cfg.caption_extension)
+            usable = root is not None and root.is_dir()
+        except (OSError, ValueError):  # a name too long for the file system, a bad caption extension
+            usable = False
+        if not usable:
             digest.update(b"missing\n")
             continue
-        for rel, size, mtime in _file_listing(root, _caption_ext(cfg.caption_extension)):
+        for rel, size, mtime in _file_listing(root, ext):
             digest.update(f"{rel}\t{size}\t{mtime}\n".encode("utf-8", "surrogateescape"))
     return digest.hexdigest()
 

@@ -5,9 +5,45 @@ short enough for ComfyUI's error dialog, names the file or field at fault and sa
 """
 from __future__ import annotations
 
+import sys
+import unicodedata
+
+_KEEP = {"\n", "\t"}
+
+
+def console_safe(text: str) -> str:
+    """``text`` with every character that a console, a log file or ComfyUI's websocket could choke on spelled as a
+    Python escape: lone surrogates (undecodable file names, or forged input such as ``"\\udcff"``), control
+    characters other than newline and tab (NUL, escape sequences), and characters the current stdout/stderr
+    encoding cannot write. ComfyUI logs every error it is given; one ``UnicodeEncodeError`` there kills its prompt
+    worker and stops the queue, so user input never reaches a message unescaped."""
+    encodings = {getattr(stream, "encoding", None) or "utf-8" for stream in (sys.stdout, sys.stderr)}
+    out = []
+    for ch in text:
+        if ch in _KEEP or (unicodedata.category(ch) not in ("Cc", "Cs") and _encodable(ch, encodings)):
+            out.append(ch)
+        else:
+            out.append(ch.encode("unicode_escape", "backslashreplace").decode("ascii"))
+    return "".join(out)
+
+
+def _encodable(ch: str, encodings: set[str]) -> bool:
+    if ch.isascii():
+        return True
+    try:
+        for encoding in encodings:
+            ch.encode(encoding)
+    except (UnicodeEncodeError, LookupError):
+        return False
+    return True
+
 
 class CrucibleError(ValueError):
-    """A problem the user can fix; the message says which input and how."""
+    """A problem the user can fix; the message says which input and how. The message is made console-safe
+    (:func:`console_safe`) here, once, so no error path can echo raw user input."""
+
+    def __init__(self, *args):
+        super().__init__(*(console_safe(a) if isinstance(a, str) else a for a in args))
 
 
 class ConfigError(CrucibleError):

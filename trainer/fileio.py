@@ -10,16 +10,18 @@ to that folder removes the ones whose writer process is gone, so repeated crashe
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import os
 import re
 import tempfile
 import time
 import unicodedata
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from .errors import CrucibleError, UnsafePathError
+from .errors import ConfigError, CrucibleError, UnsafePathError
 
 # Windows device names (also with an extension, trailing spaces, or superscript digits: "CON .txt", "COM¹").
 _RESERVED = {"con", "prn", "aux", "nul", "conin$", "conout$",
@@ -174,11 +176,112 @@ def ensure_inside(path: str | Path, roots: list[str | Path], what: str = "path")
     try:
         resolved = Path(path).expanduser().resolve()
     except (OSError, ValueError, RuntimeError) as exc:  # NUL byte, symlink loop, unreadable component
-        raise UnsafePathError(f"{what} '{path}' cannot be resolved ({exc}); give a plain folder path") from None
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise UnsafePathError(f"{what} {shown(str(path))} cannot be resolved ({reason}); give a plain folder path") from None
     for root in roots:
         root = Path(root).expanduser().resolve()
         if resolved == root or root in resolved.parents:
             return resolved
-    allowed = ", ".join(str(r) for r in roots) or "(none configured)"
-    raise UnsafePathError(f"{what} '{path}' is outside the allowed folders ({allowed}). "
-                          "Move it into ComfyUI's input folder or add its folder to CRUCIBLE_ALLOWED_DIRS")
+    allowed = ", ".join(str(r) for r in roots[:4]) or "(none configured)"
+    allowed += f" and {len(roots) - 4} more" if len(roots) > 4 else ""
+    raise UnsafePathError(f"{what} {shown(str(path))} is outside the allowed folders ({allowed}). "
+                          "Move it into one of them, or add its folder to CRUCIBLE_ALLOWED_DIRS")
+
+
+# --- user-given text that becomes a path ------------------------------------------------------------------------------
+MAX_PATH_CHARS = 1024  # a dataset or model path typed into a node; real ones are far shorter
+MAX_COMPONENT_BYTES = 255  # the usual file-name limit (ext4, APFS, NTFS)
+_SUFFIX = re.compile(r"^\.[A-Za-z0-9_-]{1,16}(\.[A-Za-z0-9_-]{1,16})?$")
+
+
+def shown(value: Any, limit: int = 160) -> str:
+    """``value`` quoted for an error message: cut to ``limit`` characters (saying how long it was), so a 5,000
+    character name cannot flood a dialog or a log line. Unprintable characters are escaped by
+    :class:`~trainer.errors.CrucibleError` itself."""
+    text = value if isinstance(value, str) else repr(value)
+    if len(text) > limit:
+        return f"'{text[:limit]}…' ({len(text)} characters)"
+    return f"'{text}'"
+
+
+def check_path_text(path: Any, what: str) -> str:
+    """``path`` as given in a node or config, refused up front when it cannot name a file: not text, a NUL byte,
+    characters that have no UTF-8 encoding (lone surrogates), or longer than any file system allows."""
+    if not isinstance(path, str):
+        raise CrucibleError(f"{what} must be text, not {type(path).__name__}")
+    if "\x00" in path:
+        raise UnsafePathError(f"{what} {shown(path)} contains a NUL character; give a plain folder path")
+    if any(unicodedata.category(c) == "Cs" for c in path):
+        raise UnsafePathError(f"{what} {shown(path)} contains characters that cannot be encoded (a lone surrogate "
+                              "such as \\udcff); type the name again or rename the folder")
+    if len(path) > MAX_PATH_CHARS:
+        raise UnsafePathError(f"{what} is too long ({len(path)} characters; at most {MAX_PATH_CHARS}): {shown(path)}")
+    for part in re.split(r"[\\/]", path):
+        if len(part.encode("utf-8")) > MAX_COMPONENT_BYTES:
+            raise UnsafePathError(f"{what} has a name longer than {MAX_COMPONENT_BYTES} bytes ({shown(part)}); "
+                                  "no file system accepts it, shorten it")
+    return path
+
+
+def caption_suffix(ext: Any, what: str = "caption_extension") -> str:
+    """A caption file extension (kohya ``caption_extension``) as a plain suffix: ``.txt``, ``.caption``, ``txt``
+    (a dot is added), ``.wd14.txt``. Anything with a separator, ``..`` or odd characters is refused: the caption
+    file is always ``<image stem><suffix>`` in the image's own folder."""
+    text = (ext if isinstance(ext, str) else "").strip() or ".txt"
+    text = text if text.startswith(".") else "." + text
+    if not isinstance(ext, (str, type(None))) or not _SUFFIX.match(text):
+        raise ConfigError(f"{what} {shown(ext)} is not a file extension: use a plain suffix such as .txt or .caption "
+                          "(letters, digits, '-' and '_' after the dot)")
+    return text
+
+
+# --- where user-named files may be read from ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ReadPolicy:
+    """The folders the trainer may read user-named files from: ``data`` for dataset folders (and every image and
+    caption in them), ``models`` for model files, encoders, VAEs and tokenizers. ``None`` means anywhere.
+
+    The trainer checks every path against the policy in force where it uses it (:func:`check_read`), so a
+    configuration built by other code than the nodes cannot reach outside either. ComfyUI's nodes run under
+    ComfyUI's folders plus the configured ones (``nodes/_comfy.py``); headless use (the CLI, scripts) is
+    unrestricted unless ``CRUCIBLE_ALLOWED_DIRS`` is set, which then bounds both kinds.
+    """
+
+    data: tuple[Path, ...] | None = None
+    models: tuple[Path, ...] | None = None
+
+    @classmethod
+    def from_env(cls) -> "ReadPolicy":
+        dirs = tuple(Path(p) for p in os.environ.get(ALLOWED_DIRS_ENV, "").split(os.pathsep) if p.strip())
+        return cls(dirs, dirs) if dirs else cls()
+
+
+ALLOWED_DIRS_ENV = "CRUCIBLE_ALLOWED_DIRS"
+_POLICY: contextvars.ContextVar[ReadPolicy | None] = contextvars.ContextVar("crucible_read_policy", default=None)
+
+
+def current_read_policy() -> ReadPolicy:
+    return _POLICY.get() or ReadPolicy.from_env()
+
+
+@contextlib.contextmanager
+def read_policy(policy: ReadPolicy) -> Iterator[ReadPolicy]:
+    """Run the block (in this thread / task) under ``policy``."""
+    token = _POLICY.set(policy)
+    try:
+        yield policy
+    finally:
+        _POLICY.reset(token)
+
+
+def check_read(path: str | Path, kind: str, what: str, typed: bool = True) -> Path:
+    """``path`` resolved (symlinks followed), refused with :class:`UnsafePathError` unless the policy in force
+    allows reading it as ``kind`` (``"data"`` or ``"models"``). ``typed``: the path was given by a user (refuse
+    text that cannot name a file, see :func:`check_path_text`); ``False`` for names found on disk, which may
+    legitimately be undecodable bytes."""
+    if typed:
+        check_path_text(str(path), what)
+    roots = getattr(current_read_policy(), kind)
+    if roots is None:
+        return Path(path).expanduser()
+    return ensure_inside(path, list(roots), what)

@@ -53,9 +53,22 @@ class RunResult:
 
 def train(cfg: TrainConfig, callbacks: Callbacks | None = None, *, resume_from: str | Path | None = None,
           force_resume: bool = False, components: Components | None = None) -> RunResult:
-    """Train ``cfg`` to completion (or until ``callbacks.should_stop()``), saving as the plan says."""
-    with torch.inference_mode(False), torch.enable_grad():
-        return Trainer(cfg, callbacks or Callbacks()).run(resume_from, force_resume, components)
+    """Train ``cfg`` to completion (or until ``callbacks.should_stop()``), saving as the plan says.
+
+    Whatever the outcome (finished, cancelled, raised), every model the run loaded is released before this returns
+    (:mod:`trainer.release`): a host like ComfyUI goes on running in the same process.
+    """
+    from .release import forget_frames, release_run
+
+    trainer = Trainer(cfg, callbacks or Callbacks())
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            return trainer.run(resume_from, force_resume, components)
+    except BaseException as exc:
+        forget_frames(exc)  # the traceback's frames would keep the models alive for as long as the caller keeps exc
+        raise
+    finally:
+        release_run(trainer)
 
 
 def make_accelerator(mixed_precision: str, find_unused_parameters: bool = False):
@@ -231,7 +244,9 @@ class Trainer:
             if hasattr(module, "enable_gradient_checkpointing"):
                 module.enable_gradient_checkpointing()
             elif hasattr(module, "gradient_checkpointing_enable"):
-                module.gradient_checkpointing_enable()
+                # Non-reentrant: transformers 4.x defaults to reentrant checkpointing, which gives a LoRA injected with
+                # peft directly no gradient (the block inputs do not require grad), so the text encoder never learns.
+                module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
                 module.train()  # transformers checkpoints only in training mode (CLIP/T5 have no dropout to enable)
 
     # --- run -----------------------------------------------------------------------------------------------------

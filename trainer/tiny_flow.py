@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import re
 import string
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -51,17 +50,26 @@ _T5_WORDS = ("a", "an", "the", "of", "photo", "red", "blue", "green", "yellow", 
 def build_tiny_t5_tokenizer(folder: str | Path) -> Path:
     """Write a tiny T5 (SentencePiece-style Unigram) tokenizer: ``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2, ``▁``, single
     characters and a few whole words, as ``tokenizer.json`` + ``tokenizer_config.json``."""
-    from transformers import T5TokenizerFast
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, processors
+    from tokenizers.decoders import Metaspace
 
     folder = Path(folder)
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
     pieces += [(c, -5.0) for c in string.ascii_lowercase + string.digits + ",.-'"]
     pieces += [("▁" + w, -3.0) for w in _T5_WORDS]
-    tokenizer = T5TokenizerFast(vocab=pieces, extra_ids=0)
-    with tempfile.TemporaryDirectory(prefix="crucible-t5-tok-") as scratch:
-        tokenizer.save_pretrained(scratch)
-        for file in sorted(Path(scratch).iterdir()):
-            atomic_write_bytes(folder / file.name, file.read_bytes())
+    # Built with the tokenizers library (what transformers 5's T5TokenizerFast(vocab=...) builds), so that every
+    # transformers version requirements.txt allows can write and read it.
+    tokenizer = Tokenizer(models.Unigram(pieces, unk_id=2))
+    tokenizer.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in ("<pad>", "</s>", "<unk>")])
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")])
+    tokenizer.decoder = Metaspace(replacement="▁", prepend_scheme="always")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])
+    atomic_write_bytes(folder / "tokenizer.json", tokenizer.to_str().encode("utf-8"))
+    atomic_write_json(folder / "tokenizer_config.json", {
+        "tokenizer_class": "T5Tokenizer", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>",
+        "extra_ids": 0, "additional_special_tokens": []})
     return folder
 
 

@@ -9,11 +9,10 @@ building the same modules on the meta device and checking the single-file tensor
   layers); Stable Zero123, tried first, differs only by 8 input channels.
 * The CLIP-L and VAE are built from fixed configs with uninitialised weights and loaded non-strictly, so every one
   of their tensors must be in the file with ComfyUI's shape. The CLIP side is compared with ComfyUI 0.8.0's own LoRA
-  key map for SD1.5 (``../shared/comfyui/lora_keymaps/sd15.json``): every CLIP-L weight a LoRA can patch must exist.
+  key map for SD1.5 (vendored in ``tests/data/comfyui-0.8.0``): every CLIP-L weight a LoRA can patch must exist.
 """
 from __future__ import annotations
 
-import json
 import re
 
 import pytest
@@ -49,8 +48,8 @@ def test_unet_has_the_facts_comfyui_detects_sd15_by(shapes):
     assert any(k.startswith(UNET + "input_blocks.") and k.endswith(".0.op.weight") for k in shapes)  # two levels
 
 
-def test_text_encoder_has_every_clip_l_weight_comfyui_0_8_builds(shapes, shared_dir):
-    keymap = json.loads((shared_dir / "comfyui" / "lora_keymaps" / "sd15.json").read_text(encoding="utf-8"))
+def test_text_encoder_has_every_clip_l_weight_comfyui_0_8_builds(shapes, comfyui_reference):
+    keymap = comfyui_reference.keymap("sd15")
     # text_projection is not in SD1.5 files: ComfyUI initialises it to the identity itself.
     targets = {t for t in keymap["clip"].values() if isinstance(t, str) and t.startswith("clip_l.transformer.")
                and t != "clip_l.transformer.text_projection.weight"}

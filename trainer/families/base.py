@@ -70,6 +70,19 @@ class ModelFamily(ABC):
     # listed is refused at validation or reported in the plan, never silently ignored.
     honoured_settings: frozenset[str] = frozenset()
 
+    def __init_subclass__(cls, **kwargs):
+        """Every family's ``load`` first checks each path it will read against the read policy in force
+        (:func:`check_model_paths`), whoever calls it: confinement holds where files are opened."""
+        super().__init_subclass__(**kwargs)
+        load = cls.__dict__.get("load")
+        if load is not None and not getattr(load, "_checks_paths", False):
+            def checked_load(self, cfg, *args, __load=load, **kw):
+                check_model_paths(cfg)
+                return __load(self, cfg, *args, **kw)
+
+            checked_load.__doc__, checked_load.__name__, checked_load._checks_paths = load.__doc__, "load", True
+            cls.load = checked_load
+
     # --- loading ------------------------------------------------------------------------------------------------
     @abstractmethod
     def load(self, cfg: "ModelConfig", device: "torch.device | str" = "cpu",
@@ -143,3 +156,15 @@ class ModelFamily(ABC):
         """A full fine-tune's checkpoint: the denoiser's diffusers-named state dict, which ComfyUI's Load Diffusion
         Model detects from its shapes (SD1.5/SDXL UNets, SD3/Flux transformers)."""
         return {k: v for k, v in comps.denoiser.state_dict().items()}
+
+
+def check_model_paths(cfg: "ModelConfig") -> None:
+    """Refuse a model config whose model, VAE, text-encoder or tokenizer path lies outside the folders the read
+    policy in force allows for models (:class:`trainer.fileio.ReadPolicy`; unrestricted in headless use)."""
+    from ..fileio import check_read
+
+    named = [("model.path", cfg.path), ("model.vae_path", cfg.vae_path), ("model.tokenizer_path", cfg.tokenizer_path)]
+    named += [(f"model.text_encoder_paths[{i}]", p) for i, p in enumerate(cfg.text_encoder_paths)]
+    for what, path in named:
+        if path:
+            check_read(path, "models", what)
