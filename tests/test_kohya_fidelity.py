@@ -591,3 +591,21 @@ def test_t5_token_length_is_a_training_option(family, default):
     assert comps.extras["t5_length"] == 512
     sd15 = TrainConfig.from_dict({"training": {"t5xxl_max_token_length": 256}})
     assert any("t5xxl_max_token_length" in n for n in plan_from_counts({(64, 64): 2}, sd15).notes)
+
+
+def test_bad_masks_are_named(tmp_path):
+    from trainer.config import DatasetConfig
+    from trainer.dataset import DataSource
+    from trainer.errors import DatasetError
+    from trainer.masks import load_mask
+
+    _half_masked_image(tmp_path / "1_thing", "pic.png", size=(64, 64))
+    cfg = DatasetConfig(path=str(tmp_path), resolution=64, mask_dir="nowhere")
+    item = DataSource([cfg], seed=1).items[0]
+    with pytest.raises(DatasetError, match="mask_dir"):
+        load_mask(item, 64, 64, cfg, seed=1, epoch=1, repeat=0)
+    (tmp_path / "masks").mkdir()
+    (tmp_path / "masks" / "pic.png").write_bytes(b"not a png")
+    cfg = DatasetConfig(path=str(tmp_path), resolution=64, mask_dir="masks")
+    with pytest.raises(DatasetError, match="pic.png"):
+        load_mask(item, 64, 64, cfg, seed=1, epoch=1, repeat=0)

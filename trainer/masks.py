@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from .captions import sample_rng
+from .errors import DatasetError
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -39,6 +40,9 @@ def mask_file(item: "ImageItem", cfg: "DatasetConfig") -> Path | None:
     root = Path(cfg.mask_dir).expanduser()
     if not root.is_absolute():
         root = Path(cfg.path) / root
+    if not root.is_dir():
+        raise DatasetError(f"mask_dir '{root}' is not a folder: create it with the masks (same names as the images) "
+                           "or clear mask_dir")
     for folder in (root / item.path.parent.name, root):
         for ext in (item.path.suffix, *sorted(IMAGE_EXTENSIONS)):
             candidate = folder / (item.path.stem + ext)
@@ -57,14 +61,18 @@ def load_mask(item: "ImageItem", target_w: int, target_h: int, cfg: "DatasetConf
 
     mask = None
     path = mask_file(item, cfg)
-    if path is not None:
-        with Image.open(path) as img:
-            mask = img.convert("L")
-    elif cfg.alpha_mask:
-        with Image.open(item.path) as img:
-            img = ImageOps.exif_transpose(img)
-            if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
-                mask = img.convert("RGBA").getchannel("A")
+    try:
+        if path is not None:
+            with Image.open(path) as img:
+                mask = img.convert("L")
+        elif cfg.alpha_mask:
+            with Image.open(item.path) as img:
+                img = ImageOps.exif_transpose(img)
+                if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+                    mask = img.convert("RGBA").getchannel("A")
+    except Exception as exc:  # noqa: BLE001 - any decoder failure is a bad file
+        raise DatasetError(f"cannot read the mask of '{item.path}' from '{path or item.path}' "
+                           f"({type(exc).__name__}: {exc}); replace or remove the file") from None
     if mask is None:
         return np.ones((target_h, target_w), dtype=np.float32)
     if mask.size != (item.width, item.height):  # a mask file of another size covers the whole image
