@@ -609,3 +609,11 @@ def test_bad_masks_are_named(tmp_path):
     cfg = DatasetConfig(path=str(tmp_path), resolution=64, mask_dir="masks")
     with pytest.raises(DatasetError, match="pic.png"):
         load_mask(item, 64, 64, cfg, seed=1, epoch=1, repeat=0)
+
+
+def test_adafactor_relative_step_says_the_schedule_does_not_apply():
+    notes = plan_from_counts({(64, 64): 4}, TrainConfig.from_dict({"optim": {"optimizer": "adafactor"}})).notes
+    assert any("relative_step" in n and "cosine" in n for n in notes)
+    fixed = TrainConfig.from_dict({"optim": {"optimizer": "adafactor",
+                                             "optimizer_args": ["relative_step=False", "scale_parameter=False"]}})
+    assert plan_from_counts({(64, 64): 4}, fixed).notes == ()

@@ -79,7 +79,22 @@ def check_family_settings(cfg: "TrainConfig") -> list[str]:
     if any(d.alpha_mask or d.mask_dir.strip() for d in cfg.datasets) and not cfg.training.masked_loss:
         notes.append("datasets[].alpha_mask / mask_dir give masks, but training.masked_loss is off: the masks are "
                      "not used (turn masked_loss on)")
-    return notes + _prediction_notes(cfg, family)
+    return notes + _prediction_notes(cfg, family) + _adafactor_notes(cfg)
+
+
+def _adafactor_notes(cfg: "TrainConfig") -> list[str]:
+    """kohya's Adafactor default (relative_step) finds its own step size: the schedule and warmup do not apply."""
+    o = cfg.optim
+    if o.optimizer != "adafactor":
+        return []
+    args = {k.strip(): v.strip().lower() for k, _, v in (a.partition("=") for a in o.optimizer_args)}
+    relative = args.get("relative_step", "true") not in ("false", "0", "no") or \
+        args.get("warmup_init", "false") in ("true", "1", "yes")
+    if relative and (o.lr_scheduler != "constant" or o.lr_warmup_steps or o.lr_warmup_ratio):
+        return [f"optimizer adafactor with relative_step (kohya's default) sets its own step size: lr_scheduler "
+                f"{o.lr_scheduler!r} and warmup do not apply; for a scheduled learning rate put "
+                "relative_step=False scale_parameter=False in optimizer_args"]
+    return []
 
 
 def _check_block_counts(cfg: "TrainConfig", family) -> None:
