@@ -5,7 +5,8 @@ A setting a family does not apply is either refused at config validation, before
 would crash or the user relies on it to shape the result), or reported as a note in the step plan (shown by the Step
 Plan and Train nodes, ``python -m trainer plan`` and the log), so nothing is silently ignored. Settings that depend on
 the prediction type rather than the family (min-SNR for ε/v models; σ sampling, loss weighting and shift for flow
-models) are checked against the run's prediction type.
+models) are checked against the run's prediction type. Two more combinations that would do nothing silently are
+reported here too: masks without ``masked_loss``, and a schedule under Adafactor's ``relative_step``.
 """
 from __future__ import annotations
 
