@@ -10,7 +10,7 @@ log = logging.getLogger("crucible")
 NODE_CLASS_MAPPINGS: dict = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict = {}
 
-for _module in ("dataset_nodes", "train_nodes", "sweep_nodes", "image_nodes"):
+for _module in ("dataset_nodes", "train_nodes", "sweep_nodes", "image_nodes", "tagging_nodes"):
     try:
         _mod = __import__(f"{__name__}.{_module}", fromlist=["NODES", "NAMES"])
     except Exception as exc:  # noqa: BLE001 - one broken module must not hide the others

@@ -27,7 +27,7 @@ class CrucibleCaptionOptions:
             "keep_tokens": INT(0, 0, 64, "kohya keep_tokens: the first N tags stay in place when shuffling and are never dropped."),
             "shuffle_caption": BOOL(False, "kohya shuffle_caption: shuffle the tags after the kept ones, differently each epoch."),
             "separator": STRING(",", "kohya caption_separator: what separates tags."),
-            "split_on_period": BOOL(True, "A period also separates tags (SimpleTuner recipe)."),
+            "split_on_period": BOOL(True, "A period ending a sentence also separates tags — only when shuffle_caption, keep_tokens or caption_tag_dropout_rate needs tags. With no caption option on, captions reach the model exactly as written (kohya, SimpleTuner)."),
             "keep_tokens_separator": STRING("", "kohya keep_tokens_separator (e.g. |||): tags before it are kept fixed instead of counting keep_tokens."),
             "caption_dropout_rate": FLOAT(0.0, 0.0, 1.0, 0.01, "kohya caption_dropout_rate: chance that a whole caption becomes empty (SD3 recipe: 0.25)."),
             "caption_tag_dropout_rate": FLOAT(0.0, 0.0, 1.0, 0.01, "kohya caption_tag_dropout_rate: chance to drop each non-kept tag."),
@@ -36,6 +36,7 @@ class CrucibleCaptionOptions:
             "replace_tags": STRING("", "old=new per line: tag replacement.", multiline=True),
             "weighted_captions": BOOL(False, "kohya weighted_captions: parse (tag:1.2) into token weights; when off the weight syntax is stripped."),
             "max_token_length": combo(["75", "150", "225"], "75", "kohya max_token_length: longer captions are split into 75-token CLIP chunks."),
+            "caption_dropout_every_n_epochs": INT(0, 0, 10000, "kohya caption_dropout_every_n_epochs: every Nth epoch trains with all captions dropped (0 = off)."),
         }}
 
     def build(self, remove_tags, replace_tags, max_token_length, **fields):
@@ -72,26 +73,32 @@ class CrucibleDataset:
             "flip_aug": BOOL(False, "kohya flip_aug: random horizontal flips (not with latent caching)."),
             "color_aug": BOOL(False, "kohya color_aug: mild colour jitter (not with latent caching)."),
             "background_color": STRING("#ffffff", "Transparent images are composited on this colour."),
-            "is_reg": BOOL(False, "kohya reg_data_dir: regularization images (prior preservation)."),
+            "is_reg": BOOL(False, "kohya reg_data_dir: regularization images (prior preservation; loss weight: prior_loss_weight on Training Options)."),
+            "bucket_reso_steps": INT(64, 8, 1024, "kohya bucket_reso_steps: bucket sides are multiples of this (64 default; 32 gives finer buckets).", step=8),
+            "alpha_mask": BOOL(False, "kohya alpha_mask: each image's transparency is its loss mask (turn masked_loss on in Training Options)."),
+            "mask_dir": STRING("", "kohya conditioning_data_dir for masked loss: a folder of same-name mask images (white = train, black = ignore); relative = inside the dataset folder."),
         }, "optional": {
             "captions": (CAPTIONS, {"tooltip": "Caption options (Crucible Caption Options). Defaults when unconnected."}),
             "merge_with": (DATASET, {"tooltip": "Another dataset to train together with this one (each keeps its own options)."}),
         }}
 
     @classmethod
-    def IS_CHANGED(cls, path, **_):
+    def IS_CHANGED(cls, path, caption_extension=".txt", **_):
         from trainer.dataset import dataset_fingerprint
 
         try:
             folder = _comfy.resolve_dataset_path(path)
+            config = DatasetConfig(path=str(folder), caption_extension=caption_extension)
         except Exception:  # noqa: BLE001 - the error is raised properly when the node runs
             return float("nan")
-        return dataset_fingerprint([DatasetConfig(path=str(folder))])
+        return dataset_fingerprint([config])
 
     def load(self, path, captions=None, merge_with=None, **fields):
         from trainer.dataset import scan_dataset
 
         folder = _comfy.resolve_dataset_path(path)
+        if fields.get("mask_dir", "").strip():  # confined like the dataset itself
+            fields["mask_dir"] = str(_comfy.resolve_dataset_path(str(folder / fields["mask_dir"].strip())))
         config = DatasetConfig(path=str(folder), captions=captions or CaptionConfig(), **fields)
         validate(TrainConfig(datasets=(config,)))
         scan = scan_dataset(config, index=len(merge_with or ()))

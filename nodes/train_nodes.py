@@ -120,15 +120,21 @@ class CrucibleNetworkOptions:
             "target_preset": combo(list(TARGET_PRESETS), "attn_mlp", "Which layers get adapters: attention only, + MLP, every linear layer, + convolutions (LoCon)."),
             "train_unet": BOOL(True, "Train the UNet/transformer (kohya: off = network_train_text_encoder_only)."),
             "train_text_encoder": BOOL(False, "Also train the text encoder(s) (kohya: on unless network_train_unet_only)."),
-            "down_lr_weight": STRING("", "kohya down_lr_weight: one LR multiplier per down block, comma-separated (0 freezes a block)."),
-            "mid_lr_weight": FLOAT(1.0, 0.0, 10.0, 0.05, "kohya mid_lr_weight."),
-            "up_lr_weight": STRING("", "kohya up_lr_weight: one LR multiplier per up block."),
-            "block_dims": STRING("", "kohya block_dims: one rank per block (down…, mid, up…)."),
+            "down_lr_weight": STRING("", "kohya down_lr_weight (SD1.5/SDXL): one LR multiplier per input block IN00-IN11 (SDXL: 9), shallow to deep, comma-separated, 0 freezes a block; or a preset: cosine, sine, linear, reverse_linear, zeros, optionally +number."),
+            "mid_lr_weight": FLOAT(1.0, 0.0, 10.0, 0.05, "kohya mid_lr_weight (SDXL: all three middle parts)."),
+            "up_lr_weight": STRING("", "kohya up_lr_weight: one LR multiplier per output block OUT00-OUT11 (SDXL: 9), deep to shallow; or a preset as for down_lr_weight."),
+            "block_dims": STRING("", "kohya block_dims: one rank per block in kohya's layout — 25 values for SD1.5 (12 IN, MID, 12 OUT), 23 for SDXL (embedding, 9 IN, 3 MID, 9 OUT, output); 0 = no adapter in that block."),
+            "block_alphas": STRING("", "kohya block_alphas: one alpha per block (same count as block_dims); empty = network_alpha."),
+            "conv_block_dims": STRING("", "kohya conv_block_dims: rank of the 3x3 convolutions per block (same count as block_dims); needs a preset with convolutions (all_linear_conv)."),
+            "conv_block_alphas": STRING("", "kohya conv_block_alphas: alpha of the 3x3 convolutions per block; empty = conv_alpha."),
+            "conv_dim": INT(0, 0, 1024, "kohya conv_dim (LoCon): rank of the 3x3 convolutions with the all_linear_conv preset; 0 = network_dim."),
+            "conv_alpha": FLOAT(0.0, 0.0, 1024.0, 0.5, "kohya conv_alpha; 0 = network_alpha."),
         })
 
-    def build(self, down_lr_weight, up_lr_weight, block_dims, **f):
-        return (NetworkConfig(down_lr_weight=_floats(down_lr_weight), up_lr_weight=_floats(up_lr_weight),
-                              block_dims=tuple(int(v) for v in _floats(block_dims)), **f),)
+    def build(self, block_dims, block_alphas="", conv_block_dims="", conv_block_alphas="", **f):
+        return (NetworkConfig(block_dims=_ints(block_dims, "block_dims"), block_alphas=_floats(block_alphas),
+                              conv_block_dims=_ints(conv_block_dims, "conv_block_dims"),
+                              conv_block_alphas=_floats(conv_block_alphas), **f),)
 
 
 class CrucibleOptimizerOptions:
@@ -140,8 +146,8 @@ class CrucibleOptimizerOptions:
     @classmethod
     def INPUT_TYPES(cls):
         return _section_inputs(OptimConfig, {
-            "optimizer": combo(list(OPTIMIZERS), "adamw", "kohya optimizer_type. prodigy/dadaptation: set learning_rate 1.0. adamw8bit needs CUDA."),
-            "learning_rate": FLOAT(1e-4, 0.0, 10.0, 1e-6, "kohya learning_rate (Prodigy/DAdaptation: 1.0)."),
+            "optimizer": combo(list(OPTIMIZERS), "adamw", "kohya optimizer_type (same names; dadaptation = kohya's DAdaptation, i.e. DAdaptAdamPreprint). prodigy and dadapt*: learning-rate free, see learning_rate. adafactor: kohya defaults (relative_step=True: it sets its own step size; for a fixed LR put scale_parameter=False, relative_step=False, warmup_init=False in optimizer_args). adamw8bit needs CUDA."),
+            "learning_rate": FLOAT(1e-4, 0.0, 10.0, 1e-6, "kohya learning_rate. Prodigy / DAdaptation*: left at the default 1e-4, 1.0 is used (their recommended value); any other value is kept."),
             "unet_lr": FLOAT(0.0, 0.0, 10.0, 1e-6, "kohya unet_lr: 0 = learning_rate."),
             "text_encoder_lr": FLOAT(0.0, 0.0, 10.0, 1e-6, "kohya text_encoder_lr: 0 = learning_rate."),
             "weight_decay": FLOAT(0.01, 0.0, 10.0, 0.001, "Weight decay."),
@@ -186,6 +192,13 @@ class CrucibleTrainingOptions:
             "cache_text_embeddings": BOOL(False, "kohya cache_text_encoder_outputs, but shuffle and caption dropout keep working: K caption variants per image are encoded once."),
             "caption_variants": INT(4, 1, 64, "Text cache: shuffled caption variants per image (K)."),
             "validation_split": FLOAT(0.1, 0.0, 0.5, 0.01, "Fraction of the dataset held out (chosen by the seed, never trained on) to measure a validation loss at every save; the sweep marks the checkpoint with the lowest. Used only with 10+ training images and no validation dataset; 0 = off."),
+            "prior_loss_weight": FLOAT(1.0, 0.0, 100.0, 0.05, "kohya prior_loss_weight: loss weight of regularization images (datasets with is_reg on); 1.0 = same as training images."),
+            "guidance_scale": FLOAT(1.0, 0.0, 100.0, 0.1, "Flux dev: the guidance embedding value during training (kohya guidance_scale; 1.0 recommended for LoRAs). Other families: no effect (reported)."),
+            "logit_mean": FLOAT(0.0, -10.0, 10.0, 0.05, "Flow models, timestep_sampling logit_normal: mean (SD3 / kohya logit_mean)."),
+            "logit_std": FLOAT(1.0, 0.0, 10.0, 0.05, "Flow models, timestep_sampling logit_normal: standard deviation (kohya logit_std)."),
+            "mode_scale": FLOAT(1.29, 0.0, 10.0, 0.01, "Flow models, timestep_sampling mode: scale (kohya mode_scale)."),
+            "masked_loss": BOOL(False, "kohya masked_loss: weight the loss by each image's mask (alpha_mask or mask_dir on the Dataset); masked-out areas are not learned."),
+            "t5xxl_max_token_length": INT(0, 0, 512, "SD3/Flux: T5 tokens per caption (kohya t5xxl_max_token_length: SD3 256, Flux dev 512). 0 = ComfyUI's padding (SD3 77, Flux 256), so training matches ComfyUI's text encoding."),
         })
 
     def build(self, **f):
@@ -217,7 +230,7 @@ class CrucibleTrain:
             "save_every_n_steps": INT(0, 0, 10**7, "kohya save_every_n_steps."),
             "checkpoint_limit": INT(0, 0, 10000, "kohya save_last_n_epochs: keep at most N checkpoints (the last is always kept); 0 = all."),
             "save_precision": combo(list(SAVE_PRECISION), "fp16", "kohya save_precision."),
-            "sample_prompts": STRING("", "Preview prompts, one per line (SeaArt 'model effect preview'). Rendered at the sample steps.", multiline=True),
+            "sample_prompts": STRING("", "Preview prompts, one per line (SeaArt 'model effect preview'). Rendered at the sample steps; with no sample_every_n_* set, once per epoch.", multiline=True),
             "sample_every_n_epochs": INT(0, 0, 10000, "kohya sample_every_n_epochs (0 = off)."),
             "sample_every_n_steps": INT(0, 0, 10**7, "kohya sample_every_n_steps (0 = off)."),
             "resume": BOOL(False, "Continue this run from its saved state (after Cancel or a stop). The loss sequence equals an uninterrupted run."),
@@ -228,6 +241,14 @@ class CrucibleTrain:
             "resume_force": ("BOOLEAN", {"default": False, "tooltip": "Resume even if the dataset or config changed since the state was saved."}),
             "also_save_checkpoint": ("BOOLEAN", {"default": False, "tooltip": "Full fine-tune only: also save the whole model (UNet, VAE, text encoders) as a single-file checkpoint in models/checkpoints/<run_name>/ for Load Checkpoint."}),
             "validation_dataset": (DATASET, {"tooltip": "Optional held-out images (a Crucible Dataset, never trained on): the validation loss at every save is measured on them. Without it, Training Options' validation_split holds out a fraction of the dataset (10+ images)."}),
+            "sample_steps": INT(20, 1, 1000, "Preview sampling steps (kohya --s, SeaArt sample steps)."),
+            "sample_cfg": FLOAT(7.0, 0.0, 100.0, 0.1, "Preview CFG scale (kohya --l). SD3 uses it; Flux uses sample_guidance instead."),
+            "sample_seed": SEED(1234, "Preview seed (kohya --d): the same seed at every checkpoint, so previews compare."),
+            "sample_negative_prompt": STRING("", "Preview negative prompt (kohya --n); Flux has none.", multiline=True),
+            "sample_width": INT(0, 0, 8192, "Preview width (kohya --w); 0 = the dataset resolution.", step=8),
+            "sample_height": INT(0, 0, 8192, "Preview height (kohya --h); 0 = the dataset resolution.", step=8),
+            "sample_guidance": FLOAT(3.5, 0.0, 100.0, 0.1, "Flux previews: embedded guidance (ComfyUI FluxGuidance, kohya --g; 3.5 for dev)."),
+            "save_last": BOOL(True, "kohya: always save the final step's checkpoint, whatever the save cadence."),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     @classmethod
@@ -282,7 +303,13 @@ def _loss_curve(result):
 
 
 def run_summary(result, cancelled: bool = False) -> str:
-    """The node's report: what the run left on disk, and after a Cancel how to go on."""
+    """The node's report: what the run left on disk, after a Cancel how to go on, and the settings this model
+    ignores (the plan's notes, trainer.families.settings)."""
+    notes = getattr(getattr(result, "plan", None), "notes", ()) or ()
+    return _run_state(result, cancelled) + "".join(f"\nnote: {note}" for note in notes)
+
+
+def _run_state(result, cancelled: bool) -> str:
     last = result.checkpoints[-1] if result.checkpoints else None
     if cancelled and last is not None:
         state = f" (training state in {result.state_dir})" if result.state_dir else ""
@@ -326,9 +353,15 @@ def build_train_config(model, dataset, run_name, sample_prompts, network, optimi
     save = SaveConfig(output_dir=str(_comfy.model_folder(kind)), run_name=run_name, single_file_dir=single,
                       work_dir=str(_comfy.output_dir() / "crucible"),
                       save_every_n_epochs=f["save_every_n_epochs"], save_every_n_steps=f["save_every_n_steps"],
-                      checkpoint_limit=f["checkpoint_limit"], save_precision=f["save_precision"])
+                      checkpoint_limit=f["checkpoint_limit"], save_precision=f["save_precision"],
+                      save_last=f.get("save_last", True))
+    d = SampleConfig()
     sample = SampleConfig(prompts=_lines(sample_prompts, commas=False), sample_every_n_epochs=f["sample_every_n_epochs"],
-                          sample_every_n_steps=f["sample_every_n_steps"])
+                          sample_every_n_steps=f["sample_every_n_steps"], steps=f.get("sample_steps", d.steps),
+                          cfg=f.get("sample_cfg", d.cfg), seed=f.get("sample_seed", d.seed),
+                          negative_prompt=f.get("sample_negative_prompt", d.negative_prompt),
+                          width=f.get("sample_width", d.width), height=f.get("sample_height", d.height),
+                          guidance=f.get("sample_guidance", d.guidance))
     tr = training or TrainingConfig()
     from dataclasses import replace
 
@@ -337,6 +370,13 @@ def build_train_config(model, dataset, run_name, sample_prompts, network, optimi
                       optim=optimizer or OptimConfig(), training=tr, save=save, sample=sample,
                       validation_datasets=tuple(validation_dataset or ()))
     return TrainConfig.from_dict(cfg.to_dict())  # full validation, same path as the CLI
+
+
+def _ints(text: str, name: str) -> tuple[int, ...]:
+    values = _floats(text)
+    if any(v != int(v) for v in values):
+        raise CrucibleError(f"{name} '{text}' must be whole numbers (ranks) separated by commas")
+    return tuple(int(v) for v in values)
 
 
 def _floats(text: str) -> tuple[float, ...]:

@@ -22,12 +22,14 @@ def run(raw, seed=0, epoch=1, item=0, repeat=0, **cfg):
 # --- splitting and normalising -------------------------------------------------------------------------------------
 
 def test_split_strips_whitespace_and_drops_empty_tags():
-    out = run("  1girl ,,  red \t  hair , ,\nsmile  ")
+    raw = "  1girl ,,  red \t  hair , ,\nsmile  "
+    out = run(raw, keep_tokens=1)  # a tag operation: the caption is rebuilt from its tags
     assert out.tags == ("1girl", "red hair", "smile")
     assert out.text == "1girl, red hair, smile"
+    assert run(raw).text == raw.strip()  # no tag operation: as written
 
 
-@pytest.mark.parametrize("raw", ["", "   ", ", , ,", ",.,\n,", "\ufeff , "])
+@pytest.mark.parametrize("raw", ["", "   ", ", , ,", ",,\n,", "\ufeff , "])
 def test_caption_of_only_separators_is_empty(raw):
     out = run(raw)
     assert out.text == "" and out.tags == () and not out.dropped
@@ -41,9 +43,9 @@ def test_custom_separator():
 
 
 def test_split_on_period_only_at_sentence_ends():
-    out = run("A woman. She smiles, version 1.5.", split_on_period=True)
+    out = run("A woman. She smiles, version 1.5.", split_on_period=True, keep_tokens=1)
     assert out.tags == ("A woman", "She smiles", "version 1.5")
-    assert run("A woman. She smiles", split_on_period=False).tags == ("A woman. She smiles",)
+    assert run("A woman. She smiles", split_on_period=False, keep_tokens=1).tags == ("A woman. She smiles",)
 
 
 def test_line_breaks_separate_tags():
@@ -249,3 +251,30 @@ def test_tag_frequency_shape_and_counts():
                          CaptionConfig(remove_tags=("smile",)))
     assert freq == {"ohwx": {"1girl": 2, "hat": 1}, "bg": {"tree": 1}}
     assert clean_tags("ohwx, a|||b", CaptionConfig(keep_tokens_separator="|||")) == ["ohwx", "a", "b"]
+
+
+# --- no caption operation: the text reaches the model unchanged (kohya, SimpleTuner) ----------------------------------
+
+@pytest.mark.parametrize("raw", [
+    "A photo of a street. Two cars are parked in front of a shop.",
+    "first line\nsecond line, with a comma",
+    "tag one,tag two , tag three.",
+])
+def test_caption_unchanged_with_every_option_off(raw):
+    assert run(raw).text == raw
+    assert run(raw, split_on_period=True).text == raw  # the default: periods only split when tags are needed
+
+
+def test_period_splitting_only_when_shuffle_or_keep_tokens_need_tags():
+    raw = "street. Two cars, a shop"
+    assert run(raw, trigger_word="ohwx").text == "ohwx, street. Two cars, a shop"
+    assert run(raw, keep_tokens=1).tags == ("street", "Two cars", "a shop")
+    assert set(run(raw, shuffle_caption=True).tags) == {"street", "Two cars", "a shop"}
+    assert run(raw, keep_tokens=1, split_on_period=False).tags == ("street. Two cars", "a shop")
+
+
+def test_caption_node_tooltip_says_when_periods_split():
+    from nodes.dataset_nodes import CrucibleCaptionOptions
+
+    tip = CrucibleCaptionOptions.INPUT_TYPES()["required"]["split_on_period"][1]["tooltip"]
+    assert "shuffle" in tip and "keep_tokens" in tip

@@ -101,13 +101,14 @@ def test_lora_targets_and_blocks_cover_the_unet(folder_comps):
     names = [n for n, _ in folder_comps.denoiser.named_modules()]
     targets = FAMILY.lora_target_modules("unet", "attn")
     assert targets and all(any(n.endswith("." + t) for n in names) for t in targets)
-    assert FAMILY.block_of("unet", "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q") == "down_0"
-    assert FAMILY.block_of("unet", "up_blocks.1.resnets.2.conv1.lora_A.default") == "up_1"
-    assert FAMILY.block_of("unet", "mid_block.attentions.0.proj_in") == "mid"
-    assert FAMILY.block_of("unet", "conv_in") is None
-    assert FAMILY.block_of("text_encoder", "encoder.layers.0.mlp.fc1") is None
-    blocks = {FAMILY.block_of("unet", n) for n in names} - {None}
-    assert blocks == {"down_0", "down_1", "mid", "up_0", "up_1"}
+    # kohya's SD1.5 layout: 0-11 = IN00-IN11, 12 = MID, 13-24 = OUT00-OUT11
+    assert FAMILY.block_index("unet", "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q") == 1
+    assert FAMILY.block_index("unet", "up_blocks.1.resnets.2.conv1.lora_A.default") == 18
+    assert FAMILY.block_index("unet", "mid_block.attentions.0.proj_in") == 12
+    assert FAMILY.block_index("unet", "conv_in") == 0
+    assert FAMILY.block_index("text_encoder", "encoder.layers.0.mlp.fc1") is None
+    blocks = {FAMILY.block_index("unet", n) for n in names} - {None}
+    assert blocks == {0, 1, 3, 4, 12, 13, 14, 15, 16, 17}  # the tiny UNet: 2 down/up blocks, 1 layer each
 
 
 def test_full_export_round_trips_through_the_single_file_loader(folder_comps, tiny_sd15, tmp_path):

@@ -42,3 +42,31 @@ def test_two_processes_agree_and_only_rank0_writes(tiny_sd15, demo_dataset, tmp_
                      "mp/state/state.json", "mp/state/state.pt"], files
     manifest = json.loads((tmp_path / "out" / "mp" / "run.json").read_text())
     assert manifest["plan"]["num_processes"] == 2 and len(manifest["losses"]) == 3
+
+
+def test_two_processes_train_sdxl_text_encoders(demo_dataset, tmp_path):
+    """SDXL with both text encoders training: at clip skip the last CLIP-L layer (and its final norm) get no gradient,
+    which DDP must accept (issue 15: it crashed at step 2 with "parameters that were not used")."""
+    from trainer.tiny import build_tiny_pipeline
+
+    accelerate = Path(sys.executable).with_name("accelerate")
+    if not accelerate.exists():
+        accelerate = shutil.which("accelerate")
+    model = build_tiny_pipeline(tmp_path / "xl", family="sdxl", seed=1)
+    cfg = {"model": {"family": "sdxl", "path": str(model), "clip_skip": 2},
+           "datasets": [{"path": str(demo_dataset), "resolution": 64, "repeats": 1}],
+           "network": {"network_dim": 2, "network_alpha": 2, "train_text_encoder": True},
+           "training": {"batch_size": 2, "epochs": 1, "seed": 1, "max_train_steps": 3},
+           "save": {"output_dir": str(tmp_path / "out"), "run_name": "xl", "save_every_n_epochs": 0,
+                    "save_state": False}}
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.run([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "trainer", "-v", "train",
+                           "cfg.json"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-3000:]
+    digests = dict(re.findall(r"rank (\d+) trained weights sha256 (\w+)", output))
+    assert set(digests) == {"0", "1"} and digests["0"] == digests["1"], output[-3000:]
+    manifest = json.loads((tmp_path / "out" / "xl" / "run.json").read_text())
+    assert len(manifest["losses"]) == 3

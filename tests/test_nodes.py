@@ -20,7 +20,7 @@ import torch
 import comfy_stubs
 from trainer.errors import CrucibleError, UnsafePathError
 
-SUBMODULES = ("dataset_nodes", "train_nodes", "sweep_nodes", "image_nodes")
+SUBMODULES = ("dataset_nodes", "train_nodes", "sweep_nodes", "image_nodes", "tagging_nodes")
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
 DEMO = "crucible_demo"
 SMALL = "crucible_small"
@@ -166,8 +166,8 @@ def test_object_info_entries_match_the_classes(pack):
     train = info["CrucibleTrain"]
     assert train["output"] == ["CRUCIBLE_RUN", "IMAGE", "STRING", "INT"]
     assert train["output_is_list"] == [False, False, True, True]
-    assert train["input_order"]["optional"][-3:] == ["resume_force", "also_save_checkpoint",  # appended only
-                                                     "validation_dataset"]
+    assert train["input_order"]["optional"][:6] == ["network", "optimizer", "training", "resume_force",
+                                                    "also_save_checkpoint", "validation_dataset"]  # later ones appended
     json.dumps(info)  # ComfyUI serves this as JSON
 
 

@@ -301,23 +301,27 @@ def _groups(cfg: TrainConfig):
 
 
 def test_block_lr_weights_scale_groups_and_freeze_zero_blocks(tiny_sd15, demo_dataset, tmp_path):
-    weights = {"down_0": 0.0, "down_1": 0.5, "mid": 2.0, "up_0": 1.5, "up_1": 0.25}
+    # kohya's layout: down_lr_weight[k] = IN k, up_lr_weight[k] = OUT k. The tiny UNet's down_blocks.0 is IN01-03,
+    # down_blocks.1 IN04, up_blocks.0 OUT00-02, up_blocks.1 OUT03-05.
+    down = [1.0, 0.0, 0.0, 0.0, 0.5] + [1.0] * 7
+    up = [1.5] * 3 + [0.25] * 3 + [1.0] * 6
+    weights = dict(enumerate(down + [2.0] + up))
     cfg = make_config(tiny_sd15, demo_dataset, tmp_path, optim={"learning_rate": 1e-3, "unet_lr": 2e-3},
-                      network={"target_preset": "all_linear", "down_lr_weight": [0.0, 0.5], "mid_lr_weight": 2.0,
-                               "up_lr_weight": [1.5, 0.25]},
+                      network={"target_preset": "all_linear", "down_lr_weight": down, "mid_lr_weight": 2.0,
+                               "up_lr_weight": ",".join(map(str, up))},
                       training={"max_train_steps": 3}, save={"save_every_n_steps": 1})
     groups, named = _groups(cfg)
     lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
     blocks_seen = set()
     for comp, name, p in named:
-        block = FAMILY.block_of(comp, name)
+        block = FAMILY.block_index(comp, name)
         blocks_seen.add(block)
         expected = 2e-3 * weights.get(block, 1.0)
         if expected == 0:
             assert id(p) not in lr_of and not p.requires_grad, name
         else:
             assert lr_of[id(p)] == pytest.approx(expected), name
-    assert blocks_seen == {*weights, None}  # None: time embedding, conv_in … (weight 1)
+    assert {1, 4, 12, 13, 16} <= blocks_seen and None in blocks_seen  # None: time embedding … (weight 1)
 
     result = train(cfg)
     first, last = (load_file(str(c.path)) for c in (result.checkpoints[0], result.checkpoints[-1]))
@@ -334,16 +338,20 @@ def test_block_lr_weights_scale_groups_and_freeze_zero_blocks(tiny_sd15, demo_da
 def test_block_lr_weights_need_one_value_per_block(tiny_sd15, demo_dataset, tmp_path):
     from trainer.errors import ConfigError
 
-    cfg = make_config(tiny_sd15, demo_dataset, tmp_path,
-                      network={"target_preset": "all_linear", "down_lr_weight": [1.0]})  # down_1 has adapters
-    with pytest.raises(ConfigError, match="down_lr_weight"):
-        _groups(cfg)
+    with pytest.raises(ConfigError, match="down_lr_weight has 1 values; kohya's sd15 layout needs 12"):
+        make_config(tiny_sd15, demo_dataset, tmp_path, network={"target_preset": "all_linear", "down_lr_weight": [1.0]})
 
 
 def test_block_dims_set_per_block_ranks_in_the_file(tiny_sd15, demo_dataset, tmp_path):
     dims = {"down_0": 2, "down_1": 3, "mid": 5, "up_0": 6, "up_1": 7}
+    index_of = {"down_0": (1, 2, 3), "down_1": (4,), "mid": (12,), "up_0": (13, 14, 15), "up_1": (16, 17, 18)}
+    per_block = [4] * 25  # kohya's SD1.5 layout: 25 values
+    alphas = [4.0] * 25
+    for block, indices in index_of.items():
+        for i in indices:
+            per_block[i], alphas[i] = dims[block], float(dims[block] + 1)
     cfg = make_config(tiny_sd15, demo_dataset, tmp_path, training={"max_train_steps": 1},
-                      network={"target_preset": "all_linear", "block_dims": list(dims.values())})
+                      network={"target_preset": "all_linear", "block_dims": per_block, "block_alphas": alphas})
     result, comps = train_with_components(cfg)
     path = result.checkpoints[-1].path
     seen = set()
@@ -351,7 +359,7 @@ def test_block_dims_set_per_block_ranks_in_the_file(tiny_sd15, demo_dataset, tmp
         block = block_of_prefix(prefix)
         seen.add(block)
         assert rank == dims.get(block, 4), prefix
-        assert alpha / rank == pytest.approx(1.0), prefix  # alpha follows the rank: network_alpha/network_dim kept
+        assert alpha == (rank + 1 if block else 4.0), prefix  # kohya block_alphas (network_alpha outside blocks)
     assert seen == {*dims, None}
     assert_reload_reproduces(cfg, comps, path)
 

@@ -1,9 +1,13 @@
 """Caption processing: tag operations on plain strings (no torch, no I/O).
 
 A caption is a list of *tags* separated by ``CaptionConfig.separator`` (a comma by default), by line breaks, and
-when ``split_on_period`` is on by a period that ends a sentence (followed by a space, a separator or the end; not
-the one in ``"1.5"``). :func:`process_caption` turns a raw caption into what the text encoder sees for one
-training sample, in this order:
+when ``split_on_period`` is on *and* shuffle, ``keep_tokens`` or tag dropout needs tags, by a period that ends a
+sentence (followed by a space, a separator or the end; not the one in ``"1.5"``).
+
+With no tag operation enabled (no trigger word, keep_tokens, shuffle, tag dropout, tag removal/replacement or
+keep-tokens separator) the caption text reaches the text encoder unchanged, as in kohya and SimpleTuner: only the
+ends are stripped and weight syntax is parsed or stripped. Otherwise :func:`process_caption` turns a raw caption
+into what the text encoder sees for one training sample, in this order:
 
 1. ``caption_dropout_every_n_epochs`` / ``caption_dropout_rate``: the whole caption becomes ``""``.
 2. Split: text before a ``keep_tokens_separator`` (e.g. ``"|||"``) is the *fixed* part; a second separator starts a
@@ -150,10 +154,21 @@ def _splitter(separator: str, split_on_period: bool) -> re.Pattern:
     return re.compile("|".join(parts))
 
 
+def _reorders_tags(cfg: CaptionConfig) -> bool:
+    """Whether shuffle, keep_tokens or tag dropout need the caption as tags (then periods may split tags too)."""
+    return cfg.shuffle_caption or cfg.keep_tokens > 0 or cfg.caption_tag_dropout_rate > 0
+
+
+def _edits_tags(cfg: CaptionConfig) -> bool:
+    """Whether any caption option works on tags; without one the caption text is used as written."""
+    return bool(_reorders_tags(cfg) or cfg.trigger_word.strip() or cfg.remove_tags or cfg.remove_tags_regex
+                or cfg.replace_tags)
+
+
 def _split_tags(text: str, cfg: CaptionConfig) -> list[_Tag]:
     """Split one caption section into normalised, non-empty tags (weights parsed or stripped)."""
     chunks = parse_weighted(text) if cfg.weighted_captions else [(strip_weights(text), 1.0)]
-    splitter = _splitter(cfg.separator, cfg.split_on_period)
+    splitter = _splitter(cfg.separator, cfg.split_on_period and _reorders_tags(cfg))
     tags: list[_Tag] = []
     current: list[tuple[str, float]] = []  # (character, weight) of the tag being built
     for chunk_text, weight in chunks:
@@ -317,6 +332,8 @@ def process_caption(raw: str, cfg: CaptionConfig, *, seed: int, epoch: int, item
     if caption_dropped(cfg, seed=seed, epoch=epoch, item=item, repeat=repeat):
         return ProcessedCaption("", (), () if cfg.weighted_captions else None, dropped=True)
     fixed, flex, suffix, has_separator = _sections(raw, cfg)
+    if not (has_separator or _edits_tags(cfg)):
+        return _as_written(raw, cfg, (*fixed, *flex, *suffix))
     front = _hoist_triggers(trigger_words(cfg), [fixed, flex, suffix])
     if not has_separator:
         fixed, flex = flex[:cfg.keep_tokens], flex[cfg.keep_tokens:]
@@ -327,6 +344,18 @@ def process_caption(raw: str, cfg: CaptionConfig, *, seed: int, epoch: int, item
     if cfg.shuffle_caption:
         sample_rng(seed, epoch, item, repeat, "shuffle").shuffle(flex)
     return _assemble([*front, *fixed, *flex, *suffix], cfg)
+
+
+def _as_written(raw: str, cfg: CaptionConfig, tags: tuple[_Tag, ...]) -> ProcessedCaption:
+    """The caption text as written (ends stripped; weight syntax parsed or stripped); ``""`` when it has no tags."""
+    if not tags:
+        return ProcessedCaption("", (), () if cfg.weighted_captions else None)
+    text = raw.lstrip("\ufeff").strip()
+    names = tuple(t.text for t in tags)
+    if not cfg.weighted_captions:
+        return ProcessedCaption(strip_weights(text), names)
+    chunks = tuple(parse_weighted(text))
+    return ProcessedCaption("".join(t for t, _ in chunks), names, chunks)
 
 
 def _assemble(tags: list[_Tag], cfg: CaptionConfig) -> ProcessedCaption:

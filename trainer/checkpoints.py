@@ -21,7 +21,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from .validation import ValidationResult
 
 SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-_started = time.time()
 
 
 def checkpoint_name(run_name: str, step: int, epoch: int) -> str:
@@ -39,7 +38,7 @@ def write_checkpoint(trainer: "Trainer", step: int, epoch: int, *, final: bool =
     cfg, net = trainer.cfg, trainer.net
     dtype = SAVE_DTYPES[cfg.save.save_precision]
     loss = trainer.losses[-1] if trainer.losses else None
-    meta = lora_metadata(cfg, step=step, epoch=epoch, started_at=_started,
+    meta = lora_metadata(cfg, step=step, epoch=epoch, started_at=getattr(trainer, "started_at", None) or time.time(),
                          num_train_images=len(trainer.source.items),
                          tag_frequency=dataset_tag_frequency(trainer.source),
                          output_name=trainer.run_name)

@@ -12,6 +12,8 @@ Multi-GPU: ``accelerate launch -m trainer train CONFIG.toml`` (only rank 0 write
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
 import os
 import sys
@@ -67,9 +69,23 @@ def cmd_preview(args) -> int:
     cfg = _config(args)
     source = DataSource(cfg.datasets, seed=cfg.training.seed)
     count = min(args.images, len(source.items))
-    for row in source.caption_preview(list(range(count)), list(range(1, args.epochs + 1))):
-        print(row)
+    rows = source.caption_preview(list(range(count)), list(range(1, args.epochs + 1)))
+    if args.json:
+        print(json.dumps([dataclasses.asdict(r) for r in rows], indent=2, ensure_ascii=False))
+    else:
+        print(preview_table(rows))
     return 0
+
+
+def preview_table(rows) -> str:
+    """Caption preview rows as an aligned table: file (folder/name), epoch, the caption training sees."""
+    table = [("file", "epoch", "caption")] + [
+        (f"{Path(r.file).parent.name}/{Path(r.file).name}", str(r.epoch), r.caption if not r.dropped else
+         "(caption dropped)") for r in rows]
+    width = [max(len(row[i]) for row in table) for i in range(2)]
+    lines = [f"{f:<{width[0]}}  {e:>{width[1]}}  {c}" for f, e, c in table]
+    lines.insert(1, f"{'-' * width[0]}  {'-' * width[1]}  {'-' * 7}")
+    return "\n".join(lines)
 
 
 def cmd_sweep(args) -> int:
@@ -122,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     pv = with_config(sub.add_parser("preview", help="print captions exactly as training will see them"))
     pv.add_argument("--images", type=int, default=4)
     pv.add_argument("--epochs", type=int, default=2)
+    pv.add_argument("--json", action="store_true", help="print the rows as JSON (for scripts)")
     pv.set_defaults(fn=cmd_preview)
     s = sub.add_parser("sweep", help="render every checkpoint of a run and compose a labelled strip/grid")
     s.add_argument("run_dir", help="the run's work folder (with run.json)")

@@ -26,7 +26,16 @@ CONFIG_VERSION = 1
 FAMILIES = ("sd15", "sdxl", "sd3", "flux")
 NETWORK_TYPES = ("lora", "dora", "loha", "lokr", "full")
 TARGET_PRESETS = ("attn", "attn_mlp", "all_linear", "all_linear_conv")
-OPTIMIZERS = ("adamw", "adamw8bit", "adafactor", "lion", "dadaptation", "dadaptadam", "prodigy", "sgd")
+# kohya sd-scripts' optimizer_type names, matched case-insensitively as kohya does ("DAdaptation" is kohya's
+# DAdaptAdamPreprint; "sgd" is plain SGD with momentum 0.9).
+OPTIMIZERS = ("adamw", "adamw8bit", "adafactor", "lion", "dadaptation", "dadaptadam", "prodigy", "sgd",
+              "dadaptadagrad", "dadaptadan", "dadaptadanip", "dadaptlion", "dadaptsgd", "sgdnesterov")
+OPTIMIZER_ALIASES = {"dadaptadampreprint": "dadaptation"}
+# Learning-rate-free optimizers: the learning rate multiplies the step size they find; 1.0 is the recommendation.
+ADAPTIVE_OPTIMIZERS = ("prodigy", "dadaptation", "dadaptadam", "dadaptadagrad", "dadaptadan", "dadaptadanip",
+                       "dadaptlion", "dadaptsgd")
+DEFAULT_LEARNING_RATE = 1e-4
+ADAPTIVE_LEARNING_RATE = 1.0
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 SAVE_PRECISION = ("fp32", "fp16", "bf16")
@@ -45,7 +54,7 @@ class CaptionConfig:
     keep_tokens: int = 0  # kohya keep_tokens: first N tags stay in place
     shuffle_caption: bool = False  # kohya shuffle_caption
     separator: str = ","  # tag separator (kohya caption_separator)
-    split_on_period: bool = True  # a period also separates tags (SimpleTuner recipe)
+    split_on_period: bool = True  # a sentence-ending period also separates tags, only when shuffle/keep-N/tag dropout need tags
     keep_tokens_separator: str = ""  # kohya keep_tokens_separator, e.g. "|||"
     caption_dropout_rate: float = 0.0  # whole caption replaced by "" (kohya caption_dropout_rate)
     caption_tag_dropout_rate: float = 0.0  # each non-kept tag dropped (kohya caption_tag_dropout_rate)
@@ -75,6 +84,8 @@ class DatasetConfig:
     color_aug: bool = False
     background_color: str = "#ffffff"
     is_reg: bool = False  # regularization images (kohya reg_data_dir)
+    alpha_mask: bool = False  # kohya alpha_mask: the image's alpha channel is its loss mask (training.masked_loss)
+    mask_dir: str = ""  # same-name mask images (kohya conditioning_data_dir); relative = inside the dataset folder
     captions: CaptionConfig = field(default_factory=CaptionConfig)
 
 
@@ -101,16 +112,20 @@ class NetworkConfig:
     train_text_encoder: bool = False
     conv_dim: int = 0  # LoCon conv rank, 0 = same as network_dim
     conv_alpha: float = 0.0
-    down_lr_weight: tuple[float, ...] = ()  # kohya block LR weights
-    mid_lr_weight: float = 1.0
-    up_lr_weight: tuple[float, ...] = ()
-    block_dims: tuple[int, ...] = ()  # per-block ranks (down…, mid, up…)
+    # Block-wise settings in kohya's layout (trainer.families.kohya_blocks): SD1.5 12 IN + MID + 12 OUT, SDXL 9+3+9.
+    down_lr_weight: str = ""  # kohya down_lr_weight: 12 (SDXL 9) numbers, or cosine/sine/linear/reverse_linear/zeros[+n]
+    mid_lr_weight: float = 1.0  # kohya mid_lr_weight (SDXL: its three middle parts)
+    up_lr_weight: str = ""  # kohya up_lr_weight, deep to shallow
+    block_dims: tuple[int, ...] = ()  # kohya block_dims: one rank per block (SD1.5 25, SDXL 23 values)
+    block_alphas: tuple[float, ...] = ()  # kohya block_alphas (default network_alpha)
+    conv_block_dims: tuple[int, ...] = ()  # kohya conv_block_dims: 3x3 convolution ranks per block
+    conv_block_alphas: tuple[float, ...] = ()  # kohya conv_block_alphas (default conv_alpha)
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    optimizer: str = "adamw"
-    learning_rate: float = 1e-4
+    optimizer: str = "adamw"  # kohya optimizer_type, any case (see OPTIMIZERS)
+    learning_rate: float = DEFAULT_LEARNING_RATE  # adaptive optimizers: the untouched default means 1.0
     unet_lr: float = 0.0  # 0 = learning_rate
     text_encoder_lr: float = 0.0  # 0 = learning_rate
     weight_decay: float = 1e-2
@@ -121,6 +136,13 @@ class OptimConfig:
     lr_warmup_ratio: float = 0.0  # fraction of total steps; overrides lr_warmup_steps when > 0
     lr_scheduler_num_cycles: int = 1
     lr_scheduler_power: float = 1.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.optimizer, str):  # kohya names in any case, and kohya's aliases
+            name = self.optimizer.strip().lower()
+            object.__setattr__(self, "optimizer", OPTIMIZER_ALIASES.get(name, name))
+        if self.optimizer in ADAPTIVE_OPTIMIZERS and self.learning_rate == DEFAULT_LEARNING_RATE:
+            object.__setattr__(self, "learning_rate", ADAPTIVE_LEARNING_RATE)
 
 
 @dataclass(frozen=True)
@@ -144,6 +166,7 @@ class TrainingConfig:
     flow_shift: float = 0.0  # σ shift for flow models; 0 = auto (Flux dev: resolution-dependent, else 1.0)
     loss_weighting: str = "none"
     guidance_scale: float = 1.0  # Flux guidance embedding value during training
+    t5xxl_max_token_length: int = 0  # SD3/Flux T5 tokens per caption; 0 = ComfyUI's padding (SD3 77, Flux 256)
     ema: bool = False
     ema_decay: float = 0.999
     cache_latents: bool = False  # kohya cache_latents (not with flip/colour/random-crop augmentation)
@@ -154,6 +177,8 @@ class TrainingConfig:
     # the training images number at least trainer.validation.MIN_IMAGES_FOR_SPLIT and no validation_datasets are
     # given; 0 = no split. See trainer/validation.py.
     validation_split: float = 0.1
+    prior_loss_weight: float = 1.0  # kohya prior_loss_weight: loss multiplier of regularization (is_reg) samples
+    masked_loss: bool = False  # kohya masked_loss: weight the loss by each image's mask (datasets' alpha_mask/mask_dir)
 
 
 @dataclass(frozen=True)
@@ -179,8 +204,9 @@ class SampleConfig:
     cfg: float = 7.0
     width: int = 0  # 0 = the first dataset's resolution
     height: int = 0
-    sample_every_n_epochs: int = 0
+    sample_every_n_epochs: int = 0  # with prompts and no cadence at all: one preview per epoch (see trainer.plan)
     sample_every_n_steps: int = 0
+    guidance: float = 3.5  # Flux previews: embedded guidance (ComfyUI FluxGuidance, kohya --g); cfg for the others
 
 
 @dataclass(frozen=True)
@@ -262,6 +288,11 @@ def migrate(data: dict[str, Any]) -> dict[str, Any]:
     data["version"] = CONFIG_VERSION
     if "dataset" in data and "datasets" not in data:  # convenience: a single dataset section
         data["datasets"] = [data.pop("dataset")]
+    network = data.get("network")
+    if isinstance(network, dict):  # kohya block LR weights as a list of numbers (TOML/JSON) → the text form
+        for key in ("down_lr_weight", "up_lr_weight"):
+            if isinstance(network.get(key), (list, tuple)):
+                network[key] = ",".join(str(v) for v in network[key])
     return data
 
 
@@ -436,6 +467,8 @@ def validate(cfg: TrainConfig) -> None:
     _check_range(t.ema_decay, "training.ema_decay", 0.0, 1.0)
     _check_range(t.caption_variants, "training.caption_variants", 1, 64)
     _check_range(t.validation_split, "training.validation_split", 0.0, 0.5)
+    _check_range(t.prior_loss_weight, "training.prior_loss_weight", 0.0, 100.0)
+    _check_range(t.t5xxl_max_token_length, "training.t5xxl_max_token_length", 0, 512)
     _check_choice(s.save_precision, SAVE_PRECISION, "save.save_precision")
     _check_range(s.save_every_n_epochs, "save.save_every_n_epochs", 0)
     _check_range(s.save_every_n_steps, "save.save_every_n_steps", 0)
@@ -445,6 +478,7 @@ def validate(cfg: TrainConfig) -> None:
     _check_range(p.steps, "sample.steps", 1, 1000)
     _check_range(p.width, "sample.width", 0, 8192)
     _check_range(p.height, "sample.height", 0, 8192)
+    _check_range(p.guidance, "sample.guidance", 0.0, 100.0)
     for i, d in [*enumerate(cfg.datasets), *((f"v{j}", v) for j, v in enumerate(cfg.validation_datasets))]:
         w = f"datasets[{i}]" if isinstance(i, int) else f"validation_datasets[{i[1:]}]"
         _check_range(d.resolution, f"{w}.resolution", 64, 8192)
@@ -467,10 +501,17 @@ def validate(cfg: TrainConfig) -> None:
         for item in c.replace_tags:
             if "=" not in item:
                 raise ConfigError(f"{w}.captions.replace_tags item '{item}' must look like old=new")
+    if t.masked_loss and not any(d.alpha_mask or d.mask_dir.strip() for d in cfg.datasets) and cfg.datasets:
+        raise ConfigError("training.masked_loss is on but no dataset has masks: turn on alpha_mask (masks from the "
+                          "images' transparency) or set mask_dir on a dataset")
+    from .families.settings import check_family_settings
+
+    check_family_settings(cfg)  # settings the family cannot apply: refused here, before any model loads
 
 
 __all__ = [name for name in dir() if name.endswith("Config")] + [
     "CONFIG_VERSION", "validate", "apply_override", "FAMILIES", "NETWORK_TYPES", "TARGET_PRESETS", "OPTIMIZERS",
+    "OPTIMIZER_ALIASES", "ADAPTIVE_OPTIMIZERS", "DEFAULT_LEARNING_RATE", "ADAPTIVE_LEARNING_RATE",
     "SCHEDULERS", "MIXED_PRECISION", "SAVE_PRECISION", "CROP_STYLES", "CROP_ASPECTS", "MISSING_CAPTION",
     "PREDICTION_TYPES", "TIMESTEP_SAMPLING", "LOSS_WEIGHTING", "ATTENTION",
 ]

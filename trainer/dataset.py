@@ -108,6 +108,7 @@ class ScanReport:
     top_tags: tuple[tuple[str, int], ...]
     tag_frequency: dict[str, dict[str, int]] = field(hash=False, compare=False)  # kohya ss_tag_frequency
     bucket_counts: tuple[tuple[Resolution, int], ...] = ()  # images per bucket
+    outside_kohya_folders: tuple[str, ...] = ()  # concept folders kohya would not read (root, no N_ prefix)
 
     @property
     def images(self) -> int:
@@ -151,6 +152,10 @@ class ScanReport:
                      f"characters: min {s.min_chars}, mean {s.mean_chars:.0f}, max {s.max_chars}")
         if self.top_tags:
             lines.append("  top tags: " + ", ".join(f"{t} ({n})" for t, n in self.top_tags))
+        if self.outside_kohya_folders:
+            lines.append(f"  note: images in {', '.join(self.outside_kohya_folders)} are outside kohya-style N_name "
+                         "sub-folders: they train here with the repeats shown above, but kohya would ignore them "
+                         "(it reads only N_name sub-folders). Move them into N_name folders or set repeats.")
         if self.caption_fallbacks:
             lines.append(f"  {len(self.caption_fallbacks)} caption file(s) were not UTF-8:")
             lines.extend(f"    {self._rel(p)}: read as {enc}" for p, enc in self.caption_fallbacks)
@@ -286,7 +291,9 @@ def _concept_groups(root: Path, cfg: DatasetConfig, skipped: list[tuple[str, str
     Sub-folders ``N_name`` get ``N`` repeats and class tokens ``name``; other sub-folders 1 repeat and their own name.
     The root's images use the root's name the same way. ``cfg.repeats > 0`` overrides every folder.
     """
-    groups = [(root, True)] + [(Path(e.path), False) for e in _list_dir(root) if e.is_dir()]
+    masks = (root / cfg.mask_dir).resolve() if cfg.mask_dir.strip() else None  # mask images are not training images
+    groups = [(root, True)] + [(Path(e.path), False) for e in _list_dir(root)
+                               if e.is_dir() and (masks is None or Path(e.path).resolve() != masks)]
     for folder, is_root in groups:
         images = [Path(e.path) for e in _list_dir(folder) if _is_image_name(e.name) and e.is_file()]
         if not images:
@@ -507,6 +514,8 @@ def _build_report(root, index, cfg, items, buckets, concepts, skipped, missing, 
         missing_captions=tuple(missing), missing_caption_policy=cfg.missing_caption,
         caption_fallbacks=tuple(fallbacks), caption_stats=stats, top_tags=tuple(overall.most_common(_TOP_TAGS)),
         tag_frequency=frequency, bucket_counts=tuple(sorted(Counter(buckets).items())),
+        outside_kohya_folders=() if cfg.repeats > 0 else tuple(
+            c.folder for c in concepts if c.folder == "(root)" or not _KOHYA_FOLDER.match(_name_text(c.folder))),
     )
 
 
@@ -694,11 +703,9 @@ def _to_rgb(img: "Image.Image", background: tuple[int, int, int]) -> "Image.Imag
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def _cover_crop(img: "Image.Image", target_w: int, target_h: int, style: str, rng) -> "Image.Image":
-    """Scale to cover ``target`` (aspect kept), then crop; done as one resampling of the crop box."""
-    from PIL import Image
-
-    width, height = img.size
+def _crop_box(width: float, height: float, target_w: int, target_h: int, style: str, rng) -> tuple[float, ...]:
+    """``(scale, left, top, crop_w, crop_h)``: the image is scaled by ``scale`` to cover the target and the box
+    ``(left, top, crop_w, crop_h)`` (in image pixels) is cut out per ``style``."""
     scale = max(target_w / width, target_h / height)
     crop_w, crop_h = min(width, target_w / scale), min(height, target_h / scale)
     free_x, free_y = width - crop_w, height - crop_h
@@ -708,11 +715,34 @@ def _cover_crop(img: "Image.Image", target_w: int, target_h: int, style: str, rn
         left, top = 0.0, 0.0
     else:
         left, top = free_x / 2, free_y / 2
+    return scale, left, top, crop_w, crop_h
+
+
+def _cover_crop(img: "Image.Image", target_w: int, target_h: int, style: str, rng) -> "Image.Image":
+    """Scale to cover ``target`` (aspect kept), then crop; done as one resampling of the crop box."""
+    from PIL import Image
+
+    scale, left, top, crop_w, crop_h = _crop_box(*img.size, target_w, target_h, style, rng)
     if abs(scale - 1.0) < 1e-9:  # same scale: a plain pixel crop, no resampling blur
         left, top = round(left), round(top)
         return img.crop((left, top, left + target_w, top + target_h))
     box = (left, top, left + crop_w, top + crop_h)
     return img.resize((target_w, target_h), Image.Resampling.LANCZOS, box=box, reducing_gap=3.0)
+
+
+def image_geometry(item: ImageItem, target_w: int, target_h: int, cfg: DatasetConfig, *, seed: int, epoch: int,
+                   repeat: int) -> tuple[int, int, int, int]:
+    """``(original h, original w, crop top, crop left)`` of one training sample, as SDXL's micro-conditioning wants
+    them (kohya, diffusers): the image's own size and where :func:`load_pil`'s crop starts in the image scaled to
+    cover the target (mirrored when the sample is flipped). Computed from the header size and the same seeded
+    draws as the pixels, without decoding."""
+    key = _file_key(item)
+    scale, left, top, _, _ = _crop_box(item.width, item.height, target_w, target_h, cfg.crop_style,
+                                       sample_rng(seed, epoch, key, repeat, "crop"))
+    left_px = left * scale
+    if cfg.flip_aug and sample_rng(seed, epoch, key, repeat, "flip").random() < 0.5:
+        left_px = item.width * scale - target_w - left_px
+    return item.height, item.width, round(top * scale), max(0, round(left_px))
 
 
 def _color_jitter(chw, rng):
@@ -895,6 +925,16 @@ class DataSource:
         sample_rng(self.seed, epoch, "batches", 0, "order").shuffle(batches)
         return batches
 
+    def image_geometry(self, batch_plan: Sequence[Sample | tuple[int, int]], epoch: int) -> list[tuple[int, ...]]:
+        """Per sample ``(original h, original w, crop top, crop left)`` (see :func:`image_geometry`)."""
+        out = []
+        for item, repeat in batch_plan:
+            image = self.items[item]
+            width, height = self.buckets[item]
+            out.append(image_geometry(image, width, height, self.datasets[image.dataset_index], seed=self.seed,
+                                      epoch=epoch, repeat=repeat))
+        return out
+
     def caption(self, item: int, epoch: int, repeat: int = 0) -> ProcessedCaption:
         """The processed caption of one sample — the single caption path used by training and previews."""
         _check_epoch(epoch)
@@ -974,6 +1014,6 @@ def _s(n: int) -> str:
 
 __all__ = ["ImageItem", "ConceptSummary", "CaptionStats", "ScanReport", "ScanResult", "scan_dataset",
            "probe_image", "read_caption", "UnusableImage", "dataset_fingerprint", "parse_color", "load_image",
-           "load_pil", "Sample",
+           "load_pil", "image_geometry", "Sample",
            "BatchPlan", "Batch", "CaptionPreviewRow", "balance_reg_repeats", "DataSource", "IMAGE_EXTENSIONS",
            "MAX_IMAGE_PIXELS"]

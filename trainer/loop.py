@@ -73,10 +73,12 @@ def train(cfg: TrainConfig, callbacks: Callbacks | None = None, *, resume_from: 
         release_run(trainer)
 
 
-def make_accelerator(mixed_precision: str):
+def make_accelerator(mixed_precision: str, find_unused_parameters: bool = False):
     """An ``accelerate.Accelerator`` for this run; outside ``accelerate launch`` its global state is reset so a
-    long-lived process (ComfyUI) can run trainings with different precisions one after another."""
-    from accelerate import Accelerator
+    long-lived process (ComfyUI) can run trainings with different precisions one after another.
+    ``find_unused_parameters``: DDP accepts parameters without a gradient (text encoders: the layers after the
+    clip-skip layer are never used)."""
+    from accelerate import Accelerator, DistributedDataParallelKwargs
     from accelerate.state import AcceleratorState
 
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -85,7 +87,8 @@ def make_accelerator(mixed_precision: str):
     if mixed_precision == "fp16" and not torch.cuda.is_available():
         raise CrucibleError("training.mixed_precision 'fp16' needs a CUDA GPU (it uses a gradient scaler); "
                             "on the CPU choose 'bf16' or 'no'")
-    return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if find_unused_parameters else []
+    return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available(), kwargs_handlers=handlers)
 
 
 def use_attention(comps: Components, mode: str) -> None:
@@ -155,6 +158,7 @@ class Trainer:
         self.checkpoints: list[CheckpointInfo] = []
         self.losses: list[float] = []
         self.samples: list[SampleInfo] = []
+        self.started_at = time.time()  # kohya ss_training_started_at: when this run (not the process) started
 
     # --- set-up --------------------------------------------------------------------------------------------------
     def _setup(self, components: Components | None):
@@ -162,9 +166,11 @@ class Trainer:
         from .validation import training_source
 
         cfg = self.cfg
-        self.acc = make_accelerator(cfg.training.mixed_precision)
+        self.acc = make_accelerator(cfg.training.mixed_precision, cfg.network.train_text_encoder)
         self.source = training_source(cfg)
         self.plan = compute_plan(cfg, self.source, num_processes=self.acc.num_processes)
+        for note in self.plan.notes:  # settings this model ignores: said, never silent
+            log.warning("%s", note)
         device = self.acc.device
         # LoRA under mixed precision: frozen base weights load straight in the compute dtype (kohya/diffusers
         # practice; a 12B Flux in fp32 would not fit), the trainable adapter stays fp32 (below).
@@ -393,16 +399,24 @@ class Trainer:
             with text_ctx, self.acc.autocast():
                 cond = fam.encode_text(comps, [c.text for c in captions], clip_skip=self.cfg.model.clip_skip,
                                        max_token_length=self.max_token_length, **extra)
+        cond["image_geometry"] = torch.tensor(self.source.image_geometry(batch_plan, epoch))  # SDXL micro-conditioning
         noise = torch.randn(latents.shape, generator=gen).to(latents)
         noise = offset_noise(noise, tr.noise_offset, gen)
         noise = pyramid_noise(noise, tr.multires_noise_iterations, tr.multires_noise_discount, gen)
         noised = self.objective.noise(latents, noise, gen)
         with self.acc.autocast():
             pred = fam.predict(comps, noised.noisy, noised.timesteps, cond)
-        per_sample = F.mse_loss(pred.float(), noised.target.float(), reduction="none").mean(
-            dim=tuple(range(1, pred.ndim)))
+        error = F.mse_loss(pred.float(), noised.target.float(), reduction="none")
+        if tr.masked_loss:  # kohya masked_loss: masked-out pixels contribute nothing (trainer.masks)
+            from .masks import apply_mask, batch_masks
+
+            error = apply_mask(error, batch_masks(self.source, batch_plan, epoch))
+        per_sample = error.mean(dim=tuple(range(1, pred.ndim)))
         if noised.weights is not None:
             per_sample = per_sample * noised.weights.to(per_sample)
+        reg = [self.source.items[s[0]].is_reg for s in batch_plan]
+        if any(reg):  # kohya prior_loss_weight: regularization samples' loss is scaled
+            per_sample = per_sample * torch.tensor([tr.prior_loss_weight if r else 1.0 for r in reg]).to(per_sample)
         return per_sample.mean()
 
     def _latents(self, batch_plan, epoch: int) -> torch.Tensor:
@@ -509,7 +523,7 @@ class Trainer:
                 with torch.no_grad(), self._ema_weights():
                     images = self.family.sample(self.comps, s.prompts, seed=s.seed, steps=s.steps, cfg=s.cfg,
                                                 width=s.width or res, height=s.height or res,
-                                                negative_prompt=s.negative_prompt)
+                                                negative_prompt=s.negative_prompt, guidance=s.guidance)
             finally:
                 for m, mode in zip(modules, modes):
                     m.train(mode)

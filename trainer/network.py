@@ -63,9 +63,9 @@ class Network:
 
 
 def _peft_config(cfg: NetworkConfig, targets: list[str], rank_pattern: dict[str, int],
-                 alpha_pattern: dict[str, float]):
+                 alpha_pattern: dict[str, float], exclude: list[str] | None = None):
     peft = require("peft", "peft", "LoRA training")
-    common = dict(r=cfg.network_dim, target_modules=targets, rank_pattern=rank_pattern)
+    common = dict(r=cfg.network_dim, target_modules=targets, rank_pattern=rank_pattern, exclude_modules=exclude or None)
     if cfg.network_type in ("lora", "dora"):
         return peft.LoraConfig(lora_alpha=cfg.network_alpha, init_lora_weights=True, alpha_pattern=alpha_pattern,
                                use_dora=cfg.network_type == "dora", **common)
@@ -76,22 +76,34 @@ def _peft_config(cfg: NetworkConfig, targets: list[str], rank_pattern: dict[str,
     raise ConfigError(f"network.network_type {cfg.network_type!r} has no adapter")
 
 
-def _block_rank_pattern(family: ModelFamily, comp: str, module: torch.nn.Module, cfg: NetworkConfig,
-                        targets: list[str]) -> dict[str, int]:
-    """kohya ``block_dims``: one rank per block (down…, mid, up…) as a peft ``rank_pattern``."""
-    if not cfg.block_dims or comp not in ("unet", "transformer"):
-        return {}
-    blocks = _block_order(family, comp, module)
-    if len(cfg.block_dims) != len(blocks):
-        raise ConfigError(f"network.block_dims has {len(cfg.block_dims)} values but the {family.name} denoiser has "
-                          f"{len(blocks)} blocks ({', '.join(blocks)})")
-    dims = dict(zip(blocks, cfg.block_dims))
-    pattern = {}
-    for name, _ in module.named_modules():
-        block = family.block_of(comp, name)
-        if block in dims and any(name == t or name.endswith("." + t) for t in targets):
-            pattern[re.escape(name)] = int(dims[block])
-    return pattern
+def _block_patterns(family: ModelFamily, comp: str, module: torch.nn.Module, cfg: NetworkConfig,
+                    targets: list[str]) -> tuple[dict[str, int], dict[str, float], list[str]]:
+    """kohya ``block_dims`` / ``block_alphas`` (linear and 1×1 layers) and ``conv_block_dims`` /
+    ``conv_block_alphas`` (k×k convolutions), one value per block of kohya's layout, as peft rank/alpha patterns;
+    modules whose block rank is 0 are excluded (no adapter, as in kohya)."""
+    layout = family.block_layout if comp == "unet" else None
+    if layout is None or not (cfg.block_dims or cfg.conv_block_dims):
+        return {}, {}, []
+    dims = layout.per_block(cfg.block_dims, "block_dims")
+    alphas = layout.per_block(cfg.block_alphas, "block_alphas") or [cfg.network_alpha] * layout.total
+    conv_dims = layout.per_block(cfg.conv_block_dims, "conv_block_dims")
+    conv_alphas = layout.per_block(cfg.conv_block_alphas, "conv_block_alphas") or \
+        [cfg.conv_alpha or cfg.network_alpha] * layout.total
+    ranks, alpha_pattern, excluded = {}, {}, []
+    for name, layer in module.named_modules():
+        index = layout.index(name)
+        if index is None or not any(name == t or name.endswith("." + t) for t in targets):
+            continue
+        conv = isinstance(layer, torch.nn.Conv2d) and layer.kernel_size != (1, 1)
+        rank_list, alpha_list = (conv_dims, conv_alphas) if conv else (dims, alphas)
+        if rank_list is None:
+            continue
+        if int(rank_list[index]) <= 0:
+            excluded.append(name)
+            continue
+        ranks[re.escape(name)] = int(rank_list[index])
+        alpha_pattern[re.escape(name)] = float(alpha_list[index])
+    return ranks, alpha_pattern, excluded
 
 
 def _conv_patterns(module: torch.nn.Module, cfg: NetworkConfig,
@@ -108,17 +120,6 @@ def _conv_patterns(module: torch.nn.Module, cfg: NetworkConfig,
                 ranks[re.escape(name)] = int(cfg.conv_dim)
             alphas[re.escape(name)] = float(cfg.conv_alpha or cfg.network_alpha)
     return ranks, alphas
-
-
-def _block_order(family: ModelFamily, comp: str, module: torch.nn.Module) -> list[str]:
-    seen: list[str] = []
-    for name, _ in module.named_modules():
-        block = family.block_of(comp, name)
-        if block and block not in seen:
-            seen.append(block)
-    downs = sorted((b for b in seen if b.startswith("down_")), key=lambda b: int(b.split("_")[1]))
-    ups = sorted((b for b in seen if b.startswith("up_")), key=lambda b: int(b.split("_")[1]))
-    return downs + (["mid"] if "mid" in seen else []) + ups
 
 
 def attach_network(family: ModelFamily, comps: Components, cfg: NetworkConfig) -> Network:
@@ -141,12 +142,11 @@ def attach_network(family: ModelFamily, comps: Components, cfg: NetworkConfig) -
     peft = require("peft", "peft", "LoRA training")
     for comp, module in modules.items():
         targets = family.lora_target_modules(comp, cfg.target_preset)
-        pattern = _block_rank_pattern(family, comp, module, cfg, targets)
-        alphas = {k: cfg.network_alpha * v / cfg.network_dim for k, v in pattern.items()}  # same alpha/rank per block
-        conv_ranks, conv_alphas = _conv_patterns(module, cfg, targets)
-        pattern.update(conv_ranks)
-        alphas.update(conv_alphas)
-        peft_cfg = _peft_config(cfg, targets, pattern, alphas)
+        pattern, alphas = _conv_patterns(module, cfg, targets)
+        block_ranks, block_alphas, excluded = _block_patterns(family, comp, module, cfg, targets)
+        pattern.update(block_ranks)
+        alphas.update(block_alphas)
+        peft_cfg = _peft_config(cfg, targets, pattern, alphas, excluded)
         peft.inject_adapter_in_model(peft_cfg, module, adapter_name=ADAPTER)
         net.peft_configs[comp] = peft_cfg
     if not net.parameters():
@@ -160,12 +160,16 @@ def param_groups(family: ModelFamily, net: Network, optim: OptimConfig) -> list[
     A block whose weight is 0 is frozen (kohya behaviour) and left out of the optimizer.
     """
     base_lr = optim.learning_rate
+    layout = family.block_layout
+    weights = layout.lr_weights(net.cfg.down_lr_weight, net.cfg.mid_lr_weight, net.cfg.up_lr_weight) \
+        if layout is not None else None
     groups: dict[tuple[str, float], list] = {}
     for comp, name, p in net.named_trainable():
         is_denoiser = comp in ("unet", "transformer")
         lr = (optim.unet_lr or base_lr) if is_denoiser else (optim.text_encoder_lr or base_lr)
-        if is_denoiser:
-            lr *= _block_lr_weight(family, comp, name, net.cfg)
+        if is_denoiser and weights is not None:
+            index = family.block_index(comp, name)
+            lr *= weights[index] if index is not None else 1.0
         if lr <= 0:
             p.requires_grad_(False)
             continue
@@ -173,21 +177,3 @@ def param_groups(family: ModelFamily, net: Network, optim: OptimConfig) -> list[
     if not groups:
         raise ConfigError("every trainable block has a learning rate of 0: nothing would train")
     return [{"params": ps, "lr": lr, "name": f"{comp}@{lr:g}"} for (comp, lr), ps in groups.items()]
-
-
-def _block_lr_weight(family: ModelFamily, comp: str, name: str, cfg: NetworkConfig) -> float:
-    if not (cfg.down_lr_weight or cfg.up_lr_weight or cfg.mid_lr_weight != 1.0):
-        return 1.0
-    block = family.block_of(comp, name.split(".lora_")[0].split(".hada_")[0].split(".lokr_")[0])
-    if block is None:
-        return 1.0
-    if block == "mid":
-        return cfg.mid_lr_weight
-    kind, _, idx = block.partition("_")
-    weights = cfg.down_lr_weight if kind == "down" else cfg.up_lr_weight
-    i = int(idx)
-    if not weights:
-        return 1.0
-    if i >= len(weights):
-        raise ConfigError(f"network.{kind}_lr_weight has {len(weights)} values but block {block} exists; give one per block")
-    return float(weights[i])

@@ -14,6 +14,7 @@ import torch
 
 from .config import OptimConfig
 from .errors import ConfigError, CrucibleError, require
+from .plan import scheduler_name, warmup_steps
 
 log = logging.getLogger("crucible")
 
@@ -51,12 +52,21 @@ def _adamw8bit(groups, cfg, extra):
     return bnb.optim.AdamW8bit(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, **extra)
 
 
+def _sgd_nesterov(groups, cfg, extra):
+    """kohya SGDNesterov: SGD with Nesterov momentum (momentum 0.9 unless set)."""
+    extra.setdefault("momentum", 0.9)
+    return torch.optim.SGD(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, nesterov=True, **extra)
+
+
 def _adafactor(groups, cfg, extra):
+    """kohya's Adafactor: ``relative_step`` defaults to True (the optimizer finds its own step size; the learning
+    rate only seeds the reported value), ``warmup_init`` True forces ``relative_step``, and ``scale_parameter``
+    keeps transformers' default unless set. The usual fixed-LR recipe is ``scale_parameter=False
+    relative_step=False warmup_init=False`` in optimizer_args."""
     from transformers.optimization import Adafactor
 
-    relative = bool(extra.pop("relative_step", False))
-    extra.setdefault("scale_parameter", relative)
     extra.setdefault("warmup_init", False)
+    relative = bool(extra.pop("relative_step", True)) or bool(extra["warmup_init"])
     lr = None if relative else cfg.learning_rate
     if relative:
         for g in groups:
@@ -69,13 +79,14 @@ def _lion(groups, cfg, extra):
     return lion.Lion(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, **extra)
 
 
-def _dadapt(decouple: bool):
+def _dadapt(class_name: str, experimental: bool = False):
+    """A D-Adaptation optimizer, built as kohya does: the package's own defaults, optimizer_args on top."""
     def build(groups, cfg, extra):
         dadaptation = require("dadaptation", "dadaptation", "the DAdaptation optimizers")
-        _warn_lr_free("DAdaptation", cfg)
-        if decouple:
-            extra.setdefault("decouple", True)
-        return dadaptation.DAdaptAdam(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, **extra)
+        if experimental:
+            import dadaptation.experimental as dadaptation  # noqa: F811 - kohya's DAdaptation lives here
+        _warn_lr_free(class_name, cfg)
+        return getattr(dadaptation, class_name)(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, **extra)
 
     return build
 
@@ -89,8 +100,9 @@ def _prodigy(groups, cfg, extra):
 
 
 def _warn_lr_free(name: str, cfg: OptimConfig) -> None:
-    if cfg.learning_rate != 1.0:
-        log.warning("%s adapts the step size itself: learning_rate should be 1.0 (got %g)", name, cfg.learning_rate)
+    if cfg.learning_rate < 0.1:  # kohya's threshold for "learning rate is too low" with adaptive optimizers
+        log.warning("%s adapts the step size itself: learning_rate should be about 1.0 (got %g)", name,
+                    cfg.learning_rate)
 
 
 OPTIMIZER_FACTORIES: dict[str, Callable] = {
@@ -98,10 +110,16 @@ OPTIMIZER_FACTORIES: dict[str, Callable] = {
     "adamw8bit": _adamw8bit,
     "adafactor": _adafactor,
     "lion": _lion,
-    "dadaptation": _dadapt(decouple=False),  # kohya "DAdaptation": DAdaptAdam with L2-style decay
-    "dadaptadam": _dadapt(decouple=True),  # AdamW-style decoupled decay
+    "dadaptation": _dadapt("DAdaptAdamPreprint", experimental=True),  # kohya "DAdaptation"
+    "dadaptadam": _dadapt("DAdaptAdam"),
+    "dadaptadagrad": _dadapt("DAdaptAdaGrad"),
+    "dadaptadan": _dadapt("DAdaptAdan"),
+    "dadaptadanip": _dadapt("DAdaptAdanIP", experimental=True),
+    "dadaptlion": _dadapt("DAdaptLion"),
+    "dadaptsgd": _dadapt("DAdaptSGD"),
     "prodigy": _prodigy,
     "sgd": _sgd,
+    "sgdnesterov": _sgd_nesterov,
 }
 
 
@@ -118,11 +136,6 @@ def build_optimizer(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimiz
         raise ConfigError(f"optim.optimizer_args do not fit {cfg.optimizer}: {exc}") from exc
 
 
-def warmup_steps(cfg: OptimConfig, total_steps: int) -> int:
-    steps = round(cfg.lr_warmup_ratio * total_steps) if cfg.lr_warmup_ratio > 0 else cfg.lr_warmup_steps
-    return max(0, min(int(steps), total_steps))
-
-
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
     """``diffusers.optimization.get_scheduler`` with warmup, cycles and power from the config.
 
@@ -137,8 +150,9 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_st
         if cfg.lr_scheduler != "constant" or warmup_steps(cfg, total_steps):
             log.warning("Adafactor with relative_step=True sets its own learning rate; lr_scheduler %r and warmup "
                         "are ignored", cfg.lr_scheduler)
-        return AdafactorSchedule(optimizer)
+        return AdafactorSchedule(optimizer, initial_lr=cfg.learning_rate)  # kohya: the learning rate seeds it
 
-    return get_scheduler(cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=warmup_steps(cfg, total_steps),
+    warmup = warmup_steps(cfg, total_steps)
+    return get_scheduler(scheduler_name(cfg.lr_scheduler, warmup), optimizer=optimizer, num_warmup_steps=warmup,
                          num_training_steps=max(total_steps, 1), num_cycles=cfg.lr_scheduler_num_cycles,
                          power=cfg.lr_scheduler_power)

@@ -13,7 +13,9 @@ Counting rules
   still makes a step and accumulation never straddles two epochs (kohya/accelerate behaviour).
 * **Total steps** = epochs × steps per epoch; when ``training.max_train_steps > 0`` it is ``max_train_steps`` and
   the run needs ⌈max_train_steps / steps per epoch⌉ epochs, the last one possibly cut short.
-* **Warmup** = ⌊lr_warmup_ratio × total⌋ when the ratio is > 0, else ``lr_warmup_steps``; never above total.
+* **Warmup** = ⌊lr_warmup_ratio × total⌋ when the ratio is > 0 (kohya's ``int(ratio × total)``), else
+  ``lr_warmup_steps``; never above total. :func:`warmup_steps` is the one place this is computed: the plan shows it
+  and the scheduler applies it. ``constant`` with a warmup runs as ``constant_with_warmup`` (:func:`scheduler_name`).
 
 Steps are 1-based global optimizer steps; epochs are 1-based. Step ``s`` belongs to epoch ``⌈s / steps per epoch⌉``.
 
@@ -22,7 +24,8 @@ Save / sample rules
 * ``save_every_n_epochs = N``: at the last step of every complete epoch ``e`` with ``e % N == 0``.
 * ``save_every_n_steps = M``: at every step ``s`` with ``s % M == 0``.
 * ``save_last``: at the final step.
-* Samples: the same with ``sample_every_n_epochs`` / ``sample_every_n_steps`` (no implicit final sample).
+* Samples: the same with ``sample_every_n_epochs`` / ``sample_every_n_steps`` (no implicit final sample). Prompts
+  given with neither set render one preview per epoch (prompts never render nothing silently).
 """
 from __future__ import annotations
 
@@ -31,9 +34,10 @@ from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any, Mapping
 
 from .errors import ConfigError, DatasetError
+from .families.settings import check_family_settings
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .config import TrainConfig
+    from .config import OptimConfig, TrainConfig
     from .dataset import DataSource
 
 Resolution = tuple[int, int]
@@ -61,6 +65,8 @@ class StepPlan:
     save_points: tuple[tuple[int, int], ...]  # (step, epoch) pairs, ascending
     sample_points: tuple[tuple[int, int], ...]
     num_processes: int = 1  # data-parallel processes: each takes every Nth batch (padded to equal length)
+    lr_scheduler: str = ""  # the scheduler that runs (see scheduler_name)
+    notes: tuple[str, ...] = ()  # settings this model ignores (trainer.families.settings), shown with the plan
 
     @property
     def batches_per_process(self) -> int:
@@ -116,12 +122,15 @@ class StepPlan:
             + (f", gradient accumulation {accum}" if accum > 1 else ""),
             f"{self.steps_per_epoch} optimizer steps per epoch x {self.epochs} epoch(s) = {self.total_steps} steps"
             + ("" if self.total_steps == self.epochs * self.steps_per_epoch else " (max_train_steps)"),
-            f"warmup: {self.warmup_steps} step(s)",
+            f"warmup: {self.warmup_steps} step(s)" + (
+                " (lr_scheduler constant with warmup runs as constant_with_warmup)"
+                if self.warmup_steps and self.lr_scheduler == "constant_with_warmup" else ""),
             *self._dropped_line(),
             "checkpoints at steps: " + (_points(self.save_points) or "none (nothing will be saved!)"),
         ]
         if self.sample_points:
             lines.append("samples at steps: " + _points(self.sample_points))
+        lines.extend(f"note: {note}" for note in self.notes)
         return "\n".join(lines)
 
 
@@ -167,19 +176,40 @@ def plan_from_counts(bucket_counts: Mapping[Resolution, int], cfg: "TrainConfig"
     else:
         epochs = t.epochs
         total = epochs * steps_per_epoch
-    if o.lr_warmup_ratio > 0:
-        warmup = math.floor(o.lr_warmup_ratio * total + 1e-9)
-    else:
-        warmup = o.lr_warmup_steps
+    warmup = warmup_steps(o, total)
     plan = StepPlan(
         samples_per_epoch=samples, batches_per_epoch=batches, steps_per_epoch=steps_per_epoch, epochs=epochs,
-        total_steps=total, warmup_steps=min(total, warmup), batch_size=t.batch_size,
+        total_steps=total, warmup_steps=warmup, batch_size=t.batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps, drop_last=t.drop_last, bucket_counts=counts,
         save_every_n_epochs=s.save_every_n_epochs, save_every_n_steps=s.save_every_n_steps, save_last=s.save_last,
-        sample_every_n_epochs=p.sample_every_n_epochs, sample_every_n_steps=p.sample_every_n_steps,
+        sample_every_n_epochs=_sample_epochs(p), sample_every_n_steps=p.sample_every_n_steps,
         save_points=(), sample_points=(), num_processes=num_processes,
+        lr_scheduler=scheduler_name(o.lr_scheduler, warmup), notes=tuple(check_family_settings(cfg)),
     )
     return _with_points(plan)
+
+
+def _sample_epochs(sample) -> int:
+    """``sample_every_n_epochs``, or 1 when prompts are given with no cadence at all."""
+    if sample.prompts and sample.sample_every_n_epochs <= 0 and sample.sample_every_n_steps <= 0:
+        return 1
+    return sample.sample_every_n_epochs
+
+
+def warmup_steps(optim: "OptimConfig", total_steps: int) -> int:
+    """Warmup steps of a run of ``total_steps``: ⌊ratio × total⌋ when ``lr_warmup_ratio`` > 0, else
+    ``lr_warmup_steps``; capped to the run. The plan and the scheduler both use this value."""
+    if optim.lr_warmup_ratio > 0:
+        steps = math.floor(optim.lr_warmup_ratio * total_steps + 1e-9)  # 0.29 × 100 is 28.999…: still 29
+    else:
+        steps = optim.lr_warmup_steps
+    return max(0, min(int(steps), total_steps))
+
+
+def scheduler_name(name: str, warmup: int) -> str:
+    """The scheduler that runs: ``constant`` with a warmup becomes ``constant_with_warmup`` (diffusers' plain
+    ``constant`` would ignore the warmup the plan shows)."""
+    return "constant_with_warmup" if name == "constant" and warmup > 0 else name
 
 
 def _with_points(plan: StepPlan) -> StepPlan:
@@ -208,4 +238,4 @@ def compute_plan(cfg: "TrainConfig", source: "DataSource", num_processes: int = 
     return plan_from_counts(source.bucket_counts(), cfg, num_processes)
 
 
-__all__ = ["StepPlan", "plan_from_counts", "compute_plan"]
+__all__ = ["StepPlan", "plan_from_counts", "compute_plan", "warmup_steps", "scheduler_name"]

@@ -9,7 +9,9 @@ Conventions
 * Images enter as float tensors ``[B, 3, H, W]`` in ``[-1, 1]``.
 * ``encode_images`` returns latents already scaled (and shifted) the way the denoiser expects them.
 * ``encode_text`` returns a :class:`Conditioning` – a dict of tensors the family's ``predict`` understands
-  (e.g. ``encoder_hidden_states``; SDXL adds ``text_embeds``/``time_ids``; Flux adds pooled CLIP and ids).
+  (e.g. ``encoder_hidden_states``; SDXL adds ``text_embeds``/``time_ids``; Flux adds pooled CLIP and ids). The loop
+  adds ``image_geometry`` ``[B, 4]`` (original h, w, crop top, left of each image); families that condition on it
+  (SDXL) use it, the others ignore it.
 * ``predict`` returns the raw model output (epsilon, v or flow velocity, as the objective expects) in latent shape.
 * Components are named the way diffusers names them in a pipeline folder: ``unet`` or ``transformer``,
   ``text_encoder``, ``text_encoder_2``, ``text_encoder_3``, ``vae``.
@@ -64,6 +66,9 @@ class ModelFamily(ABC):
     default_prediction: str = "epsilon"  # epsilon | v_prediction | flow
     vae_scale_factor: int = 8
     latent_channels: int = 4
+    # The family-dependent settings (trainer.families.settings.FAMILY_SETTINGS) this family applies; a setting not
+    # listed is refused at validation or reported in the plan, never silently ignored.
+    honoured_settings: frozenset[str] = frozenset()
 
     def __init_subclass__(cls, **kwargs):
         """Every family's ``load`` first checks each path it will read against the read policy in force
@@ -113,9 +118,14 @@ class ModelFamily(ABC):
         shift), used when ``training.flow_shift`` is 0 ("auto"). ``None`` = no opinion (shift 1.0)."""
         return None
 
-    def block_of(self, component: str, module_name: str) -> str | None:
-        """The kohya block id (``down_0``, ``mid``, ``up_2`` …) of a denoiser module, for block-wise LR/dims."""
-        return None
+    # kohya's block layout (trainer.families.kohya_blocks) for block-wise LR/dims; None = not supported.
+    block_layout: Any = None
+
+    def block_index(self, component: str, module_name: str) -> int | None:
+        """The kohya block index of a denoiser module (into ``block_dims``), for block-wise LR/dims."""
+        if self.block_layout is None or component != "unet":
+            return None
+        return self.block_layout.index(module_name)
 
     # --- sampling ------------------------------------------------------------------------------------------------
     @abstractmethod
@@ -123,8 +133,10 @@ class ModelFamily(ABC):
         """A diffusers pipeline built from the (possibly LoRA-patched) components."""
 
     def sample(self, comps: Components, prompts: Sequence[str], *, seed: int, steps: int, cfg: float,
-               width: int, height: int, negative_prompt: str = "") -> list["Image.Image"]:
-        """Render one image per prompt with a fixed seed (``torch.Generator`` on the CPU, so it is portable)."""
+               width: int, height: int, negative_prompt: str = "", guidance: float | None = None) -> list["Image.Image"]:
+        """Render one image per prompt with a fixed seed (``torch.Generator`` on the CPU, so it is portable).
+        ``guidance``: a guidance-distilled model's embedded guidance (Flux); None = use ``cfg`` for it. Families
+        with classifier-free guidance ignore it."""
         import torch
 
         pipe = self.pipeline(comps)

@@ -567,8 +567,12 @@ class FlowFamily(ModelFamily):
         """The family's own σ shift for latents of this size, or ``None`` to use ``training.flow_shift``."""
         return None
 
+    guidance_distilled = False  # Flux: sampling takes an embedded guidance value instead of classifier-free cfg
+
     def configure_training(self, comps: Components, training) -> None:
-        """Take what ``predict`` needs from the :class:`~trainer.config.TrainingConfig` (Flux: guidance)."""
+        """Take what ``predict`` needs from the :class:`~trainer.config.TrainingConfig`: the T5 token length
+        (kohya ``t5xxl_max_token_length``; 0 = the family's ComfyUI padding). Flux adds its guidance."""
+        comps.extras["t5_length"] = int(training.t5xxl_max_token_length or self.t5_length)
 
     def lora_target_modules(self, component: str, preset: str) -> list[str]:
         from ..lora_targets import lora_target_modules
@@ -585,7 +589,7 @@ class FlowFamily(ModelFamily):
         return latents
 
     def sample(self, comps: Components, prompts: Sequence[str], *, seed: int, steps: int, cfg: float,
-               width: int, height: int, negative_prompt: str = "") -> list["Image.Image"]:
+               width: int, height: int, negative_prompt: str = "", guidance: float | None = None) -> list["Image.Image"]:
         """Render one image per prompt with a fixed CPU seed; the VAE decode happens here, in the VAE's dtype."""
         import torch
 
@@ -597,7 +601,8 @@ class FlowFamily(ModelFamily):
         images = []
         with torch.no_grad():
             for prompt in prompts:
-                kwargs = self.prompt_kwargs(comps, prompt, negative_prompt, cfg)
+                scale = guidance if guidance is not None and self.guidance_distilled else cfg
+                kwargs = self.prompt_kwargs(comps, prompt, negative_prompt, scale)
                 generator = torch.Generator("cpu").manual_seed(seed)
                 latents = pipe(**kwargs, num_inference_steps=steps, width=width, height=height, generator=generator,
                                output_type="latent").images

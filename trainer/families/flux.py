@@ -11,8 +11,8 @@ As ``FluxPipeline`` and ComfyUI's Flux text encoder do it:
 * :meth:`FluxFamily.flow_shift` is dev's resolution-dependent shift (``exp(mu)``, ``mu`` from the image sequence
   length as ``FluxPipeline`` computes it), the same as kohya's ``flux_shift``.
 
-Sampling passes ``cfg`` as the embedded guidance (ComfyUI's *FluxGuidance*, 3.5 for dev; schnell ignores it); Flux
-has no negative prompt.
+Sampling passes ``guidance`` (training previews: ``sample.guidance``) or else ``cfg`` (the sweep) as the embedded
+guidance (ComfyUI's *FluxGuidance*, 3.5 for dev; schnell ignores it); Flux has no negative prompt.
 """
 from __future__ import annotations
 
@@ -119,6 +119,9 @@ def image_ids(h: int, w: int, device=None, dtype=None) -> "torch.Tensor":
 class FluxFamily(FlowFamily):
     """Flux.1 dev (guidance-distilled) and schnell."""
 
+    honoured_settings = frozenset({"guidance_scale", "t5xxl_max_token_length"})
+    guidance_distilled = True
+
     name = "flux"
     title = "Flux"
     encoders = (EncoderSpec("text_encoder", "clip_l"), EncoderSpec("text_encoder_2", "t5xxl"))
@@ -153,7 +156,9 @@ class FluxFamily(FlowFamily):
         return {"guidance_embeds": bool(transformer.config.guidance_embeds), "guidance": 1.0}
 
     def configure_training(self, comps: Components, training) -> None:
-        """Train dev with ``training.guidance_scale`` as its guidance embedding."""
+        """Train dev with ``training.guidance_scale`` as its guidance embedding (and the T5 length as every flow
+        family)."""
+        super().configure_training(comps, training)
         comps.extras["guidance"] = float(training.guidance_scale)
 
     def flow_shift(self, comps: Components, latents: "torch.Tensor") -> float | None:

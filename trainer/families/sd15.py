@@ -15,13 +15,13 @@ Text conditioning follows kohya / A1111 / ComfyUI:
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from ..errors import ConfigError, ModelLoadError
 from . import single_file as sf
 from .base import Components, Conditioning, ModelFamily
+from .kohya_blocks import SD15_BLOCKS
 from .token_weights import apply_token_weights, token_weights
 from .tokenizers import find_clip_tokenizer
 
@@ -35,7 +35,6 @@ WINDOW = 75  # tokens per CLIP window, without BOS/EOS
 SCHEDULER_DEFAULTS = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
                       "beta_schedule": "scaled_linear", "clip_sample": False, "steps_offset": 1}
 _SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
-_BLOCK = re.compile(r"(?:^|\.)(down_blocks|up_blocks)\.(\d+)(?:\.|$)|(?:^|\.)mid_block(?:\.|$)")
 
 
 def make_noise_scheduler(prediction_type: str = "epsilon", zero_terminal_snr: bool = False,
@@ -126,6 +125,9 @@ def check_clip_skip(encoder, clip_skip: int, extra: int = 0) -> None:
 
 class StableDiffusionFamily(ModelFamily):
     """SD1.5 (and the shared machinery of SDXL)."""
+
+    honoured_settings = frozenset({"weighted_captions", "clip_skip", "max_token_length", "block_weights"})
+    block_layout = SD15_BLOCKS
 
     name = "sd15"
     default_prediction = "epsilon"
@@ -261,17 +263,6 @@ class StableDiffusionFamily(ModelFamily):
 
         return lora_target_modules(self.name, component, preset)
 
-    def block_of(self, component: str, module_name: str) -> str | None:
-        """``down_N`` / ``mid`` / ``up_N`` from the diffusers module name (UNet only)."""
-        if component != "unet":
-            return None
-        match = _BLOCK.search(module_name)
-        if match is None:
-            return None
-        if match.group(1) is None:
-            return "mid"
-        return f"{'down' if match.group(1) == 'down_blocks' else 'up'}_{match.group(2)}"
-
     # --- sampling -----------------------------------------------------------------------------------------------
     def pipeline(self, comps: Components) -> Any:
         from diffusers import StableDiffusionPipeline
@@ -282,7 +273,7 @@ class StableDiffusionFamily(ModelFamily):
                                        feature_extractor=None, requires_safety_checker=False)
 
     def sample(self, comps: Components, prompts: Sequence[str], *, seed: int, steps: int, cfg: float,
-               width: int, height: int, negative_prompt: str = "") -> list["Image.Image"]:
+               width: int, height: int, negative_prompt: str = "", guidance: float | None = None) -> list["Image.Image"]:
         """Render one image per prompt. Prompts are encoded exactly as in training (clip skip, 75-token windows,
         so long prompts are not cut at 77 tokens) and handed to the diffusers pipeline as embeddings."""
         import torch

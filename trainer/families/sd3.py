@@ -64,6 +64,8 @@ def sd3_transformer_config(sd: Mapping[str, "torch.Tensor"]) -> dict[str, Any]:
 class SD3Family(FlowFamily):
     """SD3 medium and SD3.5 medium/large (T5 optional)."""
 
+    honoured_settings = frozenset({"clip_skip", "max_token_length", "t5xxl_max_token_length"})
+
     name = "sd3"
     title = "SD3"
     encoders = (EncoderSpec("text_encoder", "clip_l"), EncoderSpec("text_encoder_2", "clip_g"),

@@ -6,14 +6,16 @@ Conditioning as in diffusers' SDXL pipeline and kohya's SDXL trainer:
   feature axis; ``clip_skip`` 1 means that standard penultimate layer and each step more goes one layer further back.
 * ``text_embeds`` = CLIP-G's projected pooled output of the first 75-token window.
 * ``time_ids`` = (original h, w, crop top, crop left, target h, w) per image, see :func:`sdxl_time_ids`. The data
-  pipeline knows the sizes, ``encode_text`` does not: :meth:`StableDiffusionXLFamily.predict` falls back to the
-  latent size (uncropped, original = target) when the conditioning carries no ``time_ids``.
+  pipeline knows the sizes, ``encode_text`` does not: the loop adds each image's ``image_geometry`` (original size
+  and crop offset, as kohya and diffusers pass them) to the conditioning and the target is the latent size; without
+  it :meth:`StableDiffusionXLFamily.predict` falls back to the latent size (uncropped, original = target).
 """
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Sequence
 
 from .base import Components, Conditioning
+from .kohya_blocks import SDXL_BLOCKS
 from .token_weights import apply_token_weights, token_weights
 from .sd15 import (WINDOW, StableDiffusionFamily, check_clip_skip, chunked_token_ids, encode_windows, param_dtype,
                    unwrap)
@@ -44,6 +46,7 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
     """SDXL base (epsilon; v-prediction / zero-terminal-SNR fine-tunes via the config or ComfyUI's markers)."""
 
     name = "sdxl"
+    block_layout = SDXL_BLOCKS
     encoders = (("text_encoder", "clip_l"), ("text_encoder_2", "clip_g"))
 
     def encode_text(self, comps: Components, captions: Sequence[str], clip_skip: int = 1,
@@ -70,9 +73,15 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
         dtype = param_dtype(comps.denoiser)
         batch = latents.shape[0]
         time_ids = cond.get("time_ids")
+        geometry = cond.get("image_geometry")
         if time_ids is None:
             scale = self.vae_scale_factor_of(comps)
-            time_ids = sdxl_time_ids([(latents.shape[-2] * scale, latents.shape[-1] * scale)] * batch)
+            target = [(latents.shape[-2] * scale, latents.shape[-1] * scale)] * batch
+            if geometry is not None and len(geometry) == batch:
+                rows = [tuple(int(v) for v in row) for row in geometry]
+                time_ids = sdxl_time_ids([r[:2] for r in rows], [r[2:4] for r in rows], target)
+            else:
+                time_ids = sdxl_time_ids(target)
         elif time_ids.shape[0] == 1 and batch > 1:
             time_ids = time_ids.expand(batch, -1)
         elif time_ids.shape[0] != batch:

@@ -9,17 +9,20 @@ relative to the values is left alone.
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-import torch
+if TYPE_CHECKING:  # pragma: no cover - imported lazily, so the family classes load without torch
+    import torch
 
 log = logging.getLogger("crucible")
 WINDOW = 75
 Pieces = Sequence[tuple[str, float]]
 
 
-def token_weights(tokenizer, pieces_per_caption: Sequence[Pieces], max_token_length: int) -> torch.Tensor:
+def token_weights(tokenizer, pieces_per_caption: Sequence[Pieces], max_token_length: int) -> "torch.Tensor":
     """``[B, windows*77]`` weights aligned with :func:`~trainer.families.sd15.chunked_token_ids`'s layout."""
+    import torch
+
     windows = max_token_length // WINDOW
     rows = []
     for pieces in pieces_per_caption:
@@ -42,8 +45,10 @@ def token_weights(tokenizer, pieces_per_caption: Sequence[Pieces], max_token_len
     return torch.tensor(rows, dtype=torch.float32)
 
 
-def apply_token_weights(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def apply_token_weights(hidden: "torch.Tensor", weights: "torch.Tensor") -> "torch.Tensor":
     """Scale ``hidden`` ``[B, L, D]`` by ``weights`` ``[B, L]``, keeping each caption's mean."""
+    import torch
+
     weights = weights.to(hidden.device, hidden.dtype)
     before = hidden.mean(dim=(1, 2), keepdim=True)
     scaled = hidden * weights.unsqueeze(-1)
