@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer.config import OptimConfig, TrainConfig
+from trainer.config import TrainConfig
 from trainer.plan import plan_from_counts
 
 
