@@ -126,7 +126,8 @@ venv_080() {  # built by ../shared/comfyui-0.8.0/install_cpu.sh (torch 2.13.0 CP
   TORCH_CONSTRAINTS=$CACHE/src-0.8.0/constraints.txt  # written by install_cpu.sh: torch==<the installed version>
   # Only this pack: 0.8.0 has --disable-all-custom-nodes and --whitelist-custom-nodes (comfy/cli_args.py).
   SERVER_ARGS=(--disable-all-custom-nodes --whitelist-custom-nodes "$PACK_NAME")
-  key="$("$PY" -c 'import sys; print(sys.version)' | head -1) $(cat "$C080/ComfyUI-0.8.0.tar.gz" "$C080/install_cpu.sh" | sha256sum | cut -c1-16)"
+  key="$("$PY" -c 'import sys; print(sys.version)' | head -1)"
+  key="$key $(cat "$C080/ComfyUI-0.8.0.tar.gz" "$C080/install_cpu.sh" | sha256sum | cut -c1-16)"
   if [[ -x $VPY && -f $SRC/main.py && -f $TORCH_CONSTRAINTS && "$(cat "$VENV/.base-key" 2>/dev/null)" == "$key" ]]; then
     echo "reusing $VENV"; return 0
   fi

@@ -3,9 +3,10 @@
 Runs in the stage's ComfyUI venv (a subprocess, see ``comfy_python.py``): a tiny SD3 (SD3.5 layout: dual attention,
 q/k norm; ``trainer.tiny_flow``) and the smallest Flux dev ComfyUI detects (3072 wide, one double and one single
 block; ``comfy_models.comfy_flux_transformer``) are exported with the family's ``full_export_state_dict`` (what
-Crucible Train saves for a full fine-tune) and handed to
-``comfy.sd.load_diffusion_model_state_dict``. Each must come back as ComfyUI's ``SD3`` / ``Flux`` model config with
-no ``unet missing`` / ``unet unexpected`` warning, and the loaded weights must equal the exported ones.
+Crucible Train saves for a full fine-tune) and handed to ``comfy.sd.load_diffusion_model_state_dict``. Each must
+come back as ComfyUI's ``SD3`` / ``Flux`` model config with no ``unet missing`` / ``unet unexpected`` warning, and
+ComfyUI's weights must have the export's count and sum (ComfyUI renames, fuses and reorders tensors, which keeps
+both; an uninitialised or dropped weight changes them).
 
 A ComfyUI without the family (the 2024 tree has no SD3 or Flux) SKIPs it; on 0.8.0 that would be a FAIL.
 """

@@ -82,11 +82,14 @@ def _sd15(seed: int) -> ComfyCase:
 
     comps = comfy_sd15_components(seed)
     state = diffusers_to_single_file(comps, "sd15")
+    how = "single file -> comfy.sd.load_state_dict_guess_config: SD15 + CLIP"
     if hasattr(comfy.sd, "load_state_dict_guess_config"):
         model, clip, _vae, _ = comfy.sd.load_state_dict_guess_config(state, output_vae=False, output_clip=True,
                                                                      model_options=_fp32(), te_model_options=_fp32())
     else:  # the 2024 tree loads checkpoints from files only (float32 on the CPU)
         from trainer.fileio import save_safetensors
+
+        how = "single file -> comfy.sd.load_checkpoint_guess_config: SD15 + CLIP"
 
         with tempfile.TemporaryDirectory(prefix="crucible-sd15-") as tmp:
             path = save_safetensors(Path(tmp) / "sd15.safetensors", state)
@@ -94,8 +97,7 @@ def _sd15(seed: int) -> ComfyCase:
                                                                          output_clip=True)
     del state
     comps.vae = None
-    return ComfyCase("sd15", comps, model, clip,
-                     _detected("sd15", model, "single file -> comfy.sd.load_state_dict_guess_config: SD15 + CLIP"))
+    return ComfyCase("sd15", comps, model, clip, _detected("sd15", model, how))
 
 
 def _sdxl(seed: int) -> ComfyCase:
