@@ -37,7 +37,7 @@ def demo_config(model_dir: Path, data: Path, out: Path, epochs: int) -> TrainCon
     })
 
 
-def run_demo(out: Path, epochs: int = 5) -> Path:
+def run_demo(out: Path, epochs: int = 6) -> Path:
     from .demo_base import build_demo_base, write_concept_dataset
     from .loop import train
     from .plan import compute_plan
