@@ -43,3 +43,19 @@ def test_demo_base_recipe_writes_a_loadable_model_with_its_own_vae(tmp_path):
     assert comps.vae.config.scaling_factor != 0.18215  # set from the trained latents' spread
     images = get_family("sd15").sample(comps, [PROMPT], seed=1, steps=2, cfg=2.0, width=64, height=64)
     assert images[0].size == (64, 64)
+
+
+def test_the_shipped_base_model_draws_a_shape_on_a_background():
+    """trainer/demo_base_model (the output of `python -m trainer demo-base`) renders a shape, not noise."""
+    import numpy as np
+
+    from trainer.demo import SHIPPED_BASE
+
+    family = get_family("sd15")
+    comps = family.load(ModelConfig(family="sd15", path=str(SHIPPED_BASE)))
+    (image,) = family.sample(comps, ["red circle, black background"], seed=7, steps=20, cfg=4.0, width=64, height=64)
+    pixels = np.asarray(image, dtype=np.float32)
+    centre, corners = pixels[24:40, 24:40].mean((0, 1)), np.concatenate(
+        [pixels[:8, :8], pixels[:8, -8:], pixels[-8:, :8], pixels[-8:, -8:]]).mean((0, 1))
+    assert np.abs(centre - corners).max() > 60  # a filled shape in the middle, a different colour around it
+    assert centre[0] > centre[2] + 60  # and the shape is red, as asked

@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_sweep)
     d = sub.add_parser("demo", help="tiny model + bundled dataset: train, sweep, strip")
     d.add_argument("--out", default="demo_output")
-    d.add_argument("--epochs", type=int, default=5)
+    d.add_argument("--epochs", type=int, default=6)
     d.set_defaults(fn=cmd_demo)
     b = sub.add_parser("demo-base", help="pre-train the demo's tiny base model on drawn shapes (a few CPU minutes)")
     b.add_argument("--out", default="demo_output/demo-base")

@@ -1,7 +1,8 @@
 """``make demo``: the whole Crucible job end to end on the CPU, with nothing to download, and a LoRA you can see learn.
 
-1. The base model: a tiny SD1.5-architecture model pre-trained on drawn flat shapes (:mod:`trainer.demo_base`; built
-   on the first run and kept in ``<out>/demo-base``). It draws red/green/blue/yellow circles, squares and triangles.
+1. The base model: a tiny SD1.5-architecture model pre-trained on drawn flat shapes (:mod:`trainer.demo_base`). The
+   repository ships the output of ``python -m trainer demo-base`` (seed 0) as ``trainer/demo_base_model``; a model
+   in ``<out>/demo-base`` (from that command) takes precedence. It draws circles, squares and triangles.
 2. The LoRA's dataset: 20 pictures of a concept the base has never seen — a magenta ring, captioned with the new
    word ``crucible`` — written to ``<out>/demo_concept``. The default ``validation_split`` holds 2 of them out.
 3. Train the LoRA, saving a checkpoint per epoch, each scored on the held-out pictures (validation loss).
@@ -18,6 +19,7 @@ from .callbacks import ConsoleProgress
 from .config import TrainConfig
 
 DEMO_DATA = Path(__file__).resolve().parent / "demo_data"  # the bundled kohya-layout folder the tests train on
+SHIPPED_BASE = Path(__file__).resolve().parent / "demo_base_model"  # build_demo_base(seed 0) output, 4 MB
 PROMPT = "crucible, black background"
 log = logging.getLogger("crucible")
 
@@ -35,7 +37,7 @@ def demo_config(model_dir: Path, data: Path, out: Path, epochs: int) -> TrainCon
     })
 
 
-def run_demo(out: Path, epochs: int = 5) -> Path:
+def run_demo(out: Path, epochs: int = 6) -> Path:
     from .demo_base import build_demo_base, write_concept_dataset
     from .loop import train
     from .plan import compute_plan
@@ -46,7 +48,10 @@ def run_demo(out: Path, epochs: int = 5) -> Path:
     t0 = time.monotonic()
     base = out / "demo-base"
     if (base / "model_index.json").is_file():
-        print(f"1/4 base model: {base} (pre-trained on an earlier run; delete it to rebuild)")
+        print(f"1/4 base model: {base} (built by an earlier run or by `python -m trainer demo-base`)")
+    elif (SHIPPED_BASE / "model_index.json").is_file():
+        base = SHIPPED_BASE
+        print(f"1/4 base model: {base} (shipped, 4 MB; `python -m trainer demo-base` rebuilds it)")
     else:
         print(f"1/4 pre-training a tiny SD1.5-architecture base model on drawn shapes in {base}")
         build_demo_base(base)
