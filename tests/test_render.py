@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -336,13 +335,12 @@ def test_module_does_not_import_torch():
     assert out.stdout.strip() == "False"
 
 
-def test_64_tiles_of_512_compose_fast():
+def test_64_tiles_of_512_compose_into_an_8_by_8_grid():
+    """Layout only: the speed is measured by benchmarks/bench_compositor.py, never asserted in a test."""
     rng = np.random.default_rng(1)
     tiles = [Image.fromarray(rng.integers(0, 256, (512, 512, 3), dtype=np.uint8)) for _ in range(8)]
     cells = [[tiles[(r + c) % 8] for c in range(8)] for r in range(8)]
-    start = time.perf_counter()
     comp = compose_grid(cells, col_labels=[f"step {i}" for i in range(8)],
                         row_labels=[f"prompt number {i}, strength 1.0" for i in range(8)], title="bench")
-    elapsed = time.perf_counter() - start
     assert comp.layout["cell_size"] == [512, 512]
-    assert elapsed < 1.0, f"composing 64 tiles took {elapsed:.2f} s"
+    assert (comp.layout["rows"], comp.layout["cols"], len(comp.layout["cells"])) == (8, 8, 64)

@@ -175,9 +175,9 @@ def test_full_finetune_exports_a_diffusers_unet_that_reloads(tiny_sd15, demo_dat
     assert "conv_in.weight" in state and not any(".lora" in k for k in state)  # diffusers UNet naming
     fresh = UNet2DConditionModel.from_pretrained(str(tiny_sd15), subfolder="unet")
     base_conv = fresh.conv_in.weight.detach().clone()
-    missing, unexpected = fresh.load_state_dict(state, strict=True), None
+    loaded = fresh.load_state_dict(state, strict=False)
+    assert not loaded.missing_keys and not loaded.unexpected_keys  # the export is the whole UNet, nothing more
     assert not torch.equal(base_conv, fresh.conv_in.weight)  # training changed the weights
-    assert unexpected is None and not missing.missing_keys
 
 
 def test_headless_sweep_renders_a_labelled_grid(trained, tmp_path):
