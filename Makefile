@@ -23,7 +23,8 @@ LATEST_VENV ?= .venv-latest
 .PHONY: setup demo test test-unit test-comfyui test-min test-latest lock latest-venv bench clean
 
 # $(call new_venv,DIR): a venv with torch. The torch of $(PY) is reused when it has one (ComfyUI's own, say);
-# otherwise $(TORCH_SPEC) is installed into the venv.
+# otherwise $(TORCH_SPEC) is installed into the venv. DIR/torch-constraint.txt then pins that torch, so that no later
+# install (test-latest upgrades everything) swaps it for another build.
 define new_venv
 	@if $(PY) -c "import torch" 2>/dev/null; then \
 	  echo "using the torch already installed for $(PY)"; $(PY) -m venv --system-site-packages $(1); \
@@ -33,13 +34,14 @@ define new_venv
 	$(1)/bin/python -m pip install -q --upgrade pip
 	@$(1)/bin/python -c "import torch" 2>/dev/null || \
 	  $(1)/bin/python -m pip install -q $(TORCH_SPEC) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(1)/bin/python -c "import torch; print('torch==' + torch.__version__)" > $(1)/torch-constraint.txt
 endef
 
 setup: $(STAMP)
 
 $(STAMP): requirements.txt requirements-test.txt constraints.txt pyproject.toml
 	$(call new_venv,$(VENV))
-	$(BIN)/python -m pip install -q $(REQUIREMENTS) -c constraints.txt
+	$(BIN)/python -m pip install -q $(REQUIREMENTS) -c constraints.txt -c $(VENV)/torch-constraint.txt
 	@touch $@
 
 demo: setup
@@ -58,7 +60,8 @@ $(MIN_VENV)/.crucible-installed: requirements.txt requirements-test.txt
 	rm -rf $(MIN_VENV)
 	$(call new_venv,$(MIN_VENV))
 	sed -E 's/>=/==/' requirements.txt > $(MIN_VENV)/min-constraints.txt
-	$(MIN_VENV)/bin/python -m pip install -q $(REQUIREMENTS) -c $(MIN_VENV)/min-constraints.txt
+	$(MIN_VENV)/bin/python -m pip install -q $(REQUIREMENTS) -c $(MIN_VENV)/min-constraints.txt \
+	  -c $(MIN_VENV)/torch-constraint.txt
 	@touch $@
 
 test-min: $(MIN_VENV)/.crucible-installed
@@ -70,7 +73,8 @@ $(LATEST_VENV)/bin/python:
 	$(call new_venv,$(LATEST_VENV))
 
 latest-venv: $(LATEST_VENV)/bin/python
-	$(LATEST_VENV)/bin/python -m pip install -q --upgrade --upgrade-strategy eager $(REQUIREMENTS)
+	$(LATEST_VENV)/bin/python -m pip install -q --upgrade --upgrade-strategy eager $(REQUIREMENTS) \
+	  -c $(LATEST_VENV)/torch-constraint.txt
 
 test-latest: latest-venv
 	@$(LATEST_VENV)/bin/python -m pip freeze --local | grep -iE '^(diffusers|peft|transformers|accelerate|safetensors|pillow|numpy|huggingface.hub|tokenizers)=='

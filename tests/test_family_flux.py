@@ -122,7 +122,9 @@ def test_resolution_dependent_shift(folder_comps):
     from trainer.families.objectives import FlowMatchingObjective
 
     small, large = torch.zeros(1, 16, 64, 64), torch.zeros(1, 16, 128, 128)  # 512 px and 1024 px
-    assert FAMILY.flow_shift(folder_comps, small) == pytest.approx(math.exp(calculate_shift(1024)))
+    # Flux dev's scheduler config (diffusers 0.32's calculate_shift defaults to max_shift 1.16, later ones to 1.15)
+    expected = calculate_shift(1024, base_seq_len=256, max_seq_len=4096, base_shift=0.5, max_shift=1.15)
+    assert FAMILY.flow_shift(folder_comps, small) == pytest.approx(math.exp(expected))
     assert FAMILY.flow_shift(folder_comps, large) == pytest.approx(math.exp(1.15))  # 4096 tokens: max_shift
     assert get_family("sd3").flow_shift(folder_comps, small) is None
     objective = FlowMatchingObjective(folder_comps.noise_scheduler, TrainingConfig())

@@ -321,7 +321,8 @@ def _from_pretrained(cls, folder: Path, sub: str | None, dtype, what: str = "mod
     try:
         if cls.__module__.startswith("transformers"):
             model, info = cls.from_pretrained(str(where), local_files_only=True, use_safetensors=True,
-                                              variant=variant, output_loading_info=True, **_transformers_dtype(dtype))
+                                              variant=variant, output_loading_info=True, **_transformers_dtype(dtype),
+                                              **_sdpa(cls))
             if info.get("missing_keys"):
                 raise ModelLoadError(f"{what}: '{where}' lacks {len(info['missing_keys'])} weights (e.g. "
                                      f"'{sorted(info['missing_keys'])[0]}'); the folder is incomplete or damaged")
@@ -351,6 +352,13 @@ def _transformers_dtype(dtype) -> dict[str, Any]:
 
     major = int(transformers.__version__.split(".")[0])
     return {"dtype": dtype} if major >= 5 else {"torch_dtype": dtype}
+
+
+def _sdpa(cls) -> dict[str, Any]:
+    """PyTorch SDPA attention where the class has it. transformers 4.x loads a folder whose config.json carries
+    ``_attn_implementation_autoset`` (written by its own save_pretrained) with eager attention: slower, more memory,
+    and not bit-equal to the same encoder built from a single file."""
+    return {"attn_implementation": "sdpa"} if getattr(cls, "_supports_sdpa", False) else {}
 
 
 FAMILY = StableDiffusionFamily()
