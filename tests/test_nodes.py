@@ -698,3 +698,15 @@ def test_caption_preview_follows_the_text_cache(nodes, demo_input):
     cache = TextCache(DataSource(data, seed=3), 2, encode=None)
     assert text.splitlines()[1:] == [f"#0 epoch {e}: {cache.caption_for(0, e, 0)}" for e in (1, 2, 3)]
     assert all(line.split(": ", 1)[1] in cache.variant_texts(0) for line in text.splitlines()[1:])
+
+
+def test_training_options_node_defaults_to_auto_and_keeps_explicit_choices(nodes):
+    """Issue 16: auto precision, per-family checkpointing; the old toggle keeps its position and meaning when on."""
+    (auto,), _ = run(nodes, "CrucibleTrainingOptions")
+    assert auto.mixed_precision == "auto" and auto.gradient_checkpointing is None
+    (on,), _ = run(nodes, "CrucibleTrainingOptions", gradient_checkpointing=True)
+    assert on.gradient_checkpointing is True  # a saved workflow with the toggle on stays on (any family)
+    (off,), _ = run(nodes, "CrucibleTrainingOptions", gradient_checkpointing_when_off="off")
+    assert off.gradient_checkpointing is False
+    spec = nodes["CrucibleTrainingOptions"].INPUT_TYPES()
+    assert "gradient_checkpointing_when_off" in spec["optional"]  # appended: saved widget positions unchanged

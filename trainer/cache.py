@@ -91,6 +91,9 @@ class LatentCache:
                 log.warning("latent cache file %s is unreadable (%s); re-encoding", path, exc)
         batch = self.source.load_batch([(item, 0)], epoch)
         latents = encode(batch.pixels)[0].detach().float().cpu()
+        if not torch.isfinite(latents).all():  # never cached, never reused (kohya no_half_vae territory)
+            raise ConfigError(f"the VAE returned NaN/inf latents for {self.source.items[item].path}; nothing was "
+                              "cached. Run the VAE in float32 (mixed_precision 'no', or a VAE fixed for fp16)")
         if path is not None:
             save_safetensors(path, {"latents": latents}, {"crucible_latent_key": self.key(item)})
         return latents

@@ -31,6 +31,7 @@ from .families.objectives import make_objective
 from .fileio import atomic_write_json, safe_name
 from .network import Network, attach_network, param_groups
 from .noise import offset_noise, pyramid_noise
+from .numerics import overflow_decision
 from .optim import build_optimizer, build_scheduler
 from .state import load_state, save_state
 
@@ -153,23 +154,30 @@ class Trainer:
         self.checkpoints: list[CheckpointInfo] = []
         self.losses: list[float] = []
         self.samples: list[SampleInfo] = []
+        self.overflow_skips = 0  # consecutive fp16 overflow steps the gradient scaler skipped (trainer.numerics)
 
     # --- set-up --------------------------------------------------------------------------------------------------
     def _setup(self, components: Components | None):
         from .dataset import DataSource
         from .plan import compute_plan
 
+        from .defaults import resolved_settings
+
         cfg = self.cfg
-        self.acc = make_accelerator(cfg.training.mixed_precision)
+        self.resolved = resolved_settings(cfg)  # "auto" precision / checkpointing, recorded in run.json
+        precision = self.resolved["mixed_precision"]
+        self.acc = make_accelerator(precision)
         self.source = DataSource(cfg.datasets, seed=cfg.training.seed)
         self.plan = compute_plan(cfg, self.source, num_processes=self.acc.num_processes)
         device = self.acc.device
         # LoRA under mixed precision: frozen base weights load straight in the compute dtype (kohya/diffusers
         # practice; a 12B Flux in fp32 would not fit), the trainable adapter stays fp32 (below).
-        lowp = cfg.network.network_type != "full" and cfg.training.mixed_precision != "no"
-        weight_dtype = DTYPES[cfg.training.mixed_precision] if lowp else None
+        lowp = cfg.network.network_type != "full" and precision != "no"
+        weight_dtype = DTYPES[precision] if lowp else None
         comps = components or self.family.load(cfg.model, device=device, dtype=weight_dtype)
         comps.to(device=device)
+        if self.family.vae_fp32 and comps.vae is not None:
+            comps.vae.to(dtype=torch.float32)  # kohya no_half_vae: this VAE overflows to NaN in half precision
         self.comps = comps
         if lowp:
             for module in [comps.denoiser, *comps.text_encoders]:
@@ -186,7 +194,7 @@ class Trainer:
             from diffusers.training_utils import cast_training_params
 
             cast_training_params(list(self.net.modules.values()), dtype=torch.float32)
-        if cfg.training.gradient_checkpointing:
+        if self.resolved["gradient_checkpointing"]:
             self._enable_gradient_checkpointing()
         self.optimizer = build_optimizer(param_groups(self.family, self.net, cfg.optim), cfg.optim)
         self.params = self.net.parameters()  # after param_groups froze zero-LR blocks; walked once, used every step
@@ -219,7 +227,9 @@ class Trainer:
         self.latent_cache = self.text_cache = None
         if tr.cache_latents:
             folder = self.work_dir / "cache" / "latents" if tr.cache_latents_to_disk else None
-            ident = model_identity(self.cfg.model.path, self.cfg.model.vae_path)
+            vae_dtype = next(comps.vae.parameters()).dtype
+            # the VAE dtype is part of the key: latents encoded by a half-precision VAE are never reused in fp32
+            ident = f"{model_identity(self.cfg.model.path, self.cfg.model.vae_path)}|vae={vae_dtype}"
             self.latent_cache = LatentCache(self.source, ident, folder)
         trains_text = self.cfg.network.train_text_encoder
         if tr.cache_text_embeddings and trains_text:
@@ -270,6 +280,8 @@ class Trainer:
         self.scheduler.load_state_dict(payload["scheduler"])
         if self.ema is not None and payload.get("ema"):
             self.ema.load_state_dict(payload["ema"])
+        if self.acc.scaler is not None and payload.get("scaler"):
+            self.acc.scaler.load_state_dict(payload["scaler"])
         self.losses = [float(x) for x in payload.get("losses", [])][: saved.step]
         manifest = Path(folder).parent / "run.json"
         if manifest.is_file():
@@ -361,13 +373,17 @@ class Trainer:
         # run before the weights change — with clipping on or off.
         max_norm = self.cfg.optim.max_grad_norm if self.cfg.optim.max_grad_norm > 0 else float("inf")
         norm = self.acc.clip_grad_norm_(params, max_norm)
-        if norm is not None and not torch.isfinite(torch.as_tensor(norm)):
-            raise TrainingDivergedError(f"gradient norm became {float(norm)} at step {step}; training stopped. "
-                                        "The last good checkpoint is kept. Lower the learning rate")
-        self.optimizer.step()
+        decision = overflow_decision(None if norm is None else float(norm), self.acc.scaler is not None,
+                                     self.overflow_skips, step)
+        if decision.action == "stop":
+            raise TrainingDivergedError(decision.message)
+        self.overflow_skips = decision.consecutive_skips
+        if decision.action == "skip":
+            log.info(decision.message)
+        self.optimizer.step()  # fp16: the scaler skips an overflowed step itself and lowers its scale
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.ema is not None:
+        if self.ema is not None and decision.action == "step":
             self.ema.step(params)
         mean = self.acc.reduce(total / len(group), reduction="mean")
         return float(mean)
@@ -447,6 +463,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else {},
             "losses": list(self.losses),
+            "scaler": self.acc.scaler.state_dict() if self.acc.scaler is not None else {},  # fp16: resume exact
         }
         save_state(self.state_dir, step=step, epoch=epoch, payload=payload, cfg=self.cfg,
                    data_fingerprint=self.source.fingerprint(), extra={"run_name": self.run_name})
@@ -480,6 +497,7 @@ class Trainer:
                              "loss": c.loss, "kind": c.kind} for c in self.checkpoints],
             "losses": self.losses,
             "plan": self.plan.to_dict(),
+            "resolved": self.resolved,
             "samples": [{"step": s.step, "paths": [str(p) for p in s.paths]} for s in self.samples],
         }
         atomic_write_json(self.work_dir / "run.json", data)
@@ -496,7 +514,7 @@ class Trainer:
             for m in modules:
                 m.eval()
             try:
-                with torch.no_grad(), self._ema_weights():
+                with torch.no_grad(), self._ema_weights(), self.acc.autocast():  # bf16 weights, fp32 latents
                     images = self.family.sample(self.comps, s.prompts, seed=s.seed, steps=s.steps, cfg=s.cfg,
                                                 width=s.width or res, height=s.height or res,
                                                 negative_prompt=s.negative_prompt)

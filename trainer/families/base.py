@@ -64,6 +64,8 @@ class ModelFamily(ABC):
     default_prediction: str = "epsilon"  # epsilon | v_prediction | flow
     vae_scale_factor: int = 8
     latent_channels: int = 4
+    gradient_checkpointing_default: bool = False  # training.gradient_checkpointing "auto" (trainer.defaults)
+    vae_fp32: bool = False  # the VAE overflows in fp16/bf16 and always runs in float32 (kohya no_half_vae)
 
     def __init_subclass__(cls, **kwargs):
         """Every family's ``load`` first checks each path it will read against the read policy in force

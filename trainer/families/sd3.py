@@ -65,6 +65,7 @@ class SD3Family(FlowFamily):
     """SD3 medium and SD3.5 medium/large (T5 optional)."""
 
     name = "sd3"
+    gradient_checkpointing_default = True  # 1024 px activations dominate memory (trainer.defaults)
     title = "SD3"
     encoders = (EncoderSpec("text_encoder", "clip_l"), EncoderSpec("text_encoder_2", "clip_g"),
                 EncoderSpec("text_encoder_3", "t5xxl", required=False))
