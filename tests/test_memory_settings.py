@@ -105,3 +105,63 @@ def test_nan_latents_are_refused_and_never_cached(demo_dataset):
     with pytest.raises(ConfigError, match="NaN/inf latents"):
         cache.latents([(0, 0)], 1, lambda pixels: torch.full((pixels.shape[0], 4, 8, 8), float("nan")))
     assert cache.memory == {}
+
+
+# --- cache, then free ----------------------------------------------------------------------------------------------
+def _cached_config(tiny_sd15, demo_dataset, tmp_path, **training):
+    from test_train_e2e import make_config
+
+    return make_config(tiny_sd15, demo_dataset, tmp_path, training={
+        "mixed_precision": "no", "cache_latents": True, "cache_text_embeddings": True, "batch_size": 2,
+        "max_train_steps": 4, **training}, save={"save_every_n_epochs": 0, "save_every_n_steps": 2})
+
+
+def test_caches_fill_before_step_1_then_the_encoders_leave_the_device(tiny_sd15, demo_dataset, tmp_path,
+                                                                      monkeypatch):
+    import trainer.loop as loop
+    from trainer.callbacks import Callbacks
+
+    events: list = []
+    real_offload, real_step = loop.offload_module, loop.Trainer._optimizer_step
+
+    def spy_offload(module):
+        events.append(("offload", type(module).__name__))
+        real_offload(module)
+
+    def spy_step(self, group, step, epoch):
+        if step == 1:  # what step 1 finds: every image cached, the encoders off the training device
+            events.append(("step1", len(self.latent_cache.memory), len(self.text_cache.entries)))
+            assert all(p.device.type == "cpu" for m in self.offloaded for p in m.parameters())
+        return real_step(self, group, step, epoch)
+
+    class Progress(Callbacks):
+        def on_prepare(self, done, total, what):
+            events.append(("prepare", what, done, total))
+
+    monkeypatch.setattr(loop, "offload_module", spy_offload)
+    monkeypatch.setattr(loop.Trainer, "_optimizer_step", spy_step)
+    loop.train(_cached_config(tiny_sd15, demo_dataset, tmp_path), Progress())
+    kinds = [e[0] for e in events]
+    offloaded = [e[1] for e in events if e[0] == "offload"]
+    assert offloaded[:2] == ["AutoencoderKL", "CLIPTextModel"] and kinds.index("step1") > kinds.index("offload")
+    images = [e for e in events if e[:2] == ("prepare", "caching latents")]
+    assert images and images[-1][2] == images[-1][3]  # progress reported up to the last image
+    step1 = next(e for e in events if e[0] == "step1")
+    assert step1[1] == step1[2] == images[-1][3]
+
+
+def test_pre_encoded_losses_equal_lazy_caching_and_resume_stays_exact(tiny_sd15, demo_dataset, tmp_path,
+                                                                      monkeypatch):
+    import trainer.loop as loop
+    from run_helpers import StopAt
+
+    eager = loop.train(_cached_config(tiny_sd15, demo_dataset, tmp_path / "eager")).losses
+    with monkeypatch.context() as m:  # the old behaviour: caches filled as epoch 1 reaches each image
+        m.setattr(loop.Trainer, "_pre_encode", lambda self: None)
+        lazy = loop.train(_cached_config(tiny_sd15, demo_dataset, tmp_path / "lazy")).losses
+    assert eager == lazy and len(eager) == 4
+    cfg = _cached_config(tiny_sd15, demo_dataset, tmp_path / "resumed")
+    first = loop.train(cfg, StopAt(2))
+    assert first.cancelled
+    resumed = loop.train(cfg, resume_from=first.state_dir)
+    assert resumed.losses == eager

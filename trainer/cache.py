@@ -80,6 +80,14 @@ class LatentCache:
             out.append(self.memory[item])
         return torch.stack(out)
 
+    def fill(self, encode, report: Callable[[int, int], None] = lambda done, total: None) -> None:
+        """Encode (or load from disk) every image now, before training starts, so the VAE can leave the device."""
+        total = len(self.source.items)
+        for item in range(total):
+            if item not in self.memory:
+                self.memory[item] = self._load_or_encode(item, 1, encode)  # no random augmentation: any epoch
+            report(item + 1, total)
+
     def _load_or_encode(self, item: int, epoch: int, encode) -> torch.Tensor:
         path = self.folder / f"{self.key(item)}.safetensors" if self.folder else None
         if path is not None and path.is_file():
@@ -141,6 +149,13 @@ class TextCache:
             self._fill(item)
             parts.append(self.empty if v is None else self.entries[item][v])
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+    def fill(self, report: Callable[[int, int], None] = lambda done, total: None) -> None:
+        """Encode every image's caption variants now, before training starts, so the text encoders can leave."""
+        total = len(self.source.items)
+        for item in range(total):
+            self._fill(item)
+            report(item + 1, total)
 
     def _fill(self, item: int) -> None:
         if item in self.entries:

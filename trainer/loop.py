@@ -87,6 +87,13 @@ def make_accelerator(mixed_precision: str):
     return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
 
 
+def offload_module(module) -> None:
+    """Move a module the run no longer needs on the training device to host memory (and give CUDA its blocks)."""
+    module.to("cpu")
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def use_attention(comps: Components, mode: str) -> None:
     """``sdpa``: diffusers' default processors already call torch's scaled_dot_product_attention. ``xformers``:
     memory-efficient attention from the optional xformers package (CUDA builds)."""
@@ -154,6 +161,7 @@ class Trainer:
         self.checkpoints: list[CheckpointInfo] = []
         self.losses: list[float] = []
         self.samples: list[SampleInfo] = []
+        self.offloaded: list[Any] = []  # encoders moved off the device once the caches were filled
         self.overflow_skips = 0  # consecutive fp16 overflow steps the gradient scaler skipped (trainer.numerics)
 
     # --- set-up --------------------------------------------------------------------------------------------------
@@ -243,6 +251,31 @@ class Trainer:
 
             self.text_cache = TextCache(self.source, tr.caption_variants, encode)
 
+    def _pre_encode(self) -> None:
+        """Cache, then free: fill the latent / text caches before step 1, then move the encoders they replace off
+        the training device (back on only while preview samples render). Caching is deterministic, so the losses
+        equal a run that fills its caches lazily, and a resumed run's."""
+        report = self.callbacks.on_prepare if self.acc.is_main_process else (lambda *a: None)
+        if self.latent_cache is not None:
+            self.latent_cache.fill(self._encode_pixels, lambda d, t: report(d, t, "caching latents"))
+            self.offloaded.append(self.comps.vae)
+        if self.text_cache is not None:
+            self.text_cache.fill(lambda d, t: report(d, t, "caching text embeddings"))
+            self.offloaded += [m for m in self.comps.text_encoders if m is not None]
+        for module in self.offloaded:
+            offload_module(module)
+
+    @contextlib.contextmanager
+    def _encoders_on_device(self):
+        """The offloaded encoders on the training device for the duration (preview samples)."""
+        for module in self.offloaded:
+            module.to(self.acc.device)
+        try:
+            yield
+        finally:
+            for module in self.offloaded:
+                offload_module(module)
+
     def _enable_gradient_checkpointing(self) -> None:
         for module in self.net.modules.values():
             if hasattr(module, "enable_gradient_checkpointing"):
@@ -262,6 +295,7 @@ class Trainer:
             atomic_write_json(self.work_dir / "config.json", self.cfg.to_dict())
         if self.acc.is_main_process:
             self.callbacks.on_start(self.plan)
+        self._pre_encode()
         try:
             cancelled = self._loop(start)
         finally:
@@ -415,17 +449,15 @@ class Trainer:
             per_sample = per_sample * noised.weights.to(per_sample)
         return per_sample.mean()
 
+    def _encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        vae_dtype = next(self.comps.vae.parameters()).dtype
+        with torch.no_grad():
+            return self.family.encode_images(self.train_comps, pixels.to(self.acc.device, dtype=vae_dtype)).float()
+
     def _latents(self, batch_plan, epoch: int) -> torch.Tensor:
-        comps = self.train_comps
-        vae_dtype = next(comps.vae.parameters()).dtype
-
-        def encode(pixels: torch.Tensor) -> torch.Tensor:
-            with torch.no_grad():
-                return self.family.encode_images(comps, pixels.to(self.acc.device, dtype=vae_dtype)).float()
-
         if self.latent_cache is not None:
-            return self.latent_cache.latents(batch_plan, epoch, encode).to(self.acc.device)
-        return encode(self.prefetch.get(batch_plan, epoch).pixels)
+            return self.latent_cache.latents(batch_plan, epoch, self._encode_pixels).to(self.acc.device)
+        return self._encode_pixels(self.prefetch.get(batch_plan, epoch).pixels)
 
     # --- outputs -------------------------------------------------------------------------------------------------
     def _save(self, step: int, epoch: int, final: bool) -> None:
@@ -514,7 +546,7 @@ class Trainer:
             for m in modules:
                 m.eval()
             try:
-                with torch.no_grad(), self._ema_weights(), self.acc.autocast():  # bf16 weights, fp32 latents
+                with torch.no_grad(), self._ema_weights(), self.acc.autocast(), self._encoders_on_device():
                     images = self.family.sample(self.comps, s.prompts, seed=s.seed, steps=s.steps, cfg=s.cfg,
                                                 width=s.width or res, height=s.height or res,
                                                 negative_prompt=s.negative_prompt)
