@@ -710,3 +710,16 @@ def test_training_options_node_defaults_to_auto_and_keeps_explicit_choices(nodes
     assert off.gradient_checkpointing is False
     spec = nodes["CrucibleTrainingOptions"].INPUT_TYPES()
     assert "gradient_checkpointing_when_off" in spec["optional"]  # appended: saved widget positions unchanged
+
+
+def test_step_plan_shows_the_memory_estimate_when_the_model_is_connected(nodes):
+    """Issue 16: the Step Plan node tells the user the estimated peak memory before training."""
+    from trainer.config import ModelConfig
+
+    data = dataset(nodes)
+    (plain,), _ = run(nodes, "CrucibleStepPlan", dataset=data)
+    assert "estimated peak memory" not in plain
+    (training,), _ = run(nodes, "CrucibleTrainingOptions", cache_latents=True)
+    (text,), _ = run(nodes, "CrucibleStepPlan", dataset=data, model=ModelConfig(family="sd15"), training=training)
+    assert "estimated peak memory" in text and "sd15 lora at 64 px" in text and "bf16" in text
+    assert "device memory: unknown" in text  # no CUDA device in the tests
