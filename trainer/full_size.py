@@ -130,7 +130,7 @@ def random_components(family: str, dtype=None, seed: int = 0):
     for name, _ in ARCHITECTURES[family]:
         module = build_meta(family, name)
         target = torch.float32 if name == "vae" and family == "sdxl" else (dtype or torch.float32)
-        module = module.to_empty(device="cpu").to(dtype=target)
+        module = module.to(dtype=target).to_empty(device="cpu")  # allocated once, in the target dtype
         with torch.no_grad():
             for t in module.parameters():
                 t.normal_(0.0, 0.02, generator=gen)

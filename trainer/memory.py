@@ -8,12 +8,14 @@ part                   bytes
 =====================  ==============================================================================================
 denoiser weights       N_denoiser × b_w   (b_w = 2 for a LoRA under bf16/fp16 — the frozen base is loaded in the
                        compute dtype — else 4)
-text encoders          Σ N_te × b_w, only while resident: 0 when ``cache_text_embeddings`` moves them off the device
+text encoders          Σ N_te × b_w, only while resident: 0 when ``cache_text_embeddings`` moves them off a CUDA
+                       device (on the CPU the training device *is* host memory, so they still count)
 VAE                    N_vae × (4 for SDXL, which runs its VAE in fp32, or without mixed precision; else b_w), 0 when
                        ``cache_latents`` moves it off the device
 trainable parameters   LoRA: N_lora × (4 weight + 4 gradient + s_opt); full fine-tune: N_denoiser × (4 gradient + s_opt)
                        (its fp32 weights are the denoiser weights above)
-activations            the tensors autograd saves for the backward pass, measured by tracing one forward pass of the
+activations            the tensors autograd saves for the backward pass (once per storage, weights left out), measured
+                       by tracing one forward pass of the
                        full-size denoiser with the LoRA attached on the ``meta`` device at the run's resolution and batch
                        in the compute dtype (attention counted as a fused kernel: q, k, v, output and log-sum-exp, which
                        is what PyTorch's flash / memory-efficient / CPU-flash SDPA keep). With gradient checkpointing:
@@ -96,8 +98,9 @@ class Estimate:
                 f"{'on' if o.gradient_checkpointing else 'off'} ({detail} GiB)")
 
 
-def estimate(opts: MemoryOptions) -> Estimate:
-    """The estimated peak (see the module docstring for the formula)."""
+def estimate(opts: MemoryOptions, device: str = "cuda") -> Estimate:
+    """The estimated peak on ``device`` (see the module docstring for the formula). On the CPU the training device
+    is host memory, so encoders moved off it after caching still count."""
     from .families import get_family
     from .full_size import ARCHITECTURES, param_counts
 
@@ -110,8 +113,9 @@ def estimate(opts: MemoryOptions) -> Estimate:
     b_vae = 4 if get_family(opts.family).vae_fp32 or not lowp or full else b_w
     s_opt = OPTIMIZER_STATE_BYTES.get(opts.optimizer, 8)
     parts = {"denoiser weights": counts[denoiser] * b_w}
-    parts["text encoders"] = 0 if opts.cache_text_embeddings else sum(counts[n] for n in encoders) * b_w
-    parts["vae"] = 0 if opts.cache_latents else counts["vae"] * b_vae
+    host = device == "cpu"
+    parts["text encoders"] = 0 if opts.cache_text_embeddings and not host else sum(counts[n] for n in encoders) * b_w
+    parts["vae"] = 0 if opts.cache_latents and not host else counts["vae"] * b_vae
     if full:
         parts["gradients + optimizer state"] = counts[denoiser] * (4 + s_opt)
     else:
@@ -136,7 +140,7 @@ def estimate_case(case: tuple[str, str, str], resolution: int, device: str = "cu
         family=family, network_type="lora" if kind == "lora" else "full", precision=precision,
         optimizer="adamw8bit" if preset == "lowest" and device == "cuda" else "adamw",
         gradient_checkpointing=low or resolve_gradient_checkpointing(None, family), resolution=resolution,
-        cache_latents=low, cache_text_embeddings=low))
+        cache_latents=low, cache_text_embeddings=low), device)
 
 
 def fitting_switches(cfg, available_gib: float, resolved: dict | None = None) -> list[str]:
@@ -231,13 +235,14 @@ def activation_bytes(family: str, resolution: int, checkpointing: bool, rank: in
     for name, p in model.named_parameters():
         p.requires_grad_("lora_" in name)
     model.train()
-    counter = _SavedBytes()
+    weights = {p.untyped_storage()._cdata for p in model.parameters()}
+    counter = _SavedBytes(weights)
     units: list[int] = []
 
     def run_unit(fn, *args, **kwargs):  # a checkpointed block: count what it would save, keep none of it outside
         for k in ("use_reentrant", "preserve_rng_state", "determinism_check", "debug", "context_fn"):
             kwargs.pop(k, None)
-        inner = _SavedBytes()
+        inner = _SavedBytes(weights)
         with torch.autograd.graph.saved_tensors_hooks(inner.pack, inner.unpack):
             out = fn(*args, **kwargs)
         units.append(inner.total)
@@ -257,12 +262,15 @@ def activation_bytes(family: str, resolution: int, checkpointing: bool, rank: in
 
 
 class _SavedBytes:
-    def __init__(self):
-        self.total, self.seen = 0, set()
+    """Counts saved tensors once per storage, leaving out the weights (counted as weights, not activations)."""
+
+    def __init__(self, weights: set | None = None):
+        self.total, self.seen, self.weights = 0, set(), weights or set()
 
     def pack(self, t):
-        if id(t) not in self.seen:  # the same tensor saved by several ops is held once (the graph keeps it alive)
-            self.seen.add(id(t))
+        key = t.untyped_storage()._cdata
+        if key not in self.seen and key not in self.weights:  # a tensor saved by several ops is held once
+            self.seen.add(key)
             self.total += t.numel() * 4  # fp32 units; the caller scales to the compute dtype
         return t
 
