@@ -75,6 +75,14 @@ def case_config(case, res: int, data: Path, out: Path, steps: int, cuda: bool):
     })
 
 
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            return next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def rss_gib(field: str) -> float:
     with open("/proc/self/status", encoding="ascii") as fh:
         return next(int(line.split()[1]) for line in fh if line.startswith(field + ":")) / 2**20
@@ -167,8 +175,7 @@ def main(argv=None) -> int:
         print(f"#   estimate {estimate.total_gib:.2f} GiB (trainer.memory); process baseline after imports "
               f"{row['base_gib']:.2f} GiB; precision {row['precision']}; losses {row['losses']}", flush=True)
     if args.record:
-        device = torch.cuda.get_device_name() if cuda else f"CPU: {platform.processor() or platform.machine()}, " \
-                                                         f"{os.cpu_count()} cores"
+        device = torch.cuda.get_device_name() if cuda else f"CPU: {cpu_model()}, {os.cpu_count()} cores"
         args.record.parent.mkdir(parents=True, exist_ok=True)
         args.record.write_text(json.dumps({
             "device": device, "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
