@@ -723,3 +723,10 @@ def test_step_plan_shows_the_memory_estimate_when_the_model_is_connected(nodes):
     (text,), _ = run(nodes, "CrucibleStepPlan", dataset=data, model=ModelConfig(family="sd15"), training=training)
     assert "estimated peak memory" in text and "sd15 lora at 64 px" in text and "bf16" in text
     assert "device memory: unknown" in text  # no CUDA device in the tests
+
+
+def test_progress_bar_counts_the_images_cached_before_step_1(nodes):
+    comfy_module = sys.modules[f"{comfy_stubs.PACK_NAME}.nodes._comfy"]
+    progress = comfy_module.ComfyProgress(total=1)
+    progress.on_prepare(3, 10, "caching latents")
+    assert (progress.bar.current, progress.bar.total) == (3, 10)
