@@ -83,7 +83,7 @@ def make_accelerator(mixed_precision: str):
         AcceleratorState._reset_state(True)
     if mixed_precision == "fp16" and not torch.cuda.is_available():
         raise CrucibleError("training.mixed_precision 'fp16' needs a CUDA GPU (it uses a gradient scaler); "
-                            "on the CPU choose 'bf16' or 'no'")
+                            "on the CPU choose 'auto', 'bf16' or 'no'")
     return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
 
 
