@@ -307,6 +307,12 @@ class ComfyProgress(Callbacks):
     def on_start(self, plan) -> None:
         self._update(0, plan.total_steps)
 
+    def on_prepare(self, done: int, total: int, what: str) -> None:
+        """Caches filled before step 1: the bar counts images, then steps."""
+        if done == total or done % 50 == 0:
+            print(f"[Crucible] {what}: {done}/{total}", flush=True)
+        self._update(done, total)
+
     def on_step(self, info: StepInfo) -> None:
         from trainer.callbacks import format_seconds
         from trainer.plots import loss_curve

@@ -1,13 +1,13 @@
 """Dataset nodes: load a folder, caption options, caption preview, step plan."""
 from __future__ import annotations
 
-from trainer.config import (CROP_ASPECTS, CROP_STYLES, MISSING_CAPTION, CaptionConfig, DatasetConfig, TrainConfig,
-                            TrainingConfig, validate)
+from trainer.config import (CROP_ASPECTS, CROP_STYLES, MISSING_CAPTION, CaptionConfig, DatasetConfig, NetworkConfig,
+                            OptimConfig, TrainConfig, TrainingConfig, validate)
 
 from trainer.errors import CrucibleError
 
 from . import _comfy
-from ._sockets import CAPTIONS, DATASET, TRAINING
+from ._sockets import CAPTIONS, DATASET, MODEL, NETWORK, OPTIM, TRAINING
 from .widgets import BOOL, FLOAT, INT, SEED, STRING, combo, text_result
 
 
@@ -170,15 +170,29 @@ class CrucibleStepPlan:
             "sample_every_n_steps": INT(0, 0, 10**7, "kohya sample_every_n_steps."),
             "lr_warmup_ratio": FLOAT(0.0, 0.0, 1.0, 0.01, "Warmup as a fraction of total steps (SimpleTuner default 0.1)."),
             "seed": SEED(42, "training.seed: the plan (bucket order, dropped samples) for the run with this seed."),
+        }, "optional": {
+            "model": (MODEL, {"tooltip": "Connect the Crucible Model (and the options below) to see the estimated peak memory, the GPU's memory, and what to switch on when it will not fit."}),
+            "network": (NETWORK, {"tooltip": "Crucible Network Options of the run (memory estimate)."}),
+            "optimizer": (OPTIM, {"tooltip": "Crucible Optimizer Options of the run (memory estimate)."}),
+            "training": (TRAINING, {"tooltip": "Crucible Training Options of the run (memory estimate; batch_size is this node's)."}),
         }}
 
-    def plan(self, dataset, **f):
+    def plan(self, dataset, model=None, network=None, optimizer=None, training=None, **f):
         from trainer.plan import compute_plan
         from trainer.validation import training_source
 
         cfg = plan_config(dataset, f)
         source = training_source(cfg)  # held-out validation images are not counted
         text = compute_plan(cfg, source).format()
+        if model is not None:
+            from dataclasses import replace
+
+            from trainer.memory import memory_report
+
+            run = TrainConfig(model=model, datasets=tuple(dataset), network=network or NetworkConfig(),
+                              optim=optimizer or OptimConfig(),
+                              training=replace(training or TrainingConfig(), batch_size=f["batch_size"]))
+            text += "\n" + memory_report(run)
         return text_result(text, (text,))
 
 

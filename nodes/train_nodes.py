@@ -19,6 +19,8 @@ from ._sockets import DATASET, MODEL, NETWORK, OPTIM, RUN, TRAINING, RunRecord
 from .dataset_nodes import _lines
 from .widgets import BOOL, FLOAT, INT, SEED, STRING, combo
 
+CHECKPOINTING_WHEN_OFF = ("family default", "off")
+
 NONE = "(none)"
 
 
@@ -175,8 +177,8 @@ class CrucibleTrainingOptions:
         return _section_inputs(TrainingConfig, {
             "seed": SEED(42, "kohya seed: same seed → same run (bit-exact on the CPU)."),
             "gradient_accumulation_steps": INT(1, 1, 1024, "kohya gradient_accumulation_steps."),
-            "mixed_precision": combo(list(MIXED_PRECISION), "no", "kohya mixed_precision (fp16 needs CUDA; bf16 works on recent GPUs and CPUs)."),
-            "gradient_checkpointing": BOOL(False, "kohya gradient_checkpointing: less memory, slower."),
+            "mixed_precision": combo(list(MIXED_PRECISION), "auto", "kohya mixed_precision. auto: bf16 on GPUs that support it and on the CPU, fp16 with a gradient scaler on older GPUs. fp16 needs CUDA."),
+            "gradient_checkpointing": BOOL(False, "kohya gradient_checkpointing: less memory, slower. On: always. Off: see gradient_checkpointing_when_off."),
             "drop_last": BOOL(False, "Drop each bucket's last partial batch."),
             "min_snr_gamma": FLOAT(0.0, 0.0, 20.0, 0.5, "kohya min_snr_gamma (5 is common; 0 = off)."),
             "noise_offset": FLOAT(0.0, 0.0, 1.0, 0.01, "kohya noise_offset (0.05–0.1 for darker/brighter images)."),
@@ -199,10 +201,13 @@ class CrucibleTrainingOptions:
             "mode_scale": FLOAT(1.29, 0.0, 10.0, 0.01, "Flow models, timestep_sampling mode: scale (kohya mode_scale)."),
             "masked_loss": BOOL(False, "kohya masked_loss: weight the loss by each image's mask (alpha_mask or mask_dir on the Dataset); masked-out areas are not learned."),
             "t5xxl_max_token_length": INT(0, 0, 512, "SD3/Flux: T5 tokens per caption (kohya t5xxl_max_token_length: SD3 256, Flux dev 512). 0 = ComfyUI's padding (SD3 77, Flux 256), so training matches ComfyUI's text encoding."),
-        })
+        }) | {"optional": {
+            "gradient_checkpointing_when_off": combo(list(CHECKPOINTING_WHEN_OFF), "family default", "With gradient_checkpointing off: 'family default' checkpoints SDXL, SD3 and Flux (their 1024 px activations dominate memory), not SD1.5; 'off' never checkpoints."),
+        }}
 
-    def build(self, **f):
-        return (TrainingConfig(**f),)
+    def build(self, gradient_checkpointing=False, gradient_checkpointing_when_off="family default", **f):
+        checkpointing = True if gradient_checkpointing else (None if gradient_checkpointing_when_off == "family default" else False)
+        return (TrainingConfig(gradient_checkpointing=checkpointing, **f),)
 
 
 class CrucibleTrain:

@@ -225,7 +225,7 @@ def _config(tiny, data, out, network: dict, steps: int, lr: float) -> TrainConfi
         "datasets": [{"path": str(data), "resolution": 64, "repeats": 1}],
         "network": {"network_dim": 4, "network_alpha": 4, "target_preset": "attn_mlp", **network},
         "optim": {"learning_rate": lr, "lr_scheduler": "constant"},
-        "training": {"batch_size": 4, "max_train_steps": steps, "seed": 3, "timestep_sampling": "logit_normal"},
+        "training": {"batch_size": 4, "max_train_steps": steps, "seed": 3, "mixed_precision": "no", "timestep_sampling": "logit_normal"},
         "save": {"output_dir": str(out / "models"), "work_dir": str(out / "runs"), "run_name": "t",
                  "save_every_n_epochs": 0, "save_every_n_steps": steps, "save_precision": "fp32"},
     })

@@ -720,3 +720,35 @@ def test_caption_preview_follows_the_text_cache(nodes, demo_input):
     cache = TextCache(DataSource(data, seed=3), 2, encode=None)
     assert text.splitlines()[1:] == [f"#0 epoch {e}: {cache.caption_for(0, e, 0)}" for e in (1, 2, 3)]
     assert all(line.split(": ", 1)[1] in cache.variant_texts(0) for line in text.splitlines()[1:])
+
+
+def test_training_options_node_defaults_to_auto_and_keeps_explicit_choices(nodes):
+    """Issue 16: auto precision, per-family checkpointing; the old toggle keeps its position and meaning when on."""
+    (auto,), _ = run(nodes, "CrucibleTrainingOptions")
+    assert auto.mixed_precision == "auto" and auto.gradient_checkpointing is None
+    (on,), _ = run(nodes, "CrucibleTrainingOptions", gradient_checkpointing=True)
+    assert on.gradient_checkpointing is True  # a saved workflow with the toggle on stays on (any family)
+    (off,), _ = run(nodes, "CrucibleTrainingOptions", gradient_checkpointing_when_off="off")
+    assert off.gradient_checkpointing is False
+    spec = nodes["CrucibleTrainingOptions"].INPUT_TYPES()
+    assert "gradient_checkpointing_when_off" in spec["optional"]  # appended: saved widget positions unchanged
+
+
+def test_step_plan_shows_the_memory_estimate_when_the_model_is_connected(nodes):
+    """Issue 16: the Step Plan node tells the user the estimated peak memory before training."""
+    from trainer.config import ModelConfig
+
+    data = dataset(nodes)
+    (plain,), _ = run(nodes, "CrucibleStepPlan", dataset=data)
+    assert "estimated peak memory" not in plain
+    (training,), _ = run(nodes, "CrucibleTrainingOptions", cache_latents=True)
+    (text,), _ = run(nodes, "CrucibleStepPlan", dataset=data, model=ModelConfig(family="sd15"), training=training)
+    assert "estimated peak memory" in text and "sd15 lora at 64 px" in text and "bf16" in text
+    assert "device memory: unknown" in text  # no CUDA device in the tests
+
+
+def test_progress_bar_counts_the_images_cached_before_step_1(nodes):
+    comfy_module = sys.modules[f"{comfy_stubs.PACK_NAME}.nodes._comfy"]
+    progress = comfy_module.ComfyProgress(total=1)
+    progress.on_prepare(3, 10, "caching latents")
+    assert (progress.bar.current, progress.bar.total) == (3, 10)

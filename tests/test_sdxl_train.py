@@ -26,7 +26,7 @@ def make_config(model_dir: Path, data: Path, out: Path, **sections) -> TrainConf
                       "captions": {"trigger_word": "crucible", "shuffle_caption": True, "keep_tokens": 1}}],
         "network": {"network_dim": 4, "network_alpha": 4, "target_preset": "attn_mlp", "train_text_encoder": True},
         "optim": {"learning_rate": 1e-2, "lr_scheduler": "constant"},
-        "training": {"batch_size": 4, "epochs": 3, "seed": 5},
+        "training": {"batch_size": 4, "epochs": 3, "seed": 5, "mixed_precision": "no"},  # exact comparisons
         "save": {"output_dir": str(out / "loras"), "work_dir": str(out / "runs"), "run_name": "xl",
                  "save_every_n_epochs": 0, "save_precision": "fp32"},
     }

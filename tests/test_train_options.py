@@ -41,8 +41,8 @@ def make_config(model_dir: Path, data: Path, out: Path, **sections) -> TrainConf
                       "captions": {"trigger_word": "crucible", "shuffle_caption": True, "keep_tokens": 1}}],
         "network": {"network_dim": 4, "network_alpha": 4, "target_preset": "attn_mlp"},
         "optim": {"learning_rate": 1e-2, "lr_scheduler": "constant"},
-        # validation off: these tests count batches and model calls of training alone
-        "training": {"batch_size": 4, "epochs": 1, "seed": 3, "validation_split": 0.0},
+        # validation off: these tests count batches and model calls of training alone; fp32: exact comparisons
+        "training": {"batch_size": 4, "epochs": 1, "seed": 3, "validation_split": 0.0, "mixed_precision": "no"},
         "save": {"output_dir": str(out / "loras"), "work_dir": str(out / "runs"), "run_name": "t",
                  "save_every_n_epochs": 0, "save_precision": "fp32"},
     }

@@ -80,6 +80,14 @@ class LatentCache:
             out.append(self.memory[item])
         return torch.stack(out)
 
+    def fill(self, encode, report: Callable[[int, int], None] = lambda done, total: None) -> None:
+        """Encode (or load from disk) every image now, before training starts, so the VAE can leave the device."""
+        total = len(self.source.items)
+        for item in range(total):
+            if item not in self.memory:
+                self.memory[item] = self._load_or_encode(item, 1, encode)  # no random augmentation: any epoch
+            report(item + 1, total)
+
     def _load_or_encode(self, item: int, epoch: int, encode) -> torch.Tensor:
         path = self.folder / f"{self.key(item)}.safetensors" if self.folder else None
         if path is not None and path.is_file():
@@ -91,6 +99,9 @@ class LatentCache:
                 log.warning("latent cache file %s is unreadable (%s); re-encoding", path, exc)
         batch = self.source.load_batch([(item, 0)], epoch)
         latents = encode(batch.pixels)[0].detach().float().cpu()
+        if not torch.isfinite(latents).all():  # never cached, never reused (kohya no_half_vae territory)
+            raise ConfigError(f"the VAE returned NaN/inf latents for {self.source.items[item].path}; nothing was "
+                              "cached. Run the VAE in float32 (mixed_precision 'no', or a VAE fixed for fp16)")
         if path is not None:
             save_safetensors(path, {"latents": latents}, {"crucible_latent_key": self.key(item)})
         return latents
@@ -138,6 +149,13 @@ class TextCache:
             self._fill(item)
             parts.append(self.empty if v is None else self.entries[item][v])
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+    def fill(self, report: Callable[[int, int], None] = lambda done, total: None) -> None:
+        """Encode every image's caption variants now, before training starts, so the text encoders can leave."""
+        total = len(self.source.items)
+        for item in range(total):
+            self._fill(item)
+            report(item + 1, total)
 
     def _fill(self, item: int) -> None:
         if item in self.entries:

@@ -60,6 +60,9 @@ class Callbacks:
 
     def on_sample(self, sample: SampleInfo) -> None: ...
 
+    def on_prepare(self, done: int, total: int, what: str) -> None:
+        """Progress of the work before step 1 (e.g. ``what="caching latents"``: ``done`` of ``total`` images)."""
+
     def should_stop(self) -> bool:
         return False
 
@@ -83,6 +86,10 @@ class MultiCallbacks(Callbacks):
     def on_sample(self, sample):
         for c in self.items:
             c.on_sample(sample)
+
+    def on_prepare(self, done, total, what):
+        for c in self.items:
+            c.on_prepare(done, total, what)
 
     def should_stop(self):
         return any(c.should_stop() for c in self.items)
@@ -110,6 +117,11 @@ class ConsoleProgress(Callbacks):
         if info.step == info.total_steps:
             self.stream.write("\n")
         self.stream.flush()
+
+    def on_prepare(self, done: int, total: int, what: str) -> None:
+        if done == total or done % 50 == 0:
+            self.stream.write(f"\r{what}: {done}/{total}   " + ("\n" if done == total else ""))
+            self.stream.flush()
 
     def on_checkpoint(self, ckpt: CheckpointInfo) -> None:
         self.stream.write(f"\n{ckpt.summary}\n")

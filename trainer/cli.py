@@ -60,6 +60,9 @@ def cmd_plan(args) -> int:
     source = training_source(cfg)
     print(source.report_text())
     print(compute_plan(cfg, source).format())
+    from .memory import memory_report
+
+    print(memory_report(cfg))  # estimated peak memory, the device's memory, switches that would make it fit
     return 0
 
 

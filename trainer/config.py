@@ -37,7 +37,7 @@ ADAPTIVE_OPTIMIZERS = ("prodigy", "dadaptation", "dadaptadam", "dadaptadagrad", 
 DEFAULT_LEARNING_RATE = 1e-4
 ADAPTIVE_LEARNING_RATE = 1.0
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
-MIXED_PRECISION = ("no", "fp16", "bf16")
+MIXED_PRECISION = ("no", "fp16", "bf16", "auto")  # auto: see trainer.defaults
 SAVE_PRECISION = ("fp32", "fp16", "bf16")
 CROP_STYLES = ("center", "random", "corner")
 CROP_ASPECTS = ("square", "preserve")
@@ -152,8 +152,8 @@ class TrainingConfig:
     epochs: int = 10
     max_train_steps: int = 0  # > 0 overrides epochs
     gradient_accumulation_steps: int = 1
-    mixed_precision: str = "no"
-    gradient_checkpointing: bool = False
+    mixed_precision: str = "auto"  # bf16 where supported, fp16 + scaler on older GPUs (trainer.defaults)
+    gradient_checkpointing: bool | None = None  # None ("auto"): the family default (on for SDXL, SD3, Flux)
     drop_last: bool = False  # drop a bucket's last partial batch
     min_snr_gamma: float = 0.0
     noise_offset: float = 0.0
@@ -329,6 +329,8 @@ def _coerce(tp: Any, value: Any, where: str):
         return tuple(_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if isinstance(value, str) and value.lower() == "auto":  # an optional field's "auto" = unset (TOML has no null)
+            return None
         return None if value is None else _coerce(args[0], value, where)
     if tp is bool:
         if isinstance(value, bool):

@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
+from .defaults import resolve_mixed_precision
 from .errors import CrucibleError
 from .lora_keys import KeyStyle, is_scale_shift_swapped, key_style, swap_halves
 
@@ -478,7 +479,7 @@ def lora_metadata(cfg: "TrainConfig", *, step: int, epoch: int, started_at: floa
         "ss_optimizer": optim.optimizer,
         "ss_batch_size_per_device": str(cfg.training.batch_size),
         "ss_gradient_accumulation_steps": str(cfg.training.gradient_accumulation_steps),
-        "ss_mixed_precision": cfg.training.mixed_precision,
+        "ss_mixed_precision": resolve_mixed_precision(cfg.training.mixed_precision),
         "ss_seed": str(cfg.training.seed),
         "ss_clip_skip": str(cfg.model.clip_skip),
         "ss_min_snr_gamma": _num(cfg.training.min_snr_gamma),

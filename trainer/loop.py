@@ -31,6 +31,7 @@ from .families.objectives import make_objective
 from .fileio import atomic_write_json, safe_name
 from .network import Network, attach_network, param_groups
 from .noise import offset_noise, pyramid_noise
+from .numerics import overflow_decision
 from .optim import build_optimizer, build_scheduler
 from .plots import save_loss_curve
 from .state import load_state, save_state
@@ -86,9 +87,16 @@ def make_accelerator(mixed_precision: str, find_unused_parameters: bool = False)
         AcceleratorState._reset_state(True)
     if mixed_precision == "fp16" and not torch.cuda.is_available():
         raise CrucibleError("training.mixed_precision 'fp16' needs a CUDA GPU (it uses a gradient scaler); "
-                            "on the CPU choose 'bf16' or 'no'")
+                            "on the CPU choose 'auto', 'bf16' or 'no'")
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if find_unused_parameters else []
     return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available(), kwargs_handlers=handlers)
+
+
+def offload_module(module) -> None:
+    """Move a module the run no longer needs on the training device to host memory (and give CUDA its blocks)."""
+    module.to("cpu")
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def use_attention(comps: Components, mode: str) -> None:
@@ -159,14 +167,19 @@ class Trainer:
         self.losses: list[float] = []
         self.samples: list[SampleInfo] = []
         self.started_at = time.time()  # kohya ss_training_started_at: when this run (not the process) started
+        self.offloaded: list[Any] = []  # encoders moved off the device once the caches were filled
+        self.overflow_skips = 0  # consecutive fp16 overflow steps the gradient scaler skipped (trainer.numerics)
 
     # --- set-up --------------------------------------------------------------------------------------------------
     def _setup(self, components: Components | None):
+        from .defaults import resolved_settings
         from .plan import compute_plan
         from .validation import training_source
 
         cfg = self.cfg
-        self.acc = make_accelerator(cfg.training.mixed_precision, cfg.network.train_text_encoder)
+        self.resolved = resolved_settings(cfg)  # "auto" precision / checkpointing, recorded in run.json
+        precision = self.resolved["mixed_precision"]
+        self.acc = make_accelerator(precision, cfg.network.train_text_encoder)
         self.source = training_source(cfg)
         self.plan = compute_plan(cfg, self.source, num_processes=self.acc.num_processes)
         for note in self.plan.notes:  # settings this model ignores: said, never silent
@@ -174,10 +187,12 @@ class Trainer:
         device = self.acc.device
         # LoRA under mixed precision: frozen base weights load straight in the compute dtype (kohya/diffusers
         # practice; a 12B Flux in fp32 would not fit), the trainable adapter stays fp32 (below).
-        lowp = cfg.network.network_type != "full" and cfg.training.mixed_precision != "no"
-        weight_dtype = DTYPES[cfg.training.mixed_precision] if lowp else None
+        lowp = cfg.network.network_type != "full" and precision != "no"
+        weight_dtype = DTYPES[precision] if lowp else None
         comps = components or self.family.load(cfg.model, device=device, dtype=weight_dtype)
         comps.to(device=device)
+        if self.family.vae_fp32 and comps.vae is not None:
+            comps.vae.to(dtype=torch.float32)  # kohya no_half_vae: this VAE overflows to NaN in half precision
         self.comps = comps
         if lowp:
             for module in [comps.denoiser, *comps.text_encoders]:
@@ -194,7 +209,7 @@ class Trainer:
             from diffusers.training_utils import cast_training_params
 
             cast_training_params(list(self.net.modules.values()), dtype=torch.float32)
-        if cfg.training.gradient_checkpointing:
+        if self.resolved["gradient_checkpointing"]:
             self._enable_gradient_checkpointing()
         self.optimizer = build_optimizer(param_groups(self.family, self.net, cfg.optim), cfg.optim)
         self.params = self.net.parameters()  # after param_groups froze zero-LR blocks; walked once, used every step
@@ -230,7 +245,9 @@ class Trainer:
         self.latent_cache = self.text_cache = None
         if tr.cache_latents:
             folder = self.work_dir / "cache" / "latents" if tr.cache_latents_to_disk else None
-            ident = model_identity(self.cfg.model.path, self.cfg.model.vae_path)
+            vae_dtype = next(comps.vae.parameters()).dtype
+            # the VAE dtype is part of the key: latents encoded by a half-precision VAE are never reused in fp32
+            ident = f"{model_identity(self.cfg.model.path, self.cfg.model.vae_path)}|vae={vae_dtype}"
             self.latent_cache = LatentCache(self.source, ident, folder)
         trains_text = self.cfg.network.train_text_encoder
         if tr.cache_text_embeddings and trains_text:
@@ -243,6 +260,31 @@ class Trainer:
                                                    max_token_length=self.max_token_length, **extra)
 
             self.text_cache = TextCache(self.source, tr.caption_variants, encode)
+
+    def _pre_encode(self) -> None:
+        """Cache, then free: fill the latent / text caches before step 1, then move the encoders they replace off
+        the training device (back on only while preview samples render). Caching is deterministic, so the losses
+        equal a run that fills its caches lazily, and a resumed run's."""
+        report = self.callbacks.on_prepare if self.acc.is_main_process else (lambda *a: None)
+        if self.latent_cache is not None:
+            self.latent_cache.fill(self._encode_pixels, lambda d, t: report(d, t, "caching latents"))
+            self.offloaded.append(self.comps.vae)
+        if self.text_cache is not None:
+            self.text_cache.fill(lambda d, t: report(d, t, "caching text embeddings"))
+            self.offloaded += [m for m in self.comps.text_encoders if m is not None]
+        for module in self.offloaded:
+            offload_module(module)
+
+    @contextlib.contextmanager
+    def _encoders_on_device(self):
+        """The offloaded encoders on the training device for the duration (preview samples)."""
+        for module in self.offloaded:
+            module.to(self.acc.device)
+        try:
+            yield
+        finally:
+            for module in self.offloaded:
+                offload_module(module)
 
     def _enable_gradient_checkpointing(self) -> None:
         for module in self.net.modules.values():
@@ -263,6 +305,7 @@ class Trainer:
             atomic_write_json(self.work_dir / "config.json", self.cfg.to_dict())
         if self.acc.is_main_process:
             self.callbacks.on_start(self.plan)
+        self._pre_encode()
         try:
             cancelled = self._loop(start)
         finally:
@@ -281,6 +324,8 @@ class Trainer:
         self.scheduler.load_state_dict(payload["scheduler"])
         if self.ema is not None and payload.get("ema"):
             self.ema.load_state_dict(payload["ema"])
+        if self.acc.scaler is not None and payload.get("scaler"):
+            self.acc.scaler.load_state_dict(payload["scaler"])
         self.losses = [float(x) for x in payload.get("losses", [])][: saved.step]
         manifest = Path(folder).parent / "run.json"
         if manifest.is_file():
@@ -373,13 +418,17 @@ class Trainer:
         # run before the weights change — with clipping on or off.
         max_norm = self.cfg.optim.max_grad_norm if self.cfg.optim.max_grad_norm > 0 else float("inf")
         norm = self.acc.clip_grad_norm_(params, max_norm)
-        if norm is not None and not torch.isfinite(torch.as_tensor(norm)):
-            raise TrainingDivergedError(f"gradient norm became {float(norm)} at step {step}; training stopped. "
-                                        "The last good checkpoint is kept. Lower the learning rate")
-        self.optimizer.step()
+        decision = overflow_decision(None if norm is None else float(norm), self.acc.scaler is not None,
+                                     self.overflow_skips, step)
+        if decision.action == "stop":
+            raise TrainingDivergedError(decision.message)
+        self.overflow_skips = decision.consecutive_skips
+        if decision.action == "skip":
+            log.info(decision.message)
+        self.optimizer.step()  # fp16: the scaler skips an overflowed step itself and lowers its scale
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.ema is not None:
+        if self.ema is not None and decision.action == "step":
             self.ema.step(params)
         mean = self.acc.reduce(total / len(group), reduction="mean")
         return float(mean)
@@ -419,17 +468,15 @@ class Trainer:
             per_sample = per_sample * torch.tensor([tr.prior_loss_weight if r else 1.0 for r in reg]).to(per_sample)
         return per_sample.mean()
 
+    def _encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        vae_dtype = next(self.comps.vae.parameters()).dtype
+        with torch.no_grad():
+            return self.family.encode_images(self.train_comps, pixels.to(self.acc.device, dtype=vae_dtype)).float()
+
     def _latents(self, batch_plan, epoch: int) -> torch.Tensor:
-        comps = self.train_comps
-        vae_dtype = next(comps.vae.parameters()).dtype
-
-        def encode(pixels: torch.Tensor) -> torch.Tensor:
-            with torch.no_grad():
-                return self.family.encode_images(comps, pixels.to(self.acc.device, dtype=vae_dtype)).float()
-
         if self.latent_cache is not None:
-            return self.latent_cache.latents(batch_plan, epoch, encode).to(self.acc.device)
-        return encode(self.prefetch.get(batch_plan, epoch).pixels)
+            return self.latent_cache.latents(batch_plan, epoch, self._encode_pixels).to(self.acc.device)
+        return self._encode_pixels(self.prefetch.get(batch_plan, epoch).pixels)
 
     # --- outputs -------------------------------------------------------------------------------------------------
     def _save(self, step: int, epoch: int, final: bool) -> None:
@@ -437,7 +484,7 @@ class Trainer:
         if self.acc.is_main_process:
             from .checkpoints import write_checkpoint
 
-            with self._ema_weights():
+            with self._ema_weights(), self._encoders_on_device(), self.acc.autocast():  # encoders may be offloaded
                 validation = self.validator.evaluate()
                 info = write_checkpoint(self, step, epoch, final=final, validation=validation)
             self.checkpoints.append(info)
@@ -469,6 +516,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else {},
             "losses": list(self.losses),
+            "scaler": self.acc.scaler.state_dict() if self.acc.scaler is not None else {},  # fp16: resume exact
         }
         save_state(self.state_dir, step=step, epoch=epoch, payload=payload, cfg=self.cfg,
                    data_fingerprint=self.source.fingerprint(), extra={"run_name": self.run_name})
@@ -504,6 +552,7 @@ class Trainer:
             "validation": validation_summary(self.validator, self.checkpoints),
             "losses": self.losses,
             "plan": self.plan.to_dict(),
+            "resolved": self.resolved,
             "samples": [{"step": s.step, "paths": [str(p) for p in s.paths]} for s in self.samples],
         }
         atomic_write_json(self.work_dir / "run.json", data)
@@ -520,7 +569,7 @@ class Trainer:
             for m in modules:
                 m.eval()
             try:
-                with torch.no_grad(), self._ema_weights():
+                with torch.no_grad(), self._ema_weights(), self.acc.autocast(), self._encoders_on_device():
                     images = self.family.sample(self.comps, s.prompts, seed=s.seed, steps=s.steps, cfg=s.cfg,
                                                 width=s.width or res, height=s.height or res,
                                                 negative_prompt=s.negative_prompt, guidance=s.guidance)

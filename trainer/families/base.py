@@ -69,6 +69,8 @@ class ModelFamily(ABC):
     # The family-dependent settings (trainer.families.settings.FAMILY_SETTINGS) this family applies; a setting not
     # listed is refused at validation or reported in the plan, never silently ignored.
     honoured_settings: frozenset[str] = frozenset()
+    gradient_checkpointing_default: bool = False  # training.gradient_checkpointing "auto" (trainer.defaults)
+    vae_fp32: bool = False  # the VAE overflows in fp16/bf16 and always runs in float32 (kohya no_half_vae)
 
     def __init_subclass__(cls, **kwargs):
         """Every family's ``load`` first checks each path it will read against the read policy in force

@@ -123,6 +123,7 @@ class FluxFamily(FlowFamily):
     guidance_distilled = True
 
     name = "flux"
+    gradient_checkpointing_default = True  # 1024 px activations dominate memory (trainer.defaults)
     title = "Flux"
     encoders = (EncoderSpec("text_encoder", "clip_l"), EncoderSpec("text_encoder_2", "t5xxl"))
     vae_factors = {"scaling_factor": 0.3611, "shift_factor": 0.1159, "sample_size": 1024}

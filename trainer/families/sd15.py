@@ -102,7 +102,8 @@ def encode_windows(encoder, ids: "torch.Tensor", layer: int, final_norm: bool) -
     out = encoder(ids.reshape(b * n, length).to(inner.device), output_hidden_states=True)
     hidden = out.hidden_states[layer]
     if final_norm:
-        hidden = getattr(inner, "text_model", inner).final_layer_norm(hidden)
+        norm = getattr(inner, "text_model", inner).final_layer_norm
+        hidden = norm(hidden.to(norm.weight.dtype))  # CPU layer_norm refuses fp32 input with bf16 weights
     return hidden.reshape(b, n * length, hidden.shape[-1]), out
 
 

@@ -47,6 +47,8 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
 
     name = "sdxl"
     block_layout = SDXL_BLOCKS
+    gradient_checkpointing_default = True  # 1024 px activations dominate memory (trainer.defaults)
+    vae_fp32 = True  # the SDXL VAE overflows to NaN in fp16 (kohya no_half_vae)
     encoders = (("text_encoder", "clip_l"), ("text_encoder_2", "clip_g"))
 
     def encode_text(self, comps: Components, captions: Sequence[str], clip_skip: int = 1,
