@@ -41,67 +41,13 @@ COMPONENTS = [(family, component) for family, comps in TARGET_PRESETS.items() fo
 
 
 
+from trainer.full_size import build_meta  # noqa: E402
+
 # --- full-size models on the meta device -----------------------------------------------------------------------------
 
-def _sd15_unet():
-    return diffusers.UNet2DConditionModel(block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768,
-                                          attention_head_dim=8, layers_per_block=2)
-
-
-def _sdxl_unet():
-    return diffusers.UNet2DConditionModel(
-        block_out_channels=(320, 640, 1280), transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048,
-        attention_head_dim=(5, 10, 20), addition_embed_type="text_time", projection_class_embeddings_input_dim=2816,
-        addition_time_embed_dim=256, use_linear_projection=True, layers_per_block=2, sample_size=128,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"))
-
-
-def _sd3_transformer():
-    return diffusers.SD3Transformer2DModel(
-        sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
-        num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
-        pos_embed_max_size=192)
-
-
-def _flux_transformer():
-    return diffusers.FluxTransformer2DModel(
-        patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
-        axes_dims_rope=(16, 56, 56))
-
-
-def _clip_l():
-    return transformers.CLIPTextModel(transformers.CLIPTextConfig(
-        hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, vocab_size=49408,
-        max_position_embeddings=77, projection_dim=768))
-
-
-def _clip_g():
-    return transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(
-        hidden_size=1280, num_hidden_layers=32, num_attention_heads=20, intermediate_size=5120, vocab_size=49408,
-        max_position_embeddings=77, projection_dim=1280, hidden_act="gelu"))
-
-
-def _t5_xxl():
-    return transformers.T5EncoderModel(transformers.T5Config(
-        d_model=4096, num_layers=24, num_heads=64, d_kv=64, d_ff=10240, feed_forward_proj="gated-gelu",
-        vocab_size=32128))
-
-
-BUILDERS = {
-    ("sd15", "unet"): _sd15_unet, ("sd15", "text_encoder"): _clip_l,
-    ("sdxl", "unet"): _sdxl_unet, ("sdxl", "text_encoder"): _clip_l, ("sdxl", "text_encoder_2"): _clip_g,
-    ("sd3", "transformer"): _sd3_transformer, ("sd3", "text_encoder"): _clip_l, ("sd3", "text_encoder_2"): _clip_g,
-    ("sd3", "text_encoder_3"): _t5_xxl,
-    ("flux", "transformer"): _flux_transformer, ("flux", "text_encoder"): _clip_l, ("flux", "text_encoder_2"): _t5_xxl,
-}
-
-
 def build(family: str, component: str) -> nn.Module:
-    with torch.device("meta"), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return BUILDERS[(family, component)]()
+    """The published full-size architecture on the meta device (one definition: trainer/full_size.py)."""
+    return build_meta(family, component)
 
 
 def inject(model: nn.Module, config) -> nn.Module:
