@@ -82,11 +82,11 @@ class LatentCache:
 
     def fill(self, encode, report: Callable[[int, int], None] = lambda done, total: None) -> None:
         """Encode (or load from disk) every image now, before training starts, so the VAE can leave the device."""
-        total = len(self.source.items)
-        for item in range(total):
+        items = trained_items(self.source)
+        for done, item in enumerate(items, 1):
             if item not in self.memory:
                 self.memory[item] = self._load_or_encode(item, 1, encode)  # no random augmentation: any epoch
-            report(item + 1, total)
+            report(done, len(items))
 
     def _load_or_encode(self, item: int, epoch: int, encode) -> torch.Tensor:
         path = self.folder / f"{self.key(item)}.safetensors" if self.folder else None
@@ -152,10 +152,10 @@ class TextCache:
 
     def fill(self, report: Callable[[int, int], None] = lambda done, total: None) -> None:
         """Encode every image's caption variants now, before training starts, so the text encoders can leave."""
-        total = len(self.source.items)
-        for item in range(total):
+        items = trained_items(self.source)
+        for done, item in enumerate(items, 1):
             self._fill(item)
-            report(item + 1, total)
+            report(done, len(items))
 
     def _fill(self, item: int) -> None:
         if item in self.entries:
@@ -177,3 +177,9 @@ def _row(value: torch.Tensor, i: int, n: int) -> torch.Tensor:
     if not value.ndim or value.shape[0] != n:
         raise ValueError(f"text conditioning tensors must be batch-first (got shape {tuple(value.shape)} for {n} captions)")
     return value.detach()[i:i + 1].cpu()
+
+
+def trained_items(source) -> list[int]:
+    """The indices of the images training reads: held-out validation images are never trained on, so never cached."""
+    held = set(getattr(source, "validation_items", ()))
+    return [i for i in range(len(source.items)) if i not in held]
