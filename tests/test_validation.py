@@ -171,16 +171,30 @@ def test_full_finetune_gets_a_validation_loss(tiny_sd15, demo_dataset, tmp_path)
 
 
 @pytest.mark.slow
-def test_flow_family_sd3_gets_a_falling_validation_loss(demo_dataset, tmp_path):
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_flow_families_get_a_falling_validation_loss(demo_dataset, tmp_path, family):
     from trainer.tiny_flow import build_tiny_flow_model
 
-    tiny = build_tiny_flow_model(tmp_path / "sd3", "sd3", seed=0)
+    tiny = build_tiny_flow_model(tmp_path / family, family, seed=0)
     model = dataclasses.asdict(tiny.folder_config())
     cfg = config(None, demo_dataset, tmp_path, model_section=model,
                  training={"epochs": 3, "seed": 3, "validation_split": 0.2})
     result = train(cfg)
     losses = val_losses(result)
     assert len(losses) == 3 and losses[-1] < losses[0]
+    assert set(result.checkpoints[0].val_loss_t) == {"0.25", "0.50", "0.75", "1.00"}
+
+
+@pytest.mark.slow
+def test_sdxl_gets_a_falling_validation_loss(demo_dataset, tmp_path):
+    from trainer.tiny import build_tiny_pipeline
+
+    tiny = build_tiny_pipeline(tmp_path / "sdxl", family="sdxl", seed=1)
+    result = train(config(tiny, demo_dataset, tmp_path / "run", family="sdxl",
+                          training={"epochs": 8, "seed": 3, "validation_split": 0.2},
+                          save={"save_every_n_epochs": 4}))
+    losses = val_losses(result)
+    assert len(losses) == 2 and losses[-1] < losses[0], losses
     assert set(result.checkpoints[0].val_loss_t) == {"0.25", "0.50", "0.75", "1.00"}
 
 
