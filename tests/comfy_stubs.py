@@ -376,3 +376,35 @@ def in_models(folder) -> "Path":
     if not dest.exists():
         shutil.copytree(folder, dest)
     return dest
+
+
+# --- calling nodes as ComfyUI does -------------------------------------------------------------------------------------
+def node_defaults(cls) -> dict:
+    """Every widget's default, as a new node in the UI has them."""
+    values = {}
+    for section in ("required", "optional"):
+        for name, spec in cls.INPUT_TYPES().get(section, {}).items():
+            options = spec[1] if len(spec) > 1 else {}
+            if "default" in options and (isinstance(spec[0], list) or spec[0] in ("INT", "FLOAT", "STRING", "BOOLEAN")):
+                values[name] = options["default"]
+    return values
+
+
+def run_node(nodes, node_id: str, **inputs):
+    """Run a node with its defaults plus ``inputs``; its result tuple (the ``ui`` part dropped)."""
+    cls = nodes[node_id]
+    out = getattr(cls(), cls.FUNCTION)(**{**node_defaults(cls), **inputs})
+    return tuple(out["result"]) if isinstance(out, dict) else tuple(out)
+
+
+def demo_images_in_input(input_dir: Path, demo_dataset: Path, count: int, name: str = "small") -> str:
+    """The first ``count`` demo images (with captions) copied to ``input/<name>/<concept>/``; returns ``name``."""
+    import shutil
+
+    concept = next(p for p in sorted(demo_dataset.iterdir()) if p.is_dir())
+    target = input_dir / name / concept.name
+    target.mkdir(parents=True)
+    for image in sorted(concept.glob("*.png"))[:count]:
+        shutil.copy(image, target)
+        shutil.copy(image.with_suffix(".txt"), target)
+    return name

@@ -16,22 +16,12 @@ pytestmark = pytest.mark.slow
 
 
 def test_two_processes_agree_and_only_rank0_writes(tiny_sd15, demo_dataset, tmp_path):
-    accelerate = Path(sys.executable).with_name("accelerate")
-    if not accelerate.exists():
-        accelerate = shutil.which("accelerate")
-    assert accelerate, "accelerate's launcher is part of the accelerate package"
     cfg = {"model": {"family": "sd15", "path": str(tiny_sd15)},
            "datasets": [{"path": str(demo_dataset), "resolution": 64, "repeats": 1}],
            "network": {"network_dim": 4, "network_alpha": 4},
            "training": {"batch_size": 2, "epochs": 1, "seed": 1},
            "save": {"output_dir": str(tmp_path / "out"), "run_name": "mp", "save_every_n_epochs": 1}}
-    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    proc = subprocess.run([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "trainer", "-v", "train",
-                           "cfg.json"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, output[-3000:]
+    output = launch_two_processes(tmp_path, cfg)
     digests = dict(re.findall(r"rank (\d+) trained weights sha256 (\w+)", output))
     assert set(digests) == {"0", "1"}, output[-3000:]
     assert digests["0"] == digests["1"]
@@ -49,9 +39,6 @@ def test_two_processes_train_sdxl_text_encoders(demo_dataset, tmp_path):
     which DDP must accept (issue 15: it crashed at step 2 with "parameters that were not used")."""
     from trainer.tiny import build_tiny_pipeline
 
-    accelerate = Path(sys.executable).with_name("accelerate")
-    if not accelerate.exists():
-        accelerate = shutil.which("accelerate")
     model = build_tiny_pipeline(tmp_path / "xl", family="sdxl", seed=1)
     cfg = {"model": {"family": "sdxl", "path": str(model), "clip_skip": 2},
            "datasets": [{"path": str(demo_dataset), "resolution": 64, "repeats": 1}],
@@ -59,14 +46,24 @@ def test_two_processes_train_sdxl_text_encoders(demo_dataset, tmp_path):
            "training": {"batch_size": 2, "epochs": 1, "seed": 1, "max_train_steps": 3},
            "save": {"output_dir": str(tmp_path / "out"), "run_name": "xl", "save_every_n_epochs": 0,
                     "save_state": False}}
-    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    proc = subprocess.run([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "trainer", "-v", "train",
-                           "cfg.json"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, output[-3000:]
+    output = launch_two_processes(tmp_path, cfg)
     digests = dict(re.findall(r"rank (\d+) trained weights sha256 (\w+)", output))
     assert set(digests) == {"0", "1"} and digests["0"] == digests["1"], output[-3000:]
     manifest = json.loads((tmp_path / "out" / "xl" / "run.json").read_text())
     assert len(manifest["losses"]) == 3
+
+
+def launch_two_processes(folder: Path, cfg: dict) -> str:
+    """``accelerate launch`` of ``python -m trainer train`` on 2 CPU (gloo) processes; their joint output."""
+    accelerate = Path(sys.executable).with_name("accelerate")
+    if not accelerate.exists():
+        accelerate = shutil.which("accelerate")
+    assert accelerate, "accelerate's launcher is part of the accelerate package"
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.run([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "trainer", "-v", "train",
+                           "cfg.json"], cwd=folder, env=env, capture_output=True, text=True, timeout=600)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-3000:]
+    return output

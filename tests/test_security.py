@@ -57,29 +57,10 @@ def outside(comfy, demo_dataset) -> Path:
 @pytest.fixture(scope="module")
 def small(comfy, demo_dataset) -> str:
     """Two demo images (with captions) in ComfyUI's input folder."""
-    concept = next(p for p in demo_dataset.iterdir() if p.is_dir())
-    target = comfy.input_dir / "small" / concept.name
-    target.mkdir(parents=True)
-    for image in sorted(concept.glob("*.png"))[:2]:
-        shutil.copy(image, target)
-        shutil.copy(image.with_suffix(".txt"), target)
-    return "small"
+    return comfy_stubs.demo_images_in_input(comfy.input_dir, demo_dataset, 2)
 
 
-def node_defaults(cls) -> dict:
-    values = {}
-    for section in ("required", "optional"):
-        for name, spec in cls.INPUT_TYPES().get(section, {}).items():
-            options = spec[1] if len(spec) > 1 else {}
-            if "default" in options and (isinstance(spec[0], list) or spec[0] in ("INT", "FLOAT", "STRING", "BOOLEAN")):
-                values[name] = options["default"]
-    return values
-
-
-def run_node(nodes, node_id: str, **inputs):
-    cls = nodes[node_id]
-    out = getattr(cls(), cls.FUNCTION)(**{**node_defaults(cls), **inputs})
-    return tuple(out["result"]) if isinstance(out, dict) else tuple(out)
+node_defaults, run_node = comfy_stubs.node_defaults, comfy_stubs.run_node
 
 
 def no_secret(*values) -> None:
