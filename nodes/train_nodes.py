@@ -12,6 +12,7 @@ from trainer.config import (ATTENTION, FAMILIES, LOSS_WEIGHTING, MIXED_PRECISION
                             SAVE_PRECISION, SCHEDULERS, TARGET_PRESETS, TIMESTEP_SAMPLING, ModelConfig,
                             NetworkConfig, OptimConfig, SampleConfig, SaveConfig, TrainConfig, TrainingConfig)
 from trainer.errors import CrucibleError
+from trainer.families import all_families
 from trainer.fileio import safe_name, shown
 
 from . import _comfy
@@ -79,7 +80,7 @@ class CrucibleSplitModel:
     def INPUT_TYPES(cls):
         encoders = [NONE] + _comfy.list_models("text_encoders")
         return {"required": {
-            "family": combo(["sd3", "flux"], "flux", "sd3 (SD3 / SD3.5) or flux (Flux.1 dev / schnell)."),
+            "family": combo([f.name for f in all_families() if f.split_file_loading], "flux", "sd3 (SD3 / SD3.5) or flux (Flux.1 dev / schnell)."),
             "unet_name": combo([NONE] + _comfy.list_models("diffusion_models"), NONE, "The transformer file from models/diffusion_models (the one Load Diffusion Model uses)."),
             "clip_name1": combo(encoders, NONE, "Text encoder from models/text_encoders: CLIP-L (both families)."),
             "clip_name2": combo(encoders, NONE, "Text encoder: CLIP-G (SD3) or T5-XXL (Flux)."),

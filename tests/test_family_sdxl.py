@@ -98,9 +98,7 @@ def test_sample_renders_with_and_without_negative_prompt(file_comps):
 
 
 def test_lora_naming_targets_and_export_layout(folder_comps):
-    from trainer.lora_keys import KEY_STYLES
-
-    assert {c: k.prefix for c, k in KEY_STYLES["sdxl"].items()} == {"unet": "lora_unet", "text_encoder": "lora_te1",
+    assert {c: k.prefix for c, k in FAMILY.key_styles.items()} == {"unet": "lora_unet", "text_encoder": "lora_te1",
                                                                    "text_encoder_2": "lora_te2"}
     g_names = [n for n, _ in folder_comps.text_encoders[1].named_modules()]
     assert all(any(n.endswith("." + t) for n in g_names) for t in FAMILY.lora_target_modules("text_encoder_2", "attn"))

@@ -96,11 +96,11 @@ def test_full_size_vae_and_clip_configs_are_derived_from_shapes():
         derived = sf.vae_config_from_ldm(vae_ldm, family)
         _assert_subset(derived, SD_VAE)
         assert derived["scaling_factor"] == scale
-    prefix_l = sf.CLIP_PREFIXES[("sd15", "text_encoder")]
+    prefix_l = get_family("sd15").single_file_prefixes["text_encoder"]
     l_ldm = sf.clip_l_to_ldm(clip_l.state_dict(), prefix_l)
     assert f"{prefix_l}text_model.encoder.layers.11.mlp.fc2.weight" in l_ldm
     _assert_subset(sf.clip_config_from_ldm(sf.strip_prefix(l_ldm, prefix_l), "clip_l"), CLIP_L)
-    prefix_g = sf.CLIP_PREFIXES[("sdxl", "text_encoder_2")]
+    prefix_g = get_family("sdxl").single_file_prefixes["text_encoder_2"]
     g_ldm = sf.clip_g_to_ldm(clip_g.state_dict(), prefix_g)
     assert tuple(g_ldm[f"{prefix_g}transformer.resblocks.31.attn.in_proj_weight"].shape) == (3840, 1280)
     assert f"{prefix_g}text_projection" in g_ldm and f"{prefix_g}ln_final.weight" in g_ldm
@@ -114,7 +114,7 @@ def test_clip_g_round_trip_through_diffusers_openclip_converter():
 
     comps = build_tiny_components("sdxl", seed=3)
     clip_g = comps.text_encoders[1]
-    prefix = sf.CLIP_PREFIXES[("sdxl", "text_encoder_2")]
+    prefix = get_family("sdxl").single_file_prefixes["text_encoder_2"]
     ldm = sf.clip_g_to_ldm(clip_g.state_dict(), prefix)
     back = convert_open_clip_checkpoint(clip_g, ldm, prefix=prefix)
     original = clip_g.state_dict()

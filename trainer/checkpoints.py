@@ -54,7 +54,7 @@ def write_checkpoint(trainer: "Trainer", step: int, epoch: int, *, final: bool =
         meta = {k: v for k, v in meta.items() if not k.startswith("ss_network")}
         kind = "full"
     else:
-        tensors = export_peft_modules(trainer.family.name, net.modules, dtype=dtype)
+        tensors = export_peft_modules(trainer.family, net.modules, dtype=dtype)
         kind = "lora"
     save_safetensors(path, tensors, meta)
     if net.is_full and cfg.save.single_file_dir:

@@ -36,6 +36,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from torch import Tensor, nn
 
     from .config import TrainConfig
+    from .families.base import ModelFamily
 
 # peft parameter names (the part after the module name) and the adapter kind they belong to.
 _LORA_PARAMS = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")
@@ -96,7 +97,7 @@ def _pattern_key(patterns: Mapping[str, Any], module_name: str) -> str:
 
 # --- export ---------------------------------------------------------------------------------------------------------
 
-def export_lora(family: str, states: Mapping[str, Mapping[str, "Tensor"]], *, configs: Mapping[str, Any],
+def export_lora(family: "str | ModelFamily", states: Mapping[str, Mapping[str, "Tensor"]], *, configs: Mapping[str, Any],
                 base_weights: Mapping[str, Mapping[str, "Tensor"]] | None = None,
                 dtype: "torch.dtype | None" = None) -> dict[str, "Tensor"]:
     """The tensors of a LoRA file for ComfyUI's LoraLoader.
@@ -105,6 +106,9 @@ def export_lora(family: str, states: Mapping[str, Mapping[str, "Tensor"]], *, co
     config (or :class:`AdapterSpec`). ``base_weights[component][module_name]`` is the frozen weight of each DoRA
     module (only DoRA needs it). ``dtype`` casts the weights (``.alpha`` stays float32).
     """
+    from .families import get_family
+
+    family = get_family(family)
     tensors: dict[str, Tensor] = {}
     prefixes: set[str] = set()
     for component, state in states.items():
@@ -124,7 +128,7 @@ def export_lora(family: str, states: Mapping[str, Mapping[str, "Tensor"]], *, co
     return dict(sorted(tensors.items()))
 
 
-def export_peft_modules(family: str, modules: Mapping[str, "nn.Module"], *, adapter_name: str = "default",
+def export_peft_modules(family: "str | ModelFamily", modules: Mapping[str, "nn.Module"], *, adapter_name: str = "default",
                         dtype: "torch.dtype | None" = None) -> dict[str, "Tensor"]:
     """:func:`export_lora` straight from peft-wrapped modules (state, config and DoRA base weights read from them)."""
     from peft import get_peft_model_state_dict
@@ -157,7 +161,7 @@ def _group_peft_state(state: Mapping[str, "Tensor"], component: str) -> dict[str
     return modules
 
 
-def _export_module(params: dict[str, "Tensor"], *, name: str, style: KeyStyle, spec: AdapterSpec, family: str,
+def _export_module(params: dict[str, "Tensor"], *, name: str, style: KeyStyle, spec: AdapterSpec, family: "ModelFamily",
                    base_weight: "Tensor | None", dtype: "torch.dtype | None", component: str) -> dict[str, "Tensor"]:
     """File tensors (suffix → tensor, including ``alpha``) of one module."""
     import torch
@@ -181,7 +185,7 @@ def _export_module(params: dict[str, "Tensor"], *, name: str, style: KeyStyle, s
 
 
 def _export_lora(params: dict[str, "Tensor"], style: KeyStyle, scaling: float, base_weight: "Tensor | None",
-                 family: str, name: str, dtype: "torch.dtype | None", where: str) -> tuple[dict, int]:
+                 family: "ModelFamily", name: str, dtype: "torch.dtype | None", where: str) -> tuple[dict, int]:
     """LoRA (and DoRA) tensors of one module and the rank ComfyUI divides alpha by."""
     if "lora_A.weight" not in params or "lora_B.weight" not in params:
         raise CrucibleError(f"LoRA export: {where} lacks lora_A or lora_B")
@@ -277,7 +281,7 @@ def layer_kind(layer: "nn.Module", adapter_name: str = "default") -> str:
     raise CrucibleError(f"peft layer type {type(layer).__name__} cannot be exported to ComfyUI")
 
 
-def import_lora(family: str, component: str, tensors: Mapping[str, "Tensor"], module: "nn.Module", *,
+def import_lora(family: "str | ModelFamily", component: str, tensors: Mapping[str, "Tensor"], module: "nn.Module", *,
                 adapter_name: str = "default") -> tuple[dict[str, "Tensor"], list[str]]:
     """Convert one component's keys of a LoRA file into a peft state dict for ``module``'s adapter.
 
@@ -286,6 +290,9 @@ def import_lora(family: str, component: str, tensors: Mapping[str, "Tensor"], mo
     ComfyUI's reading of the file to the adapter's peft scaling. Returns ``(peft_state, untouched)``, where
     ``untouched`` lists the adapter's modules the file has no weights for.
     """
+    from .families import get_family
+
+    family = get_family(family)
     style = key_style(family, component)
     layers = adapter_layers(module, adapter_name)
     names = _names_by_prefix(style, layers)
@@ -304,7 +311,7 @@ def import_lora(family: str, component: str, tensors: Mapping[str, "Tensor"], mo
     return state, untouched
 
 
-def load_lora_into(family: str, component: str, module: "nn.Module", tensors: Mapping[str, "Tensor"], *,
+def load_lora_into(family: "str | ModelFamily", component: str, module: "nn.Module", tensors: Mapping[str, "Tensor"], *,
                    adapter_name: str = "default") -> list[str]:
     """Load a LoRA file's weights for ``component`` into ``module``'s (already injected) peft adapter.
 
@@ -339,7 +346,7 @@ def _names_by_prefix(style: KeyStyle, layers: Iterable[str]) -> dict[str, str]:
     return names
 
 
-def _group_file(style: KeyStyle, tensors: Mapping[str, "Tensor"], family: str,
+def _group_file(style: KeyStyle, tensors: Mapping[str, "Tensor"], family: "ModelFamily",
                 component: str) -> dict[str, dict[str, "Tensor"]]:
     """``{prefix: {suffix: tensor}}`` for the file keys that belong to ``style``'s component."""
     modules: dict[str, dict[str, Tensor]] = {}
@@ -349,12 +356,12 @@ def _group_file(style: KeyStyle, tensors: Mapping[str, "Tensor"], family: str,
         suffix = next((s for s in _FILE_SUFFIXES if key.endswith("." + s)), None)
         if suffix is None:
             raise CrucibleError(f"LoRA file: key '{key}' is not a LoRA, DoRA, LoHa or LoKr weight Crucible can load "
-                                f"into the {family} '{component}'")
+                                f"into the {family.name} '{component}'")
         modules.setdefault(key[: -len(suffix) - 1], {})[suffix] = value
     return modules
 
 
-def _import_module(parts: dict[str, "Tensor"], layer: "nn.Module", *, name: str, family: str,
+def _import_module(parts: dict[str, "Tensor"], layer: "nn.Module", *, name: str, family: "ModelFamily",
                    adapter_name: str) -> dict[str, "Tensor"]:
     """peft parameters of one module from its file tensors (inverse of :func:`_export_module`)."""
     kind = layer_kind(layer, adapter_name)
@@ -406,7 +413,7 @@ def _comfy_scale(kind: str, parts: Mapping[str, "Tensor"], alpha: float | None) 
 
 
 def _magnitude(scale: "Tensor | None", down: "Tensor", up: "Tensor", comfy_scale: float, layer: "nn.Module",
-               name: str, family: str, adapter_name: str) -> "Tensor":
+               name: str, family: "ModelFamily", adapter_name: str) -> "Tensor":
     """peft's DoRA magnitude from a file's ``dora_scale`` (inverse of :func:`dora_scale`).
 
     Without ``dora_scale`` the file is a plain LoRA; the magnitude ``‖W + ΔW‖_row`` then reproduces it exactly.
@@ -426,13 +433,6 @@ def _magnitude(scale: "Tensor | None", down: "Tensor", up: "Tensor", comfy_scale
 
 # --- metadata --------------------------------------------------------------------------------------------------------
 
-BASE_MODEL_VERSION = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0", "sd3": "sd3", "flux": "flux1"}
-MODELSPEC_ARCHITECTURE = {"sd15": "stable-diffusion-v1", "sdxl": "stable-diffusion-xl-v1-base",
-                          "sd3": "stable-diffusion-3-medium", "flux": "flux-1-dev"}
-MODELSPEC_IMPLEMENTATION = {"sd15": "diffusers", "sdxl": "https://github.com/Stability-AI/generative-models",
-                            "sd3": "diffusers", "flux": "https://github.com/black-forest-labs/flux"}
-
-
 def lora_metadata(cfg: "TrainConfig", *, step: int, epoch: int, started_at: float | None = None,
                   num_train_images: int = 0, tag_frequency: Mapping[str, Mapping[str, int]] | None = None,
                   output_name: str | None = None, title: str | None = None) -> dict[str, str]:
@@ -442,8 +442,9 @@ def lora_metadata(cfg: "TrainConfig", *, step: int, epoch: int, started_at: floa
     ``tag_frequency`` is ``{dataset folder: {tag: count}}``; ``started_at`` a Unix time (default: now).
     """
     from . import __version__
+    from .families import get_family
 
-    family, net, optim = cfg.model.family, cfg.network, cfg.optim
+    family, net, optim = get_family(cfg.model.family), cfg.network, cfg.optim
     started_at = time.time() if started_at is None else started_at
     name = output_name or cfg.save.run_name
     resolution = cfg.datasets[0].resolution if cfg.datasets else 0
@@ -460,7 +461,7 @@ def lora_metadata(cfg: "TrainConfig", *, step: int, epoch: int, started_at: floa
         "ss_network_module": "lycoris.kohya" if algo else "networks.lora",
         "ss_network_dim": str(net.network_dim),
         "ss_network_alpha": _num(net.network_alpha),
-        "ss_base_model_version": BASE_MODEL_VERSION[family],
+        "ss_base_model_version": family.base_model_version,
         "ss_v2": "False",
         "ss_sd_model_name": os.path.basename(cfg.model.path.rstrip("/\\")),
         "ss_output_name": name,
@@ -485,8 +486,8 @@ def lora_metadata(cfg: "TrainConfig", *, step: int, epoch: int, started_at: floa
         "ss_min_snr_gamma": _num(cfg.training.min_snr_gamma),
         "ss_noise_offset": _num(cfg.training.noise_offset),
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": f"{MODELSPEC_ARCHITECTURE[family]}/lora",
-        "modelspec.implementation": MODELSPEC_IMPLEMENTATION[family],
+        "modelspec.architecture": f"{family.modelspec_architecture}/lora",
+        "modelspec.implementation": family.modelspec_implementation,
         "modelspec.title": title or name,
         "modelspec.resolution": f"{resolution}x{resolution}",
         "modelspec.date": datetime.datetime.fromtimestamp(int(started_at), tz=datetime.timezone.utc).isoformat(),

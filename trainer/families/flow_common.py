@@ -35,8 +35,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 from ..errors import ConfigError, ModelLoadError
+from . import FAMILY_NAMES, family_of_pipeline
 from . import single_file as sf
-from .base import Components, ModelFamily
+from .base import Components, EncoderSpec, ModelFamily
 from .sd15 import _from_pretrained, unwrap, use_tokenizer_eos
 from .tokenizers import ENV_TOKENIZER_DIR, find_clip_tokenizer
 
@@ -109,17 +110,16 @@ class Part:
 
 
 def transformer_layout(keys: Iterable[str]) -> tuple[str, str] | None:
-    """``(family, naming)`` of a transformer state dict: family ``sd3``/``flux``, naming ``diffusers`` or
-    ``original`` (ComfyUI / SAI / BFL), with or without ``model.diffusion_model.``; ``None`` when neither."""
+    """``(family, naming)`` of a transformer state dict: the flow family whose ``transformer_markers`` it carries,
+    naming ``diffusers`` or ``original`` (ComfyUI / SAI / BFL), with or without ``model.diffusion_model.``;
+    ``None`` when no family's."""
+    from . import all_families
+
     keys = {k.removeprefix(DIFFUSION_PREFIX) for k in keys}
-    if "joint_blocks.0.x_block.attn.qkv.weight" in keys:
-        return "sd3", "original"
-    if "double_blocks.0.img_attn.qkv.weight" in keys:
-        return "flux", "original"
-    if "x_embedder.weight" in keys and "transformer_blocks.0.attn.add_q_proj.weight" in keys:
-        return "flux", "diffusers"
-    if "pos_embed.proj.weight" in keys and "transformer_blocks.0.attn.add_q_proj.weight" in keys:
-        return "sd3", "diffusers"
+    for family in all_families():
+        for naming, markers in getattr(family, "transformer_markers", {}).items():
+            if all(m in keys for m in markers):
+                return family.name, naming
     return None
 
 
@@ -200,15 +200,15 @@ def load_t5(part: Part, dtype=None):
     return model
 
 
-def load_vae(part: Part, factors: Mapping[str, Any], dtype=None):
-    """A 16-channel ``AutoencoderKL`` from LDM-layout (``ae.safetensors``) or diffusers-layout tensors."""
+def load_vae(part: Part, family: "ModelFamily", dtype=None):
+    """A 16-channel ``AutoencoderKL`` from LDM-layout (``ae.safetensors``) or diffusers-layout tensors (sample size
+    and scaling/shift factor from the family's ``vae_factors``)."""
     from diffusers import AutoencoderKL
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
     sd = part.read()
     ldm = sf.vae_to_ldm(sd) if any(k.startswith("encoder.down_blocks.") for k in sd) else sd
-    # vae_config_from_ldm's family only picks sample size and scaling factor, both replaced by ``factors``
-    config = {**sf._derive("VAE", part.describe(), sf.vae_config_from_ldm, ldm, "sdxl"), **factors}
+    config = sf._derive("VAE", part.describe(), sf.vae_config_from_ldm, ldm, family)
     if config["latent_channels"] != 16:
         raise ModelLoadError(f"the VAE '{part.describe()}' has {config['latent_channels']} latent channels; SD3 and "
                              "Flux use a 16-channel VAE (SD3: the one in the checkpoint, Flux: ae.safetensors)")
@@ -304,19 +304,6 @@ def encode_t5(encoder, ids: "torch.Tensor") -> "torch.Tensor":
 
 # --- the family base -----------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class EncoderSpec:
-    """One text encoder of a family: its pipeline component name, kind, and whether the family can do without it."""
-
-    component: str  # text_encoder | text_encoder_2 | text_encoder_3
-    kind: str  # clip_l | clip_g | t5xxl
-    required: bool = True
-
-    @property
-    def tokenizer_subfolder(self) -> str:
-        return self.component.replace("text_encoder", "tokenizer")
-
-
 @dataclass
 class LoadPlan:
     """Where each component comes from (resolved before any weight is read)."""
@@ -335,10 +322,20 @@ class FlowFamily(ModelFamily):
     default_prediction = "flow"
     vae_scale_factor = 8
     latent_channels = 16
-    title = ""  # "SD3" / "Flux" in messages
-    encoders: tuple[EncoderSpec, ...] = ()
-    vae_factors: dict[str, Any] = {}  # AutoencoderKL config values shapes cannot tell (scaling/shift factor)
+    denoiser_name = "transformer"
+    split_file_loading = True
     t5_length = 256  # T5 tokens per caption (ComfyUI's padding length)
+    # naming (diffusers | original) -> tensor names (without model.diffusion_model.) that mark this family's
+    # transformer in that naming (exclusive across families: transformer_layout)
+    transformer_markers: Mapping[str, tuple[str, ...]] = {}
+
+    def matches_single_file(self, keys) -> bool:
+        return transformer_layout(keys) == (self.name, "original")
+
+    def scale_shift_swapped(self, module_name: str, weight_shape: tuple[int, ...]) -> bool:
+        """``norm_out.linear`` (diffusers' ``AdaLayerNormContinuous``, ``(scale, shift)`` against ComfyUI's
+        ``(shift, scale)``)."""
+        return module_name == "norm_out.linear"
 
     # hooks ------------------------------------------------------------------------------------------------------
     @abstractmethod
@@ -404,7 +401,7 @@ class FlowFamily(ModelFamily):
         extras = {"family": self.name, "format": plan.format, "clip_skip": cfg.clip_skip,
                   "t5_length": self.t5_length, **self.model_extras(transformer)}
         comps = Components(denoiser=transformer, vae=vae, text_encoders=encoders, tokenizers=tokenizers,
-                           noise_scheduler=scheduler, denoiser_name="transformer",
+                           noise_scheduler=scheduler, denoiser_name=self.denoiser_name,
                            text_encoder_names=tuple(s.component for s in specs), source=str(path), extras=extras)
         for module in (comps.denoiser, comps.vae, *comps.text_encoders):
             module.to(device)
@@ -417,7 +414,7 @@ class FlowFamily(ModelFamily):
         index = folder / "model_index.json"
         if index.is_file():
             cls = json.loads(index.read_text(encoding="utf-8")).get("_class_name", "")
-            other = _family_of_pipeline(cls)
+            other = family_of_pipeline(cls)
             if other and other != self.name:
                 raise ModelLoadError(f"model.path '{folder}' holds a {cls}; set model.family to '{other}'")
         schedule = folder / "scheduler" / "scheduler_config.json"
@@ -434,7 +431,7 @@ class FlowFamily(ModelFamily):
         if found is None:
             other = sf.detect_family(file.shapes)
             hint = f"; it looks like a {other} checkpoint, set model.family to '{other}'" \
-                if other in ("sd15", "sdxl") else ""
+                if other in FAMILY_NAMES else ""
             raise ModelLoadError(f"model.path '{path}' holds no {self.title} transformer weights{hint}. Give the "
                                  f"{self.title} transformer file (ComfyUI/models/diffusion_models) or a diffusers "
                                  "folder")
@@ -552,7 +549,7 @@ class FlowFamily(ModelFamily):
 
         if isinstance(source, Path):
             return _from_pretrained(AutoencoderKL, source.parent, source.name, dtype, what="VAE")
-        return load_vae(source, self.vae_factors, dtype)
+        return load_vae(source, self, dtype)
 
     # training ---------------------------------------------------------------------------------------------------
     def encode_images(self, comps: Components, pixels: "torch.Tensor",
@@ -573,11 +570,6 @@ class FlowFamily(ModelFamily):
         """Take what ``predict`` needs from the :class:`~trainer.config.TrainingConfig`: the T5 token length
         (kohya ``t5xxl_max_token_length``; 0 = the family's ComfyUI padding). Flux adds its guidance."""
         comps.extras["t5_length"] = int(training.t5xxl_max_token_length or self.t5_length)
-
-    def lora_target_modules(self, component: str, preset: str) -> list[str]:
-        from ..lora_targets import lora_target_modules
-
-        return lora_target_modules(self.name, component, preset)
 
     # sampling ---------------------------------------------------------------------------------------------------
     @abstractmethod
@@ -679,19 +671,6 @@ def _check_vocab(spec: EncoderSpec, encoder, tokenizer, path: Path) -> None:
         raise ModelLoadError(f"the tokenizer found for '{path}' has {len(tokenizer)} tokens but its "
                              f"{KIND_TITLES[spec.kind]} text encoder knows only {vocab}; set model.tokenizer_path to "
                              "the tokenizer that belongs to this model")
-
-
-def _family_of_pipeline(class_name: str) -> str | None:
-    """The family a diffusers pipeline class belongs to (``None`` when unknown)."""
-    if "StableDiffusion3" in class_name:
-        return "sd3"
-    if class_name.startswith("Flux"):
-        return "flux"
-    if "XL" in class_name:
-        return "sdxl"
-    if class_name.startswith("StableDiffusion"):
-        return "sd15"
-    return None
 
 
 __all__ = ["FlowFamily", "EncoderSpec", "Part", "TensorFile", "LoadPlan", "transformer_layout", "encoder_kind",

@@ -18,9 +18,12 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
+from .. import full_size
 from ..errors import ConfigError, ModelLoadError
+from ..lora_keys import kohya
+from ..lora_targets import CLIP, UNET_ATTN, UNET_CONV, UNET_LINEAR, UNET_MLP, grow
 from . import single_file as sf
-from .base import Components, Conditioning, ModelFamily
+from .base import Components, Conditioning, EncoderSpec, ModelFamily
 from .kohya_blocks import SD15_BLOCKS
 from .token_weights import apply_token_weights, token_weights
 from .tokenizers import find_clip_tokenizer
@@ -124,6 +127,13 @@ def check_clip_skip(encoder, clip_skip: int, extra: int = 0) -> None:
                           f"{layers - extra}")
 
 
+def _full_size_unet():
+    import diffusers
+
+    return diffusers.UNet2DConditionModel(block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768,
+                                          attention_head_dim=8, layers_per_block=2)
+
+
 class StableDiffusionFamily(ModelFamily):
     """SD1.5 (and the shared machinery of SDXL)."""
 
@@ -131,10 +141,43 @@ class StableDiffusionFamily(ModelFamily):
     block_layout = SD15_BLOCKS
 
     name = "sd15"
+    title = "SD1.5"
     default_prediction = "epsilon"
     vae_scale_factor = 8
     latent_channels = 4
-    encoders: tuple[tuple[str, str], ...] = (("text_encoder", "clip_l"),)  # (component name, tokenizer kind)
+    denoiser_name = "unet"
+    encoders = (EncoderSpec("text_encoder", "clip_l"),)
+    # lora_te_ is kohya's SD1.5 name (A1111/Forge read it); ComfyUI maps it to CLIP-L exactly like lora_te1_.
+    key_styles = {"unet": kohya("lora_unet"), "text_encoder": kohya("lora_te", clip=True)}
+    lora_targets = {"unet": grow(UNET_ATTN, UNET_MLP, UNET_LINEAR, UNET_CONV), "text_encoder": CLIP}
+    base_model_version = "sd_v1"
+    modelspec_architecture = "stable-diffusion-v1"
+    modelspec_implementation = "diffusers"
+    pipeline_class_name = "StableDiffusionPipeline"
+    pipeline_class_pattern = r"^StableDiffusion(?!3)(?!.*XL)"  # every SD1.x pipeline class, not SD3's or SDXL's
+    pipeline_index_extras = {"safety_checker": [None, None], "feature_extractor": [None, None],
+                             "requires_safety_checker": False}  # model_index.json entries of a pipeline folder
+    vae_factors = {"scaling_factor": 0.18215, "sample_size": 512}  # what tensor shapes cannot tell
+    unet_sample_size = 64
+    # single-file layout: component -> key prefix of that text encoder (UNet and VAE prefixes are shared)
+    single_file_prefixes = {"text_encoder": "cond_stage_model.transformer."}
+    text_time_conditioning = False  # SDXL's added size/crop conditioning (``addition_embed_type="text_time"``)
+    full_size_components = (("unet", _full_size_unet), ("text_encoder", full_size.clip_l), ("vae", full_size.vae(4)))
+    full_size_text_tokens = 77
+    full_size_context_width = 768  # cross-attention width of the full-size UNet
+
+    def matches_single_file(self, keys) -> bool:
+        """An LDM UNet without SDXL's or SD2's text-encoder layout."""
+        keys = list(keys)
+        return any(k.startswith(sf.UNET_PREFIX + "input_blocks.") for k in keys) and not any(
+            k.startswith(("conditioner.embedders.", "cond_stage_model.model.")) for k in keys)
+
+    def full_size_forward_inputs(self, resolution: int) -> dict[str, Any]:
+        import torch
+
+        h = w = resolution // self.vae_scale_factor
+        return {"sample": torch.randn(1, self.latent_channels, h, w), "timestep": torch.tensor([500.0]),
+                "encoder_hidden_states": torch.randn(1, self.full_size_text_tokens, self.full_size_context_width)}
 
     # --- loading ------------------------------------------------------------------------------------------------
     def load(self, cfg: "ModelConfig", device: "torch.device | str" = "cpu",
@@ -149,12 +192,12 @@ class StableDiffusionFamily(ModelFamily):
         if path.is_dir():
             self._check_folder(path)
         else:
-            sf.check_family(sf.checkpoint_keys(path), self.name, path)
-        tokenizers = [find_clip_tokenizer(cfg, kind) for _, kind in self.encoders]  # cheap: fail before loading
+            sf.check_family(sf.checkpoint_keys(path), self, path)
+        tokenizers = [find_clip_tokenizer(cfg, spec.kind) for spec in self.encoders]  # cheap: fail before loading
         if path.is_dir():
             modules, schedule = self._load_folder(path, dtype), self._folder_schedule(path)
         else:
-            loaded = sf.load_single_file(path, self.name, dtype)
+            loaded = sf.load_single_file(path, self, dtype)
             modules = {k: v for k, v in loaded.items() if k not in ("v_pred", "ztsnr")}
             schedule = {"prediction_type": "v_prediction" if loaded["v_pred"] else None,
                         "rescale_betas_zero_snr": loaded["ztsnr"]}
@@ -163,7 +206,7 @@ class StableDiffusionFamily(ModelFamily):
         prediction = cfg.prediction_type or schedule.get("prediction_type") or self.default_prediction
         scheduler = make_noise_scheduler(prediction, cfg.zero_terminal_snr or
                                          bool(schedule.get("rescale_betas_zero_snr")), schedule)
-        names = tuple(name for name, _ in self.encoders)
+        names = tuple(spec.component for spec in self.encoders)
         encoders = [modules[name] for name in names]
         for name, encoder, tokenizer in zip(names, encoders, tokenizers):
             if len(tokenizer) > int(encoder.config.vocab_size):
@@ -172,7 +215,7 @@ class StableDiffusionFamily(ModelFamily):
                                      "tokenizer that belongs to this model")
             use_tokenizer_eos(encoder, tokenizer)
         comps = Components(denoiser=modules["unet"], vae=modules["vae"], text_encoders=encoders,
-                           tokenizers=tokenizers, noise_scheduler=scheduler, denoiser_name="unet",
+                           tokenizers=tokenizers, noise_scheduler=scheduler, denoiser_name=self.denoiser_name,
                            text_encoder_names=names, source=str(path),
                            extras={"family": self.name, "clip_skip": cfg.clip_skip,
                                    "format": "diffusers" if path.is_dir() else "single_file"})
@@ -184,25 +227,26 @@ class StableDiffusionFamily(ModelFamily):
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-        classes = {"text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection}
+        classes = {"clip_l": CLIPTextModel, "clip_g": CLIPTextModelWithProjection}
         modules = {"unet": _from_pretrained(UNet2DConditionModel, folder, "unet", dtype),
                    "vae": _from_pretrained(AutoencoderKL, folder, "vae", dtype)}
-        for name, _ in self.encoders:
-            modules[name] = _from_pretrained(classes[name], folder, name, dtype)
+        for spec in self.encoders:
+            modules[spec.component] = _from_pretrained(classes[spec.kind], folder, spec.component, dtype)
         return modules
 
     def _check_folder(self, folder: Path) -> None:
         """Refuse folders that are not a diffusers pipeline of this family, naming what was found."""
         import json
 
+        from . import family_of_pipeline
+
         index = folder / "model_index.json"
         if index.is_file():
             cls = json.loads(index.read_text(encoding="utf-8")).get("_class_name", "")
-            is_xl = "XL" in cls
-            if is_xl != (self.name == "sdxl"):
-                raise ModelLoadError(f"model.path '{folder}' holds a {cls}; set model.family to "
-                                     f"'{'sdxl' if is_xl else 'sd15'}'")
-        wanted = ["unet", "vae", *(name for name, _ in self.encoders)]
+            other = family_of_pipeline(cls)
+            if other and other != self.name:
+                raise ModelLoadError(f"model.path '{folder}' holds a {cls}; set model.family to '{other}'")
+        wanted = ["unet", "vae", *(spec.component for spec in self.encoders)]
         missing = [sub for sub in wanted if not (folder / sub).is_dir()]
         if missing:
             raise ModelLoadError(f"model.path '{folder}' is not a diffusers {self.name} pipeline folder (no "
@@ -223,7 +267,7 @@ class StableDiffusionFamily(ModelFamily):
         if path.is_dir():
             sub = "vae" if (path / "vae" / "config.json").is_file() else None
             return _from_pretrained(AutoencoderKL, path, sub, dtype, what="model.vae_path")
-        return sf.load_vae(sf.read_checkpoint(path, "model.vae_path"), self.name, path, dtype)
+        return sf.load_vae(sf.read_checkpoint(path, "model.vae_path"), self, path, dtype)
 
     # --- training -----------------------------------------------------------------------------------------------
     def encode_text(self, comps: Components, captions: Sequence[str], clip_skip: int = 1,
@@ -258,11 +302,6 @@ class StableDiffusionFamily(ModelFamily):
 
     def _added_cond(self, comps: Components, latents: "torch.Tensor", cond: Conditioning) -> dict | None:
         return None
-
-    def lora_target_modules(self, component: str, preset: str) -> list[str]:
-        from ..lora_targets import lora_target_modules
-
-        return lora_target_modules(self.name, component, preset)
 
     # --- sampling -----------------------------------------------------------------------------------------------
     def pipeline(self, comps: Components) -> Any:
@@ -306,7 +345,7 @@ class StableDiffusionFamily(ModelFamily):
         ComfyUI's *Load Checkpoint* reads it, and so does *Load Diffusion Model* (it picks the
         ``model.diffusion_model.`` keys).
         """
-        return sf.diffusers_to_single_file(comps, self.name)
+        return sf.diffusers_to_single_file(comps, self)
 
 
 def _from_pretrained(cls, folder: Path, sub: str | None, dtype, what: str = "model.path"):

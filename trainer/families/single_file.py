@@ -13,7 +13,7 @@ ComfyUI keeps SD1.5 and SDXL models as one ``.safetensors`` file in the original
 
 Loading never asks a model hub for a config: :func:`unet_config_from_ldm`, :func:`vae_config_from_ldm` and
 :func:`clip_config_from_ldm` read block widths, depths, context size and vocabulary from the tensors themselves.
-What shapes cannot tell is fixed per family: SD1.5 uses 8 attention heads everywhere, SDXL and CLIP use 64-wide heads
+What shapes cannot tell is fixed per family (the family classes' attributes): SD1.5 uses 8 attention heads everywhere, SDXL and CLIP use 64-wide heads
 (``max(1, width // 64)`` heads, so tiny test models stay valid), group norms have 32 groups, CLIP-L uses quick-GELU
 and CLIP-G GELU. The weights themselves are converted by diffusers' own ``diffusers.loaders.single_file_utils``.
 
@@ -33,21 +33,16 @@ from ..errors import CrucibleError, ModelLoadError
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from .base import Components
+    from .base import Components, ModelFamily
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
-CLIP_PREFIXES = {  # (family, encoder name) -> key prefix of that text encoder in a single file
-    ("sd15", "text_encoder"): "cond_stage_model.transformer.",
-    ("sdxl", "text_encoder"): "conditioner.embedders.0.transformer.",
-    ("sdxl", "text_encoder_2"): "conditioner.embedders.1.model.",
-}
+# The text encoders' prefixes (ModelFamily.single_file_prefixes) and what tensor shapes cannot tell (the sample
+# sizes and VAE scaling factor of the released models: unet_sample_size, vae_factors) are the families' facts.
 V_PRED_KEY, ZTSNR_KEY = "v_pred", "ztsnr"
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
-FAMILY_DEFAULTS = {  # what tensor shapes cannot tell (values of the released models)
-    "sd15": {"unet_sample_size": 64, "vae_sample_size": 512, "vae_scaling_factor": 0.18215},
-    "sdxl": {"unet_sample_size": 128, "vae_sample_size": 1024, "vae_scaling_factor": 0.13025},
-}
+# Single-file layouts Crucible recognises but does not train (named in errors): (name, key prefix that marks it)
+OTHER_LAYOUTS = (("sdxl_refiner", "conditioner.embedders."), ("sd2", "cond_stage_model.model."))
 NORM_GROUPS = 32
 CLIP_HEAD_DIM = 64
 SD15_HEADS = 8
@@ -102,43 +97,32 @@ def _readable(path: Path, what: str):
 
 
 def detect_family(keys) -> str | None:
-    """The family a single file's key layout belongs to: ``sd15``, ``sdxl``, ``sdxl_refiner``, ``sd2``, ``sd3``,
-    ``flux``, or ``None``."""
-    keys = set(keys)
-    if any(k.startswith("conditioner.embedders.1.model.") for k in keys):
-        return "sdxl"
-    if any(k.startswith("conditioner.embedders.") for k in keys):
-        return "sdxl_refiner"
-    if any(k.startswith("cond_stage_model.model.") for k in keys):
-        return "sd2"
-    if any(".joint_blocks." in k for k in keys):
-        return "sd3"
-    if any(".double_blocks." in k or k.startswith("double_blocks.") for k in keys):
-        return "flux"
-    if any(k.startswith(UNET_PREFIX + "input_blocks.") for k in keys):
-        return "sd15"
-    return None
+    """The family a single file's key layout belongs to (each family's ``matches_single_file``), else the name of
+    another known layout (``sdxl_refiner``, ``sd2``), else ``None``."""
+    from . import find_family
+
+    keys = list(keys)
+    family = find_family(lambda f: f.matches_single_file(keys))
+    if family is not None:
+        return family.name
+    return next((name for name, prefix in OTHER_LAYOUTS if any(k.startswith(prefix) for k in keys)), None)
 
 
-def check_family(sd: StateDict, family: str, path: str | Path) -> None:
+def check_family(sd: StateDict, family: "str | ModelFamily", path: str | Path) -> None:
     """Raise a :class:`ModelLoadError` when ``sd`` is not a complete ``family`` checkpoint (and say what it is)."""
+    from . import FAMILY_NAMES, get_family
+
+    family = get_family(family)
     found = detect_family(sd)
-    if found != family:
+    if found != family.name:
         what = f"looks like a {found} checkpoint" if found else "is not an SD1.5/SDXL checkpoint"
-        hint = f"; set model.family to '{found}'" if found in ("sd15", "sdxl", "sd3", "flux") else ""
-        raise ModelLoadError(f"model.path '{path}' {what}, but model.family is '{family}'{hint}")
-    missing = [name for name, prefix in _expected_prefixes(family).items() if not any(k.startswith(prefix) for k in sd)]
+        hint = f"; set model.family to '{found}'" if found in FAMILY_NAMES else ""
+        raise ModelLoadError(f"model.path '{path}' {what}, but model.family is '{family.name}'{hint}")
+    named = {"UNet": UNET_PREFIX, "VAE": VAE_PREFIX, **family.single_file_prefixes}
+    missing = [name for name, prefix in named.items() if not any(k.startswith(prefix) for k in sd)]
     if missing:
         raise ModelLoadError(f"model.path '{path}' has no {' / '.join(missing)} weights; Crucible needs a full "
                              "checkpoint (UNet, VAE and text encoders) as ComfyUI's models/checkpoints holds them")
-
-
-def _expected_prefixes(family: str) -> dict[str, str]:
-    named = {"UNet": UNET_PREFIX, "VAE": VAE_PREFIX}
-    for (fam, name), prefix in CLIP_PREFIXES.items():
-        if fam == family:
-            named[name] = prefix
-    return named
 
 
 def strip_prefix(sd: StateDict, prefix: str) -> dict[str, "torch.Tensor"]:
@@ -162,12 +146,15 @@ def _heads(width: int) -> int:
 
 # --- config derivation ---------------------------------------------------------------------------------------------
 
-def unet_config_from_ldm(unet: StateDict, family: str, pooled_dim: int | None = None) -> dict[str, Any]:
+def unet_config_from_ldm(unet: StateDict, family: "str | ModelFamily", pooled_dim: int | None = None) -> dict[str, Any]:
     """``UNet2DConditionModel`` kwargs from an LDM UNet state dict (keys without ``model.diffusion_model.``).
 
     ``pooled_dim`` is the width of SDXL's pooled text embedding (CLIP-G's projection); it splits the added
     conditioning input between text and the six size/crop time ids (released SDXL: 1280 + 6 × 256).
     """
+    from . import get_family
+
+    family = get_family(family)
     keys = list(unet)
     n_inputs = _count(keys, r"input_blocks\.(\d+)\.")
     downsamples = [i for i in range(n_inputs) if f"input_blocks.{i}.0.op.weight" in unet]
@@ -190,7 +177,7 @@ def unet_config_from_ldm(unet: StateDict, family: str, pooled_dim: int | None = 
     # block with transformer_layers_per_block[-1]), else 1 (unused).
     per_level = [d or (mid_depth if i == levels - 1 else 1) for i, d in enumerate(depths)]
     config: dict[str, Any] = {
-        "sample_size": FAMILY_DEFAULTS[family]["unet_sample_size"],
+        "sample_size": family.unet_sample_size,
         "in_channels": int(unet["input_blocks.0.0.weight"].shape[1]),
         "out_channels": int(unet["out.2.weight"].shape[0]),
         "down_block_types": ["CrossAttnDownBlock2D" if d else "DownBlock2D" for d in depths],
@@ -202,7 +189,7 @@ def unet_config_from_ldm(unet: StateDict, family: str, pooled_dim: int | None = 
         "transformer_layers_per_block": per_level[0] if len(set(per_level)) == 1 else per_level,
         "norm_num_groups": NORM_GROUPS,
     }
-    if family == "sdxl":
+    if family.text_time_conditioning:  # SDXL: 64-wide heads, size/crop conditioning
         config["attention_head_dim"] = [_heads(c) for c in channels]
         if "label_emb.0.0.weight" not in unet:
             raise ModelLoadError("the SDXL UNet has no added size/crop conditioning (label_emb); "
@@ -222,8 +209,12 @@ def unet_config_from_ldm(unet: StateDict, family: str, pooled_dim: int | None = 
     return config
 
 
-def vae_config_from_ldm(vae: StateDict, family: str) -> dict[str, Any]:
-    """``AutoencoderKL`` kwargs from an LDM VAE state dict (keys without ``first_stage_model.``)."""
+def vae_config_from_ldm(vae: StateDict, family: "str | ModelFamily") -> dict[str, Any]:
+    """``AutoencoderKL`` kwargs from an LDM VAE state dict (keys without ``first_stage_model.``); the family's
+    ``vae_factors`` give what shapes cannot tell (sample size, scaling and shift factor)."""
+    from . import get_family
+
+    factors = get_family(family).vae_factors
     keys = list(vae)
     levels = _count(keys, r"encoder\.down\.(\d+)\.")
     if not levels or "encoder.conv_in.weight" not in vae:
@@ -238,11 +229,10 @@ def vae_config_from_ldm(vae: StateDict, family: str) -> dict[str, Any]:
         "layers_per_block": _count(keys, r"encoder\.down\.0\.block\.(\d+)\."),
         "latent_channels": int(vae["decoder.conv_in.weight"].shape[1]),
         "norm_num_groups": NORM_GROUPS,
-        "sample_size": FAMILY_DEFAULTS[family]["vae_sample_size"],
-        "scaling_factor": FAMILY_DEFAULTS[family]["vae_scaling_factor"],
         "use_quant_conv": "quant_conv.weight" in vae,
         "use_post_quant_conv": "post_quant_conv.weight" in vae,
         "mid_block_add_attention": any(k.startswith("encoder.mid.attn_1.") for k in keys),
+        **factors,
     }
 
 
@@ -315,7 +305,7 @@ def _matching_key(key: str, expected: Mapping) -> str:
     return other if other in expected else key
 
 
-def load_unet(sd: StateDict, family: str, path: Any, dtype=None, pooled_dim: int | None = None):
+def load_unet(sd: StateDict, family: "str | ModelFamily", path: Any, dtype=None, pooled_dim: int | None = None):
     """The diffusers UNet of a single file."""
     from diffusers import UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
@@ -325,7 +315,7 @@ def load_unet(sd: StateDict, family: str, path: Any, dtype=None, pooled_dim: int
     return _materialize(lambda: UNet2DConditionModel(**config), weights, "UNet", path, dtype)
 
 
-def load_vae(sd: StateDict, family: str, path: Any, dtype=None):
+def load_vae(sd: StateDict, family: "str | ModelFamily", path: Any, dtype=None):
     """The diffusers VAE of a single file, or of a VAE-only file (LDM keys with or without ``first_stage_model.``,
     or diffusers keys)."""
     from diffusers import AutoencoderKL
@@ -364,13 +354,16 @@ def load_clip_g(sd: StateDict, prefix: str, path: Any, dtype=None):
     return _materialize(lambda: CLIPTextModelWithProjection(config), weights, "CLIP-G text encoder", path, dtype)
 
 
-def load_single_file(path: str | Path, family: str, dtype=None, sd: StateDict | None = None) -> dict[str, Any]:
+def load_single_file(path: str | Path, family: "str | ModelFamily", dtype=None, sd: StateDict | None = None) -> dict[str, Any]:
     """Every component of a ComfyUI single-file ``family`` checkpoint, as diffusers/transformers modules.
 
     Returns ``{"unet", "vae", "text_encoder"[, "text_encoder_2"], "v_pred": bool, "ztsnr": bool}``. Each
     component's tensors are taken out of the file's dict before it is built, so the file's copy of a component
     is freed as soon as that component exists (an SDXL file does not sit in memory twice).
     """
+    from . import get_family
+
+    family = get_family(family)
     sd = dict(read_checkpoint(path) if sd is None else sd)
     check_family(sd, family, path)
 
@@ -378,13 +371,13 @@ def load_single_file(path: str | Path, family: str, dtype=None, sd: StateDict | 
         return {k: sd.pop(k) for k in [k for k in sd if k.startswith(prefix)]}
 
     out: dict[str, Any] = {"v_pred": V_PRED_KEY in sd, "ztsnr": ZTSNR_KEY in sd}
-    prefix_l = CLIP_PREFIXES[(family, "text_encoder")]
-    out["text_encoder"] = load_clip_l(take(prefix_l), prefix_l, path, dtype)
     pooled = None
-    if family == "sdxl":
-        prefix_g = CLIP_PREFIXES[("sdxl", "text_encoder_2")]
-        out["text_encoder_2"] = load_clip_g(take(prefix_g), prefix_g, path, dtype)
-        pooled = int(out["text_encoder_2"].config.projection_dim)
+    for spec in family.encoders:
+        prefix = family.single_file_prefixes[spec.component]
+        load = load_clip_g if spec.kind == "clip_g" else load_clip_l
+        out[spec.component] = load(take(prefix), prefix, path, dtype)
+        if spec.kind == "clip_g":  # SDXL's pooled text embedding is CLIP-G's projection
+            pooled = int(out[spec.component].config.projection_dim)
     out["unet"] = load_unet(take(UNET_PREFIX), family, path, dtype, pooled_dim=pooled)
     out["vae"] = load_vae(take(VAE_PREFIX), family, path, dtype)
     return out
@@ -532,27 +525,33 @@ def clip_g_to_ldm(sd: StateDict, prefix: str) -> dict[str, "torch.Tensor"]:
     return {prefix + k: v for k, v in out.items()}
 
 
-def diffusers_to_single_file(components: "Components", family: str | None = None) -> dict[str, "torch.Tensor"]:
+def diffusers_to_single_file(components: "Components",
+                             family: "str | ModelFamily | None" = None) -> dict[str, "torch.Tensor"]:
     """All components as one ComfyUI/LDM single-file state dict (what *Load Checkpoint* reads).
 
-    Writes the ``v_pred`` / ``ztsnr`` markers ComfyUI uses when the components' noise scheduler says so.
+    Writes the ``v_pred`` / ``ztsnr`` markers ComfyUI uses when the components' noise scheduler says so. ``family``
+    defaults to ``components.extras["family"]``.
     """
     import torch
+
+    from . import get_family
 
     unet = getattr(components.denoiser, "module", components.denoiser)
     modules = [unet, components.vae, *components.text_encoders]
     if any(".base_layer." in k or ".lora_" in k for m in modules for k in m.state_dict()):
         raise CrucibleError("these components carry LoRA adapter layers; merge or remove the adapter before "
                             "writing a full single-file checkpoint")
-    if family is None:
-        family = components.extras.get("family") or (
-            "sdxl" if getattr(unet.config, "addition_embed_type", None) == "text_time" else "sd15")
+    family = family or components.extras.get("family")
+    if not family:
+        raise CrucibleError("diffusers_to_single_file: name the model family (the components do not say theirs)")
+    family = get_family(family)
+    kinds = {spec.component: spec.kind for spec in family.encoders}
     out = {UNET_PREFIX + k: v for k, v in unet_to_ldm(unet.state_dict()).items()}
     out.update({VAE_PREFIX + k: v for k, v in vae_to_ldm(components.vae.state_dict()).items()})
     for name, encoder in zip(components.text_encoder_names, components.text_encoders):
         encoder = getattr(encoder, "module", encoder)
-        prefix = CLIP_PREFIXES[(family, name)]
-        convert = clip_g_to_ldm if name == "text_encoder_2" else clip_l_to_ldm
+        prefix = family.single_file_prefixes[name]
+        convert = clip_g_to_ldm if kinds[name] == "clip_g" else clip_l_to_ldm
         out.update(convert(encoder.state_dict(), prefix))
     config = getattr(components.noise_scheduler, "config", {})
     if config.get("prediction_type") == "v_prediction":
