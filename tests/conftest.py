@@ -43,5 +43,71 @@ def tiny_sd15(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory) -> Path:
+    """A tiny SDXL-architecture diffusers folder (+ single-file checkpoint beside it)."""
+    from trainer.tiny import build_tiny_pipeline
+
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "sdxl", family="sdxl", seed=1, single_file=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3(tmp_path_factory):
+    """A tiny SD3.5-style model: diffusers folder, ComfyUI split files and a miniature ComfyUI tree."""
+    from trainer.tiny_flow import build_tiny_flow_model
+
+    return build_tiny_flow_model(tmp_path_factory.mktemp("sd3"), "sd3", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory):
+    """A tiny Flux.1-dev-style model: diffusers folder, ComfyUI split files and a miniature ComfyUI tree."""
+    from trainer.tiny_flow import build_tiny_flow_model
+
+    return build_tiny_flow_model(tmp_path_factory.mktemp("flux"), "flux", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_configs(request):
+    """``name -> (diffusers folder config, ComfyUI file config)`` of each family's tiny model (``tiny_<name>``)."""
+    from trainer.config import ModelConfig
+    from trainer.families import get_family
+    from trainer.tiny import single_file_path
+
+    def configs(name: str):
+        tiny = request.getfixturevalue(f"tiny_{name}")
+        if get_family(name).split_file_loading:
+            return tiny.folder_config(), tiny.file_config()
+        return ModelConfig(family=name, path=str(tiny)), ModelConfig(family=name, path=str(single_file_path(tiny)))
+    return configs
+
+
+@pytest.fixture(scope="session")
+def tiny_components(tiny_model_configs):
+    """``(name, 0 | 1) -> Components`` of a family's tiny model loaded from its folder (0) or its file(s) (1),
+    loaded once per session; tests that change a model (adapters, training) load their own."""
+    from trainer.families import get_family
+
+    loaded = {}
+
+    def components(name: str, source: int):
+        if (name, source) not in loaded:
+            loaded[name, source] = get_family(name).load(tiny_model_configs(name)[source])
+        return loaded[name, source]
+    return components
+
+
+@pytest.fixture(scope="module")
+def folder_comps(request, tiny_components):
+    """The tiny model of the test module's ``FAMILY``, loaded from its diffusers folder (shared, do not change it)."""
+    return tiny_components(request.module.FAMILY.name, 0)
+
+
+@pytest.fixture(scope="module")
+def file_comps(request, tiny_components):
+    """The tiny model of the test module's ``FAMILY``, loaded from its ComfyUI file(s) (shared, do not change it)."""
+    return tiny_components(request.module.FAMILY.name, 1)
+
+
+@pytest.fixture(scope="session")
 def demo_dataset() -> Path:
     return ROOT / "trainer" / "demo_data"

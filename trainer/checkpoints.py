@@ -33,7 +33,8 @@ def write_checkpoint(trainer: "Trainer", step: int, epoch: int, *, final: bool =
 
     ``validation`` (the loss of exactly these weights on the held-out set) goes into the metadata as
     ``crucible_val_loss`` and ``crucible_val_loss_t`` (JSON ``{"0.25": …}``), where the sweep reads it."""
-    from .export import export_peft_modules, lora_metadata
+    from .export import export_peft_modules
+    from .lora_metadata import lora_metadata
 
     cfg, net = trainer.cfg, trainer.net
     dtype = SAVE_DTYPES[cfg.save.save_precision]
@@ -99,7 +100,7 @@ def load_lora_file(net: "Network", path: str | Path | None, strength: float = 1.
     """
     from safetensors.torch import load_file
 
-    from .export import load_lora_into
+    from .lora_import import load_lora_into
 
     tensors = load_file(str(path)) if path is not None else None
     for component, module in net.modules.items():

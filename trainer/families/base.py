@@ -168,6 +168,20 @@ class ModelFamily(ABC):
         return lora_target_modules(self, component, preset)
 
     # --- facts as predicates ------------------------------------------------------------------------------------
+    def check_pipeline_index(self, folder) -> None:
+        """Refuse a diffusers folder whose ``model_index.json`` names another family's pipeline, naming it."""
+        import json
+
+        from ..errors import ModelLoadError
+        from . import family_of_pipeline
+
+        index = folder / "model_index.json"
+        if index.is_file():
+            cls = json.loads(index.read_text(encoding="utf-8")).get("_class_name", "")
+            other = family_of_pipeline(cls)
+            if other and other != self.name:
+                raise ModelLoadError(f"model.path '{folder}' holds a {cls}; set model.family to '{other}'")
+
     def owns_pipeline_class(self, class_name: str) -> bool:
         """Whether a diffusers pipeline class is one of this family's (exclusive across families)."""
         return re.search(self.pipeline_class_pattern, class_name) is not None

@@ -24,10 +24,13 @@ from .. import full_size
 from ..errors import ConfigError, ModelLoadError
 from ..lora_keys import TRANSFORMER, kohya
 from ..lora_targets import CLIP, MMDIT_ATTN, MMDIT_MLP, T5, grow
-from .base import Components, Conditioning
-from .flow_common import DIFFUSION_PREFIX, EncoderSpec, FlowFamily, Part, components_by_name, encode_t5, load_clip, \
-    t5_token_ids
-from .sd15 import WINDOW, chunked_token_ids, unwrap
+from .base import Components, Conditioning, EncoderSpec
+from .clip_text import WINDOW, chunked_token_ids
+from .flow_common import FlowFamily, components_by_name
+from .ldm_configs import _count
+from .split_files import DIFFUSION_PREFIX, load_clip
+from .t5_text import encode_t5, t5_token_ids
+from .weights import Part, unwrap
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -76,8 +79,6 @@ def flux_original_to_diffusers(sd: dict[str, "torch.Tensor"]) -> dict[str, "torc
 
 def flux_transformer_config(sd: Mapping[str, "torch.Tensor"]) -> dict[str, Any]:
     """``FluxTransformer2DModel`` kwargs from a diffusers-named state dict (dev: with guidance embedding)."""
-    from .single_file import _count
-
     inner, in_channels = sd["x_embedder.weight"].shape
     head_dim = int(sd["transformer_blocks.0.attn.norm_q.weight"].shape[0])
     out_channels = int(sd["proj_out.weight"].shape[0])

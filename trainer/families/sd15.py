@@ -14,7 +14,6 @@ Text conditioning follows kohya / A1111 / ComfyUI:
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
@@ -24,9 +23,11 @@ from ..lora_keys import kohya
 from ..lora_targets import CLIP, UNET_ATTN, UNET_CONV, UNET_LINEAR, UNET_MLP, grow
 from . import single_file as sf
 from .base import Components, Conditioning, EncoderSpec, ModelFamily
+from .clip_text import WINDOW, check_clip_skip, chunked_token_ids, encode_windows, use_tokenizer_eos, windows_needed
 from .kohya_blocks import SD15_BLOCKS
 from .token_weights import apply_token_weights, token_weights
 from .tokenizers import find_clip_tokenizer
+from .weights import from_pretrained, param_dtype, unwrap
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -34,7 +35,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from ..config import ModelConfig
 
-WINDOW = 75  # tokens per CLIP window, without BOS/EOS
 SCHEDULER_DEFAULTS = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
                       "beta_schedule": "scaled_linear", "clip_sample": False, "steps_offset": 1}
 _SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
@@ -58,73 +58,6 @@ def sampling_scheduler(noise_scheduler):
     ztsnr = bool(noise_scheduler.config.get("rescale_betas_zero_snr"))
     return EulerDiscreteScheduler.from_config(noise_scheduler.config, steps_offset=1,
                                               timestep_spacing="trailing" if ztsnr else "leading")
-
-
-def chunked_token_ids(tokenizer, captions: Sequence[str], max_token_length: int = WINDOW) -> "torch.Tensor":
-    """Token ids ``[B, windows, 77]``: each caption cut to ``max_token_length`` tokens, split into 75-token windows,
-    each wrapped in BOS/EOS and padded with the tokenizer's pad token."""
-    import torch
-
-    if max_token_length < WINDOW or max_token_length % WINDOW:
-        raise ConfigError(f"max_token_length is {max_token_length}; use 75, 150 or 225 (a multiple of 75)")
-    windows = max_token_length // WINDOW
-    body = tokenizer(list(captions), add_special_tokens=False, truncation=True, max_length=max_token_length,
-                     verbose=False).input_ids
-    bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
-    rows = []
-    for ids in body:
-        chunks = []
-        for w in range(windows):
-            part = list(ids[w * WINDOW:(w + 1) * WINDOW])
-            chunks.append([bos, *part, eos] + [pad] * (WINDOW - len(part)))
-        rows.append(chunks)
-    return torch.tensor(rows, dtype=torch.long)
-
-
-def windows_needed(tokenizer, texts: Sequence[str]) -> int:
-    """How many 75-token windows the longest of ``texts`` needs (at least one)."""
-    lengths = [len(ids) for ids in tokenizer(list(texts), add_special_tokens=False, verbose=False).input_ids]
-    return max(1, math.ceil(max(lengths, default=0) / WINDOW))
-
-
-def param_dtype(module) -> "torch.dtype":
-    """The dtype of a module's first parameter (diffusers' ``.dtype`` walks every parameter: slow per step)."""
-    return next(unwrap(module).parameters()).dtype
-
-
-def unwrap(module):
-    """The module inside a DDP / accelerate wrapper (config, dtype and submodules live there)."""
-    return getattr(module, "module", module)
-
-
-def encode_windows(encoder, ids: "torch.Tensor", layer: int, final_norm: bool) -> "tuple[torch.Tensor, Any]":
-    """Run a CLIP text encoder over ``[B, windows, 77]`` ids; return the ``layer`` hidden states joined to
-    ``[B, windows*77, D]`` (optionally through ``final_layer_norm``) and the raw model output."""
-    inner = unwrap(encoder)
-    b, n, length = ids.shape
-    out = encoder(ids.reshape(b * n, length).to(inner.device), output_hidden_states=True)
-    hidden = out.hidden_states[layer]
-    if final_norm:
-        norm = getattr(inner, "text_model", inner).final_layer_norm
-        hidden = norm(hidden.to(norm.weight.dtype))  # CPU layer_norm refuses fp32 input with bf16 weights
-    return hidden.reshape(b, n * length, hidden.shape[-1]), out
-
-
-def use_tokenizer_eos(encoder, tokenizer) -> None:
-    """CLIP pools at the first EOS token; make the encoder look for the tokenizer's EOS id (a config derived from a
-    single file can only guess it, and old diffusers configs say 2)."""
-    eos = tokenizer.eos_token_id
-    encoder.config.eos_token_id = eos
-    for module in encoder.modules():
-        if isinstance(getattr(module, "eos_token_id", None), int):
-            module.eos_token_id = eos
-
-
-def check_clip_skip(encoder, clip_skip: int, extra: int = 0) -> None:
-    layers = int(unwrap(encoder).config.num_hidden_layers)
-    if not 1 <= clip_skip <= layers - extra:
-        raise ConfigError(f"model.clip_skip is {clip_skip}; this text encoder has {layers} layers, so use 1 to "
-                          f"{layers - extra}")
 
 
 def _full_size_unet():
@@ -228,24 +161,15 @@ class StableDiffusionFamily(ModelFamily):
         from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
         classes = {"clip_l": CLIPTextModel, "clip_g": CLIPTextModelWithProjection}
-        modules = {"unet": _from_pretrained(UNet2DConditionModel, folder, "unet", dtype),
-                   "vae": _from_pretrained(AutoencoderKL, folder, "vae", dtype)}
+        modules = {"unet": from_pretrained(UNet2DConditionModel, folder, "unet", dtype),
+                   "vae": from_pretrained(AutoencoderKL, folder, "vae", dtype)}
         for spec in self.encoders:
-            modules[spec.component] = _from_pretrained(classes[spec.kind], folder, spec.component, dtype)
+            modules[spec.component] = from_pretrained(classes[spec.kind], folder, spec.component, dtype)
         return modules
 
     def _check_folder(self, folder: Path) -> None:
         """Refuse folders that are not a diffusers pipeline of this family, naming what was found."""
-        import json
-
-        from . import family_of_pipeline
-
-        index = folder / "model_index.json"
-        if index.is_file():
-            cls = json.loads(index.read_text(encoding="utf-8")).get("_class_name", "")
-            other = family_of_pipeline(cls)
-            if other and other != self.name:
-                raise ModelLoadError(f"model.path '{folder}' holds a {cls}; set model.family to '{other}'")
+        self.check_pipeline_index(folder)
         wanted = ["unet", "vae", *(spec.component for spec in self.encoders)]
         missing = [sub for sub in wanted if not (folder / sub).is_dir()]
         if missing:
@@ -266,7 +190,7 @@ class StableDiffusionFamily(ModelFamily):
         path = Path(vae_path).expanduser()
         if path.is_dir():
             sub = "vae" if (path / "vae" / "config.json").is_file() else None
-            return _from_pretrained(AutoencoderKL, path, sub, dtype, what="model.vae_path")
+            return from_pretrained(AutoencoderKL, path, sub, dtype, what="model.vae_path")
         return sf.load_vae(sf.read_checkpoint(path, "model.vae_path"), self, path, dtype)
 
     # --- training -----------------------------------------------------------------------------------------------
@@ -346,59 +270,6 @@ class StableDiffusionFamily(ModelFamily):
         ``model.diffusion_model.`` keys).
         """
         return sf.diffusers_to_single_file(comps, self)
-
-
-def _from_pretrained(cls, folder: Path, sub: str | None, dtype, what: str = "model.path"):
-    """``cls.from_pretrained`` offline, safetensors only, with a :class:`ModelLoadError` naming the folder.
-
-    Folders that only hold ``fp16`` variant weights (``*.fp16.safetensors``) load too.
-    """
-    import torch
-
-    where = folder / sub if sub else folder
-    dtype = dtype or torch.float32
-    variant = _fp16_variant(where)
-    try:
-        if cls.__module__.startswith("transformers"):
-            model, info = cls.from_pretrained(str(where), local_files_only=True, use_safetensors=True,
-                                              variant=variant, output_loading_info=True, **_transformers_dtype(dtype),
-                                              **_sdpa(cls))
-            if info.get("missing_keys"):
-                raise ModelLoadError(f"{what}: '{where}' lacks {len(info['missing_keys'])} weights (e.g. "
-                                     f"'{sorted(info['missing_keys'])[0]}'); the folder is incomplete or damaged")
-        else:
-            model = cls.from_pretrained(str(folder), subfolder=sub, local_files_only=True, use_safetensors=True,
-                                        variant=variant, torch_dtype=dtype)
-    except ModelLoadError:
-        raise
-    except (OSError, ValueError, RuntimeError, KeyError) as exc:
-        first_line = str(exc).splitlines()[0] if str(exc) else repr(exc)
-        raise ModelLoadError(f"{what}: cannot load '{where}' ({first_line}). It needs config.json and .safetensors "
-                             "weights; pickle .bin weights are refused, convert them to .safetensors") from exc
-    return model.eval()
-
-
-def _fp16_variant(folder: Path) -> str | None:
-    """``"fp16"`` when ``folder`` has only fp16-variant safetensors weights, else ``None``."""
-    if not folder.is_dir():
-        return None
-    files = [p.name for p in folder.iterdir() if p.name.endswith(".safetensors")]
-    plain = [n for n in files if not n.endswith(".fp16.safetensors")]
-    return "fp16" if files and not plain else None
-
-
-def _transformers_dtype(dtype) -> dict[str, Any]:
-    import transformers
-
-    major = int(transformers.__version__.split(".")[0])
-    return {"dtype": dtype} if major >= 5 else {"torch_dtype": dtype}
-
-
-def _sdpa(cls) -> dict[str, Any]:
-    """PyTorch SDPA attention where the class has it. transformers 4.x loads a folder whose config.json carries
-    ``_attn_implementation_autoset`` (written by its own save_pretrained) with eager attention: slower, more memory,
-    and not bit-equal to the same encoder built from a single file."""
-    return {"attn_implementation": "sdpa"} if getattr(cls, "_supports_sdpa", False) else {}
 
 
 FAMILY = StableDiffusionFamily()

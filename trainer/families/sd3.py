@@ -22,10 +22,13 @@ from .. import full_size
 from ..errors import ModelLoadError
 from ..lora_keys import TRANSFORMER, kohya
 from ..lora_targets import CLIP, MMDIT_ATTN, MMDIT_MLP, T5, grow
-from .base import Components, Conditioning
-from .flow_common import (DIFFUSION_PREFIX, EncoderSpec, FlowFamily, Part, components_by_name, encode_t5, load_clip,
-                          t5_token_ids)
-from .sd15 import WINDOW, check_clip_skip, chunked_token_ids, encode_windows, unwrap, windows_needed
+from .base import Components, Conditioning, EncoderSpec
+from .clip_text import WINDOW, check_clip_skip, chunked_token_ids, encode_windows, windows_needed
+from .flow_common import FlowFamily, components_by_name
+from .ldm_configs import _count
+from .split_files import DIFFUSION_PREFIX, load_clip
+from .t5_text import encode_t5, t5_token_ids
+from .weights import Part, unwrap
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -44,8 +47,6 @@ def sd3_original_to_diffusers(sd: dict[str, "torch.Tensor"]) -> dict[str, "torch
 
 def sd3_transformer_config(sd: Mapping[str, "torch.Tensor"]) -> dict[str, Any]:
     """``SD3Transformer2DModel`` kwargs from a diffusers-named state dict (SD3 medium, SD3.5 medium/large)."""
-    from .single_file import _count
-
     inner, in_channels, patch, _ = sd["pos_embed.proj.weight"].shape
     if inner % HEAD_DIM:
         raise ModelLoadError(f"the transformer width {inner} is not a multiple of SD3's head size {HEAD_DIM}")

@@ -20,8 +20,9 @@ from ..lora_targets import CLIP, UNET_ATTN, UNET_CONV, UNET_LINEAR, UNET_MLP, gr
 from .base import Components, Conditioning, EncoderSpec
 from .kohya_blocks import SDXL_BLOCKS
 from .token_weights import apply_token_weights, token_weights
-from .sd15 import (WINDOW, StableDiffusionFamily, check_clip_skip, chunked_token_ids, encode_windows, param_dtype,
-                   unwrap)
+from .clip_text import WINDOW, check_clip_skip, chunked_token_ids, encode_windows
+from .sd15 import StableDiffusionFamily
+from .weights import param_dtype, unwrap
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
