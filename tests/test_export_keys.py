@@ -59,7 +59,7 @@ def inject(model: nn.Module, config) -> nn.Module:
 
 
 def component_map(reference, family: str, component: str) -> dict:
-    return reference.keymap(family)["unet" if component in ("unet", "transformer") else "clip"]
+    return reference.keymap(family)["unet" if component == get_family(family).denoiser_name else "clip"]
 
 
 # --- checks ------------------------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""The Flux family adapter on a tiny Flux.1-dev-style model: diffusers folder and ComfyUI split files, packing,
-guidance, the resolution-dependent shift, a real LoRA and full training run, export and sampling."""
+"""What only Flux does, on a tiny Flux.1-dev-style model: packing, guidance, the resolution-dependent shift,
+schnell, layouts and loading errors. The shared contract is tests/test_family_contract.py."""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,5 @@
-"""The SD1.5 family adapter on the tiny SD1.5-architecture model (diffusers folder and ComfyUI single file)."""
+"""What only SD1.5 does, on its tiny model (diffusers folder and ComfyUI single file). The shared contract is
+tests/test_family_contract.py."""
 from __future__ import annotations
 
 import shutil

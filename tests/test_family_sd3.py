@@ -1,5 +1,5 @@
-"""The SD3 family adapter on a tiny SD3.5-style model: diffusers folder, ComfyUI split files and full checkpoint,
-text conditioning, a real LoRA and full training run, export and sampling."""
+"""What only SD3 does, on a tiny SD3.5-style model: ComfyUI split files and full checkpoint, its text conditioning
+(CLIP-L + CLIP-G + optional T5), layouts and loading errors. The shared contract is tests/test_family_contract.py."""
 from __future__ import annotations
 
 import shutil

@@ -1,4 +1,5 @@
-"""The SDXL family adapter on the tiny SDXL-architecture model (diffusers folder and ComfyUI single file)."""
+"""What only SDXL does, on its tiny model (diffusers folder and ComfyUI single file). The shared contract is
+tests/test_family_contract.py."""
 from __future__ import annotations
 
 import pytest

@@ -2,13 +2,8 @@
 declares its components' styles (``ModelFamily.key_styles``).
 
 The choices follow ``shared/comfyui/lora_formats.md`` (conventions marked "tested" there, plus the kohya names
-A1111/Forge/civitai expect):
-
-* sd15: UNet ``lora_unet_<diffusers name, . → _>`` (kohya); CLIP-L ``lora_te_text_model_…``.
-* sdxl: UNet ``lora_unet_…``; CLIP-L ``lora_te1_text_model_…``; CLIP-G ``lora_te2_text_model_…``.
-* sd3: transformer ``transformer.<diffusers name>`` (PEFT style); CLIP-L ``lora_te1_…``; CLIP-G ``lora_te2_…``;
-  T5-XXL ``lora_te3_encoder_block_…``.
-* flux: transformer ``transformer.<diffusers name>``; CLIP-L ``lora_te1_…``; T5-XXL ``lora_te3_encoder_block_…``.
+A1111/Forge/civitai expect): UNets and text encoders in kohya style (``lora_unet_<diffusers name, . → _>``,
+``lora_te1_text_model_…``), MMDiT transformers in PEFT style (``transformer.<diffusers name>``).
 
 kohya-style prefixes take ``.lora_down.weight`` / ``.lora_up.weight``; PEFT-style prefixes take ``.lora_A.weight`` /
 ``.lora_B.weight``. Every prefix also gets ``.alpha`` (and ``.dora_scale`` for DoRA); LoHa and LoKr use LyCORIS'

@@ -1,8 +1,11 @@
 """The model-family contract.
 
 A family (SD1.5, SDXL, SD3, Flux) is one module implementing :class:`ModelFamily`. The training loop, the sampler and
-the exporter only talk to this interface, so none of them ever branches on the family. A new family is one file
-plus its tests.
+the exporter only talk to this interface, so none of them ever branches on the family: what they need to know about a
+family (LoRA key styles and targets, export metadata names, single-file layout and detection, VAE factors, pipeline
+class, full-size architecture) is a class attribute here, and the registry (:mod:`trainer.families`) is the only
+list of families (``tests/test_family_facts.py`` enforces both). A new family is one file plus one subclass of the
+shared contract test (``tests/test_family_contract.py``).
 
 Conventions
 -----------

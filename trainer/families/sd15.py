@@ -7,10 +7,7 @@ subclasses it.
 Text conditioning follows kohya / A1111 / ComfyUI:
 
 * ``clip_skip`` 1 is CLIP's last layer; 2 the penultimate one, passed through ``final_layer_norm`` as A1111 does.
-* Captions longer than 75 tokens are split into 75-token windows, each wrapped in BOS … EOS and padded to 77, encoded
-  separately and concatenated (``max_token_length`` 75 / 150 / 225 → 77 / 154 / 231 positions), which is what
-  ComfyUI does at inference. The number of windows is fixed by ``max_token_length`` so batches and caches have one
-  shape.
+* Captions longer than 75 tokens use 75-token windows (:mod:`trainer.families.clip_text`), as ComfyUI does.
 """
 from __future__ import annotations
 
