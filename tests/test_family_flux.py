@@ -15,7 +15,7 @@ from trainer.families.flow_common import transformer_layout
 from trainer.families.flux import (DEV_SCHEDULER, flux_original_to_diffusers, flux_rope_axes, flux_transformer_config,
                                    image_ids, pack_latents, unpack_latents)
 from trainer.fileio import atomic_write_json, save_safetensors
-from trainer.tiny_flow import build_tiny_flow_model, flux_to_original, tiny_transformer_config
+from tiny_flow import build_tiny_flow_model, flux_to_original, tiny_transformer_config
 
 FAMILY = get_family("flux")
 CAPTIONS = ["a red circle", "blue square, flat colour, simple shape"]

@@ -14,7 +14,7 @@ from trainer.families import get_family
 from trainer.families.flow_common import find_t5_tokenizer_dir, transformer_layout
 from trainer.families.sd3 import sd3_original_to_diffusers, sd3_transformer_config
 from trainer.fileio import save_safetensors
-from trainer.tiny_flow import build_tiny_flow_model, sd3_to_original, text_encoder_file_state, tiny_t5_config
+from tiny_flow import build_tiny_flow_model, sd3_to_original, text_encoder_file_state, tiny_t5_config
 
 FAMILY = get_family("sd3")
 CAPTIONS = ["a red circle", "blue square, flat colour, simple shape"]
