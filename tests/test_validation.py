@@ -238,7 +238,7 @@ def test_grid_highlights_the_best_column(tmp_path):
 def test_comfy_client_reads_the_validation_loss_from_metadata(tmp_path):
     import torch
 
-    from trainer.comfy_client import compose_sweep, list_checkpoints
+    from trainer.client import compose_sweep, list_checkpoints
     from trainer.fileio import save_safetensors
 
     folder = tmp_path / "run"
