@@ -334,13 +334,8 @@ def _run_state(result, cancelled: bool) -> str:
 def run_output(cfg: TrainConfig, result) -> tuple[dict, list[str]]:
     """The CRUCIBLE_RUN socket value and the checkpoint names as ComfyUI's loaders list them."""
     kind_root = _comfy.model_folder("diffusion_models" if cfg.network.network_type == "full" else "loras")
-    names = [c.path.relative_to(kind_root).as_posix() for c in result.checkpoints]
-    run = RunRecord(run_dir=str(result.run_dir), work_dir=str(result.work_dir), family=cfg.model.family,
-                    kind="full" if cfg.network.network_type == "full" else "lora",
-                    checkpoints=[{"path": str(c.path), "name": n, "step": c.step, "epoch": c.epoch, "loss": c.loss,
-                                  "val_loss": c.val_loss, "val_loss_t": c.val_loss_t}
-                                 for c, n in zip(result.checkpoints, names)])
-    return run, names
+    names = [c.path.relative_to(kind_root).as_posix() for c in result.record.checkpoints]
+    return RunRecord.of(result.record, names), names
 
 
 def check_plan(cfg: TrainConfig) -> None:

@@ -53,7 +53,7 @@ def tiny_sdxl(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_sd3(tmp_path_factory):
     """A tiny SD3.5-style model: diffusers folder, ComfyUI split files and a miniature ComfyUI tree."""
-    from trainer.tiny_flow import build_tiny_flow_model
+    from tiny_flow import build_tiny_flow_model
 
     return build_tiny_flow_model(tmp_path_factory.mktemp("sd3"), "sd3", seed=0)
 
@@ -61,7 +61,7 @@ def tiny_sd3(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_flux(tmp_path_factory):
     """A tiny Flux.1-dev-style model: diffusers folder, ComfyUI split files and a miniature ComfyUI tree."""
-    from trainer.tiny_flow import build_tiny_flow_model
+    from tiny_flow import build_tiny_flow_model
 
     return build_tiny_flow_model(tmp_path_factory.mktemp("flux"), "flux", seed=0)
 

@@ -20,8 +20,7 @@ ALLOWED = {
     # ComfyUI's own model vocabulary (unet_config["image_model"] of comfy/model_detection.py), not a Crucible family
     ("nodes/_comfy.py", "image_model == 'flux'"),
 }
-# Whole files that are test fixtures on their way out of the shipped package (issue 14: tiny_flow.py moves to tests/).
-ALLOWED_FILES = {"trainer/tiny_flow.py"}
+ALLOWED_FILES: set[str] = set()  # whole files exempt: none (the tiny Flux/SD3 builder is a test fixture under tests/)
 
 
 def _strings(node: ast.AST) -> list[str]:

@@ -14,7 +14,7 @@ from trainer.families.split_files import transformer_layout
 from trainer.families.flux import (DEV_SCHEDULER, flux_original_to_diffusers, flux_rope_axes, flux_transformer_config,
                                    image_ids, pack_latents, unpack_latents)
 from trainer.fileio import atomic_write_json, save_safetensors
-from trainer.tiny_flow import flux_to_original, tiny_transformer_config
+from tiny_flow import flux_to_original, tiny_transformer_config
 
 from family_helpers import same_weights
 

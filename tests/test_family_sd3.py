@@ -15,7 +15,7 @@ from trainer.families.split_files import transformer_layout
 from trainer.families.t5_text import find_t5_tokenizer_dir
 from trainer.families.sd3 import sd3_original_to_diffusers, sd3_transformer_config
 from trainer.fileio import save_safetensors
-from trainer.tiny_flow import sd3_to_original, text_encoder_file_state, tiny_t5_config
+from tiny_flow import sd3_to_original, text_encoder_file_state, tiny_t5_config
 
 from family_helpers import pixels, same_weights
 

@@ -660,7 +660,7 @@ def test_image_grid_strip_from_one_batch_without_saving(nodes, comfy):
 # --- SD3 / Flux from ComfyUI's split files --------------------------------------------------------------------------
 @pytest.mark.slow
 def test_split_model_node_picks_comfyui_files_and_trains_flux(nodes, comfy, small_input, tmp_path_factory):
-    from trainer.tiny_flow import build_tiny_flow_model
+    from tiny_flow import build_tiny_flow_model
 
     tiny = build_tiny_flow_model(tmp_path_factory.mktemp("flux"), "flux")
     shutil.copytree(tiny.comfy_root / "comfy", comfy.base / "comfy", dirs_exist_ok=True)  # ComfyUI's tokenizers

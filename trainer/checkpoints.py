@@ -128,7 +128,3 @@ def _set_strength(module: torch.nn.Module, strength: float) -> None:
     for layer in module.modules():
         if isinstance(layer, BaseTunerLayer) and hasattr(layer, "set_scale"):
             layer.set_scale(ADAPTER, strength)
-
-
-def read_run_manifest(work_dir: str | Path) -> dict:
-    return json.loads((Path(work_dir) / "run.json").read_text(encoding="utf-8"))

@@ -99,11 +99,11 @@ def cmd_sweep(args) -> int:
                     steps=args.steps, cfg_scale=args.cfg, include_base=not args.no_base, out=args.out,
                     every=args.every)
     print(f"wrote {out}")
-    from .checkpoints import read_run_manifest
+    from .run_record import RunRecord
     from .sweep import read_checkpoint_info, recommendation
 
-    print(recommendation([read_checkpoint_info(c["path"]) for c in read_run_manifest(args.run_dir)["checkpoints"]
-                          if Path(c["path"]).exists()]))
+    print(recommendation([read_checkpoint_info(c.path) for c in RunRecord.load(args.run_dir).checkpoints
+                          if c.path.exists()]))
     return 0
 
 
