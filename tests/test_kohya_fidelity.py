@@ -103,9 +103,9 @@ def test_adaptive_optimizers_default_to_learning_rate_one(name):
 
 
 def test_optimizer_tooltip_says_adaptive_optimizers_use_one():
-    from nodes.train_nodes import CrucibleOptimizerOptions
+    import comfy_stubs
 
-    spec = CrucibleOptimizerOptions.INPUT_TYPES()["required"]
+    spec = comfy_stubs.load_pack().NODE_CLASS_MAPPINGS["CrucibleOptimizerOptions"].INPUT_TYPES()["required"]
     assert "1.0" in spec["learning_rate"][1]["tooltip"] and "default" in spec["learning_rate"][1]["tooltip"]
     assert {"dadaptlion", "dadaptsgd", "dadaptadagrad", "sgdnesterov"} <= set(spec["optimizer"][0])
 

@@ -28,12 +28,13 @@ from .config import TrainConfig
 from .errors import CrucibleError, TrainingDivergedError
 from .families import Components, ModelFamily, get_family
 from .families.objectives import make_objective
-from .fileio import atomic_write_json, safe_name
+from .fileio import atomic_write_json
 from .network import Network, attach_network, param_groups
 from .noise import offset_noise, pyramid_noise
 from .numerics import overflow_decision
 from .optim import build_optimizer, build_scheduler
 from .plots import save_loss_curve
+from .run_paths import run_paths
 from .state import load_state, save_state
 from .validation import validation_summary
 
@@ -158,11 +159,8 @@ class Trainer:
         self.cfg = cfg
         self.callbacks = callbacks
         self.family: ModelFamily = get_family(cfg.model.family)
-        run = safe_name(cfg.save.run_name, "save.run_name")
-        self.run_name = run
-        self.run_dir = Path(cfg.save.output_dir) / run
-        self.work_dir = Path(cfg.save.work_dir) / run if cfg.save.work_dir else self.run_dir
-        self.state_dir = self.work_dir / "state"
+        paths = run_paths(cfg.save)
+        self.run_name, self.run_dir, self.work_dir, self.state_dir = paths.name, paths.run_dir, paths.work_dir, paths.state_dir
         self.checkpoints: list[CheckpointInfo] = []
         self.losses: list[float] = []
         self.samples: list[SampleInfo] = []
