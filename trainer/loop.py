@@ -211,7 +211,7 @@ class Trainer:
             self._enable_gradient_checkpointing()
         self.optimizer = build_optimizer(param_groups(self.family, self.net, cfg.optim), cfg.optim)
         self.params = self.net.parameters()  # after param_groups froze zero-LR blocks; walked once, used every step
-        self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.plan.total_steps)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.plan)
         prediction = cfg.model.prediction_type or self.family.default_prediction
         self.objective = make_objective(prediction, comps.noise_scheduler, cfg.training,
                                         shift_fn=lambda latents: self.family.flow_shift(comps, latents))
