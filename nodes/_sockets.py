@@ -20,9 +20,8 @@ import functools
 import unicodedata
 from typing import Any
 
-from trainer.config import CaptionConfig, DatasetConfig, ModelConfig, NetworkConfig, OptimConfig, TrainingConfig
-from trainer.errors import CrucibleError, console_safe
-from trainer.fileio import read_policy
+from ..trainer import (CaptionConfig, CrucibleError, DatasetConfig, ModelConfig, NetworkConfig, OptimConfig,
+                       TrainingConfig, console_safe, read_policy)
 
 from . import _comfy
 

@@ -28,12 +28,13 @@ from .config import TrainConfig
 from .errors import CrucibleError, TrainingDivergedError
 from .families import Components, ModelFamily, get_family
 from .families.objectives import make_objective
-from .fileio import atomic_write_json, safe_name
+from .fileio import atomic_write_json
 from .network import Network, attach_network, param_groups
 from .noise import offset_noise, pyramid_noise
 from .numerics import overflow_decision
 from .optim import build_optimizer, build_scheduler
 from .plots import save_loss_curve
+from .run_paths import run_paths
 from .run_record import RUN_FILE, RunRecord
 from .state import load_state, save_state
 from .validation import validation_summary
@@ -160,11 +161,8 @@ class Trainer:
         self.cfg = cfg
         self.callbacks = callbacks
         self.family: ModelFamily = get_family(cfg.model.family)
-        run = safe_name(cfg.save.run_name, "save.run_name")
-        self.run_name = run
-        self.run_dir = Path(cfg.save.output_dir) / run
-        self.work_dir = Path(cfg.save.work_dir) / run if cfg.save.work_dir else self.run_dir
-        self.state_dir = self.work_dir / "state"
+        paths = run_paths(cfg.save)
+        self.run_name, self.run_dir, self.work_dir, self.state_dir = paths.name, paths.run_dir, paths.work_dir, paths.state_dir
         self.checkpoints: list[CheckpointInfo] = []
         self.losses: list[float] = []
         self.samples: list[SampleInfo] = []
@@ -215,7 +213,7 @@ class Trainer:
             self._enable_gradient_checkpointing()
         self.optimizer = build_optimizer(param_groups(self.family, self.net, cfg.optim), cfg.optim)
         self.params = self.net.parameters()  # after param_groups froze zero-LR blocks; walked once, used every step
-        self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.plan.total_steps)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.plan)
         prediction = cfg.model.prediction_type or self.family.default_prediction
         self.objective = make_objective(prediction, comps.noise_scheduler, cfg.training,
                                         shift_fn=lambda latents: self.family.flow_shift(comps, latents))

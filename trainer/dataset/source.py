@@ -91,7 +91,8 @@ class DataSource:
     * Regularization datasets (``is_reg``) are mixed in as kohya does: their repeats are re-balanced with
       :func:`balance_reg_repeats` so an epoch holds as many regularization samples as training samples (an epoch is
       then twice as long), they are shuffled together with training samples inside buckets, and
-      :attr:`Batch.is_reg` tells the loop which samples get the prior-preservation loss weight. Without training
+      the loop gives a sample whose item ``is_reg`` the prior-preservation loss weight (``training.prior_loss_weight``;
+      :attr:`Batch.is_reg` lists the same flags for other readers). Without training
       images, regularization images alone are an error.
     * All randomness (batch order, captions, crops, flips) comes from local RNGs seeded by ``(seed, epoch, …)``, so
       any epoch can be replayed exactly, in any order (exact resume).
