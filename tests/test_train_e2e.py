@@ -49,6 +49,8 @@ def test_checkpoints_written_with_metadata(trained):
             {"lora_down", "lora_up", "alpha"}
     manifest = json.loads((result.work_dir / "run.json").read_text())
     assert manifest["status"] == "finished" and len(manifest["checkpoints"]) == 2
+    assert manifest == json.loads(json.dumps(result.record.to_dict()))  # run.json: the RunResult's record
+    assert result.record.checkpoints == result.checkpoints
     assert not list(Path(cfg.save.output_dir).rglob("*.tmp"))
 
 

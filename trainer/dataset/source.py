@@ -90,10 +90,9 @@ class DataSource:
     * Repeats are an index map: a :class:`Sample` is ``(item, repeat)``; nothing is copied.
     * Regularization datasets (``is_reg``) are mixed in as kohya does: their repeats are re-balanced with
       :func:`balance_reg_repeats` so an epoch holds as many regularization samples as training samples (an epoch is
-      then twice as long), they are shuffled together with training samples inside buckets, and
-      the loop gives a sample whose item ``is_reg`` the prior-preservation loss weight (``training.prior_loss_weight``;
-      :attr:`Batch.is_reg` lists the same flags for other readers). Without training
-      images, regularization images alone are an error.
+      then twice as long) and they are shuffled together with training samples inside buckets. Each sample's
+      :attr:`ImageItem.is_reg` (also in :attr:`Batch.is_reg`) marks it; the loop scales those samples' loss by
+      ``training.prior_loss_weight``. Without training images, regularization images alone are an error.
     * All randomness (batch order, captions, crops, flips) comes from local RNGs seeded by ``(seed, epoch, …)``, so
       any epoch can be replayed exactly, in any order (exact resume).
     * ``validation_split`` holds images out for the validation loss (:func:`trainer.validation.holdout_items`): they
