@@ -82,11 +82,13 @@ class TensorFile:
     def has_prefix(self, prefix: str) -> bool:
         return any(k.startswith(prefix) for k in self.shapes)
 
-    def read(self, prefix: str = "", exclude: tuple[str, ...] = ()) -> dict[str, "torch.Tensor"]:
+    def read(self, prefix: str = "", exclude: tuple[str, ...] = (), dtype=None) -> dict[str, "torch.Tensor"]:
         """The tensors whose names start with ``prefix`` (removed from the names), skipping ``exclude`` prefixes."""
+        # crucible #16 (fp8): tensor by tensor into ``dtype``; ComfyUI fp8 / scaled-fp8 files dequantized
+        from ..fp8_files import read_tensors
+
         with self._open() as handle:
-            return {k[len(prefix):]: handle.get_tensor(k) for k in self.shapes
-                    if k.startswith(prefix) and not k.startswith(exclude)}
+            return read_tensors(handle, self.path, prefix, exclude, dtype)
 
 
 @dataclass(frozen=True)
@@ -101,8 +103,8 @@ class Part:
         return {k[len(self.prefix):]: s for k, s in self.file.shapes.items()
                 if k.startswith(self.prefix) and not k.startswith(self.exclude)}
 
-    def read(self) -> dict[str, "torch.Tensor"]:
-        return self.file.read(self.prefix, self.exclude)
+    def read(self, dtype=None) -> dict[str, "torch.Tensor"]:
+        return self.file.read(self.prefix, self.exclude, dtype)  # crucible #16: dtype
 
     def describe(self) -> str:
         return f"{self.file.path}" + (f" ({self.prefix}…)" if self.prefix else "")
@@ -171,7 +173,7 @@ def load_clip(part: Part, kind: str, dtype=None, *, projection: bool, identity_p
     import torch
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    sd = part.read()
+    sd = part.read(dtype)  # crucible #16: dtype
     title = f"{KIND_TITLES[kind]} text encoder"
     config = sf._derive(title, part.describe(), clip_config_from_state, sd, kind)
     if projection and (identity_projection or "text_projection.weight" not in sd):
@@ -185,10 +187,7 @@ def load_t5(part: Part, dtype=None):
     """A ``T5EncoderModel`` from a file (``shared.weight`` and ``encoder.embed_tokens.weight`` are one tensor)."""
     from transformers import T5Config, T5EncoderModel
 
-    sd = part.read()
-    if "scaled_fp8" in sd or any(k.endswith((".scale_weight", ".weight_scale")) for k in sd):
-        raise ModelLoadError(f"'{part.describe()}' is a scaled-fp8 T5 file, which Crucible cannot train from; use the "
-                             "fp16 (or bf16) T5-XXL file instead, e.g. t5xxl_fp16.safetensors")
+    sd = part.read(dtype)  # crucible #16: fp8 / scaled-fp8 T5 files are dequantized by the reader
     sd = {k: v for k, v in sd.items() if k == "shared.weight" or k.startswith("encoder.")}
     embed = sd.get("shared.weight", sd.get("encoder.embed_tokens.weight"))
     if embed is not None:
@@ -205,7 +204,7 @@ def load_vae(part: Part, factors: Mapping[str, Any], dtype=None):
     from diffusers import AutoencoderKL
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
-    sd = part.read()
+    sd = part.read(dtype)  # crucible #16: dtype
     ldm = sf.vae_to_ldm(sd) if any(k.startswith("encoder.down_blocks.") for k in sd) else sd
     # vae_config_from_ldm's family only picks sample size and scaling factor, both replaced by ``factors``
     config = {**sf._derive("VAE", part.describe(), sf.vae_config_from_ldm, ldm, "sdxl"), **factors}
@@ -532,7 +531,7 @@ class FlowFamily(ModelFamily):
         source = plan.transformer
         if isinstance(source, Path):
             return _from_pretrained(self.transformer_class(), source.parent, source.name, dtype)
-        sd = source.read()
+        sd = source.read(dtype)  # crucible #16: dtype
         where = source.describe()
         if plan.layout == "original":
             sd = sf._derive(f"{self.title} transformer", where, self.to_diffusers, sd)

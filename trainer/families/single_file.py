@@ -72,13 +72,13 @@ def check_safetensors_path(path: str | Path, what: str = "model.path") -> Path:
     return path
 
 
-def read_checkpoint(path: str | Path, what: str = "model.path") -> dict[str, "torch.Tensor"]:
+def read_checkpoint(path: str | Path, what: str = "model.path", dtype=None) -> dict[str, "torch.Tensor"]:
     """All tensors of a ``.safetensors`` single file (after :func:`check_safetensors_path`)."""
-    from safetensors.torch import load_file
+    from ..fp8_files import read_file  # crucible #16: tensor by tensor into dtype; ComfyUI fp8 files
 
     path = check_safetensors_path(path, what)
     with _readable(path, what):
-        return load_file(str(path))
+        return read_file(path, dtype)
 
 
 def checkpoint_keys(path: str | Path, what: str = "model.path") -> list[str]:
@@ -293,7 +293,7 @@ def _materialize(factory: Callable[[], Any], weights: dict, what: str, path: Any
     with init_empty_weights():
         module = factory()
     expected = module.state_dict()
-    weights = {_matching_key(k, expected): v for k, v in weights.items()}
+    given, weights = weights, {_matching_key(k, expected): v for k, v in weights.items()}  # crucible #16: given
     missing = sorted(set(expected) - set(weights))
     wrong = sorted(k for k in set(expected) & set(weights) if tuple(expected[k].shape) != tuple(weights[k].shape))
     if missing or wrong:
@@ -301,8 +301,11 @@ def _materialize(factory: Callable[[], Any], weights: dict, what: str, path: Any
         problem = f"{len(missing)} tensors missing" if missing else f"{len(wrong)} tensors with unexpected shapes"
         raise ModelLoadError(f"'{path}': the {what} weights do not form a valid model ({problem}, e.g. '{key}'); "
                              "the file is damaged or not a checkpoint of this model family")
-    target = dtype or torch.float32
-    module.load_state_dict({k: weights[k].to(target) for k in expected}, strict=True, assign=True)
+    # crucible #16: one tensor at a time (fp8 base, T5 wo in fp32 under fp16); the caller's dict lets go too
+    from ..quantized import assign_weights
+
+    given.clear()
+    assign_weights(module, weights, list(expected), dtype or torch.float32)
     return module.eval()
 
 
@@ -371,7 +374,7 @@ def load_single_file(path: str | Path, family: str, dtype=None, sd: StateDict | 
     component's tensors are taken out of the file's dict before it is built, so the file's copy of a component
     is freed as soon as that component exists (an SDXL file does not sit in memory twice).
     """
-    sd = dict(read_checkpoint(path) if sd is None else sd)
+    sd = dict(read_checkpoint(path, dtype=dtype) if sd is None else sd)  # crucible #16: dtype
     check_family(sd, family, path)
 
     def take(prefix: str) -> dict[str, "torch.Tensor"]:
