@@ -30,8 +30,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ConfigError
-
 FP8 = torch.float8_e4m3fn
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
@@ -179,6 +177,28 @@ def _linears(module: nn.Module) -> Iterator[tuple[nn.Module, str, str, nn.Linear
                 yield parent, attr, f"{parent_name}.{attr}" if parent_name else attr, child
 
 
+def _first_compute_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the first floating parameter that is not fp8: what the model computes in."""
+    found = None
+    for p in model.parameters():
+        if p.is_floating_point():
+            if p.dtype not in FP8_DTYPES:
+                return p.dtype
+            found = found or p.dtype
+    return found or torch.float32
+
+
+def report_compute_dtype(model: nn.Module) -> None:
+    """Make a diffusers / transformers model's ``.dtype`` (read by pipelines and families to cast their inputs)
+    the compute dtype instead of fp8 when its first parameter is an fp8 weight (Flux's ``x_embedder``): the instance
+    gets a same-named subclass whose ``dtype`` skips fp8 parameters."""
+    cls = type(model)
+    if getattr(cls, "_crucible_fp8", False) or not isinstance(getattr(cls, "dtype", None), property):
+        return
+    model.__class__ = type(cls.__name__, (cls,), {"dtype": property(_first_compute_dtype), "_crucible_fp8": True,
+                                                   "__module__": cls.__module__, "__qualname__": cls.__qualname__})
+
+
 def quantize_linears(module: nn.Module, compute_dtype: torch.dtype | None = None) -> int:
     """Replace every plain ``nn.Linear`` of ``module`` by an :class:`Fp8Linear`, one layer at a time (the original
     weight is freed as soon as its layer is replaced), skipping ``_keep_in_fp32_modules``. Returns the count."""
@@ -189,6 +209,7 @@ def quantize_linears(module: nn.Module, compute_dtype: torch.dtype | None = None
             continue
         setattr(parent, attr, Fp8Linear.from_linear(layer, compute_dtype))
         count += 1
+    report_compute_dtype(module)
     return count
 
 
@@ -232,13 +253,6 @@ def fp8_bytes(module: nn.Module) -> tuple[int, int]:
     return fp8, other
 
 
-def check_fp8_base(network_type: str) -> None:
-    """fp8 weights cannot be trained: a full fine-tune with ``fp8_base`` is refused."""
-    if network_type == "full":
-        raise ConfigError("model.fp8_base stores the frozen base weights in fp8, which a full fine-tune (network_type "
-                          "'full') would have to train; turn fp8_base off or train an adapter (lora, dora, loha, lokr)")
-
-
 # --- loading -------------------------------------------------------------------------------------------------------
 
 @contextlib.contextmanager
@@ -276,6 +290,8 @@ def assign_weights(module: nn.Module, weights: dict[str, torch.Tensor], keys, dt
         _assign(module, key, tensor.to(target) if tensor.dtype != target else tensor)
     if keep:
         pin_fp32_modules(module)
+    if fp8:
+        report_compute_dtype(module)
     return module
 
 
@@ -292,5 +308,5 @@ def _assign(module: nn.Module, key: str, tensor: torch.Tensor) -> None:
 
 
 __all__ = ["FP8", "Fp8Linear", "KeepFp32Linear", "quantize", "dequantize", "quantize_linears", "apply_fp8_base",
-           "cast_frozen", "pin_fp32_modules", "keep_fp32_names", "is_fp8_target", "fp8_bytes", "check_fp8_base",
+           "cast_frozen", "pin_fp32_modules", "keep_fp32_names", "is_fp8_target", "fp8_bytes",
            "fp8_loading", "loading_fp8", "assign_weights"]
