@@ -378,6 +378,8 @@ def test_t5_under_fp16_does_not_overflow_where_an_fp16_wo_does(tiny):
         kept = pinned(input_ids=ids).last_hidden_state
     assert not torch.isfinite(overflowed).all()
     assert torch.isfinite(kept).all() and _rel(kept, reference) < 0.01
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):  # the loop's fp16 autocast: wo opts out
+        assert torch.isfinite(pinned(input_ids=ids).last_hidden_state).all()
 
 
 def test_fp8_base_on_t5_under_fp16_keeps_wo_fp32_and_quantizes_the_rest(tiny):
@@ -389,3 +391,22 @@ def test_fp8_base_on_t5_under_fp16_keeps_wo_fp32_and_quantizes_the_rest(tiny):
     assert isinstance(ff.wi_0, Fp8Linear) and ff.wi_0.compute_dtype == torch.float16
     assert isinstance(ff.wo, KeepFp32Linear) and ff.wo.weight.dtype == torch.float32
     assert quantize_linears(model) == 0  # nothing left to quantize (wo is kept in fp32 on purpose)
+
+
+@pytest.mark.slow
+def test_two_processes_train_on_the_fp8_base(tiny_sd15, demo_dataset, tmp_path):
+    """DDP cannot broadcast fp8 tensors (gloo: "Invalid scalar type"); the frozen fp8 weights are left out of its
+    sync (the same file on every rank), so a 2-process run trains and the ranks agree."""
+    import re
+
+    from test_multiprocess import launch_two_processes
+
+    cfg = {"model": {"family": "sd15", "path": str(tiny_sd15), "fp8_base": True},
+           "datasets": [{"path": str(demo_dataset), "resolution": 64, "repeats": 1}],
+           "network": {"network_dim": 4, "network_alpha": 4},
+           "training": {"batch_size": 2, "epochs": 1, "seed": 1, "max_train_steps": 2},
+           "save": {"output_dir": str(tmp_path / "out"), "run_name": "mp8", "save_every_n_epochs": 0,
+                    "save_state": False}}
+    output = launch_two_processes(tmp_path, cfg)
+    digests = dict(re.findall(r"rank (\d+) trained weights sha256 (\w+)", output))
+    assert set(digests) == {"0", "1"} and digests["0"] == digests["1"], output[-3000:]

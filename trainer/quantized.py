@@ -188,15 +188,31 @@ def _first_compute_dtype(model: nn.Module) -> torch.dtype:
     return found or torch.float32
 
 
-def report_compute_dtype(model: nn.Module) -> None:
-    """Make a diffusers / transformers model's ``.dtype`` (read by pipelines and families to cast their inputs)
-    the compute dtype instead of fp8 when its first parameter is an fp8 weight (Flux's ``x_embedder``): the instance
-    gets a same-named subclass whose ``dtype`` skips fp8 parameters."""
+def _fp8_tensor_names(model: nn.Module) -> list[str]:
+    """Names of the fp8 weights and their scales (for DDP, which cannot broadcast fp8 and need not: they are frozen
+    and loaded from the same file on every rank)."""
+    names = []
+    for name, module in model.named_modules():
+        if isinstance(module, Fp8Linear):
+            names += [f"{name}.weight" if name else "weight", f"{name}.weight_scale" if name else "weight_scale"]
+    return names
+
+
+def mark_quantized(model: nn.Module) -> None:
+    """Give a model holding :class:`Fp8Linear` layers a same-named subclass that
+
+    * reports the compute dtype as ``.dtype`` (diffusers / transformers models; pipelines and families cast their
+      inputs to it) instead of fp8 when its first parameter is an fp8 weight (Flux's ``x_embedder``), and
+    * tells DistributedDataParallel to leave the fp8 tensors alone (``_ddp_params_and_buffers_to_ignore``, read when
+      DDP wraps the model, after the adapter is injected)."""
     cls = type(model)
-    if getattr(cls, "_crucible_fp8", False) or not isinstance(getattr(cls, "dtype", None), property):
+    if getattr(cls, "_crucible_fp8", False):
         return
-    model.__class__ = type(cls.__name__, (cls,), {"dtype": property(_first_compute_dtype), "_crucible_fp8": True,
-                                                   "__module__": cls.__module__, "__qualname__": cls.__qualname__})
+    attrs: dict = {"_crucible_fp8": True, "__module__": cls.__module__, "__qualname__": cls.__qualname__,
+                   "_ddp_params_and_buffers_to_ignore": property(_fp8_tensor_names)}
+    if isinstance(getattr(cls, "dtype", None), property):
+        attrs["dtype"] = property(_first_compute_dtype)
+    model.__class__ = type(cls.__name__, (cls,), attrs)
 
 
 def quantize_linears(module: nn.Module, compute_dtype: torch.dtype | None = None) -> int:
@@ -209,7 +225,8 @@ def quantize_linears(module: nn.Module, compute_dtype: torch.dtype | None = None
             continue
         setattr(parent, attr, Fp8Linear.from_linear(layer, compute_dtype))
         count += 1
-    report_compute_dtype(module)
+    if count:
+        mark_quantized(module)
     return count
 
 
@@ -291,7 +308,7 @@ def assign_weights(module: nn.Module, weights: dict[str, torch.Tensor], keys, dt
     if keep:
         pin_fp32_modules(module)
     if fp8:
-        report_compute_dtype(module)
+        mark_quantized(module)
     return module
 
 
