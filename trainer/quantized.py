@@ -143,9 +143,14 @@ class KeepFp32Linear(nn.Linear):
             return F.linear(x.to(self.weight.dtype), self.weight, self.bias)
 
     def _apply(self, fn, recurse=True):
-        def keep_fp32(t):
-            out = fn(t)
-            return out.float() if out.is_floating_point() and t.dtype == torch.float32 else out
+        def keep_fp32(t):  # follow device moves, never round an fp32 tensor through another dtype
+            if t.dtype != torch.float32:
+                return fn(t)
+            if t.is_meta:  # nothing to round
+                out = fn(t)
+                return out.float() if out.is_floating_point() else out
+            probe = fn(torch.empty(0, dtype=t.dtype, device=t.device))
+            return t.to(probe.device) if probe.is_floating_point() else fn(t)
 
         return super()._apply(keep_fp32, recurse)
 
