@@ -77,6 +77,9 @@ def test_fp8_values_are_kept_exactly_and_others_get_an_absmax_scale():
     small = torch.randn(8, 8) * 1e-3  # plain fp8 would flush most of these to subnormals
     q, scale = quantize(small)
     assert q.float().abs().max() == 448 and _rel(q.float() * scale, small) < FP8_REL
+    wide = (torch.randn(8, 8) * 1e4).to(torch.float8_e5m2)  # e5m2 files: past e4m3fn's range
+    q, scale = quantize(wide)
+    assert torch.isfinite(q.float()).all() and _rel(q.float() * scale, wide.float()) < FP8_REL
 
 
 def test_quantized_flux_is_within_fp8_error_and_half_the_bytes(tiny):
@@ -102,6 +105,9 @@ def test_quantized_flux_is_within_fp8_error_and_half_the_bytes(tiny):
         full = FLUX.predict(copy.copy(comps).__class__(**{**comps.__dict__, "denoiser": reference}), latents,
                             torch.tensor([500.0]), cond)
     assert _rel(quantized, full) < 2 * FP8_REL
+    assert comps.denoiser.dtype == torch.bfloat16  # what pipelines cast to, not the first weight's fp8
+    images = FLUX.sample(comps, ["a red circle"], seed=1, steps=2, cfg=1.0, width=64, height=64)
+    assert images[0].size == (64, 64) and len(set(images[0].tobytes())) > 1  # previews render on the fp8 base
 
 
 # --- training through the loop -------------------------------------------------------------------------------------
