@@ -311,7 +311,9 @@ def assign_weights(module: nn.Module, weights: dict[str, torch.Tensor], keys, dt
             setattr(parent, attr, Fp8Linear.from_linear(getattr(parent, attr), dtype, weight=tensor))
             continue
         target = torch.float32 if keep and _is_kept_fp32(owner, keep) else dtype
-        _assign(module, key, tensor.to(target) if tensor.dtype != target else tensor)
+        if tensor.is_floating_point() and tensor.dtype != target:  # integer buffers keep their dtype
+            tensor = tensor.to(target)
+        _assign(module, key, tensor)
     if keep:
         pin_fp32_modules(module)
     if fp8:
