@@ -242,17 +242,18 @@ def test_comfyui_fp8_t5_files_load_within_fp8_error(tiny, tmp_path, style):
     assert torch.equal(loaded["shared.weight"], original["shared.weight"])
 
 
-@pytest.mark.parametrize("style", ["plain", "comfy_quant"])
+@pytest.mark.parametrize("style", ["plain", "old", "comfy_quant", "metadata"])
 def test_comfyui_fp8_flux_files_train_on_the_fp8_base(tiny, tmp_path, style):
     """``flux1-dev-fp8``-style transformer files (original BFL naming): dequantized into the compute dtype, or kept
     in fp8 with fp8_base (plain fp8 values stay bit-exact: scale 1, no second rounding)."""
     original = load_file(str(tiny.transformer_file))
+    metadata = None
     if style == "plain":
         state = {k: v.to(FP8) if k in _linear_weights(original) else v for k, v in original.items()}
     else:
-        state, _ = _scaled(original, style)
+        state, metadata = _scaled(original, style)
     path = tmp_path / f"flux_{style}.safetensors"
-    save_file(state, str(path))
+    save_file(state, str(path), metadata=metadata or None)
     reference = FLUX.load(tiny.file_config()).denoiser.state_dict()
     plain = FLUX.load(tiny.file_config(path=str(path)))
     for key, value in plain.denoiser.state_dict().items():
@@ -265,6 +266,25 @@ def test_comfyui_fp8_flux_files_train_on_the_fp8_base(tiny, tmp_path, style):
         assert _rel(layer.dequantized_weight(), reference[f"{name}.weight"]) < FP8_REL, name
         if style == "plain":
             assert layer.scale == 1.0 and torch.equal(layer.weight.float(), reference[f"{name}.weight"].to(FP8).float())
+
+
+def test_a_scaled_fp8_sd15_checkpoint_loads_within_fp8_error(tiny_sd15, tmp_path):
+    """A ComfyUI full checkpoint with the scaled-fp8 UNet under ``model.diffusion_model.`` (marker and scales there)."""
+    from trainer.config import ModelConfig
+    from trainer.tiny import single_file_path
+
+    family = get_family("sd15")
+    original = load_file(str(single_file_path(tiny_sd15)))
+    unet = {k: v for k, v in original.items() if k.startswith("model.diffusion_model.")}
+    scaled, _ = _scaled(unet, "old")
+    scaled["model.diffusion_model.scaled_fp8"] = scaled.pop("scaled_fp8")
+    path = tmp_path / "sd15_fp8_scaled.safetensors"
+    save_file({**original, **scaled}, str(path))
+    reference = family.load(ModelConfig(family="sd15", path=str(single_file_path(tiny_sd15)))).denoiser.state_dict()
+    cfg = ModelConfig(family="sd15", path=str(path), tokenizer_path=str(tiny_sd15 / "tokenizer"))
+    loaded = family.load(cfg, dtype=torch.bfloat16).denoiser.state_dict()
+    assert loaded.keys() == reference.keys()
+    assert all(_rel(loaded[k], reference[k]) < FP8_REL for k in reference if reference[k].abs().max() > 0)
 
 
 @pytest.mark.parametrize("bad, message", [
