@@ -18,7 +18,14 @@ Both layer kinds keep their storage dtype through ``Module.to`` / ``.half()`` (t
 
 Loading (:func:`assign_weights`, called by the single-file loaders) builds each model on the meta device and assigns
 tensors one at a time, quantizing the denoiser's and T5's Linear weights as it goes while :func:`fp8_loading` is
-active, so a whole model never exists twice.
+active, so a whole model never exists twice. A bf16 or scaled-fp8 file is read (and, for original-layout files,
+converted) in the compute dtype first — scales cannot follow tensors through the key conversion — so loading a
+component peaks at its compute-dtype size in host RAM; a plain fp8 file stays fp8 throughout. Quantizing happens on
+the host before the model moves to the GPU.
+
+Limits: T5's ``wo`` is never fp8 (transformers casts the activations to ``wo.weight.dtype``); DoRA is refused (it
+rebuilds the full weight every step); under DDP the fp8 tensors are left out of the broadcast
+(:func:`mark_quantized`).
 """
 from __future__ import annotations
 
