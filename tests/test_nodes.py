@@ -677,6 +677,9 @@ def test_split_model_node_picks_comfyui_files_and_trains_flux(nodes, comfy, smal
                       clip_name1=names["text_encoders"][0], clip_name2=names["text_encoders"][1],
                       vae_name=names["vae"][0])
     assert model.family == "flux" and len(model.text_encoder_paths) == 2 and model.vae_path
+    (fp8,), _ = run(nodes, "CrucibleSplitModel", family="flux", unet_name=names["diffusion_models"][0],
+                    clip_name1=names["text_encoders"][0], vae_name=names["vae"][0], fp8_base=True)
+    assert fp8.fp8_base and not model.fp8_base  # kohya --fp8_base, an appended widget (issue #16)
     comfy.reset_interrupt()
     (network,), _ = run(nodes, "CrucibleNetworkOptions", network_dim=4, network_alpha=4.0)
     outputs, _ = run(nodes, "CrucibleTrain", model=model, dataset=dataset(nodes, SMALL, repeats=1), run_name="flux-run",
