@@ -18,10 +18,10 @@ import pytest
 import torch
 
 import comfy_stubs
+from comfy_stubs import node_defaults as defaults  # every widget at its default, as a fresh node
 from trainer.errors import CrucibleError, UnsafePathError
 
 SUBMODULES = ("dataset_nodes", "train_nodes", "sweep_nodes", "image_nodes", "tagging_nodes")
-WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
 DEMO = "crucible_demo"
 SMALL = "crucible_small"
 FROM_RUN = "(from run input)"
@@ -61,17 +61,6 @@ def small_input(comfy, demo_dataset) -> str:
         shutil.copy(image, target)
         shutil.copy(image.with_suffix(".txt"), target)
     return SMALL
-
-
-def defaults(cls) -> dict:
-    """Every widget input at its declared default, as a fresh node in the UI would send it."""
-    values = {}
-    for section in ("required", "optional"):
-        for name, spec in cls.INPUT_TYPES().get(section, {}).items():
-            options = spec[1] if len(spec) > 1 else {}
-            if "default" in options and (isinstance(spec[0], list) or spec[0] in WIDGET_TYPES):
-                values[name] = options["default"]
-    return values
 
 
 def run(nodes, node_id: str, **inputs):
