@@ -1,0 +1,189 @@
+"""Setting a run up: the accelerator, the model in its training dtypes, the adapter, optimizer and objective, the
+caches filled before step 1 and the encoders they replace moved off the device.
+
+:class:`RunSetup` is one part of :class:`trainer.loop.Trainer`; it writes the attributes the step
+(:mod:`trainer.train_step`) and the outputs (:mod:`trainer.run_outputs`) read.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+
+import torch
+
+from .errors import CrucibleError
+from .families import Components
+from .families.objectives import make_objective
+from .network import Network, attach_network, param_groups
+from .optim import build_optimizer, build_scheduler
+from .prefetch import BatchPrefetcher
+
+log = logging.getLogger("crucible")
+
+DTYPES = {"fp32": torch.float32, "no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def make_accelerator(mixed_precision: str, find_unused_parameters: bool = False):
+    """An ``accelerate.Accelerator`` for this run; outside ``accelerate launch`` its global state is reset so a
+    long-lived process (ComfyUI) can run trainings with different precisions one after another.
+    ``find_unused_parameters``: DDP accepts parameters without a gradient (text encoders: the layers after the
+    clip-skip layer are never used)."""
+    from accelerate import Accelerator, DistributedDataParallelKwargs
+    from accelerate.state import AcceleratorState
+
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if not launched:
+        AcceleratorState._reset_state(True)
+    if mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise CrucibleError("training.mixed_precision 'fp16' needs a CUDA GPU (it uses a gradient scaler); "
+                            "on the CPU choose 'auto', 'bf16' or 'no'")
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if find_unused_parameters else []
+    return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available(), kwargs_handlers=handlers)
+
+
+def offload_module(module) -> None:
+    """Move a module the run no longer needs on the training device to host memory (and give CUDA its blocks)."""
+    module.to("cpu")
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def use_attention(comps: Components, mode: str) -> None:
+    """``sdpa``: diffusers' default processors already call torch's scaled_dot_product_attention. ``xformers``:
+    memory-efficient attention from the optional xformers package (CUDA builds)."""
+    if mode == "xformers":
+        from .errors import require
+
+        require("xformers", "xformers", "model.attention 'xformers'")
+        comps.denoiser.enable_xformers_memory_efficient_attention()
+
+
+class RunSetup:
+    """Builds the run's models, adapter, optimizer, objective and caches (part of :class:`trainer.loop.Trainer`)."""
+
+    def _setup(self, components: Components | None):
+        from .defaults import resolved_settings
+        from .plan import compute_plan
+        from .validation import training_source
+
+        cfg = self.cfg
+        self.resolved = resolved_settings(cfg)  # "auto" precision / checkpointing, recorded in run.json
+        precision = self.resolved["mixed_precision"]
+        self.acc = make_accelerator(precision, cfg.network.train_text_encoder)
+        self.source = training_source(cfg)
+        self.plan = compute_plan(cfg, self.source, num_processes=self.acc.num_processes)
+        for note in self.plan.notes:  # settings this model ignores: said, never silent
+            log.warning("%s", note)
+        device = self.acc.device
+        # LoRA under mixed precision: frozen base weights load straight in the compute dtype (kohya/diffusers
+        # practice; a 12B Flux in fp32 would not fit), the trainable adapter stays fp32 (below).
+        lowp = cfg.network.network_type != "full" and precision != "no"
+        weight_dtype = DTYPES[precision] if lowp else None
+        comps = components or self.family.load(cfg.model, device=device, dtype=weight_dtype)
+        comps.to(device=device)
+        if self.family.vae_fp32 and comps.vae is not None:
+            comps.vae.to(dtype=torch.float32)  # kohya no_half_vae: this VAE overflows to NaN in half precision
+        self.comps = comps
+        if lowp:
+            for module in [comps.denoiser, *comps.text_encoders]:
+                module.to(dtype=weight_dtype)
+        self.family.configure_training(comps, cfg.training)
+        use_attention(comps, cfg.model.attention)
+        if cfg.network.network_type == "full" and cfg.network.train_text_encoder and not cfg.save.single_file_dir:
+            log.warning("network_type 'full' exports only the %s; the trained text encoder is kept in the training "
+                        "state only. Set save.single_file_dir to also save the whole model", comps.denoiser_name)
+        with torch.random.fork_rng(devices=[]):  # adapter init draws from the global RNG: seed it, leave it as it was
+            torch.manual_seed(cfg.training.seed)
+            self.net: Network = attach_network(self.family, comps, cfg.network)
+        if cfg.network.network_type != "full":
+            from diffusers.training_utils import cast_training_params
+
+            cast_training_params(list(self.net.modules.values()), dtype=torch.float32)
+        if self.resolved["gradient_checkpointing"]:
+            self._enable_gradient_checkpointing()
+        self.optimizer = build_optimizer(param_groups(self.family, self.net, cfg.optim), cfg.optim)
+        self.params = self.net.parameters()  # after param_groups froze zero-LR blocks; walked once, used every step
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.plan.total_steps)
+        prediction = cfg.model.prediction_type or self.family.default_prediction
+        self.objective = make_objective(prediction, comps.noise_scheduler, cfg.training,
+                                        shift_fn=lambda latents: self.family.flow_shift(comps, latents))
+        self.ema = None
+        if cfg.training.ema:
+            from diffusers.training_utils import EMAModel
+
+            self.ema = EMAModel(self.net.parameters(), decay=cfg.training.ema_decay)
+        self.max_token_length = max(d.captions.max_token_length for d in cfg.datasets)
+        self._setup_caches()
+        from .validation import Validator
+
+        self.validator = Validator.for_run(self) if self.acc.is_main_process else None
+        names = list(self.net.modules)
+        prepared = self.acc.prepare(*self.net.modules.values(), self.optimizer)
+        self.optimizer = prepared[-1]
+        wrapped = dict(zip(names, prepared[:-1]))
+        # Only the forward pass goes through the (possibly DDP-wrapped) modules.
+        self.train_comps = dataclasses.replace(
+            comps, denoiser=wrapped.get(comps.denoiser_name, comps.denoiser),
+            text_encoders=[wrapped.get(n, m) for n, m in zip(comps.text_encoder_names, comps.text_encoders)])
+        self.trains_text = any(n in wrapped for n in comps.text_encoder_names)
+
+    def _setup_caches(self) -> None:
+        self.prefetch = BatchPrefetcher(self.source, enabled=not self.cfg.training.cache_latents)
+        from .cache import LatentCache, TextCache, model_identity
+
+        tr, comps = self.cfg.training, self.comps
+        self.latent_cache = self.text_cache = None
+        if tr.cache_latents:
+            folder = self.work_dir / "cache" / "latents" if tr.cache_latents_to_disk else None
+            vae_dtype = next(comps.vae.parameters()).dtype
+            # the VAE dtype is part of the key: latents encoded by a half-precision VAE are never reused in fp32
+            ident = f"{model_identity(self.cfg.model.path, self.cfg.model.vae_path)}|vae={vae_dtype}"
+            self.latent_cache = LatentCache(self.source, ident, folder)
+        trains_text = self.cfg.network.train_text_encoder
+        if tr.cache_text_embeddings and trains_text:
+            log.warning("cache_text_embeddings is ignored while a text encoder trains (its outputs change every step)")
+        elif tr.cache_text_embeddings:
+            def encode(texts: list[str], weights=None):
+                extra = {"weights": weights} if weights is not None else {}
+                with torch.no_grad(), self.acc.autocast():
+                    return self.family.encode_text(comps, texts, clip_skip=self.cfg.model.clip_skip,
+                                                   max_token_length=self.max_token_length, **extra)
+
+            self.text_cache = TextCache(self.source, tr.caption_variants, encode)
+
+    def _pre_encode(self) -> None:
+        """Cache, then free: fill the latent / text caches before step 1, then move the encoders they replace off
+        the training device (back on only while preview samples render). Caching is deterministic, so the losses
+        equal a run that fills its caches lazily, and a resumed run's."""
+        report = self.callbacks.on_prepare if self.acc.is_main_process else (lambda *a: None)
+        if self.latent_cache is not None:
+            self.latent_cache.fill(self._encode_pixels, lambda d, t: report(d, t, "caching latents"))
+            self.offloaded.append(self.comps.vae)
+        if self.text_cache is not None:
+            self.text_cache.fill(lambda d, t: report(d, t, "caching text embeddings"))
+            self.offloaded += [m for m in self.comps.text_encoders if m is not None]
+        for module in self.offloaded:
+            offload_module(module)
+
+    @contextlib.contextmanager
+    def _encoders_on_device(self):
+        """The offloaded encoders on the training device for the duration (preview samples)."""
+        for module in self.offloaded:
+            module.to(self.acc.device)
+        try:
+            yield
+        finally:
+            for module in self.offloaded:
+                offload_module(module)
+
+    def _enable_gradient_checkpointing(self) -> None:
+        for module in self.net.modules.values():
+            if hasattr(module, "enable_gradient_checkpointing"):
+                module.enable_gradient_checkpointing()
+            elif hasattr(module, "gradient_checkpointing_enable"):
+                # Non-reentrant: transformers 4.x defaults to reentrant checkpointing, which gives a LoRA injected with
+                # peft directly no gradient (the block inputs do not require grad), so the text encoder never learns.
+                module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                module.train()  # transformers checkpoints only in training mode (CLIP/T5 have no dropout to enable)
