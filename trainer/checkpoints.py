@@ -60,8 +60,7 @@ def write_checkpoint(family: "ModelFamily", comps: "Components", net: "Network",
     dtype = SAVE_DTYPES[save.save_precision]
     path = run_dir / checkpoint_name(run_name, step, epoch)
     if net.is_full:
-        tensors = {k: v.to(dtype) if v.is_floating_point() else v
-                   for k, v in family.full_export_state_dict(comps).items()}
+        tensors = host_copies(family.full_export_state_dict(comps), dtype)
         meta = {k: v for k, v in meta.items() if not k.startswith("ss_network")}
         kind = "full"
     else:
@@ -84,8 +83,24 @@ def write_single_file(family: "ModelFamily", comps: "Components", path: Path, me
     if exporter is None:
         raise ConfigError(f"save.single_file_dir: {family.name} has no single-file checkpoint layout; "
                           "leave it empty and load the denoiser with Load Diffusion Model")
-    tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in exporter(comps).items()}
-    return save_safetensors(path, tensors, meta)
+    return save_safetensors(path, host_copies(exporter(comps), dtype), meta)
+
+
+def to_host(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().to("cpu")
+
+
+def host_copies(tensors: dict[str, torch.Tensor], dtype: torch.dtype, move=to_host) -> dict[str, torch.Tensor]:
+    """The export of a whole model in ``dtype``, cast on the host one tensor at a time.
+
+    Casting on the training device (``v.to(dtype)`` there) would allocate a second copy of the model on the GPU at
+    every save, out of memory for a model that only just fits; here each tensor is first copied to the CPU as it is
+    and cast there, so the device holds nothing extra."""
+    out = {}
+    for key, value in tensors.items():
+        host = move(value)
+        out[key] = host.to(dtype) if host.is_floating_point() else host
+    return out
 
 
 def dataset_tag_frequency(source) -> dict[str, dict[str, int]]:

@@ -17,8 +17,11 @@ from .errors import CrucibleError
 from .families import Components
 from .families.objectives import make_objective
 from .network import Network, attach_network, param_groups
+from .memory_options import check_run_memory_options, memory_lean, trained_weight_dtype
 from .optim import build_optimizer, build_scheduler
+from .param_step import FusedBackward, keep_float32_state_on_load
 from .prefetch import BatchPrefetcher
+from .train_step import rounding_generator
 
 log = logging.getLogger("crucible")
 
@@ -76,19 +79,25 @@ class RunSetup:
         self.plan = compute_plan(cfg, self.source, num_processes=self.acc.num_processes)
         for note in self.plan.notes:  # settings this model ignores: said, never silent
             log.warning("%s", note)
+        check_run_memory_options(cfg, precision, self.acc.num_processes)
         device = self.acc.device
         # LoRA under mixed precision: frozen base weights load straight in the compute dtype (kohya/diffusers
-        # practice; a 12B Flux in fp32 would not fit), the trainable adapter stays fp32 (below).
-        lowp = cfg.network.network_type != "full" and precision != "no"
-        weight_dtype = DTYPES[precision] if lowp else None
+        # practice; a 12B Flux in fp32 would not fit), the trainable adapter stays fp32 (below). A full fine-tune
+        # keeps its frozen parts in the compute dtype too, and the trained ones in fp32 (bf16 with full_bf16).
+        full = cfg.network.network_type == "full"
+        lowp = precision != "no"
+        weight_dtype = DTYPES[precision] if lowp and not full else None
         comps = components or self.family.load(cfg.model, device=device, dtype=weight_dtype)
         comps.to(device=device)
         if self.family.vae_fp32 and comps.vae is not None:
             comps.vae.to(dtype=torch.float32)  # kohya no_half_vae: this VAE overflows to NaN in half precision
         self.comps = comps
         if lowp:
-            for module in [comps.denoiser, *comps.text_encoders]:
-                module.to(dtype=weight_dtype)
+            trained = {n for n, on in [(comps.denoiser_name, cfg.network.train_unet)]
+                       + [(n, cfg.network.train_text_encoder) for n in comps.text_encoder_names] if on} if full else ()
+            for name, module in comps.modules().items():
+                if module is not None:
+                    module.to(dtype=trained_weight_dtype(cfg) if name in trained else DTYPES[precision])
         self.family.configure_training(comps, cfg.training)
         use_attention(comps, cfg.model.attention)
         if cfg.network.network_type == "full" and cfg.network.train_text_encoder and not cfg.save.single_file_dir:
@@ -103,7 +112,7 @@ class RunSetup:
             cast_training_params(list(self.net.modules.values()), dtype=torch.float32)
         if self.resolved["gradient_checkpointing"]:
             self._enable_gradient_checkpointing()
-        self.optimizer = build_optimizer(param_groups(self.family, self.net, cfg.optim), cfg.optim)
+        self.optimizer = build_optimizer(param_groups(self.family, self.net, cfg.optim), cfg.optim, memory_lean(cfg))
         self.params = self.net.parameters()  # after param_groups froze zero-LR blocks; walked once, used every step
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.plan.total_steps)
         prediction = cfg.model.prediction_type or self.family.default_prediction
@@ -128,6 +137,15 @@ class RunSetup:
             comps, denoiser=wrapped.get(comps.denoiser_name, comps.denoiser),
             text_encoders=[wrapped.get(n, m) for n, m in zip(comps.text_encoder_names, comps.text_encoders)])
         self.trains_text = any(n in wrapped for n in comps.text_encoder_names)
+        # bf16-stored trained weights and the fused backward pass step one tensor at a time (trainer.param_step)
+        self.bf16_weights = cfg.training.full_bf16
+        self.fused = None
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate's wrapper holds the optimizer
+        if self.bf16_weights:
+            keep_float32_state_on_load(inner)
+        if cfg.training.fused_backward_pass:
+            self.fused = FusedBackward(inner, self.params, cfg.optim.max_grad_norm,
+                                       lambda step, device: rounding_generator(cfg.training.seed, step, device))
 
     def _setup_caches(self) -> None:
         self.prefetch = BatchPrefetcher(self.source, enabled=not self.cfg.training.cache_latents)

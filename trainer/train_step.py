@@ -18,13 +18,23 @@ import torch.nn.functional as F
 from .errors import TrainingDivergedError
 from .noise import offset_noise, pyramid_noise
 from .numerics import overflow_decision
+from .param_step import step_parameter
 
 log = logging.getLogger("crucible")
 
 
-def step_generator(seed: int, *keys: int) -> torch.Generator:
+def _derived_seed(seed: int, *keys: int) -> int:
     digest = hashlib.sha256(repr((seed, *keys)).encode()).digest()
-    return torch.Generator("cpu").manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def step_generator(seed: int, *keys: int) -> torch.Generator:
+    return torch.Generator("cpu").manual_seed(_derived_seed(seed, *keys))
+
+
+def rounding_generator(seed: int, step: int, device) -> torch.Generator:
+    """The stochastic-rounding draws of one step (on the weights' device): a resumed run rounds as the first did."""
+    return torch.Generator(device).manual_seed(_derived_seed(seed, step, "stochastic rounding"))
 
 
 class TrainStep:
@@ -32,6 +42,8 @@ class TrainStep:
 
     def _optimizer_step(self, group: list[Any], step: int, epoch: int) -> float:
         total = torch.zeros((), device=self.acc.device)
+        if self.fused is not None:  # the weights are stepped during the backward pass (trainer.param_step)
+            self.fused.begin(step)
         for micro, batch_plan in enumerate(group):
             last = micro == len(group) - 1
             sync = contextlib.nullcontext() if last or self.acc.num_processes == 1 else \
@@ -45,6 +57,8 @@ class TrainStep:
                 self.acc.backward(loss / len(group))
             total += loss.detach()
         params = self.params
+        if self.fused is not None:
+            return self._after_fused_step(total / len(group))
         # Always measure the gradient norm (an infinite max_norm clips nothing), so a non-finite gradient stops the
         # run before the weights change — with clipping on or off.
         max_norm = self.cfg.optim.max_grad_norm if self.cfg.optim.max_grad_norm > 0 else float("inf")
@@ -56,12 +70,25 @@ class TrainStep:
         self.overflow_skips = decision.consecutive_skips
         if decision.action == "skip":
             log.info(decision.message)
-        self.optimizer.step()  # fp16: the scaler skips an overflowed step itself and lowers its scale
+        if self.bf16_weights:  # bf16-stored weights: stepped in fp32, rounded back stochastically
+            if decision.action == "step":
+                inner = getattr(self.optimizer, "optimizer", self.optimizer)
+                generator = rounding_generator(self.cfg.training.seed, step, self.acc.device)
+                for p in params:
+                    step_parameter(inner, p, generator)
+        else:
+            self.optimizer.step()  # fp16: the scaler skips an overflowed step itself and lowers its scale
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None and decision.action == "step":
             self.ema.step(params)
         mean = self.acc.reduce(total / len(group), reduction="mean")
+        return float(mean)
+
+    def _after_fused_step(self, mean: torch.Tensor) -> float:
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.step(self.params)
         return float(mean)
 
     def _loss(self, batch_plan: Any, epoch: int, step: int, micro: int) -> torch.Tensor:
