@@ -13,6 +13,7 @@ import os
 
 import torch
 
+from .block_swap import attach_block_swap, place_resident
 from .errors import CrucibleError
 from .families import Components
 from .families.objectives import make_objective
@@ -87,8 +88,16 @@ class RunSetup:
         full = cfg.network.network_type == "full"
         lowp = precision != "no"
         weight_dtype = DTYPES[precision] if lowp and not full else None
-        comps = components or self.family.load(cfg.model, device=device, dtype=weight_dtype)
-        comps.to(device=device)
+        swap = cfg.training.blocks_to_swap
+        comps = components or self.family.load(cfg.model, device="cpu" if swap else device, dtype=weight_dtype)
+        if swap:  # the swapped blocks' weights never go to the device whole (trainer.block_swap)
+            swapped = self.family.swappable_blocks(comps.denoiser)[-swap:]
+            place_resident(comps.denoiser, device, swapped)
+            for module in [comps.vae, *comps.text_encoders]:
+                if module is not None:
+                    module.to(device)
+        else:
+            comps.to(device=device)
         if self.family.vae_fp32 and comps.vae is not None:
             comps.vae.to(dtype=torch.float32)  # kohya no_half_vae: this VAE overflows to NaN in half precision
         self.comps = comps
@@ -106,6 +115,7 @@ class RunSetup:
         with torch.random.fork_rng(devices=[]):  # adapter init draws from the global RNG: seed it, leave it as it was
             torch.manual_seed(cfg.training.seed)
             self.net: Network = attach_network(self.family, comps, cfg.network)
+        self.block_swap = attach_block_swap(self.family, comps.denoiser, swap, device)
         if cfg.network.network_type != "full":
             from diffusers.training_utils import cast_training_params
 

@@ -56,6 +56,8 @@ class TrainStep:
                         "good checkpoint is kept. Lower the learning rate, or use bf16/no mixed precision")
                 self.acc.backward(loss / len(group))
             total += loss.detach()
+        if self.block_swap is not None:
+            self.block_swap.settle()  # every swapped block back in CPU memory before the next forward
         params = self.params
         if self.fused is not None:
             return self._after_fused_step(total / len(group))

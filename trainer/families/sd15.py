@@ -131,6 +131,7 @@ class StableDiffusionFamily(ModelFamily):
     block_layout = SD15_BLOCKS
 
     name = "sd15"
+    swap_block_attributes = ("down_blocks", "mid_block", "up_blocks")  # training.blocks_to_swap, in running order
     default_prediction = "epsilon"
     vae_scale_factor = 8
     latent_channels = 4
