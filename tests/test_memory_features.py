@@ -247,3 +247,40 @@ def test_full_checkpoints_are_written_through_the_host_cast(tiny_sd15, demo_data
     result = train(make_config(tiny_sd15, demo_dataset, tmp_path, network={"network_type": "full"},
                                training={"max_train_steps": 1}, save={"save_every_n_steps": 1}))
     assert calls == [len(load_file(str(result.checkpoints[-1].path)))] and result.checkpoints[-1].kind == "full"
+
+
+# --- the Step Plan's memory estimate learns of the options -------------------------------------------------------------
+
+def test_the_memory_estimate_counts_full_bf16_fused_backward_and_block_swap():
+    from dataclasses import replace
+
+    from trainer.memory import MemoryOptions, estimate, swapped_param_count
+    from trainer.full_size import param_counts
+
+    full = MemoryOptions("sd15", network_type="full", precision="bf16", resolution=512)
+    plain, lean = estimate(full), estimate(replace(full, full_bf16=True, fused_backward_pass=True))
+    n = param_counts("sd15")["unet"]
+    gib = 2 ** 30
+    assert plain.parts["denoiser weights"] == pytest.approx(n * 4 / gib)
+    assert lean.parts["denoiser weights"] == pytest.approx(n * 2 / gib)  # bf16 weights
+    assert plain.parts["gradients + optimizer state"] - lean.parts["gradients + optimizer state"] == \
+        pytest.approx(n * 4 / gib)  # no whole-model gradient
+    lora = MemoryOptions("sdxl", precision="bf16", resolution=512)
+    swapped = swapped_param_count("sdxl", "unet", 5)
+    assert 0 < swapped < param_counts("sdxl")["unet"]
+    assert estimate(lora).parts["denoiser weights"] - estimate(replace(lora, blocks_to_swap=5)).parts[
+        "denoiser weights"] == pytest.approx(swapped * 2 / gib)
+    assert swapped_param_count("sdxl", "unet", 2) == 0  # two blocks are on the device anyway
+
+
+def test_the_fitting_switches_offer_the_memory_options():
+    from trainer.memory import fitting_switches
+
+    flux = TrainConfig.from_dict({"model": {"family": "flux"}, "datasets": [{"path": "x", "resolution": 1024}],
+                                  "training": {"cache_latents": True, "cache_text_embeddings": True}})
+    assert any(s.startswith("blocks_to_swap ") for s in fitting_switches(flux, 12.0))
+    sd3 = TrainConfig.from_dict({"model": {"family": "sd3"}, "datasets": [{"path": "x", "resolution": 1024}],
+                                 "network": {"network_type": "full"}, "optim": {"optimizer": "adafactor"},
+                                 "training": {"mixed_precision": "bf16"}})
+    switches = fitting_switches(sd3, 6.0)
+    assert "full_bf16 on" in switches and "fused_backward_pass on" in switches

@@ -107,6 +107,8 @@ class RunSetup:
             for name, module in comps.modules().items():
                 if module is not None:
                     module.to(dtype=trained_weight_dtype(cfg) if name in trained else DTYPES[precision])
+            if full and comps.vae is not None and not self.family.vae_fp32:
+                comps.vae.to(dtype=DTYPES[precision])  # a LoRA run loads it in the compute dtype already
         self.family.configure_training(comps, cfg.training)
         use_attention(comps, cfg.model.attention)
         if cfg.network.network_type == "full" and cfg.network.train_text_encoder and not cfg.save.single_file_dir:
