@@ -62,13 +62,20 @@ def test_sdxl_lora_with_block_swap_trains_exactly_as_without(tiny_sdxl, demo_dat
                                      "gradient_checkpointing": checkpointing},
                            save={"save_every_n_steps": 3})
 
+    from accelerate import Accelerator
+
     plain = train(config(tmp_path / "plain", 0))
     RecordingMover.instances.clear()
     monkeypatch.setattr(block_swap, "StreamMover", RecordingMover)
+    placed = []
+    real_prepare_model = Accelerator.prepare_model
+    monkeypatch.setattr(Accelerator, "prepare_model", lambda self, model, device_placement=None, **kw: placed.append(
+        (type(model).__name__, device_placement)) or real_prepare_model(self, model, device_placement, **kw))
     swapped = train(config(tmp_path / "swap", 3))
     _assert_same(plain, swapped)
     mover = RecordingMover.instances[-1]
     assert mover.copied_in >= 3 * 2 * 3  # 3 swapped blocks, in for the forward and again for the backward, 3 steps
+    assert placed == [("UNet2DConditionModel", False)]  # accelerate never moves the swapped blocks to the device
 
 
 def test_flux_lora_with_block_swap_trains_exactly_as_without(tiny, demo_dataset, tmp_path, monkeypatch):  # noqa: F811

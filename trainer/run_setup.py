@@ -141,7 +141,9 @@ class RunSetup:
 
         self.validator = Validator.for_run(self) if self.acc.is_main_process else None
         names = list(self.net.modules)
-        prepared = self.acc.prepare(*self.net.modules.values(), self.optimizer)
+        # with block swap, accelerate must not move the denoiser (its swapped blocks would land on the device whole)
+        placement = [n != comps.denoiser_name for n in names] + [True] if self.block_swap is not None else None
+        prepared = self.acc.prepare(*self.net.modules.values(), self.optimizer, device_placement=placement)
         self.optimizer = prepared[-1]
         wrapped = dict(zip(names, prepared[:-1]))
         # Only the forward pass goes through the (possibly DDP-wrapped) modules.
