@@ -17,6 +17,7 @@ step.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from typing import Iterable
 
 import torch
@@ -27,13 +28,26 @@ from .stochastic_rounding import copy_stochastically_
 FUSED_OPTIMIZERS = ("adamw", "adafactor")  # stateful per tensor; kohya fuses Adafactor (and AdamW in later versions)
 
 
+_GROUP_OF: "weakref.WeakKeyDictionary[torch.optim.Optimizer, dict[int, int]]" = weakref.WeakKeyDictionary()
+
+
+def _group_of(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> int:
+    """The index of ``param``'s group (a map built once per optimizer: stepping N tensors stays O(N))."""
+    index = _GROUP_OF.get(optimizer)
+    if index is None or id(param) not in index:
+        index = {id(p): i for i, group in enumerate(optimizer.param_groups) for p in group["params"]}
+        _GROUP_OF[optimizer] = index
+    return index[id(param)]
+
+
 @contextlib.contextmanager
 def only_this_parameter(optimizer: torch.optim.Optimizer, param: torch.Tensor):
     """Every group of ``optimizer`` narrowed to ``param`` (its own group) or to nothing, for one ``step()``."""
+    own = _group_of(optimizer, param)
     saved = [group["params"] for group in optimizer.param_groups]
     try:
-        for group, params in zip(optimizer.param_groups, saved):
-            group["params"] = [param] if any(p is param for p in params) else []
+        for i, group in enumerate(optimizer.param_groups):
+            group["params"] = [param] if i == own else []
         yield
     finally:
         for group, params in zip(optimizer.param_groups, saved):
