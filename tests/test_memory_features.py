@@ -86,6 +86,24 @@ def test_fused_backward_steps_each_tensor_as_the_whole_step_does_and_frees_its_g
     assert [g["params"] for g in fused_opt.param_groups] == [params[:2], params[2:]]  # groups restored
 
 
+def test_fused_backward_clips_each_tensor_to_max_grad_norm():
+    """kohya's fused pass clips per tensor (the gradients are never all alive for a global norm): with SGD at lr 1
+    each tensor's update is its own gradient scaled to norm ≤ max_grad_norm, and a small gradient is left alone."""
+    model = _mlp()
+    x, y = torch.randn(16, 8, generator=torch.Generator().manual_seed(3)), torch.randn(16, 4)
+    reference = _mlp()
+    ((reference(x) - y) ** 2).mean().mul(100).backward()
+    grads = [p.grad for p in reference.parameters()]
+    before = [p.detach().clone() for p in model.parameters()]
+    hooks = FusedBackward(torch.optim.SGD(model.parameters(), lr=1.0), list(model.parameters()), max_grad_norm=0.5)
+    hooks.begin(1)
+    ((model(x) - y) ** 2).mean().mul(100).backward()
+    for old, new, grad in zip(before, model.parameters(), grads):
+        expected = grad * min(1.0, 0.5 / (grad.norm().item() + 1e-6))
+        torch.testing.assert_close(old - new.detach(), expected, rtol=1e-4, atol=1e-6)
+    assert any(g.norm() > 0.5 for g in grads)  # clipping did bite on some tensor
+
+
 def test_fused_backward_stops_on_a_non_finite_gradient_before_the_tensor_changes():
     model = _mlp()
     before = [p.detach().clone() for p in model.parameters()]
