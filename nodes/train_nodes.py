@@ -186,8 +186,12 @@ class CrucibleTrainingOptions(OptionNode):
             "masked_loss": Flag("kohya masked_loss: weight the loss by each image's mask (alpha_mask or mask_dir on the Dataset); masked-out areas are not learned."),
             "t5xxl_max_token_length": Int(0, 512, "SD3/Flux: T5 tokens per caption (kohya t5xxl_max_token_length: SD3 256, Flux dev 512). 0 = ComfyUI's padding (SD3 77, Flux 256), so training matches ComfyUI's text encoding."),
     }
-    OPTIONAL_WIDGETS = {  # not a config field: with the toggle above it decides gradient_checkpointing
+    OPTIONAL_WIDGETS = {  # appended; gradient_checkpointing_when_off is not a config field: with the toggle above it
+        # decides gradient_checkpointing
         "gradient_checkpointing_when_off": Choice(CHECKPOINTING_WHEN_OFF, "With gradient_checkpointing off: 'family default' checkpoints SDXL, SD3 and Flux (their 1024 px activations dominate memory), not SD1.5; 'off' never checkpoints.", default="family default"),
+        "blocks_to_swap": Int(0, 64, "kohya blocks_to_swap (LoRA): keep this many denoiser blocks in CPU memory and stream each to the GPU just before it runs (forward and backward). Less GPU memory, slower; 0 = off. Flux: 16 ≈ 12 GB."),
+        "fused_backward_pass": Flag("kohya fused_backward_pass: the optimizer (adamw or adafactor) steps each weight as soon as its gradient is ready, so a full fine-tune never holds all gradients at once. Needs gradient_accumulation_steps 1; max_grad_norm clips per tensor."),
+        "full_bf16": Flag("kohya full_bf16 (full fine-tune, bf16): the trained weights are stored in bf16 and updated with stochastic rounding, so small updates are not lost. Halves the weights' memory."),
     }
 
     def build(self, gradient_checkpointing=False, gradient_checkpointing_when_off="family default", **values):

@@ -74,7 +74,7 @@ def test_attention_choice_is_validated_and_xformers_needs_its_package(monkeypatc
     import builtins
 
     from trainer.errors import MissingDependencyError
-    from trainer.loop import use_attention
+    from trainer.run_setup import use_attention
 
     with pytest.raises(ConfigError, match="model.attention"):
         TrainConfig.from_dict({"model": {"attention": "flash9"}})

@@ -116,10 +116,11 @@ def _cached_config(make_config, tiny_sd15, demo_dataset, tmp_path, **training):
 def test_caches_fill_before_step_1_then_the_encoders_leave_the_device(make_config, tiny_sd15, demo_dataset, tmp_path,
                                                                       monkeypatch):
     import trainer.loop as loop
+    import trainer.run_setup as run_setup
     from trainer.callbacks import Callbacks
 
     events: list = []
-    real_offload, real_step = loop.offload_module, loop.Trainer._optimizer_step
+    real_offload, real_step = run_setup.offload_module, loop.Trainer._optimizer_step
 
     def spy_offload(module):
         events.append(("offload", type(module).__name__))
@@ -135,7 +136,7 @@ def test_caches_fill_before_step_1_then_the_encoders_leave_the_device(make_confi
         def on_prepare(self, done, total, what):
             events.append(("prepare", what, done, total))
 
-    monkeypatch.setattr(loop, "offload_module", spy_offload)
+    monkeypatch.setattr(run_setup, "offload_module", spy_offload)
     monkeypatch.setattr(loop.Trainer, "_optimizer_step", spy_step)
     loop.train(_cached_config(make_config, tiny_sd15, demo_dataset, tmp_path), Progress())
     kinds = [e[0] for e in events]

@@ -141,16 +141,16 @@ class SpyObjective:
 @pytest.fixture
 def objectives(monkeypatch) -> list[SpyObjective]:
     """Every objective the loop builds during the test, as a :class:`SpyObjective`."""
-    import trainer.loop
+    import trainer.run_setup
 
     made: list[SpyObjective] = []
-    real = trainer.loop.make_objective
+    real = trainer.run_setup.make_objective
 
     def spying(*args, **kwargs):
         made.append(SpyObjective(real(*args, **kwargs)))
         return made[-1]
 
-    monkeypatch.setattr(trainer.loop, "make_objective", spying)
+    monkeypatch.setattr(trainer.run_setup, "make_objective", spying)
     return made
 
 
@@ -451,9 +451,9 @@ class FixedNoiseObjective:
 def test_accumulation_averages_like_one_big_batch(make_config, tiny_sd15, demo_dataset, tmp_path, monkeypatch):
     """Batch 4 vs batch 2 × accumulation 2 over the same 4 images: the first SGD update (lora_up = -lr·grad, as
     lora_up starts at zero) agrees to float rounding, rtol 1e-4. Summing instead of averaging would double it."""
-    import trainer.loop
+    import trainer.run_setup
 
-    monkeypatch.setattr(trainer.loop, "make_objective", lambda _p, scheduler, *_a, **_k: FixedNoiseObjective(scheduler))
+    monkeypatch.setattr(trainer.run_setup, "make_objective", lambda _p, scheduler, *_a, **_k: FixedNoiseObjective(scheduler))
     four = tmp_path / "data" / "1_shapes"
     four.mkdir(parents=True)
     for png in sorted((demo_dataset / "10_crucible shapes").glob("*.png"))[:4]:

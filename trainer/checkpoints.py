@@ -16,7 +16,8 @@ from .callbacks import CheckpointInfo
 from .fileio import save_safetensors
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .loop import Trainer
+    from .config import SaveConfig, TrainConfig
+    from .families import Components, ModelFamily
     from .network import Network
     from .validation import ValidationResult
 
@@ -27,55 +28,79 @@ def checkpoint_name(run_name: str, step: int, epoch: int) -> str:
     return f"{run_name}-e{epoch:04d}-s{step:06d}.safetensors"
 
 
-def write_checkpoint(trainer: "Trainer", step: int, epoch: int, *, final: bool = False,
-                     validation: "ValidationResult | None" = None) -> CheckpointInfo:
-    """Export the current weights of ``trainer`` into its run folder and return what was written.
-
-    ``validation`` (the loss of exactly these weights on the held-out set) goes into the metadata as
+def checkpoint_metadata(cfg: "TrainConfig", source, *, run_name: str, step: int, epoch: int,
+                        started_at: float | None, loss: float | None,
+                        validation: "ValidationResult | None" = None) -> dict[str, str]:
+    """The safetensors metadata of one checkpoint: kohya's ``ss_*`` keys for the run's data (``source``), the last
+    step's loss as ``crucible_loss`` and ``validation`` (the loss of exactly these weights on the held-out set) as
     ``crucible_val_loss`` and ``crucible_val_loss_t`` (JSON ``{"0.25": …}``), where the sweep reads it."""
-    from .export import export_peft_modules
     from .lora_metadata import lora_metadata
 
-    cfg, net = trainer.cfg, trainer.net
-    dtype = SAVE_DTYPES[cfg.save.save_precision]
-    loss = trainer.losses[-1] if trainer.losses else None
-    meta = lora_metadata(cfg, step=step, epoch=epoch, started_at=getattr(trainer, "started_at", None) or time.time(),
-                         num_train_images=len(trainer.source.items),
-                         tag_frequency=dataset_tag_frequency(trainer.source),
-                         output_name=trainer.run_name)
+    meta = lora_metadata(cfg, step=step, epoch=epoch, started_at=started_at or time.time(),
+                         num_train_images=len(source.items), tag_frequency=dataset_tag_frequency(source),
+                         output_name=run_name)
     if loss is not None:
         meta["crucible_loss"] = f"{loss:.6f}"
     if validation is not None:
         meta["crucible_val_loss"] = f"{validation.loss:.6f}"
         meta["crucible_val_loss_t"] = json.dumps({k: round(v, 6) for k, v in validation.per_point.items()})
-    path = trainer.run_dir / checkpoint_name(trainer.run_name, step, epoch)
+    return meta
+
+
+def write_checkpoint(family: "ModelFamily", comps: "Components", net: "Network", save: "SaveConfig",
+                     run_dir: Path, run_name: str, step: int, epoch: int, meta: dict[str, str], *,
+                     loss: float | None = None, final: bool = False,
+                     validation: "ValidationResult | None" = None) -> CheckpointInfo:
+    """Export the current weights of ``net`` (on ``comps``) into ``run_dir`` and return what was written.
+
+    A LoRA/LyCORIS run writes its adapters in ComfyUI's key names; a full fine-tune writes the whole denoiser (and,
+    with ``save.single_file_dir``, the whole model as one single-file checkpoint)."""
+    from .export import export_peft_modules
+
+    dtype = SAVE_DTYPES[save.save_precision]
+    path = run_dir / checkpoint_name(run_name, step, epoch)
     if net.is_full:
-        tensors = {k: v.to(dtype) if v.is_floating_point() else v
-                   for k, v in trainer.family.full_export_state_dict(trainer.comps).items()}
+        tensors = host_copies(family.full_export_state_dict(comps), dtype)
         meta = {k: v for k, v in meta.items() if not k.startswith("ss_network")}
         kind = "full"
     else:
-        tensors = export_peft_modules(trainer.family, net.modules, dtype=dtype)
+        tensors = export_peft_modules(family, net.modules, dtype=dtype)
         kind = "lora"
     save_safetensors(path, tensors, meta)
-    if net.is_full and cfg.save.single_file_dir:
-        write_single_file(trainer, path.name, meta, dtype)
+    if net.is_full and save.single_file_dir:
+        write_single_file(family, comps, Path(save.single_file_dir) / run_name / path.name, meta, dtype)
     return CheckpointInfo(path=path, step=step, epoch=epoch, loss=loss, kind=kind, final=final,
                           val_loss=validation.loss if validation else None,
                           val_loss_t=validation.to_json() if validation else None)
 
 
-def write_single_file(trainer: "Trainer", name: str, meta: dict, dtype: torch.dtype) -> Path:
-    """The whole model (denoiser, VAE, text encoders) as one ComfyUI/A1111 single-file checkpoint."""
+def write_single_file(family: "ModelFamily", comps: "Components", path: Path, meta: dict,
+                      dtype: torch.dtype) -> Path:
+    """The whole model (denoiser, VAE, text encoders) as one ComfyUI/A1111 single-file checkpoint at ``path``."""
     from .errors import ConfigError
 
-    exporter = getattr(trainer.family, "single_file_state_dict", None)
+    exporter = getattr(family, "single_file_state_dict", None)
     if exporter is None:
-        raise ConfigError(f"save.single_file_dir: {trainer.family.name} has no single-file checkpoint layout; "
+        raise ConfigError(f"save.single_file_dir: {family.name} has no single-file checkpoint layout; "
                           "leave it empty and load the denoiser with Load Diffusion Model")
-    tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in exporter(trainer.comps).items()}
-    path = Path(trainer.cfg.save.single_file_dir) / trainer.run_name / name
-    return save_safetensors(path, tensors, meta)
+    return save_safetensors(path, host_copies(exporter(comps), dtype), meta)
+
+
+def to_host(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().to("cpu")
+
+
+def host_copies(tensors: dict[str, torch.Tensor], dtype: torch.dtype, move=to_host) -> dict[str, torch.Tensor]:
+    """The export of a whole model in ``dtype``, cast on the host one tensor at a time.
+
+    Casting on the training device (``v.to(dtype)`` there) would allocate a second copy of the model on the GPU at
+    every save, out of memory for a model that only just fits; here each tensor is first copied to the CPU as it is
+    and cast there, so the device holds nothing extra."""
+    out = {}
+    for key, value in tensors.items():
+        host = move(value)
+        out[key] = host.to(dtype) if host.is_floating_point() else host
+    return out
 
 
 def dataset_tag_frequency(source) -> dict[str, dict[str, int]]:

@@ -181,6 +181,9 @@ class TrainingConfig:
     validation_split: float = 0.1
     prior_loss_weight: float = 1.0  # kohya prior_loss_weight: loss multiplier of regularization (is_reg) samples
     masked_loss: bool = False  # kohya masked_loss: weight the loss by each image's mask (datasets' alpha_mask/mask_dir)
+    blocks_to_swap: int = 0  # kohya blocks_to_swap: denoiser blocks kept in CPU memory, streamed in ahead of use (LoRA)
+    fused_backward_pass: bool = False  # kohya fused_backward_pass: step each weight as its gradient arrives
+    full_bf16: bool = False  # kohya full_bf16: full fine-tune weights in bf16, updated with stochastic rounding
 
 
 @dataclass(frozen=True)
@@ -514,6 +517,9 @@ def validate(cfg: TrainConfig) -> None:
     if t.masked_loss and not any(d.alpha_mask or d.mask_dir.strip() for d in cfg.datasets) and cfg.datasets:
         raise ConfigError("training.masked_loss is on but no dataset has masks: turn on alpha_mask (masks from the "
                           "images' transparency) or set mask_dir on a dataset")
+    from .memory_options import check_memory_options
+
+    check_memory_options(cfg)  # blocks_to_swap / fused_backward_pass / full_bf16 combinations
     from .families.settings import check_family_settings
 
     check_family_settings(cfg)  # settings the family cannot apply: refused here, before any model loads

@@ -6,14 +6,16 @@ The estimate is a sum of parts, each from exact parameter counts of the full-siz
 =====================  ==============================================================================================
 part                   bytes
 =====================  ==============================================================================================
-denoiser weights       N_denoiser × b_w   (b_w = 2 for a LoRA under bf16/fp16 — the frozen base is loaded in the
-                       compute dtype — else 4)
-text encoders          Σ N_te × b_w, only while resident: 0 when ``cache_text_embeddings`` moves them off a CUDA
+denoiser weights       (N_denoiser − N_swapped) × b_w   (b_w = 2 for a LoRA under bf16/fp16 — the frozen base is
+                       loaded in the compute dtype — or a full fine-tune with ``full_bf16``, else 4). N_swapped: the
+                       last ``blocks_to_swap`` blocks less the two largest of them (running + prefetched)
+text encoders          Σ N_te × b (compute dtype when frozen), only while resident: 0 when ``cache_text_embeddings`` moves them off a CUDA
                        device (on the CPU the training device *is* host memory, so they still count)
-VAE                    N_vae × (4 for SDXL, which runs its VAE in fp32, or without mixed precision; else b_w), 0 when
+VAE                    N_vae × (4 for SDXL, which runs its VAE in fp32, or without mixed precision; else 2), 0 when
                        ``cache_latents`` moves it off the device
-trainable parameters   LoRA: N_lora × (4 weight + 4 gradient + s_opt); full fine-tune: N_denoiser × (4 gradient + s_opt)
-                       (its fp32 weights are the denoiser weights above)
+trainable parameters   LoRA: N_lora × (4 weight + 4 gradient + s_opt); full fine-tune: N_denoiser × (b_g + s_opt)
+                       (its weights are the denoiser weights above; b_g = 4, 2 with ``full_bf16``, 0 with
+                       ``fused_backward_pass``, which frees each gradient as soon as its tensor is stepped)
 activations            the tensors autograd saves for the backward pass (once per storage, weights left out), measured
                        by tracing one forward pass of the
                        full-size denoiser with the LoRA attached on the ``meta`` device at the run's resolution and batch
@@ -61,6 +63,9 @@ class MemoryOptions:
     cache_latents: bool = False
     cache_text_embeddings: bool = False
     train_text_encoder: bool = False
+    blocks_to_swap: int = 0  # LoRA: swapped blocks' frozen weights off the device, two of them in at a time
+    fused_backward_pass: bool = False  # gradients freed tensor by tensor: no whole-model gradient
+    full_bf16: bool = False  # full fine-tune: trained weights (and gradients) in bf16
 
     @classmethod
     def from_config(cls, cfg, resolved: dict | None = None) -> "MemoryOptions":
@@ -75,7 +80,8 @@ class MemoryOptions:
                    gradient_checkpointing=resolved["gradient_checkpointing"], resolution=res,
                    batch_size=t.batch_size, cache_latents=t.cache_latents,
                    cache_text_embeddings=t.cache_text_embeddings and not n.train_text_encoder,
-                   train_text_encoder=n.train_text_encoder)
+                   train_text_encoder=n.train_text_encoder, blocks_to_swap=t.blocks_to_swap,
+                   fused_backward_pass=t.fused_backward_pass, full_bf16=t.full_bf16)
 
 
 @dataclass(frozen=True)
@@ -108,15 +114,19 @@ def estimate(opts: MemoryOptions, device: str = "cuda") -> Estimate:
     denoiser, encoders = names[0], [n for n in names if n.startswith("text_encoder")]
     full = opts.network_type == "full"
     lowp = opts.precision in ("bf16", "fp16")
-    b_w = 2 if lowp and not full else 4
-    b_vae = 4 if get_family(opts.family).vae_fp32 or not lowp or full else b_w
+    b_frozen = 2 if lowp else 4  # frozen parts are held in the compute dtype (LoRA and full fine-tune alike)
+    b_w = 2 if lowp and (not full or opts.full_bf16) else 4  # the denoiser: trained in fp32 unless full_bf16
+    b_te = 4 if full and opts.train_text_encoder and not opts.full_bf16 else b_frozen
+    b_vae = 4 if get_family(opts.family).vae_fp32 or not lowp else b_frozen
     s_opt = OPTIMIZER_STATE_BYTES.get(opts.optimizer, 8)
-    parts = {"denoiser weights": counts[denoiser] * b_w}
+    swapped = swapped_param_count(opts.family, denoiser, opts.blocks_to_swap) if opts.blocks_to_swap else 0
+    parts = {"denoiser weights": (counts[denoiser] - swapped) * b_w}
     host = device == "cpu"
-    parts["text encoders"] = 0 if opts.cache_text_embeddings and not host else sum(counts[n] for n in encoders) * b_w
+    parts["text encoders"] = 0 if opts.cache_text_embeddings and not host else sum(counts[n] for n in encoders) * b_te
     parts["vae"] = 0 if opts.cache_latents and not host else counts["vae"] * b_vae
-    if full:
-        parts["gradients + optimizer state"] = counts[denoiser] * (4 + s_opt)
+    if full:  # fused backward: one tensor's gradient at a time (the largest, ignored here)
+        b_grad = 0 if opts.fused_backward_pass else (2 if opts.full_bf16 else 4)
+        parts["gradients + optimizer state"] = counts[denoiser] * (b_grad + s_opt)
     else:
         lora = lora_param_count(opts.family, denoiser, opts.target_preset, opts.network_dim)
         parts["trainable parameters"] = lora * (4 + 4 + s_opt)
@@ -152,6 +162,7 @@ def fitting_switches(cfg, available_gib: float, resolved: dict | None = None) ->
              ("cache_latents on", dict(cache_latents=True)),
              ("cache_text_embeddings on", dict(cache_text_embeddings=True) if not opts.train_text_encoder else None),
              ("optimizer adamw8bit", dict(optimizer="adamw8bit") if opts.optimizer == "adamw" else None),
+             *memory_option_switches(cfg, opts),
              ("batch_size 1", dict(batch_size=1) if opts.batch_size > 1 else None),
              ("a lower resolution (768)", dict(resolution=768) if opts.resolution > 768 else None)]
     chosen = []
@@ -162,7 +173,23 @@ def fitting_switches(cfg, available_gib: float, resolved: dict | None = None) ->
         chosen.append(label)
         if estimate(opts).total_gib <= available_gib:
             return chosen
-    return chosen + ["nothing available here fits: fp8 base weights and block swap are not implemented yet"]
+    return chosen + ["nothing available here fits: fp8 base weights are not implemented yet"]
+
+
+def memory_option_switches(cfg, opts: MemoryOptions) -> list[tuple[str, dict | None]]:
+    """The memory options as fitting switches: bf16 weights and the fused backward pass for a full fine-tune, block
+    swap (half the blocks, then all but two) for a LoRA run; each only where the run can use it."""
+    from .families import get_family
+    from .full_size import ARCHITECTURES, build_meta
+    from .param_step import FUSED_OPTIMIZERS
+
+    if opts.network_type == "full":
+        return [("full_bf16 on", dict(full_bf16=True) if opts.precision == "bf16" else None),
+                ("fused_backward_pass on", dict(fused_backward_pass=True)
+                 if opts.optimizer in FUSED_OPTIMIZERS and cfg.training.gradient_accumulation_steps == 1 else None)]
+    count = len(get_family(opts.family).swappable_blocks(build_meta(opts.family, ARCHITECTURES[opts.family][0][0])))
+    return [(f"blocks_to_swap {n}", dict(blocks_to_swap=n) if n > opts.blocks_to_swap else None)
+            for n in sorted({count // 2, count - 2}) if n > 0]
 
 
 def device_memory_gib() -> tuple[float, float] | None:
@@ -213,6 +240,18 @@ def lora_param_count(family: str, component: str, preset: str, rank: int) -> int
             k = sub.kernel_size[0] * sub.kernel_size[1]
             total += rank * (sub.in_channels * k + sub.out_channels)
     return total
+
+
+@functools.lru_cache(maxsize=None)
+def swapped_param_count(family: str, component: str, blocks_to_swap: int) -> int:
+    """Denoiser parameters off the device with ``blocks_to_swap`` (trainer.block_swap): the last N blocks, less the
+    two largest of them (the running block and the prefetched next one are on the device)."""
+    from .families import get_family
+    from .full_size import build_meta
+
+    blocks = get_family(family).swappable_blocks(build_meta(family, component))[-blocks_to_swap:]
+    sizes = sorted((sum(p.numel() for p in block.parameters()) for block in blocks), reverse=True)
+    return sum(sizes[2:])
 
 
 @functools.lru_cache(maxsize=None)

@@ -123,13 +123,20 @@ OPTIMIZER_FACTORIES: dict[str, Callable] = {
 }
 
 
-def build_optimizer(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
+def build_optimizer(groups: list[dict], cfg: OptimConfig, memory_lean: bool = False) -> torch.optim.Optimizer:
+    """The configured optimizer over ``groups``. AdamW's implementation (fused / foreach) is chosen for memory
+    (:func:`trainer.memory_options.adamw_memory_args`; ``memory_lean`` runs avoid foreach's temporaries) unless
+    optimizer_args name it."""
     try:
         factory = OPTIMIZER_FACTORIES[cfg.optimizer]
     except KeyError:
         raise ConfigError(f"optim.optimizer {cfg.optimizer!r} is not one of {', '.join(OPTIMIZER_FACTORIES)}") from None
     extra = parse_optimizer_args(cfg.optimizer_args)
     clean = [{k: v for k, v in g.items() if k != "name"} for g in groups]
+    if cfg.optimizer == "adamw":
+        from .memory_options import adamw_memory_args
+
+        extra = {**adamw_memory_args(clean, memory_lean), **extra}
     try:
         return factory(clean, cfg, extra)
     except TypeError as exc:  # an unknown optimizer_args key

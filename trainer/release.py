@@ -37,6 +37,9 @@ def release_run(trainer: Any) -> None:
     prefetch = state.get("prefetch")
     if prefetch is not None:
         prefetch.close()
+    block_swap = state.get("block_swap")
+    if block_swap is not None:
+        block_swap.remove()  # its hooks refer to the trainer's mover; the caller may keep the model
     for comps in (state.get("comps"), state.get("train_comps")):
         if comps is not None:
             for module in (comps.denoiser, comps.vae, *comps.text_encoders):

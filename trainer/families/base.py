@@ -157,6 +157,18 @@ class ModelFamily(ABC):
 
     # kohya's block layout (trainer.families.kohya_blocks) for block-wise LR/dims; None = not supported.
     block_layout: Any = None
+    # The denoiser's attributes holding its blocks, in running order (training.blocks_to_swap; trainer.block_swap).
+    swap_block_attributes: tuple[str, ...] = ()
+
+    def swappable_blocks(self, denoiser: Any) -> list[Any]:
+        """The denoiser's blocks in the order they run (block swap moves the last N of them)."""
+        blocks: list[Any] = []
+        for name in self.swap_block_attributes:
+            part = getattr(denoiser, name, None)
+            if part is not None:
+                blocks.extend(part if isinstance(part, (list, tuple)) or type(part).__name__ == "ModuleList"
+                              else [part])
+        return blocks
 
     def block_index(self, component: str, module_name: str) -> int | None:
         """The kohya block index of a denoiser module (into ``block_dims``), for block-wise LR/dims."""

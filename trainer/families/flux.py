@@ -146,6 +146,7 @@ class FluxFamily(FlowFamily):
     guidance_distilled = True
 
     name = "flux"
+    swap_block_attributes = ("transformer_blocks", "single_transformer_blocks")  # training.blocks_to_swap, in running order
     gradient_checkpointing_default = True  # 1024 px activations dominate memory (trainer.defaults)
     title = "Flux"
     encoders = (EncoderSpec("text_encoder", "clip_l"), EncoderSpec("text_encoder_2", "t5xxl"))

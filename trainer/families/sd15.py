@@ -72,6 +72,7 @@ class StableDiffusionFamily(ModelFamily):
 
     name = "sd15"
     title = "SD1.5"
+    swap_block_attributes = ("down_blocks", "mid_block", "up_blocks")  # training.blocks_to_swap, in running order
     default_prediction = "epsilon"
     vae_scale_factor = 8
     latent_channels = 4

@@ -86,6 +86,7 @@ class SD3Family(FlowFamily):
     honoured_settings = frozenset({"clip_skip", "max_token_length", "t5xxl_max_token_length"})
 
     name = "sd3"
+    swap_block_attributes = ("transformer_blocks",)  # training.blocks_to_swap, in running order
     gradient_checkpointing_default = True  # 1024 px activations dominate memory (trainer.defaults)
     title = "SD3"
     encoders = (EncoderSpec("text_encoder", "clip_l"), EncoderSpec("text_encoder_2", "clip_g"),

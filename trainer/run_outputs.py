@@ -1,0 +1,125 @@
+"""What a run leaves behind: checkpoints (with validation loss), pruning to the checkpoint limit, the resumable
+state, ``run.json`` and preview samples.
+
+:class:`RunOutputs` is one part of :class:`trainer.loop.Trainer`.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+
+import torch
+
+from .callbacks import SampleInfo
+from .checkpoints import checkpoint_metadata, write_checkpoint
+from .fileio import atomic_write, atomic_write_json
+from .plots import save_loss_curve
+from .run_record import RunRecord
+from .state import save_state
+from .validation import validation_summary
+
+log = logging.getLogger("crucible")
+
+
+class RunOutputs:
+    """Checkpoints, state, manifest and samples (part of :class:`trainer.loop.Trainer`)."""
+
+    def _save(self, step: int, epoch: int, final: bool) -> None:
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            with self._ema_weights(), self._encoders_on_device(), self.acc.autocast():  # encoders may be offloaded
+                validation = self.validator.evaluate()
+                loss = self.losses[-1] if self.losses else None
+                meta = checkpoint_metadata(self.cfg, self.source, run_name=self.run_name, step=step, epoch=epoch,
+                                           started_at=self.started_at, loss=loss, validation=validation)
+                info = write_checkpoint(self.family, self.comps, self.net, self.cfg.save, self.run_dir,
+                                        self.run_name, step, epoch, meta, loss=loss, final=final,
+                                        validation=validation)
+            self.checkpoints.append(info)
+            self._prune()
+            if self.cfg.save.save_state:
+                self._save_state(step, epoch)
+            self._write_manifest("running")
+            save_loss_curve(self.work_dir / "loss_curve.png", self.losses, self.checkpoints)
+            self.callbacks.on_checkpoint(info)
+        self.acc.wait_for_everyone()
+
+    @contextlib.contextmanager
+    def _ema_weights(self):
+        if self.ema is None:
+            yield
+            return
+        params = self.net.parameters()
+        self.ema.store(params)
+        self.ema.copy_to(params)
+        try:
+            yield
+        finally:
+            self.ema.restore(params)
+
+    def _save_state(self, step: int, epoch: int) -> None:
+        payload = {
+            "network": self.net.state_dicts(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else {},
+            "losses": list(self.losses),
+            "scaler": self.acc.scaler.state_dict() if self.acc.scaler is not None else {},  # fp16: resume exact
+        }
+        save_state(self.state_dir, step=step, epoch=epoch, payload=payload, cfg=self.cfg,
+                   data_fingerprint=self.source.fingerprint(), extra={"run_name": self.run_name})
+
+    def _prune(self) -> None:
+        limit = self.cfg.save.checkpoint_limit
+        if limit <= 0 or len(self.checkpoints) <= limit:
+            return
+        keep_last = self.checkpoints[-1]
+        older = self.checkpoints[:-1]
+        single_dir = Path(self.cfg.save.single_file_dir) / self.run_name if self.cfg.save.single_file_dir else None
+        while len(older) + 1 > limit and older:
+            victim = older.pop(0)
+            for path in (victim.path, single_dir / victim.path.name if single_dir else None):
+                if path is not None:
+                    with contextlib.suppress(FileNotFoundError):
+                        path.unlink()
+            log.info("checkpoint limit %d: removed %s", limit, victim.path.name)
+        self.checkpoints = older + [keep_last]
+
+    def _write_manifest(self, status: str) -> RunRecord | None:
+        if not self.acc.is_main_process:
+            return None
+        record = RunRecord(self.run_name, self.family.name, "full" if self.net.is_full else "lora", status,
+                           self.run_dir, self.work_dir, list(self.checkpoints),
+                           validation_summary(self.validator, self.checkpoints), list(self.losses),
+                           self.plan.to_dict(), self.resolved,
+                           [{"step": s.step, "paths": [str(p) for p in s.paths]} for s in self.samples])
+        record.write()
+        return record
+
+    def _sample(self, step: int, epoch: int) -> None:
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            s = self.cfg.sample
+            res = self.cfg.dataset.resolution
+            modules = list(self.net.modules.values())
+            modes = [m.training for m in modules]
+            for m in modules:
+                m.eval()
+            try:
+                with torch.no_grad(), self._ema_weights(), self.acc.autocast(), self._encoders_on_device():
+                    images = self.family.sample(self.comps, s.prompts, seed=s.seed, steps=s.steps, cfg=s.cfg,
+                                                width=s.width or res, height=s.height or res,
+                                                negative_prompt=s.negative_prompt, guidance=s.guidance)
+            finally:
+                for m, mode in zip(modules, modes):
+                    m.train(mode)
+            paths = []
+            for i, image in enumerate(images):
+                path = self.work_dir / "samples" / f"{self.run_name}-s{step:06d}-p{i}.png"
+                atomic_write(path, lambda tmp, im=image: im.save(tmp, format="PNG"))
+                paths.append(path)
+            info = SampleInfo(step, epoch, tuple(s.prompts), tuple(images), tuple(paths))
+            self.samples.append(info)
+            self.callbacks.on_sample(info)
+        self.acc.wait_for_everyone()

@@ -1,0 +1,231 @@
+"""Setting a run up: the accelerator, the model in its training dtypes, the adapter, optimizer and objective, the
+caches filled before step 1 and the encoders they replace moved off the device.
+
+:class:`RunSetup` is one part of :class:`trainer.loop.Trainer`; it writes the attributes the step
+(:mod:`trainer.train_step`) and the outputs (:mod:`trainer.run_outputs`) read.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+
+import torch
+
+from .block_swap import attach_block_swap, place_resident
+from .errors import CrucibleError
+from .families import Components
+from .families.objectives import make_objective
+from .network import Network, attach_network, param_groups
+from .memory_options import check_run_memory_options, memory_lean, trained_weight_dtype
+from .optim import build_optimizer, build_scheduler
+from .quantized import apply_fp8_base, cast_frozen, fp8_loading
+from .param_step import FusedBackward, keep_float32_state_on_load
+from .prefetch import BatchPrefetcher
+from .train_step import rounding_generator
+
+log = logging.getLogger("crucible")
+
+DTYPES = {"fp32": torch.float32, "no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def make_accelerator(mixed_precision: str, find_unused_parameters: bool = False):
+    """An ``accelerate.Accelerator`` for this run; outside ``accelerate launch`` its global state is reset so a
+    long-lived process (ComfyUI) can run trainings with different precisions one after another.
+    ``find_unused_parameters``: DDP accepts parameters without a gradient (text encoders: the layers after the
+    clip-skip layer are never used)."""
+    from accelerate import Accelerator, DistributedDataParallelKwargs
+    from accelerate.state import AcceleratorState
+
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if not launched:
+        AcceleratorState._reset_state(True)
+    if mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise CrucibleError("training.mixed_precision 'fp16' needs a CUDA GPU (it uses a gradient scaler); "
+                            "on the CPU choose 'auto', 'bf16' or 'no'")
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if find_unused_parameters else []
+    return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available(), kwargs_handlers=handlers)
+
+
+def offload_module(module) -> None:
+    """Move a module the run no longer needs on the training device to host memory (and give CUDA its blocks)."""
+    module.to("cpu")
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def use_attention(comps: Components, mode: str) -> None:
+    """``sdpa``: diffusers' default processors already call torch's scaled_dot_product_attention. ``xformers``:
+    memory-efficient attention from the optional xformers package (CUDA builds)."""
+    if mode == "xformers":
+        from .errors import require
+
+        require("xformers", "xformers", "model.attention 'xformers'")
+        comps.denoiser.enable_xformers_memory_efficient_attention()
+
+
+class RunSetup:
+    """Builds the run's models, adapter, optimizer, objective and caches (part of :class:`trainer.loop.Trainer`)."""
+
+    def _setup(self, components: Components | None):
+        from .defaults import resolved_settings
+        from .plan import compute_plan
+        from .validation import training_source
+
+        cfg = self.cfg
+        self.resolved = resolved_settings(cfg)  # "auto" precision / checkpointing, recorded in run.json
+        precision = self.resolved["mixed_precision"]
+        self.acc = make_accelerator(precision, cfg.network.train_text_encoder)
+        self.source = training_source(cfg)
+        self.plan = compute_plan(cfg, self.source, num_processes=self.acc.num_processes)
+        for note in self.plan.notes:  # settings this model ignores: said, never silent
+            log.warning("%s", note)
+        check_run_memory_options(cfg, precision, self.acc.num_processes)
+        device = self.acc.device
+        # LoRA under mixed precision: frozen base weights load straight in the compute dtype (kohya/diffusers
+        # practice; a 12B Flux in fp32 would not fit), the trainable adapter stays fp32 (below). A full fine-tune
+        # keeps its frozen parts in the compute dtype too, and the trained ones in fp32 (bf16 with full_bf16).
+        full = cfg.network.network_type == "full"
+        lowp = precision != "no"
+        weight_dtype = DTYPES[precision] if lowp and not full else None
+        swap = cfg.training.blocks_to_swap
+        # fp8 base: quantized on the host while loading, then moved; block swap: swapped blocks never go whole
+        with fp8_loading(cfg.model.fp8_base):
+            comps = components or self.family.load(cfg.model, device="cpu" if swap or cfg.model.fp8_base else device,
+                                                   dtype=weight_dtype)
+        if cfg.model.fp8_base:
+            apply_fp8_base([comps.denoiser, *comps.text_encoders], weight_dtype or torch.float32)
+        if swap:  # the swapped blocks' weights never go to the device whole (trainer.block_swap)
+            swapped = self.family.swappable_blocks(comps.denoiser)[-swap:]
+            place_resident(comps.denoiser, device, swapped)
+            for module in [comps.vae, *comps.text_encoders]:
+                if module is not None:
+                    module.to(device)
+        else:
+            comps.to(device=device)
+        if self.family.vae_fp32 and comps.vae is not None:
+            comps.vae.to(dtype=torch.float32)  # kohya no_half_vae: this VAE overflows to NaN in half precision
+        self.comps = comps
+        if lowp:
+            trained = {n for n, on in [(comps.denoiser_name, cfg.network.train_unet)]
+                       + [(n, cfg.network.train_text_encoder) for n in comps.text_encoder_names] if on} if full else ()
+            for name, module in comps.modules().items():
+                if module is None:
+                    continue
+                if name in trained:
+                    module.to(dtype=trained_weight_dtype(cfg))
+                else:  # T5's wo stays fp32 under fp16 (transformers' keep-in-fp32); fp8 weights stay fp8
+                    cast_frozen(module, DTYPES[precision])
+            if full and comps.vae is not None and not self.family.vae_fp32:
+                comps.vae.to(dtype=DTYPES[precision])  # a LoRA run loads it in the compute dtype already
+        self.family.configure_training(comps, cfg.training)
+        use_attention(comps, cfg.model.attention)
+        if cfg.network.network_type == "full" and cfg.network.train_text_encoder and not cfg.save.single_file_dir:
+            log.warning("network_type 'full' exports only the %s; the trained text encoder is kept in the training "
+                        "state only. Set save.single_file_dir to also save the whole model", comps.denoiser_name)
+        with torch.random.fork_rng(devices=[]):  # adapter init draws from the global RNG: seed it, leave it as it was
+            torch.manual_seed(cfg.training.seed)
+            self.net: Network = attach_network(self.family, comps, cfg.network)
+        self.block_swap = attach_block_swap(self.family, comps.denoiser, swap, device)
+        if cfg.network.network_type != "full":
+            from diffusers.training_utils import cast_training_params
+
+            cast_training_params(list(self.net.modules.values()), dtype=torch.float32)
+        if self.resolved["gradient_checkpointing"]:
+            self._enable_gradient_checkpointing()
+        self.optimizer = build_optimizer(param_groups(self.family, self.net, cfg.optim), cfg.optim, memory_lean(cfg))
+        self.params = self.net.parameters()  # after param_groups froze zero-LR blocks; walked once, used every step
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.plan)
+        prediction = cfg.model.prediction_type or self.family.default_prediction
+        self.objective = make_objective(prediction, comps.noise_scheduler, cfg.training,
+                                        shift_fn=lambda latents: self.family.flow_shift(comps, latents))
+        self.ema = None
+        if cfg.training.ema:
+            from diffusers.training_utils import EMAModel
+
+            self.ema = EMAModel(self.net.parameters(), decay=cfg.training.ema_decay)
+        self.max_token_length = max(d.captions.max_token_length for d in cfg.datasets)
+        self._setup_caches()
+        from .validation import Validator
+
+        self.validator = Validator.for_run(self) if self.acc.is_main_process else None
+        names = list(self.net.modules)
+        # with block swap, accelerate must not move the denoiser (its swapped blocks would land on the device whole)
+        placement = [n != comps.denoiser_name for n in names] + [True] if self.block_swap is not None else None
+        prepared = self.acc.prepare(*self.net.modules.values(), self.optimizer, device_placement=placement)
+        self.optimizer = prepared[-1]
+        wrapped = dict(zip(names, prepared[:-1]))
+        # Only the forward pass goes through the (possibly DDP-wrapped) modules.
+        self.train_comps = dataclasses.replace(
+            comps, denoiser=wrapped.get(comps.denoiser_name, comps.denoiser),
+            text_encoders=[wrapped.get(n, m) for n, m in zip(comps.text_encoder_names, comps.text_encoders)])
+        self.trains_text = any(n in wrapped for n in comps.text_encoder_names)
+        # bf16-stored trained weights and the fused backward pass step one tensor at a time (trainer.param_step)
+        self.bf16_weights = cfg.training.full_bf16
+        self.fused = None
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate's wrapper holds the optimizer
+        if self.bf16_weights:
+            keep_float32_state_on_load(inner)
+        if cfg.training.fused_backward_pass:
+            self.fused = FusedBackward(inner, self.params, cfg.optim.max_grad_norm,
+                                       lambda step, device: rounding_generator(cfg.training.seed, step, device))
+
+    def _setup_caches(self) -> None:
+        self.prefetch = BatchPrefetcher(self.source, enabled=not self.cfg.training.cache_latents)
+        from .cache import LatentCache, TextCache, model_identity
+
+        tr, comps = self.cfg.training, self.comps
+        self.latent_cache = self.text_cache = None
+        if tr.cache_latents:
+            folder = self.work_dir / "cache" / "latents" if tr.cache_latents_to_disk else None
+            vae_dtype = next(comps.vae.parameters()).dtype
+            # the VAE dtype is part of the key: latents encoded by a half-precision VAE are never reused in fp32
+            ident = f"{model_identity(self.cfg.model.path, self.cfg.model.vae_path)}|vae={vae_dtype}"
+            self.latent_cache = LatentCache(self.source, ident, folder)
+        trains_text = self.cfg.network.train_text_encoder
+        if tr.cache_text_embeddings and trains_text:
+            log.warning("cache_text_embeddings is ignored while a text encoder trains (its outputs change every step)")
+        elif tr.cache_text_embeddings:
+            def encode(texts: list[str], weights=None):
+                extra = {"weights": weights} if weights is not None else {}
+                with torch.no_grad(), self.acc.autocast():
+                    return self.family.encode_text(comps, texts, clip_skip=self.cfg.model.clip_skip,
+                                                   max_token_length=self.max_token_length, **extra)
+
+            self.text_cache = TextCache(self.source, tr.caption_variants, encode)
+
+    def _pre_encode(self) -> None:
+        """Cache, then free: fill the latent / text caches before step 1, then move the encoders they replace off
+        the training device (back on only while preview samples render). Caching is deterministic, so the losses
+        equal a run that fills its caches lazily, and a resumed run's."""
+        report = self.callbacks.on_prepare if self.acc.is_main_process else (lambda *a: None)
+        if self.latent_cache is not None:
+            self.latent_cache.fill(self._encode_pixels, lambda d, t: report(d, t, "caching latents"))
+            self.offloaded.append(self.comps.vae)
+        if self.text_cache is not None:
+            self.text_cache.fill(lambda d, t: report(d, t, "caching text embeddings"))
+            self.offloaded += [m for m in self.comps.text_encoders if m is not None]
+        for module in self.offloaded:
+            offload_module(module)
+
+    @contextlib.contextmanager
+    def _encoders_on_device(self):
+        """The offloaded encoders on the training device for the duration (preview samples)."""
+        for module in self.offloaded:
+            module.to(self.acc.device)
+        try:
+            yield
+        finally:
+            for module in self.offloaded:
+                offload_module(module)
+
+    def _enable_gradient_checkpointing(self) -> None:
+        for module in self.net.modules.values():
+            if hasattr(module, "enable_gradient_checkpointing"):
+                module.enable_gradient_checkpointing()
+            elif hasattr(module, "gradient_checkpointing_enable"):
+                # Non-reentrant: transformers 4.x defaults to reentrant checkpointing, which gives a LoRA injected with
+                # peft directly no gradient (the block inputs do not require grad), so the text encoder never learns.
+                module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                module.train()  # transformers checkpoints only in training mode (CLIP/T5 have no dropout to enable)
