@@ -122,27 +122,10 @@ def run_config_defaults() -> dict:
 
 @pytest.fixture(scope="module")
 def make_config(run_config_defaults):
-    """``make_config(model_dir, data, out, **sections)``: the config of a short LoRA run on a tiny model over the
-    images in ``data`` at 64 px (12 demo images: 3 steps of batch 4 per epoch), fp32 files so reloads compare
-    exactly, checkpoints under ``out/loras`` and run files under ``out/runs``. The module's
-    :func:`run_config_defaults`, then ``sections``, update the base section by section (``training={"epochs": 1}``
-    changes only the epochs)."""
-    from trainer.config import TrainConfig
+    """``make_config(model_dir, data, out, **sections)``: :func:`run_helpers.short_run_config` on top of the module's
+    :func:`run_config_defaults`."""
+    from functools import partial
 
-    def make(model_dir: Path, data: Path, out: Path, **sections) -> TrainConfig:
-        base = {
-            "model": {"family": "sd15", "path": str(model_dir)},
-            "datasets": [{"path": str(data), "resolution": 64, "repeats": 1,
-                          "captions": {"trigger_word": "crucible", "shuffle_caption": True, "keep_tokens": 1}}],
-            "network": {"network_dim": 4, "network_alpha": 4, "target_preset": "attn_mlp"},
-            "optim": {"learning_rate": 1e-2, "lr_scheduler": "constant"},
-            "training": {"batch_size": 4, "epochs": 8, "seed": 3},
-            "save": {"output_dir": str(out / "loras"), "work_dir": str(out / "runs"), "run_name": "t",
-                     "save_every_n_epochs": 4, "save_precision": "fp32"},
-        }
-        for layer in (run_config_defaults, sections):
-            for key, value in layer.items():
-                base[key] = {**base.get(key, {}), **value}
-        return TrainConfig.from_dict(base)
+    from run_helpers import short_run_config
 
-    return make
+    return partial(short_run_config, defaults=run_config_defaults)

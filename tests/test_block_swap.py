@@ -8,15 +8,29 @@ import torch
 from safetensors.torch import load_file
 
 import trainer.block_swap as block_swap
-from test_family_flux import _config as flux_config
-from test_family_flux import tiny  # noqa: F401 - the tiny Flux model fixture
-from test_sdxl_train import make_config as sdxl_config
-from test_sdxl_train import tiny_sdxl  # noqa: F401 - the tiny SDXL model fixture
+from functools import partial
+
+from run_helpers import SDXL_BOTH_ENCODERS, short_run_config
 from trainer.config import TrainConfig
 from trainer.families import get_family
 from trainer.loop import train
 
 pytestmark = pytest.mark.slow
+sdxl_config = partial(short_run_config, defaults=SDXL_BOTH_ENCODERS)
+
+
+def flux_config(tiny, data, out, steps: int, lr: float) -> TrainConfig:
+    """A short Flux LoRA run in fp32 (exact comparisons) on the tiny Flux's diffusers folder."""
+    return TrainConfig.from_dict({
+        "model": {"family": "flux", "path": str(tiny.folder)},
+        "datasets": [{"path": str(data), "resolution": 64, "repeats": 1}],
+        "network": {"network_dim": 4, "network_alpha": 4, "target_preset": "attn_mlp"},
+        "optim": {"learning_rate": lr, "lr_scheduler": "constant"},
+        "training": {"batch_size": 4, "max_train_steps": steps, "seed": 3, "mixed_precision": "no",
+                     "timestep_sampling": "logit_normal", "guidance_scale": 3.5},
+        "save": {"output_dir": str(out / "models"), "work_dir": str(out / "runs"), "run_name": "t",
+                 "save_every_n_epochs": 0, "save_every_n_steps": steps, "save_precision": "fp32"},
+    })
 
 
 class RecordingMover(block_swap.StreamMover):
@@ -54,7 +68,7 @@ def _assert_same(plain, swapped):
 
 
 @pytest.mark.parametrize("checkpointing", [True, False], ids=["checkpointed", "plain"])
-def test_sdxl_lora_with_block_swap_trains_exactly_as_without(tiny_sdxl, demo_dataset, tmp_path, checkpointing,  # noqa: F811
+def test_sdxl_lora_with_block_swap_trains_exactly_as_without(tiny_sdxl, demo_dataset, tmp_path, checkpointing,
                                                              monkeypatch):
     def config(out, swap):
         return sdxl_config(tiny_sdxl, demo_dataset, out, network={"train_text_encoder": False}, optim=SGD,
@@ -78,10 +92,10 @@ def test_sdxl_lora_with_block_swap_trains_exactly_as_without(tiny_sdxl, demo_dat
     assert placed == [("UNet2DConditionModel", False)]  # accelerate never moves the swapped blocks to the device
 
 
-def test_flux_lora_with_block_swap_trains_exactly_as_without(tiny, demo_dataset, tmp_path, monkeypatch):  # noqa: F811
+def test_flux_lora_with_block_swap_trains_exactly_as_without(tiny_flux, demo_dataset, tmp_path, monkeypatch):
     """The tiny Flux has one double and one single block: swapping 2 streams both kinds."""
     def config(out, swap):
-        data = flux_config(tiny, demo_dataset, out, {}, steps=3, lr=0.1).to_dict()
+        data = flux_config(tiny_flux, demo_dataset, out, steps=3, lr=0.1).to_dict()
         data["optim"].update(SGD)
         data["training"]["blocks_to_swap"] = swap
         return TrainConfig.from_dict(data)
@@ -92,7 +106,7 @@ def test_flux_lora_with_block_swap_trains_exactly_as_without(tiny, demo_dataset,
     _assert_same(plain, swapped)
 
 
-def test_swapped_weights_are_on_the_device_only_while_their_block_runs(tiny_sdxl, demo_dataset, tmp_path):  # noqa: F811
+def test_swapped_weights_are_on_the_device_only_while_their_block_runs(tiny_sdxl, demo_dataset, tmp_path):
     """At every block's forward and backward: that block's frozen weights are device copies, at most two swapped
     blocks are in (the running one and the prefetched next), and after the step every swapped weight is home."""
     family = get_family("sdxl")
@@ -150,7 +164,7 @@ def test_swapped_weights_are_on_the_device_only_while_their_block_runs(tiny_sdxl
     assert trained and all(p.grad is not None for p in trained)  # the adapter in the swapped blocks learned
 
 
-def test_more_blocks_than_the_denoiser_has_is_refused(tiny_sdxl, demo_dataset, tmp_path):  # noqa: F811
+def test_more_blocks_than_the_denoiser_has_is_refused(tiny_sdxl, demo_dataset, tmp_path):
     from trainer.errors import ConfigError
 
     cfg = sdxl_config(tiny_sdxl, demo_dataset, tmp_path, network={"train_text_encoder": False},

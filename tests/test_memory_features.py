@@ -8,7 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_train_options import make_config
+from functools import partial
+
+from run_helpers import ONE_EPOCH_EXACT, short_run_config
 from trainer.config import TrainConfig
 from trainer.errors import ConfigError, TrainingDivergedError
 from trainer.loop import train
@@ -16,6 +18,7 @@ from trainer.param_step import FusedBackward, step_parameter
 from trainer.stochastic_rounding import stochastic_round_to_bf16
 
 BF16_SPACING_AT_1 = 2.0 ** -7
+make_config = partial(short_run_config, defaults=ONE_EPOCH_EXACT)
 
 
 # --- stochastic rounding ---------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from trainer.config import TrainConfig
 from trainer.families import get_family
 from trainer.loop import train
-from run_helpers import StopAt
+from run_helpers import SDXL_BOTH_ENCODERS, StopAt
 
 pytestmark = pytest.mark.slow
 
@@ -22,15 +22,7 @@ PROMPTS = ["crucible, red circle", "blue square, crucible"]
 @pytest.fixture(scope="module")
 def run_config_defaults() -> dict:
     """SDXL with both text encoders trained; fp32 compute: exact comparisons."""
-    return {"model": {"family": "sdxl"}, "network": {"train_text_encoder": True},
-            "training": {"epochs": 3, "seed": 5, "mixed_precision": "no"}, "save": {"run_name": "xl", "save_every_n_epochs": 0}}
-
-
-@pytest.fixture(scope="module")
-def tiny_sdxl(tmp_path_factory) -> Path:
-    from trainer.tiny import build_tiny_pipeline
-
-    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "sdxl", family="sdxl", seed=1)
+    return SDXL_BOTH_ENCODERS
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,7 @@ from trainer.callbacks import Callbacks
 from trainer.config import ModelConfig, TrainConfig
 from trainer.families import get_family
 from trainer.loop import train
+from run_helpers import ONE_EPOCH_EXACT
 
 pytestmark = pytest.mark.slow
 
@@ -35,10 +36,8 @@ PROMPTS = ["crucible, red circle", "blue square, crucible"]
 
 @pytest.fixture(scope="module")
 def run_config_defaults() -> dict:
-    """A short run (3 steps of batch 4 over the 12 demo images). Validation off: these tests count batches and model
-    calls of training alone; fp32 compute: exact comparisons."""
-    return {"training": {"epochs": 1, "validation_split": 0.0, "mixed_precision": "no"},
-            "save": {"save_every_n_epochs": 0}}
+    """A short run (3 steps of batch 4 over the 12 demo images), validation off, fp32 compute."""
+    return ONE_EPOCH_EXACT
 
 
 def train_with_components(cfg: TrainConfig, callbacks: Callbacks | None = None):

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .errors import ConfigError
-from .families import FAMILY_NAMES
+from .families.registry import FAMILY_NAMES
 from .fileio import caption_suffix
 
 CONFIG_VERSION = 1

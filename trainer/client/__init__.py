@@ -26,7 +26,8 @@ from .cli import build_parser, main
 from .errors import (ComfyConnectionError, ComfyError, ComfyTimeoutError, ExecutionFailedError, PromptRejectedError,
                      WorkflowError)
 from .server import DEFAULT_SERVER, ComfyClient, parse_server
-from .sweep import SweepResult, compose_sweep, run_sweep
+from .sweep import compose_sweep, run_sweep
+from .sweep_result import SweepResult
 from .websocket import WsEvent, parse_ws_message
 from .workflow import (DEFAULT_LOADER_TITLE, LOADER_INPUTS, LoaderRef, find_loader, load_workflow,
                        positive_text_nodes, prepare_workflow, seed_nodes, validate_workflow)

@@ -22,7 +22,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
 
     from ..render import GridStyle
-    from .sweep import SweepResult
+    from .sweep_result import SweepResult
 
 DEFAULT_SERVER = "127.0.0.1:8188"
 

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from ..errors import ModelLoadError
 from ..run_record import CheckpointRecord, list_checkpoints
 from .errors import ComfyError
+from .sweep_result import SweepResult
 from .workflow import LoaderRef, find_loader, prepare_workflow, validate_workflow
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -22,33 +22,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from ..render import Composite, GridStyle
     from .server import ComfyClient
-
-
-@dataclass
-class SweepResult:
-    """What :func:`run_sweep` produced: the composite and, per checkpoint, its prompt id and images."""
-
-    composite: "Composite"
-    checkpoints: list[CheckpointRecord]
-    prompt_ids: list[str]
-    images: list[list["Image.Image"]]
-    loader: LoaderRef
-
-    @property
-    def best(self) -> CheckpointRecord | None:
-        """The checkpoint with the lowest validation loss (its metadata's ``crucible_val_loss``), if any has one."""
-        from ..sweep import best_index
-
-        index = best_index([c.val_loss for c in self.checkpoints])
-        return None if index is None else self.checkpoints[index]
-
-    def metadata(self, name_prefix: str = "") -> dict:
-        """JSON-able description for the PNG's text chunks."""
-        best = self.best
-        return {"loader": {"node_id": self.loader.node_id, "input": self.loader.input_name},
-                "checkpoints": [{"file": c.path.name, "step": c.step, "value": c.value(name_prefix), "prompt_id": p,
-                                 "val_loss": c.val_loss} for c, p in zip(self.checkpoints, self.prompt_ids)],
-                "best": best.path.name if best is not None else None}
 
 
 def run_sweep(client: "ComfyClient", workflow: Mapping[str, Any],

@@ -2,7 +2,8 @@
 
 This registry is the only place that lists the families: everything else (the config's choices, the node
 dropdowns, the exporter's names, single-file detection) asks it. Adding a family is one module here that defines
-``FAMILY`` (a :class:`ModelFamily` whose class attributes hold the family's facts) plus its name below.
+``FAMILY`` (a :class:`ModelFamily` whose class attributes hold the family's facts) plus its name in
+:mod:`trainer.families.registry`.
 """
 from __future__ import annotations
 
@@ -11,10 +12,8 @@ from typing import Callable, Iterator
 
 from ..errors import ConfigError
 from .base import Components, Conditioning, EncoderSpec, ModelFamily
+from .registry import FAMILY_NAMES
 
-# The families, in the order menus show them; each is trainer/families/<name>.py defining FAMILY. Kept as plain
-# names so trainer.config can list the choices without importing a family module.
-FAMILY_NAMES: tuple[str, ...] = ("sd15", "sdxl", "sd3", "flux")
 _cache: dict[str, ModelFamily] = {}
 
 

@@ -31,7 +31,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
 
     from ..config import ModelConfig
-    from ..lora_keys import KeyStyle
 
 Conditioning = dict  # str -> torch.Tensor
 
@@ -88,8 +87,9 @@ class ModelFamily(ABC):
     title: str = ""  # the family's name in messages ("SDXL")
     denoiser_name: str = "unet"  # the denoiser's diffusers component name: unet | transformer
     encoders: tuple[EncoderSpec, ...] = ()  # text encoders, in pipeline order
-    # LoRA export: component -> key style (trainer.lora_keys) and component -> preset -> peft target_modules
-    key_styles: Mapping[str, "KeyStyle"] = {}
+    # LoRA export: component -> key style (a trainer.lora_keys.KeyStyle; not imported here, as lora_keys reads the
+    # family: no cycle) and component -> preset -> peft target_modules
+    key_styles: Mapping[str, Any] = {}
     lora_targets: Mapping[str, Mapping[str, tuple[str, ...]]] = {}
     # metadata written into exports (kohya ss_base_model_version, modelspec architecture / implementation)
     base_model_version: str = ""
