@@ -14,7 +14,8 @@ from .callbacks import Callbacks, CheckpointInfo, SampleInfo, StepInfo, format_s
 from .config import (ATTENTION, CROP_ASPECTS, CROP_STYLES, FAMILIES, LOSS_WEIGHTING, MISSING_CAPTION, MIXED_PRECISION,
                      NETWORK_TYPES, OPTIMIZERS, PREDICTION_TYPES, SAVE_PRECISION, SCHEDULERS, TARGET_PRESETS,
                      TIMESTEP_SAMPLING, CaptionConfig, DatasetConfig, ModelConfig, NetworkConfig, OptimConfig,
-                     SampleConfig, SaveConfig, TrainConfig, TrainingConfig, validate)
+                     SampleConfig, SaveConfig, TrainConfig, TrainingConfig)
+from .config_checks import validate
 from .errors import ConfigError, CrucibleError, DatasetError, UnsafePathError, console_safe
 from .fileio import ALLOWED_DIRS_ENV, ReadPolicy, check_path_text, ensure_inside, read_policy, safe_name, shown
 from .run_paths import RunPaths, run_paths
