@@ -49,3 +49,12 @@ def test_importing_trainer_is_light():
             "print(','.join(heavy))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "", f"importing the trainer's light modules pulled in {out.stdout.strip()}"
+
+
+MAX_MODULE_LINES = 500  # issue 14: a module a reader can hold in mind; split along a seam before growing past it
+
+
+def test_no_module_in_trainer_or_nodes_is_over_500_lines():
+    long = {p.relative_to(ROOT).as_posix(): n for p in [*(ROOT / "trainer").rglob("*.py"), *(ROOT / "nodes").rglob("*.py")]
+            if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_MODULE_LINES}
+    assert not long, f"split these modules along a seam (more than {MAX_MODULE_LINES} lines): {long}"
