@@ -21,10 +21,7 @@ def test_two_processes_agree_and_only_rank0_writes(tiny_sd15, demo_dataset, tmp_
            "network": {"network_dim": 4, "network_alpha": 4},
            "training": {"batch_size": 2, "epochs": 1, "seed": 1},
            "save": {"output_dir": str(tmp_path / "out"), "run_name": "mp", "save_every_n_epochs": 1}}
-    output = launch_two_processes(tmp_path, cfg)
-    digests = dict(re.findall(r"rank (\d+) trained weights sha256 (\w+)", output))
-    assert set(digests) == {"0", "1"}, output[-3000:]
-    assert digests["0"] == digests["1"]
+    assert_ranks_agree(launch_two_processes(tmp_path, cfg))
     files = sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*") if p.is_file())
     # 11 images (1 held out for validation) / batch 2 = 6 batches, 3 per process → 3 optimizer steps; one
     # checkpoint, written once
@@ -46,11 +43,15 @@ def test_two_processes_train_sdxl_text_encoders(demo_dataset, tmp_path):
            "training": {"batch_size": 2, "epochs": 1, "seed": 1, "max_train_steps": 3},
            "save": {"output_dir": str(tmp_path / "out"), "run_name": "xl", "save_every_n_epochs": 0,
                     "save_state": False}}
-    output = launch_two_processes(tmp_path, cfg)
-    digests = dict(re.findall(r"rank (\d+) trained weights sha256 (\w+)", output))
-    assert set(digests) == {"0", "1"} and digests["0"] == digests["1"], output[-3000:]
+    assert_ranks_agree(launch_two_processes(tmp_path, cfg))
     manifest = json.loads((tmp_path / "out" / "xl" / "run.json").read_text())
     assert len(manifest["losses"]) == 3
+
+
+def assert_ranks_agree(output: str) -> None:
+    """Both ranks logged the digest of their trained weights (``-v``), and the two are equal."""
+    digests = dict(re.findall(r"rank (\d+) trained weights sha256 (\w+)", output))
+    assert set(digests) == {"0", "1"} and digests["0"] == digests["1"], output[-3000:]
 
 
 def launch_two_processes(folder: Path, cfg: dict) -> str:

@@ -65,41 +65,29 @@ class StreamMover:
         return copies
 
 
-class _BlockEnd(torch.autograd.Function):
-    """Identity on a block's inputs; its backward runs when the block's whole backward is done."""
+class _BlockBoundary(torch.autograd.Function):
+    """Identity on tensors; its backward calls ``on_backward(index)``. Around a block's inputs it runs when the block's
+    whole backward is done; around its outputs, just before the block's backward starts."""
 
     @staticmethod
-    def forward(ctx, swap, index, *tensors):
-        ctx.swap, ctx.index = swap, index
+    def forward(ctx, on_backward, index, *tensors):
+        ctx.on_backward, ctx.index = on_backward, index
         return tuple(t.view_as(t) for t in tensors)
 
     @staticmethod
     def backward(ctx, *grads):
-        ctx.swap._backward_done(ctx.index)
+        ctx.on_backward(ctx.index)
         return (None, None, *grads)
 
 
-class _BlockStart(torch.autograd.Function):
-    """Identity on a block's outputs; its backward runs just before the block's backward."""
-
-    @staticmethod
-    def forward(ctx, swap, index, *tensors):
-        ctx.swap, ctx.index = swap, index
-        return tuple(t.view_as(t) for t in tensors)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        ctx.swap._backward_starts(ctx.index)
-        return (None, None, *grads)
-
-
-def _through(function, swap, index, tree):
-    """``tree`` with every tensor that needs a gradient passed through ``function`` (an identity)."""
+def _through(on_backward, index, tree):
+    """``tree`` with every tensor that needs a gradient passed through a :class:`_BlockBoundary` calling
+    ``on_backward(index)``."""
     leaves, spec = tree_flatten(tree)
     picked = [i for i, leaf in enumerate(leaves) if torch.is_tensor(leaf) and leaf.requires_grad]
     if not picked:
         return tree, False
-    passed = function.apply(swap, index, *[leaves[i] for i in picked])
+    passed = _BlockBoundary.apply(on_backward, index, *[leaves[i] for i in picked])
     for i, tensor in zip(picked, passed):
         leaves[i] = tensor
     return tree_unflatten(leaves, spec), True
@@ -169,7 +157,7 @@ class BlockSwap:
                 self._prefetch(following)
             if not torch.is_grad_enabled() or index not in self.hosts:
                 return None
-            (args, kwargs), wrapped = _through(_BlockEnd, self, index, (args, kwargs))
+            (args, kwargs), wrapped = _through(self._backward_done, index, (args, kwargs))
             return (args, kwargs) if wrapped else None
         return hook
 
@@ -178,7 +166,7 @@ class BlockSwap:
             if index not in self.hosts or index in self.in_backward:
                 return None  # a checkpointed block recomputed inside its backward stays in
             if torch.is_grad_enabled():
-                output, _ = _through(_BlockStart, self, index, output)
+                output, _ = _through(self._backward_starts, index, output)
             self._send_out(index)
             return output
         return hook
