@@ -88,7 +88,7 @@ def config_value(cfg, name: str, default=None):
     if path is None:
         return default
     section, key = path.split(".")
-    return getattr(getattr(cfg, section), key)
+    return getattr(getattr(cfg, section), key, default)
 
 
 @dataclass(frozen=True)
