@@ -261,7 +261,8 @@ shutil.move(folder.parent / "crucible_tiny_sd15_tokenizer", dest / "crucible_tin
 # The smallest SD1.5 that ComfyUI's own Load Checkpoint detects and loads (uses ComfyUI's tokenizer).
 build_checkpoint comfy_sd15 crucible_comfy_sd15.safetensors "ComfyUI-loadable SD1.5 checkpoint" '
 import sys
-from trainer.tiny import build_comfy_sd15
+sys.path.insert(0, "tests")  # a test fixture, not part of the trainer package
+from comfy_sd15 import build_comfy_sd15
 build_comfy_sd15(sys.argv[1], seed=0, name="crucible_comfy_sd15")
 '
 { echo "{"; sep=""; for k in "${!RES[@]}"; do printf '%s "%s": %s\n' "$sep" "$k" "${RES[$k]}"; sep=","; done; echo "}"; } > "$RESOURCES"

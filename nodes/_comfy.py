@@ -13,9 +13,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from trainer.callbacks import Callbacks, CheckpointInfo, SampleInfo, StepInfo
-from trainer.errors import CrucibleError
-from trainer.fileio import ALLOWED_DIRS_ENV, ReadPolicy, check_path_text, ensure_inside, shown
+from ..trainer import (ALLOWED_DIRS_ENV, Callbacks, CheckpointInfo, CrucibleError, ReadPolicy, SampleInfo, StepInfo,
+                       check_path_text, ensure_inside, shown)
 
 SETTINGS_FILE = "crucible_settings.json"
 CHECKPOINT_KINDS = ("loras", "diffusion_models", "checkpoints")  # where a run's checkpoints may be loaded from
@@ -314,8 +313,7 @@ class ComfyProgress(Callbacks):
         self._update(done, total)
 
     def on_step(self, info: StepInfo) -> None:
-        from trainer.callbacks import format_seconds
-        from trainer.plots import loss_curve
+        from ..trainer import format_seconds, loss_curve
 
         self.losses.append(info.loss)
         preview = None
@@ -347,7 +345,7 @@ class ComfyProgress(Callbacks):
 
     def raise_interrupt(self) -> None:
         """Raise ComfyUI's interrupt exception, so the prompt ends as interrupted (nothing downstream runs)."""
-        from trainer.release import forget_frames
+        from ..trainer import forget_frames
 
         if self.interrupt is not None:
             exc, self.interrupt = self.interrupt, None

@@ -20,9 +20,8 @@ import functools
 import unicodedata
 from typing import Any
 
-from trainer.config import CaptionConfig, DatasetConfig, ModelConfig, NetworkConfig, OptimConfig, TrainingConfig
-from trainer.errors import CrucibleError, console_safe
-from trainer.fileio import read_policy
+from ..trainer import (CaptionConfig, CrucibleError, DatasetConfig, ModelConfig, NetworkConfig, OptimConfig,
+                       TrainingConfig, console_safe, read_policy)
 
 from . import _comfy
 
@@ -36,9 +35,20 @@ RUN = "CRUCIBLE_RUN"
 
 
 class RunRecord(dict):
-    """Crucible Train's ``run`` output: run_dir, work_dir, family, kind and the checkpoints (path, name, step,
-    epoch, loss). A dict (so workflows and scripts read it as before), but its own type: a plain dict from a
-    ``/prompt`` request is not a run."""
+    """Crucible Train's ``run`` output: the run's :class:`trainer.run_record.RunRecord` in its dict form (what
+    ``run.json`` holds: run_dir, work_dir, family, kind, status, the checkpoints with path, step, epoch, loss,
+    val_loss, ...), each checkpoint also ``name``d as ComfyUI's loader lists it. A dict (so workflows and scripts
+    read it as before), but its own type: a plain dict from a ``/prompt`` request is not a run."""
+
+    @classmethod
+    def of(cls, record: Any, names: list[str]) -> "RunRecord":
+        """The socket value of a finished run: ``record.to_dict()`` with the loader names of its checkpoints."""
+        data = record.to_dict()
+        if len(names) != len(data["checkpoints"]):
+            raise ValueError("RunRecord.of: one loader name per checkpoint")
+        for entry, name in zip(data["checkpoints"], names):
+            entry["name"] = name
+        return cls(data)
 
 
 def _dataset_ok(value: Any) -> bool:

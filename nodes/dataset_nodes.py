@@ -1,47 +1,42 @@
 """Dataset nodes: load a folder, caption options, caption preview, step plan."""
 from __future__ import annotations
 
-from trainer.config import (CROP_ASPECTS, CROP_STYLES, MISSING_CAPTION, CaptionConfig, DatasetConfig, NetworkConfig,
-                            OptimConfig, TrainConfig, TrainingConfig, validate)
-
-from trainer.errors import CrucibleError
-
+from ..trainer import (CROP_ASPECTS, CROP_STYLES, MISSING_CAPTION, CaptionConfig, DatasetConfig, NetworkConfig,
+                       OptimConfig, TrainConfig, TrainingConfig, validate)
 from . import _comfy
 from ._sockets import CAPTIONS, DATASET, MODEL, NETWORK, OPTIM, TRAINING
+from .lists import lines, split_list
+from .options import Choice, Flag, Float, Int, OptionNode, Text
 from .widgets import BOOL, FLOAT, INT, SEED, STRING, combo, text_result
 
 
-class CrucibleCaptionOptions:
+class CrucibleCaptionOptions(OptionNode):
     """How captions are rewritten each epoch (kohya / SimpleTuner / SeaArt vocabulary)."""
 
+    CONFIG = CaptionConfig
     CATEGORY = "Crucible/dataset"
     RETURN_TYPES = (CAPTIONS,)
     RETURN_NAMES = ("captions",)
-    FUNCTION = "build"
     DESCRIPTION = "Caption rules: trigger word, tag removal, keep-N shuffle, dropout."
+    WIDGETS = {
+        "trigger_word": Text("Prepended to every caption and never shuffled or dropped (kohya class token / SeaArt trigger word). Several: comma-separated."),
+        "keep_tokens": Int(0, 64, "kohya keep_tokens: the first N tags stay in place when shuffling and are never dropped."),
+        "shuffle_caption": Flag("kohya shuffle_caption: shuffle the tags after the kept ones, differently each epoch."),
+        "separator": Text("kohya caption_separator: what separates tags."),
+        "split_on_period": Flag("A period ending a sentence also separates tags — only when shuffle_caption, keep_tokens or caption_tag_dropout_rate needs tags. With no caption option on, captions reach the model exactly as written (kohya, SimpleTuner)."),
+        "keep_tokens_separator": Text("kohya keep_tokens_separator (e.g. |||): tags before it are kept fixed instead of counting keep_tokens."),
+        "caption_dropout_rate": Float(0.0, 1.0, 0.01, "kohya caption_dropout_rate: chance that a whole caption becomes empty (SD3 recipe: 0.25)."),
+        "caption_tag_dropout_rate": Float(0.0, 1.0, 0.01, "kohya caption_tag_dropout_rate: chance to drop each non-kept tag."),
+        "remove_tags": Text("Tags removed from every caption (one per line or comma-separated) — the SeaArt flow of deleting traits you want bound to the trigger word.", multiline=True, parse=split_list),
+        "remove_tags_regex": Text("Tags that fully match this regular expression are removed."),
+        "replace_tags": Text("old=new per line: tag replacement.", multiline=True, parse=lines),
+        "weighted_captions": Flag("kohya weighted_captions: parse (tag:1.2) into token weights; when off the weight syntax is stripped."),
+        "max_token_length": Choice(["75", "150", "225"], "kohya max_token_length: longer captions are split into 75-token CLIP chunks.", parse=int),
+        "caption_dropout_every_n_epochs": Int(0, 10000, "kohya caption_dropout_every_n_epochs: every Nth epoch trains with all captions dropped (0 = off)."),
+    }
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "trigger_word": STRING("", "Prepended to every caption and never shuffled or dropped (kohya class token / SeaArt trigger word). Several: comma-separated."),
-            "keep_tokens": INT(0, 0, 64, "kohya keep_tokens: the first N tags stay in place when shuffling and are never dropped."),
-            "shuffle_caption": BOOL(False, "kohya shuffle_caption: shuffle the tags after the kept ones, differently each epoch."),
-            "separator": STRING(",", "kohya caption_separator: what separates tags."),
-            "split_on_period": BOOL(True, "A period ending a sentence also separates tags — only when shuffle_caption, keep_tokens or caption_tag_dropout_rate needs tags. With no caption option on, captions reach the model exactly as written (kohya, SimpleTuner)."),
-            "keep_tokens_separator": STRING("", "kohya keep_tokens_separator (e.g. |||): tags before it are kept fixed instead of counting keep_tokens."),
-            "caption_dropout_rate": FLOAT(0.0, 0.0, 1.0, 0.01, "kohya caption_dropout_rate: chance that a whole caption becomes empty (SD3 recipe: 0.25)."),
-            "caption_tag_dropout_rate": FLOAT(0.0, 0.0, 1.0, 0.01, "kohya caption_tag_dropout_rate: chance to drop each non-kept tag."),
-            "remove_tags": STRING("", "Tags removed from every caption (one per line or comma-separated) — the SeaArt flow of deleting traits you want bound to the trigger word.", multiline=True),
-            "remove_tags_regex": STRING("", "Tags that fully match this regular expression are removed."),
-            "replace_tags": STRING("", "old=new per line: tag replacement.", multiline=True),
-            "weighted_captions": BOOL(False, "kohya weighted_captions: parse (tag:1.2) into token weights; when off the weight syntax is stripped."),
-            "max_token_length": combo(["75", "150", "225"], "75", "kohya max_token_length: longer captions are split into 75-token CLIP chunks."),
-            "caption_dropout_every_n_epochs": INT(0, 0, 10000, "kohya caption_dropout_every_n_epochs: every Nth epoch trains with all captions dropped (0 = off)."),
-        }}
-
-    def build(self, remove_tags, replace_tags, max_token_length, **fields):
-        captions = CaptionConfig(remove_tags=_lines(remove_tags), replace_tags=_lines(replace_tags, commas=False),
-                                 max_token_length=int(max_token_length), **fields)
+    def build(self, **values):
+        (captions,) = super().build(**values)
         validate(TrainConfig(datasets=(DatasetConfig(captions=captions),)))
         return (captions,)
 
@@ -84,7 +79,7 @@ class CrucibleDataset:
 
     @classmethod
     def IS_CHANGED(cls, path, caption_extension=".txt", **_):
-        from trainer.dataset import dataset_fingerprint
+        from ..trainer import dataset_fingerprint
 
         try:
             folder = _comfy.resolve_dataset_path(path)
@@ -94,7 +89,7 @@ class CrucibleDataset:
         return dataset_fingerprint([config])
 
     def load(self, path, captions=None, merge_with=None, **fields):
-        from trainer.dataset import scan_dataset
+        from ..trainer import scan_dataset
 
         folder = _comfy.resolve_dataset_path(path)
         if fields.get("mask_dir", "").strip():  # confined like the dataset itself
@@ -127,21 +122,9 @@ class CrucibleCaptionPreview:
         }}
 
     def preview(self, dataset, images, epochs, seed, training=None):
-        from trainer.dataset import DataSource
+        from ..trainer import caption_preview
 
-        source = DataSource(dataset, seed=seed)
-        indices = _indices(images, len(source.items))
-        if training is not None and training.cache_text_embeddings:
-            from trainer.cache import TextCache
-
-            cache = TextCache(source, training.caption_variants, encode=None)
-            lines = [f"#{i} epoch {e}: {cache.caption_for(i, e, 0) or '(caption dropped)'}"
-                     for i in indices for e in range(1, epochs + 1)]
-            text = f"(text cache: {training.caption_variants} variants per image)\n" + "\n".join(lines)
-            return text_result(text, (text,))
-        rows = source.caption_preview(indices, list(range(1, epochs + 1)))
-        text = "\n".join(f"#{r.item} epoch {r.epoch}: {r.caption if not r.dropped else '(caption dropped)'}"
-                         for r in rows)
+        text = caption_preview(dataset, images, epochs, seed, training).lines()
         return text_result(text, (text,))
 
 
@@ -178,8 +161,7 @@ class CrucibleStepPlan:
         }}
 
     def plan(self, dataset, model=None, network=None, optimizer=None, training=None, **f):
-        from trainer.plan import compute_plan
-        from trainer.validation import training_source
+        from ..trainer import compute_plan, training_source
 
         cfg = plan_config(dataset, f)
         source = training_source(cfg)  # held-out validation images are not counted
@@ -187,7 +169,7 @@ class CrucibleStepPlan:
         if model is not None:
             from dataclasses import replace
 
-            from trainer.memory import memory_report
+            from ..trainer import memory_report
 
             run = TrainConfig(model=model, datasets=tuple(dataset), network=network or NetworkConfig(),
                               optim=optimizer or OptimConfig(),
@@ -206,28 +188,6 @@ def plan_config(dataset, f: dict) -> TrainConfig:
         sample=dict(sample_every_n_epochs=f["sample_every_n_epochs"], sample_every_n_steps=f["sample_every_n_steps"]),
         optim=dict(lr_warmup_ratio=f["lr_warmup_ratio"]),
     )
-
-
-def _lines(text: str, commas: bool = True) -> tuple[str, ...]:
-    parts = []
-    for line in (text or "").splitlines():
-        parts.extend(line.split(",") if commas else [line])
-    return tuple(p.strip() for p in parts if p.strip())
-
-
-def _indices(spec: str, count: int) -> list[int]:
-    """``"0-3,7"`` → ``[0, 1, 2, 3, 7]``, keeping only indices below ``count`` (so ``0-999999999`` is cheap)."""
-    out: list[int] = []
-    for part in (spec or "").replace(" ", "").split(","):
-        if not part:
-            continue
-        lo, _, hi = part.partition("-")
-        try:
-            first, last = int(lo), int(hi if hi else lo)
-        except ValueError:
-            raise CrucibleError("Crucible Caption Preview: 'images' must be indices such as 0-3 or 0,5,9") from None
-        out.extend(range(max(first, 0), min(last, count - 1) + 1))
-    return out
 
 
 NODES = {"CrucibleDataset": CrucibleDataset, "CrucibleCaptionOptions": CrucibleCaptionOptions,

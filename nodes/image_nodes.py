@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import time
 
-from trainer.errors import CrucibleError
-from trainer.fileio import safe_name
+from ..trainer import CrucibleError, safe_name
 
 from . import _comfy
 from .widgets import BOOL, INT, STRING
@@ -38,7 +37,7 @@ class CrucibleImageGrid:
 
     def compose(self, images, title, font_size, padding, background, save, filename_prefix,
                 labels=None, columns=None, rows=None, row_labels=None):
-        from trainer.render import GridStyle, arrange, compose_grid, save_png
+        from ..trainer import GridStyle, arrange, compose_grid, save_png
 
         one = lambda v: v[0] if isinstance(v, list) else v  # noqa: E731 - scalar widgets arrive as 1-item lists
         pils = [im for batch in images for im in _comfy.image_to_pil(batch)]

@@ -4,13 +4,10 @@ list outputs, so the user's own CLIPTextEncode → KSampler → VAEDecode chain 
 """
 from __future__ import annotations
 
-import math
-
-from trainer.errors import CrucibleError
-from trainer.sweep import SweepItem, plan_sweep, select_checkpoints
-
+from ..trainer import CrucibleError, SweepItem, plan_sweep, read_checkpoint_info, select_checkpoints
 from . import _comfy
 from ._sockets import RUN, check_socket
+from .lists import lines, numbers
 from .widgets import BOOL, INT, STRING, combo
 
 FROM_RUN = "(from run input)"
@@ -70,8 +67,6 @@ def _checkpoints(folder: str, run) -> list[dict]:
             raise CrucibleError("Crucible Checkpoint Sweep: connect a run, or pick a folder of checkpoints")
         return _run_checkpoints(run)
     kind, _, name = folder.partition("/")
-    from trainer.sweep import read_checkpoint_info
-
     found = []
     for rel in _comfy.list_models(kind):
         if rel.startswith(name + "/") and rel.endswith(".safetensors"):
@@ -111,7 +106,7 @@ def _patched(model, clip, item: SweepItem, cache: dict):
 
 
 def _prompts(text: str) -> list[str]:
-    prompts = [p.strip() for p in (text or "").splitlines() if p.strip()]
+    prompts = list(lines(text))
     if not prompts:
         raise CrucibleError("Crucible Checkpoint Sweep: 'prompts' is empty; give at least one prompt (one per line)")
     return prompts
@@ -122,24 +117,11 @@ MAX_STRENGTH = 100.0
 
 
 def _ints(text: str, what: str) -> list[int]:
-    try:
-        values = [int(v) for v in (text or "").replace(";", ",").split(",") if v.strip()]
-    except ValueError:
-        raise CrucibleError(f"Crucible Checkpoint Sweep: '{what}' must be whole numbers separated by commas") from None
-    if any(not 0 <= v <= MAX_SEED for v in values):
-        raise CrucibleError(f"Crucible Checkpoint Sweep: '{what}' must be between 0 and {MAX_SEED}")
-    return values or [0]
+    return list(numbers(text, f"Crucible Checkpoint Sweep: '{what}'", whole=True, lo=0, hi=MAX_SEED)) or [0]
 
 
 def _float_list(text: str) -> list[float]:
-    try:
-        values = [float(v) for v in (text or "").replace(";", ",").split(",") if v.strip()]
-    except ValueError:
-        raise CrucibleError("Crucible Checkpoint Sweep: 'strengths' must be numbers separated by commas") from None
-    if any(not math.isfinite(v) or abs(v) > MAX_STRENGTH for v in values):
-        raise CrucibleError(f"Crucible Checkpoint Sweep: 'strengths' must be finite numbers between -{MAX_STRENGTH:g} "
-                            f"and {MAX_STRENGTH:g}")
-    return values or [1.0]
+    return list(numbers(text, "Crucible Checkpoint Sweep: 'strengths'", lo=-MAX_STRENGTH, hi=MAX_STRENGTH)) or [1.0]
 
 
 NODES = {"CrucibleCheckpointSweep": CrucibleCheckpointSweep}

@@ -1,10 +1,9 @@
 """Tagging node: images + caption strings from any tagger node (WD14 …) → a captioned dataset folder."""
 from __future__ import annotations
 
-from trainer.config import CaptionConfig
-
+from ..trainer import CaptionConfig
 from . import _comfy
-from .dataset_nodes import _lines
+from .lists import split_list
 from .widgets import BOOL, STRING, text_result
 
 
@@ -41,12 +40,12 @@ class CrucibleWriteCaptions:
         }}
 
     def write(self, images, captions, path, name_prefix, trigger_word, remove_tags, overwrite):
-        from trainer.tagging import write_captioned_images
+        from ..trainer import write_captioned_images
 
         folder = _comfy.resolve_dataset_path(_first(path, ""))
         pils = [pil for batch in images for pil in _comfy.image_to_pil(batch)]
         texts = [str(c) for c in captions]
-        cfg = CaptionConfig(trigger_word=_first(trigger_word, ""), remove_tags=_lines(_first(remove_tags, "")))
+        cfg = CaptionConfig(trigger_word=_first(trigger_word, ""), remove_tags=split_list(_first(remove_tags, "")))
         report = write_captioned_images(folder, pils, texts, prefix=_first(name_prefix, "image"), cfg=cfg,
                                         overwrite=bool(_first(overwrite, False)))
         text = report.format()

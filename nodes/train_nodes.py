@@ -5,18 +5,16 @@ input names equal config field names and the same settings work headless (``pyth
 """
 from __future__ import annotations
 
-from dataclasses import fields
 from pathlib import Path
 
-from trainer.config import (ATTENTION, FAMILIES, LOSS_WEIGHTING, MIXED_PRECISION, NETWORK_TYPES, OPTIMIZERS, PREDICTION_TYPES,
-                            SAVE_PRECISION, SCHEDULERS, TARGET_PRESETS, TIMESTEP_SAMPLING, ModelConfig,
-                            NetworkConfig, OptimConfig, SampleConfig, SaveConfig, TrainConfig, TrainingConfig)
-from trainer.errors import CrucibleError
-from trainer.fileio import safe_name, shown
-
+from ..trainer import (ATTENTION, FAMILIES, LOSS_WEIGHTING, MIXED_PRECISION, NETWORK_TYPES, OPTIMIZERS, PREDICTION_TYPES,
+                       SAVE_PRECISION, SCHEDULERS, TARGET_PRESETS, TIMESTEP_SAMPLING, CrucibleError, ModelConfig,
+                       NetworkConfig, OptimConfig, SampleConfig, SaveConfig, TrainConfig, TrainingConfig, all_families,
+                       run_paths, safe_name)
 from . import _comfy
 from ._sockets import DATASET, MODEL, NETWORK, OPTIM, RUN, TRAINING, RunRecord
-from .dataset_nodes import _lines
+from .lists import lines, numbers
+from .options import Choice, Flag, Float, Int, OptionNode, Seed, Text
 from .widgets import BOOL, FLOAT, INT, SEED, STRING, combo
 
 CHECKPOINTING_WHEN_OFF = ("family default", "off")
@@ -61,7 +59,7 @@ class CrucibleModel:
 
 def _has_own_tokenizer(checkpoint: Path) -> bool:
     """``<name>_tokenizer/`` or ``tokenizer/`` beside a single-file checkpoint (trainer.families.tokenizers order)."""
-    from trainer.families.tokenizers import is_tokenizer_dir
+    from ..trainer import is_tokenizer_dir
 
     return any(is_tokenizer_dir(checkpoint.parent / sub) for sub in (f"{checkpoint.stem}_tokenizer", "tokenizer"))
 
@@ -79,7 +77,7 @@ class CrucibleSplitModel:
     def INPUT_TYPES(cls):
         encoders = [NONE] + _comfy.list_models("text_encoders")
         return {"required": {
-            "family": combo(["sd3", "flux"], "flux", "sd3 (SD3 / SD3.5) or flux (Flux.1 dev / schnell)."),
+            "family": combo([f.name for f in all_families() if f.split_file_loading], "flux", "sd3 (SD3 / SD3.5) or flux (Flux.1 dev / schnell)."),
             "unet_name": combo([NONE] + _comfy.list_models("diffusion_models"), NONE, "The transformer file from models/diffusion_models (the one Load Diffusion Model uses)."),
             "clip_name1": combo(encoders, NONE, "Text encoder from models/text_encoders: CLIP-L (both families)."),
             "clip_name2": combo(encoders, NONE, "Text encoder: CLIP-G (SD3) or T5-XXL (Flux)."),
@@ -100,114 +98,96 @@ class CrucibleSplitModel:
                             text_encoder_paths=encoders, vae_path=vae),)
 
 
-def _section_inputs(cls_, spec: dict) -> dict:
-    names = {f.name for f in fields(cls_)}
-    unknown = set(spec) - names
-    assert not unknown, f"widget names must be config fields: {unknown}"
-    return {"required": spec}
+def _ranks(name: str):
+    return lambda text: numbers(text, f"Crucible Network Options: '{name}' (ranks)", whole=True)
 
 
-class CrucibleNetworkOptions:
-    CATEGORY = "Crucible/train"
+def _values(name: str):
+    return lambda text: numbers(text, f"Crucible Network Options: '{name}'")
+
+
+class CrucibleNetworkOptions(OptionNode):
+    CONFIG = NetworkConfig
     RETURN_TYPES = (NETWORK,)
     RETURN_NAMES = ("network",)
-    FUNCTION = "build"
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return _section_inputs(NetworkConfig, {
-            "network_type": combo(list(NETWORK_TYPES), "lora", "lora, dora (weight-decomposed), loha / lokr (LyCORIS) through peft, or full fine-tune."),
-            "network_dim": INT(16, 1, 1024, "kohya network_dim: LoRA rank."),
-            "network_alpha": FLOAT(16.0, 0.0, 1024.0, 0.5, "kohya network_alpha: scale = alpha / dim."),
-            "target_preset": combo(list(TARGET_PRESETS), "attn_mlp", "Which layers get adapters: attention only, + MLP, every linear layer, + convolutions (LoCon)."),
-            "train_unet": BOOL(True, "Train the UNet/transformer (kohya: off = network_train_text_encoder_only)."),
-            "train_text_encoder": BOOL(False, "Also train the text encoder(s) (kohya: on unless network_train_unet_only)."),
-            "down_lr_weight": STRING("", "kohya down_lr_weight (SD1.5/SDXL): one LR multiplier per input block IN00-IN11 (SDXL: 9), shallow to deep, comma-separated, 0 freezes a block; or a preset: cosine, sine, linear, reverse_linear, zeros, optionally +number."),
-            "mid_lr_weight": FLOAT(1.0, 0.0, 10.0, 0.05, "kohya mid_lr_weight (SDXL: all three middle parts)."),
-            "up_lr_weight": STRING("", "kohya up_lr_weight: one LR multiplier per output block OUT00-OUT11 (SDXL: 9), deep to shallow; or a preset as for down_lr_weight."),
-            "block_dims": STRING("", "kohya block_dims: one rank per block in kohya's layout — 25 values for SD1.5 (12 IN, MID, 12 OUT), 23 for SDXL (embedding, 9 IN, 3 MID, 9 OUT, output); 0 = no adapter in that block."),
-            "block_alphas": STRING("", "kohya block_alphas: one alpha per block (same count as block_dims); empty = network_alpha."),
-            "conv_block_dims": STRING("", "kohya conv_block_dims: rank of the 3x3 convolutions per block (same count as block_dims); needs a preset with convolutions (all_linear_conv)."),
-            "conv_block_alphas": STRING("", "kohya conv_block_alphas: alpha of the 3x3 convolutions per block; empty = conv_alpha."),
-            "conv_dim": INT(0, 0, 1024, "kohya conv_dim (LoCon): rank of the 3x3 convolutions with the all_linear_conv preset; 0 = network_dim."),
-            "conv_alpha": FLOAT(0.0, 0.0, 1024.0, 0.5, "kohya conv_alpha; 0 = network_alpha."),
-        })
-
-    def build(self, block_dims, block_alphas="", conv_block_dims="", conv_block_alphas="", **f):
-        return (NetworkConfig(block_dims=_ints(block_dims, "block_dims"), block_alphas=_floats(block_alphas),
-                              conv_block_dims=_ints(conv_block_dims, "conv_block_dims"),
-                              conv_block_alphas=_floats(conv_block_alphas), **f),)
+    WIDGETS = {
+            "network_type": Choice(list(NETWORK_TYPES), "lora, dora (weight-decomposed), loha / lokr (LyCORIS) through peft, or full fine-tune."),
+            "network_dim": Int(1, 1024, "kohya network_dim: LoRA rank."),
+            "network_alpha": Float(0.0, 1024.0, 0.5, "kohya network_alpha: scale = alpha / dim."),
+            "target_preset": Choice(list(TARGET_PRESETS), "Which layers get adapters: attention only, + MLP, every linear layer, + convolutions (LoCon)."),
+            "train_unet": Flag("Train the UNet/transformer (kohya: off = network_train_text_encoder_only)."),
+            "train_text_encoder": Flag("Also train the text encoder(s) (kohya: on unless network_train_unet_only)."),
+            "down_lr_weight": Text("kohya down_lr_weight (SD1.5/SDXL): one LR multiplier per input block IN00-IN11 (SDXL: 9), shallow to deep, comma-separated, 0 freezes a block; or a preset: cosine, sine, linear, reverse_linear, zeros, optionally +number."),
+            "mid_lr_weight": Float(0.0, 10.0, 0.05, "kohya mid_lr_weight (SDXL: all three middle parts)."),
+            "up_lr_weight": Text("kohya up_lr_weight: one LR multiplier per output block OUT00-OUT11 (SDXL: 9), deep to shallow; or a preset as for down_lr_weight."),
+            "block_dims": Text("kohya block_dims: one rank per block in kohya's layout — 25 values for SD1.5 (12 IN, MID, 12 OUT), 23 for SDXL (embedding, 9 IN, 3 MID, 9 OUT, output); 0 = no adapter in that block.", parse=_ranks("block_dims")),
+            "block_alphas": Text("kohya block_alphas: one alpha per block (same count as block_dims); empty = network_alpha.", parse=_values("block_alphas")),
+            "conv_block_dims": Text("kohya conv_block_dims: rank of the 3x3 convolutions per block (same count as block_dims); needs a preset with convolutions (all_linear_conv).", parse=_ranks("conv_block_dims")),
+            "conv_block_alphas": Text("kohya conv_block_alphas: alpha of the 3x3 convolutions per block; empty = conv_alpha.", parse=_values("conv_block_alphas")),
+            "conv_dim": Int(0, 1024, "kohya conv_dim (LoCon): rank of the 3x3 convolutions with the all_linear_conv preset; 0 = network_dim."),
+            "conv_alpha": Float(0.0, 1024.0, 0.5, "kohya conv_alpha; 0 = network_alpha."),
+    }
 
 
-class CrucibleOptimizerOptions:
-    CATEGORY = "Crucible/train"
+class CrucibleOptimizerOptions(OptionNode):
+    CONFIG = OptimConfig
     RETURN_TYPES = (OPTIM,)
     RETURN_NAMES = ("optimizer",)
-    FUNCTION = "build"
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return _section_inputs(OptimConfig, {
-            "optimizer": combo(list(OPTIMIZERS), "adamw", "kohya optimizer_type (same names; dadaptation = kohya's DAdaptation, i.e. DAdaptAdamPreprint). prodigy and dadapt*: learning-rate free, see learning_rate. adafactor: kohya defaults (relative_step=True: it sets its own step size; for a fixed LR put scale_parameter=False, relative_step=False, warmup_init=False in optimizer_args). adamw8bit needs CUDA."),
-            "learning_rate": FLOAT(1e-4, 0.0, 10.0, 1e-6, "kohya learning_rate. Prodigy / DAdaptation*: left at the default 1e-4, 1.0 is used (their recommended value); any other value is kept."),
-            "unet_lr": FLOAT(0.0, 0.0, 10.0, 1e-6, "kohya unet_lr: 0 = learning_rate."),
-            "text_encoder_lr": FLOAT(0.0, 0.0, 10.0, 1e-6, "kohya text_encoder_lr: 0 = learning_rate."),
-            "weight_decay": FLOAT(0.01, 0.0, 10.0, 0.001, "Weight decay."),
-            "optimizer_args": STRING("", "kohya optimizer_args: key=value per line, e.g. betas=(0.9,0.99) or relative_step=True (Adafactor).", multiline=True),
-            "max_grad_norm": FLOAT(1.0, 0.0, 100.0, 0.1, "kohya max_grad_norm: gradient clipping (0 = off)."),
-            "lr_scheduler": combo(list(SCHEDULERS), "cosine", "kohya lr_scheduler (diffusers get_scheduler)."),
-            "lr_warmup_steps": INT(0, 0, 10**7, "kohya lr_warmup_steps."),
-            "lr_warmup_ratio": FLOAT(0.0, 0.0, 1.0, 0.01, "Warmup as a fraction of total steps; overrides lr_warmup_steps (SimpleTuner default 0.1)."),
-            "lr_scheduler_num_cycles": INT(1, 1, 100, "kohya lr_scheduler_num_cycles (cosine_with_restarts)."),
-            "lr_scheduler_power": FLOAT(1.0, 0.0, 10.0, 0.1, "kohya lr_scheduler_power (polynomial)."),
-        })
-
-    def build(self, optimizer_args, **f):
-        return (OptimConfig(optimizer_args=_lines(optimizer_args, commas=False), **f),)
+    WIDGETS = {
+            "optimizer": Choice(list(OPTIMIZERS), "kohya optimizer_type (same names; dadaptation = kohya's DAdaptation, i.e. DAdaptAdamPreprint). prodigy and dadapt*: learning-rate free, see learning_rate. adafactor: kohya defaults (relative_step=True: it sets its own step size; for a fixed LR put scale_parameter=False, relative_step=False, warmup_init=False in optimizer_args). adamw8bit needs CUDA."),
+            "learning_rate": Float(0.0, 10.0, 1e-6, "kohya learning_rate. Prodigy / DAdaptation*: left at the default 1e-4, 1.0 is used (their recommended value); any other value is kept."),
+            "unet_lr": Float(0.0, 10.0, 1e-6, "kohya unet_lr: 0 = learning_rate."),
+            "text_encoder_lr": Float(0.0, 10.0, 1e-6, "kohya text_encoder_lr: 0 = learning_rate."),
+            "weight_decay": Float(0.0, 10.0, 0.001, "Weight decay."),
+            "optimizer_args": Text("kohya optimizer_args: key=value per line, e.g. betas=(0.9,0.99) or relative_step=True (Adafactor).", multiline=True, parse=lines),
+            "max_grad_norm": Float(0.0, 100.0, 0.1, "kohya max_grad_norm: gradient clipping (0 = off)."),
+            "lr_scheduler": Choice(list(SCHEDULERS), "kohya lr_scheduler (diffusers get_scheduler)."),
+            "lr_warmup_steps": Int(0, 10**7, "kohya lr_warmup_steps."),
+            "lr_warmup_ratio": Float(0.0, 1.0, 0.01, "Warmup as a fraction of total steps; overrides lr_warmup_steps (SimpleTuner default 0.1)."),
+            "lr_scheduler_num_cycles": Int(1, 100, "kohya lr_scheduler_num_cycles (cosine_with_restarts)."),
+            "lr_scheduler_power": Float(0.0, 10.0, 0.1, "kohya lr_scheduler_power (polynomial)."),
+    }
 
 
-class CrucibleTrainingOptions:
-    CATEGORY = "Crucible/train"
+class CrucibleTrainingOptions(OptionNode):
+    CONFIG = TrainingConfig
     RETURN_TYPES = (TRAINING,)
     RETURN_NAMES = ("training",)
-    FUNCTION = "build"
+    WIDGETS = {
+            "seed": Seed("kohya seed: same seed → same run (bit-exact on the CPU)."),
+            "gradient_accumulation_steps": Int(1, 1024, "kohya gradient_accumulation_steps."),
+            "mixed_precision": Choice(list(MIXED_PRECISION), "kohya mixed_precision. auto: bf16 on GPUs that support it and on the CPU, fp16 with a gradient scaler on older GPUs. fp16 needs CUDA."),
+            "gradient_checkpointing": Flag("kohya gradient_checkpointing: less memory, slower. On: always. Off: see gradient_checkpointing_when_off.", default=False),  # the field's None = family default
+            "drop_last": Flag("Drop each bucket's last partial batch."),
+            "min_snr_gamma": Float(0.0, 20.0, 0.5, "kohya min_snr_gamma (5 is common; 0 = off)."),
+            "noise_offset": Float(0.0, 1.0, 0.01, "kohya noise_offset (0.05–0.1 for darker/brighter images)."),
+            "multires_noise_iterations": Int(0, 16, "kohya multires_noise_iterations (6–10 typical)."),
+            "multires_noise_discount": Float(0.0, 1.0, 0.05, "kohya multires_noise_discount."),
+            "timestep_sampling": Choice(list(TIMESTEP_SAMPLING), "Flow models (SD3/Flux): how σ is drawn (SimpleTuner flow_sampler)."),
+            "flow_shift": Float(0.0, 20.0, 0.1, "Flow models: σ shift (SimpleTuner flow_schedule_shift; SD3 recipes use 3.0). 0 = auto: Flux dev shifts by resolution, others 1.0."),
+            "loss_weighting": Choice(list(LOSS_WEIGHTING), "Flow models: loss weighting scheme (diffusers weighting_scheme)."),
+            "ema": Flag("Keep an EMA of the trained weights and save it."),
+            "ema_decay": Float(0.0, 1.0, 0.0001, "EMA decay."),
+            "cache_latents": Flag("kohya cache_latents: encode each image once (not with flip/colour/random-crop augmentation)."),
+            "cache_latents_to_disk": Flag("kohya cache_latents_to_disk: keep the latents as safetensors in the run folder, reused by later runs."),
+            "cache_text_embeddings": Flag("kohya cache_text_encoder_outputs, but shuffle and caption dropout keep working: K caption variants per image are encoded once."),
+            "caption_variants": Int(1, 64, "Text cache: shuffled caption variants per image (K)."),
+            "validation_split": Float(0.0, 0.5, 0.01, "Fraction of the dataset held out (chosen by the seed, never trained on) to measure a validation loss at every save; the sweep marks the checkpoint with the lowest. Used only with 10+ training images and no validation dataset; 0 = off."),
+            "prior_loss_weight": Float(0.0, 100.0, 0.05, "kohya prior_loss_weight: loss weight of regularization images (datasets with is_reg on); 1.0 = same as training images."),
+            "guidance_scale": Float(0.0, 100.0, 0.1, "Flux dev: the guidance embedding value during training (kohya guidance_scale; 1.0 recommended for LoRAs). Other families: no effect (reported)."),
+            "logit_mean": Float(-10.0, 10.0, 0.05, "Flow models, timestep_sampling logit_normal: mean (SD3 / kohya logit_mean)."),
+            "logit_std": Float(0.0, 10.0, 0.05, "Flow models, timestep_sampling logit_normal: standard deviation (kohya logit_std)."),
+            "mode_scale": Float(0.0, 10.0, 0.01, "Flow models, timestep_sampling mode: scale (kohya mode_scale)."),
+            "masked_loss": Flag("kohya masked_loss: weight the loss by each image's mask (alpha_mask or mask_dir on the Dataset); masked-out areas are not learned."),
+            "t5xxl_max_token_length": Int(0, 512, "SD3/Flux: T5 tokens per caption (kohya t5xxl_max_token_length: SD3 256, Flux dev 512). 0 = ComfyUI's padding (SD3 77, Flux 256), so training matches ComfyUI's text encoding."),
+    }
+    OPTIONAL_WIDGETS = {  # not a config field: with the toggle above it decides gradient_checkpointing
+        "gradient_checkpointing_when_off": Choice(CHECKPOINTING_WHEN_OFF, "With gradient_checkpointing off: 'family default' checkpoints SDXL, SD3 and Flux (their 1024 px activations dominate memory), not SD1.5; 'off' never checkpoints.", default="family default"),
+    }
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        return _section_inputs(TrainingConfig, {
-            "seed": SEED(42, "kohya seed: same seed → same run (bit-exact on the CPU)."),
-            "gradient_accumulation_steps": INT(1, 1, 1024, "kohya gradient_accumulation_steps."),
-            "mixed_precision": combo(list(MIXED_PRECISION), "auto", "kohya mixed_precision. auto: bf16 on GPUs that support it and on the CPU, fp16 with a gradient scaler on older GPUs. fp16 needs CUDA."),
-            "gradient_checkpointing": BOOL(False, "kohya gradient_checkpointing: less memory, slower. On: always. Off: see gradient_checkpointing_when_off."),
-            "drop_last": BOOL(False, "Drop each bucket's last partial batch."),
-            "min_snr_gamma": FLOAT(0.0, 0.0, 20.0, 0.5, "kohya min_snr_gamma (5 is common; 0 = off)."),
-            "noise_offset": FLOAT(0.0, 0.0, 1.0, 0.01, "kohya noise_offset (0.05–0.1 for darker/brighter images)."),
-            "multires_noise_iterations": INT(0, 0, 16, "kohya multires_noise_iterations (6–10 typical)."),
-            "multires_noise_discount": FLOAT(0.3, 0.0, 1.0, 0.05, "kohya multires_noise_discount."),
-            "timestep_sampling": combo(list(TIMESTEP_SAMPLING), "uniform", "Flow models (SD3/Flux): how σ is drawn (SimpleTuner flow_sampler)."),
-            "flow_shift": FLOAT(0.0, 0.0, 20.0, 0.1, "Flow models: σ shift (SimpleTuner flow_schedule_shift; SD3 recipes use 3.0). 0 = auto: Flux dev shifts by resolution, others 1.0."),
-            "loss_weighting": combo(list(LOSS_WEIGHTING), "none", "Flow models: loss weighting scheme (diffusers weighting_scheme)."),
-            "ema": BOOL(False, "Keep an EMA of the trained weights and save it."),
-            "ema_decay": FLOAT(0.999, 0.0, 1.0, 0.0001, "EMA decay."),
-            "cache_latents": BOOL(False, "kohya cache_latents: encode each image once (not with flip/colour/random-crop augmentation)."),
-            "cache_latents_to_disk": BOOL(False, "kohya cache_latents_to_disk: keep the latents as safetensors in the run folder, reused by later runs."),
-            "cache_text_embeddings": BOOL(False, "kohya cache_text_encoder_outputs, but shuffle and caption dropout keep working: K caption variants per image are encoded once."),
-            "caption_variants": INT(4, 1, 64, "Text cache: shuffled caption variants per image (K)."),
-            "validation_split": FLOAT(0.1, 0.0, 0.5, 0.01, "Fraction of the dataset held out (chosen by the seed, never trained on) to measure a validation loss at every save; the sweep marks the checkpoint with the lowest. Used only with 10+ training images and no validation dataset; 0 = off."),
-            "prior_loss_weight": FLOAT(1.0, 0.0, 100.0, 0.05, "kohya prior_loss_weight: loss weight of regularization images (datasets with is_reg on); 1.0 = same as training images."),
-            "guidance_scale": FLOAT(1.0, 0.0, 100.0, 0.1, "Flux dev: the guidance embedding value during training (kohya guidance_scale; 1.0 recommended for LoRAs). Other families: no effect (reported)."),
-            "logit_mean": FLOAT(0.0, -10.0, 10.0, 0.05, "Flow models, timestep_sampling logit_normal: mean (SD3 / kohya logit_mean)."),
-            "logit_std": FLOAT(1.0, 0.0, 10.0, 0.05, "Flow models, timestep_sampling logit_normal: standard deviation (kohya logit_std)."),
-            "mode_scale": FLOAT(1.29, 0.0, 10.0, 0.01, "Flow models, timestep_sampling mode: scale (kohya mode_scale)."),
-            "masked_loss": BOOL(False, "kohya masked_loss: weight the loss by each image's mask (alpha_mask or mask_dir on the Dataset); masked-out areas are not learned."),
-            "t5xxl_max_token_length": INT(0, 0, 512, "SD3/Flux: T5 tokens per caption (kohya t5xxl_max_token_length: SD3 256, Flux dev 512). 0 = ComfyUI's padding (SD3 77, Flux 256), so training matches ComfyUI's text encoding."),
-        }) | {"optional": {
-            "gradient_checkpointing_when_off": combo(list(CHECKPOINTING_WHEN_OFF), "family default", "With gradient_checkpointing off: 'family default' checkpoints SDXL, SD3 and Flux (their 1024 px activations dominate memory), not SD1.5; 'off' never checkpoints."),
-        }}
-
-    def build(self, gradient_checkpointing=False, gradient_checkpointing_when_off="family default", **f):
+    def build(self, gradient_checkpointing=False, gradient_checkpointing_when_off="family default", **values):
         checkpointing = True if gradient_checkpointing else (None if gradient_checkpointing_when_off == "family default" else False)
-        return (TrainingConfig(gradient_checkpointing=checkpointing, **f),)
+        return super().build(gradient_checkpointing=checkpointing, **values)
 
 
 class CrucibleTrain:
@@ -264,11 +244,11 @@ class CrucibleTrain:
 
     def train(self, model, dataset, run_name, sample_prompts, resume, network=None, optimizer=None, training=None,
               resume_force=False, also_save_checkpoint=False, validation_dataset=None, unique_id=None, **f):
-        from trainer.loop import train
+        from ..trainer import train
 
         cfg = build_train_config(model, dataset, run_name, sample_prompts, network, optimizer, training, f,
                                  also_save_checkpoint, validation_dataset)
-        state_dir = Path(cfg.save.work_dir) / safe_name(cfg.save.run_name, "run_name") / "state"  # as the loop names it
+        state_dir = run_paths(cfg.save, "run_name").state_dir
         check_plan(cfg)  # refuse an impossible plan before ComfyUI's models are unloaded
         _comfy.free_memory()
         progress = _comfy.ComfyProgress(total=1, preview_every=10)
@@ -302,7 +282,7 @@ def _run_key(run_name) -> str:
 
 
 def _loss_curve(result):
-    from trainer.plots import loss_curve
+    from ..trainer import loss_curve
 
     return loss_curve(result.losses, val=[(c.step, c.val_loss) for c in result.checkpoints])
 
@@ -324,7 +304,7 @@ def _run_state(result, cancelled: bool) -> str:
                 "queue again with resume on to pass it to the next nodes")
     if not result.losses:
         return "no steps"
-    from trainer.sweep import recommendation
+    from ..trainer import recommendation
 
     return (f"{len(result.checkpoints)} checkpoints in {result.run_dir}; last loss {result.losses[-1]:.4f}\n"
             + recommendation([{"path": str(c.path), "step": c.step, "val_loss": c.val_loss} for c in result.checkpoints]))
@@ -333,19 +313,13 @@ def _run_state(result, cancelled: bool) -> str:
 def run_output(cfg: TrainConfig, result) -> tuple[dict, list[str]]:
     """The CRUCIBLE_RUN socket value and the checkpoint names as ComfyUI's loaders list them."""
     kind_root = _comfy.model_folder("diffusion_models" if cfg.network.network_type == "full" else "loras")
-    names = [c.path.relative_to(kind_root).as_posix() for c in result.checkpoints]
-    run = RunRecord(run_dir=str(result.run_dir), work_dir=str(result.work_dir), family=cfg.model.family,
-                    kind="full" if cfg.network.network_type == "full" else "lora",
-                    checkpoints=[{"path": str(c.path), "name": n, "step": c.step, "epoch": c.epoch, "loss": c.loss,
-                                  "val_loss": c.val_loss, "val_loss_t": c.val_loss_t}
-                                 for c, n in zip(result.checkpoints, names)])
-    return run, names
+    names = [c.path.relative_to(kind_root).as_posix() for c in result.record.checkpoints]
+    return RunRecord.of(result.record, names), names
 
 
 def check_plan(cfg: TrainConfig) -> None:
     """Scan the data and compute the step plan: every 'this cannot train' error surfaces before any work."""
-    from trainer.plan import compute_plan
-    from trainer.validation import training_source
+    from ..trainer import compute_plan, training_source
 
     compute_plan(cfg, training_source(cfg))
 
@@ -361,7 +335,7 @@ def build_train_config(model, dataset, run_name, sample_prompts, network, optimi
                       checkpoint_limit=f["checkpoint_limit"], save_precision=f["save_precision"],
                       save_last=f.get("save_last", True))
     d = SampleConfig()
-    sample = SampleConfig(prompts=_lines(sample_prompts, commas=False), sample_every_n_epochs=f["sample_every_n_epochs"],
+    sample = SampleConfig(prompts=lines(sample_prompts), sample_every_n_epochs=f["sample_every_n_epochs"],
                           sample_every_n_steps=f["sample_every_n_steps"], steps=f.get("sample_steps", d.steps),
                           cfg=f.get("sample_cfg", d.cfg), seed=f.get("sample_seed", d.seed),
                           negative_prompt=f.get("sample_negative_prompt", d.negative_prompt),
@@ -375,20 +349,6 @@ def build_train_config(model, dataset, run_name, sample_prompts, network, optimi
                       optim=optimizer or OptimConfig(), training=tr, save=save, sample=sample,
                       validation_datasets=tuple(validation_dataset or ()))
     return TrainConfig.from_dict(cfg.to_dict())  # full validation, same path as the CLI
-
-
-def _ints(text: str, name: str) -> tuple[int, ...]:
-    values = _floats(text)
-    if any(v != int(v) for v in values):
-        raise CrucibleError(f"{name} '{text}' must be whole numbers (ranks) separated by commas")
-    return tuple(int(v) for v in values)
-
-
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in (text or "").replace(";", ",").split(",") if v.strip())
-    except ValueError:
-        raise CrucibleError(f"{shown(text)} must be numbers separated by commas") from None
 
 
 NODES = {"CrucibleModel": CrucibleModel, "CrucibleSplitModel": CrucibleSplitModel, "CrucibleNetworkOptions": CrucibleNetworkOptions,

@@ -328,14 +328,23 @@ def load_pack(name: str = PACK_NAME) -> types.ModuleType:
     """Import the repository root as a custom-node package named ``name`` (once per process), as ComfyUI does."""
     if name in sys.modules:
         return sys.modules[name]
+    import trainer
+
     init = ROOT / "__init__.py"
     spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[str(ROOT)])
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
+    # The nodes reach the library as "<pack>.trainer" (relative imports); the tests import it as top-level
+    # "trainer". Two copies would hold two of every class, and the nodes' isinstance checks (nodes/_sockets.py)
+    # would refuse the tests' configs. So the pack's "trainer" IS the tests' one: the nodes import only names of
+    # trainer/__init__.py (tests/test_imports.py checks it), never a "<pack>.trainer.<module>", so aliasing the
+    # package is enough; everything the package imports stays under "trainer.*".
+    sys.modules[f"{name}.trainer"] = trainer
     try:
         spec.loader.exec_module(module)
     except BaseException:
         sys.modules.pop(name, None)
+        sys.modules.pop(f"{name}.trainer", None)
         raise
     return module
 

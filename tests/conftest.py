@@ -43,5 +43,106 @@ def tiny_sd15(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory) -> Path:
+    """A tiny SDXL-architecture diffusers folder (+ single-file checkpoint beside it)."""
+    from trainer.tiny import build_tiny_pipeline
+
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "sdxl", family="sdxl", seed=1, single_file=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3(tmp_path_factory):
+    """A tiny SD3.5-style model: diffusers folder, ComfyUI split files and a miniature ComfyUI tree."""
+    from tiny_flow import build_tiny_flow_model
+
+    return build_tiny_flow_model(tmp_path_factory.mktemp("sd3"), "sd3", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory):
+    """A tiny Flux.1-dev-style model: diffusers folder, ComfyUI split files and a miniature ComfyUI tree."""
+    from tiny_flow import build_tiny_flow_model
+
+    return build_tiny_flow_model(tmp_path_factory.mktemp("flux"), "flux", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_configs(request):
+    """``name -> (diffusers folder config, ComfyUI file config)`` of each family's tiny model (``tiny_<name>``)."""
+    from trainer.config import ModelConfig
+    from trainer.families import get_family
+    from trainer.tiny import single_file_path
+
+    def configs(name: str):
+        tiny = request.getfixturevalue(f"tiny_{name}")
+        if get_family(name).split_file_loading:
+            return tiny.folder_config(), tiny.file_config()
+        return ModelConfig(family=name, path=str(tiny)), ModelConfig(family=name, path=str(single_file_path(tiny)))
+    return configs
+
+
+@pytest.fixture(scope="session")
+def tiny_components(tiny_model_configs):
+    """``(name, 0 | 1) -> Components`` of a family's tiny model loaded from its folder (0) or its file(s) (1),
+    loaded once per session; tests that change a model (adapters, training) load their own."""
+    from trainer.families import get_family
+
+    loaded = {}
+
+    def components(name: str, source: int):
+        if (name, source) not in loaded:
+            loaded[name, source] = get_family(name).load(tiny_model_configs(name)[source])
+        return loaded[name, source]
+    return components
+
+
+@pytest.fixture(scope="module")
+def folder_comps(request, tiny_components):
+    """The tiny model of the test module's ``FAMILY``, loaded from its diffusers folder (shared, do not change it)."""
+    return tiny_components(request.module.FAMILY.name, 0)
+
+
+@pytest.fixture(scope="module")
+def file_comps(request, tiny_components):
+    """The tiny model of the test module's ``FAMILY``, loaded from its ComfyUI file(s) (shared, do not change it)."""
+    return tiny_components(request.module.FAMILY.name, 1)
+
+
+@pytest.fixture(scope="session")
 def demo_dataset() -> Path:
     return ROOT / "trainer" / "demo_data"
+
+
+@pytest.fixture(scope="module")
+def run_config_defaults() -> dict:
+    """Config sections a test module's short runs start from: a module overrides this fixture to change the base
+    of :func:`make_config` (e.g. one epoch, no validation split) for all of its runs."""
+    return {}
+
+
+@pytest.fixture(scope="module")
+def make_config(run_config_defaults):
+    """``make_config(model_dir, data, out, **sections)``: the config of a short LoRA run on a tiny model over the
+    images in ``data`` at 64 px (12 demo images: 3 steps of batch 4 per epoch), fp32 files so reloads compare
+    exactly, checkpoints under ``out/loras`` and run files under ``out/runs``. The module's
+    :func:`run_config_defaults`, then ``sections``, update the base section by section (``training={"epochs": 1}``
+    changes only the epochs)."""
+    from trainer.config import TrainConfig
+
+    def make(model_dir: Path, data: Path, out: Path, **sections) -> TrainConfig:
+        base = {
+            "model": {"family": "sd15", "path": str(model_dir)},
+            "datasets": [{"path": str(data), "resolution": 64, "repeats": 1,
+                          "captions": {"trigger_word": "crucible", "shuffle_caption": True, "keep_tokens": 1}}],
+            "network": {"network_dim": 4, "network_alpha": 4, "target_preset": "attn_mlp"},
+            "optim": {"learning_rate": 1e-2, "lr_scheduler": "constant"},
+            "training": {"batch_size": 4, "epochs": 8, "seed": 3},
+            "save": {"output_dir": str(out / "loras"), "work_dir": str(out / "runs"), "run_name": "t",
+                     "save_every_n_epochs": 4, "save_precision": "fp32"},
+        }
+        for layer in (run_config_defaults, sections):
+            for key, value in layer.items():
+                base[key] = {**base.get(key, {}), **value}
+        return TrainConfig.from_dict(base)
+
+    return make

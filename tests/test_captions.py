@@ -274,7 +274,7 @@ def test_period_splitting_only_when_shuffle_or_keep_tokens_need_tags():
 
 
 def test_caption_node_tooltip_says_when_periods_split():
-    from nodes.dataset_nodes import CrucibleCaptionOptions
+    import comfy_stubs
 
-    tip = CrucibleCaptionOptions.INPUT_TYPES()["required"]["split_on_period"][1]["tooltip"]
+    tip = comfy_stubs.load_pack().NODE_CLASS_MAPPINGS["CrucibleCaptionOptions"].INPUT_TYPES()["required"]["split_on_period"][1]["tooltip"]
     assert "shuffle" in tip and "keep_tokens" in tip

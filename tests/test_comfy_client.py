@@ -1,4 +1,4 @@
-"""Tests for trainer.comfy_client against a fake in-process ComfyUI server (HTTP + a minimal websocket).
+"""Tests for trainer.client against a fake in-process ComfyUI server (HTTP + a minimal websocket).
 
 The fake follows ComfyUI 0.8.0's wire formats: ``POST /prompt`` validates class types against the reference
 ``object_info.json`` and LoraLoader file names against a list, answering 400 with ``error``/``node_errors``;
@@ -25,9 +25,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from trainer import comfy_client as cc
-from trainer.comfy_client import (Checkpoint, ComfyClient, ComfyConnectionError, ComfyTimeoutError,
+from trainer import client as cc
+from trainer.client import (Checkpoint, ComfyClient, ComfyConnectionError, ComfyTimeoutError,
                                   ExecutionFailedError, PromptRejectedError, WorkflowError)
+from trainer.client.websocket import WebSocketLost
+from trainer.errors import CrucibleError, ModelLoadError
 from trainer.render import read_layout
 
 IMAGE_SIZE = (48, 32)
@@ -457,15 +459,15 @@ def test_safetensors_header_is_parsed_directly(tmp_path):
 def test_bad_checkpoint_files_name_the_file(tmp_path, content, match):
     path = tmp_path / "bad.safetensors"
     path.write_bytes(content)
-    with pytest.raises(cc.ModelLoadError, match=match) as info:
+    with pytest.raises(ModelLoadError, match=match) as info:
         cc.list_checkpoints(tmp_path)
     assert "bad.safetensors" in str(info.value)
 
 
 def test_empty_or_missing_checkpoint_folder(tmp_path):
-    with pytest.raises(cc.ModelLoadError, match="no .safetensors files"):
+    with pytest.raises(ModelLoadError, match="no .safetensors files"):
         cc.list_checkpoints(tmp_path)
-    with pytest.raises(cc.ModelLoadError, match="does not exist"):
+    with pytest.raises(ModelLoadError, match="does not exist"):
         cc.list_checkpoints(tmp_path / "nope")
 
 
@@ -547,7 +549,7 @@ def test_without_websocket_client_progress_is_polled(make_fake, run_dir):
 def test_lost_websocket_falls_back_to_polling(make_fake, run_dir):
     fake = make_fake(loras=LORAS, websocket=False)
     logs = []
-    lost = RecordedSocket([cc._WsLost("connection reset")])
+    lost = RecordedSocket([WebSocketLost("connection reset")])
     client = ComfyClient(fake.address, poll_interval=0.02, log=logs.append, ws_factory=lambda url, timeout: lost)
     prompt = cc.prepare_workflow(WORKFLOW)
     prompt["10"]["inputs"]["lora_name"] = LORAS[0]
@@ -708,7 +710,7 @@ def test_parse_server(server, base, ws):
 def test_client_id_goes_into_the_websocket_url():
     client = ComfyClient("127.0.0.1:9999", "my id")
     assert client.ws_url == "ws://127.0.0.1:9999/ws?clientId=my+id"
-    with pytest.raises(cc.CrucibleError, match="not a server address"):
+    with pytest.raises(CrucibleError, match="not a server address"):
         ComfyClient("ftp://x")
 
 

@@ -15,7 +15,8 @@ peft = pytest.importorskip("peft")
 
 from torch import nn  # noqa: E402
 
-from trainer.export import adapter_layers, export_peft_modules, load_lora_into  # noqa: E402
+from trainer.export import adapter_layers, export_peft_modules  # noqa: E402
+from trainer.lora_import import load_lora_into  # noqa: E402
 from trainer.lora_keys import is_scale_shift_swapped, swap_halves  # noqa: E402
 
 TOLERANCE = 1e-5

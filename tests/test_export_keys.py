@@ -24,7 +24,8 @@ from trainer.config import TARGET_PRESETS as PRESET_NAMES  # noqa: E402
 from trainer.errors import ConfigError, CrucibleError  # noqa: E402
 from trainer.export import adapter_layers, export_lora, export_peft_modules  # noqa: E402
 from trainer.lora_keys import lora_prefix  # noqa: E402
-from trainer.lora_targets import TARGET_PRESETS, lora_target_modules  # noqa: E402
+from trainer.families import all_families, get_family  # noqa: E402
+from trainer.lora_targets import lora_target_modules  # noqa: E402
 
 # Suffixes ComfyUI 0.8.0 reads after a key prefix (lora_formats.md, plus comfy/weight_adapter/loha.py and lokr.py).
 ACCEPTED_SUFFIXES = (
@@ -37,7 +38,7 @@ ACCEPTED_SUFFIXES = (
 )
 UP_SUFFIXES = (".lora_up.weight", ".lora_B.weight")
 
-COMPONENTS = [(family, component) for family, comps in TARGET_PRESETS.items() for component in comps]
+COMPONENTS = [(family.name, component) for family in all_families() for component in family.lora_targets]
 
 
 
@@ -58,7 +59,7 @@ def inject(model: nn.Module, config) -> nn.Module:
 
 
 def component_map(reference, family: str, component: str) -> dict:
-    return reference.keymap(family)["unet" if component in ("unet", "transformer") else "clip"]
+    return reference.keymap(family)["unet" if component == get_family(family).denoiser_name else "clip"]
 
 
 # --- checks ------------------------------------------------------------------------------------------------------------
@@ -152,7 +153,7 @@ def test_presets_cover_what_they_promise(family, component):
     """No dead entries; presets nest; all_linear is every nn.Linear, all_linear_conv adds every nn.Conv2d."""
     model = build(family, component)
     names = {name for name, _ in model.named_modules()}
-    for preset, entries in TARGET_PRESETS[family][component].items():
+    for preset, entries in get_family(family).lora_targets[component].items():
         for entry in entries:
             assert any(n == entry or n.endswith("." + entry) for n in names), f"{preset} entry {entry!r} matches nothing"
     trained = {preset: preset_modules(family, component, preset) for preset in PRESET_NAMES}

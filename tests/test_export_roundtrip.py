@@ -15,7 +15,9 @@ transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file  # noqa: E402
 
 from trainer.errors import CrucibleError  # noqa: E402
-from trainer.export import export_peft_modules, import_lora, load_lora_into, lora_metadata  # noqa: E402
+from trainer.export import export_peft_modules  # noqa: E402
+from trainer.lora_import import import_lora, load_lora_into  # noqa: E402
+from trainer.lora_metadata import lora_metadata  # noqa: E402
 from trainer.fileio import save_safetensors  # noqa: E402
 from trainer.lora_targets import lora_target_modules  # noqa: E402
 

@@ -1,71 +1,34 @@
-"""The Flux family adapter on a tiny Flux.1-dev-style model: diffusers folder and ComfyUI split files, packing,
-guidance, the resolution-dependent shift, a real LoRA and full training run, export and sampling."""
+"""What only Flux does, on a tiny Flux.1-dev-style model: packing, guidance, the resolution-dependent shift,
+schnell, layouts and loading errors. The shared contract is tests/test_family_contract.py."""
 from __future__ import annotations
 
 import math
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from trainer.config import ModelConfig, TrainConfig, TrainingConfig
 from trainer.errors import ConfigError, ModelLoadError
 from trainer.families import get_family
-from trainer.families.flow_common import transformer_layout
+from trainer.families.split_files import transformer_layout
 from trainer.families.flux import (DEV_SCHEDULER, flux_original_to_diffusers, flux_rope_axes, flux_transformer_config,
                                    image_ids, pack_latents, unpack_latents)
 from trainer.fileio import atomic_write_json, save_safetensors
-from trainer.tiny_flow import build_tiny_flow_model, flux_to_original, tiny_transformer_config
+from tiny_flow import flux_to_original, tiny_transformer_config
+
+from family_helpers import same_weights
 
 FAMILY = get_family("flux")
 CAPTIONS = ["a red circle", "blue square, flat colour, simple shape"]
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return build_tiny_flow_model(tmp_path_factory.mktemp("flux"), "flux", seed=0)
-
-
-@pytest.fixture(scope="module")
-def folder_comps(tiny):
-    return FAMILY.load(tiny.folder_config())
-
-
-@pytest.fixture(scope="module")
-def file_comps(tiny):
-    return FAMILY.load(tiny.file_config())
-
-
-def _pixels(batch: int = 2) -> torch.Tensor:
-    return torch.rand(batch, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
-
-
-def _outputs(comps):
-    with torch.no_grad():
-        cond = FAMILY.encode_text(comps, CAPTIONS)
-        latents = FAMILY.encode_images(comps, _pixels())
-        pred = FAMILY.predict(comps, latents, torch.tensor([100.0, 900.0]), cond)
-    return cond["encoder_hidden_states"], cond["pooled_projections"], latents, pred
-
-
-def _same_weights(a, b) -> bool:
-    sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-
-
-def test_split_files_load_the_same_model_as_the_folder(folder_comps, file_comps):
-    assert (folder_comps.extras["format"], file_comps.extras["format"]) == ("diffusers", "single_file")
+def test_split_files_are_dev_with_its_vae_and_dynamic_shift(folder_comps, file_comps):
     assert file_comps.text_encoder_names == ("text_encoder", "text_encoder_2")
-    for name, module in folder_comps.modules().items():
-        assert _same_weights(module, file_comps.modules()[name]), name
-    assert _same_weights(folder_comps.vae, file_comps.vae)
     assert file_comps.vae.config.scaling_factor == 0.3611 and file_comps.vae.config.shift_factor == 0.1159
     for comps in (folder_comps, file_comps):
         config = dict(comps.noise_scheduler.config)
         assert {k: config[k] for k in DEV_SCHEDULER} == DEV_SCHEDULER
         assert comps.extras["guidance_embeds"] is True
-    for a, b in zip(_outputs(folder_comps), _outputs(file_comps)):
-        assert torch.equal(a, b)
 
 
 def test_encode_text_is_t5_states_and_clip_pooled(folder_comps):
@@ -105,8 +68,8 @@ def test_packing_ids_and_prediction(folder_comps):
     assert torch.allclose(pred, unpack_latents(direct, 8, 6), atol=1e-6)
 
 
-def test_guidance_comes_from_the_training_config(tiny):
-    comps = FAMILY.load(tiny.folder_config())
+def test_guidance_comes_from_the_training_config(tiny_flux):
+    comps = FAMILY.load(tiny_flux.folder_config())
     latents = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         cond = FAMILY.encode_text(comps, ["red circle"])
@@ -133,15 +96,15 @@ def test_resolution_dependent_shift(folder_comps):
     assert shifted.mean() > plain.mean() + 0.1  # shifting moves σ towards noise
 
 
-def test_schnell_has_no_guidance_and_no_dynamic_shift(tiny, tmp_path):
+def test_schnell_has_no_guidance_and_no_dynamic_shift(tiny_flux, tmp_path):
     from diffusers import FluxTransformer2DModel
 
     torch.manual_seed(0)
     schnell = FluxTransformer2DModel(**{**tiny_transformer_config("flux"), "guidance_embeds": False}).eval()
     path = save_safetensors(tmp_path / "flux1-schnell.safetensors", flux_to_original(schnell.state_dict()))
-    comps = FAMILY.load(tiny.file_config(path=str(path)))
+    comps = FAMILY.load(tiny_flux.file_config(path=str(path)))
     assert comps.extras["guidance_embeds"] is False and not comps.noise_scheduler.config.use_dynamic_shifting
-    assert _same_weights(comps.denoiser, schnell) and FAMILY.flow_shift(comps, torch.zeros(1, 16, 8, 8)) is None
+    assert same_weights(comps.denoiser, schnell) and FAMILY.flow_shift(comps, torch.zeros(1, 16, 8, 8)) is None
     with torch.no_grad():
         pred = FAMILY.predict(comps, torch.zeros(1, 16, 8, 8), torch.tensor([500.0]),
                               FAMILY.encode_text(comps, ["a cat"]))
@@ -166,12 +129,12 @@ def test_real_sizes_convert_and_derive_their_config():
     assert flux_rope_axes(128) == (16, 56, 56)
 
 
-def test_loading_errors_name_the_input(tiny, tmp_path):
-    clip_l, t5 = map(str, tiny.text_encoder_files)
+def test_loading_errors_name_the_input(tiny_flux, tmp_path):
+    clip_l, t5 = map(str, tiny_flux.text_encoder_files)
     sd3_file = save_safetensors(tmp_path / "sd3.safetensors",
                                 {"joint_blocks.0.x_block.attn.qkv.weight": torch.zeros(3, 1)})
     with pytest.raises(ModelLoadError, match="is a sd3 transformer.*set model.family to 'sd3'"):
-        FAMILY.load(tiny.file_config(path=str(sd3_file)))
+        FAMILY.load(tiny_flux.file_config(path=str(sd3_file)))
     (tmp_path / "sd3" / "transformer").mkdir(parents=True)
     atomic_write_json(tmp_path / "sd3" / "model_index.json", {"_class_name": "StableDiffusion3Pipeline"})
     with pytest.raises(ModelLoadError, match="StableDiffusion3Pipeline; set model.family to 'sd3'"):
@@ -179,119 +142,36 @@ def test_loading_errors_name_the_input(tiny, tmp_path):
     with pytest.raises(ModelLoadError, match="not a diffusers Flux folder"):
         FAMILY.load(ModelConfig(family="flux", path=str(tmp_path)))
     with pytest.raises(ModelLoadError, match="needs the T5-XXL"):
-        FAMILY.load(tiny.file_config(text_encoder_paths=(clip_l,)))
+        FAMILY.load(tiny_flux.file_config(text_encoder_paths=(clip_l,)))
     with pytest.raises(ModelLoadError, match="2 CLIP files but Flux uses CLIP-L"):
-        FAMILY.load(tiny.file_config(text_encoder_paths=(clip_l, clip_l, t5)))
+        FAMILY.load(tiny_flux.file_config(text_encoder_paths=(clip_l, clip_l, t5)))
     with pytest.raises(ModelLoadError, match="two T5-XXL files"):
-        FAMILY.load(tiny.file_config(text_encoder_paths=(clip_l, t5, t5)))
+        FAMILY.load(tiny_flux.file_config(text_encoder_paths=(clip_l, t5, t5)))
     with pytest.raises(ModelLoadError, match="pickle"):
-        FAMILY.load(tiny.file_config(path=str(tmp_path / "flux.ckpt")))
+        FAMILY.load(tiny_flux.file_config(path=str(tmp_path / "flux.ckpt")))
 
 
-def test_lora_targets_exist_in_the_model(folder_comps):
-    for component, module in folder_comps.modules().items():
-        names = [n for n, _ in module.named_modules()]
-        for target in FAMILY.lora_target_modules(component, "all_linear"):
-            assert any(n == target or n.endswith("." + target) for n in names), (component, target)
-
-
-def test_sample_renders_deterministic_images(file_comps):
+def test_sample_cfg_is_the_embedded_guidance(file_comps):
     kwargs = dict(seed=3, steps=2, width=64, height=64)
-    first = FAMILY.sample(file_comps, ["a red circle", "a blue square"], cfg=3.5, **kwargs)
-    again = FAMILY.sample(file_comps, ["a red circle"], cfg=3.5, **kwargs)
-    other_guidance = FAMILY.sample(file_comps, ["a red circle"], cfg=1.0, **kwargs)
-    assert [im.size for im in first] == [(64, 64), (64, 64)] and first[0].mode == "RGB"
-    assert first[0].tobytes() == again[0].tobytes() != other_guidance[0].tobytes()
-    assert first[0].tobytes() != first[1].tobytes()
+    guided = FAMILY.sample(file_comps, ["a red circle"], cfg=3.5, **kwargs)
+    other = FAMILY.sample(file_comps, ["a red circle"], cfg=1.0, **kwargs)
+    assert guided[0].tobytes() != other[0].tobytes()
 
 
-# --- training through the real loop --------------------------------------------------------------------------------
-
-def _config(tiny, data, out, network: dict, steps: int, lr: float) -> TrainConfig:
-    return TrainConfig.from_dict({
-        "model": {"family": "flux", "path": str(tiny.folder)},
-        "datasets": [{"path": str(data), "resolution": 64, "repeats": 1}],
-        "network": {"network_dim": 4, "network_alpha": 4, "target_preset": "attn_mlp", **network},
-        "optim": {"learning_rate": lr, "lr_scheduler": "constant"},
-        "training": {"batch_size": 4, "max_train_steps": steps, "seed": 3, "mixed_precision": "no", "timestep_sampling": "logit_normal",
-                     "guidance_scale": 3.5},
-        "save": {"output_dir": str(out / "models"), "work_dir": str(out / "runs"), "run_name": "t",
-                 "save_every_n_epochs": 0, "save_every_n_steps": steps, "save_precision": "fp32"},
-    })
-
-
-def _load_for_training(cfg: TrainConfig):
-    return FAMILY.load(cfg.model)  # the loop calls configure_training itself
-
-
-@pytest.fixture(scope="module")
-def lora_run(tiny, demo_dataset, tmp_path_factory):
-    from trainer.loop import train
-
-    cfg = _config(tiny, demo_dataset, tmp_path_factory.mktemp("lora"), {}, steps=30, lr=1e-2)
-    comps = _load_for_training(cfg)
-    return cfg, comps, train(cfg, components=comps)
-
-
-def test_the_loop_configures_guidance_and_the_resolution_shift(lora_run, monkeypatch):
-    cfg, comps, _ = lora_run
-    assert comps.extras["guidance"] == 3.5  # set by the loop through configure_training
+def test_the_loop_configures_guidance_and_the_resolution_shift(tiny_flux, demo_dataset, tmp_path):
     from trainer.callbacks import Callbacks
     from trainer.loop import Trainer
 
+    cfg = TrainConfig.from_dict({
+        "model": {"family": "flux", "path": str(tiny_flux.folder)},
+        "datasets": [{"path": str(demo_dataset), "resolution": 64}],
+        "training": {"max_train_steps": 1, "mixed_precision": "no", "guidance_scale": 3.5},
+        "save": {"output_dir": str(tmp_path / "models"), "work_dir": str(tmp_path / "runs"), "run_name": "t"},
+    })
     trainer = Trainer(cfg, Callbacks())
-    comps = FAMILY.load(cfg.model)  # a fresh model: _setup injects an adapter
+    comps = FAMILY.load(cfg.model)
     trainer._setup(comps)
+    assert comps.extras["guidance"] == 3.5  # set by the loop through configure_training
     latents = torch.zeros(1, 16, 8, 8)
     assert trainer.objective.shift_fn is not None  # flow_shift 0 = auto
     assert trainer.objective.shift_fn(latents) == FAMILY.flow_shift(comps, latents)
-
-
-def test_lora_training_lowers_the_loss(lora_run):
-    _, _, result = lora_run
-    losses = result.losses
-    assert len(losses) == 30 and all(map(math.isfinite, losses))
-    assert sum(losses[-8:]) / 8 < 0.9 * sum(losses[:8]) / 8, losses
-
-
-def test_lora_export_is_comfyui_shaped_and_reloads(lora_run, comfyui_reference):
-    from trainer.checkpoints import load_lora_file
-    from trainer.network import attach_network
-
-    cfg, trained, result = lora_run
-    tensors = load_file(str(result.checkpoints[-1].path))
-    prefixes = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in tensors}
-    assert all(k.startswith("transformer.") for k in tensors)
-    assert all(f"{p}.alpha" in tensors and f"{p}.lora_B.weight" in tensors for p in prefixes)
-    assert "transformer.single_transformer_blocks.0.proj_mlp" in prefixes
-    keymap = comfyui_reference.keymap("flux")
-    assert prefixes <= set(keymap["unet"]), sorted(prefixes - set(keymap["unet"]))[:3]
-    latents = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(0))
-    t = torch.tensor([500.0])
-
-    def output(comps):
-        with torch.no_grad():
-            return FAMILY.predict(comps, latents, t, FAMILY.encode_text(comps, ["red circle"]))
-
-    fresh = _load_for_training(cfg)
-    FAMILY.configure_training(fresh, cfg.training)  # the same guidance value the trained model saw
-    base = output(fresh)
-    load_lora_file(attach_network(FAMILY, fresh, cfg.network), result.checkpoints[-1].path)
-    reloaded = output(fresh)
-    assert torch.allclose(reloaded, output(trained), atol=1e-5)
-    assert (reloaded - base).abs().max() > 1e-3  # the LoRA changed the model
-
-
-def test_full_finetune_exports_a_transformer_that_reloads(tiny, demo_dataset, tmp_path):
-    from trainer.loop import train
-
-    cfg = _config(tiny, demo_dataset, tmp_path, {"network_type": "full"}, steps=3, lr=1e-3)
-    comps = _load_for_training(cfg)
-    before = {k: v.clone() for k, v in comps.denoiser.state_dict().items()}
-    result = train(cfg, components=comps)
-    state = load_file(str(result.checkpoints[-1].path))
-    assert result.checkpoints[-1].kind == "full"
-    assert transformer_layout(state) == ("flux", "diffusers")  # what ComfyUI's Load Diffusion Model detects
-    assert any(not torch.equal(before[k], v) for k, v in state.items())
-    again = FAMILY.load(tiny.file_config(path=str(result.checkpoints[-1].path)))
-    assert _same_weights(again.denoiser, comps.denoiser)

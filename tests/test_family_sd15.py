@@ -1,4 +1,5 @@
-"""The SD1.5 family adapter on the tiny SD1.5-architecture model (diffusers folder and ComfyUI single file)."""
+"""What only SD1.5 does, on its tiny model (diffusers folder and ComfyUI single file). The shared contract is
+tests/test_family_contract.py."""
 from __future__ import annotations
 
 import shutil
@@ -9,44 +10,17 @@ import torch
 from trainer.config import ModelConfig
 from trainer.errors import ConfigError, ModelLoadError
 from trainer.families import get_family
-from trainer.families.sd15 import chunked_token_ids
+from trainer.families.clip_text import chunked_token_ids
 from trainer.tiny import single_file_path
 
 FAMILY = get_family("sd15")
 LONG = ", ".join(f"tag{i} photo of the red cat" for i in range(20))  # well over 75 tokens
 
 
-@pytest.fixture(scope="module")
-def folder_comps(tiny_sd15):
-    return FAMILY.load(ModelConfig(family="sd15", path=str(tiny_sd15)))
-
-
-@pytest.fixture(scope="module")
-def file_comps(tiny_sd15):
-    return FAMILY.load(ModelConfig(family="sd15", path=str(single_file_path(tiny_sd15))))
-
-
-def _pixels(batch: int = 2, seed: int = 0) -> torch.Tensor:
-    return torch.rand(batch, 3, 64, 64, generator=torch.Generator().manual_seed(seed)) * 2 - 1
-
-
-def test_folder_and_single_file_give_identical_outputs(folder_comps, file_comps):
-    assert folder_comps.extras["format"] == "diffusers" and file_comps.extras["format"] == "single_file"
-    with torch.no_grad():
-        outputs = []
-        for comps in (folder_comps, file_comps):
-            cond = FAMILY.encode_text(comps, ["a photo of a cat", LONG], clip_skip=2, max_token_length=150)
-            latents = FAMILY.encode_images(comps, _pixels())
-            pred = FAMILY.predict(comps, latents, torch.tensor([10, 900]), cond)
-            outputs.append((cond["encoder_hidden_states"], latents, pred))
-    for a, b in zip(*outputs):  # same weights; BLAS may still pick kernels by memory alignment, hence allclose
-        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
-    pairs = zip([folder_comps.vae, *folder_comps.modules().values()], [file_comps.vae, *file_comps.modules().values()])
-    for a, b in pairs:
-        theirs = b.state_dict()
-        assert all(torch.equal(v, theirs[k]) for k, v in a.state_dict().items())
-    assert folder_comps.noise_scheduler.config.prediction_type == "epsilon"
-    assert folder_comps.noise_scheduler.config.beta_schedule == "scaled_linear"
+def test_the_schedule_is_sds_scaled_linear_epsilon(folder_comps, file_comps):
+    for comps in (folder_comps, file_comps):
+        assert comps.noise_scheduler.config.prediction_type == "epsilon"
+        assert comps.noise_scheduler.config.beta_schedule == "scaled_linear"
 
 
 def test_encode_text_shapes_clip_skip_and_long_captions(folder_comps):
@@ -77,30 +51,8 @@ def test_chunked_token_ids_wraps_each_window(folder_comps):
         chunked_token_ids(tok, ["a"], max_token_length=100)
 
 
-def test_encode_images_and_predict_shapes(folder_comps):
-    with torch.no_grad():
-        latents = FAMILY.encode_images(folder_comps, _pixels(3))
-        again = FAMILY.encode_images(folder_comps, _pixels(3))
-        sampled = FAMILY.encode_images(folder_comps, _pixels(3), generator=torch.Generator().manual_seed(1))
-        cond = FAMILY.encode_text(folder_comps, ["a", "b", "c"])
-        pred = FAMILY.predict(folder_comps, latents, torch.tensor([1, 500, 999]), cond)
-    assert latents.shape == (3, FAMILY.latent_channels, 64 // FAMILY.vae_scale_factor, 64 // FAMILY.vae_scale_factor)
-    assert torch.equal(latents, again) and not torch.equal(latents, sampled)
-    assert pred.shape == latents.shape and torch.isfinite(pred).all()
-
-
-def test_sample_renders_deterministic_images(file_comps):
-    kwargs = dict(seed=3, steps=3, cfg=4.0, width=64, height=64, negative_prompt="blurry")
-    first = FAMILY.sample(file_comps, ["a red cat", LONG], **kwargs)
-    second = FAMILY.sample(file_comps, ["a red cat"], **kwargs)
-    assert [im.size for im in first] == [(64, 64), (64, 64)] and first[0].mode == "RGB"
-    assert first[0].tobytes() == second[0].tobytes()
-
-
-def test_lora_targets_and_blocks_cover_the_unet(folder_comps):
+def test_blocks_are_kohyas_sd15_layout(folder_comps):
     names = [n for n, _ in folder_comps.denoiser.named_modules()]
-    targets = FAMILY.lora_target_modules("unet", "attn")
-    assert targets and all(any(n.endswith("." + t) for n in names) for t in targets)
     # kohya's SD1.5 layout: 0-11 = IN00-IN11, 12 = MID, 13-24 = OUT00-OUT11
     assert FAMILY.block_index("unet", "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q") == 1
     assert FAMILY.block_index("unet", "up_blocks.1.resnets.2.conv1.lora_A.default") == 18

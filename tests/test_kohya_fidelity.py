@@ -30,7 +30,7 @@ def test_warmup_shown_in_the_plan_is_the_warmup_applied():
                                                                      "lr_scheduler": "constant_with_warmup"}})
     plan = plan_from_counts({(64, 64): 100}, cfg)
     assert plan.warmup_steps == 5  # ⌊0.055 × 100⌋, as kohya's int(ratio × total)
-    lrs = _lrs(build_scheduler(_sgd(), cfg.optim, plan.total_steps), 8)
+    lrs = _lrs(build_scheduler(_sgd(), cfg.optim, plan), 8)
     assert lrs[plan.warmup_steps] == pytest.approx(1.0) and lrs[plan.warmup_steps - 1] < 1.0
 
 
@@ -39,7 +39,7 @@ def test_constant_with_warmup_is_not_shown_but_ignored():
 
     cfg = TrainConfig.from_dict({"training": {"epochs": 1}, "optim": {"lr_warmup_steps": 4, "lr_scheduler": "constant"}})
     plan = plan_from_counts({(64, 64): 20}, cfg)
-    lrs = _lrs(build_scheduler(_sgd(), cfg.optim, plan.total_steps), 6)
+    lrs = _lrs(build_scheduler(_sgd(), cfg.optim, plan), 6)
     assert lrs[0] == 0.0 and lrs[2] == pytest.approx(0.5) and lrs[4] == pytest.approx(1.0)
     assert "constant_with_warmup" in plan.format()
     no_warmup = TrainConfig.from_dict({"optim": {"lr_scheduler": "constant"}})
@@ -103,9 +103,9 @@ def test_adaptive_optimizers_default_to_learning_rate_one(name):
 
 
 def test_optimizer_tooltip_says_adaptive_optimizers_use_one():
-    from nodes.train_nodes import CrucibleOptimizerOptions
+    import comfy_stubs
 
-    spec = CrucibleOptimizerOptions.INPUT_TYPES()["required"]
+    spec = comfy_stubs.load_pack().NODE_CLASS_MAPPINGS["CrucibleOptimizerOptions"].INPUT_TYPES()["required"]
     assert "1.0" in spec["learning_rate"][1]["tooltip"] and "default" in spec["learning_rate"][1]["tooltip"]
     assert {"dadaptlion", "dadaptsgd", "dadaptadagrad", "sgdnesterov"} <= set(spec["optimizer"][0])
 
@@ -135,7 +135,8 @@ def test_adafactor_uses_kohya_defaults():
     opt = build_optimizer([{"params": [w], "lr": 1e-3}], cfg)
     assert opt.defaults["relative_step"] is True and opt.defaults["scale_parameter"] is True
     assert opt.defaults["warmup_init"] is False
-    assert build_scheduler(opt, cfg, 10).get_last_lr()[0] == pytest.approx(1e-3)  # kohya: lr is the initial_lr
+    plan = plan_from_counts({(64, 64): 10}, TrainConfig(optim=cfg).replace(training={"epochs": 1}))
+    assert build_scheduler(opt, cfg, plan).get_last_lr()[0] == pytest.approx(1e-3)  # kohya: lr is the initial_lr
     manual = TrainConfig.from_dict({"optim": {"optimizer": "adafactor", "optimizer_args": [
         "scale_parameter=False", "relative_step=False", "warmup_init=False"]}}).optim
     opt = build_optimizer([{"params": [w], "lr": 1e-4}], manual)

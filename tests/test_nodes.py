@@ -660,7 +660,7 @@ def test_image_grid_strip_from_one_batch_without_saving(nodes, comfy):
 # --- SD3 / Flux from ComfyUI's split files --------------------------------------------------------------------------
 @pytest.mark.slow
 def test_split_model_node_picks_comfyui_files_and_trains_flux(nodes, comfy, small_input, tmp_path_factory):
-    from trainer.tiny_flow import build_tiny_flow_model
+    from tiny_flow import build_tiny_flow_model
 
     tiny = build_tiny_flow_model(tmp_path_factory.mktemp("flux"), "flux")
     shutil.copytree(tiny.comfy_root / "comfy", comfy.base / "comfy", dirs_exist_ok=True)  # ComfyUI's tokenizers
@@ -734,11 +734,11 @@ def test_training_options_node_defaults_to_auto_and_keeps_explicit_choices(nodes
     assert "gradient_checkpointing_when_off" in spec["optional"]  # appended: saved widget positions unchanged
 
 
-def test_step_plan_shows_the_memory_estimate_when_the_model_is_connected(nodes):
+def test_step_plan_shows_the_memory_estimate_when_the_model_is_connected(nodes, demo_input):
     """Issue 16: the Step Plan node tells the user the estimated peak memory before training."""
     from trainer.config import ModelConfig
 
-    data = dataset(nodes)
+    data = dataset(nodes, demo_input)
     (plain,), _ = run(nodes, "CrucibleStepPlan", dataset=data)
     assert "estimated peak memory" not in plain
     (training,), _ = run(nodes, "CrucibleTrainingOptions", cache_latents=True)

@@ -4,9 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer.config import ADAPTIVE_OPTIMIZERS, OPTIMIZERS, SCHEDULERS, OptimConfig, TrainingConfig
+from trainer.config import ADAPTIVE_OPTIMIZERS, OPTIMIZERS, SCHEDULERS, OptimConfig, TrainConfig, TrainingConfig
 from trainer.errors import ConfigError, CrucibleError
-from trainer.optim import build_optimizer, build_scheduler, parse_optimizer_args, warmup_steps
+from trainer.optim import build_optimizer, build_scheduler, parse_optimizer_args
+from trainer.plan import plan_from_counts, warmup_steps
 
 LR_FREE = set(ADAPTIVE_OPTIMIZERS)
 
@@ -69,7 +70,8 @@ def test_schedules_match_diffusers_get_scheduler(name):
     cfg = OptimConfig(lr_scheduler=name, learning_rate=1.0, lr_warmup_ratio=0.1, lr_scheduler_num_cycles=2,
                       lr_scheduler_power=2.0)
     total = 50
-    ours = build_scheduler(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), cfg, total)
+    plan = plan_from_counts({(64, 64): total}, TrainConfig(optim=cfg).replace(training={"epochs": 1}))
+    ours = build_scheduler(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), cfg, plan)
     ref_name = "constant_with_warmup" if name == "constant" else name  # constant + warmup: warmup applies
     ref = get_scheduler(ref_name, torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), num_warmup_steps=5,
                         num_training_steps=total, num_cycles=2, power=2.0)
@@ -79,8 +81,23 @@ def test_schedules_match_diffusers_get_scheduler(name):
         b.append(ref.get_last_lr()[0])
         ours.optimizer.step(), ours.step(), ref.optimizer.step(), ref.step()
     assert a == pytest.approx(b)
-    # every schedule warms up for the plan's 5 steps to the full learning rate, then follows its own shape
-    assert a[0] < a[4] < a[5] == pytest.approx(1.0), a[:6]
+
+
+def test_the_scheduler_warms_up_for_the_plans_warmup():
+    """The Step Plan's warmup is the value the scheduler applies: it is read from the plan, not recomputed."""
+    from dataclasses import replace
+
+    cfg = OptimConfig(lr_scheduler="linear", learning_rate=1.0, lr_warmup_steps=2)
+    plan = plan_from_counts({(64, 64): 20}, TrainConfig(optim=cfg).replace(training={"epochs": 1}))
+    assert plan.warmup_steps == 2
+    for warmup in (plan.warmup_steps, 7):
+        shown = replace(plan, warmup_steps=warmup)
+        scheduler = build_scheduler(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), cfg, shown)
+        lrs = []
+        for _ in range(warmup + 1):
+            lrs.append(scheduler.get_last_lr()[0])
+            scheduler.optimizer.step(), scheduler.step()
+        assert lrs[warmup] == pytest.approx(1.0) and lrs[warmup - 1] < 1.0, (warmup, lrs)
 
 
 def test_warmup_ratio_overrides_steps_and_is_capped():

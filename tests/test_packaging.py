@@ -101,3 +101,46 @@ def test_suite_runs_in_a_checkout_whose_folder_name_is_not_a_python_name(tmp_pat
                          cwd=clone, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
     assert "1 passed" in run.stdout
+
+
+# --- what the wheel ships ----------------------------------------------------------------------------------------------
+TEST_FIXTURE_MODULES = sorted(p.stem for p in TESTS.glob("*.py") if not p.stem.startswith(("test_", "conftest")))
+TEST_FIXTURE_BUILDERS = ("build_comfy_sd15", "comfy_sd15_components", "build_tiny_flow_model")
+
+
+@pytest.fixture(scope="module")
+def wheel_files(tmp_path_factory) -> dict[str, bytes]:
+    """Every file of the wheel setuptools builds from pyproject.toml (built offline from a copy of the sources)."""
+    import shutil
+    import zipfile
+
+    src = tmp_path_factory.mktemp("src")
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy2(ROOT / name, src / name)
+    shutil.copytree(ROOT / "trainer", src / "trainer", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    code = "import sys; from setuptools import build_meta; print(build_meta.build_wheel(sys.argv[1]))"
+    run = subprocess.run([sys.executable, "-c", code, str(src / "dist")], cwd=src, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    with zipfile.ZipFile(src / "dist" / run.stdout.strip().splitlines()[-1]) as wheel:
+        return {name: wheel.read(name) for name in wheel.namelist()}
+
+
+def test_the_wheel_ships_every_trainer_module(wheel_files):
+    """Sub-packages (trainer.dataset, trainer.client, ...) must be listed in pyproject.toml or they are left out."""
+    modules = {p.relative_to(ROOT).as_posix() for p in (ROOT / "trainer").rglob("*.py") if "__pycache__" not in p.parts}
+    assert modules - set(wheel_files) == set()
+
+
+def test_the_wheel_ships_no_test_fixture(wheel_files):
+    assert TEST_FIXTURE_MODULES  # tiny_flow, comfy_sd15, comfy_stubs, run_helpers, ...
+    assert not [n for n in wheel_files if n.startswith("tests/")]
+    shipped = {Path(n).stem for n in wheel_files if n.endswith(".py")}
+    assert shipped & set(TEST_FIXTURE_MODULES) == set()
+    for name, data in wheel_files.items():
+        if not name.endswith(".py"):
+            continue
+        text = data.decode("utf-8")
+        assert not [b for b in TEST_FIXTURE_BUILDERS if f"def {b}(" in text], f"{name} defines a test fixture"
+        imported = {m for m in TEST_FIXTURE_MODULES if re.search(rf"^\s*(from|import)\s+(\S+\.)?{m}\b", text, re.M)}
+        assert not imported, f"{name} imports test fixtures {imported}: move what it needs into trainer/"

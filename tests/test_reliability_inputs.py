@@ -435,7 +435,7 @@ CAPTION_OPTIONS = CaptionConfig(trigger_word="ohwx", keep_tokens=1, shuffle_capt
 def test_captions_of_random_bytes_read_process_and_tokenize(fuzz_dir, tokenizer, data):
     from trainer.captions import clean_tags, process_caption
     from trainer.dataset import read_caption
-    from trainer.families.sd15 import chunked_token_ids
+    from trainer.families.clip_text import chunked_token_ids
 
     image = fuzz_dir / "captioned.png"
     if not image.exists():

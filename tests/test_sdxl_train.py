@@ -19,20 +19,11 @@ FAMILY = get_family("sdxl")
 PROMPTS = ["crucible, red circle", "blue square, crucible"]
 
 
-def make_config(model_dir: Path, data: Path, out: Path, **sections) -> TrainConfig:
-    base = {
-        "model": {"family": "sdxl", "path": str(model_dir)},
-        "datasets": [{"path": str(data), "resolution": 64, "repeats": 1,
-                      "captions": {"trigger_word": "crucible", "shuffle_caption": True, "keep_tokens": 1}}],
-        "network": {"network_dim": 4, "network_alpha": 4, "target_preset": "attn_mlp", "train_text_encoder": True},
-        "optim": {"learning_rate": 1e-2, "lr_scheduler": "constant"},
-        "training": {"batch_size": 4, "epochs": 3, "seed": 5, "mixed_precision": "no"},  # exact comparisons
-        "save": {"output_dir": str(out / "loras"), "work_dir": str(out / "runs"), "run_name": "xl",
-                 "save_every_n_epochs": 0, "save_precision": "fp32"},
-    }
-    for key, value in sections.items():
-        base[key] = {**base.get(key, {}), **value}
-    return TrainConfig.from_dict(base)
+@pytest.fixture(scope="module")
+def run_config_defaults() -> dict:
+    """SDXL with both text encoders trained; fp32 compute: exact comparisons."""
+    return {"model": {"family": "sdxl"}, "network": {"train_text_encoder": True},
+            "training": {"epochs": 3, "seed": 5, "mixed_precision": "no"}, "save": {"run_name": "xl", "save_every_n_epochs": 0}}
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +34,7 @@ def tiny_sdxl(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_sdxl, demo_dataset, tmp_path_factory):
+def trained(make_config, tiny_sdxl, demo_dataset, tmp_path_factory):
     """30 steps (10 epochs × 3) of a LoCon-preset LoRA on the UNet and both CLIPs; the trained components kept."""
     cfg = make_config(tiny_sdxl, demo_dataset, tmp_path_factory.mktemp("xl"), training={"epochs": 10},
                       network={"target_preset": "all_linear_conv"})
@@ -105,7 +96,7 @@ def test_reloaded_file_reproduces_the_trained_model(trained):
 
 
 
-def test_resume_after_a_stop_is_exact(tiny_sdxl, demo_dataset, tmp_path):
+def test_resume_after_a_stop_is_exact(make_config, tiny_sdxl, demo_dataset, tmp_path):
     sections = dict(optim={"lr_scheduler": "cosine", "lr_warmup_steps": 2})
     full = train(make_config(tiny_sdxl, demo_dataset, tmp_path / "a", **sections))
     cfg = make_config(tiny_sdxl, demo_dataset, tmp_path / "b", **sections)

@@ -11,6 +11,8 @@ import torch
 from trainer.config import ModelConfig
 from trainer.errors import ModelLoadError
 from trainer.families import get_family
+from trainer.families import ldm_configs as lc
+from trainer.families import ldm_layout as ll
 from trainer.families import single_file as sf
 from trainer.families import tokenizers as tk
 from trainer.tiny import build_tiny_components, build_tiny_tokenizer, single_file_path
@@ -57,13 +59,13 @@ def test_full_size_unet_config_is_derived_from_shapes(family, standard, pooled):
 
     with torch.device("meta"):
         unet = UNet2DConditionModel(**standard)
-    ldm = sf.unet_to_ldm(unet.state_dict())
+    ldm = ll.unet_to_ldm(unet.state_dict())
     assert "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight" in ldm or family == "sdxl"
     assert "middle_block.1.proj_in.weight" in ldm and "out.2.weight" in ldm
-    derived = sf.unet_config_from_ldm(ldm, family, pooled_dim=pooled)
+    derived = lc.unet_config_from_ldm(ldm, family, pooled_dim=pooled)
     _assert_subset(derived, standard)
     # diffusers' own converter maps our LDM names back onto exactly the original keys and shapes
-    back = convert_ldm_unet_checkpoint({sf.UNET_PREFIX + k: v for k, v in ldm.items()}, derived)
+    back = convert_ldm_unet_checkpoint({ll.UNET_PREFIX + k: v for k, v in ldm.items()}, derived)
     assert {k: tuple(v.shape) for k, v in back.items()} == _shapes(unet)
 
 
@@ -71,7 +73,7 @@ def test_full_size_sdxl_unet_uses_the_original_ldm_names():
     from diffusers import UNet2DConditionModel
 
     with torch.device("meta"):
-        ldm = sf.unet_to_ldm(UNet2DConditionModel(**SDXL_UNET).state_dict())
+        ldm = ll.unet_to_ldm(UNet2DConditionModel(**SDXL_UNET).state_dict())
     # names ComfyUI's SDXL detection and kohya's LDM-named LoRAs rely on
     for key in ("input_blocks.4.1.transformer_blocks.1.attn1.to_q.weight", "input_blocks.3.0.op.weight",
                 "middle_block.1.transformer_blocks.9.ff.net.2.weight", "output_blocks.2.2.conv.weight",
@@ -89,22 +91,22 @@ def test_full_size_vae_and_clip_configs_are_derived_from_shapes():
         vae = AutoencoderKL(**SD_VAE)
         clip_l = CLIPTextModel(CLIPTextConfig(**CLIP_L))
         clip_g = CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_G))
-    vae_ldm = sf.vae_to_ldm(vae.state_dict())
+    vae_ldm = ll.vae_to_ldm(vae.state_dict())
     assert tuple(vae_ldm["encoder.mid.attn_1.q.weight"].shape) == (512, 512, 1, 1)  # conv 1x1 as in LDM files
     assert "decoder.up.3.upsample.conv.weight" in vae_ldm and "encoder.down.1.block.0.nin_shortcut.weight" in vae_ldm
     for family, scale in (("sd15", 0.18215), ("sdxl", 0.13025)):
-        derived = sf.vae_config_from_ldm(vae_ldm, family)
+        derived = lc.vae_config_from_ldm(vae_ldm, family)
         _assert_subset(derived, SD_VAE)
         assert derived["scaling_factor"] == scale
-    prefix_l = sf.CLIP_PREFIXES[("sd15", "text_encoder")]
-    l_ldm = sf.clip_l_to_ldm(clip_l.state_dict(), prefix_l)
+    prefix_l = get_family("sd15").single_file_prefixes["text_encoder"]
+    l_ldm = ll.clip_l_to_ldm(clip_l.state_dict(), prefix_l)
     assert f"{prefix_l}text_model.encoder.layers.11.mlp.fc2.weight" in l_ldm
-    _assert_subset(sf.clip_config_from_ldm(sf.strip_prefix(l_ldm, prefix_l), "clip_l"), CLIP_L)
-    prefix_g = sf.CLIP_PREFIXES[("sdxl", "text_encoder_2")]
-    g_ldm = sf.clip_g_to_ldm(clip_g.state_dict(), prefix_g)
+    _assert_subset(lc.clip_config_from_ldm(lc.strip_prefix(l_ldm, prefix_l), "clip_l"), CLIP_L)
+    prefix_g = get_family("sdxl").single_file_prefixes["text_encoder_2"]
+    g_ldm = ll.clip_g_to_ldm(clip_g.state_dict(), prefix_g)
     assert tuple(g_ldm[f"{prefix_g}transformer.resblocks.31.attn.in_proj_weight"].shape) == (3840, 1280)
     assert f"{prefix_g}text_projection" in g_ldm and f"{prefix_g}ln_final.weight" in g_ldm
-    _assert_subset(sf.clip_config_from_ldm(sf.strip_prefix(g_ldm, prefix_g), "clip_g"), CLIP_G)
+    _assert_subset(lc.clip_config_from_ldm(lc.strip_prefix(g_ldm, prefix_g), "clip_g"), CLIP_G)
 
 
 # --- exact round trips on tiny models ----------------------------------------------------------------------------
@@ -114,8 +116,8 @@ def test_clip_g_round_trip_through_diffusers_openclip_converter():
 
     comps = build_tiny_components("sdxl", seed=3)
     clip_g = comps.text_encoders[1]
-    prefix = sf.CLIP_PREFIXES[("sdxl", "text_encoder_2")]
-    ldm = sf.clip_g_to_ldm(clip_g.state_dict(), prefix)
+    prefix = get_family("sdxl").single_file_prefixes["text_encoder_2"]
+    ldm = ll.clip_g_to_ldm(clip_g.state_dict(), prefix)
     back = convert_open_clip_checkpoint(clip_g, ldm, prefix=prefix)
     original = clip_g.state_dict()
     assert set(back) == set(original)
@@ -125,8 +127,8 @@ def test_clip_g_round_trip_through_diffusers_openclip_converter():
 def test_vae_file_in_any_layout_loads_to_the_same_weights(tmp_path):
     comps = build_tiny_components("sd15", seed=5)
     original = comps.vae.state_dict()
-    ldm = sf.vae_to_ldm(original)
-    layouts = {"prefixed": {sf.VAE_PREFIX + k: v for k, v in ldm.items()}, "bare": ldm, "diffusers": original}
+    ldm = ll.vae_to_ldm(original)
+    layouts = {"prefixed": {ll.VAE_PREFIX + k: v for k, v in ldm.items()}, "bare": ldm, "diffusers": original}
     for name, weights in layouts.items():
         vae = sf.load_vae(weights, "sd15", name)
         assert all(torch.equal(vae.state_dict()[k], original[k]) for k in original), name
@@ -137,8 +139,8 @@ def test_single_file_markers_set_prediction_type_and_zero_snr(tmp_path):
 
     comps = build_tiny_components("sd15", tokenizer_dir=tmp_path / "m_tokenizer")
     comps.noise_scheduler = make_noise_scheduler("v_prediction", zero_terminal_snr=True)
-    state = sf.diffusers_to_single_file(comps, "sd15")
-    assert sf.V_PRED_KEY in state and sf.ZTSNR_KEY in state
+    state = ll.diffusers_to_single_file(comps, "sd15")
+    assert ll.V_PRED_KEY in state and ll.ZTSNR_KEY in state
     from safetensors.torch import save_file
 
     save_file(state, tmp_path / "m.safetensors")
@@ -157,7 +159,7 @@ def test_incomplete_checkpoint_is_refused_with_the_missing_tensor(tiny_sd15, tmp
     from safetensors.torch import load_file, save_file
 
     state = load_file(single_file_path(tiny_sd15))
-    del state[sf.UNET_PREFIX + dropped]
+    del state[ll.UNET_PREFIX + dropped]
     save_file(state, tmp_path / "broken.safetensors")
     with pytest.raises(ModelLoadError, match="broken.safetensors") as err:
         get_family("sd15").load(ModelConfig(path=str(tmp_path / "broken.safetensors"),

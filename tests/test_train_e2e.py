@@ -16,24 +16,9 @@ from run_helpers import StopAt
 pytestmark = pytest.mark.slow
 
 
-def make_config(model_dir: Path, data: Path, out: Path, **sections) -> TrainConfig:
-    base = {
-        "model": {"family": "sd15", "path": str(model_dir)},
-        "datasets": [{"path": str(data), "resolution": 64, "repeats": 1,
-                      "captions": {"trigger_word": "crucible", "shuffle_caption": True, "keep_tokens": 1}}],
-        "network": {"network_dim": 4, "network_alpha": 4, "target_preset": "attn_mlp"},
-        "optim": {"learning_rate": 1e-2, "lr_scheduler": "constant"},
-        "training": {"batch_size": 4, "epochs": 8, "seed": 3},
-        "save": {"output_dir": str(out / "loras"), "work_dir": str(out / "runs"), "run_name": "t",
-                 "save_every_n_epochs": 4, "save_precision": "fp32"},
-    }
-    for key, value in sections.items():
-        base[key] = {**base.get(key, {}), **value}
-    return TrainConfig.from_dict(base)
-
 
 @pytest.fixture(scope="module")
-def trained(tiny_sd15, demo_dataset, tmp_path_factory):
+def trained(make_config, tiny_sd15, demo_dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     cfg = make_config(tiny_sd15, demo_dataset, out)
     return cfg, train(cfg)
@@ -64,6 +49,8 @@ def test_checkpoints_written_with_metadata(trained):
             {"lora_down", "lora_up", "alpha"}
     manifest = json.loads((result.work_dir / "run.json").read_text())
     assert manifest["status"] == "finished" and len(manifest["checkpoints"]) == 2
+    assert manifest == json.loads(json.dumps(result.record.to_dict()))  # run.json: the RunResult's record
+    assert result.record.checkpoints == result.checkpoints
     assert not list(Path(cfg.save.output_dir).rglob("*.tmp"))
 
 
@@ -114,7 +101,7 @@ def test_reloaded_lora_reproduces_trained_output(trained):
 
 
 
-def test_cancel_saves_and_resume_is_exact(tiny_sd15, demo_dataset, tmp_path):
+def test_cancel_saves_and_resume_is_exact(make_config, tiny_sd15, demo_dataset, tmp_path):
     sections = dict(training={"epochs": 3, "seed": 11}, optim={"lr_scheduler": "cosine", "lr_warmup_steps": 2},
                     save={"save_every_n_epochs": 0, "save_every_n_steps": 0})
     full = train(make_config(tiny_sd15, demo_dataset, tmp_path / "a", **sections))
@@ -130,7 +117,7 @@ def test_cancel_saves_and_resume_is_exact(tiny_sd15, demo_dataset, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_resume_refuses_changed_config(tiny_sd15, demo_dataset, tmp_path):
+def test_resume_refuses_changed_config(make_config, tiny_sd15, demo_dataset, tmp_path):
     from trainer.errors import CrucibleError
 
     cfg = make_config(tiny_sd15, demo_dataset, tmp_path, training={"epochs": 1})
@@ -143,7 +130,7 @@ def test_resume_refuses_changed_config(tiny_sd15, demo_dataset, tmp_path):
     assert forced.losses[0] == result.losses[0]
 
 
-def test_nan_loss_stops_with_clear_error_and_keeps_checkpoints(tiny_sd15, demo_dataset, tmp_path, monkeypatch):
+def test_nan_loss_stops_with_clear_error_and_keeps_checkpoints(make_config, tiny_sd15, demo_dataset, tmp_path, monkeypatch):
     from trainer.errors import TrainingDivergedError
     from trainer.loop import Trainer
 
@@ -164,7 +151,7 @@ def test_nan_loss_stops_with_clear_error_and_keeps_checkpoints(tiny_sd15, demo_d
     assert len(kept) == 1 and load_file(str(kept[0]))  # epoch-1 checkpoint intact and readable
 
 
-def test_full_finetune_exports_a_diffusers_unet_that_reloads(tiny_sd15, demo_dataset, tmp_path):
+def test_full_finetune_exports_a_diffusers_unet_that_reloads(make_config, tiny_sd15, demo_dataset, tmp_path):
     from diffusers import UNet2DConditionModel
 
     cfg = make_config(tiny_sd15, demo_dataset, tmp_path, network={"network_type": "full"},
@@ -192,7 +179,7 @@ def test_headless_sweep_renders_a_labelled_grid(trained, tmp_path):
     assert layout["col_labels"][0] == "base" and layout["col_labels"][1].startswith("step 12")
 
 
-def test_cached_latents_and_text_train_and_resume_exactly(tiny_sd15, demo_dataset, tmp_path):
+def test_cached_latents_and_text_train_and_resume_exactly(make_config, tiny_sd15, demo_dataset, tmp_path):
     sections = dict(training={"epochs": 2, "seed": 4, "cache_latents": True, "cache_latents_to_disk": True,
                               "cache_text_embeddings": True, "caption_variants": 3},
                     save={"save_every_n_epochs": 0})
@@ -204,7 +191,7 @@ def test_cached_latents_and_text_train_and_resume_exactly(tiny_sd15, demo_datase
     assert resumed.losses == full.losses
 
 
-def test_weighted_captions_reach_the_text_encoder(tiny_sd15, tmp_path, monkeypatch):
+def test_weighted_captions_reach_the_text_encoder(make_config, tiny_sd15, tmp_path, monkeypatch):
     from PIL import Image
 
     from trainer.families.sd15 import StableDiffusionFamily
@@ -231,7 +218,7 @@ def test_weighted_captions_reach_the_text_encoder(tiny_sd15, tmp_path, monkeypat
     assert any(w == 1.4 for pieces in seen[0] for _, w in pieces)
 
 
-def test_full_finetune_can_also_write_a_single_file_checkpoint(tiny_sd15, demo_dataset, tmp_path):
+def test_full_finetune_can_also_write_a_single_file_checkpoint(make_config, tiny_sd15, demo_dataset, tmp_path):
     from trainer.config import ModelConfig
     from trainer.families import get_family
 

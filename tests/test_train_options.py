@@ -33,22 +33,12 @@ PROMPTS = ["crucible, red circle", "blue square, crucible"]
 
 # --- helpers ---------------------------------------------------------------------------------------------------------
 
-def make_config(model_dir: Path, data: Path, out: Path, **sections) -> TrainConfig:
-    """A short run (3 steps of batch 4 over the 12 demo images) with fp32 files, so reloads compare exactly."""
-    base = {
-        "model": {"family": "sd15", "path": str(model_dir)},
-        "datasets": [{"path": str(data), "resolution": 64, "repeats": 1,
-                      "captions": {"trigger_word": "crucible", "shuffle_caption": True, "keep_tokens": 1}}],
-        "network": {"network_dim": 4, "network_alpha": 4, "target_preset": "attn_mlp"},
-        "optim": {"learning_rate": 1e-2, "lr_scheduler": "constant"},
-        # validation off: these tests count batches and model calls of training alone; fp32: exact comparisons
-        "training": {"batch_size": 4, "epochs": 1, "seed": 3, "validation_split": 0.0, "mixed_precision": "no"},
-        "save": {"output_dir": str(out / "loras"), "work_dir": str(out / "runs"), "run_name": "t",
-                 "save_every_n_epochs": 0, "save_precision": "fp32"},
-    }
-    for key, value in sections.items():
-        base[key] = {**base.get(key, {}), **value}
-    return TrainConfig.from_dict(base)
+@pytest.fixture(scope="module")
+def run_config_defaults() -> dict:
+    """A short run (3 steps of batch 4 over the 12 demo images). Validation off: these tests count batches and model
+    calls of training alone; fp32 compute: exact comparisons."""
+    return {"training": {"epochs": 1, "validation_split": 0.0, "mixed_precision": "no"},
+            "save": {"save_every_n_epochs": 0}}
 
 
 def train_with_components(cfg: TrainConfig, callbacks: Callbacks | None = None):
@@ -176,7 +166,7 @@ class Recorder(Callbacks):
 
 
 @pytest.fixture(scope="module")
-def baseline(tiny_sd15, demo_dataset, tmp_path_factory):
+def baseline(make_config, tiny_sd15, demo_dataset, tmp_path_factory):
     """The plain 3-step LoRA run the loss-option tests compare against."""
     return train(make_config(tiny_sd15, demo_dataset, tmp_path_factory.mktemp("baseline")))
 
@@ -184,7 +174,7 @@ def baseline(tiny_sd15, demo_dataset, tmp_path_factory):
 # --- 1. network types, presets, text encoders, full fine-tune ------------------------------------------------------
 
 @pytest.mark.parametrize("network_type", ["lora", "dora", "loha", "lokr"])
-def test_network_type_trains_and_its_file_reloads_to_the_trained_output(network_type, tiny_sd15, demo_dataset,
+def test_network_type_trains_and_its_file_reloads_to_the_trained_output(make_config, network_type, tiny_sd15, demo_dataset,
                                                                         tmp_path):
     """LoCon preset (every linear and conv layer), so the conv export of each adapter type is exercised too."""
     cfg = make_config(tiny_sd15, demo_dataset, tmp_path,
@@ -196,7 +186,7 @@ def test_network_type_trains_and_its_file_reloads_to_the_trained_output(network_
     assert_reload_reproduces(cfg, comps, path)
 
 
-def test_target_presets_grow_reload_and_stay_in_comfyui_keymap(tiny_sd15, demo_dataset, tmp_path, comfyui_reference):
+def test_target_presets_grow_reload_and_stay_in_comfyui_keymap(make_config, tiny_sd15, demo_dataset, tmp_path, comfyui_reference):
     """attn ⊂ attn_mlp ⊂ all_linear ⊂ all_linear_conv; every file reloads and every prefix is a ComfyUI key."""
     accepted = keymap(comfyui_reference)
     written = []
@@ -219,7 +209,7 @@ def test_target_presets_grow_reload_and_stay_in_comfyui_keymap(tiny_sd15, demo_d
         {"conv_alpha": 4.0, "conv_dim": 4.0}
 
 
-def test_conv_dim_and_conv_alpha_set_the_rank_of_kxk_convolutions(tiny_sd15, demo_dataset, tmp_path):
+def test_conv_dim_and_conv_alpha_set_the_rank_of_kxk_convolutions(make_config, tiny_sd15, demo_dataset, tmp_path):
     """kohya LoCon: 3×3 convolutions get ``conv_dim``/``conv_alpha``; 1×1 convolutions count as linear layers."""
     cfg = make_config(tiny_sd15, demo_dataset, tmp_path, training={"max_train_steps": 2},
                       network={"target_preset": "all_linear_conv", "conv_dim": 2, "conv_alpha": 1})
@@ -235,7 +225,7 @@ def test_conv_dim_and_conv_alpha_set_the_rank_of_kxk_convolutions(tiny_sd15, dem
     assert_reload_reproduces(cfg, comps, path)
 
 
-def test_text_encoder_trains_with_comfyui_keys(tiny_sd15, demo_dataset, tmp_path, comfyui_reference):
+def test_text_encoder_trains_with_comfyui_keys(make_config, tiny_sd15, demo_dataset, tmp_path, comfyui_reference):
     """Every prefix of the tiny model is a key of ComfyUI's full-size SD1.5 map: tiny module names (3 CLIP layers,
     two UNet levels) are a subset of the full-size ones."""
     cfg = make_config(tiny_sd15, demo_dataset, tmp_path, network={"train_text_encoder": True})
@@ -251,7 +241,7 @@ def test_text_encoder_trains_with_comfyui_keys(tiny_sd15, demo_dataset, tmp_path
     assert (outputs(comps)[0] - base_text).abs().max() > 1e-4, "the text encoder did not change"
 
 
-def test_text_encoder_only(tiny_sd15, demo_dataset, tmp_path):
+def test_text_encoder_only(make_config, tiny_sd15, demo_dataset, tmp_path):
     cfg = make_config(tiny_sd15, demo_dataset, tmp_path, network={"train_unet": False, "train_text_encoder": True})
     result, comps = train_with_components(cfg)
     path = result.checkpoints[-1].path
@@ -259,7 +249,7 @@ def test_text_encoder_only(tiny_sd15, demo_dataset, tmp_path):
     assert_reload_reproduces(cfg, comps, path)
 
 
-def test_full_finetune_with_text_encoder_what_is_exported(tiny_sd15, demo_dataset, tmp_path, caplog):
+def test_full_finetune_with_text_encoder_what_is_exported(make_config, tiny_sd15, demo_dataset, tmp_path, caplog):
     """A full fine-tune's checkpoint is the UNet's diffusers state dict (``family.full_export_state_dict``) for
     ComfyUI's Load Diffusion Model. A text encoder trained alongside is not in it: it lives in the training state
     (``state/state.pt``), the run warns, and ``save.single_file_dir`` writes the whole model, trained CLIP
@@ -300,7 +290,7 @@ def _groups(cfg: TrainConfig):
     return param_groups(FAMILY, net, cfg.optim), named
 
 
-def test_block_lr_weights_scale_groups_and_freeze_zero_blocks(tiny_sd15, demo_dataset, tmp_path):
+def test_block_lr_weights_scale_groups_and_freeze_zero_blocks(make_config, tiny_sd15, demo_dataset, tmp_path):
     # kohya's layout: down_lr_weight[k] = IN k, up_lr_weight[k] = OUT k. The tiny UNet's down_blocks.0 is IN01-03,
     # down_blocks.1 IN04, up_blocks.0 OUT00-02, up_blocks.1 OUT03-05.
     down = [1.0, 0.0, 0.0, 0.0, 0.5] + [1.0] * 7
@@ -335,14 +325,14 @@ def test_block_lr_weights_scale_groups_and_freeze_zero_blocks(tiny_sd15, demo_da
     assert all(not torch.equal(first[k], last[k]) for k in moving)
 
 
-def test_block_lr_weights_need_one_value_per_block(tiny_sd15, demo_dataset, tmp_path):
+def test_block_lr_weights_need_one_value_per_block(make_config, tiny_sd15, demo_dataset, tmp_path):
     from trainer.errors import ConfigError
 
     with pytest.raises(ConfigError, match="down_lr_weight has 1 values; kohya's sd15 layout needs 12"):
         make_config(tiny_sd15, demo_dataset, tmp_path, network={"target_preset": "all_linear", "down_lr_weight": [1.0]})
 
 
-def test_block_dims_set_per_block_ranks_in_the_file(tiny_sd15, demo_dataset, tmp_path):
+def test_block_dims_set_per_block_ranks_in_the_file(make_config, tiny_sd15, demo_dataset, tmp_path):
     dims = {"down_0": 2, "down_1": 3, "mid": 5, "up_0": 6, "up_1": 7}
     index_of = {"down_0": (1, 2, 3), "down_1": (4,), "mid": (12,), "up_0": (13, 14, 15), "up_1": (16, 17, 18)}
     per_block = [4] * 25  # kohya's SD1.5 layout: 25 values
@@ -364,7 +354,7 @@ def test_block_dims_set_per_block_ranks_in_the_file(tiny_sd15, demo_dataset, tmp
     assert_reload_reproduces(cfg, comps, path)
 
 
-def test_unet_and_text_encoder_learning_rates_are_separate_groups(tiny_sd15, demo_dataset, tmp_path):
+def test_unet_and_text_encoder_learning_rates_are_separate_groups(make_config, tiny_sd15, demo_dataset, tmp_path):
     cfg = make_config(tiny_sd15, demo_dataset, tmp_path, network={"train_text_encoder": True},
                       optim={"learning_rate": 1e-3, "unet_lr": 5e-4, "text_encoder_lr": 1e-5})
     groups, named = _groups(cfg)
@@ -379,7 +369,7 @@ def test_unet_and_text_encoder_learning_rates_are_separate_groups(tiny_sd15, dem
 
 # --- 3. precision, gradient checkpointing, accumulation --------------------------------------------------------------
 
-def test_bf16_mixed_precision_trains_on_cpu(tiny_sd15, demo_dataset, tmp_path):
+def test_bf16_mixed_precision_trains_on_cpu(make_config, tiny_sd15, demo_dataset, tmp_path):
     cfg = make_config(tiny_sd15, demo_dataset, tmp_path, training={"mixed_precision": "bf16", "max_train_steps": 4})
     result, comps = train_with_components(cfg)
     assert len(result.losses) == 4 and all(math.isfinite(x) for x in result.losses)
@@ -389,7 +379,7 @@ def test_bf16_mixed_precision_trains_on_cpu(tiny_sd15, demo_dataset, tmp_path):
     assert all(v.dtype == torch.float32 for v in load_file(str(result.checkpoints[-1].path)).values())
 
 
-def test_fp16_mixed_precision_on_cpu_is_a_clear_error(tiny_sd15, demo_dataset, tmp_path):
+def test_fp16_mixed_precision_on_cpu_is_a_clear_error(make_config, tiny_sd15, demo_dataset, tmp_path):
     from trainer.errors import CrucibleError
 
     if torch.cuda.is_available():
@@ -400,7 +390,7 @@ def test_fp16_mixed_precision_on_cpu_is_a_clear_error(tiny_sd15, demo_dataset, t
 
 
 @pytest.mark.parametrize("precision, dtype", [("fp16", torch.float16), ("bf16", torch.bfloat16)])
-def test_save_precision_sets_file_dtypes_but_alpha_stays_fp32(precision, dtype, tiny_sd15, demo_dataset, tmp_path):
+def test_save_precision_sets_file_dtypes_but_alpha_stays_fp32(make_config, precision, dtype, tiny_sd15, demo_dataset, tmp_path):
     cfg = make_config(tiny_sd15, demo_dataset, tmp_path, save={"save_precision": precision},
                       network={"network_type": "dora"}, training={"max_train_steps": 1})
     tensors = load_file(str(train(cfg).checkpoints[-1].path))
@@ -410,7 +400,7 @@ def test_save_precision_sets_file_dtypes_but_alpha_stays_fp32(precision, dtype, 
     assert all(v.dtype == dtype for k, v in tensors.items() if k not in alphas)
 
 
-def test_gradient_checkpointing_recomputes_and_gives_the_same_training(tiny_sd15, demo_dataset, tmp_path):
+def test_gradient_checkpointing_recomputes_and_gives_the_same_training(make_config, tiny_sd15, demo_dataset, tmp_path):
     """Checkpointed blocks run their forward again in the backward pass (UNet and trained text encoder); the losses
     and the trained weights are those of a run without checkpointing (same float operations: rtol 1e-5)."""
     runs = {}
@@ -434,7 +424,7 @@ def test_gradient_checkpointing_recomputes_and_gives_the_same_training(tiny_sd15
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6)
 
 
-def test_gradient_accumulation_plan_and_micro_batches(tiny_sd15, demo_dataset, tmp_path, objectives):
+def test_gradient_accumulation_plan_and_micro_batches(make_config, tiny_sd15, demo_dataset, tmp_path, objectives):
     """12 images, batch 4, accumulation 2: 3 micro-batches per epoch make 2 optimizer steps (the second short)."""
     cfg = make_config(tiny_sd15, demo_dataset, tmp_path, training={"gradient_accumulation_steps": 2, "epochs": 2})
     result = train(cfg)
@@ -458,7 +448,7 @@ class FixedNoiseObjective:
         return NoisedBatch(self.scheduler.add_noise(latents, fixed, t), t, fixed.contiguous(), None)
 
 
-def test_accumulation_averages_like_one_big_batch(tiny_sd15, demo_dataset, tmp_path, monkeypatch):
+def test_accumulation_averages_like_one_big_batch(make_config, tiny_sd15, demo_dataset, tmp_path, monkeypatch):
     """Batch 4 vs batch 2 × accumulation 2 over the same 4 images: the first SGD update (lora_up = -lr·grad, as
     lora_up starts at zero) agrees to float rounding, rtol 1e-4. Summing instead of averaging would double it."""
     import trainer.loop
@@ -487,7 +477,7 @@ def test_accumulation_averages_like_one_big_batch(tiny_sd15, demo_dataset, tmp_p
 
 # --- 4. loss and noise options --------------------------------------------------------------------------------------
 
-def test_min_snr_gamma_down_weights_the_loss(tiny_sd15, demo_dataset, tmp_path, baseline, objectives):
+def test_min_snr_gamma_down_weights_the_loss(make_config, tiny_sd15, demo_dataset, tmp_path, baseline, objectives):
     """Same seed, same noise and timesteps: kohya's min-SNR weights are ≤ 1, so the weighted loss is lower.
     (γ = 1 rather than the usual 5 so that some of step 1's four timesteps have an SNR above γ.)"""
     result = train(make_config(tiny_sd15, demo_dataset, tmp_path, training={"min_snr_gamma": 1.0,
@@ -504,7 +494,7 @@ def _spatial_stats(noise: torch.Tensor) -> tuple[float, float]:
     return means, torch.corrcoef(torch.stack([left, right]))[0, 1].item()
 
 
-def test_noise_offset_and_multires_noise_reach_the_objective(tiny_sd15, demo_dataset, tmp_path, baseline,
+def test_noise_offset_and_multires_noise_reach_the_objective(make_config, tiny_sd15, demo_dataset, tmp_path, baseline,
                                                              objectives):
     """The loop hands the objective white noise by default, per-channel-shifted noise with ``noise_offset`` and
     spatially correlated unit-variance noise with multires (pyramid) noise; either changes the loss."""
@@ -522,7 +512,7 @@ def test_noise_offset_and_multires_noise_reach_the_objective(tiny_sd15, demo_dat
     assert multires.std(dim=(1, 2, 3)) == pytest.approx(torch.ones(4), abs=1e-3)
 
 
-def test_v_prediction_with_zero_terminal_snr(tiny_sd15, demo_dataset, tmp_path, objectives):
+def test_v_prediction_with_zero_terminal_snr(make_config, tiny_sd15, demo_dataset, tmp_path, objectives):
     cfg = make_config(tiny_sd15, demo_dataset, tmp_path, training={"max_train_steps": 2},
                       model={"prediction_type": "v_prediction", "zero_terminal_snr": True})
     result, comps = train_with_components(cfg)
@@ -537,7 +527,7 @@ def test_v_prediction_with_zero_terminal_snr(tiny_sd15, demo_dataset, tmp_path, 
     torch.testing.assert_close(out.target, velocity, rtol=1e-5, atol=1e-6)
 
 
-def test_ema_weights_are_exported_not_the_raw_ones(tiny_sd15, demo_dataset, tmp_path):
+def test_ema_weights_are_exported_not_the_raw_ones(make_config, tiny_sd15, demo_dataset, tmp_path):
     from trainer.network import attach_network
 
     cfg = make_config(tiny_sd15, demo_dataset, tmp_path, training={"ema": True, "ema_decay": 0.9})
@@ -560,7 +550,7 @@ def test_ema_weights_are_exported_not_the_raw_ones(tiny_sd15, demo_dataset, tmp_
 
 # --- 5. determinism --------------------------------------------------------------------------------------------------
 
-def test_same_seed_same_losses_other_seed_other_losses(tiny_sd15, demo_dataset, tmp_path, baseline):
+def test_same_seed_same_losses_other_seed_other_losses(make_config, tiny_sd15, demo_dataset, tmp_path, baseline):
     again = train(make_config(tiny_sd15, demo_dataset, tmp_path / "again"))
     other = train(make_config(tiny_sd15, demo_dataset, tmp_path / "other", training={"seed": 4}))
     assert again.losses == baseline.losses
@@ -572,7 +562,7 @@ def test_same_seed_same_losses_other_seed_other_losses(tiny_sd15, demo_dataset, 
 
 # --- 6. saving -------------------------------------------------------------------------------------------------------
 
-def test_step_and_epoch_saves_with_checkpoint_limit(tiny_sd15, demo_dataset, tmp_path):
+def test_step_and_epoch_saves_with_checkpoint_limit(make_config, tiny_sd15, demo_dataset, tmp_path):
     """3 steps per epoch × 4 epochs; every 5 steps and every 2nd epoch → steps 5, 6, 10, 12. Limit 2 keeps the two
     newest (the last always among them) and deletes the older files."""
     cfg = make_config(tiny_sd15, demo_dataset, tmp_path, training={"epochs": 4},
@@ -602,7 +592,7 @@ def test_step_and_epoch_saves_with_checkpoint_limit(tiny_sd15, demo_dataset, tmp
     {"optimizer": "lion", "learning_rate": 1e-4},
     {"optimizer": "dadaptation", "learning_rate": 1.0},
 ], ids=lambda o: o["optimizer"])
-def test_optional_optimizers_train_through_the_loop(optim, tiny_sd15, demo_dataset, tmp_path):
+def test_optional_optimizers_train_through_the_loop(make_config, optim, tiny_sd15, demo_dataset, tmp_path):
     recorder = Recorder()
     result = train(make_config(tiny_sd15, demo_dataset, tmp_path, optim=optim), recorder)
     assert len(result.losses) == 3 and all(math.isfinite(x) for x in result.losses)
@@ -613,7 +603,7 @@ def test_optional_optimizers_train_through_the_loop(optim, tiny_sd15, demo_datas
 
 # --- 9. TensorBoard --------------------------------------------------------------------------------------------------
 
-def test_tensorboard_writes_event_files(tiny_sd15, demo_dataset, tmp_path):
+def test_tensorboard_writes_event_files(make_config, tiny_sd15, demo_dataset, tmp_path):
     try:
         import tensorboard  # noqa: F401
     except ImportError:

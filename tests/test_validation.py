@@ -173,7 +173,7 @@ def test_full_finetune_gets_a_validation_loss(tiny_sd15, demo_dataset, tmp_path)
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["sd3", "flux"])
 def test_flow_families_get_a_falling_validation_loss(demo_dataset, tmp_path, family):
-    from trainer.tiny_flow import build_tiny_flow_model
+    from tiny_flow import build_tiny_flow_model
 
     tiny = build_tiny_flow_model(tmp_path / family, family, seed=0)
     model = dataclasses.asdict(tiny.folder_config())
@@ -238,7 +238,7 @@ def test_grid_highlights_the_best_column(tmp_path):
 def test_comfy_client_reads_the_validation_loss_from_metadata(tmp_path):
     import torch
 
-    from trainer.comfy_client import compose_sweep, list_checkpoints
+    from trainer.client import compose_sweep, list_checkpoints
     from trainer.fileio import save_safetensors
 
     folder = tmp_path / "run"

@@ -454,7 +454,7 @@ def test_twin_check_catches_drift(schemas):
 
 # --- what particular workflows promise -----------------------------------------------------------------------------
 def test_api_sweep_is_what_comfy_client_sweep_needs():
-    from trainer.comfy_client import find_loader, positive_text_nodes, prepare_workflow, seed_nodes
+    from trainer.client import find_loader, positive_text_nodes, prepare_workflow, seed_nodes
 
     prompt = load("api/crucible_api_sweep.json")
     loader = find_loader(prompt)

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from .run_record import CheckpointRecord
+
 
 @dataclass(frozen=True)
 class StepInfo:
@@ -22,22 +24,7 @@ class StepInfo:
     eta_seconds: float
 
 
-@dataclass(frozen=True)
-class CheckpointInfo:
-    path: Path
-    step: int
-    epoch: int
-    loss: float | None = None
-    kind: str = "lora"  # lora | full
-    final: bool = False
-    val_loss: float | None = None  # validation loss (trainer/validation.py); None = no validation set
-    val_loss_t: dict[str, float] | None = None  # per fixed schedule point, {"0.25": …}
-
-    @property
-    def summary(self) -> str:
-        """What the progress reports print at each save."""
-        val = f", val loss {self.val_loss:.4f}" if self.val_loss is not None else ""
-        return f"saved {self.path} (step {self.step}, epoch {self.epoch}{val})"
+CheckpointInfo = CheckpointRecord  # what on_checkpoint receives: the run record's checkpoint entry
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,8 @@ def write_checkpoint(trainer: "Trainer", step: int, epoch: int, *, final: bool =
 
     ``validation`` (the loss of exactly these weights on the held-out set) goes into the metadata as
     ``crucible_val_loss`` and ``crucible_val_loss_t`` (JSON ``{"0.25": …}``), where the sweep reads it."""
-    from .export import export_peft_modules, lora_metadata
+    from .export import export_peft_modules
+    from .lora_metadata import lora_metadata
 
     cfg, net = trainer.cfg, trainer.net
     dtype = SAVE_DTYPES[cfg.save.save_precision]
@@ -54,7 +55,7 @@ def write_checkpoint(trainer: "Trainer", step: int, epoch: int, *, final: bool =
         meta = {k: v for k, v in meta.items() if not k.startswith("ss_network")}
         kind = "full"
     else:
-        tensors = export_peft_modules(trainer.family.name, net.modules, dtype=dtype)
+        tensors = export_peft_modules(trainer.family, net.modules, dtype=dtype)
         kind = "lora"
     save_safetensors(path, tensors, meta)
     if net.is_full and cfg.save.single_file_dir:
@@ -99,7 +100,7 @@ def load_lora_file(net: "Network", path: str | Path | None, strength: float = 1.
     """
     from safetensors.torch import load_file
 
-    from .export import load_lora_into
+    from .lora_import import load_lora_into
 
     tensors = load_file(str(path)) if path is not None else None
     for component, module in net.modules.items():
@@ -127,7 +128,3 @@ def _set_strength(module: torch.nn.Module, strength: float) -> None:
     for layer in module.modules():
         if isinstance(layer, BaseTunerLayer) and hasattr(layer, "set_scale"):
             layer.set_scale(ADAPTER, strength)
-
-
-def read_run_manifest(work_dir: str | Path) -> dict:
-    return json.loads((Path(work_dir) / "run.json").read_text(encoding="utf-8"))

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from .errors import CrucibleError
+from .run_paths import run_paths
 
 
 def _config(args):
@@ -38,7 +39,7 @@ def cmd_train(args) -> int:
     if args.tensorboard:
         from .tb import TensorBoardCallbacks
 
-        callbacks.append(TensorBoardCallbacks(Path(cfg.save.work_dir or cfg.save.output_dir) / cfg.save.run_name / "logs"))
+        callbacks.append(TensorBoardCallbacks(run_paths(cfg.save).logs_dir))
     from .callbacks import MultiCallbacks
 
     result = train(cfg, MultiCallbacks(callbacks), resume_from=args.resume, force_resume=args.force_resume)
@@ -67,28 +68,15 @@ def cmd_plan(args) -> int:
 
 
 def cmd_preview(args) -> int:
-    from .dataset import DataSource
+    from .preview_captions import caption_preview
 
     cfg = _config(args)
-    source = DataSource(cfg.datasets, seed=cfg.training.seed)
-    count = min(args.images, len(source.items))
-    rows = source.caption_preview(list(range(count)), list(range(1, args.epochs + 1)))
+    preview = caption_preview(cfg.datasets, args.images, args.epochs, cfg.training.seed, cfg.training)
     if args.json:
-        print(json.dumps([dataclasses.asdict(r) for r in rows], indent=2, ensure_ascii=False))
+        print(json.dumps([dataclasses.asdict(r) for r in preview.rows], indent=2, ensure_ascii=False))
     else:
-        print(preview_table(rows))
+        print(preview.table())
     return 0
-
-
-def preview_table(rows) -> str:
-    """Caption preview rows as an aligned table: file (folder/name), epoch, the caption training sees."""
-    table = [("file", "epoch", "caption")] + [
-        (f"{Path(r.file).parent.name}/{Path(r.file).name}", str(r.epoch), r.caption if not r.dropped else
-         "(caption dropped)") for r in rows]
-    width = [max(len(row[i]) for row in table) for i in range(2)]
-    lines = [f"{f:<{width[0]}}  {e:>{width[1]}}  {c}" for f, e, c in table]
-    lines.insert(1, f"{'-' * width[0]}  {'-' * width[1]}  {'-' * 7}")
-    return "\n".join(lines)
 
 
 def cmd_sweep(args) -> int:
@@ -99,11 +87,11 @@ def cmd_sweep(args) -> int:
                     steps=args.steps, cfg_scale=args.cfg, include_base=not args.no_base, out=args.out,
                     every=args.every)
     print(f"wrote {out}")
-    from .checkpoints import read_run_manifest
+    from .run_record import RunRecord
     from .sweep import read_checkpoint_info, recommendation
 
-    print(recommendation([read_checkpoint_info(c["path"]) for c in read_run_manifest(args.run_dir)["checkpoints"]
-                          if Path(c["path"]).exists()]))
+    print(recommendation([read_checkpoint_info(c.path) for c in RunRecord.load(args.run_dir).checkpoints
+                          if c.path.exists()]))
     return 0
 
 

@@ -18,12 +18,13 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .errors import ConfigError
+from .families import FAMILY_NAMES
 from .fileio import caption_suffix
 
 CONFIG_VERSION = 1
 
 # Choice lists: the node dropdowns and the validation below use the same tuples.
-FAMILIES = ("sd15", "sdxl", "sd3", "flux")
+FAMILIES = FAMILY_NAMES  # the family registry's names (trainer.families lists them, without importing a family)
 NETWORK_TYPES = ("lora", "dora", "loha", "lokr", "full")
 TARGET_PRESETS = ("attn", "attn_mlp", "all_linear", "all_linear_conv")
 # kohya sd-scripts' optimizer_type names, matched case-insensitively as kohya does ("DAdaptation" is kohya's

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .callbacks import ConsoleProgress
 from .config import TrainConfig
+from .demo_base import FAMILY as DEMO_FAMILY
 
 DEMO_DATA = Path(__file__).resolve().parent / "demo_data"  # the bundled kohya-layout folder the tests train on
 SHIPPED_BASE = Path(__file__).resolve().parent / "demo_base_model"  # build_demo_base(seed 0) output, 4 MB
@@ -26,7 +27,7 @@ log = logging.getLogger("crucible")
 
 def demo_config(model_dir: Path, data: Path, out: Path, epochs: int) -> TrainConfig:
     return TrainConfig.from_dict({
-        "model": {"family": "sd15", "path": str(model_dir)},
+        "model": {"family": DEMO_FAMILY, "path": str(model_dir)},
         "datasets": [{"path": str(data), "resolution": 64, "captions": {"caption_dropout_rate": 0.05}}],
         "network": {"network_dim": 8, "network_alpha": 8, "target_preset": "attn_mlp"},
         "optim": {"learning_rate": 2e-3, "lr_scheduler": "constant_with_warmup", "lr_warmup_steps": 5},

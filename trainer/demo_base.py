@@ -27,6 +27,7 @@ from typing import Callable
 
 log = logging.getLogger("crucible")
 
+FAMILY = "sd15"  # the demo's chosen family: the smallest one that trains in seconds on a CPU
 SIZE = 64
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 80, 230), "yellow": (235, 210, 40)}
@@ -111,7 +112,7 @@ def train_vae(pixels: "torch.Tensor", steps: int, seed: int, report: Callable[[s
     from .tiny import tiny_vae_config
 
     torch.manual_seed(seed)
-    vae = AutoencoderKL(**dict(tiny_vae_config("sd15"), block_out_channels=VAE_CHANNELS, norm_num_groups=VAE_GROUPS))
+    vae = AutoencoderKL(**dict(tiny_vae_config(FAMILY), block_out_channels=VAE_CHANNELS, norm_num_groups=VAE_GROUPS))
     opt = torch.optim.AdamW(vae.parameters(), lr=3e-3, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.1)
     gen = torch.Generator().manual_seed(seed)
@@ -140,7 +141,7 @@ def train_unet(comps, latents: "torch.Tensor", captions: list[str], steps: int, 
 
     from .families import get_family
 
-    family = get_family("sd15")
+    family = get_family(FAMILY)
     torch.manual_seed(seed)
     with torch.no_grad():
         texts = sorted(set(captions)) + [""]
@@ -185,7 +186,7 @@ def build_demo_base(folder: str | Path, seed: int = 0, vae_steps: int = 800, une
     try:
         with torch.random.fork_rng(devices=[]):
             build_tiny_tokenizer(folder / "tokenizer")
-            comps = build_tiny_components("sd15", seed, tokenizer_dir=folder / "tokenizer")
+            comps = build_tiny_components(FAMILY, seed, tokenizer_dir=folder / "tokenizer")
             base = base_pictures(pictures, seed)
             concept = concept_pictures(max(1, pictures // 6), seed + 1)
             pixels = _pixels([im for im, _ in base + concept])
@@ -197,7 +198,7 @@ def build_demo_base(folder: str | Path, seed: int = 0, vae_steps: int = 800, une
             latents = latents * comps.vae.config.scaling_factor
             report(f"  demo base: UNet on the {len(base)} base pictures, never the concept ({unet_steps} steps)")
             train_unet(comps, latents, [c for _, c in base], unet_steps, seed, report)
-            save_diffusers_folder(comps, folder, "sd15")
+            save_diffusers_folder(comps, folder, FAMILY)
     finally:
         torch.set_num_threads(threads)
     report(f"  demo base: written to {folder} in {time.monotonic() - t0:.0f}s")

@@ -28,12 +28,14 @@ from .config import TrainConfig
 from .errors import CrucibleError, TrainingDivergedError
 from .families import Components, ModelFamily, get_family
 from .families.objectives import make_objective
-from .fileio import atomic_write_json, safe_name
+from .fileio import atomic_write_json
 from .network import Network, attach_network, param_groups
 from .noise import offset_noise, pyramid_noise
 from .numerics import overflow_decision
 from .optim import build_optimizer, build_scheduler
 from .plots import save_loss_curve
+from .run_paths import run_paths
+from .run_record import RUN_FILE, RunRecord
 from .state import load_state, save_state
 from .validation import validation_summary
 
@@ -52,6 +54,7 @@ class RunResult:
     plan: Any
     state_dir: Path | None = None
     samples: list[SampleInfo] = field(default_factory=list)
+    record: RunRecord | None = None  # what run.json holds (None on the non-main processes of a multi-GPU run)
 
 
 def train(cfg: TrainConfig, callbacks: Callbacks | None = None, *, resume_from: str | Path | None = None,
@@ -158,11 +161,8 @@ class Trainer:
         self.cfg = cfg
         self.callbacks = callbacks
         self.family: ModelFamily = get_family(cfg.model.family)
-        run = safe_name(cfg.save.run_name, "save.run_name")
-        self.run_name = run
-        self.run_dir = Path(cfg.save.output_dir) / run
-        self.work_dir = Path(cfg.save.work_dir) / run if cfg.save.work_dir else self.run_dir
-        self.state_dir = self.work_dir / "state"
+        paths = run_paths(cfg.save)
+        self.run_name, self.run_dir, self.work_dir, self.state_dir = paths.name, paths.run_dir, paths.work_dir, paths.state_dir
         self.checkpoints: list[CheckpointInfo] = []
         self.losses: list[float] = []
         self.samples: list[SampleInfo] = []
@@ -213,7 +213,7 @@ class Trainer:
             self._enable_gradient_checkpointing()
         self.optimizer = build_optimizer(param_groups(self.family, self.net, cfg.optim), cfg.optim)
         self.params = self.net.parameters()  # after param_groups froze zero-LR blocks; walked once, used every step
-        self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.plan.total_steps)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.plan)
         prediction = cfg.model.prediction_type or self.family.default_prediction
         self.objective = make_objective(prediction, comps.noise_scheduler, cfg.training,
                                         shift_fn=lambda latents: self.family.flow_shift(comps, latents))
@@ -312,9 +312,9 @@ class Trainer:
             self.prefetch.close()
         self.acc.wait_for_everyone()
         log.debug("rank %d trained weights sha256 %s", self.acc.process_index, self._weights_digest())
-        self._write_manifest("cancelled" if cancelled else "finished")
+        record = self._write_manifest("cancelled" if cancelled else "finished")
         return RunResult(self.run_dir, self.work_dir, self.checkpoints, self.losses, cancelled, self.plan,
-                         self.state_dir if self.cfg.save.save_state else None, self.samples)
+                         self.state_dir if self.cfg.save.save_state else None, self.samples, record)
 
     def _resume(self, folder, force: bool) -> int:
         saved = load_state(Path(folder), self.cfg, self.source.fingerprint(), force=force)
@@ -327,14 +327,9 @@ class Trainer:
         if self.acc.scaler is not None and payload.get("scaler"):
             self.acc.scaler.load_state_dict(payload["scaler"])
         self.losses = [float(x) for x in payload.get("losses", [])][: saved.step]
-        manifest = Path(folder).parent / "run.json"
-        if manifest.is_file():
-            import json
-
-            data = json.loads(manifest.read_text(encoding="utf-8"))
-            self.checkpoints = [CheckpointInfo(Path(c["path"]), c["step"], c["epoch"], c.get("loss"), c.get("kind", "lora"),
-                                               val_loss=c.get("val_loss"), val_loss_t=c.get("val_loss_t"))
-                                for c in data.get("checkpoints", []) if c["step"] <= saved.step and Path(c["path"]).exists()]
+        if (Path(folder).parent / RUN_FILE).is_file():
+            self.checkpoints = [c for c in RunRecord.load(Path(folder).parent).checkpoints
+                                if c.step is not None and c.step <= saved.step and c.path.exists()]
         log.info("resuming %s at step %d (epoch %d)", self.run_name, saved.step, saved.epoch)
         return saved.step
 
@@ -537,25 +532,16 @@ class Trainer:
             log.info("checkpoint limit %d: removed %s", limit, victim.path.name)
         self.checkpoints = older + [keep_last]
 
-    def _write_manifest(self, status: str) -> None:
+    def _write_manifest(self, status: str) -> RunRecord | None:
         if not self.acc.is_main_process:
-            return
-        data = {
-            "run_name": self.run_name,
-            "family": self.family.name,
-            "kind": "full" if self.net.is_full else "lora",
-            "status": status,
-            "run_dir": str(self.run_dir),
-            "checkpoints": [{"file": c.path.name, "path": str(c.path), "step": c.step, "epoch": c.epoch,
-                             "loss": c.loss, "kind": c.kind, "val_loss": c.val_loss, "val_loss_t": c.val_loss_t}
-                            for c in self.checkpoints],
-            "validation": validation_summary(self.validator, self.checkpoints),
-            "losses": self.losses,
-            "plan": self.plan.to_dict(),
-            "resolved": self.resolved,
-            "samples": [{"step": s.step, "paths": [str(p) for p in s.paths]} for s in self.samples],
-        }
-        atomic_write_json(self.work_dir / "run.json", data)
+            return None
+        record = RunRecord(self.run_name, self.family.name, "full" if self.net.is_full else "lora", status,
+                           self.run_dir, self.work_dir, list(self.checkpoints),
+                           validation_summary(self.validator, self.checkpoints), list(self.losses),
+                           self.plan.to_dict(), self.resolved,
+                           [{"step": s.step, "paths": [str(p) for p in s.paths]} for s in self.samples])
+        record.write()
+        return record
 
     def _sample(self, step: int, epoch: int) -> None:
         self.acc.wait_for_everyone()

@@ -1,13 +1,9 @@
-"""LoRA key names that ComfyUI 0.8.0's stock LoraLoader loads, per model family and component.
+"""LoRA key names that ComfyUI 0.8.0's stock LoraLoader loads: the :class:`KeyStyle` vocabulary. Each family
+declares its components' styles (``ModelFamily.key_styles``).
 
 The choices follow ``shared/comfyui/lora_formats.md`` (conventions marked "tested" there, plus the kohya names
-A1111/Forge/civitai expect):
-
-* sd15: UNet ``lora_unet_<diffusers name, . → _>`` (kohya); CLIP-L ``lora_te_text_model_…``.
-* sdxl: UNet ``lora_unet_…``; CLIP-L ``lora_te1_text_model_…``; CLIP-G ``lora_te2_text_model_…``.
-* sd3: transformer ``transformer.<diffusers name>`` (PEFT style); CLIP-L ``lora_te1_…``; CLIP-G ``lora_te2_…``;
-  T5-XXL ``lora_te3_encoder_block_…``.
-* flux: transformer ``transformer.<diffusers name>``; CLIP-L ``lora_te1_…``; T5-XXL ``lora_te3_encoder_block_…``.
+A1111/Forge/civitai expect): UNets and text encoders in kohya style (``lora_unet_<diffusers name, . → _>``,
+``lora_te1_text_model_…``), MMDiT transformers in PEFT style (``transformer.<diffusers name>``).
 
 kohya-style prefixes take ``.lora_down.weight`` / ``.lora_up.weight``; PEFT-style prefixes take ``.lora_A.weight`` /
 ``.lora_B.weight``. Every prefix also gets ``.alpha`` (and ``.dora_scale`` for DoRA); LoHa and LoKr use LyCORIS'
@@ -25,6 +21,8 @@ from .errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
+
+    from .families.base import ModelFamily
 
 _CLIP_LEVEL = "text_model."
 
@@ -61,54 +59,41 @@ class KeyStyle:
         return key.startswith(self.prefix + self.separator)
 
 
-def _kohya(prefix: str, clip: bool = False) -> KeyStyle:
+def kohya(prefix: str, clip: bool = False) -> KeyStyle:
+    """A kohya-style component (``lora_unet_…``, ``lora_te1_…``)."""
     return KeyStyle(prefix, kohya=True, clip=clip)
 
 
-_TRANSFORMER = KeyStyle("transformer", kohya=False)
-
-KEY_STYLES: dict[str, dict[str, KeyStyle]] = {
-    # lora_te_ is kohya's SD1.5 name (A1111/Forge read it); ComfyUI maps it to CLIP-L exactly like lora_te1_.
-    "sd15": {"unet": _kohya("lora_unet"), "text_encoder": _kohya("lora_te", clip=True)},
-    "sdxl": {"unet": _kohya("lora_unet"), "text_encoder": _kohya("lora_te1", clip=True),
-             "text_encoder_2": _kohya("lora_te2", clip=True)},
-    "sd3": {"transformer": _TRANSFORMER, "text_encoder": _kohya("lora_te1", clip=True),
-            "text_encoder_2": _kohya("lora_te2", clip=True), "text_encoder_3": _kohya("lora_te3")},
-    # Flux's T5 is the pipeline's text_encoder_2; kohya (and ComfyUI) call it lora_te3 like SD3's.
-    "flux": {"transformer": _TRANSFORMER, "text_encoder": _kohya("lora_te1", clip=True),
-             "text_encoder_2": _kohya("lora_te3")},
-}
+TRANSFORMER = KeyStyle("transformer", kohya=False)  # PEFT-style ``transformer.<diffusers name>`` (SD3, Flux)
 
 
-def key_style(family: str, component: str) -> KeyStyle:
-    """The :class:`KeyStyle` of one component, or a :class:`ConfigError` naming the valid choices."""
-    if family not in KEY_STYLES:
-        raise ConfigError(f"model.family '{family}' has no LoRA export; choose one of: {', '.join(KEY_STYLES)}")
-    styles = KEY_STYLES[family]
+def key_style(family: "str | ModelFamily", component: str) -> KeyStyle:
+    """The :class:`KeyStyle` of one component (the family's ``key_styles``), or a :class:`ConfigError` naming the
+    valid choices."""
+    from .families import get_family
+
+    family = get_family(family)
+    styles = family.key_styles
     if component not in styles:
-        raise ConfigError(f"{family} LoRA export has no component '{component}'; it has: {', '.join(styles)}")
+        raise ConfigError(f"{family.name} LoRA export has no component '{component}'; it has: {', '.join(styles)}")
     return styles[component]
 
 
-def lora_prefix(family: str, component: str, module_name: str) -> str:
+def lora_prefix(family: "str | ModelFamily", component: str, module_name: str) -> str:
     """The key prefix ComfyUI maps for ``module_name`` (a diffusers/transformers module name) of a component."""
     return key_style(family, component).module_key(module_name)
 
 
-def is_scale_shift_swapped(family: str, module_name: str, weight_shape: tuple[int, ...]) -> bool:
+def is_scale_shift_swapped(family: "str | ModelFamily", module_name: str, weight_shape: tuple[int, ...]) -> bool:
     """Whether ComfyUI stores this module's weight with its two output halves swapped (``swap_scale_shift``).
 
     diffusers' ``AdaLayerNormContinuous`` emits ``(scale, shift)``; ComfyUI's SD3/Flux weights hold
-    ``(shift, scale)``. That layer is ``norm_out.linear`` in both, and in SD3 also the last block's
-    ``norm1_context.linear`` (2·dim outputs there, against 6·dim for the ``AdaLayerNormZero`` of the other blocks).
+    ``(shift, scale)``. Which modules those are is the family's fact (``ModelFamily.scale_shift_swapped``).
     ComfyUI swaps LoRA deltas itself; only a per-row DoRA scale has to be swapped by the exporter.
     """
-    if family not in ("sd3", "flux") or len(weight_shape) != 2:
-        return False
-    if module_name == "norm_out.linear":
-        return True
-    out_features, in_features = weight_shape
-    return family == "sd3" and module_name.endswith("norm1_context.linear") and out_features == 2 * in_features
+    from .families import get_family
+
+    return len(weight_shape) == 2 and get_family(family).scale_shift_swapped(module_name, tuple(weight_shape))
 
 
 def swap_halves(tensor: "torch.Tensor") -> "torch.Tensor":

@@ -24,7 +24,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
     from .config import DatasetConfig
-    from .dataset import ImageItem
+    from .dataset.images import ImageItem
 
 
 def uses_masks(cfg: "DatasetConfig") -> bool:
@@ -33,7 +33,7 @@ def uses_masks(cfg: "DatasetConfig") -> bool:
 
 def mask_file(item: "ImageItem", cfg: "DatasetConfig") -> Path | None:
     """The mask image for ``item`` in ``cfg.mask_dir`` (concept sub-folder first), or None."""
-    from .dataset import IMAGE_EXTENSIONS
+    from .dataset.images import IMAGE_EXTENSIONS
 
     if not cfg.mask_dir.strip():
         return None
@@ -57,7 +57,7 @@ def load_mask(item: "ImageItem", target_w: int, target_h: int, cfg: "DatasetConf
     import numpy as np
     from PIL import Image, ImageOps
 
-    from .dataset import _crop_box, _file_key
+    from .dataset.images import crop_box, file_key
 
     mask = None
     path = mask_file(item, cfg)
@@ -77,9 +77,9 @@ def load_mask(item: "ImageItem", target_w: int, target_h: int, cfg: "DatasetConf
         return np.ones((target_h, target_w), dtype=np.float32)
     if mask.size != (item.width, item.height):  # a mask file of another size covers the whole image
         mask = mask.resize((item.width, item.height), Image.Resampling.BILINEAR)
-    key = _file_key(item)
-    scale, left, top, crop_w, crop_h = _crop_box(item.width, item.height, target_w, target_h, cfg.crop_style,
-                                                 sample_rng(seed, epoch, key, repeat, "crop"))
+    key = file_key(item)
+    scale, left, top, crop_w, crop_h = crop_box(item.width, item.height, target_w, target_h, cfg.crop_style,
+                                                sample_rng(seed, epoch, key, repeat, "crop"))
     mask = mask.resize((target_w, target_h), Image.Resampling.BILINEAR, box=(left, top, left + crop_w, top + crop_h))
     if cfg.flip_aug and sample_rng(seed, epoch, key, repeat, "flip").random() < 0.5:
         mask = mask.transpose(Image.Transpose.FLIP_LEFT_RIGHT)

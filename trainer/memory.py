@@ -58,7 +58,6 @@ from dataclasses import dataclass, field
 GIB = 2**30
 OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw8bit": 2, "lion": 4, "sgd": 0, "adafactor": 0, "dadaptation": 12,
                          "dadaptadam": 12, "prodigy": 16}
-TEXT_TOKENS = {"sd15": 77, "sdxl": 77, "sd3": 333, "flux": 512}  # the denoiser's text sequence length
 
 
 @dataclass(frozen=True)
@@ -433,22 +432,6 @@ def _fused_attention(F):
 
 
 def _forward(model, family: str, resolution: int) -> None:
-    import torch
+    from .families import get_family
 
-    h = w = resolution // 8
-    tokens = TEXT_TOKENS[family]
-    t = torch.tensor([500.0])
-    if family in ("sd15", "sdxl"):
-        ctx = 768 if family == "sd15" else 2048
-        extra = {}
-        if family == "sdxl":
-            extra["added_cond_kwargs"] = {"text_embeds": torch.randn(1, 1280), "time_ids": torch.randn(1, 6)}
-        model(torch.randn(1, 4, h, w), t, encoder_hidden_states=torch.randn(1, tokens, ctx), **extra)
-    elif family == "sd3":
-        model(hidden_states=torch.randn(1, 16, h, w), encoder_hidden_states=torch.randn(1, tokens, 4096),
-              pooled_projections=torch.randn(1, 2048), timestep=t)
-    else:  # flux: 2x2 patches packed into a sequence
-        n = (h // 2) * (w // 2)
-        model(hidden_states=torch.randn(1, n, 64), encoder_hidden_states=torch.randn(1, tokens, 4096),
-              pooled_projections=torch.randn(1, 768), timestep=t / 1000, img_ids=torch.zeros(n, 3),
-              txt_ids=torch.zeros(tokens, 3), guidance=torch.tensor([3.5]))
+    model(**get_family(family).full_size_forward_inputs(resolution))

@@ -165,7 +165,7 @@ def param_groups(family: ModelFamily, net: Network, optim: OptimConfig) -> list[
         if layout is not None else None
     groups: dict[tuple[str, float], list] = {}
     for comp, name, p in net.named_trainable():
-        is_denoiser = comp in ("unet", "transformer")
+        is_denoiser = comp == family.denoiser_name
         lr = (optim.unet_lr or base_lr) if is_denoiser else (optim.text_encoder_lr or base_lr)
         if is_denoiser and weights is not None:
             index = family.block_index(comp, name)

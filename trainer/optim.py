@@ -14,7 +14,7 @@ import torch
 
 from .config import OptimConfig
 from .errors import ConfigError, CrucibleError, require
-from .plan import scheduler_name, warmup_steps
+from .plan import StepPlan
 
 log = logging.getLogger("crucible")
 
@@ -136,8 +136,10 @@ def build_optimizer(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimiz
         raise ConfigError(f"optim.optimizer_args do not fit {cfg.optimizer}: {exc}") from exc
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
-    """``diffusers.optimization.get_scheduler`` with warmup, cycles and power from the config.
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, plan: StepPlan):
+    """``diffusers.optimization.get_scheduler`` for the run's step plan: its total steps, its warmup and the
+    scheduler it names (the values the Step Plan shows, computed once in :mod:`trainer.plan`), with cycles and power
+    from the config.
 
     Adafactor with ``relative_step=True`` computes its own step size (its groups have no ``lr``): it gets
     transformers' ``AdafactorSchedule``, which only reports that step size.
@@ -147,12 +149,11 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_st
     if any(group.get("lr") is None for group in optimizer.param_groups):
         from transformers.optimization import AdafactorSchedule
 
-        if cfg.lr_scheduler != "constant" or warmup_steps(cfg, total_steps):
+        if cfg.lr_scheduler != "constant" or plan.warmup_steps:
             log.warning("Adafactor with relative_step=True sets its own learning rate; lr_scheduler %r and warmup "
                         "are ignored", cfg.lr_scheduler)
         return AdafactorSchedule(optimizer, initial_lr=cfg.learning_rate)  # kohya: the learning rate seeds it
 
-    warmup = warmup_steps(cfg, total_steps)
-    return get_scheduler(scheduler_name(cfg.lr_scheduler, warmup), optimizer=optimizer, num_warmup_steps=warmup,
-                         num_training_steps=max(total_steps, 1), num_cycles=cfg.lr_scheduler_num_cycles,
+    return get_scheduler(plan.lr_scheduler, optimizer=optimizer, num_warmup_steps=plan.warmup_steps,
+                         num_training_steps=max(plan.total_steps, 1), num_cycles=cfg.lr_scheduler_num_cycles,
                          power=cfg.lr_scheduler_power)

@@ -8,12 +8,12 @@ lowest one carries :data:`trainer.render.BEST_MARK` (the compositor highlights i
 from __future__ import annotations
 
 import json
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import CrucibleError
+from .run_record import CheckpointRecord, RunRecord
 
 BASE_LABEL = "base"
 
@@ -31,36 +31,10 @@ class SweepItem:
     row: int
 
 
-def read_safetensors_metadata(path: str | Path) -> dict[str, str]:
-    """The ``__metadata__`` of a safetensors file, read from its header only."""
-    path = Path(path)
-    try:
-        with open(path, "rb") as fh:
-            (length,) = struct.unpack("<Q", fh.read(8))
-            if length > 100_000_000:
-                raise ValueError("header too large")
-            header = json.loads(fh.read(length))
-    except (OSError, ValueError, struct.error) as exc:
-        raise CrucibleError(f"'{path}' is not a readable .safetensors file ({exc})") from exc
-    return dict(header.get("__metadata__") or {})
-
-
 def read_checkpoint_info(path: str | Path) -> dict[str, Any]:
-    """``{path, step, epoch, loss}`` from a checkpoint's metadata (Crucible or kohya keys)."""
-    meta = read_safetensors_metadata(path)
-
-    def number(*keys, cast=int):
-        for key in keys:
-            if meta.get(key) not in (None, ""):
-                try:
-                    return cast(float(meta[key])) if cast is int else cast(meta[key])
-                except ValueError:
-                    continue
-        return None
-
-    return {"path": str(path), "step": number("crucible_step", "ss_steps"),
-            "epoch": number("crucible_epoch", "ss_epoch"), "loss": number("crucible_loss", cast=float),
-            "val_loss": number("crucible_val_loss", cast=float)}
+    """A checkpoint file's record as a dict (:meth:`~trainer.run_record.CheckpointRecord.to_dict`: path, step,
+    epoch, loss, val_loss, … from its metadata, Crucible or kohya keys)."""
+    return CheckpointRecord.from_file(path).to_dict()
 
 
 def select_checkpoints(checkpoints: Sequence[dict], *, name_filter: str = "", every_nth: int = 1) -> list[dict]:
@@ -138,14 +112,11 @@ def sweep_run(run_dir: str | Path, *, prompts: Sequence[str], seeds: Sequence[in
     from .render import arrange, compose_grid, save_png
 
     run_dir = Path(run_dir)
-    manifest_path = run_dir / "run.json"
-    if not manifest_path.is_file():
-        raise CrucibleError(f"'{run_dir}' has no run.json; give the run's work folder (it holds config.json and run.json)")
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    run = RunRecord.load(run_dir)
     cfg = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text(encoding="utf-8")))
     family = get_family(cfg.model.family)
-    checkpoints = [dict(c, name=c["file"], val_loss=read_checkpoint_info(c["path"])["val_loss"])
-                   for c in manifest["checkpoints"] if Path(c["path"]).exists()]  # val loss: the file's metadata
+    checkpoints = [dict(c.to_dict(), name=c.file, val_loss=CheckpointRecord.from_file(c.path).val_loss)
+                   for c in run.checkpoints if c.path.exists()]  # val loss: the file's metadata
     chosen = select_checkpoints(checkpoints, every_nth=every)
     prompts = list(prompts) or list(cfg.sample.prompts) or ["a photo"]
     seeds = list(seeds) or [cfg.sample.seed]
@@ -154,7 +125,7 @@ def sweep_run(run_dir: str | Path, *, prompts: Sequence[str], seeds: Sequence[in
     comps = family.load(cfg.model)
     res = cfg.dataset.resolution if cfg.datasets else 512
     width, height = width or cfg.sample.width or res, height or cfg.sample.height or res
-    full = manifest.get("kind") == "full"
+    full = run.kind == "full"
     net = None if full else attach_network(family, comps, cfg.network)
     base_state = {k: v.detach().clone() for k, v in comps.denoiser.state_dict().items()} if full else None
     images = []
@@ -169,11 +140,11 @@ def sweep_run(run_dir: str | Path, *, prompts: Sequence[str], seeds: Sequence[in
     losses = {i.column: _loss_caption(chosen, i) for i in items}
     composite = compose_grid(cells, col_labels=[labels[c] for c in sorted(labels)],
                              row_labels=[row_labels[r] for r in sorted(row_labels)],
-                             title=f"{manifest['run_name']}: {len(chosen)} checkpoints",
+                             title=f"{run.run_name}: {len(chosen)} checkpoints",
                              cell_captions=[[losses[c] for c in sorted(labels)] for _ in row_labels])
     out = Path(out) if out else run_dir / "sweep.png"
     best = best_index([c.get("val_loss") for c in chosen])
-    return save_png(composite, out, {"crucible_sweep": {"run": manifest["run_name"], "prompts": prompts,
+    return save_png(composite, out, {"crucible_sweep": {"run": run.run_name, "prompts": prompts,
                                                         "seeds": seeds, "strengths": list(strengths),
                                                         "best": chosen[best]["name"] if best is not None else None}})
 

@@ -89,15 +89,22 @@ def build_tiny_tokenizer(folder: str | Path, pad_token: str = EOS) -> Path:
 
 # --- models ------------------------------------------------------------------------------------------------------
 
+def _unet_family(family: str):
+    """The family object of a UNet family (tiny UNet models exist for those; tiny flow models elsewhere)."""
+    from .families import get_family
+
+    fam = get_family(family)
+    if fam.denoiser_name != "unet":
+        raise ValueError(f"tiny UNet models exist for the UNet families (SD1.5, SDXL), not {family!r}")
+    return fam
+
+
 def tiny_unet_config(family: str) -> dict[str, Any]:
-    """UNet2DConditionModel kwargs for a tiny SD1.5 or SDXL UNet."""
+    """UNet2DConditionModel kwargs for a tiny SD1.5 or SDXL UNet (SDXL: the family with size/crop conditioning)."""
     common = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=_UNET_CHANNELS,
                   layers_per_block=1, norm_num_groups=32)
-    if family == "sd15":
-        return dict(common, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=_TEXT_HIDDEN,
-                    attention_head_dim=8)
-    if family == "sdxl":
+    fam = _unet_family(family)
+    if fam.text_time_conditioning:
         pooled = _TEXT_HIDDEN  # CLIP-G projection width
         return dict(common, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                     up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=2 * _TEXT_HIDDEN,
@@ -105,16 +112,23 @@ def tiny_unet_config(family: str) -> dict[str, Any]:
                     transformer_layers_per_block=[1, 2], addition_embed_type="text_time",
                     addition_time_embed_dim=_SDXL_TIME_EMBED,
                     projection_class_embeddings_input_dim=pooled + 6 * _SDXL_TIME_EMBED)
-    raise ValueError(f"tiny models exist for sd15 and sdxl, not {family!r}")
+    return dict(common, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=_TEXT_HIDDEN,
+                attention_head_dim=8)
 
 
 def tiny_vae_config(family: str) -> dict[str, Any]:
     """AutoencoderKL kwargs: four levels (8x downsampling), 4 latent channels, the family's scaling factor."""
+    from .families import get_family
+
     n = len(_VAE_CHANNELS)
     return dict(in_channels=3, out_channels=3, block_out_channels=_VAE_CHANNELS, layers_per_block=1,
                 down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
                 latent_channels=4, norm_num_groups=32, sample_size=64,
-                scaling_factor=0.13025 if family == "sdxl" else 0.18215)
+                scaling_factor=get_family(family).vae_factors["scaling_factor"])
+
+
+_CLIP_PAD = {"clip_l": EOS, "clip_g": "!"}  # the pad token of each CLIP tokenizer, as in the real diffusers repos
 
 
 def tiny_text_config(which: str, vocab_size: int) -> dict[str, Any]:
@@ -142,6 +156,7 @@ def build_tiny_components(family: str = "sd15", seed: int = 0, vocab_size: int |
     from .families.sd15 import make_noise_scheduler
     from .families.tokenizers import load_clip_tokenizer
 
+    fam = _unet_family(family)
     n_tokens = len(tiny_vocab()[0])
     vocab_size = vocab_size or n_tokens
     if vocab_size < n_tokens:
@@ -150,21 +165,20 @@ def build_tiny_components(family: str = "sd15", seed: int = 0, vocab_size: int |
         tok_dir = Path(tokenizer_dir) if tokenizer_dir else Path(scratch)
         if not (tok_dir / "vocab.json").is_file():
             build_tiny_tokenizer(tok_dir)
-        kinds = ("clip_l", "clip_g")[: 2 if family == "sdxl" else 1]
-        tokenizers = [load_clip_tokenizer(tok_dir, kind) for kind in kinds]  # held in memory once loaded
+        tokenizers = [load_clip_tokenizer(tok_dir, spec.kind) for spec in fam.encoders]  # held in memory once loaded
+    classes = {"clip_l": CLIPTextModel, "clip_g": CLIPTextModelWithProjection}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(**tiny_unet_config(family))
         vae = AutoencoderKL(**tiny_vae_config(family))
-        encoders = [CLIPTextModel(CLIPTextConfig(**tiny_text_config("clip_l", vocab_size)))]
-        if family == "sdxl":
-            encoders.append(CLIPTextModelWithProjection(CLIPTextConfig(**tiny_text_config("clip_g", vocab_size))))
-    names = ("text_encoder", "text_encoder_2")[: len(encoders)]
+        encoders = [classes[spec.kind](CLIPTextConfig(**tiny_text_config(spec.kind, vocab_size)))
+                    for spec in fam.encoders]
+    names = tuple(spec.component for spec in fam.encoders)
     for module in (unet, vae, *encoders):
         module.eval()
     return Components(denoiser=unet, vae=vae, text_encoders=encoders, tokenizers=tokenizers,
                       noise_scheduler=make_noise_scheduler(), text_encoder_names=names,
-                      source=f"tiny-{family}-seed{seed}", extras={"family": family, "clip_skip": 1})
+                      source=f"tiny-{family}-seed{seed}", extras={"family": fam.name, "clip_skip": 1})
 
 
 def single_file_path(folder: str | Path) -> Path:
@@ -183,9 +197,8 @@ def build_tiny_pipeline(folder: str | Path, family: str = "sd15", seed: int = 0,
     from .families.single_file import diffusers_to_single_file
 
     folder = Path(folder)
-    build_tiny_tokenizer(folder / "tokenizer")
-    if family == "sdxl":
-        build_tiny_tokenizer(folder / "tokenizer_2", pad_token="!")
+    for spec in _unet_family(family).encoders:
+        build_tiny_tokenizer(folder / spec.tokenizer_subfolder, pad_token=_CLIP_PAD[spec.kind])
     comps = build_tiny_components(family, seed, vocab_size, tokenizer_dir=folder / "tokenizer")
     save_diffusers_folder(comps, folder, family)
     if single_file:
@@ -196,9 +209,9 @@ def build_tiny_pipeline(folder: str | Path, family: str = "sd15", seed: int = 0,
 
 def save_diffusers_folder(comps, folder: str | Path, family: str) -> Path:
     """Write components as a diffusers pipeline folder (configs + safetensors weights; tokenizers already there)."""
+    fam = _unet_family(family)
     folder = Path(folder)
-    pipeline = "StableDiffusionXLPipeline" if family == "sdxl" else "StableDiffusionPipeline"
-    index: dict[str, Any] = {"_class_name": pipeline, "_diffusers_version": _diffusers_version(),
+    index: dict[str, Any] = {"_class_name": fam.pipeline_class_name, "_diffusers_version": _diffusers_version(),
                              "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
                              "scheduler": ["diffusers", type(comps.noise_scheduler).__name__]}
     _save_diffusers_model(comps.denoiser, folder / "unet")
@@ -207,8 +220,7 @@ def save_diffusers_folder(comps, folder: str | Path, family: str) -> Path:
         _save_transformers_model(encoder, folder / name)
         index[name] = ["transformers", type(encoder).__name__]
         index[name.replace("text_encoder", "tokenizer")] = ["transformers", "CLIPTokenizer"]
-    if family == "sd15":
-        index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
+    index.update(fam.pipeline_index_extras)
     atomic_write_bytes(folder / "scheduler" / "scheduler_config.json",
                        comps.noise_scheduler.to_json_string().encode("utf-8"))
     atomic_write_json(folder / "model_index.json", index)
@@ -231,71 +243,3 @@ def _save_transformers_model(model, folder: Path) -> None:
     config = json.loads(model.config.to_json_string(use_diff=False))
     config["architectures"] = [type(model).__name__]
     atomic_write_json(folder / "config.json", config)
-
-
-# --- the smallest SD1.5 that ComfyUI's own Load Checkpoint accepts ----------------------------------------------------
-# ComfyUI (March 2024 and 0.8.0 alike) recognises SD1.5 by five UNet facts (comfy/supported_models.py, SD15.unet_config,
-# read from the weights by comfy/model_detection.py): model_channels 320, context_dim 768, a conv proj_in
-# (use_linear_in_transformer False), no label_emb (adm_in_channels None) and no temporal layers; 4 input channels keep
-# it from Stable Zero123, which is tried first. Depth, levels and channel multipliers are read from the weights too,
-# so the UNet can shrink. CLIP-L and the VAE cannot: ComfyUI builds them from fixed configs (comfy/sd1_clip_config.json;
-# the SD VAE ddconfig in comfy/sd.py) with uninitialised weights (comfy.ops.disable_weight_init) and loads them
-# non-strictly, so a smaller file would leave layers of garbage memory behind instead of failing.
-COMFY_SD15_NAME = "crucible_comfy_sd15"
-
-
-def comfy_sd15_unet_config() -> dict[str, Any]:
-    """UNet2DConditionModel kwargs: SD1.5's 320-channel, 768-context, 8-head UNet cut to two one-block levels, with
-    cross-attention in the first and none in the second (SD1.5's last level has none either). Two levels rather
-    than one, so a LoRA key map that reversed the up blocks wrongly would show."""
-    return dict(sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 320), layers_per_block=1,
-                norm_num_groups=32, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=768, attention_head_dim=8)
-
-
-def comfy_sd15_vae_config() -> dict[str, Any]:
-    """AutoencoderKL kwargs with the released SD VAE's shapes (ComfyUI's ch 128, ch_mult 1,2,4,4, 2 res blocks)."""
-    return dict(in_channels=3, out_channels=3, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                latent_channels=4, norm_num_groups=32, sample_size=512, scaling_factor=0.18215)
-
-
-def comfy_sd15_text_config() -> dict[str, Any]:
-    """CLIPTextConfig kwargs of CLIP-L's text tower (comfy/sd1_clip_config.json), so ComfyUI's tokenizer fits it."""
-    return dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                num_attention_heads=12, max_position_embeddings=CLIP_MAX_LENGTH, hidden_act="quick_gelu",
-                projection_dim=768, bos_token_id=49406, eos_token_id=49407, pad_token_id=1)
-
-
-def comfy_sd15_components(seed: int = 0):
-    """The random :class:`~trainer.families.base.Components` behind :func:`build_comfy_sd15` (no tokenizer: ComfyUI's
-    own ``comfy/sd1_tokenizer`` fits the text encoder). Deterministic from ``seed``."""
-    import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from .families.base import Components
-    from .families.sd15 import make_noise_scheduler
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        unet = UNet2DConditionModel(**comfy_sd15_unet_config())
-        vae = AutoencoderKL(**comfy_sd15_vae_config())
-        text = CLIPTextModel(CLIPTextConfig(**comfy_sd15_text_config()))
-    for module in (unet, vae, text):
-        module.eval()
-    return Components(denoiser=unet, vae=vae, text_encoders=[text], tokenizers=[],
-                      noise_scheduler=make_noise_scheduler(), source=f"comfy-sd15-seed{seed}",
-                      extras={"family": "sd15", "clip_skip": 1})
-
-
-def build_comfy_sd15(folder: str | Path, seed: int = 0, name: str = COMFY_SD15_NAME) -> Path:
-    """Write ``<folder>/<name>.safetensors`` and return its path: a random SD1.5-architecture single-file checkpoint
-    (fp16, about 465 MB) that ComfyUI's stock *Load Checkpoint* detects as SD1.5 and loads with every weight present,
-    and that Crucible trains on. Deterministic from ``seed``."""
-    import torch
-
-    from .families.single_file import diffusers_to_single_file
-
-    weights = diffusers_to_single_file(comfy_sd15_components(seed), "sd15")
-    return save_safetensors(Path(folder) / f"{name}.safetensors", {k: v.to(torch.float16) for k, v in weights.items()})

@@ -1,7 +1,7 @@
 """A full fine-tune's SD3 and Flux export is detected by ComfyUI's own *Load Diffusion Model* code.
 
 Runs in the stage's ComfyUI venv (a subprocess, see ``comfy_python.py``): a tiny SD3 (SD3.5 layout: dual attention,
-q/k norm; ``trainer.tiny_flow``) and the smallest Flux dev ComfyUI detects (3072 wide, one double and one single
+q/k norm; ``tests/tiny_flow.py``) and the smallest Flux dev ComfyUI detects (3072 wide, one double and one single
 block; ``comfy_models.comfy_flux_transformer``) are exported with the family's ``full_export_state_dict`` (what
 Crucible Train saves for a full fine-tune) and handed to ``comfy.sd.load_diffusion_model_state_dict``. Each must
 come back as ComfyUI's ``SD3`` / ``Flux`` model config with no ``unet missing`` / ``unet unexpected`` warning, and
@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # tests/: the model fixtures (tiny_flow, comfy_sd15)
 from comfy_python import LogCapture, report, run_script, setup_comfy  # noqa: E402
 
 CASES = {"sd3": "SD3", "flux": "Flux"}  # family -> ComfyUI's model config class (comfy.supported_models)
@@ -36,7 +37,7 @@ def detect(family: str, config_name: str, comfy_version: str) -> None:
     from comfy_models import comfy_flux_transformer
     from trainer.families import get_family
     from trainer.families.base import Components
-    from trainer.tiny_flow import build_tiny_flow_model
+    from tiny_flow import build_tiny_flow_model
 
     name = f"{family} full export detected as {config_name}"
     if not hasattr(comfy.supported_models, config_name):

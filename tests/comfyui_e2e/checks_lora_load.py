@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # tests/: the model fixtures (tiny_flow, comfy_sd15)
 from comfy_python import LogCapture, report, run_script, setup_comfy  # noqa: E402
 
 NETWORKS = ("lora", "dora", "loha", "lokr")

@@ -3,13 +3,13 @@ diffusers components (what Crucible trains and exports LoRAs from) and as ComfyU
 ``LoraLoader`` patches). Used by the Python-level checks (``checks_lora_load.py``); runs inside the ComfyUI venv.
 
 How ComfyUI gets each model, and what it recognises:
-- ``sd15``: ``trainer.tiny.comfy_sd15_components`` (two 320-channel UNet levels, full CLIP-L) as one single-file state
-  dict through ``comfy.sd.load_state_dict_guess_config``: detected as ``SD15``, with its CLIP (text-encoder LoRA
-  keys are checked too).
+- ``sd15``: ``comfy_sd15_components`` from ``tests/comfy_sd15.py`` (two 320-channel UNet levels, full CLIP-L) as
+  one single-file state dict through ``comfy.sd.load_state_dict_guess_config``: detected as ``SD15``, with its
+  CLIP (text-encoder LoRA keys are checked too).
 - ``sdxl``: ``trainer.tiny.build_tiny_components("sdxl")``. ComfyUI's SDXL presets fix the transformer depths (the
   smallest, Segmind Vega, is 745M weights), so no preset matches a tiny UNet; its config is read from the weights by
   ``comfy.model_detection.detect_unet_config`` and ``comfy.supported_models.SDXL`` is chosen explicitly.
-- ``sd3``: ``trainer.tiny_flow``'s SD3 (SD3.5 layout) through ``comfy.sd.load_diffusion_model_state_dict``: detected
+- ``sd3``: ``tests/tiny_flow.py``'s SD3 (SD3.5 layout) through ``comfy.sd.load_diffusion_model_state_dict``: detected
   as ``SD3``.
 - ``flux``: ComfyUI's Flux detection fixes 24 heads of 128 channels, so the smallest Flux it loads is 3072 wide: one
   double and one single block (about 0.5 G weights, 2 GB in float32), detected as ``Flux``.
@@ -78,7 +78,7 @@ def _sd15(seed: int) -> ComfyCase:
     import comfy.sd
 
     from trainer.families.single_file import diffusers_to_single_file
-    from trainer.tiny import comfy_sd15_components
+    from comfy_sd15 import comfy_sd15_components
 
     comps = comfy_sd15_components(seed)
     state = diffusers_to_single_file(comps, "sd15")
@@ -131,7 +131,7 @@ def _sd3(seed: int) -> ComfyCase:
     import comfy.sd
 
     from trainer.families import get_family
-    from trainer.tiny_flow import build_tiny_flow_model
+    from tiny_flow import build_tiny_flow_model
 
     family = get_family("sd3")
     with tempfile.TemporaryDirectory(prefix="crucible-sd3-") as tmp:

@@ -1,4 +1,4 @@
-"""The stage's ``comfy_sd15`` checkpoint (``trainer.tiny.build_comfy_sd15``) against what ComfyUI's Load Checkpoint
+"""The stage's ``comfy_sd15`` checkpoint (``tests/comfy_sd15.py``) against what ComfyUI's Load Checkpoint
 needs.
 
 The real-ComfyUI stage loads the built file; this test catches a shape change in seconds, without ComfyUI, by
@@ -18,7 +18,7 @@ import re
 import pytest
 
 from trainer.families.single_file import diffusers_to_single_file
-from trainer.tiny import comfy_sd15_components
+from comfy_sd15 import comfy_sd15_components
 
 UNET = "model.diffusion_model."
 CLIP = "cond_stage_model.transformer.text_model."

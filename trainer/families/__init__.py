@@ -1,23 +1,55 @@
-"""Model families behind one interface (see :mod:`trainer.families.base`)."""
+"""Model families behind one interface (see :mod:`trainer.families.base`).
+
+This registry is the only place that lists the families: everything else (the config's choices, the node
+dropdowns, the exporter's names, single-file detection) asks it. Adding a family is one module here that defines
+``FAMILY`` (a :class:`ModelFamily` whose class attributes hold the family's facts) plus its name below.
+"""
 from __future__ import annotations
 
 import importlib
+from typing import Callable, Iterator
 
 from ..errors import ConfigError
-from .base import Components, Conditioning, ModelFamily
+from .base import Components, Conditioning, EncoderSpec, ModelFamily
 
-_MODULES = {"sd15": "sd15", "sdxl": "sdxl", "sd3": "sd3", "flux": "flux"}
+# The families, in the order menus show them; each is trainer/families/<name>.py defining FAMILY. Kept as plain
+# names so trainer.config can list the choices without importing a family module.
+FAMILY_NAMES: tuple[str, ...] = ("sd15", "sdxl", "sd3", "flux")
 _cache: dict[str, ModelFamily] = {}
 
 
-def get_family(name: str) -> ModelFamily:
-    """The family adapter for ``name`` (imported lazily, so a missing family never breaks start-up)."""
-    if name not in _MODULES:
-        raise ConfigError(f"unknown model family '{name}'; choose one of: {', '.join(_MODULES)}")
+def get_family(name: "str | ModelFamily") -> ModelFamily:
+    """The family adapter for ``name`` (imported lazily, so a missing family never breaks start-up). A family
+    object is returned as it is, so functions can take either."""
+    if isinstance(name, ModelFamily):
+        return name
+    if name not in FAMILY_NAMES:
+        raise ConfigError(f"model.family '{name}' is not a model family Crucible knows; choose one of: "
+                          f"{', '.join(FAMILY_NAMES)}")
     if name not in _cache:
-        module = importlib.import_module(f"{__name__}.{_MODULES[name]}")
+        module = importlib.import_module(f"{__name__}.{name}")
         _cache[name] = module.FAMILY
     return _cache[name]
 
 
-__all__ = ["Components", "Conditioning", "ModelFamily", "get_family"]
+def all_families() -> Iterator[ModelFamily]:
+    """Every registered family, in :data:`FAMILY_NAMES` order."""
+    return (get_family(name) for name in FAMILY_NAMES)
+
+
+def find_family(test: Callable[[ModelFamily], bool]) -> ModelFamily | None:
+    """The one family ``test`` accepts (families' detection rules are exclusive), or ``None``."""
+    found = [family for family in all_families() if test(family)]
+    if len(found) > 1:  # pragma: no cover - guarded by tests/test_family_contract.py
+        raise AssertionError(f"families {[f.name for f in found]} all claim the same model")
+    return found[0] if found else None
+
+
+def family_of_pipeline(class_name: str) -> str | None:
+    """The family a diffusers pipeline class (``model_index.json``'s ``_class_name``) belongs to, or ``None``."""
+    family = find_family(lambda f: f.owns_pipeline_class(class_name))
+    return family.name if family else None
+
+
+__all__ = ["Components", "Conditioning", "EncoderSpec", "ModelFamily", "FAMILY_NAMES", "get_family", "all_families",
+           "find_family", "family_of_pipeline"]

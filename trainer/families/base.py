@@ -1,8 +1,11 @@
 """The model-family contract.
 
 A family (SD1.5, SDXL, SD3, Flux) is one module implementing :class:`ModelFamily`. The training loop, the sampler and
-the exporter only talk to this interface, so none of them ever branches on the family. A new family is one file
-plus its tests.
+the exporter only talk to this interface, so none of them ever branches on the family: what they need to know about a
+family (LoRA key styles and targets, export metadata names, single-file layout and detection, VAE factors, pipeline
+class, full-size architecture) is a class attribute here, and the registry (:mod:`trainer.families`) is the only
+list of families (``tests/test_family_facts.py`` enforces both). A new family is one file plus one subclass of the
+shared contract test (``tests/test_family_contract.py``).
 
 Conventions
 -----------
@@ -18,17 +21,32 @@ Conventions
 """
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
     from PIL import Image
 
     from ..config import ModelConfig
+    from ..lora_keys import KeyStyle
 
 Conditioning = dict  # str -> torch.Tensor
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """One text encoder of a family: its pipeline component name, kind, and whether the family can do without it."""
+
+    component: str  # text_encoder | text_encoder_2 | text_encoder_3
+    kind: str  # clip_l | clip_g | t5xxl
+    required: bool = True
+
+    @property
+    def tokenizer_subfolder(self) -> str:
+        return self.component.replace("text_encoder", "tokenizer")
 
 
 @dataclass
@@ -60,9 +78,30 @@ class Components:
 
 
 class ModelFamily(ABC):
-    """One model family. Instances are stateless; state lives in :class:`Components`."""
+    """One model family. Instances are stateless; state lives in :class:`Components`.
+
+    The class attributes are the family's facts (as ComfyUI's ``supported_models.py`` describes families as data):
+    every module outside ``trainer/families/`` reads them instead of keeping tables keyed by family name.
+    """
 
     name: str = ""
+    title: str = ""  # the family's name in messages ("SDXL")
+    denoiser_name: str = "unet"  # the denoiser's diffusers component name: unet | transformer
+    encoders: tuple[EncoderSpec, ...] = ()  # text encoders, in pipeline order
+    # LoRA export: component -> key style (trainer.lora_keys) and component -> preset -> peft target_modules
+    key_styles: Mapping[str, "KeyStyle"] = {}
+    lora_targets: Mapping[str, Mapping[str, tuple[str, ...]]] = {}
+    # metadata written into exports (kohya ss_base_model_version, modelspec architecture / implementation)
+    base_model_version: str = ""
+    modelspec_architecture: str = ""
+    modelspec_implementation: str = "diffusers"
+    pipeline_class_name: str = ""  # the diffusers pipeline class (model_index.json _class_name)
+    pipeline_class_pattern: str = "$^"  # regex (re.search) for the model_index.json classes of this family
+    vae_factors: Mapping[str, Any] = {}  # AutoencoderKL config values shapes cannot tell (scaling/shift, size)
+    split_file_loading: bool = False  # loads from ComfyUI's split files (diffusion model + text encoders + VAE)
+    # full-size architecture (trainer.full_size): (component, builder) with the denoiser first and the VAE last
+    full_size_components: tuple[tuple[str, Callable[[], Any]], ...] = ()
+    full_size_text_tokens: int = 77  # the full-size denoiser's text sequence length (memory estimate)
     default_prediction: str = "epsilon"  # epsilon | v_prediction | flow
     vae_scale_factor: int = 8
     latent_channels: int = 4
@@ -108,10 +147,6 @@ class ModelFamily(ABC):
                 cond: Conditioning) -> "torch.Tensor":
         """Run the denoiser. ``timesteps`` are the scheduler's timesteps (0..999 or sigma×1000 for flow)."""
 
-    @abstractmethod
-    def lora_target_modules(self, component: str, preset: str) -> list[str]:
-        """Module-name suffixes (peft ``target_modules``) for a component and target preset."""
-
     def configure_training(self, comps: Components, training: Any) -> None:
         """Hook called once before training (e.g. Flux stores its guidance value). Default: nothing."""
 
@@ -125,9 +160,48 @@ class ModelFamily(ABC):
 
     def block_index(self, component: str, module_name: str) -> int | None:
         """The kohya block index of a denoiser module (into ``block_dims``), for block-wise LR/dims."""
-        if self.block_layout is None or component != "unet":
+        if self.block_layout is None or component != self.denoiser_name:
             return None
         return self.block_layout.index(module_name)
+
+    def lora_target_modules(self, component: str, preset: str) -> list[str]:
+        """Module-name suffixes (peft ``target_modules``) for a component and target preset."""
+        from ..lora_targets import lora_target_modules
+
+        return lora_target_modules(self, component, preset)
+
+    # --- facts as predicates ------------------------------------------------------------------------------------
+    def check_pipeline_index(self, folder) -> None:
+        """Refuse a diffusers folder whose ``model_index.json`` names another family's pipeline, naming it."""
+        import json
+
+        from ..errors import ModelLoadError
+        from . import family_of_pipeline
+
+        index = folder / "model_index.json"
+        if index.is_file():
+            cls = json.loads(index.read_text(encoding="utf-8")).get("_class_name", "")
+            other = family_of_pipeline(cls)
+            if other and other != self.name:
+                raise ModelLoadError(f"model.path '{folder}' holds a {cls}; set model.family to '{other}'")
+
+    def owns_pipeline_class(self, class_name: str) -> bool:
+        """Whether a diffusers pipeline class is one of this family's (exclusive across families)."""
+        return re.search(self.pipeline_class_pattern, class_name) is not None
+
+    def matches_single_file(self, keys: Iterable[str]) -> bool:
+        """Whether a single file's tensor names are this family's layout (exclusive across families)."""
+        return False
+
+    def scale_shift_swapped(self, module_name: str, weight_shape: tuple[int, ...]) -> bool:
+        """Whether ComfyUI stores this module's weight with its two output halves swapped (``swap_scale_shift``);
+        see :func:`trainer.lora_keys.is_scale_shift_swapped`."""
+        return False
+
+    def full_size_forward_inputs(self, resolution: int) -> dict[str, Any]:
+        """Keyword arguments of one full-size denoiser forward pass at ``resolution`` px (batch 1, random values,
+        ``full_size_text_tokens`` text tokens), for the memory estimate's traced forward."""
+        raise NotImplementedError(f"{self.name} has no full-size forward inputs")
 
     # --- sampling ------------------------------------------------------------------------------------------------
     @abstractmethod

@@ -15,306 +15,37 @@ Where each part comes from (nothing is ever downloaded):
 tokenizers                    CLIP: :mod:`trainer.families.tokenizers`. T5: :func:`find_t5_tokenizer_dir`.
 ============================  =====================================================================================
 
-Configs are derived from tensor shapes (:func:`t5_config_from_state`, :func:`clip_config_from_state`, the
-families' transformer functions); weights are converted by diffusers' ``single_file_utils`` and the modules built by
-:mod:`trainer.families.single_file`'s helpers, so a missing or misshapen tensor becomes a :class:`ModelLoadError`
-naming the file.
+Which tensors of a file are which component, and the CLIP encoders and VAE built from them, is
+:mod:`.split_files`; T5 is :mod:`.t5_text`; configs are derived from tensor shapes and modules built by
+:mod:`.weights`, so a missing or misshapen tensor becomes a :class:`ModelLoadError` naming the file.
 
-:class:`FlowFamily` holds the loading, VAE, sampling and export code of both families; :mod:`.sd3` and :mod:`.flux`
-add text conditioning, ``predict`` and the transformer layouts.
+This module is :class:`FlowFamily` alone: the loading, VAE, sampling and export code of both families;
+:mod:`.sd3` and :mod:`.flux` add text conditioning, ``predict`` and the transformer layouts.
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import sys
 from abc import abstractmethod
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from ..errors import ConfigError, ModelLoadError
+from . import FAMILY_NAMES
 from . import single_file as sf
-from .base import Components, ModelFamily
-from .sd15 import _from_pretrained, unwrap, use_tokenizer_eos
-from .tokenizers import ENV_TOKENIZER_DIR, find_clip_tokenizer
+from .base import Components, EncoderSpec, ModelFamily
+from .clip_text import use_tokenizer_eos
+from .split_files import (CLIP_G_MIN_WIDTH, DIFFUSION_PREFIX, KIND_TITLES, TEXT_ENCODER_PREFIX, VAE_PREFIXES, Source,
+                          clip_size, encoder_kind, load_clip, load_vae, transformer_layout)
+from .t5_text import find_t5_tokenizer_dir, load_t5, load_t5_tokenizer
+from .tokenizers import find_clip_tokenizer
+from .weights import Part, TensorFile, from_pretrained, unwrap
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
     from PIL import Image
 
     from ..config import ModelConfig
-
-DIFFUSION_PREFIX = "model.diffusion_model."
-VAE_PREFIXES = ("first_stage_model.", "vae.")  # SD3 and Flux ComfyUI checkpoints
-TEXT_ENCODER_PREFIX = "text_encoders.{kind}.transformer."  # kind: clip_l | clip_g | t5xxl
-T5_TOKENIZER_SUBDIR = Path("comfy") / "text_encoders" / "t5_tokenizer"
-CLIP_G_MIN_WIDTH = 1024  # a lone CLIP file this wide is CLIP-G (1280), narrower is CLIP-L (768)
-_ANCESTOR_LEVELS = 5
-KIND_TITLES = {"clip_l": "CLIP-L", "clip_g": "CLIP-G", "t5xxl": "T5-XXL"}
-
-Source = Any  # a Part (tensors in a file) or a Path (a diffusers model sub-folder)
-
-
-# --- reading safetensors lazily -----------------------------------------------------------------------------------
-
-class TensorFile:
-    """A ``.safetensors`` file: names and shapes from its header at once, tensors only when :meth:`read` asks."""
-
-    def __init__(self, path: str | Path, what: str):
-        self.path = sf.check_safetensors_path(path, what)
-        self.what = what
-        with self._open() as handle:
-            self.shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
-
-    @contextlib.contextmanager
-    def _open(self):
-        from safetensors import SafetensorError, safe_open
-
-        try:
-            with safe_open(str(self.path), framework="pt") as handle:
-                yield handle
-        except (SafetensorError, OSError) as exc:
-            raise ModelLoadError(f"{self.what} '{self.path}' is not a readable safetensors file ({exc}); it may be "
-                                 "truncated or a renamed pickle. Re-download it or convert it to .safetensors") from exc
-
-    def has_prefix(self, prefix: str) -> bool:
-        return any(k.startswith(prefix) for k in self.shapes)
-
-    def read(self, prefix: str = "", exclude: tuple[str, ...] = ()) -> dict[str, "torch.Tensor"]:
-        """The tensors whose names start with ``prefix`` (removed from the names), skipping ``exclude`` prefixes."""
-        with self._open() as handle:
-            return {k[len(prefix):]: handle.get_tensor(k) for k in self.shapes
-                    if k.startswith(prefix) and not k.startswith(exclude)}
-
-
-@dataclass(frozen=True)
-class Part:
-    """One component's tensors inside a file: those under ``prefix`` (all of them when it is empty)."""
-
-    file: TensorFile
-    prefix: str = ""
-    exclude: tuple[str, ...] = ()
-
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        return {k[len(self.prefix):]: s for k, s in self.file.shapes.items()
-                if k.startswith(self.prefix) and not k.startswith(self.exclude)}
-
-    def read(self) -> dict[str, "torch.Tensor"]:
-        return self.file.read(self.prefix, self.exclude)
-
-    def describe(self) -> str:
-        return f"{self.file.path}" + (f" ({self.prefix}…)" if self.prefix else "")
-
-
-def transformer_layout(keys: Iterable[str]) -> tuple[str, str] | None:
-    """``(family, naming)`` of a transformer state dict: family ``sd3``/``flux``, naming ``diffusers`` or
-    ``original`` (ComfyUI / SAI / BFL), with or without ``model.diffusion_model.``; ``None`` when neither."""
-    keys = {k.removeprefix(DIFFUSION_PREFIX) for k in keys}
-    if "joint_blocks.0.x_block.attn.qkv.weight" in keys:
-        return "sd3", "original"
-    if "double_blocks.0.img_attn.qkv.weight" in keys:
-        return "flux", "original"
-    if "x_embedder.weight" in keys and "transformer_blocks.0.attn.add_q_proj.weight" in keys:
-        return "flux", "diffusers"
-    if "pos_embed.proj.weight" in keys and "transformer_blocks.0.attn.add_q_proj.weight" in keys:
-        return "sd3", "diffusers"
-    return None
-
-
-def encoder_kind(shapes: Mapping[str, tuple]) -> str | None:
-    """``"t5xxl"``, ``"clip"`` (Hugging Face layout, with or without ``text_model.``) or ``None``."""
-    names = {k.removeprefix("text_model.") for k in shapes}
-    if "encoder.block.0.layer.0.SelfAttention.q.weight" in names:
-        return "t5xxl"
-    if "encoder.layers.0.self_attn.q_proj.weight" in names and "embeddings.token_embedding.weight" in names:
-        return "clip"
-    return None
-
-
-def clip_size(shapes: Mapping[str, tuple]) -> tuple[int, int]:
-    """(width, layers) of a CLIP text encoder, the order CLIP-L < CLIP-G."""
-    names = {k.removeprefix("text_model."): s for k, s in shapes.items()}
-    return int(names["embeddings.token_embedding.weight"][1]), sf._count(names, r"encoder\.layers\.(\d+)\.")
-
-
-# --- text encoders and VAE from tensors ----------------------------------------------------------------------------
-
-def clip_config_from_state(sd: Mapping[str, Any], kind: str) -> dict[str, Any]:
-    """``CLIPTextConfig`` kwargs of a Hugging Face-layout CLIP text encoder: CLIP-L uses quick-GELU, CLIP-G GELU."""
-    config = sf.clip_config_from_ldm(sd, "clip_l")  # the Hugging Face layout branch
-    if kind == "clip_g":
-        config["hidden_act"] = "gelu"
-    if "text_projection.weight" in sd:
-        config["projection_dim"] = int(sd["text_projection.weight"].shape[0])
-    return config
-
-
-def t5_config_from_state(sd: Mapping[str, Any]) -> dict[str, Any]:
-    """``T5Config`` kwargs of a T5 encoder (T5 v1.1 / XXL: gated GELU) from its tensor shapes."""
-    attn = "encoder.block.0.layer.0.SelfAttention."
-    vocab, d_model = sd["shared.weight"].shape
-    buckets, heads = sd[attn + "relative_attention_bias.weight"].shape
-    gated = "encoder.block.0.layer.1.DenseReluDense.wi_0.weight" in sd
-    return {"vocab_size": int(vocab), "d_model": int(d_model),
-            "d_kv": int(sd[attn + "q.weight"].shape[0]) // int(heads),
-            "d_ff": int(sd["encoder.block.0.layer.1.DenseReluDense.wo.weight"].shape[1]),
-            "num_layers": sf._count(sd, r"encoder\.block\.(\d+)\."), "num_heads": int(heads),
-            "relative_attention_num_buckets": int(buckets), "feed_forward_proj": "gated-gelu" if gated else "relu",
-            "is_encoder_decoder": False, "use_cache": False}
-
-
-def load_clip(part: Part, kind: str, dtype=None, *, projection: bool, identity_projection: bool = False):
-    """A CLIP text encoder from a file: ``CLIPTextModelWithProjection`` when ``projection`` (with an identity
-    projection when ``identity_projection`` or when the file has none), else ``CLIPTextModel``."""
-    import torch
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    sd = part.read()
-    title = f"{KIND_TITLES[kind]} text encoder"
-    config = sf._derive(title, part.describe(), clip_config_from_state, sd, kind)
-    if projection and (identity_projection or "text_projection.weight" not in sd):
-        sd["text_projection.weight"] = torch.eye(config["hidden_size"])
-        config["projection_dim"] = config["hidden_size"]
-    cls = CLIPTextModelWithProjection if projection else CLIPTextModel
-    return sf._materialize(lambda: cls(CLIPTextConfig(**config)), sd, title, part.describe(), dtype)
-
-
-def load_t5(part: Part, dtype=None):
-    """A ``T5EncoderModel`` from a file (``shared.weight`` and ``encoder.embed_tokens.weight`` are one tensor)."""
-    from transformers import T5Config, T5EncoderModel
-
-    sd = part.read()
-    if "scaled_fp8" in sd or any(k.endswith((".scale_weight", ".weight_scale")) for k in sd):
-        raise ModelLoadError(f"'{part.describe()}' is a scaled-fp8 T5 file, which Crucible cannot train from; use the "
-                             "fp16 (or bf16) T5-XXL file instead, e.g. t5xxl_fp16.safetensors")
-    sd = {k: v for k, v in sd.items() if k == "shared.weight" or k.startswith("encoder.")}
-    embed = sd.get("shared.weight", sd.get("encoder.embed_tokens.weight"))
-    if embed is not None:
-        sd.setdefault("shared.weight", embed)
-        sd.setdefault("encoder.embed_tokens.weight", embed)
-    config = sf._derive("T5 text encoder", part.describe(), t5_config_from_state, sd)
-    model = sf._materialize(lambda: T5EncoderModel(T5Config(**config)), sd, "T5 text encoder", part.describe(), dtype)
-    model.tie_weights()
-    return model
-
-
-def load_vae(part: Part, factors: Mapping[str, Any], dtype=None):
-    """A 16-channel ``AutoencoderKL`` from LDM-layout (``ae.safetensors``) or diffusers-layout tensors."""
-    from diffusers import AutoencoderKL
-    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
-
-    sd = part.read()
-    ldm = sf.vae_to_ldm(sd) if any(k.startswith("encoder.down_blocks.") for k in sd) else sd
-    # vae_config_from_ldm's family only picks sample size and scaling factor, both replaced by ``factors``
-    config = {**sf._derive("VAE", part.describe(), sf.vae_config_from_ldm, ldm, "sdxl"), **factors}
-    if config["latent_channels"] != 16:
-        raise ModelLoadError(f"the VAE '{part.describe()}' has {config['latent_channels']} latent channels; SD3 and "
-                             "Flux use a 16-channel VAE (SD3: the one in the checkpoint, Flux: ae.safetensors)")
-    weights = convert_ldm_vae_checkpoint(ldm, config)
-    return sf._materialize(lambda: AutoencoderKL(**config), weights, "VAE", part.describe(), dtype)
-
-
-# --- T5 tokenizer --------------------------------------------------------------------------------------------------
-
-def is_t5_tokenizer_dir(folder: Path) -> bool:
-    """A folder a T5 tokenizer loads from: ``spiece.model``, or ``tokenizer.json`` whose config names a T5 class."""
-    if not folder.is_dir():
-        return False
-    if (folder / "spiece.model").is_file():
-        return True
-    config = folder / "tokenizer_config.json"
-    if not ((folder / "tokenizer.json").is_file() and config.is_file()):
-        return False
-    with contextlib.suppress(OSError, ValueError):
-        return str(json.loads(config.read_text(encoding="utf-8")).get("tokenizer_class", "")).startswith("T5")
-    return False
-
-
-def t5_tokenizer_candidates(cfg: "ModelConfig", subfolder: str, beside: Sequence[str | Path] = ()) -> list[Path]:
-    """Every folder :func:`find_t5_tokenizer_dir` tries, in order.
-
-    1. ``model.tokenizer_path``: its ``subfolder`` (``tokenizer_3`` SD3 / ``tokenizer_2`` Flux), ``t5_tokenizer/``,
-       ``comfy/text_encoders/t5_tokenizer/``, the folder itself;
-    2. a diffusers model folder's ``subfolder``;
-    3. beside the model file and the T5 file (``beside``): ``<stem>_tokenizer/`` and ``t5_tokenizer/``;
-    4. ``$CRUCIBLE_COMFY_TOKENIZER_DIR`` (a ComfyUI root or a tokenizer folder);
-    5. ``comfy/text_encoders/t5_tokenizer`` under a ComfyUI root: the folders above the model and T5 files, the
-       working directory and every ``sys.path`` entry (ComfyUI puts its root there).
-    """
-    found: list[Path] = []
-    if cfg.tokenizer_path:
-        given = Path(cfg.tokenizer_path).expanduser()
-        found += [given / subfolder, given / "t5_tokenizer", given / T5_TOKENIZER_SUBDIR, given]
-    model = Path(cfg.path).expanduser() if cfg.path else None
-    files = [Path(p).expanduser() for p in beside]
-    if model is not None and model.is_dir():
-        found.append(model / subfolder)
-    elif model is not None:
-        files.insert(0, model)
-    for file in files:
-        found += [file.parent / f"{file.stem}_tokenizer", file.parent / "t5_tokenizer"]
-    env = os.environ.get(ENV_TOKENIZER_DIR, "").strip()
-    if env:
-        hint = Path(env).expanduser()
-        found += [hint, hint / T5_TOKENIZER_SUBDIR, hint.parent / "text_encoders" / "t5_tokenizer"]
-    roots: list[Path] = []
-    for file in ([model] if model is not None else []) + files:
-        roots += list(file.resolve().parents)[:_ANCESTOR_LEVELS]
-    roots += [Path.cwd(), *(Path(p) for p in sys.path if p)]
-    found += [root / T5_TOKENIZER_SUBDIR for root in roots]
-    return list(dict.fromkeys(found))
-
-
-def find_t5_tokenizer_dir(cfg: "ModelConfig", subfolder: str, beside: Sequence[str | Path] = ()) -> Path:
-    """The folder with the T5 tokenizer for ``cfg``'s model (search order: :func:`t5_tokenizer_candidates`)."""
-    tried = t5_tokenizer_candidates(cfg, subfolder, beside)
-    for folder in tried:
-        if is_t5_tokenizer_dir(folder):
-            return folder
-    raise ModelLoadError(
-        f"no T5 tokenizer found for model '{cfg.path}'. Tried: {'; '.join(map(str, tried))}. Provide one: set "
-        f"model.tokenizer_path to a folder with tokenizer.json and tokenizer_config.json (ComfyUI ships one in "
-        f"ComfyUI/comfy/text_encoders/t5_tokenizer; a diffusers model has {subfolder}/), or set the environment "
-        f"variable {ENV_TOKENIZER_DIR} to your ComfyUI folder")
-
-
-def load_t5_tokenizer(folder: str | Path) -> Any:
-    """A fast T5 tokenizer from ``folder`` (pads with ``<pad>`` = 0 and ends with ``</s>`` = 1)."""
-    from transformers import T5TokenizerFast
-
-    try:
-        return T5TokenizerFast.from_pretrained(str(folder), local_files_only=True)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ModelLoadError(f"the T5 tokenizer in '{folder}' cannot be read ({exc}); replace it with a copy of "
-                             "ComfyUI/comfy/text_encoders/t5_tokenizer") from exc
-
-
-def t5_token_ids(tokenizer, captions: Sequence[str], length: int) -> "torch.Tensor":
-    """T5 ids ``[B, length]``: the caption, ``</s>``, then ``<pad>`` up to ``length`` (cut to fit), as ComfyUI pads."""
-    return tokenizer(list(captions), padding="max_length", max_length=length, truncation=True,
-                     add_special_tokens=True, return_tensors="pt").input_ids
-
-
-def encode_t5(encoder, ids: "torch.Tensor") -> "torch.Tensor":
-    """T5's last hidden state for ``ids`` (no attention mask: ComfyUI and diffusers attend to the padding too)."""
-    return encoder(input_ids=ids.to(unwrap(encoder).device)).last_hidden_state
-
-
-# --- the family base -----------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class EncoderSpec:
-    """One text encoder of a family: its pipeline component name, kind, and whether the family can do without it."""
-
-    component: str  # text_encoder | text_encoder_2 | text_encoder_3
-    kind: str  # clip_l | clip_g | t5xxl
-    required: bool = True
-
-    @property
-    def tokenizer_subfolder(self) -> str:
-        return self.component.replace("text_encoder", "tokenizer")
 
 
 @dataclass
@@ -335,10 +66,20 @@ class FlowFamily(ModelFamily):
     default_prediction = "flow"
     vae_scale_factor = 8
     latent_channels = 16
-    title = ""  # "SD3" / "Flux" in messages
-    encoders: tuple[EncoderSpec, ...] = ()
-    vae_factors: dict[str, Any] = {}  # AutoencoderKL config values shapes cannot tell (scaling/shift factor)
+    denoiser_name = "transformer"
+    split_file_loading = True
     t5_length = 256  # T5 tokens per caption (ComfyUI's padding length)
+    # naming (diffusers | original) -> tensor names (without model.diffusion_model.) that mark this family's
+    # transformer in that naming (exclusive across families: transformer_layout)
+    transformer_markers: Mapping[str, tuple[str, ...]] = {}
+
+    def matches_single_file(self, keys) -> bool:
+        return transformer_layout(keys) == (self.name, "original")
+
+    def scale_shift_swapped(self, module_name: str, weight_shape: tuple[int, ...]) -> bool:
+        """``norm_out.linear`` (diffusers' ``AdaLayerNormContinuous``, ``(scale, shift)`` against ComfyUI's
+        ``(shift, scale)``)."""
+        return module_name == "norm_out.linear"
 
     # hooks ------------------------------------------------------------------------------------------------------
     @abstractmethod
@@ -404,7 +145,7 @@ class FlowFamily(ModelFamily):
         extras = {"family": self.name, "format": plan.format, "clip_skip": cfg.clip_skip,
                   "t5_length": self.t5_length, **self.model_extras(transformer)}
         comps = Components(denoiser=transformer, vae=vae, text_encoders=encoders, tokenizers=tokenizers,
-                           noise_scheduler=scheduler, denoiser_name="transformer",
+                           noise_scheduler=scheduler, denoiser_name=self.denoiser_name,
                            text_encoder_names=tuple(s.component for s in specs), source=str(path), extras=extras)
         for module in (comps.denoiser, comps.vae, *comps.text_encoders):
             module.to(device)
@@ -414,12 +155,7 @@ class FlowFamily(ModelFamily):
         if not (folder / "transformer").is_dir():
             raise ModelLoadError(f"model.path '{folder}' is not a diffusers {self.title} folder (no transformer/); "
                                  f"give the folder that holds model_index.json, or the transformer .safetensors file")
-        index = folder / "model_index.json"
-        if index.is_file():
-            cls = json.loads(index.read_text(encoding="utf-8")).get("_class_name", "")
-            other = _family_of_pipeline(cls)
-            if other and other != self.name:
-                raise ModelLoadError(f"model.path '{folder}' holds a {cls}; set model.family to '{other}'")
+        self.check_pipeline_index(folder)
         schedule = folder / "scheduler" / "scheduler_config.json"
         return LoadPlan(transformer=folder / "transformer", layout="diffusers",
                         vae=folder / "vae" if (folder / "vae").is_dir() else None,
@@ -434,7 +170,7 @@ class FlowFamily(ModelFamily):
         if found is None:
             other = sf.detect_family(file.shapes)
             hint = f"; it looks like a {other} checkpoint, set model.family to '{other}'" \
-                if other in ("sd15", "sdxl") else ""
+                if other in FAMILY_NAMES else ""
             raise ModelLoadError(f"model.path '{path}' holds no {self.title} transformer weights{hint}. Give the "
                                  f"{self.title} transformer file (ComfyUI/models/diffusion_models) or a diffusers "
                                  "folder")
@@ -531,7 +267,7 @@ class FlowFamily(ModelFamily):
     def _load_transformer(self, plan: LoadPlan, dtype):
         source = plan.transformer
         if isinstance(source, Path):
-            return _from_pretrained(self.transformer_class(), source.parent, source.name, dtype)
+            return from_pretrained(self.transformer_class(), source.parent, source.name, dtype)
         sd = source.read()
         where = source.describe()
         if plan.layout == "original":
@@ -542,7 +278,7 @@ class FlowFamily(ModelFamily):
 
     def _load_encoder(self, source: Source, spec: EncoderSpec, dtype):
         if isinstance(source, Path):
-            return _from_pretrained(self.encoder_class(spec.kind), source.parent, source.name, dtype)
+            return from_pretrained(self.encoder_class(spec.kind), source.parent, source.name, dtype)
         if spec.kind == "t5xxl":
             return load_t5(source, dtype)
         return self.load_clip_file(source, spec.kind, dtype)
@@ -551,8 +287,8 @@ class FlowFamily(ModelFamily):
         from diffusers import AutoencoderKL
 
         if isinstance(source, Path):
-            return _from_pretrained(AutoencoderKL, source.parent, source.name, dtype, what="VAE")
-        return load_vae(source, self.vae_factors, dtype)
+            return from_pretrained(AutoencoderKL, source.parent, source.name, dtype, what="VAE")
+        return load_vae(source, self, dtype)
 
     # training ---------------------------------------------------------------------------------------------------
     def encode_images(self, comps: Components, pixels: "torch.Tensor",
@@ -573,11 +309,6 @@ class FlowFamily(ModelFamily):
         """Take what ``predict`` needs from the :class:`~trainer.config.TrainingConfig`: the T5 token length
         (kohya ``t5xxl_max_token_length``; 0 = the family's ComfyUI padding). Flux adds its guidance."""
         comps.extras["t5_length"] = int(training.t5xxl_max_token_length or self.t5_length)
-
-    def lora_target_modules(self, component: str, preset: str) -> list[str]:
-        from ..lora_targets import lora_target_modules
-
-        return lora_target_modules(self.name, component, preset)
 
     # sampling ---------------------------------------------------------------------------------------------------
     @abstractmethod
@@ -681,20 +412,4 @@ def _check_vocab(spec: EncoderSpec, encoder, tokenizer, path: Path) -> None:
                              "the tokenizer that belongs to this model")
 
 
-def _family_of_pipeline(class_name: str) -> str | None:
-    """The family a diffusers pipeline class belongs to (``None`` when unknown)."""
-    if "StableDiffusion3" in class_name:
-        return "sd3"
-    if class_name.startswith("Flux"):
-        return "flux"
-    if "XL" in class_name:
-        return "sdxl"
-    if class_name.startswith("StableDiffusion"):
-        return "sd15"
-    return None
-
-
-__all__ = ["FlowFamily", "EncoderSpec", "Part", "TensorFile", "LoadPlan", "transformer_layout", "encoder_kind",
-           "clip_config_from_state", "t5_config_from_state", "load_clip", "load_t5", "load_vae",
-           "find_t5_tokenizer_dir", "load_t5_tokenizer", "t5_token_ids", "encode_t5", "make_flow_scheduler",
-           "components_by_name", "is_t5_tokenizer_dir", "t5_tokenizer_candidates"]
+__all__ = ["FlowFamily", "EncoderSpec", "LoadPlan", "make_flow_scheduler", "components_by_name"]

@@ -20,11 +20,17 @@ import math
 import re
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
+from .. import full_size
 from ..errors import ConfigError, ModelLoadError
-from .base import Components, Conditioning
-from .flow_common import DIFFUSION_PREFIX, EncoderSpec, FlowFamily, Part, components_by_name, encode_t5, load_clip, \
-    t5_token_ids
-from .sd15 import WINDOW, chunked_token_ids, unwrap
+from ..lora_keys import TRANSFORMER, kohya
+from ..lora_targets import CLIP, MMDIT_ATTN, MMDIT_MLP, T5, grow
+from .base import Components, Conditioning, EncoderSpec
+from .clip_text import WINDOW, chunked_token_ids
+from .flow_common import FlowFamily, components_by_name
+from .ldm_configs import _count
+from .split_files import DIFFUSION_PREFIX, load_clip
+from .t5_text import encode_t5, t5_token_ids
+from .weights import Part, unwrap
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -73,8 +79,6 @@ def flux_original_to_diffusers(sd: dict[str, "torch.Tensor"]) -> dict[str, "torc
 
 def flux_transformer_config(sd: Mapping[str, "torch.Tensor"]) -> dict[str, Any]:
     """``FluxTransformer2DModel`` kwargs from a diffusers-named state dict (dev: with guidance embedding)."""
-    from .single_file import _count
-
     inner, in_channels = sd["x_embedder.weight"].shape
     head_dim = int(sd["transformer_blocks.0.attn.norm_q.weight"].shape[0])
     out_channels = int(sd["proj_out.weight"].shape[0])
@@ -116,6 +120,25 @@ def image_ids(h: int, w: int, device=None, dtype=None) -> "torch.Tensor":
     return FluxPipeline._prepare_latent_image_ids(1, h // 2, w // 2, device, dtype)
 
 
+# Single blocks: q/k/v (matched by MMDIT_ATTN), the MLP input ``proj_mlp`` and ``proj_out``, which projects the
+# concatenated attention and MLP outputs. peft matches by name suffix, so ``proj_out`` also picks the small final
+# output projection (3072 -> 64); that costs little and ComfyUI maps it too.
+_MLP = MMDIT_MLP + ("proj_mlp", "proj_out")
+_LINEAR = ("norm1.linear", "norm1_context.linear", "norm.linear", "x_embedder", "context_embedder", "norm_out.linear",
+           "time_text_embed.timestep_embedder.linear_1", "time_text_embed.timestep_embedder.linear_2",
+           "time_text_embed.guidance_embedder.linear_1", "time_text_embed.guidance_embedder.linear_2",
+           "time_text_embed.text_embedder.linear_1", "time_text_embed.text_embedder.linear_2")
+
+
+def _full_size_transformer():
+    import diffusers
+
+    return diffusers.FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+        axes_dims_rope=(16, 56, 56))
+
+
 class FluxFamily(FlowFamily):
     """Flux.1 dev (guidance-distilled) and schnell."""
 
@@ -126,6 +149,21 @@ class FluxFamily(FlowFamily):
     gradient_checkpointing_default = True  # 1024 px activations dominate memory (trainer.defaults)
     title = "Flux"
     encoders = (EncoderSpec("text_encoder", "clip_l"), EncoderSpec("text_encoder_2", "t5xxl"))
+    # Flux's T5 is the pipeline's text_encoder_2; kohya (and ComfyUI) call it lora_te3 like SD3's.
+    key_styles = {"transformer": TRANSFORMER, "text_encoder": kohya("lora_te1", clip=True),
+                  "text_encoder_2": kohya("lora_te3")}
+    lora_targets = {"transformer": grow(MMDIT_ATTN, _MLP, _LINEAR),  # Flux has no Conv2d
+                    "text_encoder": CLIP, "text_encoder_2": T5}  # CLIP-L, T5-XXL
+    base_model_version = "flux1"
+    modelspec_architecture = "flux-1-dev"
+    modelspec_implementation = "https://github.com/black-forest-labs/flux"
+    pipeline_class_name = "FluxPipeline"
+    pipeline_class_pattern = r"^Flux"
+    transformer_markers = {"original": ("double_blocks.0.img_attn.qkv.weight",),
+                           "diffusers": ("x_embedder.weight", "transformer_blocks.0.attn.add_q_proj.weight")}
+    full_size_components = (("transformer", _full_size_transformer), ("text_encoder", full_size.clip_l),
+                            ("text_encoder_2", full_size.t5_xxl), ("vae", full_size.vae(16)))
+    full_size_text_tokens = 512
     vae_factors = {"scaling_factor": 0.3611, "shift_factor": 0.1159, "sample_size": 1024}
     t5_length = 256  # ComfyUI pads Flux's T5 tokens to 256
 
@@ -227,6 +265,17 @@ class FluxFamily(FlowFamily):
     def pipeline_latents(self, latents: "torch.Tensor", height: int, width: int) -> "torch.Tensor":
         """``FluxPipeline`` returns packed latents."""
         return unpack_latents(latents, height // self.vae_scale_factor, width // self.vae_scale_factor)
+
+    def full_size_forward_inputs(self, resolution: int) -> dict[str, Any]:
+        """Packed 2×2 patches of the latents; σ as the timestep; dev's guidance."""
+        import torch
+
+        h = w = resolution // self.vae_scale_factor
+        n, tokens = (h // 2) * (w // 2), self.full_size_text_tokens
+        return {"hidden_states": torch.randn(1, n, 4 * self.latent_channels),
+                "encoder_hidden_states": torch.randn(1, tokens, 4096), "pooled_projections": torch.randn(1, 768),
+                "timestep": torch.tensor([500.0]) / 1000, "img_ids": torch.zeros(n, 3),
+                "txt_ids": torch.zeros(tokens, 3), "guidance": torch.tensor([3.5])}
 
 
 FAMILY = FluxFamily()

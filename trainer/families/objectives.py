@@ -3,8 +3,9 @@
 * :class:`DiffusionObjective` — DDPM-style epsilon or v-prediction (SD1.5, SDXL), with kohya's min-SNR weighting
   (``diffusers.training_utils.compute_snr``).
 * :class:`FlowMatchingObjective` — rectified flow (SD3, Flux): ``x_t = (1-σ)·x0 + σ·ε``, target ``ε - x0``, σ drawn
-  with ``diffusers.training_utils.compute_density_for_timestep_sampling`` and weighted with
-  ``compute_loss_weighting_for_sd3``.
+  by :meth:`FlowMatchingObjective.sample_sigmas` (its own code: uniform, logit-normal and mode use the formulas of
+  diffusers' ``compute_density_for_timestep_sampling``, plus SimpleTuner's "sigmoid" and the σ shift), and weighted
+  with ``diffusers.training_utils.compute_loss_weighting_for_sd3``.
 
 Every random draw takes an explicit ``torch.Generator``: the loop seeds one per step, so a resumed run draws exactly
 what an uninterrupted one would.

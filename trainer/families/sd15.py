@@ -7,23 +7,24 @@ subclasses it.
 Text conditioning follows kohya / A1111 / ComfyUI:
 
 * ``clip_skip`` 1 is CLIP's last layer; 2 the penultimate one, passed through ``final_layer_norm`` as A1111 does.
-* Captions longer than 75 tokens are split into 75-token windows, each wrapped in BOS … EOS and padded to 77, encoded
-  separately and concatenated (``max_token_length`` 75 / 150 / 225 → 77 / 154 / 231 positions), which is what
-  ComfyUI does at inference. The number of windows is fixed by ``max_token_length`` so batches and caches have one
-  shape.
+* Captions longer than 75 tokens use 75-token windows (:mod:`trainer.families.clip_text`), as ComfyUI does.
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
+from .. import full_size
 from ..errors import ConfigError, ModelLoadError
+from ..lora_keys import kohya
+from ..lora_targets import CLIP, UNET_ATTN, UNET_CONV, UNET_LINEAR, UNET_MLP, grow
 from . import single_file as sf
-from .base import Components, Conditioning, ModelFamily
+from .base import Components, Conditioning, EncoderSpec, ModelFamily
+from .clip_text import WINDOW, check_clip_skip, chunked_token_ids, encode_windows, use_tokenizer_eos, windows_needed
 from .kohya_blocks import SD15_BLOCKS
 from .token_weights import apply_token_weights, token_weights
 from .tokenizers import find_clip_tokenizer
+from .weights import from_pretrained, param_dtype, unwrap
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -31,7 +32,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from ..config import ModelConfig
 
-WINDOW = 75  # tokens per CLIP window, without BOS/EOS
 SCHEDULER_DEFAULTS = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
                       "beta_schedule": "scaled_linear", "clip_sample": False, "steps_offset": 1}
 _SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
@@ -57,71 +57,11 @@ def sampling_scheduler(noise_scheduler):
                                               timestep_spacing="trailing" if ztsnr else "leading")
 
 
-def chunked_token_ids(tokenizer, captions: Sequence[str], max_token_length: int = WINDOW) -> "torch.Tensor":
-    """Token ids ``[B, windows, 77]``: each caption cut to ``max_token_length`` tokens, split into 75-token windows,
-    each wrapped in BOS/EOS and padded with the tokenizer's pad token."""
-    import torch
+def _full_size_unet():
+    import diffusers
 
-    if max_token_length < WINDOW or max_token_length % WINDOW:
-        raise ConfigError(f"max_token_length is {max_token_length}; use 75, 150 or 225 (a multiple of 75)")
-    windows = max_token_length // WINDOW
-    body = tokenizer(list(captions), add_special_tokens=False, truncation=True, max_length=max_token_length,
-                     verbose=False).input_ids
-    bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
-    rows = []
-    for ids in body:
-        chunks = []
-        for w in range(windows):
-            part = list(ids[w * WINDOW:(w + 1) * WINDOW])
-            chunks.append([bos, *part, eos] + [pad] * (WINDOW - len(part)))
-        rows.append(chunks)
-    return torch.tensor(rows, dtype=torch.long)
-
-
-def windows_needed(tokenizer, texts: Sequence[str]) -> int:
-    """How many 75-token windows the longest of ``texts`` needs (at least one)."""
-    lengths = [len(ids) for ids in tokenizer(list(texts), add_special_tokens=False, verbose=False).input_ids]
-    return max(1, math.ceil(max(lengths, default=0) / WINDOW))
-
-
-def param_dtype(module) -> "torch.dtype":
-    """The dtype of a module's first parameter (diffusers' ``.dtype`` walks every parameter: slow per step)."""
-    return next(unwrap(module).parameters()).dtype
-
-
-def unwrap(module):
-    """The module inside a DDP / accelerate wrapper (config, dtype and submodules live there)."""
-    return getattr(module, "module", module)
-
-
-def encode_windows(encoder, ids: "torch.Tensor", layer: int, final_norm: bool) -> "tuple[torch.Tensor, Any]":
-    """Run a CLIP text encoder over ``[B, windows, 77]`` ids; return the ``layer`` hidden states joined to
-    ``[B, windows*77, D]`` (optionally through ``final_layer_norm``) and the raw model output."""
-    inner = unwrap(encoder)
-    b, n, length = ids.shape
-    out = encoder(ids.reshape(b * n, length).to(inner.device), output_hidden_states=True)
-    hidden = out.hidden_states[layer]
-    if final_norm:
-        norm = getattr(inner, "text_model", inner).final_layer_norm
-        hidden = norm(hidden.to(norm.weight.dtype))  # CPU layer_norm refuses fp32 input with bf16 weights
-    return hidden.reshape(b, n * length, hidden.shape[-1]), out
-
-
-def use_tokenizer_eos(encoder, tokenizer) -> None:
-    """CLIP pools at the first EOS token; make the encoder look for the tokenizer's EOS id (a config derived from a
-    single file can only guess it, and old diffusers configs say 2)."""
-    eos = tokenizer.eos_token_id
-    encoder.config.eos_token_id = eos
-    for module in encoder.modules():
-        if isinstance(getattr(module, "eos_token_id", None), int):
-            module.eos_token_id = eos
-
-
-def check_clip_skip(encoder, clip_skip: int, extra: int = 0) -> None:
-    layers = int(unwrap(encoder).config.num_hidden_layers)
-    if not 1 <= clip_skip <= layers - extra:
-        raise ConfigError(f"model.clip_skip is {clip_skip}; this text encoder has {layers} layers, so use 1 to "
-                          f"{layers - extra}")
+    return diffusers.UNet2DConditionModel(block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768,
+                                          attention_head_dim=8, layers_per_block=2)
 
 
 class StableDiffusionFamily(ModelFamily):
@@ -131,10 +71,43 @@ class StableDiffusionFamily(ModelFamily):
     block_layout = SD15_BLOCKS
 
     name = "sd15"
+    title = "SD1.5"
     default_prediction = "epsilon"
     vae_scale_factor = 8
     latent_channels = 4
-    encoders: tuple[tuple[str, str], ...] = (("text_encoder", "clip_l"),)  # (component name, tokenizer kind)
+    denoiser_name = "unet"
+    encoders = (EncoderSpec("text_encoder", "clip_l"),)
+    # lora_te_ is kohya's SD1.5 name (A1111/Forge read it); ComfyUI maps it to CLIP-L exactly like lora_te1_.
+    key_styles = {"unet": kohya("lora_unet"), "text_encoder": kohya("lora_te", clip=True)}
+    lora_targets = {"unet": grow(UNET_ATTN, UNET_MLP, UNET_LINEAR, UNET_CONV), "text_encoder": CLIP}
+    base_model_version = "sd_v1"
+    modelspec_architecture = "stable-diffusion-v1"
+    modelspec_implementation = "diffusers"
+    pipeline_class_name = "StableDiffusionPipeline"
+    pipeline_class_pattern = r"^StableDiffusion(?!3)(?!.*XL)"  # every SD1.x pipeline class, not SD3's or SDXL's
+    pipeline_index_extras = {"safety_checker": [None, None], "feature_extractor": [None, None],
+                             "requires_safety_checker": False}  # model_index.json entries of a pipeline folder
+    vae_factors = {"scaling_factor": 0.18215, "sample_size": 512}  # what tensor shapes cannot tell
+    unet_sample_size = 64
+    # single-file layout: component -> key prefix of that text encoder (UNet and VAE prefixes are shared)
+    single_file_prefixes = {"text_encoder": "cond_stage_model.transformer."}
+    text_time_conditioning = False  # SDXL's added size/crop conditioning (``addition_embed_type="text_time"``)
+    full_size_components = (("unet", _full_size_unet), ("text_encoder", full_size.clip_l), ("vae", full_size.vae(4)))
+    full_size_text_tokens = 77
+    full_size_context_width = 768  # cross-attention width of the full-size UNet
+
+    def matches_single_file(self, keys) -> bool:
+        """An LDM UNet without SDXL's or SD2's text-encoder layout."""
+        keys = list(keys)
+        return any(k.startswith(sf.UNET_PREFIX + "input_blocks.") for k in keys) and not any(
+            k.startswith(("conditioner.embedders.", "cond_stage_model.model.")) for k in keys)
+
+    def full_size_forward_inputs(self, resolution: int) -> dict[str, Any]:
+        import torch
+
+        h = w = resolution // self.vae_scale_factor
+        return {"sample": torch.randn(1, self.latent_channels, h, w), "timestep": torch.tensor([500.0]),
+                "encoder_hidden_states": torch.randn(1, self.full_size_text_tokens, self.full_size_context_width)}
 
     # --- loading ------------------------------------------------------------------------------------------------
     def load(self, cfg: "ModelConfig", device: "torch.device | str" = "cpu",
@@ -149,12 +122,12 @@ class StableDiffusionFamily(ModelFamily):
         if path.is_dir():
             self._check_folder(path)
         else:
-            sf.check_family(sf.checkpoint_keys(path), self.name, path)
-        tokenizers = [find_clip_tokenizer(cfg, kind) for _, kind in self.encoders]  # cheap: fail before loading
+            sf.check_family(sf.checkpoint_keys(path), self, path)
+        tokenizers = [find_clip_tokenizer(cfg, spec.kind) for spec in self.encoders]  # cheap: fail before loading
         if path.is_dir():
             modules, schedule = self._load_folder(path, dtype), self._folder_schedule(path)
         else:
-            loaded = sf.load_single_file(path, self.name, dtype)
+            loaded = sf.load_single_file(path, self, dtype)
             modules = {k: v for k, v in loaded.items() if k not in ("v_pred", "ztsnr")}
             schedule = {"prediction_type": "v_prediction" if loaded["v_pred"] else None,
                         "rescale_betas_zero_snr": loaded["ztsnr"]}
@@ -163,7 +136,7 @@ class StableDiffusionFamily(ModelFamily):
         prediction = cfg.prediction_type or schedule.get("prediction_type") or self.default_prediction
         scheduler = make_noise_scheduler(prediction, cfg.zero_terminal_snr or
                                          bool(schedule.get("rescale_betas_zero_snr")), schedule)
-        names = tuple(name for name, _ in self.encoders)
+        names = tuple(spec.component for spec in self.encoders)
         encoders = [modules[name] for name in names]
         for name, encoder, tokenizer in zip(names, encoders, tokenizers):
             if len(tokenizer) > int(encoder.config.vocab_size):
@@ -172,7 +145,7 @@ class StableDiffusionFamily(ModelFamily):
                                      "tokenizer that belongs to this model")
             use_tokenizer_eos(encoder, tokenizer)
         comps = Components(denoiser=modules["unet"], vae=modules["vae"], text_encoders=encoders,
-                           tokenizers=tokenizers, noise_scheduler=scheduler, denoiser_name="unet",
+                           tokenizers=tokenizers, noise_scheduler=scheduler, denoiser_name=self.denoiser_name,
                            text_encoder_names=names, source=str(path),
                            extras={"family": self.name, "clip_skip": cfg.clip_skip,
                                    "format": "diffusers" if path.is_dir() else "single_file"})
@@ -184,25 +157,17 @@ class StableDiffusionFamily(ModelFamily):
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-        classes = {"text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection}
-        modules = {"unet": _from_pretrained(UNet2DConditionModel, folder, "unet", dtype),
-                   "vae": _from_pretrained(AutoencoderKL, folder, "vae", dtype)}
-        for name, _ in self.encoders:
-            modules[name] = _from_pretrained(classes[name], folder, name, dtype)
+        classes = {"clip_l": CLIPTextModel, "clip_g": CLIPTextModelWithProjection}
+        modules = {"unet": from_pretrained(UNet2DConditionModel, folder, "unet", dtype),
+                   "vae": from_pretrained(AutoencoderKL, folder, "vae", dtype)}
+        for spec in self.encoders:
+            modules[spec.component] = from_pretrained(classes[spec.kind], folder, spec.component, dtype)
         return modules
 
     def _check_folder(self, folder: Path) -> None:
         """Refuse folders that are not a diffusers pipeline of this family, naming what was found."""
-        import json
-
-        index = folder / "model_index.json"
-        if index.is_file():
-            cls = json.loads(index.read_text(encoding="utf-8")).get("_class_name", "")
-            is_xl = "XL" in cls
-            if is_xl != (self.name == "sdxl"):
-                raise ModelLoadError(f"model.path '{folder}' holds a {cls}; set model.family to "
-                                     f"'{'sdxl' if is_xl else 'sd15'}'")
-        wanted = ["unet", "vae", *(name for name, _ in self.encoders)]
+        self.check_pipeline_index(folder)
+        wanted = ["unet", "vae", *(spec.component for spec in self.encoders)]
         missing = [sub for sub in wanted if not (folder / sub).is_dir()]
         if missing:
             raise ModelLoadError(f"model.path '{folder}' is not a diffusers {self.name} pipeline folder (no "
@@ -222,8 +187,8 @@ class StableDiffusionFamily(ModelFamily):
         path = Path(vae_path).expanduser()
         if path.is_dir():
             sub = "vae" if (path / "vae" / "config.json").is_file() else None
-            return _from_pretrained(AutoencoderKL, path, sub, dtype, what="model.vae_path")
-        return sf.load_vae(sf.read_checkpoint(path, "model.vae_path"), self.name, path, dtype)
+            return from_pretrained(AutoencoderKL, path, sub, dtype, what="model.vae_path")
+        return sf.load_vae(sf.read_checkpoint(path, "model.vae_path"), self, path, dtype)
 
     # --- training -----------------------------------------------------------------------------------------------
     def encode_text(self, comps: Components, captions: Sequence[str], clip_skip: int = 1,
@@ -258,11 +223,6 @@ class StableDiffusionFamily(ModelFamily):
 
     def _added_cond(self, comps: Components, latents: "torch.Tensor", cond: Conditioning) -> dict | None:
         return None
-
-    def lora_target_modules(self, component: str, preset: str) -> list[str]:
-        from ..lora_targets import lora_target_modules
-
-        return lora_target_modules(self.name, component, preset)
 
     # --- sampling -----------------------------------------------------------------------------------------------
     def pipeline(self, comps: Components) -> Any:
@@ -306,60 +266,7 @@ class StableDiffusionFamily(ModelFamily):
         ComfyUI's *Load Checkpoint* reads it, and so does *Load Diffusion Model* (it picks the
         ``model.diffusion_model.`` keys).
         """
-        return sf.diffusers_to_single_file(comps, self.name)
-
-
-def _from_pretrained(cls, folder: Path, sub: str | None, dtype, what: str = "model.path"):
-    """``cls.from_pretrained`` offline, safetensors only, with a :class:`ModelLoadError` naming the folder.
-
-    Folders that only hold ``fp16`` variant weights (``*.fp16.safetensors``) load too.
-    """
-    import torch
-
-    where = folder / sub if sub else folder
-    dtype = dtype or torch.float32
-    variant = _fp16_variant(where)
-    try:
-        if cls.__module__.startswith("transformers"):
-            model, info = cls.from_pretrained(str(where), local_files_only=True, use_safetensors=True,
-                                              variant=variant, output_loading_info=True, **_transformers_dtype(dtype),
-                                              **_sdpa(cls))
-            if info.get("missing_keys"):
-                raise ModelLoadError(f"{what}: '{where}' lacks {len(info['missing_keys'])} weights (e.g. "
-                                     f"'{sorted(info['missing_keys'])[0]}'); the folder is incomplete or damaged")
-        else:
-            model = cls.from_pretrained(str(folder), subfolder=sub, local_files_only=True, use_safetensors=True,
-                                        variant=variant, torch_dtype=dtype)
-    except ModelLoadError:
-        raise
-    except (OSError, ValueError, RuntimeError, KeyError) as exc:
-        first_line = str(exc).splitlines()[0] if str(exc) else repr(exc)
-        raise ModelLoadError(f"{what}: cannot load '{where}' ({first_line}). It needs config.json and .safetensors "
-                             "weights; pickle .bin weights are refused, convert them to .safetensors") from exc
-    return model.eval()
-
-
-def _fp16_variant(folder: Path) -> str | None:
-    """``"fp16"`` when ``folder`` has only fp16-variant safetensors weights, else ``None``."""
-    if not folder.is_dir():
-        return None
-    files = [p.name for p in folder.iterdir() if p.name.endswith(".safetensors")]
-    plain = [n for n in files if not n.endswith(".fp16.safetensors")]
-    return "fp16" if files and not plain else None
-
-
-def _transformers_dtype(dtype) -> dict[str, Any]:
-    import transformers
-
-    major = int(transformers.__version__.split(".")[0])
-    return {"dtype": dtype} if major >= 5 else {"torch_dtype": dtype}
-
-
-def _sdpa(cls) -> dict[str, Any]:
-    """PyTorch SDPA attention where the class has it. transformers 4.x loads a folder whose config.json carries
-    ``_attn_implementation_autoset`` (written by its own save_pretrained) with eager attention: slower, more memory,
-    and not bit-equal to the same encoder built from a single file."""
-    return {"attn_implementation": "sdpa"} if getattr(cls, "_supports_sdpa", False) else {}
+        return sf.diffusers_to_single_file(comps, self)
 
 
 FAMILY = StableDiffusionFamily()

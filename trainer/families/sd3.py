@@ -18,11 +18,17 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
+from .. import full_size
 from ..errors import ModelLoadError
-from .base import Components, Conditioning
-from .flow_common import (DIFFUSION_PREFIX, EncoderSpec, FlowFamily, Part, components_by_name, encode_t5, load_clip,
-                          t5_token_ids)
-from .sd15 import WINDOW, check_clip_skip, chunked_token_ids, encode_windows, unwrap, windows_needed
+from ..lora_keys import TRANSFORMER, kohya
+from ..lora_targets import CLIP, MMDIT_ATTN, MMDIT_MLP, T5, grow
+from .base import Components, Conditioning, EncoderSpec
+from .clip_text import WINDOW, check_clip_skip, chunked_token_ids, encode_windows, windows_needed
+from .flow_common import FlowFamily, components_by_name
+from .ldm_configs import _count
+from .split_files import DIFFUSION_PREFIX, load_clip
+from .t5_text import encode_t5, t5_token_ids
+from .weights import Part, unwrap
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -41,8 +47,6 @@ def sd3_original_to_diffusers(sd: dict[str, "torch.Tensor"]) -> dict[str, "torch
 
 def sd3_transformer_config(sd: Mapping[str, "torch.Tensor"]) -> dict[str, Any]:
     """``SD3Transformer2DModel`` kwargs from a diffusers-named state dict (SD3 medium, SD3.5 medium/large)."""
-    from .single_file import _count
-
     inner, in_channels, patch, _ = sd["pos_embed.proj.weight"].shape
     if inner % HEAD_DIM:
         raise ModelLoadError(f"the transformer width {inner} is not a multiple of SD3's head size {HEAD_DIM}")
@@ -61,6 +65,21 @@ def sd3_transformer_config(sd: Mapping[str, "torch.Tensor"]) -> dict[str, Any]:
     }
 
 
+_LINEAR = ("norm1.linear", "norm1_context.linear", "context_embedder", "norm_out.linear", "proj_out",
+           "time_text_embed.timestep_embedder.linear_1", "time_text_embed.timestep_embedder.linear_2",
+           "time_text_embed.text_embedder.linear_1", "time_text_embed.text_embedder.linear_2")
+_CONV = ("pos_embed.proj",)
+
+
+def _full_size_transformer():
+    import diffusers
+
+    return diffusers.SD3Transformer2DModel(
+        sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+        num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+        pos_embed_max_size=192)
+
+
 class SD3Family(FlowFamily):
     """SD3 medium and SD3.5 medium/large (T5 optional)."""
 
@@ -71,8 +90,38 @@ class SD3Family(FlowFamily):
     title = "SD3"
     encoders = (EncoderSpec("text_encoder", "clip_l"), EncoderSpec("text_encoder_2", "clip_g"),
                 EncoderSpec("text_encoder_3", "t5xxl", required=False))
+    key_styles = {"transformer": TRANSFORMER, "text_encoder": kohya("lora_te1", clip=True),
+                  "text_encoder_2": kohya("lora_te2", clip=True), "text_encoder_3": kohya("lora_te3")}
+    lora_targets = {"transformer": grow(MMDIT_ATTN, MMDIT_MLP, _LINEAR, _CONV),
+                    "text_encoder": CLIP, "text_encoder_2": CLIP, "text_encoder_3": T5}  # CLIP-L, CLIP-G, T5-XXL
+    base_model_version = "sd3"
+    modelspec_architecture = "stable-diffusion-3-medium"
+    modelspec_implementation = "diffusers"
+    pipeline_class_name = "StableDiffusion3Pipeline"
+    pipeline_class_pattern = r"StableDiffusion3"
+    transformer_markers = {"original": ("joint_blocks.0.x_block.attn.qkv.weight",),
+                           "diffusers": ("pos_embed.proj.weight", "transformer_blocks.0.attn.add_q_proj.weight")}
     vae_factors = {"scaling_factor": 1.5305, "shift_factor": 0.0609, "sample_size": 1024}
     t5_length = 77  # ComfyUI pads SD3's T5 tokens to 77
+    full_size_components = (("transformer", _full_size_transformer), ("text_encoder", full_size.clip_l),
+                            ("text_encoder_2", full_size.clip_g), ("text_encoder_3", full_size.t5_xxl),
+                            ("vae", full_size.vae(16)))
+    full_size_text_tokens = 333  # 77 CLIP + 256 T5 tokens
+
+    def scale_shift_swapped(self, module_name: str, weight_shape: tuple[int, ...]) -> bool:
+        """Also the last block's ``norm1_context.linear`` (an ``AdaLayerNormContinuous`` there: 2·dim outputs,
+        against 6·dim for the ``AdaLayerNormZero`` of the other blocks)."""
+        out_features, in_features = weight_shape
+        return super().scale_shift_swapped(module_name, weight_shape) or (
+            module_name.endswith("norm1_context.linear") and out_features == 2 * in_features)
+
+    def full_size_forward_inputs(self, resolution: int) -> dict[str, Any]:
+        import torch
+
+        h = w = resolution // self.vae_scale_factor
+        return {"hidden_states": torch.randn(1, self.latent_channels, h, w),
+                "encoder_hidden_states": torch.randn(1, self.full_size_text_tokens, 4096),
+                "pooled_projections": torch.randn(1, 2048), "timestep": torch.tensor([500.0])}
 
     # --- loading hooks ------------------------------------------------------------------------------------------
     def transformer_class(self):

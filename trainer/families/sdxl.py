@@ -12,13 +12,17 @@ Conditioning as in diffusers' SDXL pipeline and kohya's SDXL trainer:
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-from .base import Components, Conditioning
+from .. import full_size
+from ..lora_keys import kohya
+from ..lora_targets import CLIP, UNET_ATTN, UNET_CONV, UNET_LINEAR, UNET_MLP, grow
+from .base import Components, Conditioning, EncoderSpec
 from .kohya_blocks import SDXL_BLOCKS
 from .token_weights import apply_token_weights, token_weights
-from .sd15 import (WINDOW, StableDiffusionFamily, check_clip_skip, chunked_token_ids, encode_windows, param_dtype,
-                   unwrap)
+from .clip_text import WINDOW, check_clip_skip, chunked_token_ids, encode_windows
+from .sd15 import StableDiffusionFamily
+from .weights import param_dtype, unwrap
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -42,14 +46,57 @@ def sdxl_time_ids(original_sizes: Sequence[Size], crops_top_left: Sequence[Size]
     return torch.tensor(rows, dtype=torch.float32)
 
 
+def _full_size_unet():
+    import diffusers
+
+    return diffusers.UNet2DConditionModel(
+        block_out_channels=(320, 640, 1280), transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048,
+        attention_head_dim=(5, 10, 20), addition_embed_type="text_time", projection_class_embeddings_input_dim=2816,
+        addition_time_embed_dim=256, use_linear_projection=True, layers_per_block=2, sample_size=128,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"))
+
+
 class StableDiffusionXLFamily(StableDiffusionFamily):
     """SDXL base (epsilon; v-prediction / zero-terminal-SNR fine-tunes via the config or ComfyUI's markers)."""
 
     name = "sdxl"
+    title = "SDXL"
     block_layout = SDXL_BLOCKS
     gradient_checkpointing_default = True  # 1024 px activations dominate memory (trainer.defaults)
     vae_fp32 = True  # the SDXL VAE overflows to NaN in fp16 (kohya no_half_vae)
-    encoders = (("text_encoder", "clip_l"), ("text_encoder_2", "clip_g"))
+    encoders = (EncoderSpec("text_encoder", "clip_l"), EncoderSpec("text_encoder_2", "clip_g"))
+    key_styles = {"unet": kohya("lora_unet"), "text_encoder": kohya("lora_te1", clip=True),
+                  "text_encoder_2": kohya("lora_te2", clip=True)}
+    lora_targets = {"unet": grow(UNET_ATTN, UNET_MLP, UNET_LINEAR + ("add_embedding.linear_1", "add_embedding.linear_2"),
+                                 UNET_CONV),
+                    "text_encoder": CLIP, "text_encoder_2": CLIP}  # CLIP-L, CLIP-G
+    base_model_version = "sdxl_base_v1-0"
+    modelspec_architecture = "stable-diffusion-xl-v1-base"
+    modelspec_implementation = "https://github.com/Stability-AI/generative-models"
+    pipeline_class_name = "StableDiffusionXLPipeline"
+    pipeline_class_pattern = r"XL"
+    pipeline_index_extras = {}
+    vae_factors = {"scaling_factor": 0.13025, "sample_size": 1024}
+    unet_sample_size = 128
+    single_file_prefixes = {"text_encoder": "conditioner.embedders.0.transformer.",
+                            "text_encoder_2": "conditioner.embedders.1.model."}  # CLIP-G in OpenCLIP layout
+    text_time_conditioning = True
+    full_size_components = (("unet", _full_size_unet), ("text_encoder", full_size.clip_l),
+                            ("text_encoder_2", full_size.clip_g), ("vae", full_size.vae(4)))
+    full_size_context_width = 2048  # CLIP-L 768 + CLIP-G 1280
+    full_size_pooled_width = 1280  # CLIP-G's projection
+
+    def matches_single_file(self, keys) -> bool:
+        return any(k.startswith(self.single_file_prefixes["text_encoder_2"]) for k in keys)
+
+    def full_size_forward_inputs(self, resolution: int) -> dict[str, Any]:
+        import torch
+
+        inputs = super().full_size_forward_inputs(resolution)
+        inputs["added_cond_kwargs"] = {"text_embeds": torch.randn(1, self.full_size_pooled_width),
+                                       "time_ids": torch.randn(1, 6)}
+        return inputs
 
     def encode_text(self, comps: Components, captions: Sequence[str], clip_skip: int = 1,
                     max_token_length: int = WINDOW, weights=None) -> Conditioning:

@@ -1,4 +1,5 @@
 """Tiny random SD3 and Flux models for tests, as a diffusers folder *and* as the split files ComfyUI users keep.
+A test fixture: it lives under tests/ and is not part of the installed ``trainer`` package.
 
 :func:`build_tiny_flow_model` writes, from one seeded random init:
 
@@ -25,9 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from .fileio import atomic_write_bytes, atomic_write_json, save_safetensors
-from .lora_keys import swap_halves
-from .tiny import _diffusers_version, _save_diffusers_model, build_tiny_tokenizer, tiny_text_config, \
+from trainer.fileio import atomic_write_bytes, atomic_write_json, save_safetensors
+from trainer.lora_keys import swap_halves
+from trainer.tiny import _diffusers_version, _save_diffusers_model, build_tiny_tokenizer, tiny_text_config, \
     tiny_vae_config, tiny_vocab
 
 FAMILIES = ("sd3", "flux")
@@ -76,7 +77,7 @@ def build_tiny_t5_tokenizer(folder: str | Path) -> Path:
 def tiny_transformer_config(family: str) -> dict[str, Any]:
     """Transformer kwargs: SD3 (2 blocks, 2 heads × 64, SD3.5's dual attention and q/k norm) or Flux dev (1 + 1
     blocks, 2 heads × 32, guidance embedding)."""
-    from .families.flux import flux_rope_axes
+    from trainer.families.flux import flux_rope_axes
 
     if family == "sd3":
         return dict(sample_size=32, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=64,
@@ -154,21 +155,21 @@ class TinyFlowModel:
 
     def file_config(self, **changes: Any):
         """A ``ModelConfig`` for the split files (the tokenizers are found in the ComfyUI tree)."""
-        from .config import ModelConfig
+        from trainer.config import ModelConfig
 
         return ModelConfig(**{"family": self.family, "path": str(self.transformer_file),
                               "text_encoder_paths": tuple(map(str, self.text_encoder_files)),
                               "vae_path": str(self.vae_file), **changes})
 
     def folder_config(self, **changes: Any):
-        from .config import ModelConfig
+        from trainer.config import ModelConfig
 
         return ModelConfig(**{"family": self.family, "path": str(self.folder), **changes})
 
 
 def build_tiny_flow_model(base: str | Path, family: str = "sd3", seed: int = 0) -> TinyFlowModel:
     """Write a tiny ``family`` model under ``base`` as a diffusers folder and as ComfyUI split files."""
-    from .families.flow_common import load_t5_tokenizer
+    from trainer.families.t5_text import load_t5_tokenizer
 
     if family not in FAMILIES:
         raise ValueError(f"tiny flow models exist for {FAMILIES}, not {family!r}")
@@ -185,7 +186,7 @@ def build_tiny_flow_model(base: str | Path, family: str = "sd3", seed: int = 0) 
 
 def save_flow_folder(modules: Mapping[str, Any], folder: str | Path, family: str) -> Path:
     """Write the modules as a diffusers pipeline folder with tokenizers and the family's scheduler config."""
-    from .families import get_family
+    from trainer.families import get_family
 
     folder = Path(folder)
     pipeline, transformer_class = PIPELINES[family]
@@ -223,7 +224,7 @@ def _save_text_encoder(encoder, folder: Path) -> None:
 
 def save_split_files(modules: Mapping[str, Any], root: str | Path, family: str) -> dict[str, Any]:
     """Write the modules the way a ComfyUI install holds them; returns the :class:`TinyFlowModel` file fields."""
-    from .families.single_file import vae_to_ldm
+    from trainer.families.ldm_layout import vae_to_ldm
 
     root = Path(root) / "models"
     to_original = sd3_to_original if family == "sd3" else flux_to_original

@@ -1,0 +1,6 @@
+"""``python -m trainer.client``: see :mod:`trainer.client.cli`."""
+import sys
+
+from .cli import main
+
+sys.exit(main())
