@@ -137,8 +137,12 @@ def test_memory_options_terms():
     assert 0.5 * counts["unet"] * 2 / GIB < fp8.parts["denoiser weights"] < 0.6 * counts["unet"] * 2 / GIB  # Linear
     flux = MemoryOptions("flux", precision="bf16", resolution=1024, fp8_base=True, cache_latents=True,
                          cache_text_embeddings=True)
-    swapped = estimate(replace(flux, blocks_to_swap=16))
-    assert swapped.parts["denoiser weights"] < estimate(flux).parts["denoiser weights"] - 3
+    swapped = estimate(replace(flux, blocks_to_swap=16))  # the last 16 blocks: single blocks, 2 of them on the GPU
+    single = 141_591_808  # parameters of one Flux single block; fp8 Linear weights, the rest (norms, biases) bf16
+    saved = estimate(flux).parts["denoiser weights"] - swapped.parts["denoiser weights"]
+    assert 14 * single * 1.0 / GIB < saved < 14 * single * 1.01 / GIB
+    assert estimate(replace(flux, blocks_to_swap=2)).parts["denoiser weights"] == estimate(flux).parts[
+        "denoiser weights"]  # two blocks are on the device at a time anyway
     assert estimate(replace(flux, blocks_to_swap=16), device="cpu").parts["denoiser weights"] == \
         estimate(flux, device="cpu").parts["denoiser weights"]  # the CPU's host memory is its device memory
     sd3 = MemoryOptions("sd3", network_type="full", precision="bf16", resolution=1024, cache_latents=True,
@@ -147,7 +151,7 @@ def test_memory_options_terms():
     assert estimate(sd3).parts["gradients + optimizer state"] == pytest.approx(n * 12 / GIB)
     half = estimate(replace(sd3, full_bf16=True))
     assert half.parts["denoiser weights"] == pytest.approx(n * 2 / GIB)
-    assert half.parts["gradients + optimizer state"] == pytest.approx(n * 6 / GIB)  # bf16 grads + bf16 AdamW states
+    assert half.parts["gradients + optimizer state"] == pytest.approx(n * 10 / GIB)  # bf16 grads, fp32 AdamW states
     fused = estimate(replace(sd3, full_bf16=True, fused_backward_pass=True, optimizer="adafactor"))
     assert fused.parts["gradients + optimizer state"] < 0.05
 

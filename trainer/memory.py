@@ -8,17 +8,18 @@ part                   bytes
 =====================  ==============================================================================================
 denoiser weights       N_denoiser × b_w   (b_w = 2 for a LoRA under bf16/fp16 — the frozen base is loaded in the
                        compute dtype — and for a ``full_bf16`` full fine-tune, else 4); with ``fp8_base`` each
-                       Linear weight takes 1 byte; with ``blocks_to_swap`` on CUDA the swapped blocks are left out
-                       and one of them is added back (the block in flight)
-text encoders          Σ N_te × b_w (T5's Linear weights 1 byte with ``fp8_base``), only while resident: 0 when
+                       Linear weight takes 1 byte; with ``blocks_to_swap`` on CUDA the last N blocks are left out
+                       but the two largest of them (the running block and the prefetched next one)
+text encoders          Σ N_te × b (the compute dtype while frozen; T5's Linear weights 1 byte with ``fp8_base``),
+                       only while resident: 0 when
                        ``cache_text_embeddings`` moves them off a CUDA device (on the CPU the training device *is*
                        host memory, so they still count)
-VAE                    N_vae × (4 for SDXL, which runs its VAE in fp32, or without mixed precision; else b_w), 0 when
+VAE                    N_vae × (4 for SDXL, which runs its VAE in fp32, or without mixed precision; else 2), 0 when
                        ``cache_latents`` moves it off the device
 trainable parameters   LoRA: N_lora × (4 weight + 4 gradient + s_opt); full fine-tune: N_denoiser × (b_g gradient +
                        s_opt) (its weights are the denoiser weights above; b_g = 2 with ``full_bf16``, whose
-                       non-8-bit optimizer states are bf16 too: s_opt halves); a fused backward pass holds one
-                       gradient at a time (the largest tensor)
+                       optimizer states stay fp32 for the stochastic-rounding update); a fused backward pass holds
+                       one gradient at a time (the largest tensor)
 activations            the tensors autograd saves for the backward pass (once per storage, weights left out), measured
                        by tracing one forward pass of the
                        full-size denoiser with the LoRA attached on the ``meta`` device at the run's resolution and batch
@@ -141,22 +142,22 @@ def estimate(opts: MemoryOptions, device: str = "cuda") -> Estimate:
     denoiser, encoders = names[0], [n for n in names if n.startswith("text_encoder")]
     full = opts.network_type == "full"
     lowp = opts.precision in ("bf16", "fp16")
-    b_w = 2 if (lowp and not full) or (full and opts.full_bf16) else 4
-    b_vae = 4 if get_family(opts.family).vae_fp32 or not lowp or full else b_w
+    b_frozen = 2 if lowp else 4  # frozen parts are held in the compute dtype (LoRA and full fine-tune alike)
+    b_w = 2 if lowp and (not full or opts.full_bf16) else 4  # a fully trained denoiser: fp32 unless full_bf16
+    b_te = 4 if full and opts.train_text_encoder and not opts.full_bf16 else b_frozen
+    b_vae = 4 if get_family(opts.family).vae_fp32 or not lowp else b_frozen
     fp8 = opts.fp8_base and not full  # fp8 stores frozen weights only
     host = device == "cpu"
     parts = {"denoiser weights": _stored_bytes(opts.family, denoiser, b_w, fp8)}
-    if opts.blocks_to_swap and not host:  # swapped blocks wait in host memory; one is in flight on the device
-        swapped = _swapped_block_bytes(opts.family, opts.blocks_to_swap, b_w, fp8)
-        parts["denoiser weights"] -= sum(swapped) - max(swapped, default=0)
-    parts["text encoders"] = 0 if opts.cache_text_embeddings and not host else sum(
-        _stored_bytes(opts.family, n, b_w, fp8 and _is_t5(opts.family, n)) for n in encoders)
+    if opts.blocks_to_swap and not host:  # swapped blocks wait in host memory; two are on the device at a time
+        swapped = sorted(_swapped_block_bytes(opts.family, opts.blocks_to_swap, b_w, fp8), reverse=True)
+        parts["denoiser weights"] -= sum(swapped[2:])
+    resident_encoders = sum(_stored_bytes(opts.family, n, b_te, fp8 and _is_t5(opts.family, n)) for n in encoders)
+    parts["text encoders"] = 0 if opts.cache_text_embeddings and not host else resident_encoders
     parts["vae"] = 0 if opts.cache_latents and not host else counts["vae"] * b_vae
-    s_opt = OPTIMIZER_STATE_BYTES.get(opts.optimizer, 8)
+    s_opt = OPTIMIZER_STATE_BYTES.get(opts.optimizer, 8)  # fp32 states, also under full_bf16
     if full:
-        b_g = 2 if opts.full_bf16 else 4  # gradients and (non-8-bit) optimizer states take the weights' dtype
-        if opts.full_bf16 and opts.optimizer != "adamw8bit":
-            s_opt //= 2
+        b_g = 2 if opts.full_bf16 else 4  # gradients take the trained weights' dtype
         grads = _largest_tensor(opts.family, denoiser) if opts.fused_backward_pass else counts[denoiser]
         parts["gradients + optimizer state"] = grads * b_g + counts[denoiser] * s_opt
     else:
@@ -169,9 +170,8 @@ def estimate(opts: MemoryOptions, device: str = "cuda") -> Estimate:
     caching = 0
     if opts.cache_latents or opts.cache_text_embeddings:  # the caches fill before step 1 with every encoder and the
         # denoiser resident (the encoders leave after): their weights, the adapter, the VAE's encode transient
-        encoders = sum(_stored_bytes(opts.family, n, b_w, fp8 and _is_t5(opts.family, n)) for n in encoders)
         adapter = 0 if full else lora_param_count(opts.family, denoiser, opts.target_preset, opts.network_dim) * 4
-        caching = parts["denoiser weights"] + encoders + counts["vae"] * b_vae + adapter + \
+        caching = parts["denoiser weights"] + resident_encoders + counts["vae"] * b_vae + adapter + \
             (transient if opts.cache_latents else 0)
     if not opts.cache_latents:
         parts["vae encode (transient)"] = transient
@@ -286,10 +286,11 @@ def lora_param_count(family: str, component: str, preset: str, rank: int) -> int
     return total
 
 
+@functools.lru_cache(maxsize=None)
 def _is_t5(family: str, component: str) -> bool:
-    from .full_size import ARCHITECTURES
+    from .full_size import build_meta
 
-    return dict(ARCHITECTURES[family])[component].__name__ == "_t5_xxl"
+    return type(build_meta(family, component)).__name__.startswith("T5")
 
 
 @functools.lru_cache(maxsize=None)
@@ -312,23 +313,32 @@ def _stored_bytes(family: str, component: str, b_w: int, fp8: bool, prefix: str 
     return total * b_w - (linear * (b_w - 1) if fp8 else 0)
 
 
+SWAP_BLOCKS = {"sd15": ("down_blocks", "mid_block", "up_blocks"), "sdxl": ("down_blocks", "mid_block", "up_blocks"),
+               "sd3": ("transformer_blocks",), "flux": ("transformer_blocks", "single_transformer_blocks")}
+
+
 def _swapped_block_bytes(family: str, n: int, b_w: int, fp8: bool) -> list[int]:
-    """Bytes of each block ``blocks_to_swap = n`` keeps in host memory. Flux (kohya's split): n // 2 double blocks
-    and twice the rest in single blocks, from the end; other transformers: the last n blocks."""
+    """Bytes of each block ``blocks_to_swap = n`` keeps in host memory: the last n of the family's blocks in running
+    order (``trainer.block_swap``; the family's ``swap_block_attributes`` where it has them)."""
+    from .families import get_family
     from .full_size import ARCHITECTURES, build_meta
 
     component = ARCHITECTURES[family][0][0]
     module = build_meta(family, component)
-    groups = [("transformer_blocks", n // 2), ("single_transformer_blocks", (n - n // 2) * 2)] \
-        if family == "flux" else [("transformer_blocks", n)]
-    chosen = []
-    for attr, count in groups:
-        blocks = getattr(module, attr, None)
-        if blocks is None:
-            continue
-        first = max(len(blocks) - count, 0)
-        chosen += [f"{attr}.{i}" for i in range(first, len(blocks))]
-    return [_stored_bytes(family, component, b_w, fp8, name) for name in chosen]
+    names = []
+    for attr in getattr(get_family(family), "swap_block_attributes", ()) or SWAP_BLOCKS[family]:
+        sub = getattr(module, attr, None)
+        if isinstance(sub, torch_module_list()):
+            names += [f"{attr}.{i}" for i in range(len(sub))]
+        elif sub is not None:
+            names.append(attr)
+    return [_stored_bytes(family, component, b_w, fp8, name) for name in names[-n:]] if n > 0 else []
+
+
+def torch_module_list():
+    import torch
+
+    return torch.nn.ModuleList
 
 
 @functools.lru_cache(maxsize=None)
