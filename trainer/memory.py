@@ -217,7 +217,7 @@ def fitting_switches(cfg, available_gib: float, resolved: dict | None = None, de
              ("fused_backward_pass on with optimizer adafactor",
               dict(fused_backward_pass=True, optimizer="adafactor") if full else None),
              ("batch_size 1", dict(batch_size=1) if opts.batch_size > 1 else None),
-             ("blocks_to_swap 16", dict(blocks_to_swap=16) if device == "cuda" and opts.family in ("flux", "sd3")
+             ("blocks_to_swap 16", dict(blocks_to_swap=16) if device == "cuda" and not full
               and opts.blocks_to_swap < 16 else None),
              ("a lower resolution (768)", dict(resolution=768) if opts.resolution > 768 else None)]
     chosen, missing = [], []
@@ -313,8 +313,9 @@ def _stored_bytes(family: str, component: str, b_w: int, fp8: bool, prefix: str 
     return total * b_w - (linear * (b_w - 1) if fp8 else 0)
 
 
-SWAP_BLOCKS = {"sd15": ("down_blocks", "mid_block", "up_blocks"), "sdxl": ("down_blocks", "mid_block", "up_blocks"),
-               "sd3": ("transformer_blocks",), "flux": ("transformer_blocks", "single_transformer_blocks")}
+# diffusers' block containers in running order: the fallback where a family does not list its own
+# (``swap_block_attributes``, which trainer.block_swap uses)
+BLOCK_ATTRIBUTES = ("down_blocks", "mid_block", "up_blocks", "transformer_blocks", "single_transformer_blocks")
 
 
 def _swapped_block_bytes(family: str, n: int, b_w: int, fp8: bool) -> list[int]:
@@ -326,7 +327,7 @@ def _swapped_block_bytes(family: str, n: int, b_w: int, fp8: bool) -> list[int]:
     component = ARCHITECTURES[family][0][0]
     module = build_meta(family, component)
     names = []
-    for attr in getattr(get_family(family), "swap_block_attributes", ()) or SWAP_BLOCKS[family]:
+    for attr in getattr(get_family(family), "swap_block_attributes", ()) or BLOCK_ATTRIBUTES:
         sub = getattr(module, attr, None)
         if isinstance(sub, torch_module_list()):
             names += [f"{attr}.{i}" for i in range(len(sub))]

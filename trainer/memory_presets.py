@@ -43,18 +43,23 @@ class Case:
         return f"{self.family}-{self.kind}-{self.preset}"
 
 
-CASES = [Case(*key, budget, settings) for key, budget, settings in [
-    (("sd15", "lora", "default"), 4.0, {}),
-    (("sd15", "lora", "low"), 4.0, LOW),
-    (("sdxl", "lora", "default"), 10.0, {}),
-    (("sdxl", "lora", "low"), 8.0, LOW),
-    (("sdxl", "lora", "lowest"), 6.0, {**LOW, "fp8_base": True, "optimizer": "adamw8bit"}),
-    (("flux", "lora", "default"), 24.0, {}),
-    (("flux", "lora", "low"), 16.0, {**LOW, "fp8_base": True}),
-    (("flux", "lora", "lowest"), 12.0, {**LOW, "fp8_base": True, "blocks_to_swap": 16, "optimizer": "adamw8bit"}),
-    (("sd3", "full", "low"), 24.0, {**LOW, "full_bf16": True}),
-    (("sd3", "full", "lowest"), 16.0,
-     {**LOW, "full_bf16": True, "fused_backward_pass": True, "optimizer": "adafactor"}),
+def _case(name: str, budget_gib: float, settings: dict) -> Case:
+    family, kind, preset = name.split("-")
+    return Case(family, kind, preset, budget_gib, settings)
+
+
+# the benchmark cases, by case name (``<family>-<kind>-<preset>``), with their budgets
+CASES = [_case(*row) for row in [
+    ("sd15-lora-default", 4.0, {}),
+    ("sd15-lora-low", 4.0, LOW),
+    ("sdxl-lora-default", 10.0, {}),
+    ("sdxl-lora-low", 8.0, LOW),
+    ("sdxl-lora-lowest", 6.0, {**LOW, "fp8_base": True, "optimizer": "adamw8bit"}),
+    ("flux-lora-default", 24.0, {}),
+    ("flux-lora-low", 16.0, {**LOW, "fp8_base": True}),
+    ("flux-lora-lowest", 12.0, {**LOW, "fp8_base": True, "blocks_to_swap": 16, "optimizer": "adamw8bit"}),
+    ("sd3-full-low", 24.0, {**LOW, "full_bf16": True}),
+    ("sd3-full-lowest", 16.0, {**LOW, "full_bf16": True, "fused_backward_pass": True, "optimizer": "adafactor"}),
 ]]
 CASES_BY_NAME = {c.name: c for c in CASES}
 
