@@ -20,6 +20,8 @@ from .widgets import BOOL, FLOAT, INT, SEED, STRING, combo
 CHECKPOINTING_WHEN_OFF = ("family default", "off")
 
 NONE = "(none)"
+FP8_BASE_TIP = ("kohya --fp8_base: store the frozen base model's linear weights (and T5's) in fp8, about half the "
+                "memory of bf16; the LoRA trains on top. Not for full fine-tunes or DoRA.")
 
 
 class CrucibleModel:
@@ -40,9 +42,11 @@ class CrucibleModel:
             "zero_terminal_snr": BOOL(False, "kohya zero_terminal_snr: rescale betas so the last step is pure noise (v-prediction models)."),
             "clip_skip": INT(1, 1, 12, "kohya clip_skip: 2 = penultimate CLIP layer (anime models)."),
             "attention": combo(list(ATTENTION), "sdpa", "kohya --sdpa / --xformers: sdpa is torch's fused attention (default); xformers needs the xformers package (CUDA)."),
+            "fp8_base": BOOL(False, FP8_BASE_TIP),
         }}
 
-    def build(self, family, ckpt_name, path, prediction_type, zero_terminal_snr, clip_skip, attention="sdpa"):
+    def build(self, family, ckpt_name, path, prediction_type, zero_terminal_snr, clip_skip, attention="sdpa",
+              fp8_base=False):
         if path.strip():
             source = _comfy.resolve_model_path(path)
         elif ckpt_name != NONE:
@@ -53,7 +57,7 @@ class CrucibleModel:
         tokenizer = _comfy.comfy_tokenizer_dir() if source.is_file() and not _has_own_tokenizer(source) else None
         cfg = ModelConfig(family=family, path=str(source), prediction_type="" if prediction_type == "auto" else prediction_type,
                           zero_terminal_snr=zero_terminal_snr, clip_skip=clip_skip, attention=attention,
-                          tokenizer_path=str(tokenizer) if tokenizer else "")
+                          tokenizer_path=str(tokenizer) if tokenizer else "", fp8_base=fp8_base)
         return (cfg,)
 
 
@@ -84,18 +88,19 @@ class CrucibleSplitModel:
             "clip_name3": combo(encoders, NONE, "Text encoder: T5-XXL (SD3; optional — SD3 can train without T5)."),
             "vae_name": combo([NONE] + _comfy.list_models("vae"), NONE, "The VAE from models/vae (ae.safetensors for Flux)."),
             "path": STRING("", "Or: a diffusers folder (absolute path) with everything in it. Overrides the files."),
+            "fp8_base": BOOL(False, FP8_BASE_TIP),
         }}
 
-    def build(self, family, unet_name, clip_name1, clip_name2, clip_name3, vae_name, path):
+    def build(self, family, unet_name, clip_name1, clip_name2, clip_name3, vae_name, path, fp8_base=False):
         if path.strip():
-            return (ModelConfig(family=family, path=str(_comfy.resolve_model_path(path))),)
+            return (ModelConfig(family=family, path=str(_comfy.resolve_model_path(path)), fp8_base=fp8_base),)
         if unet_name == NONE:
             raise CrucibleError("Crucible Split Model: choose unet_name (the transformer) or give a diffusers folder in 'path'")
         encoders = tuple(str(_comfy.model_path("text_encoders", n)) for n in (clip_name1, clip_name2, clip_name3)
                          if n != NONE)
         vae = str(_comfy.model_path("vae", vae_name)) if vae_name != NONE else ""
         return (ModelConfig(family=family, path=str(_comfy.model_path("diffusion_models", unet_name)),
-                            text_encoder_paths=encoders, vae_path=vae),)
+                            text_encoder_paths=encoders, vae_path=vae, fp8_base=fp8_base),)
 
 
 def _ranks(name: str):

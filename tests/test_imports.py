@@ -41,7 +41,8 @@ def _decoy(tmp_path: Path) -> Path:
     decoy = tmp_path / "site-packages"
     for name in ("trainer", "nodes"):
         (decoy / name).mkdir(parents=True)
-        (decoy / name / "__init__.py").write_text(f"raise ImportError('decoy {name}: the PyPI package, not the pack')\n")
+        decoy_init = f"raise ImportError('decoy {name}: the PyPI package, not the pack')\n"
+        (decoy / name / "__init__.py").write_text(decoy_init)
     return decoy
 
 
@@ -116,7 +117,8 @@ def test_public_api_check_can_fail(tmp_path):
 
 
 def test_every_public_name_resolves_and_import_stays_light():
-    code = ("import sys, trainer; light = [m for m in ('torch', 'diffusers', 'peft', 'transformers') if m in sys.modules];"
+    code = ("import sys, trainer;"
+            "light = [m for m in ('torch', 'diffusers', 'peft', 'transformers') if m in sys.modules];"
             "missing = [n for n in trainer.__all__ if not hasattr(trainer, n)];"
             "print(light, missing, sorted(set(dir(trainer)) >= set(trainer.__all__) and ['dir ok'] or []))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)

@@ -34,8 +34,7 @@ def test_gradient_checkpointing_defaults_on_for_the_large_families_only():
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg  # round-trips through run metadata / config.json
 
 
-def test_run_json_records_what_auto_resolved_to(tiny_sd15, demo_dataset, tmp_path):
-    from test_train_e2e import make_config
+def test_run_json_records_what_auto_resolved_to(make_config, tiny_sd15, demo_dataset, tmp_path):
     from trainer.loop import train
 
     cfg = make_config(tiny_sd15, demo_dataset, tmp_path, training={"max_train_steps": 1, "batch_size": 2})
@@ -73,8 +72,8 @@ def test_without_a_scaler_an_infinite_gradient_still_stops_at_once():
     assert overflow_decision(None, False, 0, 1).action == "step"  # nothing measured: nothing to decide
 
 
-def test_sdxl_vae_runs_in_fp32_and_the_latent_cache_key_names_its_dtype(demo_dataset, tmp_path_factory, tmp_path):
-    from test_sdxl_train import make_config
+def test_sdxl_vae_runs_in_fp32_and_the_latent_cache_key_names_its_dtype(make_config, demo_dataset, tmp_path_factory,
+                                                                        tmp_path):
     from trainer.callbacks import Callbacks
     from trainer.loop import Trainer
     from trainer.release import release_run
@@ -82,7 +81,7 @@ def test_sdxl_vae_runs_in_fp32_and_the_latent_cache_key_names_its_dtype(demo_dat
 
     assert get_family("sdxl").vae_fp32 and not get_family("sd15").vae_fp32
     model = build_tiny_pipeline(tmp_path_factory.mktemp("xl") / "sdxl", family="sdxl", seed=1)
-    cfg = make_config(model, demo_dataset, tmp_path, network={"train_text_encoder": False},
+    cfg = make_config(model, demo_dataset, tmp_path, model={"family": "sdxl"}, network={"train_text_encoder": False},
                       training={"mixed_precision": "bf16", "cache_latents": True, "max_train_steps": 1})
     trainer = Trainer(cfg, Callbacks())
     try:
@@ -108,15 +107,13 @@ def test_nan_latents_are_refused_and_never_cached(demo_dataset):
 
 
 # --- cache, then free ----------------------------------------------------------------------------------------------
-def _cached_config(tiny_sd15, demo_dataset, tmp_path, **training):
-    from test_train_e2e import make_config
-
+def _cached_config(make_config, tiny_sd15, demo_dataset, tmp_path, **training):
     return make_config(tiny_sd15, demo_dataset, tmp_path, training={
         "mixed_precision": "no", "cache_latents": True, "cache_text_embeddings": True, "batch_size": 2,
         "max_train_steps": 4, **training}, save={"save_every_n_epochs": 0, "save_every_n_steps": 2})
 
 
-def test_caches_fill_before_step_1_then_the_encoders_leave_the_device(tiny_sd15, demo_dataset, tmp_path,
+def test_caches_fill_before_step_1_then_the_encoders_leave_the_device(make_config, tiny_sd15, demo_dataset, tmp_path,
                                                                       monkeypatch):
     import trainer.loop as loop
     from trainer.callbacks import Callbacks
@@ -140,7 +137,7 @@ def test_caches_fill_before_step_1_then_the_encoders_leave_the_device(tiny_sd15,
 
     monkeypatch.setattr(loop, "offload_module", spy_offload)
     monkeypatch.setattr(loop.Trainer, "_optimizer_step", spy_step)
-    loop.train(_cached_config(tiny_sd15, demo_dataset, tmp_path), Progress())
+    loop.train(_cached_config(make_config, tiny_sd15, demo_dataset, tmp_path), Progress())
     kinds = [e[0] for e in events]
     offloaded = [e[1] for e in events if e[0] == "offload"]
     assert offloaded[:2] == ["AutoencoderKL", "CLIPTextModel"] and kinds.index("step1") > kinds.index("offload")
@@ -150,17 +147,17 @@ def test_caches_fill_before_step_1_then_the_encoders_leave_the_device(tiny_sd15,
     assert step1[1] == step1[2] == images[-1][3]
 
 
-def test_pre_encoded_losses_equal_lazy_caching_and_resume_stays_exact(tiny_sd15, demo_dataset, tmp_path,
+def test_pre_encoded_losses_equal_lazy_caching_and_resume_stays_exact(make_config, tiny_sd15, demo_dataset, tmp_path,
                                                                       monkeypatch):
     import trainer.loop as loop
     from run_helpers import StopAt
 
-    eager = loop.train(_cached_config(tiny_sd15, demo_dataset, tmp_path / "eager")).losses
+    eager = loop.train(_cached_config(make_config, tiny_sd15, demo_dataset, tmp_path / "eager")).losses
     with monkeypatch.context() as m:  # the old behaviour: caches filled as epoch 1 reaches each image
         m.setattr(loop.Trainer, "_pre_encode", lambda self: None)
-        lazy = loop.train(_cached_config(tiny_sd15, demo_dataset, tmp_path / "lazy")).losses
+        lazy = loop.train(_cached_config(make_config, tiny_sd15, demo_dataset, tmp_path / "lazy")).losses
     assert eager == lazy and len(eager) == 4
-    cfg = _cached_config(tiny_sd15, demo_dataset, tmp_path / "resumed")
+    cfg = _cached_config(make_config, tiny_sd15, demo_dataset, tmp_path / "resumed")
     first = loop.train(cfg, StopAt(2))
     assert first.cancelled
     resumed = loop.train(cfg, resume_from=first.state_dir)

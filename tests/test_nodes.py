@@ -18,10 +18,10 @@ import pytest
 import torch
 
 import comfy_stubs
+from comfy_stubs import node_defaults as defaults  # every widget at its default, as a fresh node
 from trainer.errors import CrucibleError, UnsafePathError
 
 SUBMODULES = ("dataset_nodes", "train_nodes", "sweep_nodes", "image_nodes", "tagging_nodes")
-WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
 DEMO = "crucible_demo"
 SMALL = "crucible_small"
 FROM_RUN = "(from run input)"
@@ -61,17 +61,6 @@ def small_input(comfy, demo_dataset) -> str:
         shutil.copy(image, target)
         shutil.copy(image.with_suffix(".txt"), target)
     return SMALL
-
-
-def defaults(cls) -> dict:
-    """Every widget input at its declared default, as a fresh node in the UI would send it."""
-    values = {}
-    for section in ("required", "optional"):
-        for name, spec in cls.INPUT_TYPES().get(section, {}).items():
-            options = spec[1] if len(spec) > 1 else {}
-            if "default" in options and (isinstance(spec[0], list) or spec[0] in WIDGET_TYPES):
-                values[name] = options["default"]
-    return values
 
 
 def run(nodes, node_id: str, **inputs):
@@ -677,6 +666,9 @@ def test_split_model_node_picks_comfyui_files_and_trains_flux(nodes, comfy, smal
                       clip_name1=names["text_encoders"][0], clip_name2=names["text_encoders"][1],
                       vae_name=names["vae"][0])
     assert model.family == "flux" and len(model.text_encoder_paths) == 2 and model.vae_path
+    (fp8,), _ = run(nodes, "CrucibleSplitModel", family="flux", unet_name=names["diffusion_models"][0],
+                    clip_name1=names["text_encoders"][0], vae_name=names["vae"][0], fp8_base=True)
+    assert fp8.fp8_base and not model.fp8_base  # kohya --fp8_base, an appended widget (issue #16)
     comfy.reset_interrupt()
     (network,), _ = run(nodes, "CrucibleNetworkOptions", network_dim=4, network_alpha=4.0)
     outputs, _ = run(nodes, "CrucibleTrain", model=model, dataset=dataset(nodes, SMALL, repeats=1), run_name="flux-run",

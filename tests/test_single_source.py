@@ -38,7 +38,8 @@ def test_cli_tensorboard_logs_go_to_the_run_folder_the_loop_uses(tmp_path, monke
 
     def fake_train(cfg, callbacks, resume_from=None, force_resume=False):
         seen.append(cfg)
-        return types.SimpleNamespace(run_dir=run_paths(cfg.save).run_dir, checkpoints=[], cancelled=False, state_dir=None)
+        return types.SimpleNamespace(run_dir=run_paths(cfg.save).run_dir, checkpoints=[], cancelled=False,
+                                     state_dir=None)
 
     monkeypatch.setattr(trainer.loop, "train", fake_train)
     config = tmp_path / "run.json"

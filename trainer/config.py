@@ -101,6 +101,7 @@ class ModelConfig:
     zero_terminal_snr: bool = False
     clip_skip: int = 1  # 1 = last layer, 2 = penultimate (kohya clip_skip)
     attention: str = "sdpa"  # sdpa (torch scaled-dot-product, diffusers' default) | xformers (kohya --xformers)
+    fp8_base: bool = False  # kohya --fp8_base: frozen denoiser (and T5) Linear weights stored as fp8 (trainer.quantized)
 
 
 @dataclass(frozen=True)
@@ -438,6 +439,12 @@ def validate(cfg: TrainConfig) -> None:
     _check_choice(m.attention, ATTENTION, "model.attention")
     _check_choice(n.network_type, NETWORK_TYPES, "network.network_type")
     _check_choice(n.target_preset, TARGET_PRESETS, "network.target_preset")
+    if m.fp8_base and n.network_type == "full":
+        raise ConfigError("model.fp8_base stores the frozen base weights in fp8, which a full fine-tune (network_type "
+                          "'full') would have to train; turn fp8_base off or train an adapter (lora, loha, lokr)")
+    if m.fp8_base and n.network_type == "dora":
+        raise ConfigError("model.fp8_base does not work with DoRA (network_type 'dora'), which rebuilds every full base "
+                          "weight each step; choose lora, loha or lokr, or turn fp8_base off")
     if n.network_type != "full":
         _check_range(n.network_dim, "network.network_dim", 1, 1024)
         _check_range(n.network_alpha, "network.network_alpha", 0.0)

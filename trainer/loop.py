@@ -189,14 +189,20 @@ class Trainer:
         # practice; a 12B Flux in fp32 would not fit), the trainable adapter stays fp32 (below).
         lowp = cfg.network.network_type != "full" and precision != "no"
         weight_dtype = DTYPES[precision] if lowp else None
-        comps = components or self.family.load(cfg.model, device=device, dtype=weight_dtype)
+        from .quantized import apply_fp8_base, cast_frozen, fp8_loading  # issue #16
+
+        with fp8_loading(cfg.model.fp8_base):  # fp8 base: quantized on the host while loading, then moved
+            comps = components or self.family.load(cfg.model, device="cpu" if cfg.model.fp8_base else device,
+                                                   dtype=weight_dtype)
+        if cfg.model.fp8_base:
+            apply_fp8_base([comps.denoiser, *comps.text_encoders], weight_dtype or torch.float32)
         comps.to(device=device)
         if self.family.vae_fp32 and comps.vae is not None:
             comps.vae.to(dtype=torch.float32)  # kohya no_half_vae: this VAE overflows to NaN in half precision
         self.comps = comps
         if lowp:
             for module in [comps.denoiser, *comps.text_encoders]:
-                module.to(dtype=weight_dtype)
+                cast_frozen(module, weight_dtype)  # T5's wo stays fp32 under fp16 (transformers' keep-in-fp32)
         self.family.configure_training(comps, cfg.training)
         use_attention(comps, cfg.model.attention)
         if cfg.network.network_type == "full" and cfg.network.train_text_encoder and not cfg.save.single_file_dir:

@@ -82,6 +82,7 @@ def image_indices(spec: str, count: int) -> list[int]:
         try:
             first, last = int(lo), int(hi if hi else lo)
         except ValueError:
-            raise CrucibleError(f"Caption preview: 'images' must be indices such as 0-3 or 0,5,9, not {shown(spec)}") from None
+            message = f"Caption preview: 'images' must be indices such as 0-3 or 0,5,9, not {shown(spec)}"
+            raise CrucibleError(message) from None
         out.extend(range(max(first, 0), min(last, count - 1) + 1))
     return out

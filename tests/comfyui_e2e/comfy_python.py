@@ -30,9 +30,10 @@ STATUSES = ("pass", "fail", "skip")
 
 # --- the script's side ---------------------------------------------------------------------------------------------
 def setup_comfy(argv: list[str] | None = None, comfy_flags: tuple[str, ...] = ()) -> argparse.Namespace:
-    """Parse the arguments :func:`run_script` passes, then make ``import comfy.*`` and ``import trainer`` work as in
-    the server: ComfyUI's root and the pack on ``sys.path``, ``--cpu`` plus ``comfy_flags`` as ComfyUI's command
-    line."""
+    """Parse the arguments :func:`run_script` passes, then make ``import comfy.*`` work as in the server and
+    ``import trainer`` reach the installed pack's library: ComfyUI's root and the pack on ``sys.path`` (the server
+    itself never puts the pack there; the pack's nodes import it relatively), ``--cpu`` plus ``comfy_flags`` as
+    ComfyUI's command line."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--comfy-root", required=True)
     ap.add_argument("--pack-dir", required=True)

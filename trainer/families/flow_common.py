@@ -268,7 +268,7 @@ class FlowFamily(ModelFamily):
         source = plan.transformer
         if isinstance(source, Path):
             return from_pretrained(self.transformer_class(), source.parent, source.name, dtype)
-        sd = source.read()
+        sd = source.read(dtype)
         where = source.describe()
         if plan.layout == "original":
             sd = sf._derive(f"{self.title} transformer", where, self.to_diffusers, sd)

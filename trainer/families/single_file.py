@@ -126,7 +126,7 @@ def load_single_file(path: str | Path, family: "str | ModelFamily", dtype=None, 
     from . import get_family
 
     family = get_family(family)
-    sd = dict(read_checkpoint(path) if sd is None else sd)
+    sd = dict(read_checkpoint(path, dtype=dtype) if sd is None else sd)
     check_family(sd, family, path)
 
     def take(prefix: str) -> dict[str, "torch.Tensor"]:

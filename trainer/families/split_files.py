@@ -69,7 +69,7 @@ def load_clip(part: Part, kind: str, dtype=None, *, projection: bool, identity_p
     import torch
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    sd = part.read()
+    sd = part.read(dtype)
     title = f"{KIND_TITLES[kind]} text encoder"
     config = _derive(title, part.describe(), clip_config_from_state, sd, kind)
     if projection and (identity_projection or "text_projection.weight" not in sd):
@@ -85,7 +85,7 @@ def load_vae(part: Part, family: "ModelFamily", dtype=None):
     from diffusers import AutoencoderKL
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
-    sd = part.read()
+    sd = part.read(dtype)
     ldm = vae_to_ldm(sd) if any(k.startswith("encoder.down_blocks.") for k in sd) else sd
     config = _derive("VAE", part.describe(), vae_config_from_ldm, ldm, family)
     if config["latent_channels"] != 16:

@@ -45,10 +45,7 @@ def load_t5(part: Part, dtype=None):
     """A ``T5EncoderModel`` from a file (``shared.weight`` and ``encoder.embed_tokens.weight`` are one tensor)."""
     from transformers import T5Config, T5EncoderModel
 
-    sd = part.read()
-    if "scaled_fp8" in sd or any(k.endswith((".scale_weight", ".weight_scale")) for k in sd):
-        raise ModelLoadError(f"'{part.describe()}' is a scaled-fp8 T5 file, which Crucible cannot train from; use the "
-                             "fp16 (or bf16) T5-XXL file instead, e.g. t5xxl_fp16.safetensors")
+    sd = part.read(dtype)  # ComfyUI's fp8 / scaled-fp8 T5 files are dequantized by the reader
     sd = {k: v for k, v in sd.items() if k == "shared.weight" or k.startswith("encoder.")}
     embed = sd.get("shared.weight", sd.get("encoder.embed_tokens.weight"))
     if embed is not None:

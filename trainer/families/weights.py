@@ -94,13 +94,14 @@ def check_safetensors_path(path: str | Path, what: str = "model.path") -> Path:
     return path
 
 
-def read_checkpoint(path: str | Path, what: str = "model.path") -> dict[str, "torch.Tensor"]:
-    """All tensors of a ``.safetensors`` single file (after :func:`check_safetensors_path`)."""
-    from safetensors.torch import load_file
+def read_checkpoint(path: str | Path, what: str = "model.path", dtype=None) -> dict[str, "torch.Tensor"]:
+    """All tensors of a ``.safetensors`` single file (after :func:`check_safetensors_path`), read tensor by tensor
+    into ``dtype``; ComfyUI's fp8 / scaled-fp8 files are dequantized (:mod:`trainer.fp8_files`)."""
+    from ..fp8_files import read_file
 
     path = check_safetensors_path(path, what)
     with _readable(path, what):
-        return load_file(str(path))
+        return read_file(path, dtype)
 
 
 def checkpoint_keys(path: str | Path, what: str = "model.path") -> list[str]:
@@ -142,7 +143,7 @@ def _materialize(factory: Callable[[], Any], weights: dict, what: str, path: Any
     with init_empty_weights():
         module = factory()
     expected = module.state_dict()
-    weights = {_matching_key(k, expected): v for k, v in weights.items()}
+    given, weights = weights, {_matching_key(k, expected): v for k, v in weights.items()}
     missing = sorted(set(expected) - set(weights))
     wrong = sorted(k for k in set(expected) & set(weights) if tuple(expected[k].shape) != tuple(weights[k].shape))
     if missing or wrong:
@@ -150,8 +151,11 @@ def _materialize(factory: Callable[[], Any], weights: dict, what: str, path: Any
         problem = f"{len(missing)} tensors missing" if missing else f"{len(wrong)} tensors with unexpected shapes"
         raise ModelLoadError(f"'{path}': the {what} weights do not form a valid model ({problem}, e.g. '{key}'); "
                              "the file is damaged or not a checkpoint of this model family")
-    target = dtype or torch.float32
-    module.load_state_dict({k: weights[k].to(target) for k in expected}, strict=True, assign=True)
+    # one tensor at a time (fp8 base, T5 wo kept fp32 under fp16); the caller's dict lets go of its tensors too
+    from ..quantized import assign_weights
+
+    given.clear()
+    assign_weights(module, weights, list(expected), dtype or torch.float32)
     return module.eval()
 
 
@@ -187,11 +191,13 @@ class TensorFile:
     def has_prefix(self, prefix: str) -> bool:
         return any(k.startswith(prefix) for k in self.shapes)
 
-    def read(self, prefix: str = "", exclude: tuple[str, ...] = ()) -> dict[str, "torch.Tensor"]:
-        """The tensors whose names start with ``prefix`` (removed from the names), skipping ``exclude`` prefixes."""
+    def read(self, prefix: str = "", exclude: tuple[str, ...] = (), dtype=None) -> dict[str, "torch.Tensor"]:
+        """The tensors whose names start with ``prefix`` (removed from the names), skipping ``exclude`` prefixes, read
+        tensor by tensor into ``dtype``; ComfyUI fp8 / scaled-fp8 files dequantized (:mod:`trainer.fp8_files`)."""
+        from ..fp8_files import read_tensors
+
         with self._open() as handle:
-            return {k[len(prefix):]: handle.get_tensor(k) for k in self.shapes
-                    if k.startswith(prefix) and not k.startswith(exclude)}
+            return read_tensors(handle, self.path, prefix, exclude, dtype)
 
 
 @dataclass(frozen=True)
@@ -206,8 +212,8 @@ class Part:
         return {k[len(self.prefix):]: s for k, s in self.file.shapes.items()
                 if k.startswith(self.prefix) and not k.startswith(self.exclude)}
 
-    def read(self) -> dict[str, "torch.Tensor"]:
-        return self.file.read(self.prefix, self.exclude)
+    def read(self, dtype=None) -> dict[str, "torch.Tensor"]:
+        return self.file.read(self.prefix, self.exclude, dtype)
 
     def describe(self) -> str:
         return f"{self.file.path}" + (f" ({self.prefix}…)" if self.prefix else "")
