@@ -18,7 +18,10 @@ CPU rows run at ``--cpu-res``, 512 px by default, and say so in ``res``). ``--qu
 On the CPU, cases whose estimate exceeds ``--max-ram-gib`` are not started (they are listed as skipped), and the
 families whose full-size components this file cannot build yet (SD3, Flux) are estimated, not measured.
 
-Every measured row is ``method=full-step``: the full-size model, real optimizer steps. The process baseline
+Every measured row is ``method=full-step``: the full-size model, real optimizer steps. The peak is split at the
+run's start (``on_start``, after set-up, before the caches fill): ``setup_peak_gib`` (building the random weights
+and converting them, e.g. quantizing to fp8 — host memory on a GPU machine) and ``train_peak_gib`` (caches and steps,
+what :mod:`trainer.memory` estimates); ``peak_gib`` is the larger. The process baseline
 ``base_gib`` is the RSS after the imports *and* one warm-up step of a tiny model (torch's runtime: oneDNN kernels,
 thread pools, per-thread allocator arenas), so ``peak_gib - base_gib`` is what the case itself adds.
 """
@@ -99,6 +102,40 @@ def warm_up(tmp: Path) -> None:
     train(cfg)
 
 
+def _peak_gib(cuda: bool) -> float:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**30 if cuda else rss_gib("VmHWM")
+
+
+def _phase_peaks_class():
+    from trainer.callbacks import Callbacks
+
+    class PhasePeaks(Callbacks):
+        """Splits the peak at the start of the run (``on_start``: after set-up, before the caches fill): the set-up
+        (building and converting the weights: host memory on a GPU machine) and the training phase (caches, steps:
+        what the estimate models). On Linux the RSS high-water mark is reset by writing 5 to
+        ``/proc/self/clear_refs``; where that fails the training peak is the whole run's."""
+
+        def __init__(self, cuda: bool):
+            self.cuda, self.setup_gib = cuda, None
+
+        def on_start(self, plan) -> None:
+            import torch
+
+            self.setup_gib = _peak_gib(self.cuda)
+            if self.cuda:
+                torch.cuda.reset_peak_memory_stats()
+                return
+            try:
+                with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
+                    fh.write("5")
+            except OSError:
+                self.setup_gib = None
+
+    return PhasePeaks
+
+
 def child(case, res: int, steps: int) -> dict:
     """Runs in the fresh subprocess: one case, returns its numbers."""
     import torch
@@ -118,9 +155,13 @@ def child(case, res: int, steps: int) -> dict:
         comps = random_components(case[0], dtype=dtype)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        result = train(cfg, components=comps)
-        peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else rss_gib("VmHWM")
+        phases = _phase_peaks_class()(cuda)
+        result = train(cfg, callbacks=phases, components=comps)
+        training = _peak_gib(cuda)  # since on_start (the whole run where the reset failed)
+    setup = phases.setup_gib if phases.setup_gib is not None else training
+    peak = max(setup, training)
     return {"case": "-".join(case), "res": res, "peak_gib": round(peak, 3), "base_gib": round(base, 3),
+            "setup_peak_gib": round(setup, 3), "train_peak_gib": round(training, 3),
             "device": "cuda" if cuda else "cpu", "method": "full-step", "precision": precision, "steps": steps,
             "losses": [round(x, 5) for x in result.losses]}
 
@@ -217,7 +258,10 @@ def markdown_rows(record: dict) -> str:
         switches = ", ".join(f"{k} {v}" for k, v in r.get("settings", {}).items()) or "config defaults"
         over = "" if r["ok"] else " (over)"
         est = r["estimate_gib"] + (r["base_gib"] if r["device"] == "cpu" else 0)
-        lines.append(f"| {r['case']} ({switches}) | {r['method']} | {r['res']} | {r['peak_gib']:.2f} | "
+        peak = f"{r['peak_gib']:.2f}"
+        if r.get("train_peak_gib") is not None and r["setup_peak_gib"] > r["train_peak_gib"]:
+            peak += f" (set-up; training {r['train_peak_gib']:.2f})"
+        lines.append(f"| {r['case']} ({switches}) | {r['method']} | {r['res']} | {peak} | "
                      f"{r['base_gib']:.2f} | {r['budget_gib']:g}{over} | {est:.2f} |")
     return "\n".join(lines)
 
