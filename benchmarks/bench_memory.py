@@ -6,18 +6,24 @@ download), a one-image dataset at the case's resolution, LoRA rank 16 on the ``a
 on CUDA and the process's peak resident set size (``VmHWM``) on the CPU; the RSS right after the imports (Python,
 torch, diffusers) is reported too (``base_gib``), since a CUDA figure does not include it.
 
-Presets (what the switches are; the estimate in :mod:`trainer.memory` uses the same ones):
-
-* ``default``: the config defaults (``mixed_precision`` auto, the family's gradient checkpointing, no caches).
-* ``low``: + gradient checkpointing, latent and text caches (the VAE and text encoders leave the device).
-* ``lowest``: + AdamW 8-bit (CUDA). fp8 base weights and block swap are not implemented yet, so for LoRA this is
-  close to ``low``.
+Presets: ``trainer/memory_presets.py`` (one table: the switches of ``default``, ``low``, ``lowest`` per family, and
+the budgets). A case that needs an option this version's config does not have prints ``skipped: needs <option>``;
+a CUDA-only switch (block swap) prints ``skipped: CUDA only`` on the CPU; AdamW 8-bit (bitsandbytes, CUDA) runs as
+AdamW on the CPU and the row says so.
 
 Every line reads ``case=<family>-<kind>-<preset> res=<px> peak_gib=<x> budget_gib=<y> device=<cpu|cuda>
 ok=<true|false>``; the exit status is 1 when a case is over its budget. Budgets are the issue's (1024 px on CUDA;
 CPU rows run at ``--cpu-res``, 512 px by default, and say so in ``res``). ``--quick`` runs SD1.5 and SDXL;
 ``--cases`` picks cases by name; ``--record FILE`` writes the measurements as JSON (device, date, numbers).
-On the CPU, cases whose estimate exceeds ``--max-ram-gib`` are not started (they are listed as skipped).
+On the CPU, cases whose estimate exceeds ``--max-ram-gib`` are not started (they are listed as skipped), and the
+families whose full-size components this file cannot build yet (SD3, Flux) are estimated, not measured.
+
+Every measured row is ``method=full-step``: the full-size model, real optimizer steps. The peak is split at the
+run's start (``on_start``, after set-up, before the caches fill): ``setup_peak_gib`` (building the random weights
+and converting them, e.g. quantizing to fp8 — host memory on a GPU machine) and ``train_peak_gib`` (caches and steps,
+what :mod:`trainer.memory` estimates); ``peak_gib`` is the larger. The process baseline
+``base_gib`` is the RSS after the imports *and* one warm-up step of a tiny model (torch's runtime: oneDNN kernels,
+thread pools, per-thread allocator arenas), so ``peak_gib - base_gib`` is what the case itself adds.
 """
 from __future__ import annotations
 
@@ -34,42 +40,24 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# (family, kind, preset) -> budget GiB (issue 16)
-BUDGETS = {
-    ("sd15", "lora", "default"): 4.0, ("sd15", "lora", "low"): 4.0, ("sd15", "lora", "lowest"): 4.0,
-    ("sdxl", "lora", "default"): 10.0, ("sdxl", "lora", "low"): 8.0, ("sdxl", "lora", "lowest"): 6.0,
-    ("flux", "lora", "default"): 24.0, ("flux", "lora", "low"): 16.0, ("flux", "lora", "lowest"): 12.0,
-    ("sd3", "full", "low"): 24.0, ("sd3", "full", "lowest"): 16.0,
-}
 BUILDABLE = ("sd15", "sdxl")  # trainer.full_size.random_components
-
-
-def case_name(case) -> str:
-    return "-".join(case)
-
-
-def preset_training(preset: str, cuda: bool) -> tuple[dict, dict]:
-    """(training section, optim section) for a preset."""
-    training: dict = {}
-    optim: dict = {"optimizer": "adamw"}
-    if preset in ("low", "lowest"):
-        training.update(gradient_checkpointing=True, cache_latents=True, cache_text_embeddings=True)
-    if preset == "lowest" and cuda:
-        optim["optimizer"] = "adamw8bit"
-    return training, optim
 
 
 def case_config(case, res: int, data: Path, out: Path, steps: int, cuda: bool):
     from trainer.config import TrainConfig
+    from trainer.memory_presets import get_case, resolve_case
 
-    family, kind, preset = case
-    training, optim = preset_training(preset, cuda)
+    resolved = resolve_case(get_case(case), "cuda" if cuda else "cpu")
+    if resolved.skip_reason:
+        raise SystemExit(f"{resolved.case.name}: {resolved.skip_reason}")
+    over = resolved.overrides
     return TrainConfig.from_dict({
-        "model": {"family": family},
+        "model": {"family": case[0], **over.get("model", {})},
         "datasets": [{"path": str(data), "resolution": res}],
-        "network": {"network_type": "lora" if kind == "lora" else "full", "network_dim": 16, "network_alpha": 16},
-        "optim": {**optim, "lr_scheduler": "constant"},
-        "training": {"batch_size": 1, "max_train_steps": steps, **training},
+        "network": {"network_type": "lora" if case[1] == "lora" else "full", "network_dim": 16, "network_alpha": 16,
+                    **over.get("network", {})},
+        "optim": {"optimizer": "adamw", "lr_scheduler": "constant", **over.get("optim", {})},
+        "training": {"batch_size": 1, "max_train_steps": steps, **over.get("training", {})},
         "save": {"output_dir": str(out), "run_name": "bench", "save_every_n_epochs": 0, "save_last": False,
                  "save_state": False},
     })
@@ -88,33 +76,93 @@ def rss_gib(field: str) -> float:
         return next(int(line.split()[1]) for line in fh if line.startswith(field + ":")) / 2**20
 
 
+def one_image_dataset(folder: Path, res: int) -> Path:
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    Image.new("RGB", (res, res), (120, 90, 60)).save(folder / "a.png")
+    (folder / "a.txt").write_text("a photo of a thing", encoding="utf-8")
+    return folder
+
+
+def warm_up(tmp: Path) -> None:
+    """One step of a tiny SD1.5 before the baseline reading: torch's runtime (oneDNN kernels, thread pools, the
+    allocator arenas of its threads) is then part of the baseline, not of the case."""
+    from trainer.config import TrainConfig
+    from trainer.loop import train
+    from trainer.tiny import build_tiny_pipeline
+
+    model = build_tiny_pipeline(tmp / "tiny", family="sd15", seed=0)
+    cfg = TrainConfig.from_dict({
+        "model": {"family": "sd15", "path": str(model)},
+        "datasets": [{"path": str(one_image_dataset(tmp / "tiny-data", 64)), "resolution": 64}],
+        "training": {"max_train_steps": 1, "validation_split": 0},
+        "save": {"output_dir": str(tmp / "tiny-out"), "save_every_n_epochs": 0, "save_last": False,
+                 "save_state": False}})
+    train(cfg)
+
+
+def _peak_gib(cuda: bool) -> float:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**30 if cuda else rss_gib("VmHWM")
+
+
+def _phase_peaks_class():
+    from trainer.callbacks import Callbacks
+
+    class PhasePeaks(Callbacks):
+        """Splits the peak at the start of the run (``on_start``: after set-up, before the caches fill): the set-up
+        (building and converting the weights: host memory on a GPU machine) and the training phase (caches, steps:
+        what the estimate models). On Linux the RSS high-water mark is reset by writing 5 to
+        ``/proc/self/clear_refs``; where that fails the training peak is the whole run's."""
+
+        def __init__(self, cuda: bool):
+            self.cuda, self.setup_gib = cuda, None
+
+        def on_start(self, plan) -> None:
+            import torch
+
+            self.setup_gib = _peak_gib(self.cuda)
+            if self.cuda:
+                torch.cuda.reset_peak_memory_stats()
+                return
+            try:
+                with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
+                    fh.write("5")
+            except OSError:
+                self.setup_gib = None
+
+    return PhasePeaks
+
+
 def child(case, res: int, steps: int) -> dict:
     """Runs in the fresh subprocess: one case, returns its numbers."""
     import torch
-    from PIL import Image
 
-    import diffusers  # noqa: F401 - imported before the baseline reading, as training needs it
     from trainer.defaults import resolve_mixed_precision
     from trainer.full_size import random_components
     from trainer.loop import train
 
-    base = rss_gib("VmRSS")
     cuda = torch.cuda.is_available()
     with tempfile.TemporaryDirectory(prefix="crucible-bench-mem-") as tmp:
-        data = Path(tmp) / "data"
-        data.mkdir()
-        Image.new("RGB", (res, res), (120, 90, 60)).save(data / "a.png")
-        (data / "a.txt").write_text("a photo of a thing", encoding="utf-8")
+        warm_up(Path(tmp))
+        base = rss_gib("VmRSS")
+        data = one_image_dataset(Path(tmp) / "data", res)
         cfg = case_config(case, res, data, Path(tmp) / "out", steps, cuda)
         precision = resolve_mixed_precision(cfg.training.mixed_precision)
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision) if case[1] == "lora" else None
         comps = random_components(case[0], dtype=dtype)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        result = train(cfg, components=comps)
-        peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else rss_gib("VmHWM")
-    return {"case": case_name(case), "res": res, "peak_gib": round(peak, 3), "base_gib": round(base, 3),
-            "device": "cuda" if cuda else "cpu", "precision": precision, "steps": steps,
+        phases = _phase_peaks_class()(cuda)
+        result = train(cfg, callbacks=phases, components=comps)
+        training = _peak_gib(cuda)  # since on_start (the whole run where the reset failed)
+    setup = phases.setup_gib if phases.setup_gib is not None else training
+    peak = max(setup, training)
+    return {"case": "-".join(case), "res": res, "peak_gib": round(peak, 3), "base_gib": round(base, 3),
+            "setup_peak_gib": round(setup, 3), "train_peak_gib": round(training, 3),
+            "device": "cuda" if cuda else "cpu", "method": "full-step", "precision": precision, "steps": steps,
             "losses": [round(x, 5) for x in result.losses]}
 
 
@@ -128,8 +176,13 @@ def main(argv=None) -> int:
     parser.add_argument("--max-ram-gib", type=float, default=12.0, help="CPU: skip cases estimated above this")
     parser.add_argument("--timeout", type=int, default=3600)
     parser.add_argument("--record", type=Path, help="write the measurements to this JSON file")
+    parser.add_argument("--table", type=Path, help="print a recorded JSON file as the README's markdown rows, then exit")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+
+    if args.table:
+        print(markdown_rows(json.loads(args.table.read_text(encoding="utf-8"))))
+        return 0
 
     import torch
 
@@ -142,46 +195,90 @@ def main(argv=None) -> int:
         return 0
 
     from trainer.memory import estimate_case
+    from trainer.memory_presets import CASES, resolve_case
 
-    cases = [c for c in BUDGETS if not args.quick or c[0] in ("sd15", "sdxl")]
+    device = "cuda" if cuda else "cpu"
+    cases = [c for c in CASES if not args.quick or c.family in ("sd15", "sdxl")]
     if args.cases:
-        cases = [c for c in cases if case_name(c) in args.cases]
+        unknown = set(args.cases) - {c.name for c in CASES}
+        if unknown:
+            parser.error(f"unknown case(s) {', '.join(sorted(unknown))}; known: {', '.join(c.name for c in CASES)}")
+        cases = [c for c in cases if c.name in args.cases]
     rows, failed = [], False
     for case in cases:
-        budget = BUDGETS[case]
-        estimate = estimate_case(case, res, device="cuda" if cuda else "cpu")
-        if case[0] not in BUILDABLE:
-            print(f"# {case_name(case)}: not measured (random full-size components are built for "
+        resolved = resolve_case(case, device)
+        estimate = estimate_case(case.name, res, device=device)
+        head = f"case={case.name} res={res}"
+        if resolved.skip_reason:
+            print(f"{head} skipped: {resolved.skip_reason}; estimate {estimate.total_gib:.2f} GiB", flush=True)
+            continue
+        if case.family not in BUILDABLE:
+            print(f"{head} skipped: not measured (full-size random components are built for "
                   f"{', '.join(BUILDABLE)} only); estimate {estimate.total_gib:.2f} GiB", flush=True)
             continue
         if not cuda and estimate.total_gib > args.max_ram_gib:
-            print(f"# {case_name(case)}: skipped on the CPU (estimate {estimate.total_gib:.1f} GiB > "
-                  f"--max-ram-gib {args.max_ram_gib})", flush=True)
+            print(f"{head} skipped: estimate {estimate.total_gib:.1f} GiB > --max-ram-gib {args.max_ram_gib}",
+                  flush=True)
             continue
-        proc = subprocess.run([sys.executable, __file__, "--child", case_name(case), "--cpu-res", str(res),
+        proc = subprocess.run([sys.executable, __file__, "--child", case.name, "--cpu-res", str(res),
                                "--cuda-res", str(res), "--steps", str(steps)],
                               capture_output=True, text=True, timeout=args.timeout, cwd=ROOT)
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if proc.returncode != 0 or line is None:
-            print(f"# {case_name(case)}: failed (exit {proc.returncode}): {proc.stderr.strip()[-800:]}", flush=True)
+            print(f"# {case.name}: failed (exit {proc.returncode}): {proc.stderr.strip()[-800:]}", flush=True)
             failed = True
             continue
         row = json.loads(line[len("RESULT "):])
-        row.update(budget_gib=budget, ok=row["peak_gib"] <= budget, estimate_gib=round(estimate.total_gib, 3))
+        row.update(budget_gib=case.budget_gib, ok=row["peak_gib"] <= case.budget_gib,
+                   estimate_gib=round(estimate.total_gib, 3), settings=resolved.settings,
+                   substituted=resolved.substituted)
         rows.append(row)
         failed |= not row["ok"]
-        print(f"case={row['case']} res={row['res']} peak_gib={row['peak_gib']:.2f} budget_gib={budget:g} "
-              f"device={row['device']} ok={'true' if row['ok'] else 'false'}", flush=True)
-        print(f"#   estimate {estimate.total_gib:.2f} GiB (trainer.memory); process baseline after imports "
-              f"{row['base_gib']:.2f} GiB; precision {row['precision']}; losses {row['losses']}", flush=True)
-    if args.record:
-        device = torch.cuda.get_device_name() if cuda else f"CPU: {cpu_model()}, {os.cpu_count()} cores"
-        args.record.parent.mkdir(parents=True, exist_ok=True)
-        args.record.write_text(json.dumps({
-            "device": device, "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
-            "torch": torch.__version__, "rows": rows}, indent=2) + "\n", encoding="utf-8")
+        print(result_line(row), flush=True)
+        print(f"#   estimate {estimate.total_gib:.2f} GiB (trainer.memory); process baseline (imports + tiny warm-up "
+              f"step) {row['base_gib']:.2f} GiB; precision {row['precision']}; losses {row['losses']}"
+              + (f"; {'; '.join(resolved.substituted)}" if resolved.substituted else ""), flush=True)
+    if args.record and rows:
+        record_rows(args.record, rows, torch.cuda.get_device_name() if cuda
+                    else f"CPU: {cpu_model()}, {os.cpu_count()} cores", torch.__version__)
     return 1 if failed else 0
 
+
+def result_line(row: dict) -> str:
+    """``case=<family>-<kind>-<preset> res=<px> peak_gib=<x> budget_gib=<y> device=<cpu|cuda> ok=<true|false>``,
+    then how the row was measured."""
+    return (f"case={row['case']} res={row['res']} peak_gib={row['peak_gib']:.2f} budget_gib={row['budget_gib']:g} "
+            f"device={row['device']} ok={'true' if row['ok'] else 'false'} method={row['method']}")
+
+
+def markdown_rows(record: dict) -> str:
+    """The README's rows: case (its switches), method, res, peak, process baseline, budget, estimate + process."""
+    lines = []
+    for r in record["rows"]:
+        switches = ", ".join(f"{k} {v}" for k, v in r.get("settings", {}).items()) or "config defaults"
+        over = "" if r["ok"] else " (over)"
+        est = r["estimate_gib"] + (r["base_gib"] if r["device"] == "cpu" else 0)
+        peak = f"{r['peak_gib']:.2f}"
+        if r.get("train_peak_gib") is not None and r["setup_peak_gib"] > r["train_peak_gib"]:
+            peak += f" (set-up; training {r['train_peak_gib']:.2f})"
+        lines.append(f"| {r['case']} ({switches}) | {r['method']} | {r['res']} | {peak} | "
+                     f"{r['base_gib']:.2f} | {r['budget_gib']:g}{over} | {est:.2f} |")
+    return "\n".join(lines)
+
+
+def record_rows(path: Path, rows: list, device: str, torch_version: str) -> None:
+    """Write ``rows`` into the JSON record at ``path``, replacing rows of the same case (cases run one at a time)."""
+    from trainer.fileio import atomic_write_bytes
+
+    old = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    for row in rows:
+        row.update(date=date, torch=torch_version)
+    kept = [r for r in old.get("rows", []) if r["case"] not in {row["case"] for row in rows}]
+    merged = {**old, "device": device, "date": date, "torch": torch_version,
+              "rows": sorted(kept + rows, key=lambda r: r["case"])}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, (json.dumps(merged, indent=2) + "\n").encode("utf-8"))
 
 if __name__ == "__main__":
     sys.exit(main())

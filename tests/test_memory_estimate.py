@@ -47,7 +47,8 @@ def test_estimate_agrees_with_the_issues_arithmetic_for_sdxl():
     sdxl = estimate(MemoryOptions("sdxl", precision="bf16", gradient_checkpointing=True, resolution=1024))
     assert 7.2 <= sdxl.total_gib <= 9.8  # issue 16: ~8.5 GiB (bf16, checkpointing, 1024 px, batch 1)
     freed = estimate(replace(sdxl.options, cache_latents=True, cache_text_embeddings=True))
-    assert freed.total_gib <= 8.0  # kohya's 8 GB with the encoders cached and moved off the GPU
+    assert freed.training_gib <= 8.0  # kohya's 8 GB with the encoders cached and moved off the GPU...
+    assert freed.caching_gib > 8.0  # ...but kohya fills its caches before the UNet goes on the GPU; Crucible does not
 
 
 def test_switches_that_make_a_run_fit_are_named():
@@ -70,17 +71,104 @@ def test_memory_report_says_when_it_will_not_fit(monkeypatch):
     assert "fits: 70.0 GiB free" in memory_report(cfg)
 
 
-def test_estimate_is_a_floor_within_20_percent_of_the_recorded_measurements():
-    """benchmarks/results/memory-cpu.json: measured by ``benchmarks/bench_memory.py`` (device and date inside).
-
-    The issue asks for 15%; measured on the CPU the peak RSS is 5-18% above the estimate (about 0.5-0.7 GiB the
-    formula does not account for: allocator and oneDNN working memory), so this checks the honest band: never above
-    the measurement, at most 20% below it."""
+def test_estimate_is_within_15_percent_of_every_recorded_measurement():
+    """benchmarks/results/memory-cpu.json: measured by ``benchmarks/bench_memory.py`` (device, date and torch version
+    inside). On the CPU the peak RSS also holds the process (Python, torch, diffusers and torch's runtime after a
+    warm-up step), measured per case as ``base_gib`` and added to the estimate."""
     record = json.loads((RESULTS / "memory-cpu.json").read_text(encoding="utf-8"))
-    assert record["device"] and record["date"] and record["rows"]
+    assert record["device"] and record["date"] and record["torch"] and record["rows"]
+    assert {"sd15-lora-default", "sdxl-lora-default", "sdxl-lora-low"} <= {r["case"] for r in record["rows"]}
     for row in record["rows"]:
-        family, kind, preset = row["case"].split("-")
-        est = estimate_case((family, kind, preset), row["res"], device=row["device"]).total_gib
-        if row["device"] == "cpu":  # peak RSS also holds the process itself (Python, torch, diffusers), measured
+        assert row["method"] in ("full-step", "setup+reduced-step") and row["date"] and row["torch"]
+        est = estimate_case(row["case"], row["res"], device=row["device"]).total_gib
+        if row["device"] == "cpu":
             est += row["base_gib"]
-        assert 0.8 * row["peak_gib"] <= est <= row["peak_gib"], (row["case"], est, row["peak_gib"])
+        # the estimate models the run from its start (caches, steps); set-up (building and converting the weights,
+        # host memory on a GPU machine) is recorded apart where the benchmark could split the peak
+        measured = row.get("train_peak_gib", row["peak_gib"])
+        assert abs(est - measured) <= 0.15 * measured, (row["case"], est, measured)
+
+
+def test_presets_are_one_table_and_name_the_new_options():
+    from trainer.memory_presets import CASES, get_case, option_path, resolve_case
+
+    assert [c.name for c in CASES] == [
+        "sd15-lora-default", "sd15-lora-low", "sdxl-lora-default", "sdxl-lora-low", "sdxl-lora-lowest",
+        "flux-lora-default", "flux-lora-low", "flux-lora-lowest", "sd3-full-low", "sd3-full-lowest"]
+    assert get_case("flux-lora-low").settings["fp8_base"] and get_case("flux-lora-lowest").settings["blocks_to_swap"]
+    assert get_case("sd3-full-lowest").settings["fused_backward_pass"] and get_case("sd3-full-low").settings["full_bf16"]
+    assert option_path("cache_latents") == "training.cache_latents" and option_path("optimizer") == "optim.optimizer"
+    assert option_path("no_such_option") is None
+    low = resolve_case(get_case("sdxl-lora-low"), "cpu")
+    assert low.skip_reason is None and low.overrides["training"]["cache_text_embeddings"] is True
+    lowest = resolve_case(get_case("flux-lora-lowest"), "cpu")
+    assert lowest.settings["optimizer"] == "adamw" and "adamw8bit" in lowest.substituted[0]  # CUDA only
+    assert resolve_case(get_case("flux-lora-lowest"), "cuda").settings["optimizer"] == "adamw8bit"
+    assert {option: option_path(option) for option in ("fp8_base", "blocks_to_swap", "fused_backward_pass", "full_bf16")} \
+        == {"fp8_base": "model.fp8_base", "blocks_to_swap": "training.blocks_to_swap",
+            "fused_backward_pass": "training.fused_backward_pass", "full_bf16": "training.full_bf16"}
+    assert lowest.skip_reason.startswith("CUDA only: blocks_to_swap")  # the host is the device on the CPU
+
+
+def test_presets_against_the_issue_budgets_on_paper():
+    """The estimate at 1024 px on a GPU for every case. During training every case but two (SD1.5 and Flux with the
+    config defaults) is within its budget; but the latent cache fills before step 1 with the denoiser and every
+    encoder on the device, and for SDXL and Flux that phase is over the budget (see the README's memory section)."""
+    from trainer.memory_presets import CASES
+
+    estimates = {c.name: (estimate_case(c.name, 1024), c.budget_gib) for c in CASES}
+    assert {n for n, (e, b) in estimates.items() if e.training_gib > b} == {"sd15-lora-default", "flux-lora-default"}
+    over_while_caching = {n for n, (e, b) in estimates.items() if e.caching_gib > b}
+    assert over_while_caching == {"sdxl-lora-low", "sdxl-lora-lowest", "flux-lora-low", "flux-lora-lowest"}
+    text = estimates["sdxl-lora-low"][0].format()
+    assert "while the caches fill before step 1" in text
+
+
+def test_caching_phase_holds_every_encoder_and_the_denoiser():
+    opts = MemoryOptions("sdxl", precision="bf16", resolution=1024, cache_latents=True, cache_text_embeddings=True)
+    est = estimate(opts)
+    counts = param_counts("sdxl")
+    resident = (counts["unet"] + counts["text_encoder"] + counts["text_encoder_2"]) * 2 + counts["vae"] * 4
+    assert est.caching_gib > resident / GIB and est.total_gib == est.caching_gib > est.training_gib
+    assert estimate(replace(opts, cache_latents=False, cache_text_embeddings=False)).caching_gib == 0
+
+
+def test_memory_options_terms():
+    sdxl = MemoryOptions("sdxl", precision="bf16", resolution=1024, cache_latents=True, cache_text_embeddings=True)
+    fp8 = estimate(replace(sdxl, fp8_base=True))
+    counts = param_counts("sdxl")
+    assert 0.5 * counts["unet"] * 2 / GIB < fp8.parts["denoiser weights"] < 0.6 * counts["unet"] * 2 / GIB  # Linear
+    flux = MemoryOptions("flux", precision="bf16", resolution=1024, fp8_base=True, cache_latents=True,
+                         cache_text_embeddings=True)
+    swapped = estimate(replace(flux, blocks_to_swap=16))  # the last 16 blocks: single blocks, 2 of them on the GPU
+    single = 141_591_808  # parameters of one Flux single block; fp8 Linear weights, the rest (norms, biases) bf16
+    saved = estimate(flux).parts["denoiser weights"] - swapped.parts["denoiser weights"]
+    assert 14 * single * 1.0 / GIB < saved < 14 * single * 1.01 / GIB
+    assert estimate(replace(flux, blocks_to_swap=2)).parts["denoiser weights"] == estimate(flux).parts[
+        "denoiser weights"]  # two blocks are on the device at a time anyway
+    assert estimate(replace(flux, blocks_to_swap=16), device="cpu").parts["denoiser weights"] == \
+        estimate(flux, device="cpu").parts["denoiser weights"]  # the CPU's host memory is its device memory
+    sd3 = MemoryOptions("sd3", network_type="full", precision="bf16", resolution=1024, cache_latents=True,
+                        cache_text_embeddings=True)
+    n = param_counts("sd3")["transformer"]
+    assert estimate(sd3).parts["gradients + optimizer state"] == pytest.approx(n * 12 / GIB)
+    half = estimate(replace(sd3, full_bf16=True))
+    assert half.parts["denoiser weights"] == pytest.approx(n * 2 / GIB)
+    assert half.parts["gradients + optimizer state"] == pytest.approx(n * 10 / GIB)  # bf16 grads, fp32 AdamW states
+    fused = estimate(replace(sd3, full_bf16=True, fused_backward_pass=True, optimizer="adafactor"))
+    assert fused.parts["gradients + optimizer state"] < 0.05
+
+
+def test_switches_never_name_an_option_the_config_lacks(monkeypatch):
+    import trainer.memory_presets as presets
+
+    cfg = TrainConfig.from_dict({"model": {"family": "flux"}, "datasets": [{"path": "x", "resolution": 1024}]})
+    real = presets.option_path
+    monkeypatch.setattr(presets, "option_path", lambda n: None if n in ("fp8_base", "blocks_to_swap") else real(n))
+    switches = fitting_switches(cfg, 16.0)
+    assert not any(s.startswith(("fp8_base", "blocks_to_swap")) for s in switches)
+    assert "fp8_base, blocks_to_swap would help" in switches[-1]
+    present = {"fp8_base": "training.fp8_base", "blocks_to_swap": "training.blocks_to_swap"}
+    monkeypatch.setattr(presets, "option_path", lambda n: present.get(n) or real(n))
+    switches = fitting_switches(cfg, 16.0)
+    assert "fp8_base on" in switches and not switches[-1].startswith("nothing"), switches

@@ -5,6 +5,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -54,17 +55,29 @@ def assert_ranks_agree(output: str) -> None:
     assert set(digests) == {"0", "1"} and digests["0"] == digests["1"], output[-3000:]
 
 
-def launch_two_processes(folder: Path, cfg: dict) -> str:
-    """``accelerate launch`` of ``python -m trainer train`` on 2 CPU (gloo) processes; their joint output."""
+def launch_two_processes(folder: Path, cfg: dict, config_file: Path | None = None, module: str = "trainer",
+                         timeout: int = 600, check: bool = True, pythonpath: tuple = ()) -> str:
+    """``accelerate launch`` of ``python -m trainer train`` on 2 CPU (gloo) processes; their joint output.
+    ``config_file``: an accelerate config file (2 processes) instead of the ``--multi_gpu`` flags; ``module``: run
+    another module with the trainer's arguments (a test shim, found on ``pythonpath``); ``check``: assert exit
+    status 0."""
     accelerate = Path(sys.executable).with_name("accelerate")
     if not accelerate.exists():
         accelerate = shutil.which("accelerate")
     assert accelerate, "accelerate's launcher is part of the accelerate package"
     (folder / "cfg.json").write_text(json.dumps(cfg))
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    proc = subprocess.run([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "trainer", "-v", "train",
-                           "cfg.json"], cwd=folder, env=env, capture_output=True, text=True, timeout=600)
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, output[-3000:]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), *map(str, pythonpath)]), OMP_NUM_THREADS="1")
+    how = ["--config_file", str(config_file)] if config_file else [
+        "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"]
+    proc = subprocess.Popen([str(accelerate), "launch", *how, "--dynamo_backend", "no", "-m", module, "-v", "train",
+                             "cfg.json"], cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:  # a hung collective: end the launcher and its workers (its own group)
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        err += f"\n[test] killed after {timeout} s"
+    output = out + err
+    assert proc.returncode == 0 or not check, output[-3000:]
     return output

@@ -6,16 +6,20 @@ The estimate is a sum of parts, each from exact parameter counts of the full-siz
 =====================  ==============================================================================================
 part                   bytes
 =====================  ==============================================================================================
-denoiser weights       (N_denoiser − N_swapped) × b_w   (b_w = 2 for a LoRA under bf16/fp16 — the frozen base is
-                       loaded in the compute dtype — or a full fine-tune with ``full_bf16``, else 4). N_swapped: the
-                       last ``blocks_to_swap`` blocks less the two largest of them (running + prefetched)
-text encoders          Σ N_te × b (compute dtype when frozen), only while resident: 0 when ``cache_text_embeddings`` moves them off a CUDA
-                       device (on the CPU the training device *is* host memory, so they still count)
+denoiser weights       N_denoiser × b_w   (b_w = 2 for a LoRA under bf16/fp16 — the frozen base is loaded in the
+                       compute dtype — and for a ``full_bf16`` full fine-tune, else 4); with ``fp8_base`` each
+                       Linear weight takes 1 byte; with ``blocks_to_swap`` on CUDA the last N blocks are left out
+                       but the two largest of them (the running block and the prefetched next one)
+text encoders          Σ N_te × b (the compute dtype while frozen; T5's Linear weights 1 byte with ``fp8_base``),
+                       only while resident: 0 when
+                       ``cache_text_embeddings`` moves them off a CUDA device (on the CPU the training device *is*
+                       host memory, so they still count)
 VAE                    N_vae × (4 for SDXL, which runs its VAE in fp32, or without mixed precision; else 2), 0 when
                        ``cache_latents`` moves it off the device
-trainable parameters   LoRA: N_lora × (4 weight + 4 gradient + s_opt); full fine-tune: N_denoiser × (b_g + s_opt)
-                       (its weights are the denoiser weights above; b_g = 4, 2 with ``full_bf16``, 0 with
-                       ``fused_backward_pass``, which frees each gradient as soon as its tensor is stepped)
+trainable parameters   LoRA: N_lora × (4 weight + 4 gradient + s_opt); full fine-tune: N_denoiser × (b_g gradient +
+                       s_opt) (its weights are the denoiser weights above; b_g = 2 with ``full_bf16``, whose
+                       optimizer states stay fp32 for the stochastic-rounding update); a fused backward pass holds
+                       one gradient at a time (the largest tensor)
 activations            the tensors autograd saves for the backward pass (once per storage, weights left out), measured
                        by tracing one forward pass of the
                        full-size denoiser with the LoRA attached on the ``meta`` device at the run's resolution and batch
@@ -24,19 +28,27 @@ activations            the tensors autograd saves for the backward pass (once pe
                        what is saved outside the checkpointed blocks plus the largest block, recomputed in backward.
 VAE encode transient   without a latent cache: 3 feature maps of 128 channels at full resolution (the VAE encoder's
                        widest layer), alive before the denoiser runs; the peak takes the larger of this and activations
+caching (before step   with a latent or text cache, the caches fill before step 1 while the denoiser, the adapter and
+1, a separate peak)    every encoder are resident: their weights + the VAE (+ its encode transient for latents). The estimate is the
+                       larger of this and the training peak (``Estimate.caching_gib`` / ``training_gib``)
 =====================  ==============================================================================================
 
 s_opt (optimizer state bytes per trained parameter): AdamW 8, AdamW 8-bit 2, Lion 4, SGD 0 (no momentum), Adafactor
 ~0 (factored second moments: O(rows + columns), ignored), DAdapt* 12, Prodigy 16.
 
+The switches of the benchmark's presets (``default``/``low``/``lowest``) are :mod:`trainer.memory_presets`.
+
 Assumptions and what is left out (so the number is a floor on CUDA, within ~15% where measured):
 
 * CUDA: the context (~0.3–0.5 GiB) and allocator fragmentation are not included, nor are preview samples (the
   sampler needs the encoders back on the device and its own activations).
-* CPU: a process also holds Python, torch and diffusers (~0.5–1 GiB resident); the benchmark reports it separately.
+* CPU: a process also holds Python, torch, diffusers and torch's runtime (oneDNN kernels, thread pools, the
+  allocator arenas of its threads): ~0.45 GiB, measured by the benchmark after a tiny warm-up step (``base_gib``) and
+  added to the estimate when it is compared with a CPU measurement.
 * Text-encoder activations when a text encoder trains are not traced (small next to the denoiser's).
-* Measured against ``benchmarks/bench_memory.py`` (see ``tests/test_memory_estimate.py`` and
-  ``benchmarks/results/``); only CPU measurements exist so far.
+* Checked against ``benchmarks/bench_memory.py`` (within 15% of every recorded row: ``tests/test_memory_estimate.py``
+  reads ``benchmarks/results/memory-cpu.json``); only CPU measurements exist so far, and the fp8, block-swap, fused
+  backward and full-bf16 terms are arithmetic from the storage formats, not measured yet.
 """
 from __future__ import annotations
 
@@ -63,13 +75,16 @@ class MemoryOptions:
     cache_latents: bool = False
     cache_text_embeddings: bool = False
     train_text_encoder: bool = False
-    blocks_to_swap: int = 0  # LoRA: swapped blocks' frozen weights off the device, two of them in at a time
-    fused_backward_pass: bool = False  # gradients freed tensor by tensor: no whole-model gradient
-    full_bf16: bool = False  # full fine-tune: trained weights (and gradients) in bf16
+    # options other branches add; read by name wherever the config keeps them (trainer.memory_presets)
+    fp8_base: bool = False  # frozen denoiser (and T5) Linear weights stored in float8
+    blocks_to_swap: int = 0  # denoiser blocks kept in host memory, streamed in ahead of use (CUDA)
+    fused_backward_pass: bool = False  # the optimizer steps each parameter as its gradient arrives
+    full_bf16: bool = False  # full fine-tune: weights, gradients and optimizer states in bf16
 
     @classmethod
     def from_config(cls, cfg, resolved: dict | None = None) -> "MemoryOptions":
         from .defaults import resolved_settings
+        from .memory_presets import config_value
 
         resolved = resolved or resolved_settings(cfg)
         t, n = cfg.training, cfg.network
@@ -80,32 +95,45 @@ class MemoryOptions:
                    gradient_checkpointing=resolved["gradient_checkpointing"], resolution=res,
                    batch_size=t.batch_size, cache_latents=t.cache_latents,
                    cache_text_embeddings=t.cache_text_embeddings and not n.train_text_encoder,
-                   train_text_encoder=n.train_text_encoder, blocks_to_swap=t.blocks_to_swap,
-                   fused_backward_pass=t.fused_backward_pass, full_bf16=t.full_bf16)
+                   train_text_encoder=n.train_text_encoder,
+                   fp8_base=bool(config_value(cfg, "fp8_base", False)),
+                   blocks_to_swap=int(config_value(cfg, "blocks_to_swap", 0) or 0),
+                   fused_backward_pass=bool(config_value(cfg, "fused_backward_pass", False)),
+                   full_bf16=bool(config_value(cfg, "full_bf16", False)))
 
 
 @dataclass(frozen=True)
 class Estimate:
     options: MemoryOptions
-    parts: dict = field(default_factory=dict)  # name -> GiB
+    parts: dict = field(default_factory=dict)  # name -> GiB, during the training steps
+    caching_gib: float = 0.0  # the peak while the caches fill, before step 1 (0 without caches)
 
     @property
-    def total_gib(self) -> float:
+    def training_gib(self) -> float:
         p = self.parts
         fixed = sum(v for k, v in p.items() if k not in ("activations", "vae encode (transient)"))
         return fixed + max(p.get("activations", 0.0), p.get("vae encode (transient)", 0.0))
 
+    @property
+    def total_gib(self) -> float:
+        return max(self.training_gib, self.caching_gib)
+
     def format(self) -> str:
         o = self.options
         detail = ", ".join(f"{k} {v:.2f}" for k, v in self.parts.items() if v > 0.005)
+        extra = [n for n in ("fp8_base", "fused_backward_pass", "full_bf16") if getattr(o, n)]
+        extra += [f"blocks_to_swap {o.blocks_to_swap}"] if o.blocks_to_swap else []
         return (f"estimated peak memory {self.total_gib:.1f} GiB for {o.family} {o.network_type} at {o.resolution} px, "
                 f"batch {o.batch_size}, {o.precision}, {o.optimizer}, gradient checkpointing "
-                f"{'on' if o.gradient_checkpointing else 'off'} ({detail} GiB)")
+                f"{'on' if o.gradient_checkpointing else 'off'}{''.join(', ' + e for e in extra)} ({detail} GiB)"
+                + (f"; the peak is while the caches fill before step 1 ({self.caching_gib:.1f} GiB: every "
+                   f"encoder and the denoiser on the device, training {self.training_gib:.1f} GiB)"
+                   if self.caching_gib > self.training_gib else ""))
 
 
 def estimate(opts: MemoryOptions, device: str = "cuda") -> Estimate:
     """The estimated peak on ``device`` (see the module docstring for the formula). On the CPU the training device
-    is host memory, so encoders moved off it after caching still count."""
+    is host memory, so encoders moved off it after caching (and swapped blocks) still count."""
     from .families import get_family
     from .full_size import ARCHITECTURES, param_counts
 
@@ -115,81 +143,97 @@ def estimate(opts: MemoryOptions, device: str = "cuda") -> Estimate:
     full = opts.network_type == "full"
     lowp = opts.precision in ("bf16", "fp16")
     b_frozen = 2 if lowp else 4  # frozen parts are held in the compute dtype (LoRA and full fine-tune alike)
-    b_w = 2 if lowp and (not full or opts.full_bf16) else 4  # the denoiser: trained in fp32 unless full_bf16
+    b_w = 2 if lowp and (not full or opts.full_bf16) else 4  # a fully trained denoiser: fp32 unless full_bf16
     b_te = 4 if full and opts.train_text_encoder and not opts.full_bf16 else b_frozen
     b_vae = 4 if get_family(opts.family).vae_fp32 or not lowp else b_frozen
-    s_opt = OPTIMIZER_STATE_BYTES.get(opts.optimizer, 8)
-    swapped = swapped_param_count(opts.family, denoiser, opts.blocks_to_swap) if opts.blocks_to_swap else 0
-    parts = {"denoiser weights": (counts[denoiser] - swapped) * b_w}
+    fp8 = opts.fp8_base and not full  # fp8 stores frozen weights only
     host = device == "cpu"
-    parts["text encoders"] = 0 if opts.cache_text_embeddings and not host else sum(counts[n] for n in encoders) * b_te
+    parts = {"denoiser weights": _stored_bytes(opts.family, denoiser, b_w, fp8)}
+    if opts.blocks_to_swap and not host:  # swapped blocks wait in host memory; two are on the device at a time
+        swapped = sorted(_swapped_block_bytes(opts.family, opts.blocks_to_swap, b_w, fp8), reverse=True)
+        parts["denoiser weights"] -= sum(swapped[2:])
+    resident_encoders = sum(_stored_bytes(opts.family, n, b_te, fp8 and _is_t5(opts.family, n)) for n in encoders)
+    parts["text encoders"] = 0 if opts.cache_text_embeddings and not host else resident_encoders
     parts["vae"] = 0 if opts.cache_latents and not host else counts["vae"] * b_vae
-    if full:  # fused backward: one tensor's gradient at a time (the largest, ignored here)
-        b_grad = 0 if opts.fused_backward_pass else (2 if opts.full_bf16 else 4)
-        parts["gradients + optimizer state"] = counts[denoiser] * (b_grad + s_opt)
+    s_opt = OPTIMIZER_STATE_BYTES.get(opts.optimizer, 8)  # fp32 states, also under full_bf16
+    if full:
+        b_g = 2 if opts.full_bf16 else 4  # gradients take the trained weights' dtype
+        grads = _largest_tensor(opts.family, denoiser) if opts.fused_backward_pass else counts[denoiser]
+        parts["gradients + optimizer state"] = grads * b_g + counts[denoiser] * s_opt
     else:
         lora = lora_param_count(opts.family, denoiser, opts.target_preset, opts.network_dim)
         parts["trainable parameters"] = lora * (4 + 4 + s_opt)
     b_act = 2 if lowp else 4
     parts["activations"] = activation_bytes(opts.family, opts.resolution, opts.gradient_checkpointing,
                                             opts.network_dim, opts.target_preset) * opts.batch_size * b_act / 4
+    transient = 3 * 128 * opts.resolution ** 2 * opts.batch_size * b_vae
+    caching = 0
+    if opts.cache_latents or opts.cache_text_embeddings:  # the caches fill before step 1 with every encoder and the
+        # denoiser resident (the encoders leave after): their weights, the adapter, the VAE's encode transient
+        adapter = 0 if full else lora_param_count(opts.family, denoiser, opts.target_preset, opts.network_dim) * 4
+        caching = parts["denoiser weights"] + resident_encoders + counts["vae"] * b_vae + adapter + \
+            (transient if opts.cache_latents else 0)
     if not opts.cache_latents:
-        parts["vae encode (transient)"] = 3 * 128 * opts.resolution ** 2 * opts.batch_size * b_vae
-    return Estimate(opts, {k: v / GIB for k, v in parts.items()})
+        parts["vae encode (transient)"] = transient
+    return Estimate(opts, {k: v / GIB for k, v in parts.items()}, caching / GIB)
 
 
-def estimate_case(case: tuple[str, str, str], resolution: int, device: str = "cuda") -> Estimate:
-    """The estimate for a benchmark case ``(family, kind, preset)`` (``benchmarks/bench_memory.py``)."""
+def estimate_case(case, resolution: int, device: str = "cuda") -> Estimate:
+    """The estimate for a benchmark case (a name such as ``sdxl-lora-low`` or ``(family, kind, preset)``; the
+    switches are :mod:`trainer.memory_presets`', including options this config may not have yet)."""
     from .defaults import Device, resolve_gradient_checkpointing, resolve_mixed_precision
+    from .memory_presets import get_case, resolve_case
 
-    family, kind, preset = case
+    c = get_case(case)
+    s = resolve_case(c, device).settings
     precision = resolve_mixed_precision("auto", Device(cuda=device == "cuda", bf16=True))
-    low = preset in ("low", "lowest")
+    checkpointing = s.get("gradient_checkpointing")
     return estimate(MemoryOptions(
-        family=family, network_type="lora" if kind == "lora" else "full", precision=precision,
-        optimizer="adamw8bit" if preset == "lowest" and device == "cuda" else "adamw",
-        gradient_checkpointing=low or resolve_gradient_checkpointing(None, family), resolution=resolution,
-        cache_latents=low, cache_text_embeddings=low), device)
+        family=c.family, network_type="lora" if c.kind == "lora" else "full", precision=precision,
+        optimizer=s.get("optimizer", "adamw"),
+        gradient_checkpointing=resolve_gradient_checkpointing(checkpointing, c.family), resolution=resolution,
+        cache_latents=s.get("cache_latents", False), cache_text_embeddings=s.get("cache_text_embeddings", False),
+        fp8_base=s.get("fp8_base", False), blocks_to_swap=s.get("blocks_to_swap", 0),
+        fused_backward_pass=s.get("fused_backward_pass", False), full_bf16=s.get("full_bf16", False)), device)
 
 
-def fitting_switches(cfg, available_gib: float, resolved: dict | None = None) -> list[str]:
-    """Switches that bring the estimate under ``available_gib``, cheapest first, cumulatively."""
+def fitting_switches(cfg, available_gib: float, resolved: dict | None = None, device: str = "cuda") -> list[str]:
+    """Switches that bring the estimate under ``available_gib``, cheapest first, cumulatively. Options this version
+    of the config does not have (``fp8_base``, ``blocks_to_swap``, ``fused_backward_pass``, ``full_bf16``: added by
+    other branches) are never suggested; when nothing available fits, the answer says which of them are missing."""
     from dataclasses import replace
 
+    from .memory_presets import option_path
+
     opts = MemoryOptions.from_config(cfg, resolved)
+    full = opts.network_type == "full"
     steps = [("gradient_checkpointing on", dict(gradient_checkpointing=True)),
              ("mixed_precision bf16", dict(precision="bf16") if opts.precision == "no" else None),
              ("cache_latents on", dict(cache_latents=True)),
              ("cache_text_embeddings on", dict(cache_text_embeddings=True) if not opts.train_text_encoder else None),
-             ("optimizer adamw8bit", dict(optimizer="adamw8bit") if opts.optimizer == "adamw" else None),
-             *memory_option_switches(cfg, opts),
+             ("full_bf16 on", dict(full_bf16=True) if full else None),
+             ("fp8_base on", dict(fp8_base=True) if not full else None),
+             ("optimizer adamw8bit", dict(optimizer="adamw8bit") if opts.optimizer == "adamw" and not full else None),
+             ("fused_backward_pass on with optimizer adafactor",
+              dict(fused_backward_pass=True, optimizer="adafactor") if full else None),
              ("batch_size 1", dict(batch_size=1) if opts.batch_size > 1 else None),
+             ("blocks_to_swap 16", dict(blocks_to_swap=16) if device == "cuda" and not full
+              and opts.blocks_to_swap < 16 else None),
              ("a lower resolution (768)", dict(resolution=768) if opts.resolution > 768 else None)]
-    chosen = []
+    chosen, missing = [], []
     for label, change in steps:
         if change is None or all(getattr(opts, k) == v for k, v in change.items()):
             continue
+        absent = [k for k in change if k not in ("precision", "resolution") and option_path(k) is None]
+        if absent:
+            missing += absent
+            continue
         opts = replace(opts, **change)
         chosen.append(label)
-        if estimate(opts).total_gib <= available_gib:
+        if estimate(opts, device).total_gib <= available_gib:
             return chosen
-    return chosen + ["nothing available here fits: fp8 base weights are not implemented yet"]
-
-
-def memory_option_switches(cfg, opts: MemoryOptions) -> list[tuple[str, dict | None]]:
-    """The memory options as fitting switches: bf16 weights and the fused backward pass for a full fine-tune, block
-    swap (half the blocks, then all but two) for a LoRA run; each only where the run can use it."""
-    from .families import get_family
-    from .full_size import ARCHITECTURES, build_meta
-    from .param_step import FUSED_OPTIMIZERS
-
-    if opts.network_type == "full":
-        return [("full_bf16 on", dict(full_bf16=True) if opts.precision == "bf16" else None),
-                ("fused_backward_pass on", dict(fused_backward_pass=True)
-                 if opts.optimizer in FUSED_OPTIMIZERS and cfg.training.gradient_accumulation_steps == 1 else None)]
-    count = len(get_family(opts.family).swappable_blocks(build_meta(opts.family, ARCHITECTURES[opts.family][0][0])))
-    return [(f"blocks_to_swap {n}", dict(blocks_to_swap=n) if n > opts.blocks_to_swap else None)
-            for n in sorted({count // 2, count - 2}) if n > 0]
+    tail = f": {', '.join(missing)} would help but this version does not have them" if missing else ""
+    return chosen + [f"nothing available here fits{tail}"]
 
 
 def device_memory_gib() -> tuple[float, float] | None:
@@ -243,15 +287,61 @@ def lora_param_count(family: str, component: str, preset: str, rank: int) -> int
 
 
 @functools.lru_cache(maxsize=None)
-def swapped_param_count(family: str, component: str, blocks_to_swap: int) -> int:
-    """Denoiser parameters off the device with ``blocks_to_swap`` (trainer.block_swap): the last N blocks, less the
-    two largest of them (the running block and the prefetched next one are on the device)."""
-    from .families import get_family
+def _is_t5(family: str, component: str) -> bool:
     from .full_size import build_meta
 
-    blocks = get_family(family).swappable_blocks(build_meta(family, component))[-blocks_to_swap:]
-    sizes = sorted((sum(p.numel() for p in block.parameters()) for block in blocks), reverse=True)
-    return sum(sizes[2:])
+    return type(build_meta(family, component)).__name__.startswith("T5")
+
+
+@functools.lru_cache(maxsize=None)
+def _linear_weights(family: str, component: str, prefix: str = "") -> tuple[int, int]:
+    """(all parameters, Linear weight parameters) of the full-size component, or of its submodule ``prefix``."""
+    import torch
+
+    from .full_size import build_meta
+
+    module = build_meta(family, component)
+    if prefix:
+        module = module.get_submodule(prefix)
+    linear = sum(m.weight.numel() for m in module.modules() if isinstance(m, torch.nn.Linear))
+    return sum(p.numel() for p in module.parameters()), linear
+
+
+def _stored_bytes(family: str, component: str, b_w: int, fp8: bool, prefix: str = "") -> int:
+    """Bytes of the (frozen) weights: ``b_w`` per parameter, 1 per Linear weight with fp8 base weights."""
+    total, linear = _linear_weights(family, component, prefix)
+    return total * b_w - (linear * (b_w - 1) if fp8 else 0)
+
+
+def _swapped_block_bytes(family: str, n: int, b_w: int, fp8: bool) -> list[int]:
+    """Bytes of each block ``blocks_to_swap = n`` keeps in host memory: the last n of the family's blocks in running
+    order (the family's ``swap_block_attributes``, as :mod:`trainer.block_swap` swaps them)."""
+    from .families import get_family
+    from .full_size import ARCHITECTURES, build_meta
+
+    component = ARCHITECTURES[family][0][0]
+    module = build_meta(family, component)
+    names = []
+    for attr in get_family(family).swap_block_attributes:
+        sub = getattr(module, attr, None)
+        if isinstance(sub, torch_module_list()):
+            names += [f"{attr}.{i}" for i in range(len(sub))]
+        elif sub is not None:
+            names.append(attr)
+    return [_stored_bytes(family, component, b_w, fp8, name) for name in names[-n:]] if n > 0 else []
+
+
+def torch_module_list():
+    import torch
+
+    return torch.nn.ModuleList
+
+
+@functools.lru_cache(maxsize=None)
+def _largest_tensor(family: str, component: str) -> int:
+    from .full_size import build_meta
+
+    return max(p.numel() for p in build_meta(family, component).parameters())
 
 
 @functools.lru_cache(maxsize=None)

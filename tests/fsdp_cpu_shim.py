@@ -1,0 +1,37 @@
+"""Test shim: ``python -m trainer`` with accelerate's FSDP switched on for CPU (gloo) processes.
+
+accelerate 1.16 turns ``distributed_type: FSDP`` on only for GPU-like devices; on CPU processes it silently runs
+DDP (``MULTI_CPU``). torch's FSDP2 (``fully_shard``) itself works on the CPU with gloo, so this shim sets the
+accelerator state to FSDP after accelerate built it, and the trainer then runs with its denoiser really sharded
+(``tests/test_multi_gpu_recipe.py``). Launch: ``accelerate launch --config_file <fsdp yaml> -m fsdp_cpu_shim ...``
+with ``tests/`` on ``PYTHONPATH``. Nothing in ``trainer/`` imports it.
+"""
+from __future__ import annotations
+
+import os
+import runpy
+import sys
+
+
+def enable_fsdp_on_cpu() -> None:
+    import accelerate.state as state
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    original = state.AcceleratorState.__init__
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        wanted = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+        if wanted and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = DistributedType.FSDP
+            self.fsdp_plugin = kwargs.get("fsdp_plugin") or FullyShardedDataParallelPlugin()
+            print(f"fsdp_cpu_shim: FSDP version {self.fsdp_plugin.fsdp_version} on CPU rank {self.process_index}",
+                  flush=True)
+
+    state.AcceleratorState.__init__ = init
+
+
+if __name__ == "__main__":
+    enable_fsdp_on_cpu()
+    sys.argv = ["trainer", *sys.argv[1:]]
+    runpy.run_module("trainer", run_name="__main__", alter_sys=True)
