@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .errors import ConfigError
-from .families import FAMILY_NAMES
+from .families import FAMILY_NAMES, known_family_names
 from .fileio import caption_suffix
 
 CONFIG_VERSION = 1
@@ -431,7 +431,7 @@ def _check_range(value: float, where: str, lo: float | None = None, hi: float | 
 def validate(cfg: TrainConfig) -> None:
     """Range and consistency checks that need no files; each error names the field."""
     m, n, o, t, s, p = cfg.model, cfg.network, cfg.optim, cfg.training, cfg.save, cfg.sample
-    _check_choice(m.family, FAMILIES, "model.family")
+    _check_choice(m.family, known_family_names(), "model.family")  # registered + hosted (ComfyUI's MODEL path)
     if m.prediction_type:
         _check_choice(m.prediction_type, PREDICTION_TYPES, "model.prediction_type")
     _check_range(m.clip_skip, "model.clip_skip", 1, 12)
