@@ -348,10 +348,14 @@ class ComfyModelFamily(ModelFamily):
 
 def hosted_model_config(model, clip, vae, crucible_model=None, network=None):
     """The family, model config and network config of a Train run through the graph's MODEL / CLIP / VAE.
-    The adapter trains the diffusion model only: text-encoder training and full fine-tunes are refused by name."""
+    The adapter trains the diffusion model only: text-encoder training and full fine-tunes are refused by name,
+    before anything is built."""
     from ..trainer import ModelConfig, NetworkConfig
 
-    family = ComfyModelFamily(model, clip, vae)
+    missing = [n for n, v in (("comfy_model", model), ("comfy_clip", clip), ("comfy_vae", vae)) if v is None]
+    if missing:
+        raise CrucibleError(f"Crucible Train: the MODEL path needs comfy_model, comfy_clip and comfy_vae connected; "
+                            f"missing {', '.join(missing)} (connect your Load Checkpoint's outputs)")
     if crucible_model is not None:
         raise CrucibleError("Crucible Train: connect either 'model' (a Crucible Model) or comfy_model/clip/vae, not both")
     network = network or NetworkConfig()
@@ -361,4 +365,5 @@ def hosted_model_config(model, clip, vae, crucible_model=None, network=None):
     if network.train_text_encoder:
         raise CrucibleError("Crucible Network Options: train_text_encoder is not available with comfy_model yet (the "
                             "diffusion model trains); turn it off")
+    family = ComfyModelFamily(model, clip, vae)
     return family, ModelConfig(family=family.name), network
