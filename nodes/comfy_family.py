@@ -60,6 +60,31 @@ class HostedModule(torch.nn.Module):
     def forward(self, *args, **kwargs):  # pragma: no cover - the family calls ComfyUI's apply_model instead
         raise CrucibleError("a ComfyUI model runs through its own apply_model, not this wrapper")
 
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute each block of the model's top-level block lists (UNet input/output blocks, DiT layers) in the
+        backward pass (non-reentrant ``torch.utils.checkpoint``), as the loop asks of every trained module."""
+        from torch.utils.checkpoint import checkpoint
+
+        for block in self._blocks():
+            if "forward" in vars(block):
+                continue  # already wrapped
+
+            def run(*args, _forward=block.forward, **kwargs):
+                if torch.is_grad_enabled():
+                    return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+                return _forward(*args, **kwargs)
+
+            block.forward = run
+            block._crucible_checkpointed = True
+
+    def disable_gradient_checkpointing(self) -> None:
+        for block in self._blocks():
+            if vars(block).pop("_crucible_checkpointed", False):
+                vars(block).pop("forward", None)
+
+    def _blocks(self) -> list[torch.nn.Module]:
+        return [block for child in self.inner.children() if isinstance(child, torch.nn.ModuleList) for block in child]
+
 
 @dataclass(frozen=True)
 class ComfyKeyStyle(KeyStyle):
@@ -209,6 +234,7 @@ class ComfyModelFamily(ModelFamily):
         """Take the trained adapter out of the user's MODEL again (peft layers → their base layers)."""
         from peft.tuners.tuners_utils import BaseTunerLayer
 
+        self._denoiser.disable_gradient_checkpointing()
         root = self.patcher.model.diffusion_model
         for name, module in list(root.named_modules()):
             if name and isinstance(module, BaseTunerLayer):

@@ -124,11 +124,15 @@ class TinyDenoiser(torch.nn.Module):
         self.proj_in = torch.nn.Conv2d(4, 4, 1)
         self.conv = torch.nn.Conv2d(4, 4, 3, padding=1)
         self.norm = torch.nn.LayerNorm(4)
+        self.blocks = torch.nn.ModuleList([torch.nn.Conv2d(4, 4, 1), torch.nn.Conv2d(4, 4, 1)])
         self.calls = []
 
     def forward(self, x, t, context=None, control=None, transformer_options=None, **kwargs):
         self.calls.append((x.detach().clone(), t.detach().clone()))
-        h = self.conv(self.proj_in(x)).movedim(1, -1)
+        h = self.conv(self.proj_in(x))
+        for block in self.blocks:
+            h = block(h) + h
+        h = h.movedim(1, -1)
         h = self.ff(self.attn1["to_out"](self.attn1["to_q"](self.norm(h)))).movedim(-1, 1)
         return h * (1 + t.view(-1, 1, 1, 1) / 1000) + context.mean(dim=(1, 2)).view(-1, 1, 1, 1)
 
@@ -254,8 +258,8 @@ def test_presets_choose_modules_by_kind_and_only_mapped_ones(module):
     names = lambda preset: sorted(n.removeprefix("diffusion_model.") for n in family.lora_target_modules("unet", preset))
     assert names("attn") == ["attn1.to_out", "attn1.to_q"]
     assert names("attn_mlp") == ["attn1.to_out", "attn1.to_q", "ff"]
-    assert names("all_linear") == ["attn1.to_out", "attn1.to_q", "ff", "proj_in"]
-    assert names("all_linear_conv") == ["attn1.to_out", "attn1.to_q", "conv", "ff", "proj_in"]
+    assert names("all_linear") == ["attn1.to_out", "attn1.to_q", "blocks.0", "blocks.1", "ff", "proj_in"]  # + 1x1 convs
+    assert names("all_linear_conv") == ["attn1.to_out", "attn1.to_q", "blocks.0", "blocks.1", "conv", "ff", "proj_in"]
     narrow = {k: v for k, v in comfy_key_map(base).items() if ".ff." not in v}
     family, _ = family_of(module, "epsilon", narrow)
     assert "diffusion_model.ff" not in family.lora_target_modules("unet", "all_linear")  # ComfyUI would not load it
@@ -285,7 +289,7 @@ def test_export_uses_comfyuis_keys_and_restore_leaves_the_model_as_it_was(module
     tensors = export_peft_modules(family, net.modules)
     prefixes = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in tensors}
     assert prefixes == {"lora_unet_attn1_to_q", "lora_unet_attn1_to_out", "lora_unet_ff", "lora_unet_proj_in",
-                        "lora_unet_conv"} and prefixes <= set(key_map)
+                        "lora_unet_conv", "lora_unet_blocks_0", "lora_unet_blocks_1"} and prefixes <= set(key_map)
     assert all(k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for k in tensors)
     family.restore()
     after = base.state_dict()
@@ -322,3 +326,32 @@ def test_the_model_path_refuses_what_it_cannot_train(module):
         module.hosted_model_config(patcher, object(), object(), network=NetworkConfig(network_type="full"))
     with pytest.raises(CrucibleError, match="train_text_encoder"):
         module.hosted_model_config(patcher, object(), object(), network=NetworkConfig(train_text_encoder=True))
+
+
+def test_gradient_checkpointing_keeps_the_gradients_and_is_undone(module):
+    from trainer.families.objectives import DiffusionObjective
+    from trainer.network import attach_network
+
+    family, base = family_of(module, "epsilon")
+    comps = family.load(types.SimpleNamespace(path="", vae_path="", tokenizer_path="", text_encoder_paths=()))
+    net = attach_network(family, comps, NetworkConfig(network_dim=2, network_alpha=2.0, target_preset="all_linear_conv"))
+    latents, noise, cond = batch(2)
+    noised = DiffusionObjective(comps.noise_scheduler, "epsilon", TrainingConfig()).noise(
+        latents, noise, torch.Generator().manual_seed(5))
+
+    def grads():
+        for p in net.parameters():
+            p.grad = None
+        family.predict(comps, noised.noisy, noised.timesteps, cond).square().mean().backward()
+        return [p.grad.clone() for p in net.parameters()]
+
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.1)  # lora_B starts at zero: make every gradient non-trivial
+    plain = grads()
+    comps.denoiser.enable_gradient_checkpointing()
+    assert all("forward" in vars(b) for b in base.diffusion_model.blocks)
+    checkpointed = grads()
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, checkpointed))
+    family.restore()
+    assert not any("forward" in vars(b) for b in base.diffusion_model.blocks)
