@@ -147,6 +147,21 @@ def preset_modules(modules: Mapping[str, torch.nn.Module], preset: str, mapped: 
     return chosen
 
 
+def usable_by_autograd(module: torch.nn.Module) -> int:
+    """Replace the module's inference tensors by normal copies (same values; returns how many). ComfyUI runs nodes
+    under ``torch.inference_mode()``, so a model loaded there holds inference tensors, which autograd may not save:
+    a frozen weight between a LoRA and the loss is saved for the backward pass. One tensor at a time is copied."""
+    copied = 0
+    for sub in module.modules():
+        for table, make in ((sub._parameters, lambda t: torch.nn.Parameter(t, requires_grad=False)),
+                            (sub._buffers, lambda t: t)):
+            for name, tensor in list(table.items()):
+                if tensor is not None and tensor.is_inference():
+                    table[name] = make(tensor.detach().clone())
+                    copied += 1
+    return copied
+
+
 def _prediction_of(model_sampling) -> str:
     """epsilon | v_prediction | flow, from the classes ComfyUI mixes into the model's model_sampling: a discrete
     1000-step ε or v schedule, or rectified flow (SD3-style or Flux σ shift). Anything else is refused by name."""
@@ -218,6 +233,8 @@ class ComfyModelFamily(ModelFamily):
 
         mm.load_models_gpu([self.patcher])  # ComfyUI places (and, in low-VRAM mode, streams) the weights
         base = self.patcher.model
+        with torch.inference_mode(False):
+            usable_by_autograd(base.diffusion_model)
         ms = base.model_sampling
         if self.default_prediction == "flow":
             from diffusers import FlowMatchEulerDiscreteScheduler

@@ -355,3 +355,22 @@ def test_gradient_checkpointing_keeps_the_gradients_and_is_undone(module):
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, checkpointed))
     family.restore()
     assert not any("forward" in vars(b) for b in base.diffusion_model.blocks)
+
+
+def test_a_model_loaded_in_inference_mode_trains(module):
+    """ComfyUI executes nodes under torch.inference_mode(): its loaders' weights are inference tensors, which
+    autograd refuses to save for the backward pass (the real-server failure this guards against)."""
+    from trainer.families.objectives import DiffusionObjective
+    from trainer.network import attach_network
+
+    with torch.inference_mode():
+        family, base = family_of(module, "epsilon")
+    assert base.diffusion_model.ff.weight.is_inference()
+    comps = family.load(types.SimpleNamespace(path="", vae_path="", tokenizer_path="", text_encoder_paths=()))
+    assert not any(t.is_inference() for t in base.diffusion_model.state_dict().values())
+    net = attach_network(family, comps, NetworkConfig(network_dim=2, network_alpha=2.0, target_preset="all_linear"))
+    latents, noise, cond = batch(3)
+    noised = DiffusionObjective(comps.noise_scheduler, "epsilon", TrainingConfig()).noise(
+        latents, noise, torch.Generator().manual_seed(6))
+    family.predict(comps, noised.noisy, noised.timesteps, cond).square().mean().backward()
+    assert all(p.grad is not None for p in net.parameters())
