@@ -152,8 +152,9 @@ async def run_checks(ctx) -> None:
 
     def on_event(event: str, data: dict) -> None:
         nonlocal sent
+        # the bar counts cached images first (max = image count), then steps (max = STEPS)
         if not sent and event == "progress" and str(data.get("node")) == str(train_id) \
-                and data.get("value", 0) >= CANCEL_AFTER:
+                and data.get("max") == STEPS and data.get("value", 0) >= CANCEL_AFTER:
             sent = True
             ctx.server.request("/interrupt", {})
 
