@@ -148,13 +148,17 @@ async def run_checks(ctx) -> None:
     # 3: Cancel → resume equals the uninterrupted run
     cancel_prompt, cancel_ids = model_path_prompt(ctx, CANCEL_RUN, sweep=False)
     train_id = cancel_ids["CrucibleTrain"]
-    sent = False
+    sent = stepping = False
 
     def on_event(event: str, data: dict) -> None:
-        nonlocal sent
-        # the bar counts cached images first (max = image count), then steps (max = STEPS)
-        if not sent and event == "progress" and str(data.get("node")) == str(train_id) \
-                and data.get("max") == STEPS and data.get("value", 0) >= CANCEL_AFTER:
+        nonlocal sent, stepping
+        # the bar counts cached images first, then steps (max = STEPS, from 1; its first STEPS event may still carry
+        # the image count): cancel once step CANCEL_AFTER is reached after a step below it was seen
+        if sent or event != "progress" or str(data.get("node")) != str(train_id) or data.get("max") != STEPS:
+            return
+        if data.get("value", 0) < CANCEL_AFTER:
+            stepping = True
+        elif stepping:
             sent = True
             ctx.server.request("/interrupt", {})
 
