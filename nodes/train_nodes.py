@@ -214,7 +214,6 @@ class CrucibleTrain:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": (MODEL, {"tooltip": "Crucible Model: the base model to train."}),
             "dataset": (DATASET, {"tooltip": "Crucible Dataset (chain several to merge)."}),
             "run_name": STRING("my-lora", "Run name: LoRAs go to models/loras/<run_name>/, full fine-tunes to models/diffusion_models/<run_name>/ (kohya output_name)."),
             "epochs": INT(10, 1, 100000, "kohya max_train_epochs."),
@@ -243,6 +242,10 @@ class CrucibleTrain:
             "sample_height": INT(0, 0, 8192, "Preview height (kohya --h); 0 = the dataset resolution.", step=8),
             "sample_guidance": FLOAT(3.5, 0.0, 100.0, 0.1, "Flux previews: embedded guidance (ComfyUI FluxGuidance, kohya --g; 3.5 for dev)."),
             "save_last": BOOL(True, "kohya: always save the final step's checkpoint, whatever the save cadence."),
+            "model": (MODEL, {"tooltip": "Crucible Model: the base model to train (or connect comfy_model/clip/vae)."}),
+            "comfy_model": ("MODEL", {"tooltip": "Train the graph's own MODEL (Load Checkpoint / Load Diffusion Model, fp8 included) instead of a Crucible Model; needs comfy_clip and comfy_vae too. LoRA-type adapters only."}),
+            "comfy_clip": ("CLIP", {"tooltip": "The CLIP that encodes the captions for comfy_model (from the same loader)."}),
+            "comfy_vae": ("VAE", {"tooltip": "The VAE that encodes the images for comfy_model (from the same loader)."}),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     @classmethod
@@ -251,8 +254,31 @@ class CrucibleTrain:
         since: its files on disk are then no longer what the cached result describes."""
         return str(_UNFINISHED.get(_run_key(run_name), 0))
 
-    def train(self, model, dataset, run_name, sample_prompts, resume, network=None, optimizer=None, training=None,
-              resume_force=False, also_save_checkpoint=False, validation_dataset=None, unique_id=None, **f):
+    def train(self, dataset, run_name, sample_prompts, resume, network=None, optimizer=None, training=None,
+              resume_force=False, also_save_checkpoint=False, validation_dataset=None, unique_id=None, model=None,
+              comfy_model=None, comfy_clip=None, comfy_vae=None, **f):
+        from contextlib import nullcontext
+
+        from ..trainer import hosted_family
+
+        hosted = None
+        if comfy_model is not None or comfy_clip is not None or comfy_vae is not None:
+            from .comfy_family import hosted_model_config
+
+            hosted, model, network = hosted_model_config(comfy_model, comfy_clip, comfy_vae, model, network)
+        elif model is None:
+            raise CrucibleError("Crucible Train: connect a Crucible Model to 'model', or your loader's MODEL, CLIP "
+                                "and VAE to comfy_model, comfy_clip and comfy_vae")
+        try:
+            with hosted_family(hosted) if hosted else nullcontext():
+                return self._train(model, dataset, run_name, sample_prompts, resume, network, optimizer, training,
+                                   resume_force, also_save_checkpoint, validation_dataset, unique_id, f)
+        finally:
+            if hosted is not None:
+                hosted.restore()  # the user's MODEL leaves the run as it came in
+
+    def _train(self, model, dataset, run_name, sample_prompts, resume, network, optimizer, training, resume_force,
+               also_save_checkpoint, validation_dataset, unique_id, f):
         from ..trainer import train
 
         cfg = build_train_config(model, dataset, run_name, sample_prompts, network, optimizer, training, f,

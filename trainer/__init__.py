@@ -37,6 +37,8 @@ _LAZY = {
     "SweepItem": "sweep", "plan_sweep": "sweep", "select_checkpoints": "sweep", "read_checkpoint_info": "sweep",
     "recommendation": "sweep",
     "is_tokenizer_dir": "families.tokenizers", "all_families": "families",
+    # a family around models a host loaded (nodes/comfy_family.py: ComfyUI's MODEL / CLIP / VAE)
+    "ModelFamily": "families", "Components": "families", "hosted_family": "families", "KeyStyle": "lora_keys",
 }
 
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import math
 
-from .config import (ATTENTION, CROP_ASPECTS, CROP_STYLES, FAMILIES, LOSS_WEIGHTING, MISSING_CAPTION, MIXED_PRECISION,
+from .config import (ATTENTION, CROP_ASPECTS, CROP_STYLES, LOSS_WEIGHTING, MISSING_CAPTION, MIXED_PRECISION,
                      NETWORK_TYPES, OPTIMIZERS, PREDICTION_TYPES, SAVE_PRECISION, SCHEDULERS, TARGET_PRESETS,
                      TIMESTEP_SAMPLING, TrainConfig)
 from .errors import ConfigError
+from .families import known_family_names
 from .fileio import caption_suffix
 
 
@@ -28,7 +29,7 @@ def _check_range(value: float, where: str, lo: float | None = None, hi: float | 
 def validate(cfg: TrainConfig) -> None:
     """Range and consistency checks that need no files; each error names the field."""
     m, n, o, t, s, p = cfg.model, cfg.network, cfg.optim, cfg.training, cfg.save, cfg.sample
-    _check_choice(m.family, FAMILIES, "model.family")
+    _check_choice(m.family, known_family_names(), "model.family")  # registered + hosted (ComfyUI's MODEL path)
     if m.prediction_type:
         _check_choice(m.prediction_type, PREDICTION_TYPES, "model.prediction_type")
     _check_range(m.clip_skip, "model.clip_skip", 1, 12)

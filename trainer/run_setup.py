@@ -173,7 +173,7 @@ class RunSetup:
 
     def _setup_caches(self) -> None:
         self.prefetch = BatchPrefetcher(self.source, enabled=not self.cfg.training.cache_latents)
-        from .cache import LatentCache, TextCache, model_identity
+        from .cache import LatentCache, TextCache
 
         tr, comps = self.cfg.training, self.comps
         self.latent_cache = self.text_cache = None
@@ -181,7 +181,7 @@ class RunSetup:
             folder = self.work_dir / "cache" / "latents" if tr.cache_latents_to_disk else None
             vae_dtype = next(comps.vae.parameters()).dtype
             # the VAE dtype is part of the key: latents encoded by a half-precision VAE are never reused in fp32
-            ident = f"{model_identity(self.cfg.model.path, self.cfg.model.vae_path)}|vae={vae_dtype}"
+            ident = f"{self.family.latent_cache_identity(self.cfg.model, comps)}|vae={vae_dtype}"
             self.latent_cache = LatentCache(self.source, ident, folder)
         trains_text = self.cfg.network.train_text_encoder
         if tr.cache_text_embeddings and trains_text:

@@ -8,6 +8,7 @@ dropdowns, the exporter's names, single-file detection) asks it. Adding a family
 from __future__ import annotations
 
 import importlib
+from contextlib import contextmanager
 from typing import Callable, Iterator
 
 from ..errors import ConfigError
@@ -15,6 +16,31 @@ from .base import Components, Conditioning, EncoderSpec, ModelFamily
 from .registry import FAMILY_NAMES
 
 _cache: dict[str, ModelFamily] = {}
+# Families a host builds at run time around models it loaded itself (nodes/comfy_family.py wraps ComfyUI's MODEL /
+# CLIP / VAE): known by name only while :func:`hosted_family` holds them, never listed in menus.
+_hosted: dict[str, ModelFamily] = {}
+
+
+@contextmanager
+def hosted_family(family: ModelFamily):
+    """Make ``family`` (an object a host built) known under ``family.name`` while the block runs, so a config naming
+    it validates and ``get_family`` returns it; the loop then uses it like any registered family."""
+    if family.name in FAMILY_NAMES:
+        raise ValueError(f"a hosted family cannot take the registered name '{family.name}'")
+    previous = _hosted.get(family.name)
+    _hosted[family.name] = family
+    try:
+        yield family
+    finally:
+        if previous is None:
+            _hosted.pop(family.name, None)
+        else:
+            _hosted[family.name] = previous
+
+
+def known_family_names() -> tuple[str, ...]:
+    """The registered families' names plus the hosted ones in force (what ``model.family`` may name)."""
+    return FAMILY_NAMES + tuple(_hosted)
 
 
 def get_family(name: "str | ModelFamily") -> ModelFamily:
@@ -22,6 +48,8 @@ def get_family(name: "str | ModelFamily") -> ModelFamily:
     object is returned as it is, so functions can take either."""
     if isinstance(name, ModelFamily):
         return name
+    if name in _hosted:
+        return _hosted[name]
     if name not in FAMILY_NAMES:
         raise ConfigError(f"model.family '{name}' is not a model family Crucible knows; choose one of: "
                           f"{', '.join(FAMILY_NAMES)}")
@@ -51,4 +79,4 @@ def family_of_pipeline(class_name: str) -> str | None:
 
 
 __all__ = ["Components", "Conditioning", "EncoderSpec", "ModelFamily", "FAMILY_NAMES", "get_family", "all_families",
-           "find_family", "family_of_pipeline"]
+           "find_family", "family_of_pipeline", "hosted_family", "known_family_names"]

@@ -239,6 +239,13 @@ class ModelFamily(ABC):
             images.extend(pipe(**kwargs).images)
         return images
 
+    def latent_cache_identity(self, cfg: "ModelConfig", comps: Components) -> str:
+        """What the latent cache's key records about the VAE in use (with its dtype, added by the loop): the model
+        files' paths, sizes and modification times, so latents of another model are never reused."""
+        from ..cache import model_identity
+
+        return model_identity(cfg.path, cfg.vae_path)
+
     # --- export ----------------------------------------------------------------------------------------------
     def full_export_state_dict(self, comps: Components) -> dict[str, "torch.Tensor"]:
         """A full fine-tune's checkpoint: the denoiser's diffusers-named state dict, which ComfyUI's Load Diffusion

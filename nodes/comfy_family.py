@@ -1,0 +1,423 @@
+"""Train the graph's own MODEL / CLIP / VAE: a model family around the objects ComfyUI's loaders return.
+
+:class:`ComfyModelFamily` is a :class:`trainer.families.ModelFamily` built at run time around one ``MODEL``
+(ComfyUI's ``ModelPatcher``), its ``CLIP`` and ``VAE``; the Train node registers it with
+``trainer.hosted_family`` for the run, so the loop, the exporter and the settings check use it unchanged
+(``trainer/`` never imports ComfyUI; every ComfyUI import here happens inside a method).
+
+* predict: ``model.model.apply_model(x, σ, c_crossattn=…, **extra conds)`` with the model's own ``model_sampling``.
+  The loop speaks DDPM (``x_t = √ᾱ·x0 + √(1-ᾱ)·ε``, integer t, target ε or v) or rectified flow (``x_t = (1-σ)·x0 +
+  σ·ε``, t = σ·1000, target ε − x0); ComfyUI's discrete ε/v models take ``x0 + σ·ε`` with ``σ = √((1-ᾱ)/ᾱ)``, its
+  flow models ``(1-σ)·x0 + σ·ε`` with σ. The noise schedule given to the loop is rebuilt from the model's own σ
+  table, so the loop draws exactly the σ ComfyUI samples with; ``apply_model`` returns the denoised x0, from which
+  the raw output the loop's objective expects (ε, v or velocity) is recovered exactly as ComfyUI derived x0 from it.
+* encode_text: ``clip.encode_from_tokens(clip.tokenize(text), return_dict=True)`` per caption (every text encoder
+  ComfyUI supports); encode_images: ``vae.encode`` and the latent format's ``process_in``.
+* LoRA: peft on ``model.model.diffusion_model``'s Linear / Conv modules (ComfyUI's casting ops stay the base layer,
+  so fp8 weights are cast per forward as ComfyUI does); :meth:`ComfyModelFamily.restore` removes it again, so the
+  user's MODEL is unchanged after the run.
+* Export keys: ComfyUI's own ``comfy.lora.model_lora_keys_unet`` for the loaded model names every key, so the stock
+  LoraLoader loads each one by construction (:func:`lora_key_names`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from ..trainer import Components, CrucibleError, KeyStyle, ModelFamily
+
+HOSTED_NAME = "comfy"  # model.family of a run through the graph's MODEL
+COMPONENT = "unet"  # the denoiser's component name (ComfyUI's LoRA keys call every diffusion model lora_unet_)
+PREFIX = "diffusion_model."  # ComfyUI's state-dict prefix of the diffusion model inside BaseModel
+COND, POOLED, GEOMETRY = "encoder_hidden_states", "pooled_output", "image_geometry"
+EXTRA = "comfy:"  # other CLIP outputs (attention masks, …) travel in the conditioning under this prefix
+
+# What each target preset trains on an architecture Crucible knows only through ComfyUI: module-name words.
+_ATTN_WORDS = ("attn", "attention", "to_q", "to_k", "to_v", "to_out", "qkv", "proj_out")
+_MLP_WORDS = ("ff", "mlp", "feed_forward", "ffn")
+
+
+class HostedModule(torch.nn.Module):
+    """A module ComfyUI owns, seen by the loop: ``.to()`` is a no-op, because ComfyUI's memory management places
+    and casts its weights (the loop's dtype casts would otherwise turn an fp8 model into bf16 in the user's MODEL).
+    The wrapped module is the child ``diffusion_model`` / ``first_stage_model``, so peft names match ComfyUI's."""
+
+    def __init__(self, name: str, module: torch.nn.Module):
+        super().__init__()
+        self.add_module(name, module)
+        self.hosted_name = name
+
+    @property
+    def inner(self) -> torch.nn.Module:
+        return getattr(self, self.hosted_name)
+
+    def to(self, *args, **kwargs):  # placement belongs to ComfyUI
+        return self
+
+    def forward(self, *args, **kwargs):  # pragma: no cover - the family calls ComfyUI's apply_model instead
+        raise CrucibleError("a ComfyUI model runs through its own apply_model, not this wrapper")
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute each block of the model's top-level block lists (UNet input/output blocks, DiT layers) in the
+        backward pass (non-reentrant ``torch.utils.checkpoint``), as the loop asks of every trained module."""
+        from torch.utils.checkpoint import checkpoint
+
+        for block in self._blocks():
+            if "forward" in vars(block):
+                continue  # already wrapped
+
+            def run(*args, _forward=block.forward, **kwargs):
+                if torch.is_grad_enabled():
+                    return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+                return _forward(*args, **kwargs)
+
+            block.forward = run
+            block._crucible_checkpointed = True
+
+    def disable_gradient_checkpointing(self) -> None:
+        for block in self._blocks():
+            if vars(block).pop("_crucible_checkpointed", False):
+                vars(block).pop("forward", None)
+
+    def _blocks(self) -> list[torch.nn.Module]:
+        return [block for child in self.inner.children() if isinstance(child, torch.nn.ModuleList) for block in child]
+
+
+@dataclass(frozen=True)
+class ComfyKeyStyle(KeyStyle):
+    """LoRA key prefixes taken from ComfyUI's key map of the loaded model (module name → prefix)."""
+
+    names: Mapping[str, str] = field(default_factory=dict, hash=False, compare=False)
+
+    def module_key(self, module_name: str) -> str:
+        key = self.names.get(module_name)
+        if key is None:
+            raise CrucibleError(f"LoRA export: ComfyUI has no LoRA key for module '{module_name}' of this model")
+        return key
+
+    def owns(self, key: str) -> bool:
+        return any(key.startswith(prefix + ".") for prefix in self.names.values())
+
+
+def lora_key_names(module_names: Sequence[str], key_map: Mapping[str, str]) -> dict[str, str]:
+    """The LoRA key prefix of each module (``diffusion_model.x.y``), from ComfyUI's key map (LoRA key → weight
+    name, ``comfy.lora.model_lora_keys_unet``). The kohya name ``lora_unet_x_y`` is preferred when ComfyUI maps
+    it to this module's weight (what kohya, A1111 and civitai files use); otherwise the generic ``diffusion_model.x.y``
+    (ComfyUI maps it for every weight). A module ComfyUI does not map raises: its key would never load."""
+    by_weight: dict[str, set[str]] = {}
+    for key, weight in key_map.items():
+        if isinstance(weight, str):
+            by_weight.setdefault(weight, set()).add(key)
+    names = {}
+    for name in module_names:
+        keys = by_weight.get(name + ".weight", set())
+        kohya = "lora_unet_" + name.removeprefix(PREFIX).replace(".", "_")
+        if kohya in keys:
+            names[name] = kohya
+        elif name in keys:
+            names[name] = name
+        else:
+            raise CrucibleError(f"ComfyUI's LoRA key map for this model has no key for '{name}': a LoRA trained on it "
+                                "would not load; choose another network.target_preset")
+    return names
+
+
+def preset_modules(modules: Mapping[str, torch.nn.Module], preset: str, mapped: set[str]) -> list[str]:
+    """Module names a target preset trains (only those whose weight ComfyUI maps for LoRAs): attention
+    projections, + feed-forward layers, + every Linear (and 1×1 Conv), + every Conv (LoCon)."""
+    chosen = []
+    for name, module in modules.items():
+        if name + ".weight" not in mapped:
+            continue
+        linear = isinstance(module, torch.nn.Linear)
+        conv = isinstance(module, torch.nn.Conv2d)
+        pointwise = conv and tuple(module.kernel_size) == (1, 1)
+        words = name.split(".")
+        attn = linear and any(w.startswith(_ATTN_WORDS) for w in words)
+        mlp = linear and any(w.startswith(_MLP_WORDS) for w in words)
+        wanted = {"attn": attn, "attn_mlp": attn or mlp, "all_linear": linear or pointwise,
+                  "all_linear_conv": linear or conv}.get(preset)
+        if wanted is None:
+            raise CrucibleError(f"network.target_preset '{preset}' is unknown")
+        if wanted:
+            chosen.append(name)
+    return chosen
+
+
+def usable_by_autograd(module: torch.nn.Module) -> int:
+    """Replace the module's inference tensors by normal copies (same values; returns how many). ComfyUI runs nodes
+    under ``torch.inference_mode()``, so a model loaded there holds inference tensors, which autograd may not save:
+    a frozen weight between a LoRA and the loss is saved for the backward pass. One tensor at a time is copied."""
+    copied = 0
+    for sub in module.modules():
+        for table, make in ((sub._parameters, lambda t: torch.nn.Parameter(t, requires_grad=False)),
+                            (sub._buffers, lambda t: t)):
+            for name, tensor in list(table.items()):
+                if tensor is not None and tensor.is_inference():
+                    table[name] = make(tensor.detach().clone())
+                    copied += 1
+    return copied
+
+
+def _prediction_of(model_sampling) -> str:
+    """epsilon | v_prediction | flow, from the classes ComfyUI mixes into the model's model_sampling: a discrete
+    1000-step ε or v schedule, or rectified flow (SD3-style or Flux σ shift). Anything else is refused by name."""
+    import comfy.model_sampling as ms
+
+    kind = type(model_sampling)
+    discrete = isinstance(model_sampling, ms.ModelSamplingDiscrete) and not isinstance(
+        model_sampling, (ms.ModelSamplingDiscreteEDM, ms.StableCascadeSampling))
+    if discrete and isinstance(model_sampling, ms.V_PREDICTION) and not isinstance(model_sampling, ms.EDM):
+        return "v_prediction"
+    if discrete and isinstance(model_sampling, ms.EPS) and not isinstance(model_sampling, (ms.V_PREDICTION, ms.X0)):
+        return "epsilon"
+    if isinstance(model_sampling, ms.CONST) and isinstance(model_sampling, (ms.ModelSamplingDiscreteFlow,
+                                                                             ms.ModelSamplingFlux)):
+        return "flow"
+    raise CrucibleError(f"the MODEL's sampling ({kind.__name__}) is neither a discrete ε/v schedule nor rectified "
+                        "flow; Crucible cannot train it through the comfy_model input yet")
+
+
+def ddpm_scheduler(sigmas: torch.Tensor, prediction: str):
+    """A DDPMScheduler whose ᾱ are the model's own (ᾱ = 1/(1+σ²)), so t ↔ σ is ComfyUI's table."""
+    from diffusers import DDPMScheduler
+
+    alphas_cumprod = 1.0 / (1.0 + sigmas.double() ** 2)
+    previous = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+    betas = (1.0 - alphas_cumprod / previous).clamp(0.0, 0.999999)
+    return DDPMScheduler(num_train_timesteps=len(sigmas), trained_betas=betas.tolist(), prediction_type=prediction)
+
+
+class ComfyModelFamily(ModelFamily):
+    """One run's family around ComfyUI's MODEL, CLIP and VAE (see the module docstring)."""
+
+    name = HOSTED_NAME
+    title = "ComfyUI MODEL"
+    denoiser_name = COMPONENT
+    modelspec_implementation = "comfyui"
+    honoured_settings = frozenset({"clip_skip"})
+
+    def __init__(self, model, clip, vae, key_map: Mapping[str, str] | None = None):
+        if model is None or clip is None or vae is None:
+            missing = [n for n, v in (("comfy_model", model), ("comfy_clip", clip), ("comfy_vae", vae)) if v is None]
+            raise CrucibleError(f"Crucible Train: the MODEL path needs comfy_model, comfy_clip and comfy_vae connected; "
+                                f"missing {', '.join(missing)} (connect your Load Checkpoint's outputs)")
+        self.patcher, self.clip, self.vae = model, clip, vae
+        base = model.model
+        self.title = f"ComfyUI {type(base).__name__}"
+        self.base_model_version = type(base).__name__
+        self.modelspec_architecture = f"comfyui/{type(base).__name__}"
+        self.default_prediction = _prediction_of(base.model_sampling)
+        self.latent_channels = int(getattr(base.latent_format, "latent_channels", 4))
+        if key_map is None:
+            import comfy.lora
+
+            key_map = comfy.lora.model_lora_keys_unet(base, {})
+        self.key_map = dict(key_map)
+        self.guidance = None
+        self._denoiser = HostedModule("diffusion_model", base.diffusion_model)
+        modules = {f"{PREFIX}{n}": m for n, m in base.diffusion_model.named_modules() if n}
+        self._mapped = set(self.key_map.values())
+        self._modules = modules
+        self.lora_targets = {COMPONENT: {}}  # computed per preset on demand (lora_target_modules)
+        names = [n for n, m in modules.items() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
+                 and n + ".weight" in self._mapped]
+        self.key_styles = {COMPONENT: ComfyKeyStyle("lora_unet", kohya=True, names=lora_key_names(names, self.key_map))}
+
+    # --- loading: the graph already loaded everything --------------------------------------------------------
+    def load(self, cfg, device="cpu", dtype=None) -> Components:
+        import comfy.model_management as mm
+
+        mm.load_models_gpu([self.patcher])  # ComfyUI places (and, in low-VRAM mode, streams) the weights
+        base = self.patcher.model
+        with torch.inference_mode(False):
+            usable_by_autograd(base.diffusion_model)
+        ms = base.model_sampling
+        if self.default_prediction == "flow":
+            from diffusers import FlowMatchEulerDiscreteScheduler
+
+            scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000)
+        else:
+            scheduler = ddpm_scheduler(ms.sigmas.detach().float().cpu(), self.default_prediction)
+        return Components(denoiser=self._denoiser, vae=HostedModule("first_stage_model", self.vae.first_stage_model),
+                          text_encoders=[], tokenizers=[], noise_scheduler=scheduler, denoiser_name=COMPONENT,
+                          text_encoder_names=(), source=f"ComfyUI {type(base).__name__}",
+                          extras={"comfy_model": self.patcher, "comfy_clip": self.clip, "comfy_vae": self.vae})
+
+    def latent_cache_identity(self, cfg, comps: Components) -> str:
+        """The graph's VAE has no file path here: its weights themselves (a hash of every tensor's bytes, once per
+        run), so a later run with another VAE never reuses these latents from the disk cache."""
+        import hashlib
+
+        digest = hashlib.blake2b(digest_size=8)
+        for name, tensor in sorted(self.vae.first_stage_model.state_dict().items()):
+            digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return f"comfy-vae-{digest.hexdigest()}"
+
+    def restore(self) -> None:
+        """Take the trained adapter out of the user's MODEL again (peft layers → their base layers)."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        self._denoiser.disable_gradient_checkpointing()
+        root = self.patcher.model.diffusion_model
+        for name, module in list(root.named_modules()):
+            if name and isinstance(module, BaseTunerLayer):
+                parent_name, _, child = name.rpartition(".")
+                parent = root.get_submodule(parent_name) if parent_name else root
+                setattr(parent, child, module.get_base_layer())
+
+    def lora_target_modules(self, component: str, preset: str) -> list[str]:
+        if component != COMPONENT:
+            raise CrucibleError(f"the MODEL path trains the diffusion model only, not '{component}'; turn "
+                                "network.train_text_encoder off")
+        chosen = preset_modules(self._modules, preset, self._mapped)
+        if not chosen:
+            raise CrucibleError(f"network.target_preset '{preset}' matched no module of {self.title} that ComfyUI "
+                                "maps LoRA keys for; choose all_linear")
+        return chosen
+
+    # --- training ----------------------------------------------------------------------------------------------
+    def configure_training(self, comps: Components, training: Any) -> None:
+        self.guidance = float(training.guidance_scale)
+
+    def flow_shift(self, comps: Components, latents: torch.Tensor) -> float | None:
+        ms = self.patcher.model.model_sampling
+        import comfy.model_sampling as cms
+
+        if isinstance(ms, cms.ModelSamplingFlux):
+            return math.exp(float(ms.shift))  # flux_time_shift(μ, 1, t) is the σ shift by e^μ
+        shift = getattr(ms, "shift", None)
+        return float(shift) if shift is not None else None
+
+    def encode_text(self, comps: Components, captions: Sequence[str], clip_skip: int = 1,
+                    max_token_length: int = 75, weights=None):
+        from comfy.conds import CONDCrossAttn
+
+        if weights is not None:
+            raise CrucibleError("weighted_captions: ComfyUI's CLIP reads (word:1.2) itself; turn weighted_captions off")
+        clip = self.clip
+        if clip_skip > 1:
+            clip = clip.clone()
+            clip.clip_layer(-clip_skip)
+        outs = [clip.encode_from_tokens(clip.tokenize(text), return_dict=True) for text in captions]
+        device = next(comps.denoiser.parameters()).device
+        conds = [CONDCrossAttn(o.pop("cond")) for o in outs]
+        cond = conds[0].concat(conds[1:]) if len(conds) > 1 else conds[0].cond  # ComfyUI's own batching of lengths
+        result = {COND: cond.to(device)}
+        for key in outs[0]:
+            values = [o.get(key) for o in outs]
+            if not all(torch.is_tensor(v) for v in values):
+                continue  # non-tensor CLIP outputs (none on the families tested) are not batched
+            if len({tuple(v.shape) for v in values}) > 1:
+                raise CrucibleError(f"ComfyUI's CLIP output '{key}' differs in shape between captions; use batch_size 1")
+            result[POOLED if key == POOLED else EXTRA + key] = torch.cat(values).to(device)
+        return result
+
+    def encode_images(self, comps: Components, pixels: torch.Tensor) -> torch.Tensor:
+        images = ((pixels.float() + 1.0) / 2.0).clamp(0.0, 1.0).movedim(1, -1)  # ComfyUI IMAGE: [B,H,W,C] in [0,1]
+        latents = self.vae.encode(images)
+        return self.patcher.model.process_latent_in(latents).to(pixels.device)
+
+    def _sigma(self, timesteps: torch.Tensor) -> torch.Tensor:
+        ms = self.patcher.model.model_sampling
+        if self.default_prediction == "flow":
+            return timesteps.float() / 1000.0  # the loop's t = σ·1000 (FlowMatchingObjective)
+        return ms.sigma(timesteps.float()).to(timesteps.device)
+
+    def _model_conds(self, cond, x: torch.Tensor) -> dict[str, Any]:
+        """ComfyUI's model-specific inputs (``extra_conds``: c_crossattn, SDXL's y, Flux guidance, …) per sample,
+        batched the way ComfyUI's sampler batches conds."""
+        base = self.patcher.model
+        factor = self.vae.spacial_compression_encode() if hasattr(self.vae, "spacial_compression_encode") else 8
+        height, width = x.shape[-2] * factor, x.shape[-1] * factor
+        per_sample = []
+        for i in range(x.shape[0]):
+            params = {"cross_attn": cond[COND][i:i + 1], "noise": x[i:i + 1], "device": x.device,
+                      "width": width, "height": height, "target_width": width, "target_height": height}
+            if POOLED in cond:
+                params["pooled_output"] = cond[POOLED][i:i + 1]
+            params.update({k[len(EXTRA):]: v[i:i + 1] for k, v in cond.items() if k.startswith(EXTRA)})
+            if GEOMETRY in cond:  # SDXL: original size and crop of this image (kohya's size conditioning)
+                h, w, top, left = (int(v) for v in cond[GEOMETRY][i].tolist())
+                params.update(height=h, width=w, crop_h=top, crop_w=left)
+            if self.guidance is not None:
+                params["guidance"] = self.guidance
+            conds = base.extra_conds(**params)
+            per_sample.append({k: c.process_cond(batch_size=1, device=x.device, area=None) for k, c in conds.items()})
+        return {k: per_sample[0][k].concat([p[k] for p in per_sample[1:]]) if len(per_sample) > 1
+                else per_sample[0][k].cond for k in per_sample[0]}
+
+    def predict(self, comps: Components, noisy_latents: torch.Tensor, timesteps: torch.Tensor, cond) -> torch.Tensor:
+        base = self.patcher.model
+        sigma = self._sigma(timesteps).to(noisy_latents.device, torch.float32)
+        s = sigma.view(-1, *([1] * (noisy_latents.ndim - 1)))
+        if self.default_prediction == "flow":
+            x = noisy_latents.float()
+        else:  # the loop's √ᾱ·x0 + √(1-ᾱ)·ε is ComfyUI's (x0 + σ·ε)/√(1+σ²)
+            x = noisy_latents.float() * torch.sqrt(1.0 + s * s)
+        denoised = base.apply_model(x, sigma, transformer_options={}, **self._model_conds(cond, x))
+        if self.default_prediction == "v_prediction":  # ComfyUI: x0 = x/(σ²+1) − v·σ/√(σ²+1)
+            return (x / (s * s + 1.0) - denoised) * torch.sqrt(s * s + 1.0) / s
+        return (x - denoised) / s  # ε (x0 = x − σ·ε) and flow velocity (x0 = x − σ·v)
+
+    # --- sampling ----------------------------------------------------------------------------------------------
+    def pipeline(self, comps: Components):
+        raise CrucibleError("a ComfyUI MODEL has no diffusers pipeline; previews use ComfyUI's sampler")
+
+    def sample(self, comps: Components, prompts: Sequence[str], *, seed: int, steps: int, cfg: float,
+               width: int, height: int, negative_prompt: str = "", guidance: float | None = None):
+        """Previews through ComfyUI's own sampler (euler, normal) with the adapter in place."""
+        import comfy.sample
+        from PIL import Image
+
+        def conditioning(text: str):
+            out = self.clip.encode_from_tokens(self.clip.tokenize(text), return_dict=True)
+            cond = out.pop("cond")
+            if guidance is not None:
+                out["guidance"] = guidance
+            return [[cond, out]]
+
+        factor = self.vae.spacial_compression_encode() if hasattr(self.vae, "spacial_compression_encode") else 8
+        negative = conditioning(negative_prompt)
+        images = []
+        for prompt in prompts:
+            latent = torch.zeros([1, self.latent_channels, height // factor, width // factor])
+            latent = comfy.sample.fix_empty_latent_channels(self.patcher, latent)
+            noise = comfy.sample.prepare_noise(latent, seed)
+            samples = comfy.sample.sample(self.patcher, noise, steps, cfg, "euler", "normal", conditioning(prompt),
+                                          negative, latent, denoise=1.0, seed=seed, disable_pbar=True)
+            decoded = self.vae.decode(samples)  # IMAGE [B,H,W,C] (video VAEs add a frame axis)
+            pixels = decoded.reshape(-1, *decoded.shape[-3:])[0].clamp(0, 1)
+            array = (pixels.float().cpu().numpy() * 255).round().astype("uint8")
+            images.append(Image.fromarray(array))
+        return images
+
+    def full_export_state_dict(self, comps: Components):
+        raise CrucibleError("the MODEL path trains LoRA-type adapters only; full fine-tunes use the Crucible Model path")
+
+
+def hosted_model_config(model, clip, vae, crucible_model=None, network=None):
+    """The family, model config and network config of a Train run through the graph's MODEL / CLIP / VAE.
+    The adapter trains the diffusion model only: text-encoder training and full fine-tunes are refused by name,
+    before anything is built."""
+    from ..trainer import ModelConfig, NetworkConfig
+
+    missing = [n for n, v in (("comfy_model", model), ("comfy_clip", clip), ("comfy_vae", vae)) if v is None]
+    if missing:
+        raise CrucibleError(f"Crucible Train: the MODEL path needs comfy_model, comfy_clip and comfy_vae connected; "
+                            f"missing {', '.join(missing)} (connect your Load Checkpoint's outputs)")
+    if crucible_model is not None:
+        raise CrucibleError("Crucible Train: connect either 'model' (a Crucible Model) or comfy_model/clip/vae, not both")
+    network = network or NetworkConfig()
+    if network.network_type == "full":
+        raise CrucibleError("Crucible Network Options: network_type 'full' is not available with comfy_model (it would "
+                            "overwrite the loaded model); choose lora, dora, loha or lokr")
+    if network.train_text_encoder:
+        raise CrucibleError("Crucible Network Options: train_text_encoder is not available with comfy_model yet (the "
+                            "diffusion model trains); turn it off")
+    family = ComfyModelFamily(model, clip, vae)
+    return family, ModelConfig(family=family.name), network
