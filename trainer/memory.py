@@ -28,9 +28,11 @@ activations            the tensors autograd saves for the backward pass (once pe
                        what is saved outside the checkpointed blocks plus the largest block, recomputed in backward.
 VAE encode transient   without a latent cache: 3 feature maps of 128 channels at full resolution (the VAE encoder's
                        widest layer), alive before the denoiser runs; the peak takes the larger of this and activations
-caching (before step   with a latent or text cache, the caches fill before step 1 while the denoiser, the adapter and
-1, a separate peak)    every encoder are resident: their weights + the VAE (+ its encode transient for latents). The estimate is the
-                       larger of this and the training peak (``Estimate.caching_gib`` / ``training_gib``)
+caching (before step   with a latent or text cache, the caches fill before step 1 while every encoder is resident:
+1, a separate peak)    their weights + the VAE (+ its encode transient for latents); on a GPU the denoiser and the
+                       adapter wait in host memory until the encoders leave (trainer.run_setup), on the CPU they count
+                       too. The estimate is the larger of this and the training peak (``Estimate.caching_gib`` /
+                       ``training_gib``)
 =====================  ==============================================================================================
 
 s_opt (optimizer state bytes per trained parameter): AdamW 8, AdamW 8-bit 2, Lion 4, SGD 0 (no momentum), Adafactor
@@ -127,7 +129,7 @@ class Estimate:
                 f"batch {o.batch_size}, {o.precision}, {o.optimizer}, gradient checkpointing "
                 f"{'on' if o.gradient_checkpointing else 'off'}{''.join(', ' + e for e in extra)} ({detail} GiB)"
                 + (f"; the peak is while the caches fill before step 1 ({self.caching_gib:.1f} GiB: every "
-                   f"encoder and the denoiser on the device, training {self.training_gib:.1f} GiB)"
+                   f"encoder on the device, training {self.training_gib:.1f} GiB)"
                    if self.caching_gib > self.training_gib else ""))
 
 
@@ -168,10 +170,11 @@ def estimate(opts: MemoryOptions, device: str = "cuda") -> Estimate:
                                             opts.network_dim, opts.target_preset) * opts.batch_size * b_act / 4
     transient = 3 * 128 * opts.resolution ** 2 * opts.batch_size * b_vae
     caching = 0
-    if opts.cache_latents or opts.cache_text_embeddings:  # the caches fill before step 1 with every encoder and the
-        # denoiser resident (the encoders leave after): their weights, the adapter, the VAE's encode transient
+    if opts.cache_latents or opts.cache_text_embeddings:  # the caches fill before step 1 with every encoder resident
+        # (they leave after): their weights, the VAE's encode transient; the denoiser and adapter join on the CPU only
+        # (on a GPU they wait in host memory until the caches are filled: trainer.run_setup)
         adapter = 0 if full else lora_param_count(opts.family, denoiser, opts.target_preset, opts.network_dim) * 4
-        caching = parts["denoiser weights"] + resident_encoders + counts["vae"] * b_vae + adapter + \
+        caching = (parts["denoiser weights"] + adapter if host else 0) + resident_encoders + counts["vae"] * b_vae + \
             (transient if opts.cache_latents else 0)
     if not opts.cache_latents:
         parts["vae encode (transient)"] = transient

@@ -55,6 +55,20 @@ def offload_module(module) -> None:
         torch.cuda.empty_cache()
 
 
+def is_host(device) -> bool:
+    """Whether the training device is host memory (the CPU)."""
+    return torch.device(device).type == "cpu"
+
+
+def denoiser_waits_for_caches(cfg, device, num_processes: int) -> bool:
+    """Whether the denoiser stays in host memory until the caches are filled and their encoders offloaded (kohya
+    order), so the caching phase never holds the denoiser and every encoder on the device at once. Not on the CPU
+    (nothing to save) nor with several processes (DDP wraps the modules where they are)."""
+    tr = cfg.training
+    caching = tr.cache_latents or (tr.cache_text_embeddings and not cfg.network.train_text_encoder)
+    return bool(caching) and not is_host(device) and num_processes == 1
+
+
 def use_attention(comps: Components, mode: str) -> None:
     """``sdpa``: diffusers' default processors already call torch's scaled_dot_product_attention. ``xformers``:
     memory-efficient attention from the optional xformers package (CUDA builds)."""
@@ -90,20 +104,19 @@ class RunSetup:
         lowp = precision != "no"
         weight_dtype = DTYPES[precision] if lowp and not full else None
         swap = cfg.training.blocks_to_swap
+        # cache, then free: the denoiser waits in host memory while the caches fill (placed by _pre_encode)
+        self.denoiser_waits = denoiser_waits_for_caches(cfg, device, self.acc.num_processes)
         # fp8 base: quantized on the host while loading, then moved; block swap: swapped blocks never go whole
         with fp8_loading(cfg.model.fp8_base):
-            comps = components or self.family.load(cfg.model, device="cpu" if swap or cfg.model.fp8_base else device,
-                                                   dtype=weight_dtype)
+            on_host = swap or cfg.model.fp8_base or self.denoiser_waits
+            comps = components or self.family.load(cfg.model, device="cpu" if on_host else device, dtype=weight_dtype)
         if cfg.model.fp8_base:
             apply_fp8_base([comps.denoiser, *comps.text_encoders], weight_dtype or torch.float32)
-        if swap:  # the swapped blocks' weights never go to the device whole (trainer.block_swap)
-            swapped = self.family.swappable_blocks(comps.denoiser)[-swap:]
-            place_resident(comps.denoiser, device, swapped)
-            for module in [comps.vae, *comps.text_encoders]:
-                if module is not None:
-                    module.to(device)
-        else:
-            comps.to(device=device)
+        if not self.denoiser_waits:
+            self._place_denoiser(comps.denoiser)
+        for module in [comps.vae, *comps.text_encoders]:
+            if module is not None:
+                module.to(device)
         if self.family.vae_fp32 and comps.vae is not None:
             comps.vae.to(dtype=torch.float32)  # kohya no_half_vae: this VAE overflows to NaN in half precision
         self.comps = comps
@@ -151,8 +164,10 @@ class RunSetup:
 
         self.validator = Validator.for_run(self) if self.acc.is_main_process else None
         names = list(self.net.modules)
-        # with block swap, accelerate must not move the denoiser (its swapped blocks would land on the device whole)
-        placement = [n != comps.denoiser_name for n in names] + [True] if self.block_swap is not None else None
+        # with block swap, accelerate must not move the denoiser (its swapped blocks would land on the device whole);
+        # nor while it waits for the caches to fill
+        placement = ([n != comps.denoiser_name for n in names] + [True]
+                     if self.block_swap is not None or self.denoiser_waits else None)
         prepared = self.acc.prepare(*self.net.modules.values(), self.optimizer, device_placement=placement)
         self.optimizer = prepared[-1]
         wrapped = dict(zip(names, prepared[:-1]))
@@ -208,6 +223,22 @@ class RunSetup:
             self.offloaded += [m for m in self.comps.text_encoders if m is not None]
         for module in self.offloaded:
             offload_module(module)
+        if self.denoiser_waits:  # the encoders are off the device: now the denoiser goes on
+            self._place_denoiser(self.comps.denoiser)
+            self.denoiser_waits = False
+            if self.ema is not None:
+                self.ema.to(device=self.acc.device)
+            inner = getattr(self.optimizer, "optimizer", self.optimizer)
+            if inner.state:  # a resumed state was loaded beside the host weights: torch's load puts it by them
+                inner.load_state_dict(inner.state_dict())
+
+    def _place_denoiser(self, denoiser) -> None:
+        """The denoiser onto the training device; with block swap, all but its swapped blocks (trainer.block_swap)."""
+        swap = self.cfg.training.blocks_to_swap
+        if swap:
+            place_resident(denoiser, self.acc.device, self.family.swappable_blocks(denoiser)[-swap:])
+        else:
+            denoiser.to(self.acc.device)
 
     @contextlib.contextmanager
     def _encoders_on_device(self):
