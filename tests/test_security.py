@@ -18,7 +18,8 @@ import pytest
 
 import comfy_stubs
 from trainer.config import (CaptionConfig, DatasetConfig, ModelConfig, NetworkConfig, OptimConfig, TrainConfig,
-                            TrainingConfig, validate)
+                            TrainingConfig)
+from trainer.config_checks import validate
 from trainer import errors, fileio
 from trainer.errors import ConfigError, CrucibleError, UnsafePathError
 
