@@ -9,10 +9,12 @@ ROOT = Path(__file__).resolve().parents[1]
 COMFY_MODULES = {"comfy", "folder_paths", "server", "nodes", "comfy_api", "comfy_extras", "execution"}
 
 
-def imported_roots(path: Path) -> set[str]:
+def imported_roots(path: Path, top_level_only: bool = False) -> set[str]:
+    """The top-level package names a module imports (absolute imports); ``top_level_only``: only those its body
+    runs at import time, not the ones inside functions."""
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
     roots = set()
-    for node in ast.walk(tree):
+    for node in (tree.body if top_level_only else ast.walk(tree)):
         if isinstance(node, ast.Import):
             roots.update(a.name.split(".")[0] for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
@@ -34,21 +36,9 @@ def test_only_the_comfy_modules_touch_comfyui():
     assert touching == ["_comfy.py", "comfy_family.py"], touching
 
 
-def module_level_roots(path: Path) -> set[str]:
-    """Modules imported at a module's top level (not inside a function): what importing it pulls in."""
-    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
-    roots = set()
-    for node in tree.body:
-        if isinstance(node, ast.Import):
-            roots.update(a.name.split(".")[0] for a in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            roots.add(node.module.split(".")[0])
-    return roots
-
-
 def test_the_model_path_adapter_imports_comfyui_lazily():
-    assert not module_level_roots(ROOT / "nodes" / "comfy_family.py") & COMFY_MODULES
-    assert module_level_roots(ROOT / "tests" / "test_layering.py") == {"__future__", "ast", "pathlib"}  # can fail
+    assert not imported_roots(ROOT / "nodes" / "comfy_family.py", top_level_only=True) & COMFY_MODULES
+    assert imported_roots(ROOT / "tests" / "test_layering.py", top_level_only=True) == {"__future__", "ast", "pathlib"}  # can fail
 
 
 def test_import_walk_detects_a_comfy_import(tmp_path):
