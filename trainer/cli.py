@@ -19,7 +19,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import CrucibleError
+from .errors import run_command
 from .run_paths import run_paths
 
 
@@ -158,14 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     for noisy in ("diffusers", "transformers", "accelerate", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    try:
-        return args.fn(args)
-    except CrucibleError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_command(lambda: args.fn(args))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -82,3 +82,16 @@ def require(module: str, package: str | None = None, feature: str | None = None)
         return importlib.import_module(module)
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise MissingDependencyError(package or module, feature or module) from exc
+
+
+def run_command(command, exit_codes: "tuple[tuple[type[BaseException], int], ...]" = ((CrucibleError, 2),)) -> int:
+    """Run a command-line command and return its exit code. An error the user can act on prints ``error: …`` and
+    returns the code of the first entry of ``exit_codes`` it matches (most specific first); Ctrl+C returns 130."""
+    try:
+        return command()
+    except tuple(kind for kind, _ in exit_codes) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return next(code for kind, code in exit_codes if isinstance(exc, kind))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

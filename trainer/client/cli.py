@@ -3,11 +3,10 @@ labelled strip (``python -m trainer.comfy_client`` is the same command under its
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Sequence
 
-from ..errors import CrucibleError
+from ..errors import CrucibleError, run_command
 from .errors import ComfyError
 from .server import DEFAULT_SERVER, ComfyClient
 from .workflow import DEFAULT_LOADER_TITLE, load_workflow
@@ -68,14 +67,4 @@ def _cli_sweep(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit code (0 ok, 1 ComfyUI/run error, 2 bad input, 130 interrupted)."""
     args = build_parser().parse_args(argv)
-    try:
-        return _cli_sweep(args)
-    except ComfyError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except CrucibleError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_command(lambda: _cli_sweep(args), ((ComfyError, 1), (CrucibleError, 2)))
