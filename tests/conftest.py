@@ -129,3 +129,23 @@ def make_config(run_config_defaults):
     from run_helpers import short_run_config
 
     return partial(short_run_config, defaults=run_config_defaults)
+
+
+@pytest.fixture(scope="module")
+def comfy(tmp_path_factory):
+    """ComfyUI's runtime modules stubbed (tests/comfy_stubs.py) under a fresh ``ComfyUI`` folder, for one test
+    module (restored after it)."""
+    import comfy_stubs
+
+    stub, restore = comfy_stubs.install(tmp_path_factory.mktemp("comfyui") / "ComfyUI")
+    yield stub
+    restore()
+
+
+@pytest.fixture(scope="module")
+def nodes(comfy) -> dict:
+    """The pack's NODE_CLASS_MAPPINGS, loaded as ComfyUI loads it, against :func:`comfy` (a module may define its own
+    ``comfy``/``nodes``, e.g. with extra folders; pytest then uses those)."""
+    import comfy_stubs
+
+    return comfy_stubs.load_pack().NODE_CLASS_MAPPINGS

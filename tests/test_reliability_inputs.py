@@ -113,18 +113,6 @@ def _check_safe_name(base: Path, name: str) -> None:
 
 # --- a stubbed ComfyUI -----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def comfy(tmp_path_factory):
-    stub, restore = comfy_stubs.install(tmp_path_factory.mktemp("comfyui") / "ComfyUI")
-    yield stub
-    restore()
-
-
-@pytest.fixture(scope="module")
-def nodes(comfy) -> dict:
-    return comfy_stubs.load_pack().NODE_CLASS_MAPPINGS
-
-
-@pytest.fixture(scope="module")
 def comfy_module(nodes):
     return sys.modules[f"{comfy_stubs.PACK_NAME}.nodes._comfy"]
 

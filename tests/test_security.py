@@ -28,18 +28,6 @@ SECRET = "crucible-secret-marker-7c1e"  # the content of files outside every all
 
 # --- fixtures --------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def comfy(tmp_path_factory):
-    stub, restore = comfy_stubs.install(tmp_path_factory.mktemp("comfyui") / "ComfyUI")
-    yield stub
-    restore()
-
-
-@pytest.fixture(scope="module")
-def nodes(comfy) -> dict:
-    return comfy_stubs.load_pack().NODE_CLASS_MAPPINGS
-
-
-@pytest.fixture(scope="module")
 def pack(nodes):
     return lambda name: sys.modules[f"{comfy_stubs.PACK_NAME}.nodes.{name}"]
 
