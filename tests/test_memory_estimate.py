@@ -167,16 +167,17 @@ def test_memory_options_terms():
     assert fused.parts["gradients + optimizer state"] < 0.05
 
 
-def test_switches_never_name_an_option_the_config_lacks(monkeypatch):
+def test_switches_never_name_an_option_the_config_lacks():
     import trainer.memory_presets as presets
 
-    cfg = TrainConfig.from_dict({"model": {"family": "flux"}, "datasets": [{"path": "x", "resolution": 1024}]})
-    real = presets.option_path
-    monkeypatch.setattr(presets, "option_path", lambda n: None if n in ("fp8_base", "blocks_to_swap") else real(n))
-    switches = fitting_switches(cfg, 16.0)
-    assert not any(s.startswith(("fp8_base", "blocks_to_swap")) for s in switches)
-    assert "fp8_base, blocks_to_swap would help" in switches[-1]
-    present = {"fp8_base": "training.fp8_base", "blocks_to_swap": "training.blocks_to_swap"}
-    monkeypatch.setattr(presets, "option_path", lambda n: present.get(n) or real(n))
-    switches = fitting_switches(cfg, 16.0)
-    assert "fp8_base on" in switches and not switches[-1].startswith("nothing"), switches
+    flux = TrainConfig.from_dict({"model": {"family": "flux"}, "datasets": [{"path": "x", "resolution": 1024}]})
+    sd3 = TrainConfig.from_dict({"model": {"family": "sd3"}, "datasets": [{"path": "x", "resolution": 1024}],
+                                 "network": {"network_type": "full"}, "training": {"batch_size": 2}})
+    for switches in (fitting_switches(flux, 16.0), fitting_switches(flux, 1.0), fitting_switches(sd3, 1.0)):
+        for switch in switches:
+            if switch.startswith(("nothing", "a lower resolution", "mixed_precision")):
+                continue
+            for word in switch.replace(" with ", " ").split()[::2]:  # "name value [with name value]"
+                assert presets.option_path(word) is not None, (switch, word)
+    assert "fp8_base on" in fitting_switches(flux, 16.0)
+    assert fitting_switches(flux, 1.0)[-1] == "nothing available here fits"

@@ -77,7 +77,7 @@ class MemoryOptions:
     cache_latents: bool = False
     cache_text_embeddings: bool = False
     train_text_encoder: bool = False
-    # options other branches add; read by name wherever the config keeps them (trainer.memory_presets)
+    # the memory switches (model.fp8_base; training.blocks_to_swap, fused_backward_pass, full_bf16)
     fp8_base: bool = False  # frozen denoiser (and T5) Linear weights stored in float8
     blocks_to_swap: int = 0  # denoiser blocks kept in host memory, streamed in ahead of use (CUDA)
     fused_backward_pass: bool = False  # the optimizer steps each parameter as its gradient arrives
@@ -86,7 +86,6 @@ class MemoryOptions:
     @classmethod
     def from_config(cls, cfg, resolved: dict | None = None) -> "MemoryOptions":
         from .defaults import resolved_settings
-        from .memory_presets import config_value
 
         resolved = resolved or resolved_settings(cfg)
         t, n = cfg.training, cfg.network
@@ -98,10 +97,8 @@ class MemoryOptions:
                    batch_size=t.batch_size, cache_latents=t.cache_latents,
                    cache_text_embeddings=t.cache_text_embeddings and not n.train_text_encoder,
                    train_text_encoder=n.train_text_encoder,
-                   fp8_base=bool(config_value(cfg, "fp8_base", False)),
-                   blocks_to_swap=int(config_value(cfg, "blocks_to_swap", 0) or 0),
-                   fused_backward_pass=bool(config_value(cfg, "fused_backward_pass", False)),
-                   full_bf16=bool(config_value(cfg, "full_bf16", False)))
+                   fp8_base=cfg.model.fp8_base, blocks_to_swap=t.blocks_to_swap,
+                   fused_backward_pass=t.fused_backward_pass, full_bf16=t.full_bf16)
 
 
 @dataclass(frozen=True)
@@ -201,12 +198,10 @@ def estimate_case(case, resolution: int, device: str = "cuda") -> Estimate:
 
 
 def fitting_switches(cfg, available_gib: float, resolved: dict | None = None, device: str = "cuda") -> list[str]:
-    """Switches that bring the estimate under ``available_gib``, cheapest first, cumulatively. Options this version
-    of the config does not have (``fp8_base``, ``blocks_to_swap``, ``fused_backward_pass``, ``full_bf16``: added by
-    other branches) are never suggested; when nothing available fits, the answer says which of them are missing."""
+    """Switches that bring the estimate under ``available_gib``, cheapest first, cumulatively; each names config
+    fields (``trainer.memory_presets.option_path`` finds them, a test checks), ending with "nothing available here
+    fits" when even all of them do not."""
     from dataclasses import replace
-
-    from .memory_presets import option_path
 
     opts = MemoryOptions.from_config(cfg, resolved)
     full = opts.network_type == "full"
@@ -223,20 +218,15 @@ def fitting_switches(cfg, available_gib: float, resolved: dict | None = None, de
              ("blocks_to_swap 16", dict(blocks_to_swap=16) if device == "cuda" and not full
               and opts.blocks_to_swap < 16 else None),
              ("a lower resolution (768)", dict(resolution=768) if opts.resolution > 768 else None)]
-    chosen, missing = [], []
+    chosen = []
     for label, change in steps:
         if change is None or all(getattr(opts, k) == v for k, v in change.items()):
-            continue
-        absent = [k for k in change if k not in ("precision", "resolution") and option_path(k) is None]
-        if absent:
-            missing += absent
             continue
         opts = replace(opts, **change)
         chosen.append(label)
         if estimate(opts, device).total_gib <= available_gib:
             return chosen
-    tail = f": {', '.join(missing)} would help but this version does not have them" if missing else ""
-    return chosen + [f"nothing available here fits{tail}"]
+    return chosen + ["nothing available here fits"]
 
 
 def device_memory_gib() -> tuple[float, float] | None:
