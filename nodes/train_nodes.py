@@ -18,6 +18,7 @@ from .options import Choice, Flag, Float, Int, OptionNode, Seed, Text
 from .widgets import BOOL, FLOAT, INT, SEED, STRING, combo
 
 CHECKPOINTING_WHEN_OFF = ("family default", "off")
+CACHES_WHEN_OFF = ("family default", "off")
 
 NONE = "(none)"
 FP8_BASE_TIP = ("kohya --fp8_base: store the frozen base model's linear weights (and T5's) in fp8, about half the "
@@ -173,9 +174,9 @@ class CrucibleTrainingOptions(OptionNode):
             "loss_weighting": Choice(list(LOSS_WEIGHTING), "Flow models: loss weighting scheme (diffusers weighting_scheme)."),
             "ema": Flag("Keep an EMA of the trained weights and save it."),
             "ema_decay": Float(0.0, 1.0, 0.0001, "EMA decay."),
-            "cache_latents": Flag("kohya cache_latents: encode each image once (not with flip/colour/random-crop augmentation)."),
+            "cache_latents": Flag("kohya cache_latents: encode each image once (not with flip/colour/random-crop augmentation). On: always. Off: see caches_when_off.", default=False),  # the field's None = family default
             "cache_latents_to_disk": Flag("kohya cache_latents_to_disk: keep the latents as safetensors in the run folder, reused by later runs."),
-            "cache_text_embeddings": Flag("kohya cache_text_encoder_outputs, but shuffle and caption dropout keep working: K caption variants per image are encoded once."),
+            "cache_text_embeddings": Flag("kohya cache_text_encoder_outputs, but shuffle and caption dropout keep working: K caption variants per image are encoded once. On: always. Off: see caches_when_off.", default=False),
             "caption_variants": Int(1, 64, "Text cache: shuffled caption variants per image (K)."),
             "validation_split": Float(0.0, 0.5, 0.01, "Fraction of the dataset held out (chosen by the seed, never trained on) to measure a validation loss at every save; the sweep marks the checkpoint with the lowest. Used only with 10+ training images and no validation dataset; 0 = off."),
             "prior_loss_weight": Float(0.0, 100.0, 0.05, "kohya prior_loss_weight: loss weight of regularization images (datasets with is_reg on); 1.0 = same as training images."),
@@ -188,15 +189,21 @@ class CrucibleTrainingOptions(OptionNode):
     }
     OPTIONAL_WIDGETS = {  # appended; gradient_checkpointing_when_off is not a config field: with the toggle above it
         # decides gradient_checkpointing
-        "gradient_checkpointing_when_off": Choice(CHECKPOINTING_WHEN_OFF, "With gradient_checkpointing off: 'family default' checkpoints SDXL, SD3 and Flux (their 1024 px activations dominate memory), not SD1.5; 'off' never checkpoints.", default="family default"),
+        "gradient_checkpointing_when_off": Choice(CHECKPOINTING_WHEN_OFF, "With gradient_checkpointing off: 'family default' checkpoints SDXL, SD3 and Flux (their 1024 px activations dominate memory) and SD1.5 above 512 px; 'off' never checkpoints.", default="family default"),
         "blocks_to_swap": Int(0, 64, "kohya blocks_to_swap (LoRA): keep this many denoiser blocks in CPU memory and stream each to the GPU just before it runs (forward and backward). Less GPU memory, slower; 0 = off. Flux: 16 ≈ 12 GB."),
         "fused_backward_pass": Flag("kohya fused_backward_pass: the optimizer (adamw or adafactor) steps each weight as soon as its gradient is ready, so a full fine-tune never holds all gradients at once. Needs gradient_accumulation_steps 1; max_grad_norm clips per tensor."),
         "full_bf16": Flag("kohya full_bf16 (full fine-tune, bf16): the trained weights are stored in bf16 and updated with stochastic rounding, so small updates are not lost. Halves the weights' memory."),
+        "caches_when_off": Choice(CACHES_WHEN_OFF, "With cache_latents / cache_text_embeddings off: 'family default' caches both for SD3 and Flux (their frozen T5-XXL leaves memory once the captions are encoded; latents only without flip/colour/random-crop augmentation, text only while no text encoder trains), not for SD1.5/SDXL; 'off' never caches.", default="family default"),
     }
 
-    def build(self, gradient_checkpointing=False, gradient_checkpointing_when_off="family default", **values):
-        checkpointing = True if gradient_checkpointing else (None if gradient_checkpointing_when_off == "family default" else False)
-        return super().build(gradient_checkpointing=checkpointing, **values)
+    def build(self, gradient_checkpointing=False, gradient_checkpointing_when_off="family default",
+              cache_latents=False, cache_text_embeddings=False, caches_when_off="family default", **values):
+        def toggle(on, when_off):  # on: always; off: the family default (None) or never
+            return True if on else (None if when_off == "family default" else False)
+
+        return super().build(gradient_checkpointing=toggle(gradient_checkpointing, gradient_checkpointing_when_off),
+                             cache_latents=toggle(cache_latents, caches_when_off),
+                             cache_text_embeddings=toggle(cache_text_embeddings, caches_when_off), **values)
 
 
 class CrucibleTrain:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from trainer.config import TrainConfig, TrainingConfig
-from trainer.defaults import Device, resolve_gradient_checkpointing, resolve_mixed_precision
+from trainer.defaults import Device, resolve_gradient_checkpointing, resolve_mixed_precision, resolved_settings
 from trainer.families import get_family
 from trainer.numerics import MAX_CONSECUTIVE_SKIPS, overflow_decision
 
@@ -23,15 +23,54 @@ def test_auto_precision_is_the_default_and_picks_bf16_or_fp16_by_device():
         assert resolve_mixed_precision(explicit, Device(cuda=False, bf16=True)) == explicit
 
 
-def test_gradient_checkpointing_defaults_on_for_the_large_families_only():
+def test_gradient_checkpointing_defaults_on_for_the_large_families_and_sd15_above_512_px():
     assert TrainingConfig().gradient_checkpointing is None
-    defaults = {name: get_family(name).gradient_checkpointing_default for name in ("sd15", "sdxl", "sd3", "flux")}
-    assert defaults == {"sd15": False, "sdxl": True, "sd3": True, "flux": True}
-    assert resolve_gradient_checkpointing(None, "sdxl") and not resolve_gradient_checkpointing(None, "sd15")
-    assert resolve_gradient_checkpointing(True, "sd15") and not resolve_gradient_checkpointing(False, "flux")
+    above = {name: get_family(name).gradient_checkpointing_above_px for name in ("sd15", "sdxl", "sd3", "flux")}
+    assert above == {"sd15": 512, "sdxl": 0, "sd3": 0, "flux": 0}
+    assert resolve_gradient_checkpointing(None, "sdxl", 512) and not resolve_gradient_checkpointing(None, "sd15", 512)
+    assert resolve_gradient_checkpointing(None, "sd15", 1024)  # 3.2 GiB of activations at 1024 px: over 4 GiB
+    assert resolve_gradient_checkpointing(True, "sd15", 512) and not resolve_gradient_checkpointing(False, "flux")
     cfg = TrainConfig.from_dict({"training": {"gradient_checkpointing": "auto", "mixed_precision": "auto"}})
     assert cfg.training.gradient_checkpointing is None
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg  # round-trips through run metadata / config.json
+    bucketed = TrainConfig.from_dict({"datasets": [{"path": "x", "resolution": 512, "enable_bucket": True,
+                                                    "max_bucket_reso": 768}]})
+    assert resolved_settings(bucketed)["gradient_checkpointing"]  # the largest bucket decides
+
+
+def test_caches_default_on_for_the_t5_families_where_the_run_allows_them():
+    """SD3 and Flux never train their T5-XXL in a LoRA: "auto" caches latents and text and frees the encoders; off
+    where a cache cannot work (random augmentation, a training text encoder) instead of refusing the run; an explicit
+    choice always wins."""
+    assert TrainingConfig().cache_latents is None and TrainingConfig().cache_text_embeddings is None
+    assert {n: get_family(n).caches_by_default for n in ("sd15", "sdxl", "sd3", "flux")} == \
+        {"sd15": False, "sdxl": False, "sd3": True, "flux": True}
+
+    def resolved(family, dataset=None, network=None, **training):
+        cfg = TrainConfig.from_dict({"model": {"family": family}, "training": training, "network": network or {},
+                                     "datasets": [{"path": "x", **(dataset or {})}]})
+        r = resolved_settings(cfg)
+        return r["cache_latents"], r["cache_text_embeddings"]
+
+    assert resolved("flux") == (True, True) and resolved("sd3") == (True, True)
+    assert resolved("sdxl") == (False, False) and resolved("sd15") == (False, False)
+    assert resolved("flux", {"flip_aug": True}) == (False, True)  # flipped pixels change every epoch
+    assert resolved("flux", {"crop_style": "random"}) == (False, True)
+    assert resolved("sd3", network={"train_text_encoder": True}) == (True, False)
+    assert resolved("flux", cache_latents=False, cache_text_embeddings=False) == (False, False)
+    assert resolved("sdxl", cache_latents=True, cache_text_embeddings=True) == (True, True)
+    cfg = TrainConfig.from_dict({"training": {"cache_latents": "auto", "cache_text_embeddings": "auto"}})
+    assert cfg.training.cache_latents is None and TrainConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_an_explicit_latent_cache_with_augmentation_is_still_refused(make_config, tiny_sd15, demo_dataset, tmp_path):
+    from trainer.errors import ConfigError
+    from trainer.loop import train
+
+    cfg = make_config(tiny_sd15, demo_dataset, tmp_path, training={"max_train_steps": 1, "cache_latents": True})
+    cfg = TrainConfig.from_dict({**cfg.to_dict(), "datasets": [{**cfg.to_dict()["datasets"][0], "flip_aug": True}]})
+    with pytest.raises(ConfigError, match="cache_latents cannot be combined with flip_aug"):
+        train(cfg)
 
 
 def test_run_json_records_what_auto_resolved_to(make_config, tiny_sd15, demo_dataset, tmp_path):
@@ -42,7 +81,7 @@ def test_run_json_records_what_auto_resolved_to(make_config, tiny_sd15, demo_dat
     result = train(cfg)
     resolved = json.loads((result.work_dir / "run.json").read_text())["resolved"]
     assert resolved == {"mixed_precision": "bf16", "mixed_precision_requested": "auto",
-                        "gradient_checkpointing": False}
+                        "gradient_checkpointing": False, "cache_latents": False, "cache_text_embeddings": False}
 
 
 # --- numerics ------------------------------------------------------------------------------------------------------

@@ -71,7 +71,8 @@ def cmd_preview(args) -> int:
     from .preview_captions import caption_preview
 
     cfg = _config(args)
-    preview = caption_preview(cfg.datasets, args.images, args.epochs, cfg.training.seed, cfg.training)
+    preview = caption_preview(cfg.datasets, args.images, args.epochs, cfg.training.seed, cfg.training,
+                              cfg.model.family)
     if args.json:
         print(json.dumps([dataclasses.asdict(r) for r in preview.rows], indent=2, ensure_ascii=False))
     else:

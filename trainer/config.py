@@ -154,7 +154,7 @@ class TrainingConfig:
     max_train_steps: int = 0  # > 0 overrides epochs
     gradient_accumulation_steps: int = 1
     mixed_precision: str = "auto"  # bf16 where supported, fp16 + scaler on older GPUs (trainer.defaults)
-    gradient_checkpointing: bool | None = None  # None ("auto"): the family default (on for SDXL, SD3, Flux)
+    gradient_checkpointing: bool | None = None  # None ("auto"): the family default (SDXL, SD3, Flux; SD1.5 > 512 px)
     drop_last: bool = False  # drop a bucket's last partial batch
     min_snr_gamma: float = 0.0
     noise_offset: float = 0.0
@@ -170,9 +170,11 @@ class TrainingConfig:
     t5xxl_max_token_length: int = 0  # SD3/Flux T5 tokens per caption; 0 = ComfyUI's padding (SD3 77, Flux 256)
     ema: bool = False
     ema_decay: float = 0.999
-    cache_latents: bool = False  # kohya cache_latents (not with flip/colour/random-crop augmentation)
+    cache_latents: bool | None = None  # kohya cache_latents (not with flip/colour/random-crop augmentation); None
+    # ("auto"): the family default (SD3, Flux) where the augmentation allows (trainer.defaults)
     cache_latents_to_disk: bool = False  # kohya cache_latents_to_disk: safetensors under <work_dir>/<run>/cache
-    cache_text_embeddings: bool = False  # kohya cache_text_encoder_outputs, but shuffle/dropout keep working
+    cache_text_embeddings: bool | None = None  # kohya cache_text_encoder_outputs, but shuffle/dropout keep working;
+    # None ("auto"): the family default (SD3, Flux: T5 never trains), off while a text encoder trains
     caption_variants: int = 4  # text-cache variants per image, so shuffle/dropout keep working
     # Held-out validation images (never trained on, chosen by the seed), scored at every save. Applies only when
     # the training images number at least trainer.validation.MIN_IMAGES_FOR_SPLIT and no validation_datasets are

@@ -88,14 +88,14 @@ class MemoryOptions:
         from .defaults import resolved_settings
 
         resolved = resolved or resolved_settings(cfg)
+        from .defaults import training_resolution
+
         t, n = cfg.training, cfg.network
-        res = max((d.max_bucket_reso if d.enable_bucket else d.resolution) for d in cfg.datasets) \
-            if cfg.datasets else 1024
         return cls(family=cfg.model.family, network_type=n.network_type, network_dim=n.network_dim,
                    target_preset=n.target_preset, precision=resolved["mixed_precision"], optimizer=cfg.optim.optimizer,
-                   gradient_checkpointing=resolved["gradient_checkpointing"], resolution=res,
-                   batch_size=t.batch_size, cache_latents=t.cache_latents,
-                   cache_text_embeddings=t.cache_text_embeddings and not n.train_text_encoder,
+                   gradient_checkpointing=resolved["gradient_checkpointing"], resolution=training_resolution(cfg),
+                   batch_size=t.batch_size, cache_latents=resolved["cache_latents"],
+                   cache_text_embeddings=resolved["cache_text_embeddings"] and not n.train_text_encoder,
                    train_text_encoder=n.train_text_encoder,
                    fp8_base=cfg.model.fp8_base, blocks_to_swap=t.blocks_to_swap,
                    fused_backward_pass=t.fused_backward_pass, full_bf16=t.full_bf16)
@@ -120,7 +120,8 @@ class Estimate:
     def format(self) -> str:
         o = self.options
         detail = ", ".join(f"{k} {v:.2f}" for k, v in self.parts.items() if v > 0.005)
-        extra = [n for n in ("fp8_base", "fused_backward_pass", "full_bf16") if getattr(o, n)]
+        extra = [n for n in ("cache_latents", "cache_text_embeddings", "fp8_base", "fused_backward_pass", "full_bf16")
+                 if getattr(o, n)]
         extra += [f"blocks_to_swap {o.blocks_to_swap}"] if o.blocks_to_swap else []
         return (f"estimated peak memory {self.total_gib:.1f} GiB for {o.family} {o.network_type} at {o.resolution} px, "
                 f"batch {o.batch_size}, {o.precision}, {o.optimizer}, gradient checkpointing "
@@ -180,19 +181,21 @@ def estimate(opts: MemoryOptions, device: str = "cuda") -> Estimate:
 
 def estimate_case(case, resolution: int, device: str = "cuda") -> Estimate:
     """The estimate for a benchmark case (a name such as ``sdxl-lora-low`` or ``(family, kind, preset)``; the
-    switches are :mod:`trainer.memory_presets`', including options this config may not have yet)."""
-    from .defaults import Device, resolve_gradient_checkpointing, resolve_mixed_precision
+    switches are :mod:`trainer.memory_presets`'; what a case leaves unset takes the config default, ``auto``
+    resolved as a run resolves it: :mod:`trainer.defaults`)."""
+    from .defaults import Device, resolve_caches, resolve_gradient_checkpointing, resolve_mixed_precision
     from .memory_presets import get_case, resolve_case
 
     c = get_case(case)
     s = resolve_case(c, device).settings
     precision = resolve_mixed_precision("auto", Device(cuda=device == "cuda", bf16=True))
     checkpointing = s.get("gradient_checkpointing")
+    caches = resolve_caches(s.get("cache_latents"), s.get("cache_text_embeddings"), c.family)
     return estimate(MemoryOptions(
         family=c.family, network_type="lora" if c.kind == "lora" else "full", precision=precision,
         optimizer=s.get("optimizer", "adamw"),
-        gradient_checkpointing=resolve_gradient_checkpointing(checkpointing, c.family), resolution=resolution,
-        cache_latents=s.get("cache_latents", False), cache_text_embeddings=s.get("cache_text_embeddings", False),
+        gradient_checkpointing=resolve_gradient_checkpointing(checkpointing, c.family, resolution),
+        resolution=resolution, **caches,
         fp8_base=s.get("fp8_base", False), blocks_to_swap=s.get("blocks_to_swap", 0),
         fused_backward_pass=s.get("fused_backward_pass", False), full_bf16=s.get("full_bf16", False)), device)
 

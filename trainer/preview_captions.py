@@ -3,7 +3,10 @@
 
 Without the text cache each caption goes through the training caption path (:meth:`DataSource.caption_preview`).
 With ``training.cache_text_embeddings`` on, training draws each sample's caption from ``caption_variants`` cached
-variants (:class:`trainer.cache.TextCache`), so the preview shows the variant training will draw.
+variants (:class:`trainer.cache.TextCache`), so the preview shows the variant training will draw. Left at ``auto``
+(``None``) the text cache is the family's default (:func:`trainer.defaults.resolve_caches`): with the family given
+the preview follows it; without (the Caption Preview node has no model input) it shows the live captions and says
+which families would cache.
 """
 from __future__ import annotations
 
@@ -25,12 +28,15 @@ DROPPED = "(caption dropped)"
 class CaptionPreview:
     rows: "list[CaptionPreviewRow]"
     text_cache_variants: int = 0  # > 0: the captions are the text cache's variants
+    note: str = ""  # said above the captions (e.g. that the text cache is left to the family)
 
     def lines(self) -> str:
         """One line per image and epoch (the node's text), headed by a note when the text cache decides."""
         lines = [f"#{r.item} epoch {r.epoch}: {r.caption if not r.dropped else DROPPED}" for r in self.rows]
         if self.text_cache_variants:
             lines.insert(0, f"(text cache: {self.text_cache_variants} variants per image)")
+        if self.note:
+            lines.insert(0, f"({self.note})")
         return "\n".join(lines)
 
     def table(self) -> str:
@@ -43,22 +49,31 @@ class CaptionPreview:
         lines.insert(1, f"{'-' * width[0]}  {'-' * width[1]}  {'-' * 7}")
         if self.text_cache_variants:
             lines.append(f"(text cache: {self.text_cache_variants} variants per image)")
+        if self.note:
+            lines.append(f"({self.note})")
         return "\n".join(lines)
 
 
 def caption_preview(datasets: "Sequence[DatasetConfig]", images: str | int, epochs: int, seed: int,
-                    training: "TrainingConfig | None" = None) -> CaptionPreview:
+                    training: "TrainingConfig | None" = None, family: str | None = None) -> CaptionPreview:
     """The captions of the chosen images in epochs ``1..epochs`` of a run with ``seed`` and the Training Options
-    ``training`` (``None``: the defaults, no text cache). ``images``: the first N images, or 0-based indices such as
-    ``"0-3"`` or ``"0,5,9"`` (indices past the last image are left out)."""
+    ``training`` (``None``: the defaults) for the model ``family`` (decides a text cache left at ``auto``).
+    ``images``: the first N images, or 0-based indices such as ``"0-3"`` or ``"0,5,9"`` (indices past the last image
+    are left out)."""
     from .dataset import CaptionPreviewRow, DataSource
 
     source = DataSource(tuple(datasets), seed=seed)
     count = len(source.items)
     indices = list(range(min(images, count))) if isinstance(images, int) else image_indices(images, count)
     epoch_numbers = list(range(1, epochs + 1))
-    if training is None or not training.cache_text_embeddings:
-        return CaptionPreview(source.caption_preview(indices, epoch_numbers))
+    from .config import TrainingConfig
+
+    training = training or TrainingConfig()
+    cached, note = training.cache_text_embeddings, ""
+    if cached is None:
+        cached, note = _auto_text_cache(family)
+    if not cached:
+        return CaptionPreview(source.caption_preview(indices, epoch_numbers), note=note)
     from .cache import TextCache
 
     cache = TextCache(source, training.caption_variants, encode=None)
@@ -70,6 +85,20 @@ def caption_preview(datasets: "Sequence[DatasetConfig]", images: str | int, epoc
             rows.append(CaptionPreviewRow(item, epoch, 0, str(image.path), image.caption_raw,
                                           cache.caption_for(item, epoch, 0), dropped))
     return CaptionPreview(rows, text_cache_variants=training.caption_variants)
+
+
+def _auto_text_cache(family: str | None) -> tuple[bool, str]:
+    """Whether a text cache left at ``auto`` is on for ``family``; without one, off with a note naming the families
+    that cache by default."""
+    from .defaults import resolve_caches
+    from .families import all_families
+
+    if family is not None:
+        return resolve_caches(None, None, family)["cache_text_embeddings"], ""
+    caching = [f.title for f in all_families() if f.caches_by_default]
+    return False, (f"text cache left to the family: {' and '.join(caching)} runs cache caption variants and draw "
+                   "from them; these are the live captions. Connect Training Options with cache_text_embeddings on "
+                   "to preview the cached ones") if caching else ""
 
 
 def image_indices(spec: str, count: int) -> list[int]:

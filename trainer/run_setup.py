@@ -60,12 +60,15 @@ def is_host(device) -> bool:
     return torch.device(device).type == "cpu"
 
 
-def denoiser_waits_for_caches(cfg, device, num_processes: int) -> bool:
+def denoiser_waits_for_caches(cfg, device, num_processes: int, resolved: dict | None = None) -> bool:
     """Whether the denoiser stays in host memory until the caches are filled and their encoders offloaded (kohya
     order), so the caching phase never holds the denoiser and every encoder on the device at once. Not on the CPU
-    (nothing to save) nor with several processes (DDP wraps the modules where they are)."""
-    tr = cfg.training
-    caching = tr.cache_latents or (tr.cache_text_embeddings and not cfg.network.train_text_encoder)
+    (nothing to save) nor with several processes (DDP wraps the modules where they are). ``resolved``: what the
+    caches' ``auto`` became (:func:`trainer.defaults.resolved_settings`)."""
+    from .defaults import resolved_settings
+
+    resolved = resolved or resolved_settings(cfg)
+    caching = resolved["cache_latents"] or (resolved["cache_text_embeddings"] and not cfg.network.train_text_encoder)
     return bool(caching) and not is_host(device) and num_processes == 1
 
 
@@ -105,7 +108,7 @@ class RunSetup:
         weight_dtype = DTYPES[precision] if lowp and not full else None
         swap = cfg.training.blocks_to_swap
         # cache, then free: the denoiser waits in host memory while the caches fill (placed by _pre_encode)
-        self.denoiser_waits = denoiser_waits_for_caches(cfg, device, self.acc.num_processes)
+        self.denoiser_waits = denoiser_waits_for_caches(cfg, device, self.acc.num_processes, self.resolved)
         # fp8 base: quantized on the host while loading, then moved; block swap: swapped blocks never go whole
         with fp8_loading(cfg.model.fp8_base):
             on_host = swap or cfg.model.fp8_base or self.denoiser_waits
@@ -187,21 +190,22 @@ class RunSetup:
                                        lambda step, device: rounding_generator(cfg.training.seed, step, device))
 
     def _setup_caches(self) -> None:
-        self.prefetch = BatchPrefetcher(self.source, enabled=not self.cfg.training.cache_latents)
+        caches = self.resolved  # cache_latents / cache_text_embeddings with "auto" resolved (trainer.defaults)
+        self.prefetch = BatchPrefetcher(self.source, enabled=not caches["cache_latents"])
         from .cache import LatentCache, TextCache
 
         tr, comps = self.cfg.training, self.comps
         self.latent_cache = self.text_cache = None
-        if tr.cache_latents:
+        if caches["cache_latents"]:
             folder = self.work_dir / "cache" / "latents" if tr.cache_latents_to_disk else None
             vae_dtype = next(comps.vae.parameters()).dtype
             # the VAE dtype is part of the key: latents encoded by a half-precision VAE are never reused in fp32
             ident = f"{self.family.latent_cache_identity(self.cfg.model, comps)}|vae={vae_dtype}"
             self.latent_cache = LatentCache(self.source, ident, folder)
         trains_text = self.cfg.network.train_text_encoder
-        if tr.cache_text_embeddings and trains_text:
+        if caches["cache_text_embeddings"] and trains_text:
             log.warning("cache_text_embeddings is ignored while a text encoder trains (its outputs change every step)")
-        elif tr.cache_text_embeddings:
+        elif caches["cache_text_embeddings"]:
             def encode(texts: list[str], weights=None):
                 extra = {"weights": weights} if weights is not None else {}
                 with torch.no_grad(), self.acc.autocast():

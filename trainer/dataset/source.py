@@ -151,7 +151,7 @@ class DataSource:
     @property
     def has_random_augmentation(self) -> bool:
         """True when an image's pixels differ between epochs/repeats (so cached latents would be stale)."""
-        return any(c.flip_aug or c.color_aug or c.crop_style == "random" for c in self.datasets)
+        return has_random_augmentation(self.datasets)
 
     def fingerprint(self) -> str:
         return dataset_fingerprint(self.datasets)
@@ -268,3 +268,8 @@ def _check_epoch(epoch: int) -> None:
 
 
 __all__ = ["Sample", "BatchPlan", "Batch", "CaptionPreviewRow", "balance_reg_repeats", "DataSource"]
+
+
+def has_random_augmentation(datasets) -> bool:
+    """Whether any of ``datasets`` (DatasetConfig) changes an image's pixels between epochs/repeats."""
+    return any(c.flip_aug or c.color_aug or c.crop_style == "random" for c in datasets)

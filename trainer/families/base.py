@@ -108,7 +108,12 @@ class ModelFamily(ABC):
     # The family-dependent settings (trainer.families.settings.FAMILY_SETTINGS) this family applies; a setting not
     # listed is refused at validation or reported in the plan, never silently ignored.
     honoured_settings: frozenset[str] = frozenset()
-    gradient_checkpointing_default: bool = False  # training.gradient_checkpointing "auto" (trainer.defaults)
+    # training.gradient_checkpointing "auto" (trainer.defaults) checkpoints when the run's largest training
+    # resolution is above this many pixels; 0 = always
+    gradient_checkpointing_above_px: int = 0
+    # training.cache_latents / cache_text_embeddings "auto" (trainer.defaults): encode once before step 1 and free the
+    # encoders (where the datasets allow it): for families whose large text encoder (T5-XXL) is frozen in a LoRA
+    caches_by_default: bool = False
     vae_fp32: bool = False  # the VAE overflows in fp16/bf16 and always runs in float32 (kohya no_half_vae)
 
     def __init_subclass__(cls, **kwargs):

@@ -147,7 +147,8 @@ class FluxFamily(FlowFamily):
 
     name = "flux"
     swap_block_attributes = ("transformer_blocks", "single_transformer_blocks")  # training.blocks_to_swap, in running order
-    gradient_checkpointing_default = True  # 1024 px activations dominate memory (trainer.defaults)
+    gradient_checkpointing_above_px = 0  # always: 1024 px activations dominate memory (trainer.defaults)
+    caches_by_default = True  # T5-XXL resident costs ~9 GiB; cached, it leaves after the captions are encoded
     title = "Flux"
     encoders = (EncoderSpec("text_encoder", "clip_l"), EncoderSpec("text_encoder_2", "t5xxl"))
     # Flux's T5 is the pipeline's text_encoder_2; kohya (and ComfyUI) call it lora_te3 like SD3's.

@@ -87,7 +87,8 @@ class SD3Family(FlowFamily):
 
     name = "sd3"
     swap_block_attributes = ("transformer_blocks",)  # training.blocks_to_swap, in running order
-    gradient_checkpointing_default = True  # 1024 px activations dominate memory (trainer.defaults)
+    gradient_checkpointing_above_px = 0  # always: 1024 px activations dominate memory (trainer.defaults)
+    caches_by_default = True  # T5-XXL resident costs ~9 GiB; cached, it leaves after the captions are encoded
     title = "SD3"
     encoders = (EncoderSpec("text_encoder", "clip_l"), EncoderSpec("text_encoder_2", "clip_g"),
                 EncoderSpec("text_encoder_3", "t5xxl", required=False))

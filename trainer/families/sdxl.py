@@ -63,7 +63,7 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
     name = "sdxl"
     title = "SDXL"
     block_layout = SDXL_BLOCKS
-    gradient_checkpointing_default = True  # 1024 px activations dominate memory (trainer.defaults)
+    gradient_checkpointing_above_px = 0  # always: 1024 px activations dominate memory (trainer.defaults)
     vae_fp32 = True  # the SDXL VAE overflows to NaN in fp16 (kohya no_half_vae)
     encoders = (EncoderSpec("text_encoder", "clip_l"), EncoderSpec("text_encoder_2", "clip_g"))
     key_styles = {"unet": kohya("lora_unet"), "text_encoder": kohya("lora_te1", clip=True),
