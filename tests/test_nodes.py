@@ -206,8 +206,8 @@ def test_caption_preview_shows_the_training_captions(nodes, demo_input):
                       shuffle_caption=True)[0]
     ds = dataset(nodes, captions=captions)
     (text,), ui = run(nodes, "CrucibleCaptionPreview", dataset=ds, images="0-3", epochs=2, seed=42)
-    lines = text.splitlines()
-    assert ui == {"text": [text]} and len(lines) == 8  # 4 images x 2 epochs
+    note, *lines = text.splitlines()  # the note: no Training Options, so the text cache is the family's
+    assert ui == {"text": [text]} and len(lines) == 8 and note.startswith("(text cache left to the family")  # 4 x 2
     for line in lines:
         caption = line.split(": ", 1)[1]
         assert caption.startswith("crucible, "), line  # the trigger word first, never shuffled
@@ -724,6 +724,37 @@ def test_training_options_node_defaults_to_auto_and_keeps_explicit_choices(nodes
     assert off.gradient_checkpointing is False
     spec = nodes["CrucibleTrainingOptions"].INPUT_TYPES()
     assert "gradient_checkpointing_when_off" in spec["optional"]  # appended: saved widget positions unchanged
+
+
+def test_training_options_node_leaves_the_caches_to_the_family_unless_told(nodes):
+    """Issue 16: the cache toggles keep their positions and BOOLEAN type; off + 'family default' (the appended
+    caches_when_off) is the fields' None, which SD3 and Flux resolve to on (trainer.defaults)."""
+    (auto,), _ = run(nodes, "CrucibleTrainingOptions")
+    assert auto.cache_latents is None and auto.cache_text_embeddings is None
+    (on,), _ = run(nodes, "CrucibleTrainingOptions", cache_latents=True, caches_when_off="off")
+    assert on.cache_latents is True and on.cache_text_embeddings is False
+    (off,), _ = run(nodes, "CrucibleTrainingOptions", caches_when_off="off")
+    assert off.cache_latents is False and off.cache_text_embeddings is False
+    spec = nodes["CrucibleTrainingOptions"].INPUT_TYPES()
+    assert list(spec["optional"])[-1] == "caches_when_off"  # appended last: saved widget positions unchanged
+    assert spec["required"]["cache_latents"][0] == "BOOLEAN" and spec["required"]["cache_latents"][1]["default"] is False
+
+
+def test_caption_preview_says_when_the_text_cache_is_left_to_the_family(nodes, demo_input):
+    from trainer.cache import TextCache
+    from trainer.config import TrainingConfig
+    from trainer.dataset import DataSource
+    from trainer.preview_captions import caption_preview
+
+    (options,), _ = run(nodes, "CrucibleCaptionOptions", shuffle_caption=True)
+    data = dataset(nodes, captions=options)
+    (text,), _ = run(nodes, "CrucibleCaptionPreview", dataset=data, images="0", epochs=2, seed=3)
+    assert text.splitlines()[0].startswith("(text cache left to the family: SD3 and Flux runs cache")
+    flux = caption_preview(data, "0", 2, 3, TrainingConfig(seed=3, caption_variants=2), family="flux")
+    cache = TextCache(DataSource(data, seed=3), 2, encode=None)
+    assert flux.text_cache_variants == 2 and [r.caption for r in flux.rows] == [cache.caption_for(0, e, 0) for e in (1, 2)]
+    sd15 = caption_preview(data, "0", 2, 3, TrainingConfig(seed=3), family="sd15")
+    assert sd15.text_cache_variants == 0 and not sd15.note
 
 
 def test_step_plan_shows_the_memory_estimate_when_the_model_is_connected(nodes, demo_input):

@@ -64,8 +64,9 @@ def test_option_node_defaults_build_the_config_defaults(pack, node_id):
     cls = pack.NODE_CLASS_MAPPINGS[node_id]
     (built,) = comfy_stubs.run_node(pack.NODE_CLASS_MAPPINGS, node_id)
     expected = cls.CONFIG()
-    if node_id == "CrucibleTrainingOptions":  # the toggle off + "family default" is the field's None
+    if node_id == "CrucibleTrainingOptions":  # the toggles off + "family default" are the fields' None
         assert built.gradient_checkpointing is None
+        assert built.cache_latents is None and built.cache_text_embeddings is None
     assert dataclasses.asdict(built) == dataclasses.asdict(expected)
 
 
