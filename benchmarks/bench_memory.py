@@ -7,18 +7,18 @@ on CUDA and the process's peak resident set size (``VmHWM``) on the CPU; the RSS
 torch, diffusers) is reported too (``base_gib``), since a CUDA figure does not include it.
 
 Presets: ``trainer/memory_presets.py`` (one table: the switches of ``default``, ``low``, ``lowest`` per family, and
-the budgets). A case that needs an option this version's config does not have prints ``skipped: needs <option>``;
-a CUDA-only switch (block swap) prints ``skipped: CUDA only`` on the CPU; AdamW 8-bit (bitsandbytes, CUDA) runs as
-AdamW on the CPU and the row says so.
+the budgets). A CUDA-only switch (block swap) prints ``skipped: CUDA only`` on the CPU; AdamW 8-bit (bitsandbytes,
+CUDA) runs as AdamW on the CPU and the row says so.
 
 Every line reads ``case=<family>-<kind>-<preset> res=<px> peak_gib=<x> budget_gib=<y> device=<cpu|cuda>
 ok=<true|false>``; the exit status is 1 when a case is over its budget. Budgets are the issue's (1024 px on CUDA;
 CPU rows run at ``--cpu-res``, 512 px by default, and say so in ``res``). ``--quick`` runs SD1.5 and SDXL;
 ``--cases`` picks cases by name; ``--record FILE`` writes the measurements as JSON (device, date, numbers).
-On the CPU, cases whose estimate exceeds ``--max-ram-gib`` are not started (they are listed as skipped), and the
-families whose full-size components this file cannot build yet (SD3, Flux) are estimated, not measured.
+On the CPU, cases whose estimate exceeds ``--max-ram-gib`` are not started (they are listed as skipped).
 
-Every measured row is ``method=full-step``: the full-size model, real optimizer steps. The peak is split at the
+Methods: SD1.5 and SDXL rows are ``method=full-step``: the full-size model, real optimizer steps. SD3 and Flux rows
+on the CPU are ``method=setup+reduced-step`` (the issue's "full-size model after set-up plus one step of a
+same-width model with fewer blocks", ``benchmarks/bench_memory_reduced.py``). In a full-step row the peak is split at the
 run's start (``on_start``, after set-up, before the caches fill): ``setup_peak_gib`` (building the random weights
 and converting them, e.g. quantizing to fp8 — host memory on a GPU machine) and ``train_peak_gib`` (caches and steps,
 what :mod:`trainer.memory` estimates); ``peak_gib`` is the larger. The process baseline
@@ -40,7 +40,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-BUILDABLE = ("sd15", "sdxl")  # trainer.full_size.random_components
+BUILDABLE = ("sd15", "sdxl")  # trainer.full_size.random_components: measured with full steps
+REDUCED = ("sd3", "flux")  # on the CPU: setup+reduced-step (bench_memory_reduced.py)
 
 
 def case_config(case, res: int, data: Path, out: Path, steps: int, cuda: bool):
@@ -191,7 +192,9 @@ def main(argv=None) -> int:
     steps = args.steps or (3 if cuda else 1)
     if args.child:
         torch.set_num_threads(max(1, os.cpu_count() or 1))
-        print("RESULT " + json.dumps(child(tuple(args.child.split("-")), res, steps)), flush=True)
+        name, _, phase = args.child.partition(":")
+        result = reduced_child(tuple(name.split("-")), res, phase) if phase else child(tuple(name.split("-")), res, steps)
+        print("RESULT " + json.dumps(result), flush=True)
         return 0
 
     from trainer.memory import estimate_case
@@ -212,23 +215,20 @@ def main(argv=None) -> int:
         if resolved.skip_reason:
             print(f"{head} skipped: {resolved.skip_reason}; estimate {estimate.total_gib:.2f} GiB", flush=True)
             continue
-        if case.family not in BUILDABLE:
-            print(f"{head} skipped: not measured (full-size random components are built for "
-                  f"{', '.join(BUILDABLE)} only); estimate {estimate.total_gib:.2f} GiB", flush=True)
+        if case.family not in BUILDABLE + REDUCED or (cuda and case.family not in BUILDABLE):
+            print(f"{head} skipped: not measured (full steps are built for {', '.join(BUILDABLE)}; "
+                  f"setup+reduced-step runs on the CPU); estimate {estimate.total_gib:.2f} GiB", flush=True)
             continue
         if not cuda and estimate.total_gib > args.max_ram_gib:
             print(f"{head} skipped: estimate {estimate.total_gib:.1f} GiB > --max-ram-gib {args.max_ram_gib}",
                   flush=True)
             continue
-        proc = subprocess.run([sys.executable, __file__, "--child", case.name, "--cpu-res", str(res),
-                               "--cuda-res", str(res), "--steps", str(steps)],
-                              capture_output=True, text=True, timeout=args.timeout, cwd=ROOT)
-        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-        if proc.returncode != 0 or line is None:
-            print(f"# {case.name}: failed (exit {proc.returncode}): {proc.stderr.strip()[-800:]}", flush=True)
+        row = measure_reduced(case.name, res, args.timeout) if case.family in REDUCED else \
+            run_child(case.name, res, steps, args.timeout)
+        if isinstance(row, str):
+            print(f"# {case.name}: failed {row}", flush=True)
             failed = True
             continue
-        row = json.loads(line[len("RESULT "):])
         row.update(budget_gib=case.budget_gib, ok=row["peak_gib"] <= case.budget_gib,
                    estimate_gib=round(estimate.total_gib, 3), settings=resolved.settings,
                    substituted=resolved.substituted)
@@ -236,12 +236,52 @@ def main(argv=None) -> int:
         failed |= not row["ok"]
         print(result_line(row), flush=True)
         print(f"#   estimate {estimate.total_gib:.2f} GiB (trainer.memory); process baseline (imports + tiny warm-up "
-              f"step) {row['base_gib']:.2f} GiB; precision {row['precision']}; losses {row['losses']}"
+              f"step) {row['base_gib']:.2f} GiB; precision {row['precision']}; losses {row.get('losses', 'n/a: set-up + reduced step')}"
               + (f"; {'; '.join(resolved.substituted)}" if resolved.substituted else ""), flush=True)
     if args.record and rows:
         record_rows(args.record, rows, torch.cuda.get_device_name() if cuda
                     else f"CPU: {cpu_model()}, {os.cpu_count()} cores", torch.__version__)
     return 1 if failed else 0
+
+
+def run_child(name: str, res: int, steps: int, timeout: int) -> dict | str:
+    """One fresh process (``--child name`` or ``name:phase``): its RESULT row, or why it failed."""
+    proc = subprocess.run([sys.executable, __file__, "--child", name, "--cpu-res", str(res), "--cuda-res", str(res),
+                           "--steps", str(steps)], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        return f"(exit {proc.returncode}): {proc.stderr.strip()[-800:]}"
+    return json.loads(line[len("RESULT "):])
+
+
+def reduced_child(case, res: int, phase: str) -> dict:
+    """A process of setup+reduced-step (``phase``: ``setup`` | ``step``), see bench_memory_reduced.py."""
+    import bench_memory_reduced as reduced
+
+    base = None
+    if phase == "setup":
+        with tempfile.TemporaryDirectory(prefix="crucible-bench-mem-") as tmp:
+            warm_up(Path(tmp))
+        base = rss_gib("VmRSS")
+
+    def cfg_for(tmp: Path, steps: int):
+        return case_config(case, res, one_image_dataset(tmp / "data", res), tmp / "out", steps, cuda=False)
+
+    out = reduced.run_phase(case, cfg_for, res, 1, phase)
+    return {**out, "base_gib": base} if base is not None else out
+
+
+def measure_reduced(name: str, res: int, timeout: int) -> dict | str:
+    """setup+reduced-step: the full-size set-up in one process, the reduced model's step in another."""
+    import bench_memory_reduced as reduced
+
+    setup = run_child(f"{name}:setup", res, 1, timeout)
+    if isinstance(setup, str):
+        return setup
+    step = run_child(f"{name}:step", res, 1, timeout)
+    if isinstance(step, str):
+        return step
+    return reduced.combine(name, res, setup, step, setup["base_gib"])
 
 
 def result_line(row: dict) -> str:

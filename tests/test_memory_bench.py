@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
@@ -38,19 +40,55 @@ def test_record_replaces_a_case_and_keeps_the_others(tmp_path):
     assert "| sdxl-lora-low (cache_latents True) | full-step | 512 | 8.10 | 0.46 | 8 (over) | 7.76 |" in table
 
 
-def test_cases_needing_a_missing_option_are_skipped_and_named():
-    from trainer.memory_presets import option_path
-
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_memory.py"), "--cases", "sd3-full-lowest",
-                           "flux-lora-lowest"], capture_output=True, text=True, timeout=900, cwd=ROOT)
+def test_cuda_only_and_too_large_cases_are_skipped_and_named():
+    """Every preset option exists now (no "needs <option>" branch): block swap is skipped on the CPU as CUDA only, and
+    a case whose estimate is over --max-ram-gib is not started."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_memory.py"), "--cases", "flux-lora-lowest",
+                           "flux-lora-default", "--max-ram-gib", "1"], capture_output=True, text=True, timeout=900,
+                          cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("case=")]
-    assert len(lines) == 2, proc.stdout
-    for line in lines:
-        assert " skipped: " in line and "estimate" in line
-    if option_path("full_bf16") is None:
-        assert "needs full_bf16, fused_backward_pass" in lines[1] or "needs full_bf16" in proc.stdout
-    if option_path("fp8_base") is None:
-        assert "needs fp8_base, blocks_to_swap" in proc.stdout
-    elif option_path("blocks_to_swap") is not None:  # after the merge: block swap is CUDA only
-        assert "flux-lora-lowest res=512 skipped: CUDA only: blocks_to_swap" in proc.stdout
+    assert len(lines) == 2 and "needs" not in proc.stdout, proc.stdout
+    assert "flux-lora-default res=512 skipped: estimate " in proc.stdout and "> --max-ram-gib 1" in proc.stdout
+    assert "flux-lora-lowest res=512 skipped: CUDA only: blocks_to_swap" in proc.stdout
+
+
+def test_a_preset_naming_an_option_no_config_has_is_an_error():
+    from trainer.memory_presets import Case, resolve_case
+
+    with pytest.raises(ValueError, match="no_such_option"):
+        resolve_case(Case("sdxl", "lora", "low", 8.0, {"no_such_option": True}), "cpu")
+
+def test_reduced_step_model_has_the_same_width_and_fewer_blocks():
+    """setup+reduced-step: the step runs on a same-width model (hidden sizes, heads, text widths unchanged) with each
+    layer stack cut to REDUCED_LAYERS; SD3's CLIP-L is built as the class the family loads (with its projection)."""
+    import transformers
+
+    import bench_memory_reduced as reduced
+    from trainer.full_size import build_meta
+
+    for family, denoiser in (("sd3", "transformer"), ("flux", "transformer")):
+        full, small = build_meta(family, denoiser), reduced.reduced_module(family, denoiser)
+        cut = {k: v for k, v in small.config.items() if k in reduced.LAYER_KEYS}
+        assert cut and all(v == reduced.REDUCED_LAYERS for v in cut.values())
+        same = {k: v for k, v in full.config.items() if k not in reduced.LAYER_KEYS and not k.startswith("_")}
+        assert {k: small.config[k] for k in same} == same
+        assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in full.parameters()) / 5
+    t5 = reduced.reduced_module("sd3", "text_encoder_3")
+    assert t5.config.num_layers == reduced.REDUCED_LAYERS and t5.config.d_model == 4096
+    clip = reduced.reduced_module("sd3", "text_encoder", transformers.CLIPTextModelWithProjection, reduced=False)
+    assert isinstance(clip, transformers.CLIPTextModelWithProjection) and clip.config.num_hidden_layers == 12
+    assert reduced.reduced_module("sd3", "vae") is not None
+
+
+def test_setup_and_reduced_step_combine_into_one_labelled_row():
+    import bench_memory_reduced as reduced
+
+    setup = {"ready_gib": 14.0, "setup_peak_gib": 14.6, "precision": "bf16", "base_gib": 0.46}
+    row = reduced.combine("sd3-full-lowest", 512, setup, {"step_gib": 0.5}, 0.46)
+    assert row["peak_gib"] == 14.6 and row["train_peak_gib"] == 14.5 and row["method"] == "setup+reduced-step"
+    assert reduced.combine("sd3-full-lowest", 512, setup, {"step_gib": 1.0}, 0.46)["peak_gib"] == 15.0
+    row.update(budget_gib=16.0, ok=True)
+    assert LINE.match(bench_memory.result_line(row)) and bench_memory.result_line(row).endswith(
+        "method=setup+reduced-step")
+    assert "left_out" in row  # the row says what the reduced step cannot hold

@@ -2,14 +2,13 @@
 
 The benchmark (``benchmarks/bench_memory.py``), the estimate (:func:`trainer.memory.estimate_case`) and the
 documentation read this table. A preset names config fields, not their sections: :func:`option_path` finds the
-section that holds a field, so options other branches add (``fp8_base``, ``blocks_to_swap``,
-``fused_backward_pass``, ``full_bf16``) are used as soon as the config has them, and a case that needs one the config
-lacks is reported as ``skipped: needs <option>`` instead of running something else.
+section that holds a field (a preset naming a field no section has is a ValueError: every option exists).
 
 =============  ===================================================================================================
 preset         switches
 =============  ===================================================================================================
-default        the config defaults (``mixed_precision`` auto, the family's gradient checkpointing, no caches)
+default        the config defaults (``auto`` precision, the family's gradient checkpointing and caches:
+               trainer.defaults)
 low            + gradient checkpointing, latent and text caches (the VAE and text encoders leave the device);
                Flux also stores its frozen transformer (and T5) in fp8 (``fp8_base``); the SD3 full fine-tune trains
                in bf16 (``full_bf16``)
@@ -87,30 +86,18 @@ def option_path(name: str) -> str | None:
     return None
 
 
-def config_value(cfg, name: str, default=None):
-    """The value of config field ``name`` in ``cfg`` wherever it lives, ``default`` when the config lacks it."""
-    path = option_path(name)
-    if path is None:
-        return default
-    section, key = path.split(".")
-    return getattr(getattr(cfg, section), key, default)
-
-
 @dataclass(frozen=True)
 class Resolved:
-    """A case made concrete for one device: the config overrides, what was substituted, why it cannot run."""
+    """A case made concrete for one device: the config overrides, what was substituted, why it cannot run here."""
 
     case: Case
     overrides: dict  # "section" -> {field: value}
     settings: dict  # field -> value on this device (after substitutions; what the estimate uses)
     substituted: list  # "optimizer adamw for adamw8bit (…)"
-    missing: list  # options this config does not have yet
     cuda_only: list  # reasons it cannot run on this device
 
     @property
     def skip_reason(self) -> str | None:
-        if self.missing:
-            return "needs " + ", ".join(self.missing) + " (not in this version's config)"
         if self.cuda_only:
             return "CUDA only: " + "; ".join(self.cuda_only)
         return None
@@ -119,7 +106,7 @@ class Resolved:
 def resolve_case(case: Case, device: str) -> Resolved:
     """The config overrides of ``case`` on ``device`` (``cuda`` | ``cpu``)."""
     overrides: dict = {}
-    settings, substituted, missing, cuda_only = {}, [], [], []
+    settings, substituted, cuda_only = {}, [], []
     for name, value in case.settings.items():
         if device != "cuda" and (name, value) in CPU_SUBSTITUTES:
             new = CPU_SUBSTITUTES[(name, value)]
@@ -130,8 +117,7 @@ def resolve_case(case: Case, device: str) -> Resolved:
         settings[name] = value
         path = option_path(name)
         if path is None:
-            missing.append(name)
-            continue
+            raise ValueError(f"memory case {case.name} sets {name!r}, which no config section has")
         section, key = path.split(".")
         overrides.setdefault(section, {})[key] = value
-    return Resolved(case, overrides, settings, substituted, missing, cuda_only)
+    return Resolved(case, overrides, settings, substituted, cuda_only)
