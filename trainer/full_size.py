@@ -34,6 +34,13 @@ def clip_l():
         max_position_embeddings=77, projection_dim=768))
 
 
+def clip_l_projected():
+    """CLIP-L with its 768×768 text projection (SD3 loads it so: the pooled output is projected)."""
+    import transformers
+
+    return transformers.CLIPTextModelWithProjection(clip_l().config)
+
+
 def clip_g():
     import transformers
 

@@ -105,7 +105,7 @@ class SD3Family(FlowFamily):
                            "diffusers": ("pos_embed.proj.weight", "transformer_blocks.0.attn.add_q_proj.weight")}
     vae_factors = {"scaling_factor": 1.5305, "shift_factor": 0.0609, "sample_size": 1024}
     t5_length = 77  # ComfyUI pads SD3's T5 tokens to 77
-    full_size_components = (("transformer", _full_size_transformer), ("text_encoder", full_size.clip_l),
+    full_size_components = (("transformer", _full_size_transformer), ("text_encoder", full_size.clip_l_projected),
                             ("text_encoder_2", full_size.clip_g), ("text_encoder_3", full_size.t5_xxl),
                             ("vae", full_size.vae(16)))
     full_size_text_tokens = 333  # 77 CLIP + 256 T5 tokens
