@@ -33,9 +33,13 @@ def test_gradient_checkpointing_defaults_on_for_the_large_families_and_sd15_abov
     cfg = TrainConfig.from_dict({"training": {"gradient_checkpointing": "auto", "mixed_precision": "auto"}})
     assert cfg.training.gradient_checkpointing is None
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg  # round-trips through run metadata / config.json
-    bucketed = TrainConfig.from_dict({"datasets": [{"path": "x", "resolution": 512, "enable_bucket": True,
-                                                    "max_bucket_reso": 768}]})
-    assert resolved_settings(bucketed)["gradient_checkpointing"]  # the largest bucket decides
+    def checkpointed(*datasets):
+        cfg = TrainConfig.from_dict({"model": {"family": "sd15"}, "datasets": [{"path": "x", **d} for d in datasets]})
+        return resolved_settings(cfg)["gradient_checkpointing"]
+
+    # buckets keep their area within resolution² however long a side gets: the area decides, not max_bucket_reso
+    assert not checkpointed({"resolution": 512, "enable_bucket": True, "max_bucket_reso": 1024})
+    assert checkpointed({"resolution": 512}, {"resolution": 768})  # the largest dataset decides
 
 
 def test_caches_default_on_for_the_t5_families_where_the_run_allows_them():

@@ -70,9 +70,9 @@ def resolve_caches(requested_latents: bool | None, requested_text: bool | None, 
 
 
 def training_resolution(cfg) -> int:
-    """The run's largest training resolution (the largest bucket side with bucketing), 1024 without datasets."""
-    return max((d.max_bucket_reso if d.enable_bucket else d.resolution) for d in cfg.datasets) \
-        if cfg.datasets else 1024
+    """The run's largest training resolution: the side of the square with its largest image area (buckets keep
+    their area within ``resolution²``, however long their sides, :mod:`trainer.buckets`); 1024 without datasets."""
+    return max(d.resolution for d in cfg.datasets) if cfg.datasets else 1024
 
 
 def _family(family):
