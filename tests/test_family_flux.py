@@ -175,3 +175,43 @@ def test_the_loop_configures_guidance_and_the_resolution_shift(tiny_flux, demo_d
     latents = torch.zeros(1, 16, 8, 8)
     assert trainer.objective.shift_fn is not None  # flow_shift 0 = auto
     assert trainer.objective.shift_fn(latents) == FAMILY.flow_shift(comps, latents)
+
+
+def test_a_default_run_caches_latents_and_text_and_frees_the_encoders(tiny_flux, demo_dataset, tmp_path):
+    """Issue 16: Flux's defaults fit (T5-XXL never trains in a LoRA): with the caches left at auto the run encodes
+    everything before step 1 (then the VAE and text encoders leave: tests/test_cache_first.py), and run.json records
+    what auto became."""
+    import json
+
+    from trainer.loop import train
+
+    cfg = TrainConfig.from_dict({
+        "model": {"family": "flux", "path": str(tiny_flux.folder)},
+        "datasets": [{"path": str(demo_dataset), "resolution": 64}],
+        "training": {"max_train_steps": 1, "validation_split": 0},
+        "save": {"output_dir": str(tmp_path / "models"), "work_dir": str(tmp_path / "runs"), "run_name": "t",
+                 "save_every_n_epochs": 0, "save_state": False},
+    })
+    assert cfg.training.cache_latents is None and cfg.training.cache_text_embeddings is None
+    from trainer.callbacks import Callbacks
+
+    class Seen(Callbacks):
+        def __init__(self):
+            self.prepared, self.steps_then = set(), []
+
+        def on_prepare(self, done, total, what):
+            self.prepared.add(what)
+
+        def on_step(self, info):
+            self.steps_then.append(set(self.prepared))
+
+    seen = Seen()
+    result = train(cfg, seen)
+    assert seen.steps_then[0] == {"caching latents", "caching text embeddings"}  # both filled before step 1
+    resolved = json.loads((result.work_dir / "run.json").read_text())["resolved"]
+    assert resolved["cache_latents"] is True and resolved["cache_text_embeddings"] is True
+    flipped = TrainConfig.from_dict({**cfg.to_dict(), "datasets": [{"path": str(demo_dataset), "resolution": 64,
+                                                                    "flip_aug": True}]})
+    from trainer.defaults import resolved_settings
+
+    assert resolved_settings(flipped)["cache_latents"] is False  # auto: off with augmentation, not an error
