@@ -37,6 +37,11 @@ KOHYA_TOKENIZERS = {"sd15": (("openai/clip-vit-large-patch14", "<|endoftext|>"),
 KOHYA_OPTIMIZERS = {"adamw": "AdamW", "adamw8bit": "AdamW8bit", "adafactor": "Adafactor", "lion": "Lion",
                     "prodigy": "Prodigy", "sgd": "SGDNesterov", "dadaptation": "DAdaptation"}
 KOHYA_PRECISION = {"bf16": "bf16", "fp16": "fp16", "fp32": "no", "no": "no"}
+# how kohya's venv differs from its requirements.txt (benchmarks/kohya_venv.sh), written into the record
+KOHYA_ENV_NOTES = ("requirements.txt installed as pinned, except: bitsandbytes not installed (8-bit optimizers need CUDA; "
+                   "no CPU case uses them); torch 2.13.0 CPU wheel (kohya leaves torch to the user); torchvision "
+                   "0.28.0, a CUDA build on PyPI whose C ops cannot load beside a CPU torch, with its two unguarded "
+                   "register_fake() calls guarded (kohya uses only its pure-Python transforms); -e . with --no-deps")
 RESULT = re.compile(r"avr_loss=([0-9.]+(?:e-?\d+)?)")
 
 
@@ -328,7 +333,7 @@ def finish(args, rows: list, device: str) -> None:
         row.update(date=date, kohya_commit=commit,
                    kohya_env=dict(zip(("torch", "diffusers", "transformers", "accelerate"), version)))
     kept = [r for r in old.get("rows", []) if r["case"] not in {r2["case"] for r2 in rows}]
-    merged = {**old, "device": device, "date": date, "kohya_commit": commit,
+    merged = {**old, "device": device, "date": date, "kohya_commit": commit, "kohya_env_notes": KOHYA_ENV_NOTES,
               "rows": sorted(kept + rows, key=lambda r: r["case"])}
     atomic_write_bytes(path, (json.dumps(merged, indent=2) + "\n").encode("utf-8"))
 

@@ -134,3 +134,4 @@ def test_record_keeps_other_cases_and_names_the_kohya_commit(tmp_path):
     record = json.loads(path.read_text())
     assert [(r["case"], r["ratio"]) for r in record["rows"]] == [("sd15-lora-default", 0.6), ("sd15-lora-low", 0.4)]
     assert record["kohya_commit"] == "abc123" and record["rows"][1]["kohya_env"]["torch"].startswith("2.")
+    assert "bitsandbytes" in record["kohya_env_notes"] and "torchvision" in record["kohya_env_notes"]
