@@ -40,6 +40,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import kohya_side_by_side  # noqa: E402  (beside this file)
+
 BUILDABLE = ("sd15", "sdxl")  # trainer.full_size.random_components: measured with full steps
 REDUCED = ("sd3", "flux")  # on the CPU: setup+reduced-step (bench_memory_reduced.py)
 
@@ -179,6 +181,7 @@ def main(argv=None) -> int:
     parser.add_argument("--record", type=Path, help="write the measurements to this JSON file")
     parser.add_argument("--table", type=Path, help="print a recorded JSON file as the README's markdown rows, then exit")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    kohya_side_by_side.add_arguments(parser)
     args = parser.parse_args(argv)
 
     if args.table:
@@ -207,7 +210,7 @@ def main(argv=None) -> int:
         if unknown:
             parser.error(f"unknown case(s) {', '.join(sorted(unknown))}; known: {', '.join(c.name for c in CASES)}")
         cases = [c for c in cases if c.name in args.cases]
-    rows, failed = [], False
+    rows, failed, kohya_rows = [], False, []
     for case in cases:
         resolved = resolve_case(case, device)
         estimate = estimate_case(case.name, res, device=device)
@@ -238,9 +241,12 @@ def main(argv=None) -> int:
         print(f"#   estimate {estimate.total_gib:.2f} GiB (trainer.memory); process baseline (imports + tiny warm-up "
               f"step) {row['base_gib']:.2f} GiB; precision {row['precision']}; losses {row.get('losses', 'n/a: set-up + reduced step')}"
               + (f"; {'; '.join(resolved.substituted)}" if resolved.substituted else ""), flush=True)
+        if args.kohya:
+            kohya_rows.append(kohya_side_by_side.compare_case(args, case, res, steps, row, cuda))
+    device_name = torch.cuda.get_device_name() if cuda else f"CPU: {cpu_model()}, {os.cpu_count()} cores"
     if args.record and rows:
-        record_rows(args.record, rows, torch.cuda.get_device_name() if cuda
-                    else f"CPU: {cpu_model()}, {os.cpu_count()} cores", torch.__version__)
+        record_rows(args.record, rows, device_name, torch.__version__)
+    kohya_side_by_side.finish(args, [r for r in kohya_rows if r], device_name)
     return 1 if failed else 0
 
 
