@@ -109,13 +109,15 @@ class RunSetup:
         swap = cfg.training.blocks_to_swap
         # cache, then free: the denoiser waits in host memory while the caches fill (placed by _pre_encode)
         self.denoiser_waits = denoiser_waits_for_caches(cfg, device, self.acc.num_processes)
+        # FSDP: the denoiser stays in host memory; prepare() moves it to the device one block at a time as it shards
+        sharded = shards_weights(self.acc)
         # fp8 base: quantized on the host while loading, then moved; block swap: swapped blocks never go whole
         with fp8_loading(cfg.model.fp8_base):
-            on_host = swap or cfg.model.fp8_base or self.denoiser_waits
+            on_host = swap or cfg.model.fp8_base or self.denoiser_waits or sharded
             comps = components or self.family.load(cfg.model, device="cpu" if on_host else device, dtype=weight_dtype)
         if cfg.model.fp8_base:
             apply_fp8_base([comps.denoiser, *comps.text_encoders], weight_dtype or torch.float32)
-        if not self.denoiser_waits:
+        if not (self.denoiser_waits or sharded):
             self._place_denoiser(comps.denoiser)
         for module in [comps.vae, *comps.text_encoders]:
             if module is not None:
@@ -177,6 +179,8 @@ class RunSetup:
         # zero-LR blocks); walked once, used every step
         self.params = self.net.parameters()
         self.sharded = is_sharded(self.net.modules.values())
+        if self.sharded:
+            log.info("rank %d holds a shard of the trained weights (FSDP2)", self.acc.process_index)
         wrapped = dict(zip(names, prepared[:-1]))
         # Only the forward pass goes through the (possibly DDP-wrapped) modules.
         self.train_comps = dataclasses.replace(

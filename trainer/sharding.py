@@ -6,8 +6,9 @@ order: a forward pass (validation, preview samples), the full state dict of a ch
 resumable state. This module holds those collectives; the trainer calls them on every rank and lets rank 0 write.
 
 What a sharded run refuses (each named, before a model loads): training a text encoder beside the denoiser (the
-recipe shards one trained module), LoRA-type networks (nothing to gain: use ``--multi_gpu``), EMA, ``full_bf16``,
-``fp8_base`` (FSDP2 shards fp32 master weights of the trained module only).
+recipe shards one trained module), LoRA-type networks (nothing to gain: use ``--multi_gpu``; so ``fp8_base`` too),
+EMA (its copy is not sharded) and ``full_bf16`` (FSDP2 keeps fp32 master weights). ``blocks_to_swap`` and
+``fused_backward_pass`` are refused for every multi-process run (:mod:`trainer.memory_options`).
 """
 from __future__ import annotations
 
@@ -42,7 +43,6 @@ def check_sharded_run(cfg: "TrainConfig") -> None:
         "training.ema": (tr.ema, "is on: the EMA copy is not sharded; turn it off for FSDP2"),
         "training.full_bf16": (tr.full_bf16, "is on: FSDP2 keeps fp32 master weights and computes in bf16 through "
                                              "mixed_precision; turn it off"),
-        "model.fp8_base": (cfg.model.fp8_base, "is on: it quantizes frozen LoRA base weights; turn it off"),
     }
     for field, (refused, reason) in why.items():
         if refused:
