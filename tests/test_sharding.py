@@ -35,6 +35,11 @@ def test_what_a_sharded_run_cannot_honour_is_refused_by_name(network, training, 
         check_sharded_run(_config(network, training))
 
 
+def test_fsdp_version_1_is_refused():
+    with pytest.raises(ConfigError, match="fsdp_version: 2"):
+        check_sharded_run(_config({"network_type": "full"}), fsdp2=False)
+
+
 def test_a_sharded_state_is_not_loaded_by_an_unsharded_run_nor_the_reverse(tmp_path):
     trainer = SimpleNamespace(sharded=False, net=None, optimizer=None)
     with pytest.raises(CrucibleError, match="saved by a sharded"):

@@ -98,7 +98,7 @@ class RunSetup:
             log.warning("%s", note)
         check_run_memory_options(cfg, precision, self.acc.num_processes)
         if shards_weights(self.acc):
-            check_sharded_run(cfg)
+            check_sharded_run(cfg, self.acc.is_fsdp2)
         device = self.acc.device
         # LoRA under mixed precision: frozen base weights load straight in the compute dtype (kohya/diffusers
         # practice; a 12B Flux in fp32 would not fit), the trainable adapter stays fp32 (below). A full fine-tune

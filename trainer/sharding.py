@@ -31,8 +31,12 @@ def shards_weights(acc) -> bool:
     return acc.distributed_type == DistributedType.FSDP
 
 
-def check_sharded_run(cfg: "TrainConfig") -> None:
-    """The settings a sharded run cannot honour, refused before any model loads."""
+def check_sharded_run(cfg: "TrainConfig", fsdp2: bool = True) -> None:
+    """The settings a sharded run cannot honour, refused before any model loads. ``fsdp2``: the accelerate config
+    asks for FSDP version 2 (version 1 wraps the module in flat parameters, which this module does not gather)."""
+    if not fsdp2:
+        raise ConfigError("the accelerate config asks for FSDP version 1; Crucible shards with FSDP2: set "
+                          "fsdp_version: 2 (docs/accelerate/fsdp2_full_finetune.yaml)")
     net, tr = cfg.network, cfg.training
     why = {
         "network.network_type": (net.network_type != "full",
