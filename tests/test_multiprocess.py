@@ -56,21 +56,23 @@ def assert_ranks_agree(output: str) -> None:
 
 
 def launch_two_processes(folder: Path, cfg: dict, config_file: Path | None = None, module: str = "trainer",
-                         timeout: int = 600, check: bool = True, pythonpath: tuple = ()) -> str:
+                         timeout: int = 600, check: bool = True, pythonpath: tuple = (), args: tuple = (),
+                         env: dict | None = None) -> str:
     """``accelerate launch`` of ``python -m trainer train`` on 2 CPU (gloo) processes; their joint output.
     ``config_file``: an accelerate config file (2 processes) instead of the ``--multi_gpu`` flags; ``module``: run
     another module with the trainer's arguments (a test shim, found on ``pythonpath``); ``check``: assert exit
-    status 0."""
+    status 0; ``args``: more ``train`` arguments (``--resume DIR``); ``env``: more environment variables."""
     accelerate = Path(sys.executable).with_name("accelerate")
     if not accelerate.exists():
         accelerate = shutil.which("accelerate")
     assert accelerate, "accelerate's launcher is part of the accelerate package"
     (folder / "cfg.json").write_text(json.dumps(cfg))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), *map(str, pythonpath)]), OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), *map(str, pythonpath)]), OMP_NUM_THREADS="1",
+               **(env or {}))
     how = ["--config_file", str(config_file)] if config_file else [
         "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"]
     proc = subprocess.Popen([str(accelerate), "launch", *how, "--dynamo_backend", "no", "-m", module, "-v", "train",
-                             "cfg.json"], cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             "cfg.json", *args], cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)

@@ -28,6 +28,7 @@ from .run_outputs import RunOutputs
 from .run_paths import run_paths
 from .run_record import RUN_FILE, RunRecord
 from .run_setup import RunSetup
+from .sharding import full_tensor, load_training_state
 from .state import load_state
 from .train_step import TrainStep
 
@@ -82,6 +83,7 @@ class Trainer(RunSetup, TrainStep, RunOutputs):
         self.samples: list[SampleInfo] = []
         self.started_at = time.time()  # kohya ss_training_started_at: when this run (not the process) started
         self.offloaded: list[Any] = []  # encoders moved off the device once the caches were filled
+        self.sharded = False  # FSDP: the trained weights are shards on each rank (trainer.sharding); set up by _setup
         self.overflow_skips = 0  # consecutive fp16 overflow steps the gradient scaler skipped (trainer.numerics)
 
     # --- run -----------------------------------------------------------------------------------------------------
@@ -107,8 +109,7 @@ class Trainer(RunSetup, TrainStep, RunOutputs):
     def _resume(self, folder, force: bool) -> int:
         saved = load_state(Path(folder), self.cfg, self.source.fingerprint(), force=force)
         payload = saved.payload
-        self.net.load_state_dicts(payload["network"])
-        self.optimizer.load_state_dict(payload["optimizer"])
+        load_training_state(self, payload, folder)  # weights and optimizer state (sharded: each rank its shards)
         self.scheduler.load_state_dict(payload["scheduler"])
         if self.ema is not None and payload.get("ema"):
             self.ema.load_state_dict(payload["ema"])
@@ -168,7 +169,7 @@ class Trainer(RunSetup, TrainStep, RunOutputs):
         digest = hashlib.sha256()
         for _, name, p in sorted(self.net.named_trainable(), key=lambda x: (x[0], x[1])):
             digest.update(name.encode())
-            digest.update(p.detach().float().cpu().numpy().tobytes())
+            digest.update(full_tensor(p).detach().float().cpu().numpy().tobytes())  # sharded: every rank gathers
         return digest.hexdigest()[:16]
 
     def _epoch_groups(self, epoch: int) -> list[list[Any]]:

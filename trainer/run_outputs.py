@@ -6,6 +6,7 @@ state, ``run.json`` and preview samples.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from .checkpoints import checkpoint_metadata, write_checkpoint
 from .fileio import atomic_write, atomic_write_json
 from .plots import save_loss_curve
 from .run_record import RunRecord
+from .sharding import OPTIMIZER_BY_NAME, GatheredWeights, full_state_dict, training_state
 from .state import save_state
 from .validation import validation_summary
 
@@ -27,19 +29,28 @@ class RunOutputs:
 
     def _save(self, step: int, epoch: int, final: bool) -> None:
         self.acc.wait_for_everyone()
-        if self.acc.is_main_process:
+        main = self.acc.is_main_process
+        if main or self.sharded:  # sharded: validating and gathering the weights need every rank; rank 0 writes
             with self._ema_weights(), self._encoders_on_device(), self.acc.autocast():  # encoders may be offloaded
                 validation = self.validator.evaluate()
-                loss = self.losses[-1] if self.losses else None
-                meta = checkpoint_metadata(self.cfg, self.source, run_name=self.run_name, step=step, epoch=epoch,
-                                           started_at=self.started_at, loss=loss, validation=validation)
-                info = write_checkpoint(self.family, self.comps, self.net, self.cfg.save, self.run_dir,
-                                        self.run_name, step, epoch, meta, loss=loss, final=final,
-                                        validation=validation)
+                comps = self.comps  # sharded: only the denoiser trains (trainer.sharding), gathered whole on rank 0
+                if self.sharded:
+                    comps = dataclasses.replace(comps, denoiser=GatheredWeights(full_state_dict(comps.denoiser)))
+                if main:
+                    loss = self.losses[-1] if self.losses else None
+                    meta = checkpoint_metadata(self.cfg, self.source, run_name=self.run_name, step=step,
+                                               epoch=epoch, started_at=self.started_at, loss=loss,
+                                               validation=validation)
+                    info = write_checkpoint(self.family, comps, self.net, self.cfg.save, self.run_dir,
+                                            self.run_name, step, epoch, meta, loss=loss, final=final,
+                                            validation=validation)
+            del comps  # the gathered copy goes before the state is gathered
+        state = training_state(self) if self.sharded and self.cfg.save.save_state else None
+        if main:
             self.checkpoints.append(info)
             self._prune()
             if self.cfg.save.save_state:
-                self._save_state(step, epoch)
+                self._save_state(step, epoch, state)
             self._write_manifest("running")
             save_loss_curve(self.work_dir / "loss_curve.png", self.losses, self.checkpoints)
             self.callbacks.on_checkpoint(info)
@@ -58,10 +69,13 @@ class RunOutputs:
         finally:
             self.ema.restore(params)
 
-    def _save_state(self, step: int, epoch: int) -> None:
+    def _save_state(self, step: int, epoch: int, sharded_state=None) -> None:
+        """``sharded_state``: the whole (network, optimizer) state a sharded run gathered on every rank."""
+        network, optimizer = sharded_state or (self.net.state_dicts(), self.optimizer.state_dict())
         payload = {
-            "network": self.net.state_dicts(),
-            "optimizer": self.optimizer.state_dict(),
+            "network": network,
+            "optimizer": optimizer,
+            "optimizer_keys": OPTIMIZER_BY_NAME if sharded_state else "indices",
             "scheduler": self.scheduler.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else {},
             "losses": list(self.losses),
@@ -99,7 +113,7 @@ class RunOutputs:
 
     def _sample(self, step: int, epoch: int) -> None:
         self.acc.wait_for_everyone()
-        if self.acc.is_main_process:
+        if self.acc.is_main_process or self.sharded:  # a sharded model renders on every rank; rank 0 keeps it
             s = self.cfg.sample
             res = self.cfg.dataset.resolution
             modules = list(self.net.modules.values())
@@ -114,6 +128,7 @@ class RunOutputs:
             finally:
                 for m, mode in zip(modules, modes):
                     m.train(mode)
+        if self.acc.is_main_process:
             paths = []
             for i, image in enumerate(images):
                 path = self.work_dir / "samples" / f"{self.run_name}-s{step:06d}-p{i}.png"

@@ -23,6 +23,7 @@ from .optim import build_optimizer, build_scheduler
 from .quantized import apply_fp8_base, cast_frozen, fp8_loading
 from .param_step import FusedBackward, keep_float32_state_on_load
 from .prefetch import BatchPrefetcher
+from .sharding import check_sharded_run, is_sharded, shards_weights
 from .train_step import rounding_generator
 
 log = logging.getLogger("crucible")
@@ -99,6 +100,8 @@ class RunSetup:
         for note in self.plan.notes:  # settings this model ignores: said, never silent
             log.warning("%s", note)
         check_run_memory_options(cfg, precision, self.acc.num_processes)
+        if shards_weights(self.acc):
+            check_sharded_run(cfg, self.acc.is_fsdp2)
         device = self.acc.device
         # LoRA under mixed precision: frozen base weights load straight in the compute dtype (kohya/diffusers
         # practice; a 12B Flux in fp32 would not fit), the trainable adapter stays fp32 (below). A full fine-tune
@@ -109,13 +112,15 @@ class RunSetup:
         swap = cfg.training.blocks_to_swap
         # cache, then free: the denoiser waits in host memory while the caches fill (placed by _pre_encode)
         self.denoiser_waits = denoiser_waits_for_caches(cfg, device, self.acc.num_processes, self.resolved)
+        # FSDP: the denoiser stays in host memory; prepare() moves it to the device one block at a time as it shards
+        sharded = shards_weights(self.acc)
         # fp8 base: quantized on the host while loading, then moved; block swap: swapped blocks never go whole
         with fp8_loading(cfg.model.fp8_base):
-            on_host = swap or cfg.model.fp8_base or self.denoiser_waits
+            on_host = swap or cfg.model.fp8_base or self.denoiser_waits or sharded
             comps = components or self.family.load(cfg.model, device="cpu" if on_host else device, dtype=weight_dtype)
         if cfg.model.fp8_base:
             apply_fp8_base([comps.denoiser, *comps.text_encoders], weight_dtype or torch.float32)
-        if not self.denoiser_waits:
+        if not (self.denoiser_waits or sharded):
             self._place_denoiser(comps.denoiser)
         for module in [comps.vae, *comps.text_encoders]:
             if module is not None:
@@ -151,7 +156,6 @@ class RunSetup:
         if self.resolved["gradient_checkpointing"]:
             self._enable_gradient_checkpointing()
         self.optimizer = build_optimizer(param_groups(self.family, self.net, cfg.optim), cfg.optim, memory_lean(cfg))
-        self.params = self.net.parameters()  # after param_groups froze zero-LR blocks; walked once, used every step
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.plan)
         prediction = cfg.model.prediction_type or self.family.default_prediction
         self.objective = make_objective(prediction, comps.noise_scheduler, cfg.training,
@@ -165,7 +169,8 @@ class RunSetup:
         self._setup_caches()
         from .validation import Validator
 
-        self.validator = Validator.for_run(self) if self.acc.is_main_process else None
+        # a sharded model's forward needs every rank: then every rank validates (and rank 0 records it)
+        self.validator = Validator.for_run(self) if self.acc.is_main_process or shards_weights(self.acc) else None
         names = list(self.net.modules)
         # with block swap, accelerate must not move the denoiser (its swapped blocks would land on the device whole);
         # nor while it waits for the caches to fill
@@ -173,6 +178,12 @@ class RunSetup:
                      if self.block_swap is not None or self.denoiser_waits else None)
         prepared = self.acc.prepare(*self.net.modules.values(), self.optimizer, device_placement=placement)
         self.optimizer = prepared[-1]
+        # read after prepare(): FSDP2 replaces the parameters with their shards (and after param_groups froze
+        # zero-LR blocks); walked once, used every step
+        self.params = self.net.parameters()
+        self.sharded = is_sharded(self.net.modules.values())
+        if self.sharded:
+            log.info("rank %d holds a shard of the trained weights (FSDP2)", self.acc.process_index)
         wrapped = dict(zip(names, prepared[:-1]))
         # Only the forward pass goes through the (possibly DDP-wrapped) modules.
         self.train_comps = dataclasses.replace(

@@ -1,0 +1,135 @@
+"""Runs whose trained weights are sharded over the processes (accelerate's FSDP2: torch ``fully_shard``).
+
+``accelerator.prepare()`` replaces every parameter of the trained module with a ``DTensor`` that holds this rank's
+shard, in place. Everything that reads whole weights is then a collective that every rank must join, in the same
+order: a forward pass (validation, preview samples), the full state dict of a checkpoint, the optimizer state of a
+resumable state. This module holds those collectives; the trainer calls them on every rank and lets rank 0 write.
+
+What a sharded run refuses (each named, before a model loads): training a text encoder beside the denoiser (the
+recipe shards one trained module), LoRA-type networks (nothing to gain: use ``--multi_gpu``; so ``fp8_base`` too),
+EMA (its copy is not sharded) and ``full_bf16`` (FSDP2 keeps fp32 master weights). ``blocks_to_swap`` and
+``fused_backward_pass`` are refused for every multi-process run (:mod:`trainer.memory_options`).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Iterable
+
+import torch
+
+from .errors import ConfigError, CrucibleError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .config import TrainConfig
+
+OPTIMIZER_BY_NAME = "names"  # state.pt's "optimizer_keys" for a full optimizer state keyed by parameter names
+
+
+def shards_weights(acc) -> bool:
+    """Whether ``accelerator.prepare()`` will shard the trained module (FSDP)."""
+    from accelerate.utils import DistributedType
+
+    return acc.distributed_type == DistributedType.FSDP
+
+
+def check_sharded_run(cfg: "TrainConfig", fsdp2: bool = True) -> None:
+    """The settings a sharded run cannot honour, refused before any model loads. ``fsdp2``: the accelerate config
+    asks for FSDP version 2 (version 1 wraps the module in flat parameters, which this module does not gather)."""
+    if not fsdp2:
+        raise ConfigError("the accelerate config asks for FSDP version 1; Crucible shards with FSDP2: set "
+                          "fsdp_version: 2 (docs/accelerate/fsdp2_full_finetune.yaml)")
+    net, tr = cfg.network, cfg.training
+    why = {
+        "network.network_type": (net.network_type != "full",
+                                 f"is {net.network_type!r}: FSDP2 shards full fine-tunes; an adapter is small, so "
+                                 "train it with data parallelism (accelerate launch --multi_gpu)"),
+        "network.train_text_encoder": (net.train_text_encoder,
+                                       "is on: a sharded run trains the denoiser only; turn it off"),
+        "training.ema": (tr.ema, "is on: the EMA copy is not sharded; turn it off for FSDP2"),
+        "training.full_bf16": (tr.full_bf16, "is on: FSDP2 keeps fp32 master weights and computes in bf16 through "
+                                             "mixed_precision; turn it off"),
+    }
+    for field, (refused, reason) in why.items():
+        if refused:
+            raise ConfigError(f"{field} {reason} (the accelerate config shards the weights with FSDP; "
+                              "see docs/multi_gpu.md)")
+
+
+def is_sharded(modules: Iterable[torch.nn.Module]) -> bool:
+    """Whether any parameter of ``modules`` is a shard (``DTensor``)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for m in modules for p in m.parameters())
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a shard (a collective: every rank calls it), or ``tensor`` itself."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def _options(**extra):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **extra)
+
+
+def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The module's whole state dict in host memory on rank 0 ({} on the others). Every rank calls it."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(module, options=_options(cpu_offload=True))
+
+
+def full_optimizer_state(module: torch.nn.Module, optimizer) -> dict[str, Any]:
+    """The optimizer's whole state keyed by parameter name, on rank 0 ({} on the others). Every rank calls it."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(module, _inner(optimizer), options=_options(cpu_offload=True))
+
+
+def load_full_state(module: torch.nn.Module, optimizer, network: dict[str, torch.Tensor],
+                    optimizer_state: dict[str, Any]) -> None:
+    """Each rank takes its shards of a whole saved state (every rank has read the same file)."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    set_model_state_dict(module, network, options=_options())
+    set_optimizer_state_dict(module, _inner(optimizer), optimizer_state, options=_options())
+
+
+def _inner(optimizer):
+    return getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper holds the torch optimizer
+
+
+class GatheredWeights:
+    """A stand-in for a sharded module where an export reads its weights: ``state_dict()`` returns the gathered
+    whole state (``dataclasses.replace(comps, denoiser=GatheredWeights(state))``)."""
+
+    def __init__(self, state: dict[str, torch.Tensor]):
+        self._state = state
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self._state)
+
+
+def training_state(trainer) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
+    """The network and optimizer parts of a resumable state, whole, on rank 0. Every rank calls it."""
+    (name, module), = trainer.net.modules.items()
+    return {name: full_state_dict(module)}, full_optimizer_state(module, trainer.optimizer)
+
+
+def load_training_state(trainer, payload: dict[str, Any], folder) -> None:
+    """Put a saved state's weights and optimizer state into the (possibly sharded) run."""
+    by_name = payload.get("optimizer_keys") == OPTIMIZER_BY_NAME
+    if not trainer.sharded:
+        if by_name:
+            raise CrucibleError(f"training state '{folder}' was saved by a sharded (FSDP) run; resume it with the "
+                                "same accelerate config file")
+        trainer.net.load_state_dicts(payload["network"])
+        trainer.optimizer.load_state_dict(payload["optimizer"])
+        return
+    if not by_name:
+        raise CrucibleError(f"training state '{folder}' was saved by an unsharded run; resume it without FSDP "
+                            "(one GPU or --multi_gpu)")
+    (name, module), = trainer.net.modules.items()
+    load_full_state(module, trainer.optimizer, payload["network"][name], payload["optimizer"])
