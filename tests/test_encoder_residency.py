@@ -259,3 +259,18 @@ def test_a_full_fine_tune_single_file_export_reads_the_encoders_back(tiny_sd15, 
     freed, watch = run(tmp_path / "freed", True)
     assert list(freed) == list(kept) and all(torch.equal(freed[k], kept[k]) for k in kept)
     assert any(k.startswith("first_stage_model.") for k in freed) and watch.reloads == 1 and watch.alive() == []
+
+
+def test_the_cpu_memory_estimate_drops_the_released_encoders():
+    """On the CPU the training device is host memory: released encoders leave it, kept ones still count there (on
+    a GPU they leave the device either way)."""
+    from dataclasses import replace
+
+    from trainer.memory import MemoryOptions, estimate
+
+    cached = MemoryOptions("sdxl", precision="bf16", resolution=512, cache_latents=True, cache_text_embeddings=True)
+    released, kept = estimate(cached, "cpu"), estimate(replace(cached, release_encoders=False), "cpu")
+    assert released.parts["text encoders"] == released.parts["vae"] == 0
+    assert kept.parts["text encoders"] > 1 and kept.parts["vae"] > 0.1  # CLIP-L + CLIP-G in bf16; the fp32 VAE
+    assert released.training_gib < kept.training_gib - 1
+    assert estimate(replace(cached, release_encoders=False), "cuda").parts["text encoders"] == 0
