@@ -115,11 +115,20 @@ def test_encoders_handed_to_the_run_are_never_released(tiny_sd15, demo_dataset, 
     assert next(comps.vae.parameters()).is_floating_point()
 
 
-def test_a_family_that_cannot_reload_keeps_its_encoders():
-    assert ModelFamily.load_encoders(get_family("sd15"), None, None) is None  # the base class: cannot
+def test_a_family_that_cannot_reload_keeps_its_encoders(tiny_sd15, demo_dataset, tmp_path, monkeypatch, caplog):
+    """As ComfyUI's MODEL path (nodes/comfy_family.py has no load_encoders): its CLIP and VAE are ComfyUI's objects,
+    left to ComfyUI's model management, never dropped by the run."""
     from trainer.encoder_residency import family_reloads_encoders
 
+    assert ModelFamily.load_encoders(get_family("sd15"), None, None) is None  # the base class: cannot
     assert all(family_reloads_encoders(get_family(n)) for n in ("sd15", "sdxl", "sd3", "flux"))
+    watch = Watch(monkeypatch)
+    monkeypatch.setattr(type(get_family("sd15")), "load_encoders", ModelFamily.load_encoders)
+    steps = AliveAtSteps(watch)
+    with caplog.at_level(logging.INFO, logger="crucible"):
+        train(make_config(tiny_sd15, demo_dataset, tmp_path, training=CACHES, sample=PREVIEW), steps)
+    assert sorted(steps.alive[1]) == ["text_encoder", "vae"]
+    assert any(r.getMessage().endswith("leaves them to their owner") for r in caplog.records)
 
 
 # --- previews -------------------------------------------------------------------------------------------------------
@@ -274,3 +283,22 @@ def test_the_cpu_memory_estimate_drops_the_released_encoders():
     assert kept.parts["text encoders"] > 1 and kept.parts["vae"] > 0.1  # CLIP-L + CLIP-G in bf16; the fp32 VAE
     assert released.training_gib < kept.training_gib - 1
     assert estimate(replace(cached, release_encoders=False), "cuda").parts["text encoders"] == 0
+
+
+@pytest.mark.slow
+def test_two_processes_release_their_own_copies_and_rank0_reloads_for_previews(tiny_sd15, demo_dataset, tmp_path):
+    """The encoders are never DDP-wrapped (only trained modules are): each rank drops its own copy after caching,
+    rank 0 alone reads them back for its previews while rank 1 waits, and the ranks still end identical."""
+    from test_multiprocess import assert_ranks_agree, launch_two_processes
+
+    cfg = {"model": {"family": "sd15", "path": str(tiny_sd15)},
+           "datasets": [{"path": str(demo_dataset), "resolution": 64, "repeats": 1}],
+           "network": {"network_dim": 4, "network_alpha": 4},
+           "training": {"batch_size": 2, "epochs": 1, "seed": 1, **CACHES},
+           "sample": {"prompts": ["a red circle"], "steps": 2, "sample_every_n_steps": 2},
+           "save": {"output_dir": str(tmp_path / "out"), "run_name": "mp", "save_every_n_epochs": 1}}
+    output = launch_two_processes(tmp_path, cfg)
+    assert_ranks_agree(output)
+    assert output.count("caches filled: released vae, text_encoder from memory") == 2, output[-3000:]
+    assert output.count("reloaded vae, text_encoder from the model files") == 1, output[-3000:]
+    assert len(list((tmp_path / "out" / "mp" / "samples").glob("*.png"))) == 1

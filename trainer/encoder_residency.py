@@ -20,7 +20,8 @@ Kept in host memory (moved off the device only, as before):
 * everything with ``training.release_encoders`` off (a preview then costs no reload).
 
 Multi-process runs release them too: the encoders are never wrapped by DDP (only trained modules are), each process
-drops its own copy, and only the main process reloads them, for samples, while the others wait at the barrier.
+drops its own copy, and only the main process reloads them, for samples, while the others wait at the barrier
+(tested on 2 CPU processes under gloo; on GPUs the same code path, unmeasured).
 """
 from __future__ import annotations
 
