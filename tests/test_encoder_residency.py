@@ -302,3 +302,28 @@ def test_two_processes_release_their_own_copies_and_rank0_reloads_for_previews(t
     assert output.count("caches filled: released vae, text_encoder from memory") == 2, output[-3000:]
     assert output.count("reloaded vae, text_encoder from the model files") == 1, output[-3000:]
     assert len(list((tmp_path / "out" / "mp" / "samples").glob("*.png"))) == 1
+
+
+def test_a_model_file_changed_during_training_is_named_not_reloaded(tiny_sd15, demo_dataset, tmp_path):
+    """A preview after the model's files changed would use other encoders than the caches: refused, naming the
+    path and the switch; the checkpoint saved before it stays."""
+    import os
+    import shutil
+
+    from trainer.errors import ModelLoadError
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_sd15, model)
+
+    class TouchAfterStep1(Callbacks):
+        def on_step(self, info):
+            if info.step == 1:
+                vae = next((model / "vae").glob("*.safetensors"))
+                os.utime(vae, ns=(vae.stat().st_atime_ns, vae.stat().st_mtime_ns + 10**9))
+
+    cfg = make_config(model, demo_dataset, tmp_path / "out", training=CACHES, sample=PREVIEW,
+                      save={"save_every_n_steps": 1})
+    with pytest.raises(ModelLoadError, match=r"model files changed during training.*model\.path '.*model'.*"
+                                             r"training\.release_encoders false"):
+        train(cfg, TouchAfterStep1())
+    assert list((tmp_path / "out" / "loras").rglob("*s000001.safetensors"))

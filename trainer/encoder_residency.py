@@ -67,6 +67,7 @@ class EncoderResidency:
         self.away: list[str] = []  # off the device
         self.released: dict[str, tuple] = {}  # name -> signature of what was released
         self.releases = self._can_release(owned)
+        self.files = self._files_identity() if self.releases else ""  # the model files as they were read
 
     # --- what may go -------------------------------------------------------------------------------------------
     def _can_release(self, owned: bool) -> bool:
@@ -157,8 +158,15 @@ class EncoderResidency:
         if self.releases and not self.released:
             self._release()
 
+    def _files_identity(self) -> str:
+        from .cache import model_identity
+
+        m = self.trainer.cfg.model
+        return model_identity(m.path, m.vae_path, *m.text_encoder_paths)
+
     def _reload(self) -> None:
         """Read the released encoders again and give them the state the set-up gave them (trainer.run_setup)."""
+        from .errors import CrucibleError, ModelLoadError
         from .families.base import check_model_paths
         from .quantized import apply_fp8_base, cast_frozen, fp8_loading
         from .run_setup import DTYPES
@@ -167,9 +175,19 @@ class EncoderResidency:
         cfg, family = t.cfg, t.family
         precision = t.resolved["mixed_precision"]
         full, lowp = cfg.network.network_type == "full", precision != "no"
-        check_model_paths(cfg.model)
-        with fp8_loading(cfg.model.fp8_base):
-            modules = family.load_encoders(cfg.model, t.comps, dtype=DTYPES[precision] if lowp and not full else None)
+        hint = ("the run released its encoders after caching (training.release_encoders) and reads them again from "
+                f"model.path '{cfg.model.path}' (and its VAE / text-encoder paths) for previews")
+        if self._files_identity() != self.files:
+            raise ModelLoadError(f"the model files changed during training: {hint}, which would no longer give the "
+                                 "encoders it cached with. Restore them, or set training.release_encoders false")
+        try:
+            check_model_paths(cfg.model)
+            with fp8_loading(cfg.model.fp8_base):
+                modules = family.load_encoders(cfg.model, t.comps,
+                                               dtype=DTYPES[precision] if lowp and not full else None)
+        except (CrucibleError, OSError) as exc:
+            raise ModelLoadError(f"{hint}, and could not: {exc}. Restore the files, or set "
+                                 "training.release_encoders false") from exc
         texts = [modules[n] for n in self.released if n != "vae"]
         if cfg.model.fp8_base:
             apply_fp8_base(texts, DTYPES[precision] if lowp else torch.float32)
