@@ -236,6 +236,18 @@ def test_validation_loss_is_the_same_with_the_encoders_released(tiny_sd15, demo_
     assert all(c.val_loss is not None for c in freed.checkpoints) and watch.reloads == 0
 
 
+def test_validation_with_a_trained_text_encoder_still_encodes_its_captions_live(tiny_sd15, demo_dataset, tmp_path):
+    """Only the VAE goes (latents cached; a trained text encoder has no text cache): validation's captions must
+    follow the text encoder as it learns, so they are not frozen at the release."""
+    def run(out, release):
+        cfg = make_config(tiny_sd15, demo_dataset, out, network={"train_text_encoder": True},
+                          training={"cache_latents": True, "release_encoders": release, "epochs": 2,
+                                    "validation_split": 0.1}, save={"save_every_n_epochs": 1})
+        return [c.val_loss for c in train(cfg).checkpoints]
+
+    assert run(tmp_path / "freed", True) == run(tmp_path / "kept", False)
+
+
 def test_a_resumed_run_with_released_encoders_continues_exactly(tiny_sd15, demo_dataset, tmp_path, monkeypatch):
     training = {**CACHES, "epochs": 2}
     whole = train(make_config(tiny_sd15, demo_dataset, tmp_path / "a", training=training, sample=PREVIEW))

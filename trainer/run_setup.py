@@ -227,8 +227,8 @@ class RunSetup:
             self.text_cache.fill(lambda d, t: report(d, t, "caching text embeddings"))
             cached += list(self.comps.text_encoder_names)
         self.residency = EncoderResidency(self, cached, self.owns_encoders)
-        if self.validator is not None and self.residency.releases:
-            self.validator.prepare()  # its images and captions encoded now: validation needs no encoder later
+        if self.validator is not None and self.residency.releases:  # validation then needs no released encoder
+            self.validator.prepare(captions=bool(self.text_cache is not None))
         self.residency.leave()
         if self.denoiser_waits:  # the encoders are off the device: now the denoiser goes on
             self._place_denoiser(self.comps.denoiser)

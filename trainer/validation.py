@@ -145,13 +145,15 @@ class Validator:
             return t.family.encode_text(t.comps, [caption.text], clip_skip=t.cfg.model.clip_skip,
                                         max_token_length=t.max_token_length, **extra)
 
-    def prepare(self) -> None:
-        """Encode every validation image and caption now, before the run releases the encoders after caching
-        (:mod:`trainer.encoder_residency`); the text encoders are frozen then, so the conditioning never changes."""
+    def prepare(self, captions: bool) -> None:
+        """Encode every validation image (and with ``captions``, caption) now, before the run releases the encoders
+        after caching (:mod:`trainer.encoder_residency`). Captions only when the text encoders go: they are frozen
+        then, so the conditioning never changes (a trained one's does)."""
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             for index in self.indices:
                 self._latent(index)
-                self._conds[index] = {k: v.detach().cpu() for k, v in self._cond(index).items()}
+                if captions:
+                    self._conds[index] = {k: v.detach().cpu() for k, v in self._cond(index).items()}
 
     @staticmethod
     def noise_generator(seed: int, image: int, point: int) -> torch.Generator:
