@@ -9,7 +9,8 @@ their place, so any use that was missed fails with a clear message instead of re
 They are read again, lazily, from the files the run loaded them from (``ModelFamily.load_encoders``), with the same
 dtype, fp8 and fp32-VAE settings, only while something needs them: preview samples (the end-of-run sample included)
 and a full fine-tune's single-file export; then they are released again. Validation does not need them: its images
-and captions are encoded before the release (:meth:`trainer.validation.Validator.prepare`). The sweep runs after
+(and, when the text encoders go, its captions) are encoded before the release
+(:meth:`trainer.validation.Validator.prepare`). The sweep runs after
 ``train()`` returns, on models it loads itself, and a resumed run fills its caches again before releasing.
 
 Kept in host memory (moved off the device only, as before):
@@ -111,8 +112,8 @@ class EncoderResidency:
         self.away = list(self.cached)
         if self.releases:
             freed = self._release()
-            log.info("caches filled: released %s from memory (%.2f GiB); reloaded from the model files only for "
-                     "preview samples", ", ".join(self.cached), freed / GIB)
+            log.info("caches filled: released %s from memory (%.2f GiB); read again from the model files only "
+                     "while previews need them", ", ".join(self.cached), freed / GIB)
         elif self.cached:
             log.info("caches filled: %s moved off the training device", ", ".join(self.cached))
 
