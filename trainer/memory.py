@@ -12,10 +12,11 @@ denoiser weights       N_denoiser × b_w   (b_w = 2 for a LoRA under bf16/fp16 �
                        but the two largest of them (the running block and the prefetched next one)
 text encoders          Σ N_te × b (the compute dtype while frozen; T5's Linear weights 1 byte with ``fp8_base``),
                        only while resident: 0 when
-                       ``cache_text_embeddings`` moves them off a CUDA device (on the CPU the training device *is*
-                       host memory, so they still count)
+                       ``cache_text_embeddings`` moves them off a CUDA device; on the CPU the training device *is*
+                       host memory, and they leave it too (0) unless ``training.release_encoders`` is off
+                       (:mod:`trainer.encoder_residency`)
 VAE                    N_vae × (4 for SDXL, which runs its VAE in fp32, or without mixed precision; else 2), 0 when
-                       ``cache_latents`` moves it off the device
+                       ``cache_latents`` moves it off the device (on the CPU: as the text encoders)
 trainable parameters   LoRA: N_lora × (4 weight + 4 gradient + s_opt); full fine-tune: N_denoiser × (b_g gradient +
                        s_opt) (its weights are the denoiser weights above; b_g = 2 with ``full_bf16``, whose
                        optimizer states stay fp32 for the stochastic-rounding update); a fused backward pass holds
@@ -77,6 +78,7 @@ class MemoryOptions:
     cache_latents: bool = False
     cache_text_embeddings: bool = False
     train_text_encoder: bool = False
+    release_encoders: bool = True  # cached encoders leave host memory too (training.release_encoders)
     # the memory switches (model.fp8_base; training.blocks_to_swap, fused_backward_pass, full_bf16)
     fp8_base: bool = False  # frozen denoiser (and T5) Linear weights stored in float8
     blocks_to_swap: int = 0  # denoiser blocks kept in host memory, streamed in ahead of use (CUDA)
@@ -96,7 +98,7 @@ class MemoryOptions:
                    gradient_checkpointing=resolved["gradient_checkpointing"], resolution=training_resolution(cfg),
                    batch_size=t.batch_size, cache_latents=resolved["cache_latents"],
                    cache_text_embeddings=resolved["cache_text_embeddings"] and not n.train_text_encoder,
-                   train_text_encoder=n.train_text_encoder,
+                   train_text_encoder=n.train_text_encoder, release_encoders=t.release_encoders,
                    fp8_base=cfg.model.fp8_base, blocks_to_swap=t.blocks_to_swap,
                    fused_backward_pass=t.fused_backward_pass, full_bf16=t.full_bf16)
 
@@ -133,7 +135,7 @@ class Estimate:
 
 def estimate(opts: MemoryOptions, device: str = "cuda") -> Estimate:
     """The estimated peak on ``device`` (see the module docstring for the formula). On the CPU the training device
-    is host memory, so encoders moved off it after caching (and swapped blocks) still count."""
+    is host memory, so swapped blocks still count, and so do cached encoders unless they are released."""
     from .families import get_family
     from .full_size import ARCHITECTURES, param_counts
 
@@ -148,13 +150,14 @@ def estimate(opts: MemoryOptions, device: str = "cuda") -> Estimate:
     b_vae = 4 if get_family(opts.family).vae_fp32 or not lowp else b_frozen
     fp8 = opts.fp8_base and not full  # fp8 stores frozen weights only
     host = device == "cpu"
+    kept = host and not opts.release_encoders  # cached encoders stay in host memory: the CPU's training device
     parts = {"denoiser weights": _stored_bytes(opts.family, denoiser, b_w, fp8)}
     if opts.blocks_to_swap and not host:  # swapped blocks wait in host memory; two are on the device at a time
         swapped = sorted(_swapped_block_bytes(opts.family, opts.blocks_to_swap, b_w, fp8), reverse=True)
         parts["denoiser weights"] -= sum(swapped[2:])
     resident_encoders = sum(_stored_bytes(opts.family, n, b_te, fp8 and _is_t5(opts.family, n)) for n in encoders)
-    parts["text encoders"] = 0 if opts.cache_text_embeddings and not host else resident_encoders
-    parts["vae"] = 0 if opts.cache_latents and not host else counts["vae"] * b_vae
+    parts["text encoders"] = 0 if opts.cache_text_embeddings and not kept else resident_encoders
+    parts["vae"] = 0 if opts.cache_latents and not kept else counts["vae"] * b_vae
     s_opt = OPTIMIZER_STATE_BYTES.get(opts.optimizer, 8)  # fp32 states, also under full_bf16
     if full:
         b_g = 2 if opts.full_bf16 else 4  # gradients take the trained weights' dtype

@@ -31,7 +31,8 @@ class RunOutputs:
         self.acc.wait_for_everyone()
         main = self.acc.is_main_process
         if main or self.sharded:  # sharded: validating and gathering the weights need every rank; rank 0 writes
-            with self._ema_weights(), self._encoders_on_device(), self.acc.autocast():  # encoders may be offloaded
+            # the encoders come back only for a single-file export (validation encoded its inputs before step 1)
+            with self._ema_weights(), self._encoders_on_device(self._save_needs_encoders()), self.acc.autocast():
                 validation = self.validator.evaluate()
                 comps = self.comps  # sharded: only the denoiser trains (trainer.sharding), gathered whole on rank 0
                 if self.sharded:
@@ -55,6 +56,12 @@ class RunOutputs:
             save_loss_curve(self.work_dir / "loss_curve.png", self.losses, self.checkpoints)
             self.callbacks.on_checkpoint(info)
         self.acc.wait_for_everyone()
+
+    def _save_needs_encoders(self) -> bool:
+        """A full fine-tune's single-file export holds the VAE and text encoders; validation's inputs are encoded
+        before step 1 unless the encoders stay in memory (then they are moved to the device as before)."""
+        kept = self.residency is None or not self.residency.releases
+        return kept or (self.acc.is_main_process and self.net.is_full and bool(self.cfg.save.single_file_dir))
 
     @contextlib.contextmanager
     def _ema_weights(self):

@@ -118,6 +118,7 @@ class RunSetup:
         with fp8_loading(cfg.model.fp8_base):
             on_host = swap or cfg.model.fp8_base or self.denoiser_waits or sharded
             comps = components or self.family.load(cfg.model, device="cpu" if on_host else device, dtype=weight_dtype)
+        self.owns_encoders = components is None  # the caller's encoders are never released (encoder_residency)
         if cfg.model.fp8_base:
             apply_fp8_base([comps.denoiser, *comps.text_encoders], weight_dtype or torch.float32)
         if not (self.denoiser_waits or sharded):
@@ -227,17 +228,23 @@ class RunSetup:
 
     def _pre_encode(self) -> None:
         """Cache, then free: fill the latent / text caches before step 1, then move the encoders they replace off
-        the training device (back on only while preview samples render). Caching is deterministic, so the losses
-        equal a run that fills its caches lazily, and a resumed run's."""
+        the training device and out of memory (:mod:`trainer.encoder_residency`; back only while preview samples
+        render). Caching is deterministic, so the losses equal a run that fills its caches lazily, and a resumed
+        run's."""
+        from .encoder_residency import EncoderResidency
+
         report = self.callbacks.on_prepare if self.acc.is_main_process else (lambda *a: None)
+        cached = []
         if self.latent_cache is not None:
             self.latent_cache.fill(self._encode_pixels, lambda d, t: report(d, t, "caching latents"))
-            self.offloaded.append(self.comps.vae)
+            cached.append("vae")
         if self.text_cache is not None:
             self.text_cache.fill(lambda d, t: report(d, t, "caching text embeddings"))
-            self.offloaded += [m for m in self.comps.text_encoders if m is not None]
-        for module in self.offloaded:
-            offload_module(module)
+            cached += list(self.comps.text_encoder_names)
+        self.residency = EncoderResidency(self, cached, self.owns_encoders)
+        if self.validator is not None and self.residency.releases:  # validation then needs no released encoder
+            self.validator.prepare(captions=bool(self.text_cache is not None))
+        self.residency.leave()
         if self.denoiser_waits:  # the encoders are off the device: now the denoiser goes on
             self._place_denoiser(self.comps.denoiser)
             self.denoiser_waits = False
@@ -255,16 +262,11 @@ class RunSetup:
         else:
             denoiser.to(self.acc.device)
 
-    @contextlib.contextmanager
-    def _encoders_on_device(self):
-        """The offloaded encoders on the training device for the duration (preview samples)."""
-        for module in self.offloaded:
-            module.to(self.acc.device)
-        try:
-            yield
-        finally:
-            for module in self.offloaded:
-                offload_module(module)
+    def _encoders_on_device(self, needed: bool = True):
+        """The encoders the caches replaced back on the training device for the duration (preview samples),
+        reloaded first where they were released from memory."""
+        residency = getattr(self, "residency", None)
+        return residency.present(needed) if residency is not None else contextlib.nullcontext()
 
     def _enable_gradient_checkpointing(self) -> None:
         for module in self.net.modules.values():

@@ -87,6 +87,7 @@ class Validator:
         self.indices = tuple(indices)
         self.description = description
         self._latents: dict[int, torch.Tensor] = {}
+        self._conds: dict[int, dict[str, torch.Tensor]] = {}  # filled by prepare (the text encoders leave after)
 
     @classmethod
     def for_run(cls, trainer: Any) -> "Validator":
@@ -133,6 +134,27 @@ class Validator:
                 self._latents[index] = t.family.encode_images(t.comps, pixels.to(t.acc.device, dtype=vae_dtype)).float()
         return self._latents[index]
 
+    def _cond(self, index: int) -> dict[str, torch.Tensor]:
+        """The caption's conditioning: encoded by :meth:`prepare` before the text encoders left, or now."""
+        t = self.trainer
+        if index in self._conds:
+            return {k: v.to(t.acc.device) for k, v in self._conds[index].items()}
+        caption = self._caption(index)
+        extra = {"weights": [caption.weights]} if caption.weights is not None else {}
+        with t.acc.autocast():
+            return t.family.encode_text(t.comps, [caption.text], clip_skip=t.cfg.model.clip_skip,
+                                        max_token_length=t.max_token_length, **extra)
+
+    def prepare(self, captions: bool) -> None:
+        """Encode every validation image (and with ``captions``, caption) now, before the run releases the encoders
+        after caching (:mod:`trainer.encoder_residency`). Captions only when the text encoders go: they are frozen
+        then, so the conditioning never changes (a trained one's does)."""
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            for index in self.indices:
+                self._latent(index)
+                if captions:
+                    self._conds[index] = {k: v.detach().cpu() for k, v in self._cond(index).items()}
+
     @staticmethod
     def noise_generator(seed: int, image: int, point: int) -> torch.Generator:
         digest = hashlib.sha256(repr((seed, _NOISE_KEY, image, point)).encode()).digest()
@@ -154,11 +176,7 @@ class Validator:
             try:
                 for n, index in enumerate(self.indices):
                     latents = self._latent(index)
-                    caption = self._caption(index)
-                    extra = {"weights": [caption.weights]} if caption.weights is not None else {}
-                    with t.acc.autocast():
-                        cond = fam.encode_text(comps, [caption.text], clip_skip=cfg.model.clip_skip,
-                                               max_token_length=t.max_token_length, **extra)
+                    cond = self._cond(index)
                     for k, fraction in enumerate(FRACTIONS):
                         noise = torch.randn(latents.shape, generator=self.noise_generator(cfg.training.seed, n, k))
                         noised = t.objective.noise_at(latents, noise.to(latents), fraction)

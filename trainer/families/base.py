@@ -135,6 +135,14 @@ class ModelFamily(ABC):
              dtype: "torch.dtype | None" = None) -> Components:
         """Load every component from ``cfg.path`` (diffusers folder or single file) without network access."""
 
+    def load_encoders(self, cfg: "ModelConfig", comps: Components, dtype: "torch.dtype | None" = None
+                      ) -> "dict[str, Any] | None":
+        """The VAE and text encoders alone, read again from the files :meth:`load` read them from and built as it
+        built them, on the CPU: ``{"vae": …, <text encoder component>: …}`` for those in ``comps`` (whose tokenizers
+        they use). The run reloads them with this after releasing them from memory (:mod:`trainer.encoder_residency`).
+        ``None``: this family cannot, so a run keeps its encoders (a ComfyUI MODEL's CLIP and VAE are ComfyUI's)."""
+        return None
+
     # --- training ------------------------------------------------------------------------------------------------
     @abstractmethod
     def encode_text(self, comps: Components, captions: Sequence[str], clip_skip: int = 1,

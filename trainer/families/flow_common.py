@@ -151,6 +151,21 @@ class FlowFamily(ModelFamily):
             module.to(device)
         return comps
 
+    def load_encoders(self, cfg: "ModelConfig", comps: Components, dtype=None) -> dict[str, Any]:
+        """The VAE and text encoders from the files and folders :meth:`load` read them from (never the
+        transformer's weights)."""
+        path = Path(cfg.path).expanduser()
+        plan = self._folder_plan(path) if path.is_dir() else self._file_plan(path)
+        self._apply_overrides(plan, cfg)
+        kinds = {s.component: s for s in self.encoders}
+        modules = {"vae": self._load_vae(plan.vae, dtype)}
+        for name, tokenizer in zip(comps.text_encoder_names, comps.tokenizers):
+            spec = kinds[name]
+            modules[name] = self._load_encoder(plan.encoders[spec.kind], spec, dtype)
+            if spec.kind != "t5xxl":
+                use_tokenizer_eos(modules[name], tokenizer)  # as load does: CLIP pools at the tokenizer's EOS
+        return modules
+
     def _folder_plan(self, folder: Path) -> LoadPlan:
         if not (folder / "transformer").is_dir():
             raise ModelLoadError(f"model.path '{folder}' is not a diffusers {self.title} folder (no transformer/); "

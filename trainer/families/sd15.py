@@ -156,13 +156,27 @@ class StableDiffusionFamily(ModelFamily):
             module.to(device)
         return comps
 
-    def _load_folder(self, folder: Path, dtype) -> dict[str, Any]:
+    def load_encoders(self, cfg: "ModelConfig", comps: Components, dtype=None) -> dict[str, Any]:
+        """The VAE and text encoders from the folder or single file (never its UNet) and ``model.vae_path``."""
+        path = Path(cfg.path).expanduser()
+        if path.is_dir():
+            modules = self._load_folder(path, dtype, unet=False)
+        else:
+            modules = sf.load_single_file(path, self, dtype, unet=False)
+        if cfg.vae_path:
+            modules["vae"] = self._load_vae_override(cfg.vae_path, dtype)
+        for name, tokenizer in zip(comps.text_encoder_names, comps.tokenizers):
+            use_tokenizer_eos(modules[name], tokenizer)
+        return {name: modules[name] for name in ("vae", *comps.text_encoder_names)}
+
+    def _load_folder(self, folder: Path, dtype, unet: bool = True) -> dict[str, Any]:
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
         classes = {"clip_l": CLIPTextModel, "clip_g": CLIPTextModelWithProjection}
-        modules = {"unet": from_pretrained(UNet2DConditionModel, folder, "unet", dtype),
-                   "vae": from_pretrained(AutoencoderKL, folder, "vae", dtype)}
+        modules = {"vae": from_pretrained(AutoencoderKL, folder, "vae", dtype)}
+        if unet:
+            modules["unet"] = from_pretrained(UNet2DConditionModel, folder, "unet", dtype)
         for spec in self.encoders:
             modules[spec.component] = from_pretrained(classes[spec.kind], folder, spec.component, dtype)
         return modules

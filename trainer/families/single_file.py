@@ -116,18 +116,26 @@ def load_clip_g(sd: StateDict, prefix: str, path: Any, dtype=None):
     return _materialize(lambda: CLIPTextModelWithProjection(config), weights, "CLIP-G text encoder", path, dtype)
 
 
-def load_single_file(path: str | Path, family: "str | ModelFamily", dtype=None, sd: StateDict | None = None) -> dict[str, Any]:
+def load_single_file(path: str | Path, family: "str | ModelFamily", dtype=None, sd: StateDict | None = None,
+                     unet: bool = True) -> dict[str, Any]:
     """Every component of a ComfyUI single-file ``family`` checkpoint, as diffusers/transformers modules.
 
     Returns ``{"unet", "vae", "text_encoder"[, "text_encoder_2"], "v_pred": bool, "ztsnr": bool}``. Each
     component's tensors are taken out of the file's dict before it is built, so the file's copy of a component
-    is freed as soon as that component exists (an SDXL file does not sit in memory twice).
+    is freed as soon as that component exists (an SDXL file does not sit in memory twice). ``unet=False``: the VAE
+    and text encoders only, and only their tensors are read (the file was checked when the run first loaded it).
     """
     from . import get_family
+    from .weights import TensorFile
 
     family = get_family(family)
-    sd = dict(read_checkpoint(path, dtype=dtype) if sd is None else sd)
-    check_family(sd, family, path)
+    if unet:
+        sd = dict(read_checkpoint(path, dtype=dtype) if sd is None else sd)
+        check_family(sd, family, path)
+    elif sd is None:
+        file = TensorFile(path, "model.path")
+        sd = {p + k: v for p in (*family.single_file_prefixes.values(), VAE_PREFIX)
+              for k, v in file.read(p, dtype=dtype).items()}
 
     def take(prefix: str) -> dict[str, "torch.Tensor"]:
         return {k: sd.pop(k) for k in [k for k in sd if k.startswith(prefix)]}
@@ -140,7 +148,8 @@ def load_single_file(path: str | Path, family: "str | ModelFamily", dtype=None, 
         out[spec.component] = load(take(prefix), prefix, path, dtype)
         if spec.kind == "clip_g":  # SDXL's pooled text embedding is CLIP-G's projection
             pooled = int(out[spec.component].config.projection_dim)
-    out["unet"] = load_unet(take(UNET_PREFIX), family, path, dtype, pooled_dim=pooled)
+    if unet:
+        out["unet"] = load_unet(take(UNET_PREFIX), family, path, dtype, pooled_dim=pooled)
     out["vae"] = load_vae(take(VAE_PREFIX), family, path, dtype)
     return out
 
