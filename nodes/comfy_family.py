@@ -201,7 +201,15 @@ class ComfyModelFamily(ModelFamily):
     title = "ComfyUI MODEL"
     denoiser_name = COMPONENT
     modelspec_implementation = "comfyui"
-    honoured_settings = frozenset({"clip_skip"})
+
+    @property
+    def guidance_distilled(self) -> bool:
+        """The diffusion model embeds a guidance value (Flux dev): ``training.guidance_scale`` feeds it."""
+        return bool(getattr(getattr(self.patcher.model.diffusion_model, "params", None), "guidance_embed", False))
+
+    @property
+    def honoured_settings(self) -> frozenset[str]:
+        return frozenset({"clip_skip"} | ({"guidance_scale"} if self.guidance_distilled else set()))
 
     def __init__(self, model, clip, vae, key_map: Mapping[str, str] | None = None):
         if model is None or clip is None or vae is None:
@@ -297,7 +305,7 @@ class ComfyModelFamily(ModelFamily):
 
         if isinstance(ms, cms.ModelSamplingFlux):  # flux_time_shift(μ, 1, t) is the σ shift by e^μ
             mu = float(ms.shift)
-            if getattr(getattr(self.patcher.model.diffusion_model, "params", None), "guidance_embed", False):
+            if self.guidance_distilled:
                 tokens = (latents.shape[-2] // 2) * (latents.shape[-1] // 2)  # 2×2 patches
                 slope = (mu - FLUX_BASE_SHIFT) / (FLUX_MAX_TOKENS - FLUX_BASE_TOKENS)
                 mu = FLUX_BASE_SHIFT + slope * (tokens - FLUX_BASE_TOKENS)

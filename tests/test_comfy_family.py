@@ -270,6 +270,25 @@ def test_flux_dev_auto_shift_follows_the_resolution_as_the_diffusers_path_does(m
     assert family.flow_shift(None, latents) == pytest.approx(math.exp(1.15))
 
 
+def test_guidance_scale_counts_as_used_only_on_a_guidance_distilled_model(module, make_config, tiny_sd15,
+                                                                          demo_dataset, tmp_path):
+    """The settings check warned "training.guidance_scale does nothing on comfy" on a Flux dev MODEL, whose guidance
+    embedding it feeds."""
+    from dataclasses import replace
+
+    from trainer.families import hosted_family
+    from trainer.families.settings import check_family_settings as unused_settings
+
+    family, base = family_of(module, "flow")
+    cfg = make_config(tiny_sd15, demo_dataset, tmp_path)
+    cfg = replace(cfg, model=replace(cfg.model, family="comfy", path=""),
+                  training=replace(cfg.training, guidance_scale=2.0))
+    with hosted_family(family):
+        assert any("guidance_scale" in m for m in unused_settings(cfg))
+        base.diffusion_model.params = types.SimpleNamespace(guidance_embed=True)
+        assert not any("guidance_scale" in m for m in unused_settings(cfg))
+
+
 def test_a_sampling_the_loop_cannot_express_is_refused_by_name(module):
     with pytest.raises(CrucibleError, match="ModelSampling.*neither"):
         family_of(module, "edm")

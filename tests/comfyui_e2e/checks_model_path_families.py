@@ -10,8 +10,13 @@
    (``lora_unet_…``) and the stock LoraLoader loads each (no unloaded-key line in the server log), the checkpoint
    sweep renders each LoRA unlike the base model, and Cancel → resume gives the uninterrupted run's LoRA and losses.
 
-SDXL and Flux are not trained through the server: no tiny SDXL is detected by ComfyUI's loaders (its presets fix
-the released depths) and Flux's text encoder needs T5-XXL; see ``model_path_files.py``. Each case prints its time.
+3. **SDXL and Flux trained in ComfyUI's process** (``model_path_training.py``): no stock loader gives the stage a
+   tiny SDXL (ComfyUI's presets fix the released depths) or a Flux text encoder (T5-XXL), see
+   ``model_path_files.py``; so ComfyUI's own SDXL / Flux model objects on tiny weights, ComfyUI's VAE and a text
+   stand-in go through ComfyModelFamily and the library's loop: the loss falls, ComfyUI's loader patches every
+   trained module with no unloaded key, the render changes, the MODEL is unchanged after the run; SDXL's
+   Cancel → resume is exact.
+Each case prints its time.
 Only on ComfyUI 0.8.0.
 """
 from __future__ import annotations
@@ -142,6 +147,10 @@ async def run_checks(ctx) -> None:
     started = time.perf_counter()
     await run_script(ctx, HERE / "model_path_equivalence.py", timeout=1500)
     results.ok("MODEL path families: equivalence script time", f"{time.perf_counter() - started:.0f}s")
+
+    started = time.perf_counter()
+    await run_script(ctx, HERE / "model_path_training.py", timeout=1500)
+    results.ok("MODEL path families: SDXL/Flux training script time", f"{time.perf_counter() - started:.0f}s")
 
     missing = [n for n in NEEDS if ctx.resources.get(n, {}).get("status") != "ok"]
     if missing:
