@@ -33,6 +33,9 @@ HOSTED_NAME = "comfy"  # model.family of a run through the graph's MODEL
 COMPONENT = "unet"  # the denoiser's component name (ComfyUI's LoRA keys call every diffusion model lora_unet_)
 PREFIX = "diffusion_model."  # ComfyUI's state-dict prefix of the diffusion model inside BaseModel
 COND, POOLED, GEOMETRY = "encoder_hidden_states", "pooled_output", "image_geometry"
+# ComfyUI's ModelSamplingFlux node (and FluxPipeline's calculate_shift): μ = base_shift at 256 image tokens, max_shift
+# at 4096, linear in between
+FLUX_BASE_SHIFT, FLUX_BASE_TOKENS, FLUX_MAX_TOKENS = 0.5, 256, 4096
 EXTRA = "comfy:"  # other CLIP outputs (attention masks, …) travel in the conditioning under this prefix
 
 # What each target preset trains on an architecture Crucible knows only through ComfyUI: module-name words.
@@ -198,7 +201,15 @@ class ComfyModelFamily(ModelFamily):
     title = "ComfyUI MODEL"
     denoiser_name = COMPONENT
     modelspec_implementation = "comfyui"
-    honoured_settings = frozenset({"clip_skip"})
+
+    @property
+    def guidance_distilled(self) -> bool:
+        """The diffusion model embeds a guidance value (Flux dev): ``training.guidance_scale`` feeds it."""
+        return bool(getattr(getattr(self.patcher.model.diffusion_model, "params", None), "guidance_embed", False))
+
+    @property
+    def honoured_settings(self) -> frozenset[str]:
+        return frozenset({"clip_skip"} | ({"guidance_scale"} if self.guidance_distilled else set()))
 
     def __init__(self, model, clip, vae, key_map: Mapping[str, str] | None = None):
         if model is None or clip is None or vae is None:
@@ -285,11 +296,20 @@ class ComfyModelFamily(ModelFamily):
         self.guidance = float(training.guidance_scale)
 
     def flow_shift(self, comps: Components, latents: torch.Tensor) -> float | None:
+        """The σ shift of ``training.flow_shift`` 0 ("auto"). A guidance-distilled model with Flux's time shift
+        (Flux dev) shifts by resolution as the diffusers path does: ComfyUI's *ModelSamplingFlux* rule for this
+        latent size, with the MODEL's own shift as ``max_shift`` (1.15 on a stock Flux dev, so this is exactly
+        ``FluxPipeline``'s ``exp(mu)``). Any other flow model trains with the shift it samples with."""
         ms = self.patcher.model.model_sampling
         import comfy.model_sampling as cms
 
-        if isinstance(ms, cms.ModelSamplingFlux):
-            return math.exp(float(ms.shift))  # flux_time_shift(μ, 1, t) is the σ shift by e^μ
+        if isinstance(ms, cms.ModelSamplingFlux):  # flux_time_shift(μ, 1, t) is the σ shift by e^μ
+            mu = float(ms.shift)
+            if self.guidance_distilled:
+                tokens = (latents.shape[-2] // 2) * (latents.shape[-1] // 2)  # 2×2 patches
+                slope = (mu - FLUX_BASE_SHIFT) / (FLUX_MAX_TOKENS - FLUX_BASE_TOKENS)
+                mu = FLUX_BASE_SHIFT + slope * (tokens - FLUX_BASE_TOKENS)
+            return math.exp(mu)
         shift = getattr(ms, "shift", None)
         return float(shift) if shift is not None else None
 

@@ -247,6 +247,48 @@ def test_flow_models_get_sigma_and_return_the_velocity(module):
     assert torch.allclose(pred, raw, atol=1e-3), (pred - raw).abs().max()
 
 
+@pytest.mark.parametrize("size", [32, 64, 128])
+def test_flux_dev_auto_shift_follows_the_resolution_as_the_diffusers_path_does(module, size):
+    """A stock Flux dev MODEL (ModelSamplingFlux shift 1.15, guidance embedding) trains with the diffusers path's
+    resolution-dependent shift at every latent size (it used the fixed e^1.15 before); without a guidance embedding
+    (schnell, Chroma) the model's own e^shift stays."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from trainer.families import get_family
+    from trainer.families.base import Components
+    from trainer.families.flux import DEV_SCHEDULER
+
+    family, base = family_of(module, "flow")
+    base.model_sampling = type("ModelSampling", (CONST, ModelSamplingFlux), {})(shift=1.15)
+    latents = torch.zeros(1, 16, size, size)
+    diffusers_comps = Components(denoiser=None, vae=None, text_encoders=[], tokenizers=[], denoiser_name="transformer",
+                                 noise_scheduler=FlowMatchEulerDiscreteScheduler(**DEV_SCHEDULER), text_encoder_names=())
+    expected = get_family("flux").flow_shift(diffusers_comps, latents)
+    base.diffusion_model.params = types.SimpleNamespace(guidance_embed=True)
+    assert family.flow_shift(None, latents) == pytest.approx(expected, rel=1e-9)
+    base.diffusion_model.params = types.SimpleNamespace(guidance_embed=False)
+    assert family.flow_shift(None, latents) == pytest.approx(math.exp(1.15))
+
+
+def test_guidance_scale_counts_as_used_only_on_a_guidance_distilled_model(module, make_config, tiny_sd15,
+                                                                          demo_dataset, tmp_path):
+    """The settings check warned "training.guidance_scale does nothing on comfy" on a Flux dev MODEL, whose guidance
+    embedding it feeds."""
+    from dataclasses import replace
+
+    from trainer.families import hosted_family
+    from trainer.families.settings import check_family_settings as unused_settings
+
+    family, base = family_of(module, "flow")
+    cfg = make_config(tiny_sd15, demo_dataset, tmp_path)
+    cfg = replace(cfg, model=replace(cfg.model, family="comfy", path=""),
+                  training=replace(cfg.training, guidance_scale=2.0))
+    with hosted_family(family):
+        assert any("guidance_scale" in m for m in unused_settings(cfg))
+        base.diffusion_model.params = types.SimpleNamespace(guidance_embed=True)
+        assert not any("guidance_scale" in m for m in unused_settings(cfg))
+
+
 def test_a_sampling_the_loop_cannot_express_is_refused_by_name(module):
     with pytest.raises(CrucibleError, match="ModelSampling.*neither"):
         family_of(module, "edm")

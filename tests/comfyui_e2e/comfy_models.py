@@ -101,6 +101,13 @@ def _sd15(seed: int) -> ComfyCase:
 
 
 def _sdxl(seed: int) -> ComfyCase:
+    from trainer.tiny import build_tiny_components
+
+    return sdxl_case(build_tiny_components("sdxl", seed))
+
+
+def sdxl_case(comps) -> ComfyCase:
+    """ComfyUI's SDXL model around the weights of ``comps.denoiser`` (a diffusers SDXL UNet of any size)."""
     import comfy.model_detection
     import comfy.model_management
     import comfy.model_patcher
@@ -108,9 +115,7 @@ def _sdxl(seed: int) -> ComfyCase:
     import torch
 
     from trainer.families.single_file import diffusers_to_single_file
-    from trainer.tiny import build_tiny_components
 
-    comps = build_tiny_components("sdxl", seed)
     prefix = "model.diffusion_model."
     unet = {k[len(prefix):]: v for k, v in diffusers_to_single_file(comps, "sdxl").items() if k.startswith(prefix)}
     if comfy.model_detection.model_config_from_unet(unet, "") is not None:

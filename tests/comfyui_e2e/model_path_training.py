@@ -1,0 +1,250 @@
+"""SDXL and Flux trained through the MODEL path in ComfyUI's own process (issue 18), where no stock loader can give
+the stage a tiny model (``model_path_files.py`` says why).
+
+Runs inside the ComfyUI venv (a subprocess of ``checks_model_path_families.py``). The MODEL is ComfyUI's own model
+class around tiny weights (SDXL: ``model_path_equivalence.build_sdxl``; Flux: the smallest Flux dev ComfyUI
+detects, ``comfy_models``), the VAE ComfyUI's ``comfy.sd.VAE`` from an SD-shaped VAE with the family's latent
+channels. The CLIP is a stand-in: ComfyUI's SDXL and Flux text encoders are full size (CLIP-G, T5-XXL) and are built
+from fixed configs; each caption becomes a fixed embedding seeded by its text (ComfyUI's CLIP itself is checked on
+SD1.5 and SD3). The pack's :class:`ComfyModelFamily` wraps them as Crucible Train does, and the library's ``train``
+runs 12 steps, saving every 6:
+
+* the loss falls (mean of the last five steps below the first five);
+* every key of the saved LoRA is a ComfyUI ``lora_unet_…`` key, and ComfyUI's own loader
+  (``comfy.sd.load_lora_for_models``) patches one weight per trained module with no ``lora key not loaded``;
+* ComfyUI's sampler renders the LoRA-patched MODEL unlike the base MODEL;
+* the user's MODEL is unchanged after the run (``restore``);
+* SDXL: a run cancelled after step 6 and resumed equals the uninterrupted run (LoRA tensors and losses).
+"""
+from __future__ import annotations
+
+import gc
+import hashlib
+import importlib
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # tests/: the model fixtures
+from comfy_python import LogCapture, report, setup_comfy  # noqa: E402
+
+FAMILIES = ("sdxl", "flux")
+STEPS, SAVE_EVERY = 12, 6
+BATCH = {"sdxl": 4, "flux": 2}
+TEXT_TOKENS = {"sdxl": 77, "flux": 8}  # the stand-in's sequence length (Flux: short, the 3072-wide model is slow)
+DIFFERENT = 1e-3  # mean |Δ| of the decoded [0,1] images above which two renders differ
+LOG_FORBIDS = ("lora key not loaded", "NOT LOADED")
+
+
+class TextStandIn:
+    """A CLIP stand-in with ComfyUI's CLIP interface: each caption → a fixed random embedding seeded by its text."""
+
+    def __init__(self, context_dim: int, pooled_dim: int, tokens: int):
+        self.context_dim, self.pooled_dim, self.tokens = context_dim, pooled_dim, tokens
+
+    def tokenize(self, text: str) -> str:
+        return text
+
+    def encode_from_tokens(self, tokens: str, return_dict: bool = False):
+        import torch
+
+        generator = torch.Generator().manual_seed(int(hashlib.sha256(tokens.encode()).hexdigest()[:8], 16))
+        return {"cond": torch.randn(1, self.tokens, self.context_dim, generator=generator),
+                "pooled_output": torch.randn(1, self.pooled_dim, generator=generator)}
+
+    def clone(self) -> "TextStandIn":
+        return self
+
+    def clip_layer(self, layer: int) -> None:
+        pass
+
+
+def comfy_vae(latent_channels: int):
+    import comfy.sd
+    import torch
+    from diffusers import AutoencoderKL
+
+    from comfy_sd15 import comfy_sd15_vae_config
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(11)
+        vae = AutoencoderKL(**dict(comfy_sd15_vae_config(), latent_channels=latent_channels))
+    return comfy.sd.VAE(sd=vae.state_dict())
+
+
+def case_objects(family: str):
+    """(ComfyUI MODEL, CLIP stand-in, ComfyUI VAE)."""
+    import comfy_models
+    from model_path_equivalence import build_sdxl
+
+    case = build_sdxl() if family == "sdxl" else comfy_models.build("flux")
+    config = case.comps.denoiser.config
+    if family == "sdxl":
+        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+        clip = TextStandIn(config.cross_attention_dim, pooled, TEXT_TOKENS[family])
+    else:
+        clip = TextStandIn(config.joint_attention_dim, config.pooled_projection_dim, TEXT_TOKENS[family])
+    model = case.model
+    del case  # the diffusers copy (2 GB for Flux)
+    gc.collect()
+    return model, clip, comfy_vae(16 if family == "flux" else 4)
+
+
+def run_config(pack, family: str, demo: Path, out: Path, run_name: str):
+    return pack.config.TrainConfig.from_dict({
+        "model": {"family": "comfy", "path": ""},
+        "datasets": [{"path": str(demo), "resolution": 64, "repeats": 1}],
+        "network": {"network_type": "lora", "network_dim": 4, "network_alpha": 4, "target_preset": "all_linear"},
+        "optim": {"learning_rate": 1e-2, "lr_scheduler": "constant"},
+        "training": {"batch_size": BATCH[family], "epochs": 100, "max_train_steps": STEPS, "seed": 7,
+                     "mixed_precision": "no", "cache_latents": True, "cache_text_embeddings": True,
+                     **({"guidance_scale": 3.5} if family == "flux" else {})},
+        "save": {"output_dir": str(out / "loras"), "work_dir": str(out / "runs"), "run_name": run_name,
+                 "save_every_n_steps": SAVE_EVERY, "save_every_n_epochs": 0, "save_precision": "fp32"}})
+
+
+def render(model, clip, vae, family: str):
+    """ComfyUI's sampler (euler, 2 steps, 64 px) on ``model``: the decoded image [H, W, C] in [0, 1]."""
+    import torch
+
+    with torch.no_grad():
+        return _render(model, clip, vae, family)
+
+
+def _render(model, clip, vae, family: str):
+    import comfy.sample
+    import torch
+
+    out = clip.encode_from_tokens("crucible, red circle, black background", return_dict=True)
+    cond = out.pop("cond")
+    positive = [[cond, {**out, "guidance": 3.5}]]
+    empty = clip.encode_from_tokens("", return_dict=True)
+    negative = [[empty.pop("cond"), empty]]
+    latent = comfy.sample.fix_empty_latent_channels(model, torch.zeros(1, 4, 8, 8))
+    noise = comfy.sample.prepare_noise(latent, 1)
+    samples = comfy.sample.sample(model, noise, 2, 1.0 if family == "flux" else 5.0, "euler", "normal", positive,
+                                  negative, latent, denoise=1.0, seed=1, disable_pbar=True)
+    return vae.decode(samples)[0].float().clamp(0, 1)
+
+
+def lora_checks(path: Path, model, clip, vae, family: str, base_image) -> list[str]:
+    import comfy.sd
+    import comfy.utils
+
+    lora = comfy.utils.load_torch_file(str(path), safe_load=True)
+    keys = list(lora)
+    problems = [f"not a lora_unet_ key: {k}" for k in keys if not k.startswith("lora_unet_")][:5]
+    modules = {k.rsplit(".lora_down.weight", 1)[0] for k in keys if k.endswith(".lora_down.weight")}
+    with LogCapture() as log:
+        patched, _ = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0.0)
+    problems += log.matching(*LOG_FORBIDS)[:5]
+    if len(patched.patches) != len(modules):
+        problems.append(f"ComfyUI patched {len(patched.patches)} weights for {len(modules)} trained modules")
+    difference = float((render(patched, clip, vae, family) - base_image).abs().mean())
+    if difference <= DIFFERENT:
+        problems.append(f"the LoRA-patched MODEL renders like the base MODEL (mean |Δ| {difference:.2e})")
+    return problems + [f"{len(modules)} modules, render mean |Δ| to base {difference:.3f}"] * (not problems)
+
+
+def weight_digests(module) -> dict[str, str]:
+    """A digest of every tensor's bytes by name (a copy of the 2 GB Flux would double its memory)."""
+    return {name: hashlib.blake2b(tensor.detach().cpu().contiguous().view(-1).view(torch_uint8()).numpy().tobytes(),
+                                  digest_size=16).hexdigest() for name, tensor in module.state_dict().items()}
+
+
+def torch_uint8():
+    import torch
+
+    return torch.uint8
+
+
+def train_family(args, pack, module, family: str, out: Path) -> None:
+    import torch
+
+    from model_path_equivalence import model_config  # noqa: F401 - the pack alias is set up by comfy_family_module
+
+    started = time.perf_counter()
+    model, clip, vae = case_objects(family)
+    demo = Path(args.pack_dir) / "trainer" / "demo_data"
+    before = weight_digests(model.model.diffusion_model)
+    base_image = render(model, clip, vae, family)
+
+    def run(run_name: str, callbacks=None, resume_from=None):
+        family_obj = module.ComfyModelFamily(model, clip, vae)
+        try:
+            with pack.families.hosted_family(family_obj):
+                return pack.loop.train(run_config(pack, family, demo, out, run_name), callbacks,
+                                       resume_from=resume_from)
+        finally:
+            family_obj.restore()
+
+    result = run(f"{family}_whole")
+    losses = result.losses
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    label = f"{family} MODEL path"
+    report("pass" if len(losses) == STEPS and last < first else "fail", f"{label}: {STEPS} steps, the loss falls",
+           f"mean of the first five steps {first:.4f} → the last five {last:.4f} ({time.perf_counter() - started:.0f}s)")
+    after = weight_digests(model.model.diffusion_model)
+    changed = [k for k, v in before.items() if after.get(k) != v]
+    report("fail" if changed or after.keys() != before.keys() else "pass", f"{label}: the MODEL is unchanged after the run",
+           f"{len(changed)} weights changed: {changed[:3]}" if changed else f"{len(before)} weights as before")
+    final = sorted(result.run_dir.glob("*.safetensors"))
+    if not final:
+        report("fail", f"{label}: LoRA saved", f"no LoRA under {result.run_dir}")
+        return
+    problems = lora_checks(final[-1], model, clip, vae, family, base_image)
+    ok = len(problems) == 1 and problems[0][0].isdigit()
+    report("pass" if ok else "fail", f"{label}: ComfyUI's loader patches every trained module; the render changes",
+           "\n".join(problems))
+    if family != "sdxl":
+        return
+    started = time.perf_counter()
+
+    class StopAt(pack.Callbacks):
+        seen = 0
+
+        def on_step(self, info):
+            self.seen = info.step
+
+        def should_stop(self):
+            return self.seen >= SAVE_EVERY
+
+    first_part = run(f"{family}_parts", StopAt())
+    resumed = run(f"{family}_parts", resume_from=first_part.state_dir)
+    from safetensors.torch import load_file
+
+    ours, theirs = load_file(str(final[-1])), load_file(str(sorted(resumed.run_dir.glob("*.safetensors"))[-1]))
+    differ = [k for k in ours if k not in theirs or not torch.equal(ours[k], theirs[k])]
+    problems = ([] if first_part.cancelled else ["the first part was not cancelled"]) + \
+        ([f"{len(differ)} of {len(ours)} LoRA tensors differ"] if differ else []) + \
+        ([f"losses differ: {resumed.losses} vs {losses}"] if resumed.losses != losses else [])
+    report("fail" if problems else "pass", f"{label}: Cancel after step {SAVE_EVERY} → resume equals the whole run",
+           "\n".join(problems) or f"{len(ours)} tensors equal ({time.perf_counter() - started:.0f}s)")
+
+
+def main() -> None:
+    import traceback
+
+    args = setup_comfy()
+    from model_path_equivalence import PACK_ALIAS, comfy_family_module
+
+    module = comfy_family_module(args.pack_dir)
+    pack = type("Pack", (), {name: importlib.import_module(f"{PACK_ALIAS}.trainer.{name}")
+                             for name in ("config", "loop", "families")})
+    pack.Callbacks = importlib.import_module(f"{PACK_ALIAS}.trainer").Callbacks
+    wanted = {n for n in args.only.split(",") if n} or set(FAMILIES)
+    for family in FAMILIES:
+        if family not in wanted:
+            continue
+        with tempfile.TemporaryDirectory(prefix=f"crucible-mp-{family}-") as tmp:
+            try:
+                train_family(args, pack, module, family, Path(tmp))
+            except Exception:  # noqa: BLE001 - report and go on with the next family
+                report("fail", f"{family} MODEL path training", traceback.format_exc()[-3000:])
+        gc.collect()
+
+
+if __name__ == "__main__":
+    main()
