@@ -71,6 +71,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     ap.add_argument("--quick", action="store_true", help="8 steps, 2 warm-up")
+    ap.add_argument("--parallel", action="store_true",
+                    help="run the two trainers at the same time (quicker; their steps/s then share the CPU)")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--only", choices=TRAINERS, help=argparse.SUPPRESS)  # a child process: one trainer
     ap.add_argument("--data", help=argparse.SUPPRESS)
@@ -336,16 +338,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(MARK + json.dumps(run_one(args)), flush=True)
         return 0
     settings = {k: getattr(args, k) for k in ("device", "steps", "batch_size", "rank", "lr", "resolution", "seed",
-                                               "warmup", "checkpointing", "threads")}
+                                               "warmup", "checkpointing", "threads", "parallel")}
+    settings["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="bench-mp-data-") as tmp:
         write_data(Path(tmp), args.resolution)
+        env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+        running, outputs = {}, {}
         for trainer in TRAINERS:
-            proc = subprocess.run(child_command(args, trainer, Path(tmp), python), capture_output=True, text=True,
-                                  env={**os.environ, "TQDM_DISABLE": "1", "PYTHONDONTWRITEBYTECODE": "1"})
-            line = next((l for l in proc.stdout.splitlines() if l.startswith(MARK)), None)
+            running[trainer] = subprocess.Popen(child_command(args, trainer, Path(tmp), python), env=env, text=True,
+                                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            if not args.parallel:
+                outputs[trainer] = running[trainer].communicate()[0]
+        for trainer, proc in running.items():
+            output = outputs[trainer] if trainer in outputs else proc.communicate()[0]
+            line = next((l for l in output.splitlines() if l.startswith(MARK)), None)
             results[trainer] = json.loads(line[len(MARK):]) if line else \
-                {"error": f"exit {proc.returncode}: {(proc.stdout + proc.stderr)[-1500:]}"}
+                {"error": f"exit {proc.returncode}: {output[-1500:]}"}
     print(format_report(results, settings))
     if args.json:
         Path(args.json).write_text(json.dumps({"settings": settings, "results": results,
