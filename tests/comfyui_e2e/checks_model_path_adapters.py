@@ -34,7 +34,7 @@ async def run_checks(ctx) -> None:
     if ctx.comfy_version != "0.8.0":
         ctx.results.skip("MODEL path adapters", f"runs on ComfyUI 0.8.0 only (this is {ctx.comfy_version})")
         return
-    await run_script(ctx, Path(__file__), timeout=1800)
+    await run_script(ctx, Path(__file__), timeout=3600)  # ~8 min idle; 30 min ran out under load 20
 
 
 def probe(model, clip):
