@@ -292,7 +292,7 @@ def _train_comfyui(args, model, latents, conds, clock: StepClock) -> dict:
                 model=[model], latents=[{"samples": latents}], positive=[[c] for c in conds],
                 batch_size=[args.batch_size], steps=[args.steps], grad_accumulation_steps=[1],
                 learning_rate=[args.lr], rank=[args.rank], optimizer=["AdamW"], loss_function=["MSE"],
-                seed=[args.seed], training_dtype=["fp32"], lora_dtype=["fp32"], algorithm=["lora"],
+                seed=[args.seed], training_dtype=["fp32"], lora_dtype=["fp32"], algorithm=["LoRA"],
                 gradient_checkpointing=[args.checkpointing], existing_lora=["[None]"], bucket_mode=[False])
     finally:
         nodes_train.TrainSampler = original
