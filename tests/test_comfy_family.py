@@ -430,3 +430,47 @@ def test_the_latent_cache_key_follows_the_graphs_vae_weights(module):
     ident = family.latent_cache_identity(None, None)
     assert ident == same.latent_cache_identity(None, None)
     assert ident != other.latent_cache_identity(None, None)
+
+
+# --- DoRA, LoHa and LoKr on the MODEL path -------------------------------------------------------------------------
+ADAPTER_KEYS = {  # the tensors ComfyUI 0.8.0's weight adapters read per module (comfy/weight_adapter/*.py)
+    "dora": {"lora_down.weight", "lora_up.weight", "alpha", "dora_scale"},
+    "loha": {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha"},
+    "lokr": {"lokr_w1", "lokr_w2", "lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b", "alpha"},
+}
+
+
+@pytest.mark.parametrize("network_type", ["dora", "loha", "lokr"])
+def test_other_adapter_types_train_export_comfy_keys_and_are_removed(module, network_type):
+    """DoRA, LoHa and LoKr train on ComfyUI's modules through apply_model (every adapter weight gets a gradient),
+    export under ComfyUI's key names with each type's own tensor names, and restore() leaves the MODEL bit-identical."""
+    from trainer.export import export_peft_modules
+    from trainer.families.objectives import DiffusionObjective
+    from trainer.network import attach_network
+
+    family, base = family_of(module, "epsilon")
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    key_map = comfy_key_map(base)
+    comps = family.load(types.SimpleNamespace(path="", vae_path="", tokenizer_path="", text_encoder_paths=()))
+    net = attach_network(family, comps, NetworkConfig(network_type=network_type, network_dim=2, network_alpha=2.0,
+                                                      target_preset="all_linear_conv"))
+    latents, noise, cond = batch(4)
+    noised = DiffusionObjective(comps.noise_scheduler, "epsilon", TrainingConfig()).noise(
+        latents, noise, torch.Generator().manual_seed(7))
+    family.predict(comps, noised.noisy, noised.timesteps, cond).square().mean().backward()
+    params = net.parameters()
+    assert params and all(p.grad is not None for p in params)
+    tensors = export_peft_modules(family, net.modules)
+    by_prefix: dict[str, set[str]] = {}
+    for key in tensors:
+        prefix = next(p for p in key_map if key.startswith(p + "."))
+        by_prefix.setdefault(prefix, set()).add(key[len(prefix) + 1:])
+    assert set(by_prefix) == {"lora_unet_attn1_to_q", "lora_unet_attn1_to_out", "lora_unet_ff", "lora_unet_proj_in",
+                              "lora_unet_conv", "lora_unet_blocks_0", "lora_unet_blocks_1"}
+    for prefix, names in by_prefix.items():
+        assert names <= ADAPTER_KEYS[network_type], (prefix, names)
+    if network_type == "dora":
+        assert all("dora_scale" in names for names in by_prefix.values())
+    family.restore()
+    after = base.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
