@@ -310,8 +310,9 @@ def assign_weights(module: nn.Module, weights: dict[str, torch.Tensor], keys, dt
     fp8 = loading_fp8() and is_fp8_target(module)
     skip_fp8 = keep_fp32_names(module)
     linears = {name: (parent, attr, layer) for parent, attr, name, layer in _linears(module)}
+    made = _Made(weights)
     for key in list(keys):
-        tensor = weights.pop(key)
+        tensor = made(weights.pop(key))
         owner, _, leaf = key.rpartition(".")
         if fp8 and leaf == "weight" and owner in linears and not _is_kept_fp32(owner, skip_fp8):
             parent, attr, layer = linears[owner]
@@ -326,6 +327,32 @@ def assign_weights(module: nn.Module, weights: dict[str, torch.Tensor], keys, dt
     if fp8:
         mark_quantized(module)
     return module
+
+
+class _Made:
+    """Values of lazily read tensors (:mod:`trainer.lazy_tensors`), made once even when one tensor is under two
+    keys (T5's tied embedding) and kept only until the last of its keys is assigned."""
+
+    def __init__(self, weights: dict):
+        from .lazy_tensors import LazyTensor
+
+        self.uses: dict[int, int] = {}
+        for value in weights.values():
+            if isinstance(value, LazyTensor):
+                self.uses[id(value)] = self.uses.get(id(value), 0) + 1
+        self.kept: dict[int, torch.Tensor] = {}
+
+    def __call__(self, value: torch.Tensor) -> torch.Tensor:
+        from .lazy_tensors import materialize
+
+        ident = id(value)
+        if ident not in self.uses:
+            return value
+        made = self.kept.pop(ident) if ident in self.kept else materialize(value)
+        self.uses[ident] -= 1
+        if self.uses[ident]:
+            self.kept[ident] = made
+        return made
 
 
 def _assign(module: nn.Module, key: str, tensor: torch.Tensor) -> None:

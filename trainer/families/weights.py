@@ -197,7 +197,7 @@ class TensorFile:
         from ..fp8_files import read_tensors
 
         with self._open() as handle:
-            return read_tensors(handle, self.path, prefix, exclude, dtype)
+            return read_tensors(handle, self.path, prefix, exclude, dtype, reopen=self.path)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,207 @@
+"""fp8 base weights quantized while loading (issue #16): a model loaded with ``model.fp8_base`` never holds its
+file in the compute dtype; each tensor is read, converted and quantized before the next, with the same numbers as
+quantizing after a full load."""
+from __future__ import annotations
+
+import weakref
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from trainer.config import ModelConfig
+from trainer.families import get_family
+from trainer.lazy_tensors import LazyTensor, lazy, materialize
+from trainer.quantized import FP8, Fp8Linear, apply_fp8_base, fp8_loading
+
+from tiny_flow import build_tiny_flow_model
+
+
+@pytest.fixture(scope="module")
+def tiny_flux(tmp_path_factory):
+    return build_tiny_flow_model(tmp_path_factory.mktemp("fp8stream"), "flux", seed=0)
+
+
+class LiveBytes(TorchDispatchMode):
+    """Counts the bytes of every CPU tensor storage alive that torch operations (and ``safe_open``'s
+    ``get_tensor``) made while active; ``peak`` is the most at any moment. Each storage counts once (views share)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.seen: set[int] = set()
+
+    def track(self, tensor: torch.Tensor) -> None:
+        if not isinstance(tensor, torch.Tensor) or tensor.is_meta or tensor.device.type != "cpu":
+            return
+        storage = tensor.untyped_storage()
+        key, size = storage.data_ptr(), storage.nbytes()
+        if not size or key in self.seen:
+            return
+        self.seen.add(key)
+        self.live += size
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(storage, self._release, key, size)
+
+    def _release(self, key: int, size: int) -> None:
+        self.seen.discard(key)
+        self.live -= size
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for leaf in tree_flatten(out)[0]:
+            self.track(leaf)
+        return out
+
+
+def _count_file_reads(monkeypatch, counter: LiveBytes) -> None:
+    import safetensors
+
+    real = safetensors.safe_open
+
+    class Handle:
+        def __init__(self, *args, **kwargs):
+            self.inner = real(*args, **kwargs)
+
+        def __enter__(self):
+            self.handle = self.inner.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.inner.__exit__(*exc)
+
+        def __getattr__(self, name):
+            return getattr(self.__dict__["handle"], name)
+
+        def get_tensor(self, key):
+            tensor = self.handle.get_tensor(key)
+            counter.track(tensor)
+            return tensor
+
+    monkeypatch.setattr(safetensors, "safe_open", Handle)
+
+
+def _bytes(module: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
+def _sd15_case(tiny_sd15):
+    from trainer.tiny import single_file_path
+
+    return get_family("sd15"), ModelConfig(family="sd15", path=str(single_file_path(tiny_sd15)))
+
+
+CASES = {
+    "flux transformer file": lambda tiny_flux, tiny_sd15: (get_family("flux"), tiny_flux.file_config()),
+    "sd15 single file": lambda tiny_flux, tiny_sd15: _sd15_case(tiny_sd15),
+    "flux diffusers folder": lambda tiny_flux, tiny_sd15: (get_family("flux"),
+                                                           ModelConfig(family="flux", path=str(tiny_flux.folder))),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fp8_base_loads_within_its_fp8_size_plus_one_tensor(tiny_flux, tiny_sd15, monkeypatch, case, dtype):
+    """Loading with fp8_base from an fp32 file: the live tensor bytes never exceed what the loaded model holds
+    (fp8 weights + the rest in ``dtype``) plus about one fp32 tensor. The old loader read the whole file in
+    ``dtype`` first (bf16: half the fp32 file; fp32: all of it) and only then quantized."""
+    family, cfg = CASES[case](tiny_flux, tiny_sd15)
+    counter = LiveBytes()
+    _count_file_reads(monkeypatch, counter)
+    with counter, fp8_loading(True):
+        comps = family.load(cfg, dtype=dtype)
+    apply_fp8_base([comps.denoiser, *comps.text_encoders], dtype)  # what the trainer does next: nothing left to do
+    modules = [comps.vae, *comps.modules().values()]
+    loaded = sum(_bytes(m) for m in modules)
+    largest = max(t.numel() * 4 for m in modules for t in m.state_dict().values())
+    assert any(isinstance(m, Fp8Linear) for m in comps.denoiser.modules())
+    slack = 64 * 1024
+    assert counter.peak <= loaded + 3 * largest + slack, (counter.peak, loaded, largest)
+
+
+def _fp8_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in module.state_dict().items()}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_quantizing_while_loading_stores_the_same_fp8_bytes_and_scales(tiny_flux, tiny_sd15, case):
+    """The streamed load equals a full load quantized afterwards: every fp8 weight bit for bit, every scale, and
+    every other tensor."""
+    family, cfg = CASES[case](tiny_flux, tiny_sd15)
+    after = family.load(cfg, dtype=torch.bfloat16)
+    apply_fp8_base([after.denoiser, *after.text_encoders], torch.bfloat16)
+    with fp8_loading(True):
+        streamed = family.load(cfg, dtype=torch.bfloat16)
+    for name, module in {**after.modules(), "vae": after.vae}.items():
+        want, got = _fp8_state(module), _fp8_state({**streamed.modules(), "vae": streamed.vae}[name])
+        assert want.keys() == got.keys(), name
+        for key, value in want.items():
+            assert got[key].dtype == value.dtype, (name, key)
+            if value.dtype == FP8:
+                assert torch.equal(got[key].view(torch.uint8), value.view(torch.uint8)), (name, key)
+            else:
+                assert torch.equal(got[key], value), (name, key)
+    assert any(v.dtype == FP8 for v in _fp8_state(streamed.denoiser).values())
+
+
+# --- the lazy tensors themselves -------------------------------------------------------------------------------------
+
+def _reads(values: dict[str, torch.Tensor], log: list[str]) -> dict[str, LazyTensor]:
+    def make(key):
+        def read():
+            log.append(key)
+            return values[key].clone()
+        return read
+
+    return {k: lazy(v.shape, v.dtype, make(k)) for k, v in values.items()}
+
+
+def test_conversions_on_lazy_tensors_read_nothing_and_then_give_the_eager_values():
+    """chunk / cat / split / slicing / transpose / in-place ops are recorded, nothing is read until materialized,
+    and the values are those of the same operations on real tensors."""
+    torch.manual_seed(0)
+    values = {"qkv": torch.randn(12, 4), "mod": torch.randn(8), "conv": torch.randn(4, 4, 1, 1)}
+    log: list[str] = []
+    sd = _reads(values, log)
+
+    def convert(sd):
+        q, k, v = torch.chunk(sd["qkv"], 3, dim=0)
+        shift, scale = sd["mod"].chunk(2, dim=0)
+        first, rest = torch.split(sd["qkv"], (4, 8), dim=0)
+        return {"q": torch.cat([q]), "k": k[:, :2].clone().detach(), "v": v.T.contiguous(),
+                "mod": torch.cat([scale, shift], dim=0), "conv": sd["conv"][:, :, 0, 0], "rest": rest * 2,
+                "eye": torch.eye(3), "shape": sd["qkv"].shape[0]}
+
+    lazy_out, eager = convert(sd), convert(values)
+    assert not log and isinstance(lazy_out["q"], LazyTensor) and lazy_out["shape"] == 12
+    for key, value in eager.items():
+        if isinstance(value, torch.Tensor):
+            got = materialize(lazy_out[key])
+            assert got.shape == value.shape and got.dtype == value.dtype and torch.equal(got, value), key
+    assert set(log) == {"qkv", "mod", "conv"}
+    part = materialize(lazy_out["k"])  # a slice is copied: it does not keep the fused tensor alive
+    assert part.untyped_storage().nbytes() == part.numel() * part.element_size()
+    log.clear()
+    scaled = sd["mod"].mul_(3)
+    assert scaled is sd["mod"] and not log
+    assert torch.equal(materialize(sd["mod"]), values["mod"] * 3)
+    assert float(sd["mod"].abs().max()) == float((values["mod"] * 3).abs().max())  # values run for real when needed
+
+
+def test_a_scaled_fp8_file_is_read_lazily_and_equals_the_eager_read(tmp_path):
+    from trainer.families.weights import TensorFile
+
+    weight = torch.randn(8, 4)
+    scale = weight.abs().amax() / 448
+    path = tmp_path / "scaled.safetensors"
+    save_file({"a.weight": (weight / scale).to(FP8), "a.scale_weight": scale.reshape(()), "a.bias": torch.randn(8),
+               "scaled_fp8": torch.zeros(0, dtype=FP8)}, str(path))
+    eager = TensorFile(path, "model.path").read(dtype=torch.bfloat16)
+    with fp8_loading(True):
+        streamed = TensorFile(path, "model.path").read(dtype=torch.bfloat16)
+    assert set(streamed) == set(eager) == {"a.weight", "a.bias"}
+    for key in eager:
+        assert isinstance(streamed[key], LazyTensor)
+        assert torch.equal(materialize(streamed[key]), eager[key]), key
