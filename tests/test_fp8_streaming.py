@@ -25,6 +25,11 @@ def tiny_flux(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def tiny_sd3(tmp_path_factory):
+    return build_tiny_flow_model(tmp_path_factory.mktemp("fp8stream3"), "sd3", seed=0)
+
+
+@pytest.fixture(scope="module")
 def deep_flux(tiny_flux, tmp_path_factory):
     """The tiny Flux with a 12-block fp32 transformer (so that its weights, not one tensor, dominate), as an
     original-layout file and as a diffusers folder whose transformer is saved in shards with an index."""
@@ -111,17 +116,20 @@ def _bytes(module: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
 
 
-def _sd15_case(tiny_sd15):
+def _single_file_case(family: str, folder):
     from trainer.tiny import single_file_path
 
-    return get_family("sd15"), ModelConfig(family="sd15", path=str(single_file_path(tiny_sd15)))
+    return get_family(family), ModelConfig(family=family, path=str(single_file_path(folder)))
 
 
-CASES = {
-    "flux transformer file": lambda tiny_flux, tiny_sd15: (get_family("flux"), tiny_flux.file_config()),
-    "sd15 single file": lambda tiny_flux, tiny_sd15: _sd15_case(tiny_sd15),
-    "flux diffusers folder": lambda tiny_flux, tiny_sd15: (get_family("flux"),
-                                                           ModelConfig(family="flux", path=str(tiny_flux.folder))),
+CASES = {  # name: (fixture, how to get (family, ModelConfig) from it)
+    "flux transformer file": ("tiny_flux", lambda tiny: (get_family("flux"), tiny.file_config())),
+    "flux diffusers folder": ("tiny_flux", lambda tiny: (get_family("flux"), tiny.folder_config())),
+    "sd3 transformer file": ("tiny_sd3", lambda tiny: (get_family("sd3"), tiny.file_config())),
+    "sd15 single file": ("tiny_sd15", lambda folder: _single_file_case("sd15", folder)),
+    "sdxl single file": ("tiny_sdxl", lambda folder: _single_file_case("sdxl", folder)),
+    "sdxl diffusers folder": ("tiny_sdxl", lambda folder: (get_family("sdxl"),
+                                                           ModelConfig(family="sdxl", path=str(folder)))),
 }
 
 
@@ -167,10 +175,11 @@ def _fp8_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_quantizing_while_loading_stores_the_same_fp8_bytes_and_scales(tiny_flux, tiny_sd15, case):
+def test_quantizing_while_loading_stores_the_same_fp8_bytes_and_scales(request, case):
     """The streamed load equals a full load quantized afterwards: every fp8 weight bit for bit, every scale, and
-    every other tensor."""
-    family, cfg = CASES[case](tiny_flux, tiny_sd15)
+    every other tensor (denoiser, text encoders with T5, VAE)."""
+    fixture, make = CASES[case]
+    family, cfg = make(request.getfixturevalue(fixture))
     after = family.load(cfg, dtype=torch.bfloat16)
     apply_fp8_base([after.denoiser, *after.text_encoders], torch.bfloat16)
     with fp8_loading(True):

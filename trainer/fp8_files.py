@@ -18,7 +18,8 @@ Crucible cannot train from (ComfyUI's ``nvfp4``, bitsandbytes NF4/int8, integer 
 :class:`~trainer.errors.ModelLoadError` naming the file.
 
 :func:`read_tensors` casts every tensor to the target dtype as soon as it is read, so a file is never held whole in
-its own dtype next to the converted copy. While :func:`trainer.quantized.fp8_loading` is active, plain fp8 tensors
+its own dtype next to the converted copy. While :func:`trainer.quantized.fp8_loading` is active, it reads nothing
+up front: each value is a lazy tensor read when the model is assigned (and quantized there), and plain fp8 tensors
 are kept as they are (the fp8 base stores them without another rounding).
 """
 from __future__ import annotations
