@@ -18,7 +18,8 @@ Crucible cannot train from (ComfyUI's ``nvfp4``, bitsandbytes NF4/int8, integer 
 :class:`~trainer.errors.ModelLoadError` naming the file.
 
 :func:`read_tensors` casts every tensor to the target dtype as soon as it is read, so a file is never held whole in
-its own dtype next to the converted copy. While :func:`trainer.quantized.fp8_loading` is active, plain fp8 tensors
+its own dtype next to the converted copy. While :func:`trainer.quantized.fp8_loading` is active, it reads nothing
+up front: each value is a lazy tensor read when the model is assigned (and quantized there), and plain fp8 tensors
 are kept as they are (the fp8 base stores them without another rounding).
 """
 from __future__ import annotations
@@ -113,10 +114,14 @@ def dequantize_tensor(key: str, tensor: torch.Tensor, scale: torch.Tensor | None
 
 
 def read_tensors(handle, where: Any, prefix: str = "", exclude: tuple[str, ...] = (),
-                 dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+                 dtype: torch.dtype | None = None, reopen: str | Path | None = None) -> dict[str, torch.Tensor]:
     """The tensors of an open ``safe_open`` ``handle`` whose names start with ``prefix`` (removed) and not with an
     ``exclude`` prefix, read one at a time and each converted at once (:func:`dequantize_tensor`); ComfyUI's
-    quantization entries are consumed, not returned."""
+    quantization entries are consumed, not returned.
+
+    While :func:`trainer.quantized.fp8_loading` is active and ``reopen`` names the file, nothing is read yet: each
+    value is a :class:`~trainer.lazy_tensors.LazyTensor` that reads (and converts) its tensor from ``reopen`` when
+    the model is assigned, so the fp8 base is quantized tensor by tensor. Bad files are refused here all the same."""
     keys = list(handle.keys())
     formats = layer_formats(keys, handle.metadata(), handle.get_tensor, where)
     check_supported(keys, formats, where)
@@ -126,14 +131,37 @@ def read_tensors(handle, where: Any, prefix: str = "", exclude: tuple[str, ...] 
     for key in keys:
         if not key.startswith(prefix) or (exclude and key.startswith(exclude)) or is_aux_key(key):
             continue
-        scale = None
+        scale_key = None
         if key.endswith(".weight"):
             layer = key[: -len(".weight")]
             scale_key = next((layer + s for s in SCALE_SUFFIXES if layer + s in present), None)
-            if scale_key is not None:
-                scale = handle.get_tensor(scale_key)
+        if keep_fp8 and reopen is not None:
+            out[key[len(prefix):]] = _lazy_tensor(handle, reopen, key, scale_key, dtype, where)
+            continue
+        scale = handle.get_tensor(scale_key) if scale_key is not None else None
         out[key[len(prefix):]] = dequantize_tensor(key, handle.get_tensor(key), scale, dtype, keep_fp8, where)
     return out
+
+
+def _lazy_tensor(handle, path: str | Path, key: str, scale_key: str | None, dtype, where):
+    """:func:`dequantize_tensor` of ``key``, deferred: checked now on the meta device, read from ``path`` later."""
+    from safetensors import safe_open
+
+    from .lazy_tensors import SAFETENSORS_DTYPES, lazy
+
+    def meta(name: str) -> torch.Tensor:
+        view = handle.get_slice(name)
+        return torch.empty(view.get_shape(), dtype=SAFETENSORS_DTYPES[view.get_dtype()], device="meta")
+
+    scale = meta(scale_key) if scale_key is not None else None
+    shape = dequantize_tensor(key, meta(key), scale, dtype, True, where)
+
+    def make() -> torch.Tensor:
+        with safe_open(str(path), framework="pt") as again:
+            scale_now = again.get_tensor(scale_key) if scale_key is not None else None
+            return dequantize_tensor(key, again.get_tensor(key), scale_now, dtype, True, where)
+
+    return lazy(shape.shape, shape.dtype, make)
 
 
 def read_file(path: str | Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
@@ -141,7 +169,7 @@ def read_file(path: str | Path, dtype: torch.dtype | None = None) -> dict[str, t
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as handle:
-        return read_tensors(handle, path, dtype=dtype)
+        return read_tensors(handle, path, dtype=dtype, reopen=path)
 
 
 __all__ = ["read_tensors", "read_file", "dequantize_tensor", "layer_formats", "check_supported", "is_aux_key",

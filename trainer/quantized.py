@@ -16,12 +16,13 @@ so under fp16 they keep fp32 weights through later ``.to(torch.float16)`` calls 
 Both layer kinds keep their storage dtype through ``Module.to`` / ``.half()`` (they follow device moves; an
 :class:`Fp8Linear` takes a new floating dtype as its compute dtype), so code that casts whole models stays correct.
 
-Loading (:func:`assign_weights`, called by the single-file loaders) builds each model on the meta device and assigns
-tensors one at a time, quantizing the denoiser's and T5's Linear weights as it goes while :func:`fp8_loading` is
-active, so a whole model never exists twice. A bf16 or scaled-fp8 file is read (and, for original-layout files,
-converted) in the compute dtype first — scales cannot follow tensors through the key conversion — so loading a
-component peaks at its compute-dtype size in host RAM; a plain fp8 file stays fp8 throughout. Quantizing happens on
-the host before the model moves to the GPU.
+Loading (:func:`assign_weights`, called by the file and folder loaders) builds each model on the meta device and
+assigns tensors one at a time, quantizing the denoiser's and T5's Linear weights as it goes while :func:`fp8_loading`
+is active. Under :func:`fp8_loading` the readers hand out :class:`~trainer.lazy_tensors.LazyTensor` values and key
+conversions run on them unread, so each tensor is read (from a bf16/fp32 file, or a scaled-fp8 file dequantized),
+converted and quantized before the next: loading peaks at the fp8 model plus about one tensor, and the stored fp8
+bytes and scales equal those of quantizing after a full load. A plain fp8 file stays fp8 throughout. Quantizing
+happens on the host before the model moves to the GPU.
 
 Limits: T5's ``wo`` is never fp8 (transformers casts the activations to ``wo.weight.dtype``); DoRA is refused (it
 rebuilds the full weight every step); under DDP the fp8 tensors are left out of the broadcast
@@ -310,8 +311,9 @@ def assign_weights(module: nn.Module, weights: dict[str, torch.Tensor], keys, dt
     fp8 = loading_fp8() and is_fp8_target(module)
     skip_fp8 = keep_fp32_names(module)
     linears = {name: (parent, attr, layer) for parent, attr, name, layer in _linears(module)}
+    made = _Made(weights)
     for key in list(keys):
-        tensor = weights.pop(key)
+        tensor = made(weights.pop(key))
         owner, _, leaf = key.rpartition(".")
         if fp8 and leaf == "weight" and owner in linears and not _is_kept_fp32(owner, skip_fp8):
             parent, attr, layer = linears[owner]
@@ -326,6 +328,40 @@ def assign_weights(module: nn.Module, weights: dict[str, torch.Tensor], keys, dt
     if fp8:
         mark_quantized(module)
     return module
+
+
+class _Made:
+    """Values of lazily read tensors (:mod:`trainer.lazy_tensors`), made once even when one tensor is under two
+    keys (T5's tied embedding) and kept only until the last of its keys is assigned."""
+
+    def __init__(self, weights: dict):
+        from .lazy_tensors import LazyTensor
+
+        self.uses: dict[int, int] = {}
+        for value in weights.values():
+            if isinstance(value, LazyTensor):
+                self.uses[id(value)] = self.uses.get(id(value), 0) + 1
+        self.kept: dict[int, torch.Tensor] = {}
+        self.made_bytes = 0
+
+    def __call__(self, value: torch.Tensor) -> torch.Tensor:
+        from .lazy_tensors import TRIM_EVERY, materialize, release_freed_memory
+
+        ident = id(value)
+        if ident not in self.uses:
+            return value
+        if ident in self.kept:
+            made = self.kept.pop(ident)
+        else:
+            made = materialize(value)
+            self.made_bytes += made.numel() * made.element_size()
+            if self.made_bytes >= TRIM_EVERY:  # the previous tensors' read copies are freed by now
+                self.made_bytes = 0
+                release_freed_memory()
+        self.uses[ident] -= 1
+        if self.uses[ident]:
+            self.kept[ident] = made
+        return made
 
 
 def _assign(module: nn.Module, key: str, tensor: torch.Tensor) -> None:

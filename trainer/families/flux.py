@@ -53,8 +53,8 @@ def flux_original_to_diffusers(sd: dict[str, "torch.Tensor"]) -> dict[str, "torc
     """A BFL/ComfyUI-named Flux transformer state dict (``double_blocks.N.img_attn…``) in diffusers names.
 
     diffusers' converter splits each single block's fused ``linear1`` with Flux.1's sizes (3072 wide, 4× MLP). For
-    other widths the split is done here and the converter is handed a stand-in of the size it expects (an expanded
-    scalar, no memory); its output for those keys is then replaced.
+    other widths the split is done here and the converter is handed a stand-in of the size it expects (a meta
+    tensor, no memory); its output for those keys is then replaced.
     """
     import torch
     from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
@@ -71,7 +71,7 @@ def flux_original_to_diffusers(sd: dict[str, "torch.Tensor"]) -> dict[str, "torc
         parts = torch.split(tensor, (width, width, width, mlp), dim=0)
         for name, part in zip(("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), parts):
             split[f"single_transformer_blocks.{block}.{name}.{param}"] = part
-        sd[key] = torch.zeros(()).expand(3 * FLUX1_WIDTH + FLUX1_MLP, *tensor.shape[1:])
+        sd[key] = torch.empty(3 * FLUX1_WIDTH + FLUX1_MLP, *tensor.shape[1:], device="meta")  # shape only
     converted = convert_flux_transformer_checkpoint_to_diffusers(sd)
     converted.update(split)
     return converted

@@ -38,6 +38,12 @@ def from_pretrained(cls, folder: Path, sub: str | None, dtype, what: str = "mode
     dtype = dtype or torch.float32
     variant = _fp16_variant(where)
     try:
+        from ..quantized import FP8_MODULE_CLASSES, loading_fp8
+
+        if loading_fp8() and cls.__name__ in FP8_MODULE_CLASSES:  # fp8 base: quantized tensor by tensor
+            from .fp8_folders import load_folder_streamed
+
+            return load_folder_streamed(cls, where, variant, dtype, what).eval()
         if cls.__module__.startswith("transformers"):
             model, info = cls.from_pretrained(str(where), local_files_only=True, use_safetensors=True,
                                               variant=variant, output_loading_info=True, **_transformers_dtype(dtype),
@@ -197,7 +203,7 @@ class TensorFile:
         from ..fp8_files import read_tensors
 
         with self._open() as handle:
-            return read_tensors(handle, self.path, prefix, exclude, dtype)
+            return read_tensors(handle, self.path, prefix, exclude, dtype, reopen=self.path)
 
 
 @dataclass(frozen=True)
