@@ -98,8 +98,9 @@ def clip_l_weights(seed: int) -> dict:
 
     with torch.device("meta"):
         model = CLIPTextModel(CLIPTextConfig(**comfy_sd15_text_config()))
-    layout = dict(model.state_dict())
-    layout.pop("text_model.embeddings.position_ids", None)
+    layout = {k if k.startswith(("text_model.", "text_projection")) else f"text_model.{k}": v
+              for k, v in model.state_dict().items() if not k.endswith("position_ids")}  # transformers 5 drops the prefix
+    layout["text_projection.weight"] = torch.empty(768, 768, device="meta")  # ComfyUI's CLIP-L projects the pooled output
     return random_weights(layout, seed)
 
 
@@ -112,12 +113,20 @@ def vae_weights(seed: int) -> dict:
     return random_weights(model.state_dict(), seed)
 
 
+def _all_weights_taken(log, path: Path) -> None:
+    """ComfyUI loads state dicts non-strictly and only logs what it left out: any such line is a wrong layout."""
+    left = log.matching("missing", "unexpected", "leftover")
+    if left:
+        raise AssertionError(f"ComfyUI did not take every weight of {path.name}: {left[0][:300]}")
+
+
 def build_all(models_dir: Path, seed: int = 0) -> dict[str, Any]:
     """Write the two diffusion models, CLIP-L and the VAE under ``models_dir`` (ComfyUI's ``models/``) and load each
     back with ComfyUI's own loaders; returns {what: detail} and raises AssertionError on a wrong detection."""
     import comfy.sd
     import comfy.utils
 
+    from comfy_python import LogCapture
     from trainer.fileio import save_safetensors
 
     found = {}
@@ -126,7 +135,9 @@ def build_all(models_dir: Path, seed: int = 0) -> dict[str, Any]:
     for index, family in enumerate(FAMILIES):
         path = save_safetensors(models_dir / "diffusion_models" / family.unet_file,
                                 random_weights(_layout(family), seed + index))
-        patcher = comfy.sd.load_diffusion_model(str(path))
+        with LogCapture() as log:
+            patcher = comfy.sd.load_diffusion_model(str(path))
+        _all_weights_taken(log, path)
         got = type(patcher.model.model_config).__name__
         if got != family.name:
             raise AssertionError(f"ComfyUI detected {path.name} as {got}, not {family.name}")
@@ -134,13 +145,17 @@ def build_all(models_dir: Path, seed: int = 0) -> dict[str, Any]:
                               f"weights, {type(patcher.model.model_sampling).__bases__[0].__name__}")
         del patcher
     path = save_safetensors(models_dir / "text_encoders" / CLIP_FILE, clip_l_weights(seed))
-    clip = comfy.sd.load_clip([str(path)], clip_type=comfy.sd.CLIPType.STABLE_DIFFUSION)
+    with LogCapture() as log:
+        clip = comfy.sd.load_clip([str(path)], clip_type=comfy.sd.CLIPType.STABLE_DIFFUSION)
+    _all_weights_taken(log, path)
     width = clip.encode_from_tokens(clip.tokenize("a test"), return_dict=True)["cond"].shape[-1]
     if width != CAPTION_WIDTH:
         raise AssertionError(f"Load CLIP gave {width}-wide features, not {CAPTION_WIDTH}")
     found["CLIP-L"] = f"{path.name}: {type(clip.cond_stage_model).__name__}, {width}-wide features"
     path = save_safetensors(models_dir / "vae" / VAE_FILE, vae_weights(seed))
-    vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(path)))
+    with LogCapture() as log:
+        vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(path)))
+    _all_weights_taken(log, path)
     if vae.latent_channels != 16:
         raise AssertionError(f"ComfyUI read {path.name} as a {vae.latent_channels}-channel VAE, not 16")
     found["VAE"] = f"{path.name}: {type(vae.first_stage_model).__name__}, {vae.latent_channels} latent channels"
