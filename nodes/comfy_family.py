@@ -28,6 +28,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from ..trainer import Components, CrucibleError, KeyStyle, ModelFamily
+from .comfy_autograd import differentiable_rope, out_of_place_updates
 
 HOSTED_NAME = "comfy"  # model.family of a run through the graph's MODEL
 COMPONENT = "unet"  # the denoiser's component name (ComfyUI's LoRA keys call every diffusion model lora_unet_)
@@ -73,8 +74,8 @@ class HostedModule(torch.nn.Module):
                 continue  # already wrapped
 
             def run(*args, _forward=block.forward, **kwargs):
-                if torch.is_grad_enabled():
-                    return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+                if torch.is_grad_enabled():  # recomputed blocks update out of place too (comfy_autograd)
+                    return checkpoint(_call_out_of_place, _forward, *args, use_reentrant=False, **kwargs)
                 return _forward(*args, **kwargs)
 
             block.forward = run
@@ -87,6 +88,11 @@ class HostedModule(torch.nn.Module):
 
     def _blocks(self) -> list[torch.nn.Module]:
         return [block for child in self.inner.children() if isinstance(child, torch.nn.ModuleList) for block in child]
+
+
+def _call_out_of_place(forward, *args, **kwargs):
+    with out_of_place_updates():
+        return forward(*args, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -246,6 +252,7 @@ class ComfyModelFamily(ModelFamily):
         base = self.patcher.model
         with torch.inference_mode(False):
             usable_by_autograd(base.diffusion_model)
+        differentiable_rope()  # comfy-kitchen's RoPE kernels have no backward of their own
         ms = base.model_sampling
         if self.default_prediction == "flow":
             from diffusers import FlowMatchEulerDiscreteScheduler
@@ -379,7 +386,8 @@ class ComfyModelFamily(ModelFamily):
             x = noisy_latents.float()
         else:  # the loop's √ᾱ·x0 + √(1-ᾱ)·ε is ComfyUI's (x0 + σ·ε)/√(1+σ²)
             x = noisy_latents.float() * torch.sqrt(1.0 + s * s)
-        denoised = base.apply_model(x, sigma, transformer_options={}, **self._model_conds(cond, x))
+        with out_of_place_updates():  # ComfyUI's blocks add to their residual streams in place
+            denoised = base.apply_model(x, sigma, transformer_options={}, **self._model_conds(cond, x))
         if self.default_prediction == "v_prediction":  # ComfyUI: x0 = x/(σ²+1) − v·σ/√(σ²+1)
             return (x / (s * s + 1.0) - denoised) * torch.sqrt(s * s + 1.0) / s
         return (x - denoised) / s  # ε (x0 = x − σ·ε) and flow velocity (x0 = x − σ·v)

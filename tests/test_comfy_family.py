@@ -126,12 +126,16 @@ class TinyDenoiser(torch.nn.Module):
         self.norm = torch.nn.LayerNorm(4)
         self.blocks = torch.nn.ModuleList([torch.nn.Conv2d(4, 4, 1), torch.nn.Conv2d(4, 4, 1)])
         self.calls = []
+        self.in_place = False  # ComfyUI's inference style: residual streams updated in place (Flux's img += …)
 
     def forward(self, x, t, context=None, control=None, transformer_options=None, **kwargs):
         self.calls.append((x.detach().clone(), t.detach().clone()))
         h = self.conv(self.proj_in(x))
         for block in self.blocks:
-            h = block(h) + h
+            if self.in_place:
+                h += block(h)
+            else:
+                h = block(h) + h
         h = h.movedim(1, -1)
         h = self.ff(self.attn1["to_out"](self.attn1["to_q"](self.norm(h)))).movedim(-1, 1)
         return h * (1 + t.view(-1, 1, 1, 1) / 1000) + context.mean(dim=(1, 2)).view(-1, 1, 1, 1)
@@ -397,6 +401,37 @@ def test_gradient_checkpointing_keeps_the_gradients_and_is_undone(module):
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, checkpointed))
     family.restore()
     assert not any("forward" in vars(b) for b in base.diffusion_model.blocks)
+
+
+def test_blocks_that_update_their_residual_stream_in_place_train(module):
+    """ComfyUI's DiT blocks add to their residual streams in place, which autograd refuses once the stream was saved;
+    predict runs them out of place (nodes/comfy_autograd.py), checkpointed or not, with the out-of-place gradients."""
+    from trainer.network import attach_network
+
+    family, base = family_of(module, "flow")
+    comps = family.load(types.SimpleNamespace(path="", vae_path="", tokenizer_path="", text_encoder_paths=()))
+    net = attach_network(family, comps, NetworkConfig(network_dim=2, network_alpha=2.0, target_preset="all_linear_conv"))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.1)
+    latents, noise, cond = batch(4)
+    noisy, timesteps = 0.5 * latents + 0.5 * noise, torch.tensor([500.0, 250.0])
+
+    def grads(in_place):
+        base.diffusion_model.in_place = in_place
+        for p in net.parameters():
+            p.grad = None
+        family.predict(comps, noisy, timesteps, cond).square().mean().backward()
+        return [p.grad.clone() for p in net.parameters()]
+
+    reference = grads(False)
+    base.diffusion_model.in_place = True
+    with pytest.raises(RuntimeError, match="inplace"):  # ComfyUI's apply_model as it is
+        base.apply_model(noisy, timesteps / 1000, c_crossattn=cond["encoder_hidden_states"]).square().mean().backward()
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(reference, grads(True)))
+    comps.denoiser.enable_gradient_checkpointing()
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(reference, grads(True)))
+    family.restore()
 
 
 def test_a_model_loaded_in_inference_mode_trains(module):
