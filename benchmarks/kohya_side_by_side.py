@@ -58,9 +58,8 @@ def kohya_flags(cfg, precision: str) -> KohyaPlan:
 
     ``precision`` is the resolved mixed precision (``auto`` already decided). Paths (model, data, output,
     tokenizers) are added by :func:`kohya_argv`. Raises ``ValueError`` for a config kohya cannot run at all here."""
-    from trainer.defaults import resolve_gradient_checkpointing
+    from trainer.defaults import resolved_settings
     from trainer.families import get_family
-    from trainer.memory_presets import config_value
 
     family, net, opt, tr, ds = cfg.model.family, cfg.network, cfg.optim, cfg.training, cfg.datasets[0]
     if family not in KOHYA_SCRIPTS:
@@ -71,7 +70,7 @@ def kohya_flags(cfg, precision: str) -> KohyaPlan:
         raise ValueError(f"no kohya optimizer_type for {opt.optimizer!r}")
     if precision not in KOHYA_PRECISION:
         raise ValueError(f"no kohya mixed_precision for {precision!r}")
-    if config_value(cfg, "blocks_to_swap", 0):
+    if tr.blocks_to_swap:
         raise ValueError(f"kohya's {KOHYA_SCRIPTS[family]} has no blocks_to_swap")
     flags = ["--network_module", "networks.lora", "--network_dim", str(net.network_dim),
              "--network_alpha", f"{net.network_alpha:g}",
@@ -97,13 +96,14 @@ def kohya_flags(cfg, precision: str) -> KohyaPlan:
                      "proj_in/proj_out)")
     if cfg.model.clip_skip != 1:
         flags += ["--clip_skip", str(cfg.model.clip_skip)]
-    if resolve_gradient_checkpointing(tr.gradient_checkpointing, family):
+    resolved = resolved_settings(cfg)  # the family's checkpointing and cache defaults where the config leaves them
+    if resolved["gradient_checkpointing"]:
         flags.append("--gradient_checkpointing")
-    if tr.cache_latents:
+    if resolved["cache_latents"]:
         flags.append("--cache_latents")
     if tr.cache_latents_to_disk:
         flags.append("--cache_latents_to_disk")
-    if tr.cache_text_embeddings:
+    if resolved["cache_text_embeddings"]:
         if family == "sdxl":
             flags.append("--cache_text_encoder_outputs")
         else:
@@ -111,10 +111,10 @@ def kohya_flags(cfg, precision: str) -> KohyaPlan:
                              "its text encoder stays resident (in the mixed-precision dtype) and encodes every step")
     if get_family(family).vae_fp32:
         flags.append("--no_half_vae")
-    for name in ("fp8_base", "full_bf16"):
-        if config_value(cfg, name, False):
+    for name, on in (("fp8_base", cfg.model.fp8_base), ("full_bf16", tr.full_bf16)):
+        if on:
             flags.append(f"--{name}")
-    if config_value(cfg, "fused_backward_pass", False):
+    if tr.fused_backward_pass:
         raise ValueError("kohya's fused_backward_pass is for full fine-tunes (sdxl_train.py), not LoRA")
     if tr.min_snr_gamma:
         flags += ["--min_snr_gamma", f"{tr.min_snr_gamma:g}"]
