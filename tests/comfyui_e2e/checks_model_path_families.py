@@ -15,10 +15,10 @@
    ``model_path_files.py``; so ComfyUI's own SDXL / Flux model objects on tiny weights, ComfyUI's VAE and a text
    stand-in go through ComfyModelFamily and the library's loop: the loss falls, ComfyUI's loader patches every
    trained module with no unloaded key, the render changes, the MODEL is unchanged after the run; SDXL's
-   Cancel → resume is exact. The Flux case runs only with ``CRUCIBLE_MODEL_PATH_FLUX=1`` (SKIP otherwise): on
-   ComfyUI 0.8.0 with comfy_kitchen its backward pass raises "Trying to backward through
-   comfy_kitchen.apply_rope.default but no autograd formula was registered" (Flux, Chroma, HiDream, Lumina 2,
-   Qwen-Image and Wan all use that RoPE) — an open MODEL-path bug, not fixed yet.
+   Cancel → resume is exact. The Flux case runs only with ``CRUCIBLE_MODEL_PATH_FLUX=1`` (SKIP otherwise): since
+   ``nodes/comfy_autograd.py`` (RoPE backward, out-of-place residual updates) it trains, ComfyUI's loader patches
+   every trained module and the MODEL is unchanged, but on 2026-12-07 its loss did not fall within 12 steps
+   (2.09 → 3.34 on the tiny model); it stays opt-in until that is understood.
 Each case prints its time.
 Only on ComfyUI 0.8.0.
 """
@@ -158,9 +158,8 @@ async def run_checks(ctx) -> None:
         families = "sdxl,flux"
     else:
         families = "sdxl"
-        results.skip("MODEL path Flux training", f"opt-in ({FLUX_TRAINING_SWITCH}=1): known to fail on ComfyUI 0.8.0 "
-                                                 "with comfy_kitchen installed: its RoPE op comfy_kitchen.apply_rope "
-                                                 "has no autograd formula, so the backward pass raises")
+        results.skip("MODEL path Flux training", f"opt-in ({FLUX_TRAINING_SWITCH}=1): the tiny Flux trains and its keys "
+                                                 "load, but its loss did not fall within 12 steps on 2026-12-07")
     await run_script(ctx, HERE / "model_path_training.py", timeout=1500, extra=["--only", families])
     results.ok("MODEL path families: SDXL/Flux training script time", f"{time.perf_counter() - started:.0f}s")
 
