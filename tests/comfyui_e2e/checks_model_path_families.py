@@ -107,9 +107,9 @@ async def train_and_sweep(ctx, label: str, prompt_of: Callable[..., tuple[dict, 
 
 
 async def cancel_and_resume(ctx, label: str, prompt_of: Callable[..., tuple[dict, dict]], reference: str,
-                            losses: list[float], run_name: str) -> None:
-    """Cancel once the step-6 LoRA is on disk, queue again with resume: the final LoRA and losses must equal the
-    uninterrupted run ``reference``'s."""
+                            losses: list[float], run_name: str, steps: int = STEPS) -> None:
+    """Cancel once the first periodic LoRA is on disk, queue again with resume: the final LoRA and losses must equal
+    the uninterrupted run ``reference``'s (``steps`` long)."""
     results = ctx.results
     started = time.perf_counter()
     prompt, ids = prompt_of(run_name, sweep=False)
@@ -125,7 +125,7 @@ async def cancel_and_resume(ctx, label: str, prompt_of: Callable[..., tuple[dict
     cancelled = await run_watched(ctx.server, prompt, TIMEOUT, on_event=on_event)
     state = manifest(ctx, run_name)
     if not results.check(f"{label}: Cancel stops the run with its state saved",
-                         [] if cancelled.interrupted and 0 < len(state.get("losses", [])) < STEPS else
+                         [] if cancelled.interrupted and 0 < len(state.get("losses", [])) < steps else
                          [f"interrupted {cancelled.interrupted}, {len(state.get('losses', []))} steps; "
                           + cancelled.describe()]):
         return

