@@ -72,8 +72,10 @@ async def write_files(ctx) -> tuple[dict[str, Path] | None, str]:
     return {role: ctx.comfy_root / "models" / sub / name for role, (sub, name) in SD3_FILES.items()}, text
 
 
-async def train_and_sweep(ctx, label: str, prompt_of: Callable[..., tuple[dict, dict]], run_name: str) -> list[float]:
-    """Train → sweep through the MODEL path; the checks of checks_model_path on this family. Returns the losses."""
+async def train_and_sweep(ctx, label: str, prompt_of: Callable[..., tuple[dict, dict]], run_name: str,
+                          steps: int = STEPS, save_every: int = SAVE_EVERY) -> list[float]:
+    """Train (``steps``, a LoRA every ``save_every``) → sweep through the MODEL path; the checks of
+    checks_model_path on this family. Returns the losses."""
     results = ctx.results
     started = time.perf_counter()
     offset = log_size(ctx.server_log)
@@ -82,12 +84,12 @@ async def train_and_sweep(ctx, label: str, prompt_of: Callable[..., tuple[dict, 
     record = manifest(ctx, run_name)
     losses = record.get("losses", [])
     took = time.perf_counter() - started
-    if not results.check(f"{label}: loaders → Train ({STEPS} steps) → sweep succeeds",
+    if not results.check(f"{label}: loaders → Train ({steps} steps) → sweep succeeds",
                          [] if run.succeeded else [run.describe()], f"{len(losses)} steps, {took:.0f}s"):
         return []
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     results.check(f"{label}: the training loss falls",
-                  [] if len(losses) == STEPS and last < first and record.get("family") == "comfy" else
+                  [] if len(losses) == steps and last < first and record.get("family") == "comfy" else
                   [f"family {record.get('family')!r}, {len(losses)} losses: {[round(x, 4) for x in losses]}"],
                   f"mean of the first five steps {first:.4f} → the last five {last:.4f}")
     lora = last_lora(ctx, run_name)
@@ -101,7 +103,7 @@ async def train_and_sweep(ctx, label: str, prompt_of: Callable[..., tuple[dict, 
     images = fetch_images(ctx, run, ids["preview"])
     differs = [round(mean_difference(images[0], im), 2) for im in images[1:]] if images else []
     results.check(f"{label}: the sweep renders every checkpoint, each unlike the base model",
-                  [] if len(images) == 1 + STEPS // SAVE_EVERY and all(d > DIFFERENT_RENDER for d in differs)
+                  [] if len(images) == 1 + steps // save_every and all(d > DIFFERENT_RENDER for d in differs)
                   else [f"{len(images)} images, mean |Δ| to base {differs}"], f"mean |Δ| to base {differs}")
     return losses
 

@@ -31,8 +31,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from comfy_new_families import CLIP_FILE, FAMILIES, VAE_FILE  # noqa: E402
 
 STEPS, SAVE_EVERY, BATCH = 20, 10, 2
-TIMEOUT = 1800.0
-DIFFERENT_RENDER = 0.5  # mean |Δ| (0..255) above which two renders differ
 LOADERS = {0: ("UNETLoader", 0), 1: ("CLIPLoader", 0), 2: ("VAELoader", 0)}  # Load Checkpoint output → loader
 
 
@@ -63,41 +61,6 @@ def family_prompt(ctx, family, run_name: str, resume: bool = False, sweep: bool 
     return prompt, ids
 
 
-async def train_one(ctx, family) -> list[float]:
-    from checks_model_path import LOG_FORBIDS, key_problems, last_lora, manifest
-    from checks_sweep_memory import fetch_images, mean_difference
-    from run_stage import forbidden_lines, log_since, log_size
-    from watch import run_watched
-
-    results, label = ctx.results, f"MODEL path, {family.name}"
-    run_name = f"ci_model_path_{family.name.lower()}"
-    offset = log_size(ctx.server_log)
-    prompt, ids = family_prompt(ctx, family, run_name)
-    run = await run_watched(ctx.server, prompt, TIMEOUT)
-    record = manifest(ctx, run_name)
-    losses = record.get("losses", [])
-    if not results.check(f"{label}: Load Diffusion Model/CLIP/VAE → Train ({STEPS} steps) → sweep succeeds",
-                         [] if run.succeeded else [run.describe()], f"{len(losses)} steps"):
-        return []
-    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
-    results.check(f"{label}: the training loss falls",
-                  [] if len(losses) == STEPS and last < first and record.get("family") == "comfy" else
-                  [f"family {record.get('family')!r}, {len(losses)} losses: {[round(x, 4) for x in losses]}"],
-                  f"mean of the first five steps {first:.4f} → the last five {last:.4f}")
-    lora = last_lora(ctx, run_name)
-    results.check(f"{label}: exported keys come from ComfyUI's key map (lora_unet_*)",
-                  key_problems(lora) if lora else [f"no LoRA in models/loras/{run_name}"], str(lora))
-    results.check(f"{label}: the stock LoRA loader loads every key (server log)",
-                  forbidden_lines(log_since(ctx.server_log, offset), LOG_FORBIDS),
-                  "no 'lora key not loaded' / unpatched-weight lines")
-    images = fetch_images(ctx, run, ids["preview"])
-    differs = [round(mean_difference(images[0], im), 2) for im in images[1:]]
-    results.check(f"{label}: the sweep renders every checkpoint, each unlike the base model",
-                  [] if len(images) == 1 + STEPS // SAVE_EVERY and all(d > DIFFERENT_RENDER for d in differs)
-                  else [f"{len(images)} images, mean |Δ| to base {differs}"], f"mean |Δ| to base {differs}")
-    return losses
-
-
 async def run_checks(ctx) -> None:
     from comfy_python import run_script
 
@@ -117,15 +80,16 @@ async def run_checks(ctx) -> None:
             results.fail(f"MODEL path, {family.name}", f"model files missing: {[p.name for p in needed if not p.is_file()]}")
             continue
         try:
-            losses = await train_one(ctx, family)
-            if losses:  # Cancel once the step-10 LoRA is saved, resume: the uninterrupted run's LoRA and losses
-                from checks_model_path_families import cancel_and_resume
+            from checks_model_path_families import cancel_and_resume, train_and_sweep
 
-                run_name = f"ci_model_path_{family.name.lower()}"
-                await cancel_and_resume(
-                    ctx, f"MODEL path, {family.name}",
-                    lambda name, **kw: family_prompt(ctx, family, name, **kw), run_name, losses,
-                    f"{run_name}_cancel", steps=STEPS)
+            label, run_name = f"MODEL path, {family.name}", f"ci_model_path_{family.name.lower()}"
+
+            def prompt_of(name: str, _family=family, **kw):
+                return family_prompt(ctx, _family, name, **kw)
+
+            losses = await train_and_sweep(ctx, label, prompt_of, run_name, steps=STEPS, save_every=SAVE_EVERY)
+            if losses:  # Cancel once the step-10 LoRA is saved, resume: the uninterrupted run's LoRA and losses
+                await cancel_and_resume(ctx, label, prompt_of, run_name, losses, f"{run_name}_cancel", steps=STEPS)
         finally:
             ctx.server.request("/free", {"unload_models": True, "free_memory": True})
 
