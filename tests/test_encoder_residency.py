@@ -154,8 +154,8 @@ def test_previews_render_the_same_images_with_the_encoders_released(tiny_sd15, d
     assert [s.step for s in freed.samples] == [2, 3]  # a step-2 preview and the end-of-run one
     assert _pixels(freed) == _pixels(kept) and len(set(_pixels(freed)[0])) > 1
     assert freed.losses == kept.losses
-    assert watch.reloads == 2  # read again for each preview ...
-    assert steps.alive[3] == [] and watch.alive() == []  # ... and released again after it
+    assert watch.reloads == 0  # the prompts were encoded before the release (trainer.sample_prompts) ...
+    assert steps.alive[3] == ["vae"] and watch.alive() == []  # ... so only the VAE stays, in host memory
 
 
 def test_sdxl_previews_with_the_encoders_released_single_file(tiny_sdxl, demo_dataset, tmp_path, monkeypatch):
@@ -168,7 +168,7 @@ def test_sdxl_previews_with_the_encoders_released_single_file(tiny_sdxl, demo_da
                               model={"family": "sdxl"})
     freed, watch, _ = _preview_run(path, demo_dataset, tmp_path / "freed", True, monkeypatch, "sdxl",
                                    model={"family": "sdxl"})
-    assert _pixels(freed) == _pixels(kept) and freed.losses == kept.losses and watch.reloads == 2
+    assert _pixels(freed) == _pixels(kept) and freed.losses == kept.losses and watch.reloads == 0
 
 
 def test_flux_fp8_bf16_previews_with_the_encoders_released(tiny_flux, demo_dataset, tmp_path, monkeypatch):
@@ -181,7 +181,7 @@ def test_flux_fp8_bf16_previews_with_the_encoders_released(tiny_flux, demo_datas
     freed, watch, steps = _preview_run(tiny_flux.transformer_file, demo_dataset, tmp_path / "freed", True,
                                        monkeypatch, "flux", model=model, training=training)
     assert _pixels(freed) == _pixels(kept) and freed.losses == kept.losses
-    assert watch.reloads == 2 and steps.alive[1] == [] and watch.alive() == []
+    assert watch.reloads == 0 and steps.alive[1] == ["vae"] and watch.alive() == []
 
 
 # --- reloaded encoders are the same ---------------------------------------------------------------------------------
@@ -257,8 +257,8 @@ def test_a_resumed_run_with_released_encoders_continues_exactly(tiny_sd15, demo_
     steps = AliveAtSteps(watch)
     resumed = train(cfg, steps, resume_from=first.state_dir)
     assert first.losses == whole.losses[:2] and resumed.losses == whole.losses
-    assert min(steps.alive) == 3 and steps.alive[3] == []  # the resumed run filled its caches and released again
-    assert _pixels(resumed)[-1] == _pixels(whole)[-1]  # the last preview, rendered on reloaded encoders
+    assert min(steps.alive) == 3 and steps.alive[3] == ["vae"]  # the resumed run filled its caches, released again
+    assert _pixels(resumed)[-1] == _pixels(whole)[-1]  # the last preview, from prompts the resumed run encoded
 
 
 def test_a_full_fine_tune_single_file_export_reads_the_encoders_back(tiny_sd15, demo_dataset, tmp_path,
@@ -298,9 +298,11 @@ def test_the_cpu_memory_estimate_drops_the_released_encoders():
 
 
 @pytest.mark.slow
-def test_two_processes_release_their_own_copies_and_rank0_reloads_for_previews(tiny_sd15, demo_dataset, tmp_path):
-    """The encoders are never DDP-wrapped (only trained modules are): each rank drops its own copy after caching,
-    rank 0 alone reads them back for its previews while rank 1 waits, and the ranks still end identical."""
+def test_two_processes_release_their_own_copies_and_rank0_previews_without_reloading(tiny_sd15, demo_dataset,
+                                                                                     tmp_path):
+    """The encoders are never DDP-wrapped (only trained modules are): each rank drops its own copy after caching;
+    rank 0, which renders the previews, encoded their prompts first and keeps its VAE, so nothing is read back; and
+    the ranks still end identical."""
     from test_multiprocess import assert_ranks_agree, launch_two_processes
 
     cfg = {"model": {"family": "sd15", "path": str(tiny_sd15)},
@@ -311,18 +313,24 @@ def test_two_processes_release_their_own_copies_and_rank0_reloads_for_previews(t
            "save": {"output_dir": str(tmp_path / "out"), "run_name": "mp", "save_every_n_epochs": 1}}
     output = launch_two_processes(tmp_path, cfg)
     assert_ranks_agree(output)
-    assert output.count("caches filled: released vae, text_encoder from memory") == 2, output[-3000:]
-    assert output.count("reloaded vae, text_encoder from the model files") == 1, output[-3000:]
+    assert output.count("caches filled: released vae, text_encoder from memory") == 1, output[-3000:]  # rank 1
+    assert output.count("caches filled: released text_encoder from memory") == 1, output[-3000:]  # rank 0
+    assert "vae kept in host memory for previews" in output and "reloaded" not in output, output[-3000:]
     assert len(list((tmp_path / "out" / "mp" / "samples").glob("*.png"))) == 1
 
 
-def test_a_model_file_changed_during_training_is_named_not_reloaded(tiny_sd15, demo_dataset, tmp_path):
-    """A preview after the model's files changed would use other encoders than the caches: refused, naming the
-    path and the switch; the checkpoint saved before it stays."""
+def test_a_model_file_changed_during_training_is_named_not_reloaded(tiny_sd15, demo_dataset, tmp_path,
+                                                                    monkeypatch):
+    """A preview that reads the encoders back after the model's files changed would use other encoders than the
+    caches: refused, naming the path and the switch; the checkpoint saved before it stays. (Previews read nothing
+    back when their prompts were encoded before the release, trainer.sample_prompts; here they were not.)"""
     import os
     import shutil
 
+    import trainer.sample_prompts
     from trainer.errors import ModelLoadError
+
+    monkeypatch.setattr(trainer.sample_prompts, "encode_preview_prompts", lambda trainer: None)
 
     model = tmp_path / "model"
     shutil.copytree(tiny_sd15, model)

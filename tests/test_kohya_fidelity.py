@@ -413,18 +413,21 @@ def test_flux_previews_use_the_flux_guidance_not_the_cfg(monkeypatch):
         def set_progress_bar_config(self, **_):
             pass
 
-    def prompt_kwargs(self, comps, prompt, negative_prompt, cfg):
-        seen["guidance"] = cfg
-        raise Stop
+        def __call__(self, guidance_scale, **_):
+            seen["guidance"] = guidance_scale
+            raise Stop
 
     monkeypatch.setattr(type(fam), "pipeline", lambda self, comps: Pipe())
-    monkeypatch.setattr(type(fam), "prompt_kwargs", prompt_kwargs)
+    monkeypatch.setattr(type(fam), "sample_conditioning", lambda self, comps, prompt, negative_prompt, cfg: {})
     with pytest.raises(Stop):
         fam.sample(None, ["a"], seed=1, steps=2, cfg=7.0, width=64, height=64, guidance=3.5)
     assert seen["guidance"] == 3.5
     with pytest.raises(Stop):
         fam.sample(None, ["a"], seed=1, steps=2, cfg=4.0, width=64, height=64)  # the sweep's cfg stays the guidance
     assert seen["guidance"] == 4.0
+    with pytest.raises(Stop):  # pre-encoded prompts (trainer.sample_prompts) too
+        fam.sample(None, ["a"], seed=1, steps=2, cfg=7.0, width=64, height=64, guidance=2.5, conditioning=[{}])
+    assert seen["guidance"] == 2.5
 
 
 @pytest.mark.slow

@@ -39,10 +39,11 @@ GIB = 1024 ** 3
 
 class ReleasedEncoder:
     """Stands where a released encoder was: it keeps the module's ``config`` (SDXL's time ids read the VAE's) and
-    refuses everything else with a message naming the encoder."""
+    ``dtype`` (a diffusers pipeline rendering pre-encoded prompts reads both of its text encoders) and refuses
+    everything else with a message naming the encoder."""
 
-    def __init__(self, name: str, config: Any):
-        self.__dict__.update(released_name=name, config=config)
+    def __init__(self, name: str, config: Any, dtype: Any = None):
+        self.__dict__.update(released_name=name, config=config, dtype=dtype)
 
     def __getattr__(self, attr: str):
         raise AttributeError(f"the {self.released_name} was released from memory after the caches were filled, "
@@ -62,12 +63,17 @@ def _signature(module: Any) -> tuple:
 class EncoderResidency:
     """Where the encoders the caches replaced are: on the device (while needed), off it, or released."""
 
-    def __init__(self, trainer: Any, cached: Sequence[str], owned: bool):
+    def __init__(self, trainer: Any, cached: Sequence[str], owned: bool, keep: Sequence[str] = ()):
+        """``keep``: of the ``cached`` encoders, those that stay in host memory (off the device) even where the
+        others are released: the VAE, when previews render from pre-encoded prompts (:mod:`trainer.sample_prompts`)."""
         self.trainer = trainer
         self.cached = [n for n in cached if self._module(n) is not None]  # component names ("vae", "text_encoder"…)
         self.away: list[str] = []  # off the device
         self.released: dict[str, tuple] = {}  # name -> signature of what was released
-        self.releases = self._can_release(owned)
+        can_release = self._can_release(owned)
+        self.releasable = [n for n in self.cached if n not in keep] if can_release else []
+        self.kept = [n for n in self.cached if n in keep] if can_release else []
+        self.releases = bool(self.releasable)
         self.files = self._files_identity() if self.releases else ""  # the model files as they were read
 
     # --- what may go -------------------------------------------------------------------------------------------
@@ -112,8 +118,9 @@ class EncoderResidency:
         self.away = list(self.cached)
         if self.releases:
             freed = self._release()
+            kept = f"; {', '.join(self.kept)} kept in host memory for previews" if self.kept else ""
             log.info("caches filled: released %s from memory (%.2f GiB); read again from the model files only "
-                     "while previews need them", ", ".join(self.cached), freed / GIB)
+                     "while previews need them%s", ", ".join(self.releasable), freed / GIB, kept)
         elif self.cached:
             log.info("caches filled: %s moved off the training device", ", ".join(self.cached))
 
@@ -121,28 +128,29 @@ class EncoderResidency:
         from .release import collect, unwrap_forward
 
         freed = 0
-        for name in self.cached:
+        for name in self.releasable:
             module = self._module(name)
             freed += module_bytes(module)
             self.released[name] = _signature(module)
             unwrap_forward(module)
-            self._put(name, ReleasedEncoder(name, getattr(module, "config", None)))
+            self._put(name, ReleasedEncoder(name, getattr(module, "config", None), getattr(module, "dtype", None)))
             module = None
         collect()
         return freed
 
     # --- coming back --------------------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def present(self, needed: bool = True) -> Iterator[None]:
-        """The cached encoders on the training device for the duration (reloaded first if released); afterwards
-        off the device again, and released again."""
-        if not needed or not self.away:
+    def present(self, needed: bool = True, names: Sequence[str] | None = None) -> Iterator[None]:
+        """The cached encoders (or those of ``names``) on the training device for the duration (reloaded first if
+        released); afterwards off the device again, and released again."""
+        names = list(self.away) if names is None else [n for n in names if n in self.away]
+        if not needed or not names:
             yield
             return
-        if self.released:
+        if any(n in self.released for n in names):
             self._reload()
         device = self.trainer.acc.device
-        for name in self.away:
+        for name in names:
             self._module(name).to(device)
         try:
             yield

@@ -17,6 +17,7 @@ from .checkpoints import checkpoint_metadata, write_checkpoint
 from .fileio import atomic_write, atomic_write_json
 from .plots import save_loss_curve
 from .run_record import RunRecord
+from .sample_prompts import preview_conditioning
 from .sharding import OPTIMIZER_BY_NAME, GatheredWeights, full_state_dict, training_state
 from .state import save_state
 from .validation import validation_summary
@@ -59,9 +60,8 @@ class RunOutputs:
 
     def _save_needs_encoders(self) -> bool:
         """A full fine-tune's single-file export holds the VAE and text encoders; validation's inputs are encoded
-        before step 1 unless the encoders stay in memory (then they are moved to the device as before)."""
-        kept = self.residency is None or not self.residency.releases
-        return kept or (self.acc.is_main_process and self.net.is_full and bool(self.cfg.save.single_file_dir))
+        before the cached encoders leave the device (trainer.run_setup._pre_encode)."""
+        return self.acc.is_main_process and self.net.is_full and bool(self.cfg.save.single_file_dir)
 
     @contextlib.contextmanager
     def _ema_weights(self):
@@ -128,10 +128,11 @@ class RunOutputs:
             for m in modules:
                 m.eval()
             try:
-                with torch.no_grad(), self._ema_weights(), self.acc.autocast(), self._encoders_on_device():
+                with torch.no_grad(), self._ema_weights(), self.acc.autocast(), preview_conditioning(self) as encoded:
+                    extra = {"conditioning": encoded} if encoded is not None else {}  # the prompts, pre-encoded
                     images = self.family.sample(self.comps, s.prompts, seed=s.seed, steps=s.steps, cfg=s.cfg,
                                                 width=s.width or res, height=s.height or res,
-                                                negative_prompt=s.negative_prompt, guidance=s.guidance)
+                                                negative_prompt=s.negative_prompt, guidance=s.guidance, **extra)
             finally:
                 for m, mode in zip(modules, modes):
                     m.train(mode)

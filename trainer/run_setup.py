@@ -227,11 +227,12 @@ class RunSetup:
             self.text_cache = TextCache(self.source, tr.caption_variants, encode)
 
     def _pre_encode(self) -> None:
-        """Cache, then free: fill the latent / text caches before step 1, then move the encoders they replace off
-        the training device and out of memory (:mod:`trainer.encoder_residency`; back only while preview samples
-        render). Caching is deterministic, so the losses equal a run that fills its caches lazily, and a resumed
-        run's."""
+        """Cache, then free: fill the latent / text caches before step 1, encode the validation inputs and the
+        preview prompts (:mod:`trainer.sample_prompts`), then move the encoders they replace off the training device
+        and out of memory (:mod:`trainer.encoder_residency`; previews bring the VAE back). Caching is deterministic,
+        so the losses equal a run that fills its caches lazily, and a resumed run's."""
         from .encoder_residency import EncoderResidency
+        from .sample_prompts import encode_preview_prompts, renders_previews
 
         report = self.callbacks.on_prepare if self.acc.is_main_process else (lambda *a: None)
         cached = []
@@ -241,9 +242,12 @@ class RunSetup:
         if self.text_cache is not None:
             self.text_cache.fill(lambda d, t: report(d, t, "caching text embeddings"))
             cached += list(self.comps.text_encoder_names)
-        self.residency = EncoderResidency(self, cached, self.owns_encoders)
-        if self.validator is not None and self.residency.releases:  # validation then needs no released encoder
+        previews = renders_previews(self)  # they render from prompts encoded now, with the VAE alone
+        self.residency = EncoderResidency(self, cached, self.owns_encoders, keep=("vae",) if previews else ())
+        if self.validator is not None and self.residency.cached:  # validation then needs no encoder back
             self.validator.prepare(captions=bool(self.text_cache is not None))
+        if previews and self.text_cache is not None:
+            self.preview_prompts = encode_preview_prompts(self)
         self.residency.leave()
         if self.denoiser_waits:  # the encoders are off the device: now the denoiser goes on
             self._place_denoiser(self.comps.denoiser)

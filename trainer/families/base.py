@@ -233,22 +233,38 @@ class ModelFamily(ABC):
     def pipeline(self, comps: Components) -> Any:
         """A diffusers pipeline built from the (possibly LoRA-patched) components."""
 
+    def sample_conditioning(self, comps: Components, prompt: str, negative_prompt: str, cfg: float
+                            ) -> "dict[str, torch.Tensor] | None":
+        """One preview prompt's embeddings, as the keyword arguments the family's pipeline takes them
+        (``prompt_embeds`` …, and the negative prompt's where ``cfg`` uses one), encoded exactly as :meth:`sample`
+        encodes the prompt. A run encodes its preview prompts once, before the text encoders leave memory
+        (:mod:`trainer.sample_prompts`), and hands them back to :meth:`sample` as ``conditioning`` (kohya
+        ``--cache_text_encoder_outputs`` with ``--sample_prompts``). ``None``: this family encodes prompts only while
+        it renders, so the run brings its text encoders back for every preview."""
+        return None
+
     def sample(self, comps: Components, prompts: Sequence[str], *, seed: int, steps: int, cfg: float,
-               width: int, height: int, negative_prompt: str = "", guidance: float | None = None) -> list["Image.Image"]:
+               width: int, height: int, negative_prompt: str = "", guidance: float | None = None,
+               conditioning: "Sequence[Mapping[str, torch.Tensor]] | None" = None) -> list["Image.Image"]:
         """Render one image per prompt with a fixed seed (``torch.Generator`` on the CPU, so it is portable).
         ``guidance``: a guidance-distilled model's embedded guidance (Flux); None = use ``cfg`` for it. Families
-        with classifier-free guidance ignore it."""
+        with classifier-free guidance ignore it. ``conditioning``: per prompt, what :meth:`sample_conditioning`
+        returned for it (on the device); the text encoders are then not used, and may be released ones."""
         import torch
 
         pipe = self.pipeline(comps)
         pipe.set_progress_bar_config(disable=True)
         images = []
-        for prompt in prompts:
+        for i, prompt in enumerate(prompts):
             generator = torch.Generator("cpu").manual_seed(seed)
-            kwargs = dict(prompt=prompt, num_inference_steps=steps, guidance_scale=cfg, width=width,
+            kwargs = dict(num_inference_steps=steps, guidance_scale=cfg, width=width,
                           height=height, generator=generator, output_type="pil")
-            if negative_prompt and cfg > 1:
-                kwargs["negative_prompt"] = negative_prompt
+            if conditioning is not None:
+                kwargs.update(conditioning[i])
+            else:
+                kwargs["prompt"] = prompt
+                if negative_prompt and cfg > 1:
+                    kwargs["negative_prompt"] = negative_prompt
             images.extend(pipe(**kwargs).images)
         return images
 

@@ -327,16 +327,20 @@ class FlowFamily(ModelFamily):
 
     # sampling ---------------------------------------------------------------------------------------------------
     @abstractmethod
-    def prompt_kwargs(self, comps: Components, prompt: str, negative_prompt: str, cfg: float) -> dict[str, Any]:
-        """Pipeline keyword arguments carrying the prompt embeddings (encoded exactly as in training) and ``cfg``."""
+    def sample_conditioning(self, comps: Components, prompt: str, negative_prompt: str, cfg: float
+                            ) -> dict[str, "torch.Tensor"]:
+        """Pipeline keyword arguments carrying the prompt embeddings, encoded exactly as in training (see
+        :meth:`ModelFamily.sample_conditioning`)."""
 
     def pipeline_latents(self, latents: "torch.Tensor", height: int, width: int) -> "torch.Tensor":
         """The pipeline's ``output_type="latent"`` result as ``[B, 16, h, w]`` latents."""
         return latents
 
     def sample(self, comps: Components, prompts: Sequence[str], *, seed: int, steps: int, cfg: float,
-               width: int, height: int, negative_prompt: str = "", guidance: float | None = None) -> list["Image.Image"]:
-        """Render one image per prompt with a fixed CPU seed; the VAE decode happens here, in the VAE's dtype."""
+               width: int, height: int, negative_prompt: str = "", guidance: float | None = None,
+               conditioning: "Sequence[Mapping[str, torch.Tensor]] | None" = None) -> list["Image.Image"]:
+        """Render one image per prompt with a fixed CPU seed; the VAE decode happens here, in the VAE's dtype.
+        ``conditioning``: the prompts encoded already (see :meth:`ModelFamily.sample`)."""
         import torch
 
         if width % 16 or height % 16:
@@ -346,12 +350,13 @@ class FlowFamily(ModelFamily):
         pipe.set_progress_bar_config(disable=True)
         images = []
         with torch.no_grad():
-            for prompt in prompts:
-                scale = guidance if guidance is not None and self.guidance_distilled else cfg
-                kwargs = self.prompt_kwargs(comps, prompt, negative_prompt, scale)
+            scale = guidance if guidance is not None and self.guidance_distilled else cfg
+            for i, prompt in enumerate(prompts):
+                kwargs = (conditioning[i] if conditioning is not None
+                          else self.sample_conditioning(comps, prompt, negative_prompt, cfg))
                 generator = torch.Generator("cpu").manual_seed(seed)
-                latents = pipe(**kwargs, num_inference_steps=steps, width=width, height=height, generator=generator,
-                               output_type="latent").images
+                latents = pipe(**kwargs, guidance_scale=scale, num_inference_steps=steps, width=width, height=height,
+                               generator=generator, output_type="latent").images
                 images.extend(self.decode_latents(comps, self.pipeline_latents(latents, height, width)))
         return images
 

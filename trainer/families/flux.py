@@ -257,12 +257,14 @@ class FluxFamily(FlowFamily):
                             text_encoder_2=named["text_encoder_2"][0], tokenizer_2=named["text_encoder_2"][1],
                             transformer=comps.denoiser)
 
-    def prompt_kwargs(self, comps: Components, prompt: str, negative_prompt: str, cfg: float) -> dict[str, Any]:
-        """Prompt embeddings and ``cfg`` as the embedded guidance (Flux takes no negative prompt)."""
+    def sample_conditioning(self, comps: Components, prompt: str, negative_prompt: str, cfg: float
+                            ) -> dict[str, "torch.Tensor"]:
+        """Prompt embeddings in the transformer's dtype (Flux takes no negative prompt; its guidance is not part of
+        the prompt's conditioning)."""
         dtype = unwrap(comps.denoiser).dtype
         pos = self.encode_text(comps, [prompt])
         return {"prompt_embeds": pos["encoder_hidden_states"].to(dtype),
-                "pooled_prompt_embeds": pos["pooled_projections"].to(dtype), "guidance_scale": cfg}
+                "pooled_prompt_embeds": pos["pooled_projections"].to(dtype)}
 
     def pipeline_latents(self, latents: "torch.Tensor", height: int, width: int) -> "torch.Tensor":
         """``FluxPipeline`` returns packed latents."""

@@ -251,23 +251,32 @@ class StableDiffusionFamily(ModelFamily):
                                        feature_extractor=None, requires_safety_checker=False)
 
     def sample(self, comps: Components, prompts: Sequence[str], *, seed: int, steps: int, cfg: float,
-               width: int, height: int, negative_prompt: str = "", guidance: float | None = None) -> list["Image.Image"]:
+               width: int, height: int, negative_prompt: str = "", guidance: float | None = None,
+               conditioning: "Sequence[Mapping[str, torch.Tensor]] | None" = None) -> list["Image.Image"]:
         """Render one image per prompt. Prompts are encoded exactly as in training (clip skip, 75-token windows,
-        so long prompts are not cut at 77 tokens) and handed to the diffusers pipeline as embeddings."""
+        so long prompts are not cut at 77 tokens) and handed to the diffusers pipeline as embeddings, or come
+        encoded already (``conditioning``, see :meth:`ModelFamily.sample`)."""
         import torch
 
         pipe = self.pipeline(comps)
         pipe.set_progress_bar_config(disable=True)
-        clip_skip = int(comps.extras.get("clip_skip", 1))
         images = []
         with torch.no_grad():
-            for prompt in prompts:
-                length = WINDOW * windows_needed(comps.tokenizers[0], [prompt, negative_prompt])
-                embeds = self.prompt_embeds(comps, prompt, negative_prompt, clip_skip, length)
+            for i, prompt in enumerate(prompts):
+                embeds = (conditioning[i] if conditioning is not None
+                          else self.sample_conditioning(comps, prompt, negative_prompt, cfg))
                 generator = torch.Generator("cpu").manual_seed(seed)
                 images.extend(pipe(**embeds, num_inference_steps=steps, guidance_scale=cfg, width=width,
                                    height=height, generator=generator, output_type="pil").images)
         return images
+
+    def sample_conditioning(self, comps: Components, prompt: str, negative_prompt: str, cfg: float
+                            ) -> dict[str, "torch.Tensor"]:
+        """The prompt's and negative prompt's embeddings, with the clip skip and as many 75-token windows as the
+        longer of the two needs."""
+        clip_skip = int(comps.extras.get("clip_skip", 1))
+        length = WINDOW * windows_needed(comps.tokenizers[0], [prompt, negative_prompt])
+        return self.prompt_embeds(comps, prompt, negative_prompt, clip_skip, length)
 
     def prompt_embeds(self, comps: Components, prompt: str, negative_prompt: str, clip_skip: int,
                       max_token_length: int) -> dict[str, "torch.Tensor"]:

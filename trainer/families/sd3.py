@@ -207,14 +207,15 @@ class SD3Family(FlowFamily):
             text_encoder_2=named["text_encoder_2"][0], tokenizer_2=named["text_encoder_2"][1],
             text_encoder_3=t5, tokenizer_3=t5_tokenizer)
 
-    def prompt_kwargs(self, comps: Components, prompt: str, negative_prompt: str, cfg: float) -> dict[str, Any]:
-        """Prompt (and, with ``cfg`` > 1, negative prompt) embeddings and the CFG scale."""
+    def sample_conditioning(self, comps: Components, prompt: str, negative_prompt: str, cfg: float
+                            ) -> dict[str, "torch.Tensor"]:
+        """Prompt (and, with ``cfg`` > 1, negative prompt) embeddings in the transformer's dtype."""
         clip_skip = int(comps.extras.get("clip_skip", 1))
         length = WINDOW * windows_needed(comps.tokenizers[0], [prompt, negative_prompt])
         dtype = unwrap(comps.denoiser).dtype
         pos = self.encode_text(comps, [prompt], clip_skip, length)
         kwargs = {"prompt_embeds": pos["encoder_hidden_states"].to(dtype),
-                  "pooled_prompt_embeds": pos["pooled_projections"].to(dtype), "guidance_scale": cfg}
+                  "pooled_prompt_embeds": pos["pooled_projections"].to(dtype)}
         if cfg > 1:
             neg = self.encode_text(comps, [negative_prompt], clip_skip, length)
             kwargs.update(negative_prompt_embeds=neg["encoder_hidden_states"].to(dtype),
