@@ -19,6 +19,11 @@ from .widgets import BOOL, FLOAT, INT, SEED, STRING, combo
 
 CHECKPOINTING_WHEN_OFF = ("family default", "off")
 CACHES_WHEN_OFF = ("family default", "off")
+RELEASE_ENCODERS = ("free after caching", "keep in RAM")  # training.release_encoders True / False
+
+
+def frees_encoders(choice: str) -> bool:
+    return choice != "keep in RAM"
 
 NONE = "(none)"
 FP8_BASE_TIP = ("kohya --fp8_base: store the frozen base model's linear weights (and T5's) in fp8, about half the "
@@ -194,6 +199,7 @@ class CrucibleTrainingOptions(OptionNode):
         "fused_backward_pass": Flag("kohya fused_backward_pass: the optimizer (adamw or adafactor) steps each weight as soon as its gradient is ready, so a full fine-tune never holds all gradients at once. Needs gradient_accumulation_steps 1; max_grad_norm clips per tensor."),
         "full_bf16": Flag("kohya full_bf16 (full fine-tune, bf16): the trained weights are stored in bf16 and updated with stochastic rounding, so small updates are not lost. Halves the weights' memory."),
         "caches_when_off": Choice(CACHES_WHEN_OFF, "With cache_latents / cache_text_embeddings off: 'family default' caches both for SD3 and Flux (their frozen T5-XXL leaves memory once the captions are encoded; latents only without flip/colour/random-crop augmentation, text only while no text encoder trains), not for SD1.5/SDXL; 'off' never caches.", default="family default"),
+        "release_encoders": Choice(RELEASE_ENCODERS, "Where the VAE and frozen text encoders go once the caches replace them (they leave the GPU either way). 'free after caching': out of RAM too (Flux's T5 alone is ~9 GiB); previews render from prompts encoded before, keeping only the VAE (~0.2 GiB); a full fine-tune's single-file export reads them back from the model files at each save. 'keep in RAM': they wait in host memory, costing their size in RAM; choose it when RAM is plentiful and the model files may change or move during the run, or sit on a slow disk while full fine-tunes export single files.", parse=frees_encoders, default="free after caching"),
     }
 
     def build(self, gradient_checkpointing=False, gradient_checkpointing_when_off="family default",

@@ -736,8 +736,23 @@ def test_training_options_node_leaves_the_caches_to_the_family_unless_told(nodes
     (off,), _ = run(nodes, "CrucibleTrainingOptions", caches_when_off="off")
     assert off.cache_latents is False and off.cache_text_embeddings is False
     spec = nodes["CrucibleTrainingOptions"].INPUT_TYPES()
-    assert list(spec["optional"])[-1] == "caches_when_off"  # appended last: saved widget positions unchanged
+    assert list(spec["optional"]).index("caches_when_off") == 4  # appended: saved widget positions unchanged
     assert spec["required"]["cache_latents"][0] == "BOOLEAN" and spec["required"]["cache_latents"][1]["default"] is False
+
+
+def test_training_options_node_switches_release_encoders(nodes):
+    """Issue 16: training.release_encoders on the node, an appended optional combo; a saved workflow without it
+    keeps the config default (free after caching)."""
+    (default,), _ = run(nodes, "CrucibleTrainingOptions")
+    assert default.release_encoders is True
+    (kept,), _ = run(nodes, "CrucibleTrainingOptions", release_encoders="keep in RAM")
+    assert kept.release_encoders is False
+    (freed,), _ = run(nodes, "CrucibleTrainingOptions", release_encoders="free after caching")
+    assert freed.release_encoders is True
+    optional = nodes["CrucibleTrainingOptions"].INPUT_TYPES()["optional"]
+    assert list(optional).index("release_encoders") == list(optional).index("caches_when_off") + 1
+    assert optional["release_encoders"][0] == ["free after caching", "keep in RAM"]
+    assert optional["release_encoders"][1]["default"] == "free after caching"
 
 
 def test_caption_preview_says_when_the_text_cache_is_left_to_the_family(nodes, demo_input):
