@@ -7,10 +7,11 @@ dropped and the modules are collected (Flux's T5 alone is ~9 GiB of bf16). A :cl
 their place, so any use that was missed fails with a clear message instead of re-encoding silently.
 
 They are read again, lazily, from the files the run loaded them from (``ModelFamily.load_encoders``), with the same
-dtype, fp8 and fp32-VAE settings, only while something needs them: preview samples (the end-of-run sample included)
-and a full fine-tune's single-file export; then they are released again. Validation does not need them: its images
-(and, when the text encoders go, its captions) are encoded before the release
-(:meth:`trainer.validation.Validator.prepare`). The sweep runs after
+dtype, fp8 and fp32-VAE settings, only while something needs them: a full fine-tune's single-file export, and
+previews of a family that cannot take pre-encoded prompts or of a prompt list changed mid-run; then they are released
+again. Previews otherwise need only the VAE, which a run with previews keeps in host memory (``keep``): their prompts
+are encoded before the release (:mod:`trainer.sample_prompts`). Validation needs none of them: its images and
+captions are encoded before the release (:meth:`trainer.validation.Validator.prepare`). The sweep runs after
 ``train()`` returns, on models it loads itself, and a resumed run fills its caches again before releasing.
 
 Kept in host memory (moved off the device only, as before):
@@ -18,11 +19,13 @@ Kept in host memory (moved off the device only, as before):
 * a text encoder that trains, and any encoder whose cache is off (it encodes in every step);
 * encoders handed to ``train(components=…)`` — the caller owns them — and a family without ``load_encoders``: on
   ComfyUI's MODEL path the CLIP and VAE are ComfyUI's objects, left to ComfyUI's model management;
-* everything with ``training.release_encoders`` off (a preview then costs no reload).
+* everything with ``training.release_encoders`` off (the Training Options' ``keep in RAM``).
+* the VAE, on a process that renders previews (:mod:`trainer.sample_prompts`; ~0.2 GiB).
 
 Multi-process runs release them too: the encoders are never wrapped by DDP (only trained modules are), each process
-drops its own copy, and only the main process reloads them, for samples, while the others wait at the barrier
-(tested on 2 CPU processes under gloo; on GPUs the same code path, unmeasured).
+drops its own copy, and only the main process reads them back (for a single-file export, or previews it could not
+pre-encode) while the others wait at the barrier (tested on 2 CPU processes under gloo; on GPUs the same code path,
+unmeasured).
 """
 from __future__ import annotations
 
