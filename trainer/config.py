@@ -176,8 +176,8 @@ class TrainingConfig:
     cache_text_embeddings: bool | None = None  # kohya cache_text_encoder_outputs, but shuffle/dropout keep working;
     # None ("auto"): the family default (SD3, Flux: T5 never trains), off while a text encoder trains
     caption_variants: int = 4  # text-cache variants per image, so shuffle/dropout keep working
-    # after the caches fill, drop the encoders they replace from host memory too; reloaded for previews
-    # (trainer.encoder_residency). False: they wait in host memory (no reload per preview)
+    # after the caches fill, drop the encoders they replace from host memory too (trainer.encoder_residency);
+    # previews render from prompts encoded before (trainer.sample_prompts). False: they wait in host memory
     release_encoders: bool = True
     # Held-out validation images (never trained on, chosen by the seed), scored at every save. Applies only when
     # the training images number at least trainer.validation.MIN_IMAGES_FOR_SPLIT and no validation_datasets are
