@@ -13,7 +13,7 @@ from trainer.encoder_residency import ReleasedEncoder
 from trainer.families import get_family
 
 FAMILIES = ["sd15", "sdxl", "sd3", "flux"]
-PROMPTS = ["a red circle", "a blue square on a long, long wooden table " * 4]  # the second needs two CLIP windows
+PROMPTS = ["a red circle", "a blue square on a long, long wooden table " * 4]  # the second: two CLIP windows
 
 
 def _released(comps):
@@ -177,3 +177,9 @@ def test_prompts_edited_on_resume_are_encoded_by_the_resumed_run(tiny_sd15, demo
     assert [s.step for s in resumed.samples][-1] == 3 and watch.reloads == 0 and steps.alive[3] == ["vae"]
     assert _pixels(resumed)[-1] == _pixels(whole)[-1]  # the edited prompts, not the ones encoded before the stop
     assert _pixels(resumed)[-1] != _pixels(first)[0]
+
+
+def test_the_long_preview_prompt_needs_two_clip_windows(tiny_components):
+    from trainer.families.clip_text import windows_needed
+
+    assert windows_needed(tiny_components("sd15", 1).tokenizers[0], PROMPTS) == 2
