@@ -71,6 +71,7 @@ def _launch(folder: Path, cfg: dict, sharded: bool, **kwargs) -> str:
     assert sharded_ranks == {"0", "1"}, output[-3000:]  # FSDP on, both ranks
     holders = set(re.findall(r"rank (\d) holds a shard of the trained weights", output))
     assert holders == {"0", "1"}, output[-3000:]  # the trainer's weights are DTensor shards on both ranks
+    (folder / "launch.log").write_text(output, encoding="utf-8")
     return output
 
 
@@ -161,6 +162,25 @@ def test_fsdp2_sharded_full_finetune_trains_and_saves_as_the_unsharded_run(shard
     assert {k: v.shape for k, v in blob["network"]["unet"].items()} == {k: v.shape for k, v in state.items()}
     assert set(blob["optimizer"]["state"]) == set(state)  # AdamW moments of every UNet weight, whole
     assert blob["optimizer"]["state"]["conv_in.weight"]["exp_avg"].shape == state["conv_in.weight"].shape
+
+
+@pytest.mark.slow
+def test_fsdp2_rank0_alone_reads_the_weights_and_each_rank_receives_exactly_its_shards(sharded_run, tiny_sd15):
+    """Rank-0 loading: rank 1 builds the UNet on the meta device (0 bytes of weights before sharding, its weights
+    file never read) and receives its shards from rank 0; the whole weights gathered back from the shards are the
+    model file's, bit for bit (tests/fsdp_cpu_shim.py reports both around prepare())."""
+    import diffusers
+    from fsdp_cpu_shim import _digest
+
+    output = (sharded_run.parents[1] / "launch.log").read_text(encoding="utf-8")
+    before = dict(re.findall(r"rank (\d) weight bytes before sharding (\d+)", output))
+    after = dict(re.findall(r"rank (\d) shard bytes after sharding (\d+)", output))
+    unet = diffusers.UNet2DConditionModel.from_pretrained(tiny_sd15, subfolder="unet")
+    whole = sum(p.numel() * p.element_size() for p in unet.parameters())
+    assert {r: int(b) for r, b in before.items()} == {"0": whole, "1": 0}, output[-3000:]
+    shards = {r: int(b) for r, b in after.items()}
+    assert set(shards) == {"0", "1"} and sum(shards.values()) == whole and max(shards.values()) < 0.75 * whole
+    assert re.findall(r"sharded weights sha256 ([0-9a-f]{64})", output) == [_digest(unet.state_dict())]
 
 
 @pytest.mark.slow

@@ -31,6 +31,17 @@ def shards_weights(acc) -> bool:
     return acc.distributed_type == DistributedType.FSDP
 
 
+def rank0_loading(acc):
+    """The context a sharded run loads its model in: rank 0 reads the weights; every other rank builds the
+    denoiser's shapes on the meta device and never holds it whole (a model folder's denoiser; a single file is read
+    on every rank). ``prepare()`` then shards the empty module and broadcasts each tensor from rank 0, which keeps
+    only its shard (accelerate's ``cpu_ram_efficient_loading``, switched on here whatever the config file says)."""
+    from .families.weights import denoiser_shapes_only
+
+    acc.state.fsdp_plugin.cpu_ram_efficient_loading = True
+    return denoiser_shapes_only(not acc.is_main_process)
+
+
 def check_sharded_run(cfg: "TrainConfig", fsdp2: bool = True) -> None:
     """The settings a sharded run cannot honour, refused before any model loads. ``fsdp2``: the accelerate config
     asks for FSDP version 2 (version 1 wraps the module in flat parameters, which this module does not gather)."""
