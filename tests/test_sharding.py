@@ -2,13 +2,15 @@
 is never loaded by a run of the other kind. The sharded runs themselves: tests/test_multi_gpu_recipe.py."""
 from __future__ import annotations
 
+import os
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from trainer.config import TrainConfig
 from trainer.errors import ConfigError, CrucibleError
-from trainer.sharding import check_sharded_run, load_training_state
+from trainer.sharding import RAM_EFFICIENT_ENV, check_sharded_run, load_training_state, rank0_loading
 
 
 def _config(network: dict, training: dict | None = None) -> TrainConfig:
@@ -49,3 +51,37 @@ def test_a_sharded_state_is_not_loaded_by_an_unsharded_run_nor_the_reverse(tmp_p
         load_training_state(trainer, {"optimizer_keys": "indices", "network": {}, "optimizer": {}}, tmp_path)
     with pytest.raises(CrucibleError, match="saved by an unsharded"):  # a state written before this format existed
         load_training_state(trainer, {"network": {}, "optimizer": {}}, tmp_path)
+
+
+@pytest.mark.parametrize("main", [True, False])
+def test_rank0_loading_builds_the_denoiser_empty_off_rank0_and_loads_the_encoders_whole(main, tiny_sd15,
+                                                                                       monkeypatch):
+    """Rank 0 loads the model as always; another rank gets the UNet as shapes only (meta parameters, real buffers,
+    the state dict's keys, shapes and dtypes) and its text encoder and VAE whole, equal to rank 0's, even where the
+    launcher set ``FSDP_CPU_RAM_EFFICIENT_LOADING`` (transformers 4.x builds its models empty off rank 0 then;
+    rank0_loading holds it off); accelerate's rank-0 broadcast is switched on."""
+    from trainer.config import ModelConfig
+    from trainer.families import get_family
+
+    family = get_family("sd15")
+    reference = family.load(ModelConfig(family="sd15", path=str(tiny_sd15)))
+    acc = SimpleNamespace(is_main_process=main, state=SimpleNamespace(fsdp_plugin=SimpleNamespace(
+        cpu_ram_efficient_loading=False)))
+    monkeypatch.setenv(RAM_EFFICIENT_ENV, "true")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    # as under accelerate launch: a process group and this process's local rank (transformers reads both)
+    monkeypatch.setenv("LOCAL_RANK", "0" if main else "1")
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    with rank0_loading(acc):
+        comps = family.load(ModelConfig(family="sd15", path=str(tiny_sd15)))
+    assert os.environ[RAM_EFFICIENT_ENV] == "true"  # as the launcher left it
+    monkeypatch.undo()
+    assert acc.state.fsdp_plugin.cpu_ram_efficient_loading is True
+    unet = comps.denoiser
+    assert all(p.is_meta for p in unet.parameters()) is not main
+    assert not any(b.is_meta for b in unet.buffers())
+    assert {k: (v.shape, v.dtype) for k, v in unet.state_dict().items()} == \
+        {k: (v.shape, v.dtype) for k, v in reference.denoiser.state_dict().items()}
+    for module, expected in [(comps.vae, reference.vae), *zip(comps.text_encoders, reference.text_encoders)]:
+        state, want = module.state_dict(), expected.state_dict()
+        assert state.keys() == want.keys() and all(torch.equal(state[k], want[k]) for k in want)

@@ -12,6 +12,8 @@ EMA (its copy is not sharded) and ``full_bf16`` (FSDP2 keeps fp32 master weights
 """
 from __future__ import annotations
 
+import contextlib
+import os
 from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
@@ -21,6 +23,7 @@ from .errors import ConfigError, CrucibleError
 if TYPE_CHECKING:  # pragma: no cover
     from .config import TrainConfig
 
+RAM_EFFICIENT_ENV = "FSDP_CPU_RAM_EFFICIENT_LOADING"  # accelerate's launcher sets it; transformers reads it
 OPTIMIZER_BY_NAME = "names"  # state.pt's "optimizer_keys" for a full optimizer state keyed by parameter names
 
 
@@ -31,15 +34,29 @@ def shards_weights(acc) -> bool:
     return acc.distributed_type == DistributedType.FSDP
 
 
+@contextlib.contextmanager
 def rank0_loading(acc):
     """The context a sharded run loads its model in: rank 0 reads the weights; every other rank builds the
     denoiser's shapes on the meta device and never holds it whole (a model folder's denoiser; a single file is read
     on every rank). ``prepare()`` then shards the empty module and broadcasts each tensor from rank 0, which keeps
-    only its shard (accelerate's ``cpu_ram_efficient_loading``, switched on here whatever the config file says)."""
+    only its shard (accelerate's ``cpu_ram_efficient_loading``, switched on here whatever the config file says).
+
+    The text encoders and VAE are not sharded, so every rank loads them whole: the config file's
+    ``fsdp_cpu_ram_efficient_loading: true`` (environment ``FSDP_CPU_RAM_EFFICIENT_LOADING``) would have transformers
+    build them empty on ranks > 0, and is held off while loading."""
     from .families.weights import denoiser_shapes_only
 
     acc.state.fsdp_plugin.cpu_ram_efficient_loading = True
-    return denoiser_shapes_only(not acc.is_main_process)
+    saved = os.environ.get(RAM_EFFICIENT_ENV)
+    os.environ[RAM_EFFICIENT_ENV] = "false"
+    try:
+        with denoiser_shapes_only(not acc.is_main_process):
+            yield
+    finally:
+        if saved is None:
+            os.environ.pop(RAM_EFFICIENT_ENV, None)
+        else:
+            os.environ[RAM_EFFICIENT_ENV] = saved
 
 
 def check_sharded_run(cfg: "TrainConfig", fsdp2: bool = True) -> None:
