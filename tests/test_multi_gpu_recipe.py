@@ -200,3 +200,57 @@ def test_fsdp2_cancel_stops_every_rank_and_resume_ends_as_the_uninterrupted_run(
     assert resumed["status"] == "finished"
     assert resumed["losses"] == pytest.approx(uninterrupted["losses"], rel=1e-6)
     _assert_same_training(_checkpoint(run_dir, 2), _checkpoint(sharded_run, 2), _base_unet(tiny_sd15))
+
+
+def _ema_config(tiny_sd15, demo_dataset, out: Path) -> dict:
+    cfg = _full_finetune_config(tiny_sd15, demo_dataset, out)
+    cfg["training"]["ema"] = True
+    cfg["sample"]["sample_every_n_steps"] = 0  # the previews are checked above; the EMA is what these runs check
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def ema_runs(tiny_sd15, demo_dataset, tmp_path_factory) -> tuple[Path, Path]:
+    """A full fine-tune with EMA launched unsharded (DDP) and sharded (FSDP2): (unsharded, sharded) run folders."""
+    runs = []
+    for sharded in (False, True):
+        folder = tmp_path_factory.mktemp("ema-fsdp" if sharded else "ema-ddp")
+        assert_ranks_agree(_launch(folder, _ema_config(tiny_sd15, demo_dataset, folder / "out"), sharded))
+        runs.append(folder / "out" / "fsdp")
+    return runs[0], runs[1]
+
+
+@pytest.mark.slow
+def test_fsdp2_ema_is_sharded_and_saves_the_unsharded_runs_ema(ema_runs, tiny_sd15):
+    """Each rank keeps the EMA of its own shards (trainer.sharded_ema); the checkpoint holds the EMA weights
+    gathered whole, the same as the unsharded run's EMA, and the resumable state the whole EMA tensors."""
+    import torch
+
+    unsharded, sharded = ema_runs
+    output = (sharded.parents[1] / "launch.log").read_text(encoding="utf-8")
+    assert set(re.findall(r"rank (\d) keeps the EMA of its shards", output)) == {"0", "1"}, output[-3000:]
+    record, reference = _run_record(sharded), _run_record(unsharded)
+    assert record["losses"] == pytest.approx(reference["losses"], rel=1e-5)
+    state = _checkpoint(sharded, 2)
+    _assert_same_training(state, _checkpoint(unsharded, 2), _base_unet(tiny_sd15))
+    blob = torch.load(sharded / "state" / "state.pt", map_location="cpu", weights_only=True)
+    weights = blob["network"]["unet"]
+    assert any(not torch.equal(state[k], weights[k]) for k in state)  # the checkpoint is the EMA, not the weights
+    shadow = blob["ema"]["shadow_params"]
+    assert [t.shape for t in shadow] == [t.shape for t in weights.values()]  # whole, in parameter order
+    # the saved EMA is the checkpoint's weights (the same tensors, gathered by two routes)
+    assert all(torch.equal(s, state[k].float()) for s, k in zip(shadow, weights))
+    reference_blob = torch.load(unsharded / "state" / "state.pt", map_location="cpu", weights_only=True)
+    assert blob["ema"]["optimization_step"] == reference_blob["ema"]["optimization_step"] == 2
+
+
+@pytest.mark.slow
+def test_fsdp2_ema_resumes_where_the_uninterrupted_run_ended(ema_runs, tiny_sd15, demo_dataset, tmp_path):
+    cfg = _ema_config(tiny_sd15, demo_dataset, tmp_path / "out")
+    run_dir = tmp_path / "out" / "fsdp"
+    assert_ranks_agree(_launch(tmp_path, cfg, True, env={"CRUCIBLE_TEST_CANCEL_AT_STEP": "1"}))
+    assert_ranks_agree(_launch(tmp_path, cfg, True, args=("--resume", str(run_dir / "state"))))
+    resumed, uninterrupted = _run_record(run_dir), _run_record(ema_runs[1])
+    assert resumed["status"] == "finished"
+    assert resumed["losses"] == pytest.approx(uninterrupted["losses"], rel=1e-6)
+    _assert_same_training(_checkpoint(run_dir, 2), _checkpoint(ema_runs[1], 2), _base_unet(tiny_sd15))

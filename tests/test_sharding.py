@@ -21,15 +21,15 @@ def _config(network: dict, training: dict | None = None) -> TrainConfig:
     })
 
 
-def test_a_sharded_full_finetune_of_the_denoiser_is_accepted():
+def test_a_sharded_full_finetune_of_the_denoiser_is_accepted_with_or_without_ema():
     check_sharded_run(_config({"network_type": "full"}))
+    check_sharded_run(_config({"network_type": "full"}, {"ema": True}))
 
 
 @pytest.mark.parametrize("network, training, field", [
     ({"network_type": "lora"}, {}, "network.network_type"),
     ({"network_type": "lokr"}, {}, "network.network_type"),
     ({"network_type": "full", "train_text_encoder": True}, {}, "network.train_text_encoder"),
-    ({"network_type": "full"}, {"ema": True}, "training.ema"),
     ({"network_type": "full"}, {"full_bf16": True, "mixed_precision": "bf16"}, "training.full_bf16"),
 ])
 def test_what_a_sharded_run_cannot_honour_is_refused_by_name(network, training, field):

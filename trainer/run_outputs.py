@@ -77,14 +77,15 @@ class RunOutputs:
             self.ema.restore(params)
 
     def _save_state(self, step: int, epoch: int, sharded_state=None) -> None:
-        """``sharded_state``: the whole (network, optimizer) state a sharded run gathered on every rank."""
-        network, optimizer = sharded_state or (self.net.state_dicts(), self.optimizer.state_dict())
+        """``sharded_state``: the whole (network, optimizer, EMA) state a sharded run gathered on every rank."""
+        network, optimizer, ema = sharded_state or (self.net.state_dicts(), self.optimizer.state_dict(),
+                                                    self.ema.state_dict() if self.ema is not None else {})
         payload = {
             "network": network,
             "optimizer": optimizer,
             "optimizer_keys": OPTIMIZER_BY_NAME if sharded_state else "indices",
             "scheduler": self.scheduler.state_dict(),
-            "ema": self.ema.state_dict() if self.ema is not None else {},
+            "ema": ema,
             "losses": list(self.losses),
             "scaler": self.acc.scaler.state_dict() if self.acc.scaler is not None else {},  # fp16: resume exact
         }

@@ -162,11 +162,6 @@ class RunSetup:
         prediction = cfg.model.prediction_type or self.family.default_prediction
         self.objective = make_objective(prediction, comps.noise_scheduler, cfg.training,
                                         shift_fn=lambda latents: self.family.flow_shift(comps, latents))
-        self.ema = None
-        if cfg.training.ema:
-            from diffusers.training_utils import EMAModel
-
-            self.ema = EMAModel(self.net.parameters(), decay=cfg.training.ema_decay)
         self.max_token_length = max(d.captions.max_token_length for d in cfg.datasets)
         self._setup_caches()
         from .validation import Validator
@@ -186,6 +181,13 @@ class RunSetup:
         self.sharded = is_sharded(self.net.modules.values())
         if self.sharded:
             log.info("rank %d holds a shard of the trained weights (FSDP2)", self.acc.process_index)
+        self.ema = None
+        if cfg.training.ema:  # sharded: each rank the EMA of its own shards (trainer.sharded_ema)
+            from .sharded_ema import make_ema
+
+            self.ema = make_ema(self.params, cfg.training.ema_decay, self.sharded)
+            if self.sharded:
+                log.info("rank %d keeps the EMA of its shards", self.acc.process_index)
         wrapped = dict(zip(names, prepared[:-1]))
         # Only the forward pass goes through the (possibly DDP-wrapped) modules.
         self.train_comps = dataclasses.replace(

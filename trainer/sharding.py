@@ -6,9 +6,10 @@ order: a forward pass (validation, preview samples), the full state dict of a ch
 resumable state. This module holds those collectives; the trainer calls them on every rank and lets rank 0 write.
 
 What a sharded run refuses (each named, before a model loads): training a text encoder beside the denoiser (the
-recipe shards one trained module), LoRA-type networks (nothing to gain: use ``--multi_gpu``; so ``fp8_base`` too),
-EMA (its copy is not sharded) and ``full_bf16`` (FSDP2 keeps fp32 master weights). ``blocks_to_swap`` and
-``fused_backward_pass`` are refused for every multi-process run (:mod:`trainer.memory_options`).
+recipe shards one trained module), LoRA-type networks (nothing to gain: use ``--multi_gpu``; so ``fp8_base`` too)
+and ``full_bf16`` (FSDP2 keeps fp32 master weights). ``blocks_to_swap`` and ``fused_backward_pass`` are refused for
+every multi-process run (:mod:`trainer.memory_options`). The EMA is sharded like the weights
+(:mod:`trainer.sharded_ema`). Rank 0 alone reads the denoiser's weights (:func:`rank0_loading`).
 """
 from __future__ import annotations
 
@@ -72,7 +73,6 @@ def check_sharded_run(cfg: "TrainConfig", fsdp2: bool = True) -> None:
                                  "train it with data parallelism (accelerate launch --multi_gpu)"),
         "network.train_text_encoder": (net.train_text_encoder,
                                        "is on: a sharded run trains the denoiser only; turn it off"),
-        "training.ema": (tr.ema, "is on: the EMA copy is not sharded; turn it off for FSDP2"),
         "training.full_bf16": (tr.full_bf16, "is on: FSDP2 keeps fp32 master weights and computes in bf16 through "
                                              "mixed_precision; turn it off"),
     }
@@ -140,10 +140,11 @@ class GatheredWeights:
         return dict(self._state)
 
 
-def training_state(trainer) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
-    """The network and optimizer parts of a resumable state, whole, on rank 0. Every rank calls it."""
+def training_state(trainer) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any], dict[str, Any]]:
+    """The network, optimizer and EMA parts of a resumable state, whole, on rank 0. Every rank calls it."""
     (name, module), = trainer.net.modules.items()
-    return {name: full_state_dict(module)}, full_optimizer_state(module, trainer.optimizer)
+    ema = trainer.ema.gathered_state() if trainer.ema is not None else {}
+    return {name: full_state_dict(module)}, full_optimizer_state(module, trainer.optimizer), ema
 
 
 def load_training_state(trainer, payload: dict[str, Any], folder) -> None:
