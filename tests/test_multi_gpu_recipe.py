@@ -254,3 +254,63 @@ def test_fsdp2_ema_resumes_where_the_uninterrupted_run_ended(ema_runs, tiny_sd15
     assert resumed["status"] == "finished"
     assert resumed["losses"] == pytest.approx(uninterrupted["losses"], rel=1e-6)
     _assert_same_training(_checkpoint(run_dir, 2), _checkpoint(ema_runs[1], 2), _base_unet(tiny_sd15))
+
+
+def _lora_config(tiny_sd15, demo_dataset, out: Path) -> dict:
+    cfg = _full_finetune_config(tiny_sd15, demo_dataset, out)
+    cfg["network"] = {"network_type": "lora", "network_dim": 4, "network_alpha": 4}
+    cfg["optim"]["learning_rate"] = 1e-3
+    cfg["sample"]["sample_every_n_steps"] = 0
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def lora_runs(tiny_sd15, demo_dataset, tmp_path_factory) -> tuple[Path, Path]:
+    """A LoRA launched unsharded (DDP) and sharded (FSDP2: the frozen UNet and its adapters sharded together, one
+    FSDP unit per block holding frozen and trained parameters): (unsharded, sharded) run folders."""
+    runs = []
+    for sharded in (False, True):
+        folder = tmp_path_factory.mktemp("lora-fsdp" if sharded else "lora-ddp")
+        assert_ranks_agree(_launch(folder, _lora_config(tiny_sd15, demo_dataset, folder / "out"), sharded))
+        runs.append(folder / "out" / "fsdp")
+    return runs[0], runs[1]
+
+
+def _assert_same_lora(state: dict, reference: dict) -> None:
+    """The same LoRA file up to float noise (every ComfyUI key, each tensor within 1e-5 of the reference's)."""
+    import torch
+
+    assert state.keys() == reference.keys() and any(k.endswith("lora_up.weight") for k in state)
+    assert all(torch.allclose(state[k].float(), reference[k].float(), rtol=0, atol=1e-5) for k in state)
+
+
+@pytest.mark.slow
+def test_fsdp2_lora_trains_and_saves_the_unsharded_runs_lora(lora_runs):
+    import torch
+
+    unsharded, sharded = lora_runs
+    record, reference = _run_record(sharded), _run_record(unsharded)
+    assert record["status"] == "finished"
+    assert record["losses"] == pytest.approx(reference["losses"], rel=1e-5)
+    assert record["checkpoints"][0]["val_loss"] == pytest.approx(reference["checkpoints"][0]["val_loss"], rel=1e-5)
+    _assert_same_lora(_checkpoint(sharded, 2), _checkpoint(unsharded, 2))
+    # the resumable state: the adapters alone (no frozen base weight), whole, and their AdamW moments by name
+    blob = torch.load(sharded / "state" / "state.pt", map_location="cpu", weights_only=True)
+    adapters = blob["network"]["unet"]
+    assert adapters and all(".lora_A." in k or ".lora_B." in k for k in adapters)
+    reference_blob = torch.load(unsharded / "state" / "state.pt", map_location="cpu", weights_only=True)
+    assert sorted(v.shape for v in adapters.values()) == \
+        sorted(v.shape for v in reference_blob["network"]["unet"].values())  # whole, not one rank's shard
+    assert blob["optimizer_keys"] == "names" and set(blob["optimizer"]["state"]) == set(adapters)
+
+
+@pytest.mark.slow
+def test_fsdp2_lora_resumes_where_the_uninterrupted_run_ended(lora_runs, tiny_sd15, demo_dataset, tmp_path):
+    cfg = _lora_config(tiny_sd15, demo_dataset, tmp_path / "out")
+    run_dir = tmp_path / "out" / "fsdp"
+    assert_ranks_agree(_launch(tmp_path, cfg, True, env={"CRUCIBLE_TEST_CANCEL_AT_STEP": "1"}))
+    assert_ranks_agree(_launch(tmp_path, cfg, True, args=("--resume", str(run_dir / "state"))))
+    resumed, uninterrupted = _run_record(run_dir), _run_record(lora_runs[1])
+    assert resumed["status"] == "finished"
+    assert resumed["losses"] == pytest.approx(uninterrupted["losses"], rel=1e-6)
+    _assert_same_lora(_checkpoint(run_dir, 2), _checkpoint(lora_runs[1], 2))

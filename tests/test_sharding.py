@@ -21,13 +21,24 @@ def _config(network: dict, training: dict | None = None) -> TrainConfig:
     })
 
 
-def test_a_sharded_full_finetune_of_the_denoiser_is_accepted_with_or_without_ema():
-    check_sharded_run(_config({"network_type": "full"}))
-    check_sharded_run(_config({"network_type": "full"}, {"ema": True}))
+def test_a_sharded_full_finetune_or_lora_of_the_denoiser_is_accepted_with_or_without_ema():
+    for network in ({"network_type": "full"}, {"network_type": "lora"}):
+        check_sharded_run(_config(network))
+        check_sharded_run(_config(network, {"ema": True}))
+
+
+def test_fp8_base_is_refused_when_sharded():
+    import dataclasses
+
+    cfg = _config({"network_type": "lora"})
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, fp8_base=True))
+    with pytest.raises(ConfigError, match=r"model\.fp8_base"):
+        check_sharded_run(cfg)
 
 
 @pytest.mark.parametrize("network, training, field", [
-    ({"network_type": "lora"}, {}, "network.network_type"),
+    ({"network_type": "dora"}, {}, "network.network_type"),
+    ({"network_type": "loha"}, {}, "network.network_type"),
     ({"network_type": "lokr"}, {}, "network.network_type"),
     ({"network_type": "full", "train_text_encoder": True}, {}, "network.train_text_encoder"),
     ({"network_type": "full"}, {"full_bf16": True, "mixed_precision": "bf16"}, "training.full_bf16"),
