@@ -64,18 +64,21 @@ def test_a_sharded_state_is_not_loaded_by_an_unsharded_run_nor_the_reverse(tmp_p
         load_training_state(trainer, {"network": {}, "optimizer": {}}, tmp_path)
 
 
-@pytest.mark.parametrize("main", [True, False])
-def test_rank0_loading_builds_the_denoiser_empty_off_rank0_and_loads_the_encoders_whole(main, tiny_sd15,
+@pytest.mark.parametrize("name, main", [("sd15", True), ("sd15", False), ("sdxl", False), ("sd3", False),
+                                          ("flux", False)])
+def test_rank0_loading_builds_the_denoiser_empty_off_rank0_and_loads_the_encoders_whole(name, main, request,
                                                                                        monkeypatch):
-    """Rank 0 loads the model as always; another rank gets the UNet as shapes only (meta parameters, real buffers,
+    """Rank 0 loads the model as always; another rank gets the UNet / transformer as shapes only (meta parameters, real buffers,
     the state dict's keys, shapes and dtypes) and its text encoder and VAE whole, equal to rank 0's, even where the
     launcher set ``FSDP_CPU_RAM_EFFICIENT_LOADING`` (transformers 4.x builds its models empty off rank 0 then;
     rank0_loading holds it off); accelerate's rank-0 broadcast is switched on."""
     from trainer.config import ModelConfig
     from trainer.families import get_family
 
-    family = get_family("sd15")
-    reference = family.load(ModelConfig(family="sd15", path=str(tiny_sd15)))
+    tiny = request.getfixturevalue(f"tiny_{name}")
+    path = str(getattr(tiny, "folder", tiny))  # the diffusers folder (SD3/Flux fixtures hold split files too)
+    family = get_family(name)
+    reference = family.load(ModelConfig(family=name, path=path))
     acc = SimpleNamespace(is_main_process=main, state=SimpleNamespace(fsdp_plugin=SimpleNamespace(
         cpu_ram_efficient_loading=False)))
     monkeypatch.setenv(RAM_EFFICIENT_ENV, "true")
@@ -84,7 +87,7 @@ def test_rank0_loading_builds_the_denoiser_empty_off_rank0_and_loads_the_encoder
     monkeypatch.setenv("LOCAL_RANK", "0" if main else "1")
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     with rank0_loading(acc):
-        comps = family.load(ModelConfig(family="sd15", path=str(tiny_sd15)))
+        comps = family.load(ModelConfig(family=name, path=path))
     assert os.environ[RAM_EFFICIENT_ENV] == "true"  # as the launcher left it
     monkeypatch.undo()
     assert acc.state.fsdp_plugin.cpu_ram_efficient_loading is True

@@ -31,7 +31,8 @@ class ShardedEMA(EMAModel):
 
     def store(self, parameters: Iterable[torch.nn.Parameter]) -> None:
         """The weights kept aside while the EMA stands in for them (validation, samples, checkpoint): a copy of this
-        rank's shards where they are (``EMAModel`` copies to the host, which a CUDA shard cannot join back)."""
+        rank's shards, kept where they are (``EMAModel`` moves them to the host, and a host ``DTensor`` copied back
+        into a CUDA shard is a path nobody checked; a shard is 1/N of the weights)."""
         self.temp_stored_params = [p.detach().clone() for p in parameters]
 
     def gathered_state(self) -> dict[str, Any]:
