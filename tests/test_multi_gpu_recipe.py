@@ -166,8 +166,8 @@ def test_fsdp2_sharded_full_finetune_trains_and_saves_as_the_unsharded_run(shard
 
 @pytest.mark.slow
 def test_fsdp2_rank0_alone_reads_the_weights_and_each_rank_receives_exactly_its_shards(sharded_run, tiny_sd15):
-    """Rank-0 loading: rank 1 builds the UNet on the meta device (0 bytes of weights before sharding, its weights
-    file never read) and receives its shards from rank 0; the whole weights gathered back from the shards are the
+    """Rank-0 loading: rank 1 builds the UNet on the meta device (0 bytes of weights before sharding) and receives
+    its shards from rank 0; the whole weights gathered back from the shards are the
     model file's, bit for bit (tests/fsdp_cpu_shim.py reports both around prepare())."""
     import diffusers
     from fsdp_cpu_shim import _digest
