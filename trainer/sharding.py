@@ -44,8 +44,8 @@ def rank0_loading(acc):
     only its shard (accelerate's ``cpu_ram_efficient_loading``, switched on here whatever the config file says).
 
     The text encoders and VAE are not sharded, so every rank loads them whole: the config file's
-    ``fsdp_cpu_ram_efficient_loading: true`` (environment ``FSDP_CPU_RAM_EFFICIENT_LOADING``) would have transformers
-    build them empty on ranks > 0, and is held off while loading."""
+    ``fsdp_cpu_ram_efficient_loading: true`` (environment ``FSDP_CPU_RAM_EFFICIENT_LOADING``) has transformers 4.x
+    build its models empty on ranks > 0, so it is held off while loading."""
     from .families.weights import denoiser_shapes_only
 
     acc.state.fsdp_plugin.cpu_ram_efficient_loading = True
