@@ -6,6 +6,10 @@ accelerator state to FSDP after accelerate built it, and the trainer then runs w
 (``tests/test_multi_gpu_recipe.py``). Launch: ``accelerate launch --config_file <fsdp yaml> -m fsdp_cpu_shim ...``
 with ``tests/`` on ``PYTHONPATH``. Nothing in ``trainer/`` imports it.
 
+Around ``Accelerator.prepare`` it reports, per rank, the bytes of real (non-meta) weights the trained module held
+before sharding and the bytes of its local shards after, and rank 0 the sha256 of the whole weights gathered back
+from the shards (``report_sharding``): what the rank-0 loading test compares with the model file.
+
 ``CRUCIBLE_TEST_CANCEL_AT_STEP=N`` presses Cancel on rank 0 once step N has run (the ComfyUI node's Cancel: only
 the main process's callbacks are asked), to check that every rank stops there together.
 """
@@ -27,11 +31,53 @@ def enable_fsdp_on_cpu() -> None:
         wanted = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
         if wanted and self.distributed_type == DistributedType.MULTI_CPU:
             self.distributed_type = DistributedType.FSDP
-            self.fsdp_plugin = kwargs.get("fsdp_plugin") or FullyShardedDataParallelPlugin()
+            # a later AcceleratorState() (accelerate makes several) keeps the plugin the run set up
+            self.fsdp_plugin = (kwargs.get("fsdp_plugin") or getattr(self, "fsdp_plugin", None)
+                                or FullyShardedDataParallelPlugin())
             print(f"fsdp_cpu_shim: FSDP version {self.fsdp_plugin.fsdp_version} on CPU rank {self.process_index}",
                   flush=True)
 
     state.AcceleratorState.__init__ = init
+
+
+def _digest(state: dict) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for key in sorted(state):
+        h.update(key.encode())
+        h.update(state[key].detach().float().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def report_sharding() -> None:
+    import resource
+
+    import accelerate
+    import torch
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.tensor import DTensor
+
+    original = accelerate.Accelerator.prepare
+
+    def real_bytes(modules, local: bool) -> int:
+        tensors = [p.to_local() if local and isinstance(p, DTensor) else p for m in modules for p in m.parameters()]
+        return sum(t.numel() * t.element_size() for t in tensors if not t.is_meta)
+
+    def prepare(self, *args, **kwargs):
+        modules = [a for a in args if isinstance(a, torch.nn.Module)]
+        rank = self.process_index
+        print(f"fsdp_cpu_shim: rank {rank} weight bytes before sharding {real_bytes(modules, False)}", flush=True)
+        out = original(self, *args, **kwargs)
+        print(f"fsdp_cpu_shim: rank {rank} shard bytes after sharding {real_bytes(modules, True)}", flush=True)
+        state = get_model_state_dict(modules[0], options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if rank == 0:
+            print(f"fsdp_cpu_shim: sharded weights sha256 {_digest(state)}", flush=True)
+        print(f"fsdp_cpu_shim: rank {rank} peak rss kib {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}",
+              flush=True)
+        return out
+
+    accelerate.Accelerator.prepare = prepare
 
 
 def cancel_on_rank0_at(step: int) -> None:
@@ -49,6 +95,7 @@ def cancel_on_rank0_at(step: int) -> None:
 
 if __name__ == "__main__":
     enable_fsdp_on_cpu()
+    report_sharding()
     if os.environ.get("CRUCIBLE_TEST_CANCEL_AT_STEP"):
         cancel_on_rank0_at(int(os.environ["CRUCIBLE_TEST_CANCEL_AT_STEP"]))
     sys.argv = ["trainer", *sys.argv[1:]]

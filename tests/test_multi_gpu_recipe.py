@@ -71,6 +71,7 @@ def _launch(folder: Path, cfg: dict, sharded: bool, **kwargs) -> str:
     assert sharded_ranks == {"0", "1"}, output[-3000:]  # FSDP on, both ranks
     holders = set(re.findall(r"rank (\d) holds a shard of the trained weights", output))
     assert holders == {"0", "1"}, output[-3000:]  # the trainer's weights are DTensor shards on both ranks
+    (folder / "launch.log").write_text(output, encoding="utf-8")
     return output
 
 
@@ -164,6 +165,25 @@ def test_fsdp2_sharded_full_finetune_trains_and_saves_as_the_unsharded_run(shard
 
 
 @pytest.mark.slow
+def test_fsdp2_rank0_alone_reads_the_weights_and_each_rank_receives_exactly_its_shards(sharded_run, tiny_sd15):
+    """Rank-0 loading: rank 1 builds the UNet on the meta device (0 bytes of weights before sharding) and receives
+    its shards from rank 0; the whole weights gathered back from the shards are the
+    model file's, bit for bit (tests/fsdp_cpu_shim.py reports both around prepare())."""
+    import diffusers
+    from fsdp_cpu_shim import _digest
+
+    output = (sharded_run.parents[1] / "launch.log").read_text(encoding="utf-8")
+    before = dict(re.findall(r"rank (\d) weight bytes before sharding (\d+)", output))
+    after = dict(re.findall(r"rank (\d) shard bytes after sharding (\d+)", output))
+    unet = diffusers.UNet2DConditionModel.from_pretrained(tiny_sd15, subfolder="unet")
+    whole = sum(p.numel() * p.element_size() for p in unet.parameters())
+    assert {r: int(b) for r, b in before.items()} == {"0": whole, "1": 0}, output[-3000:]
+    shards = {r: int(b) for r, b in after.items()}
+    assert set(shards) == {"0", "1"} and sum(shards.values()) == whole and max(shards.values()) < 0.75 * whole
+    assert re.findall(r"sharded weights sha256 ([0-9a-f]{64})", output) == [_digest(unet.state_dict())]
+
+
+@pytest.mark.slow
 def test_fsdp2_cancel_stops_every_rank_and_resume_ends_as_the_uninterrupted_run(sharded_run, tiny_sd15,
                                                                               demo_dataset, tmp_path):
     cfg = _full_finetune_config(tiny_sd15, demo_dataset, tmp_path / "out")
@@ -180,3 +200,117 @@ def test_fsdp2_cancel_stops_every_rank_and_resume_ends_as_the_uninterrupted_run(
     assert resumed["status"] == "finished"
     assert resumed["losses"] == pytest.approx(uninterrupted["losses"], rel=1e-6)
     _assert_same_training(_checkpoint(run_dir, 2), _checkpoint(sharded_run, 2), _base_unet(tiny_sd15))
+
+
+def _ema_config(tiny_sd15, demo_dataset, out: Path) -> dict:
+    cfg = _full_finetune_config(tiny_sd15, demo_dataset, out)
+    cfg["training"]["ema"] = True
+    cfg["sample"]["sample_every_n_steps"] = 0  # the previews are checked above; the EMA is what these runs check
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def ema_runs(tiny_sd15, demo_dataset, tmp_path_factory) -> tuple[Path, Path]:
+    """A full fine-tune with EMA launched unsharded (DDP) and sharded (FSDP2): (unsharded, sharded) run folders."""
+    runs = []
+    for sharded in (False, True):
+        folder = tmp_path_factory.mktemp("ema-fsdp" if sharded else "ema-ddp")
+        assert_ranks_agree(_launch(folder, _ema_config(tiny_sd15, demo_dataset, folder / "out"), sharded))
+        runs.append(folder / "out" / "fsdp")
+    return runs[0], runs[1]
+
+
+@pytest.mark.slow
+def test_fsdp2_ema_is_sharded_and_saves_the_unsharded_runs_ema(ema_runs, tiny_sd15):
+    """Each rank keeps the EMA of its own shards (trainer.sharded_ema); the checkpoint holds the EMA weights
+    gathered whole, the same as the unsharded run's EMA, and the resumable state the whole EMA tensors."""
+    import torch
+
+    unsharded, sharded = ema_runs
+    output = (sharded.parents[1] / "launch.log").read_text(encoding="utf-8")
+    assert set(re.findall(r"rank (\d) keeps the EMA of its shards", output)) == {"0", "1"}, output[-3000:]
+    record, reference = _run_record(sharded), _run_record(unsharded)
+    assert record["losses"] == pytest.approx(reference["losses"], rel=1e-5)
+    state = _checkpoint(sharded, 2)
+    _assert_same_training(state, _checkpoint(unsharded, 2), _base_unet(tiny_sd15))
+    blob = torch.load(sharded / "state" / "state.pt", map_location="cpu", weights_only=True)
+    weights = blob["network"]["unet"]
+    assert any(not torch.equal(state[k], weights[k]) for k in state)  # the checkpoint is the EMA, not the weights
+    shadow = blob["ema"]["shadow_params"]
+    assert [t.shape for t in shadow] == [t.shape for t in weights.values()]  # whole, in parameter order
+    # the saved EMA is the checkpoint's weights (the same tensors, gathered by two routes)
+    assert all(torch.equal(s, state[k].float()) for s, k in zip(shadow, weights))
+    reference_blob = torch.load(unsharded / "state" / "state.pt", map_location="cpu", weights_only=True)
+    assert blob["ema"]["optimization_step"] == reference_blob["ema"]["optimization_step"] == 2
+
+
+@pytest.mark.slow
+def test_fsdp2_ema_resumes_where_the_uninterrupted_run_ended(ema_runs, tiny_sd15, demo_dataset, tmp_path):
+    cfg = _ema_config(tiny_sd15, demo_dataset, tmp_path / "out")
+    run_dir = tmp_path / "out" / "fsdp"
+    assert_ranks_agree(_launch(tmp_path, cfg, True, env={"CRUCIBLE_TEST_CANCEL_AT_STEP": "1"}))
+    assert_ranks_agree(_launch(tmp_path, cfg, True, args=("--resume", str(run_dir / "state"))))
+    resumed, uninterrupted = _run_record(run_dir), _run_record(ema_runs[1])
+    assert resumed["status"] == "finished"
+    assert resumed["losses"] == pytest.approx(uninterrupted["losses"], rel=1e-6)
+    _assert_same_training(_checkpoint(run_dir, 2), _checkpoint(ema_runs[1], 2), _base_unet(tiny_sd15))
+
+
+def _lora_config(tiny_sd15, demo_dataset, out: Path) -> dict:
+    cfg = _full_finetune_config(tiny_sd15, demo_dataset, out)
+    cfg["network"] = {"network_type": "lora", "network_dim": 4, "network_alpha": 4}
+    cfg["optim"]["learning_rate"] = 1e-3
+    cfg["sample"]["sample_every_n_steps"] = 0
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def lora_runs(tiny_sd15, demo_dataset, tmp_path_factory) -> tuple[Path, Path]:
+    """A LoRA launched unsharded (DDP) and sharded (FSDP2: the frozen UNet and its adapters sharded together, one
+    FSDP unit per block holding frozen and trained parameters): (unsharded, sharded) run folders."""
+    runs = []
+    for sharded in (False, True):
+        folder = tmp_path_factory.mktemp("lora-fsdp" if sharded else "lora-ddp")
+        assert_ranks_agree(_launch(folder, _lora_config(tiny_sd15, demo_dataset, folder / "out"), sharded))
+        runs.append(folder / "out" / "fsdp")
+    return runs[0], runs[1]
+
+
+def _assert_same_lora(state: dict, reference: dict) -> None:
+    """The same LoRA file up to float noise (every ComfyUI key, each tensor within 1e-5 of the reference's)."""
+    import torch
+
+    assert state.keys() == reference.keys() and any(k.endswith("lora_up.weight") for k in state)
+    assert all(torch.allclose(state[k].float(), reference[k].float(), rtol=0, atol=1e-5) for k in state)
+
+
+@pytest.mark.slow
+def test_fsdp2_lora_trains_and_saves_the_unsharded_runs_lora(lora_runs):
+    import torch
+
+    unsharded, sharded = lora_runs
+    record, reference = _run_record(sharded), _run_record(unsharded)
+    assert record["status"] == "finished"
+    assert record["losses"] == pytest.approx(reference["losses"], rel=1e-5)
+    assert record["checkpoints"][0]["val_loss"] == pytest.approx(reference["checkpoints"][0]["val_loss"], rel=1e-5)
+    _assert_same_lora(_checkpoint(sharded, 2), _checkpoint(unsharded, 2))
+    # the resumable state: the adapters alone (no frozen base weight), whole, and their AdamW moments by name
+    blob = torch.load(sharded / "state" / "state.pt", map_location="cpu", weights_only=True)
+    adapters = blob["network"]["unet"]
+    assert adapters and all(".lora_A." in k or ".lora_B." in k for k in adapters)
+    reference_blob = torch.load(unsharded / "state" / "state.pt", map_location="cpu", weights_only=True)
+    assert sorted(v.shape for v in adapters.values()) == \
+        sorted(v.shape for v in reference_blob["network"]["unet"].values())  # whole, not one rank's shard
+    assert blob["optimizer_keys"] == "names" and set(blob["optimizer"]["state"]) == set(adapters)
+
+
+@pytest.mark.slow
+def test_fsdp2_lora_resumes_where_the_uninterrupted_run_ended(lora_runs, tiny_sd15, demo_dataset, tmp_path):
+    cfg = _lora_config(tiny_sd15, demo_dataset, tmp_path / "out")
+    run_dir = tmp_path / "out" / "fsdp"
+    assert_ranks_agree(_launch(tmp_path, cfg, True, env={"CRUCIBLE_TEST_CANCEL_AT_STEP": "1"}))
+    assert_ranks_agree(_launch(tmp_path, cfg, True, args=("--resume", str(run_dir / "state"))))
+    resumed, uninterrupted = _run_record(run_dir), _run_record(lora_runs[1])
+    assert resumed["status"] == "finished"
+    assert resumed["losses"] == pytest.approx(uninterrupted["losses"], rel=1e-6)
+    _assert_same_lora(_checkpoint(run_dir, 2), _checkpoint(lora_runs[1], 2))

@@ -120,13 +120,16 @@ def export_lora(family: "str | ModelFamily", states: Mapping[str, Mapping[str, "
 
 
 def export_peft_modules(family: "str | ModelFamily", modules: Mapping[str, "nn.Module"], *, adapter_name: str = "default",
-                        dtype: "torch.dtype | None" = None) -> dict[str, "Tensor"]:
-    """:func:`export_lora` straight from peft-wrapped modules (state, config and DoRA base weights read from them)."""
+                        dtype: "torch.dtype | None" = None,
+                        states: "Mapping[str, Mapping[str, Tensor]] | None" = None) -> dict[str, "Tensor"]:
+    """:func:`export_lora` straight from peft-wrapped modules (state, config and DoRA base weights read from them).
+    ``states``: each module's adapter state gathered already (a sharded run, :mod:`trainer.sharding`)."""
     from peft import get_peft_model_state_dict
 
-    states, configs, bases = {}, {}, {}
+    given, states, configs, bases = states, {}, {}, {}
     for component, module in modules.items():
-        states[component] = get_peft_model_state_dict(module, adapter_name=adapter_name, save_embedding_layers=False)
+        states[component] = dict(given[component]) if given is not None else \
+            get_peft_model_state_dict(module, adapter_name=adapter_name, save_embedding_layers=False)
         configs[component] = module.peft_config[adapter_name]
         bases[component] = {name: layer.get_base_layer().weight
                             for name, layer in adapter_layers(module, adapter_name).items()

@@ -17,8 +17,9 @@ from .checkpoints import checkpoint_metadata, write_checkpoint
 from .fileio import atomic_write, atomic_write_json
 from .plots import save_loss_curve
 from .run_record import RunRecord
+from .network import ADAPTER
 from .sample_prompts import preview_conditioning
-from .sharding import OPTIMIZER_BY_NAME, GatheredWeights, full_state_dict, training_state
+from .sharding import OPTIMIZER_BY_NAME, GatheredWeights, adapter_export_states, full_state_dict, training_state
 from .state import save_state
 from .validation import validation_summary
 
@@ -35,9 +36,11 @@ class RunOutputs:
             # the encoders come back only for a single-file export (validation encoded its inputs before step 1)
             with self._ema_weights(), self._encoders_on_device(self._save_needs_encoders()), self.acc.autocast():
                 validation = self.validator.evaluate()
-                comps = self.comps  # sharded: only the denoiser trains (trainer.sharding), gathered whole on rank 0
-                if self.sharded:
+                comps, adapters = self.comps, None  # sharded: only the denoiser trains (trainer.sharding)
+                if self.sharded and self.net.is_full:  # gathered whole on rank 0
                     comps = dataclasses.replace(comps, denoiser=GatheredWeights(full_state_dict(comps.denoiser)))
+                elif self.sharded:  # LoRA: its adapters alone, gathered whole on rank 0
+                    adapters = adapter_export_states(self.net.modules, ADAPTER)
                 if main:
                     loss = self.losses[-1] if self.losses else None
                     meta = checkpoint_metadata(self.cfg, self.source, run_name=self.run_name, step=step,
@@ -45,7 +48,7 @@ class RunOutputs:
                                                validation=validation)
                     info = write_checkpoint(self.family, comps, self.net, self.cfg.save, self.run_dir,
                                             self.run_name, step, epoch, meta, loss=loss, final=final,
-                                            validation=validation)
+                                            validation=validation, adapter_states=adapters)
             del comps  # the gathered copy goes before the state is gathered
         state = training_state(self) if self.sharded and self.cfg.save.save_state else None
         if main:
@@ -77,14 +80,15 @@ class RunOutputs:
             self.ema.restore(params)
 
     def _save_state(self, step: int, epoch: int, sharded_state=None) -> None:
-        """``sharded_state``: the whole (network, optimizer) state a sharded run gathered on every rank."""
-        network, optimizer = sharded_state or (self.net.state_dicts(), self.optimizer.state_dict())
+        """``sharded_state``: the whole (network, optimizer, EMA) state a sharded run gathered on every rank."""
+        network, optimizer, ema = sharded_state or (self.net.state_dicts(), self.optimizer.state_dict(),
+                                                    self.ema.state_dict() if self.ema is not None else {})
         payload = {
             "network": network,
             "optimizer": optimizer,
             "optimizer_keys": OPTIMIZER_BY_NAME if sharded_state else "indices",
             "scheduler": self.scheduler.state_dict(),
-            "ema": self.ema.state_dict() if self.ema is not None else {},
+            "ema": ema,
             "losses": list(self.losses),
             "scaler": self.acc.scaler.state_dict() if self.acc.scaler is not None else {},  # fp16: resume exact
         }

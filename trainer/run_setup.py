@@ -23,7 +23,7 @@ from .optim import build_optimizer, build_scheduler
 from .quantized import apply_fp8_base, cast_frozen, fp8_loading
 from .param_step import FusedBackward, keep_float32_state_on_load
 from .prefetch import BatchPrefetcher
-from .sharding import check_sharded_run, is_sharded, shards_weights
+from .sharding import check_sharded_run, is_sharded, rank0_loading, shards_weights
 from .train_step import rounding_generator
 
 log = logging.getLogger("crucible")
@@ -115,7 +115,8 @@ class RunSetup:
         # FSDP: the denoiser stays in host memory; prepare() moves it to the device one block at a time as it shards
         sharded = shards_weights(self.acc)
         # fp8 base: quantized on the host while loading, then moved; block swap: swapped blocks never go whole
-        with fp8_loading(cfg.model.fp8_base):
+        # sharded: rank 0 alone reads the denoiser's weights, the other ranks get their shards in prepare()
+        with fp8_loading(cfg.model.fp8_base), rank0_loading(self.acc) if sharded else contextlib.nullcontext():
             on_host = swap or cfg.model.fp8_base or self.denoiser_waits or sharded
             comps = components or self.family.load(cfg.model, device="cpu" if on_host else device, dtype=weight_dtype)
         self.owns_encoders = components is None  # the caller's encoders are never released (encoder_residency)
@@ -161,11 +162,6 @@ class RunSetup:
         prediction = cfg.model.prediction_type or self.family.default_prediction
         self.objective = make_objective(prediction, comps.noise_scheduler, cfg.training,
                                         shift_fn=lambda latents: self.family.flow_shift(comps, latents))
-        self.ema = None
-        if cfg.training.ema:
-            from diffusers.training_utils import EMAModel
-
-            self.ema = EMAModel(self.net.parameters(), decay=cfg.training.ema_decay)
         self.max_token_length = max(d.captions.max_token_length for d in cfg.datasets)
         self._setup_caches()
         from .validation import Validator
@@ -185,6 +181,13 @@ class RunSetup:
         self.sharded = is_sharded(self.net.modules.values())
         if self.sharded:
             log.info("rank %d holds a shard of the trained weights (FSDP2)", self.acc.process_index)
+        self.ema = None
+        if cfg.training.ema:  # sharded: each rank the EMA of its own shards (trainer.sharded_ema)
+            from .sharded_ema import make_ema
+
+            self.ema = make_ema(self.params, cfg.training.ema_decay, self.sharded)
+            if self.sharded:
+                log.info("rank %d keeps the EMA of its shards", self.acc.process_index)
         wrapped = dict(zip(names, prepared[:-1]))
         # Only the forward pass goes through the (possibly DDP-wrapped) modules.
         self.train_comps = dataclasses.replace(

@@ -6,12 +6,15 @@ order: a forward pass (validation, preview samples), the full state dict of a ch
 resumable state. This module holds those collectives; the trainer calls them on every rank and lets rank 0 write.
 
 What a sharded run refuses (each named, before a model loads): training a text encoder beside the denoiser (the
-recipe shards one trained module), LoRA-type networks (nothing to gain: use ``--multi_gpu``; so ``fp8_base`` too),
-EMA (its copy is not sharded) and ``full_bf16`` (FSDP2 keeps fp32 master weights). ``blocks_to_swap`` and
-``fused_backward_pass`` are refused for every multi-process run (:mod:`trainer.memory_options`).
+recipe shards one trained module), DoRA/LoHa/LoKr networks (LoRA is sharded with its frozen base), ``fp8_base``
+and ``full_bf16`` (FSDP2 keeps fp32 master weights). ``blocks_to_swap`` and ``fused_backward_pass`` are refused for
+every multi-process run (:mod:`trainer.memory_options`). The EMA is sharded like the weights
+(:mod:`trainer.sharded_ema`). Rank 0 alone reads the denoiser's weights (:func:`rank0_loading`).
 """
 from __future__ import annotations
 
+import contextlib
+import os
 from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
@@ -21,6 +24,8 @@ from .errors import ConfigError, CrucibleError
 if TYPE_CHECKING:  # pragma: no cover
     from .config import TrainConfig
 
+RAM_EFFICIENT_ENV = "FSDP_CPU_RAM_EFFICIENT_LOADING"  # accelerate's launcher sets it; transformers reads it
+SHARDED_NETWORK_TYPES = ("full", "lora")
 OPTIMIZER_BY_NAME = "names"  # state.pt's "optimizer_keys" for a full optimizer state keyed by parameter names
 
 
@@ -31,6 +36,31 @@ def shards_weights(acc) -> bool:
     return acc.distributed_type == DistributedType.FSDP
 
 
+@contextlib.contextmanager
+def rank0_loading(acc):
+    """The context a sharded run loads its model in: rank 0 reads the weights; every other rank builds the
+    denoiser's shapes on the meta device and never holds it whole (a model folder's denoiser; a single file is read
+    on every rank). ``prepare()`` then shards the empty module and broadcasts each tensor from rank 0, which keeps
+    only its shard (accelerate's ``cpu_ram_efficient_loading``, switched on here whatever the config file says).
+
+    The text encoders and VAE are not sharded, so every rank loads them whole: the config file's
+    ``fsdp_cpu_ram_efficient_loading: true`` (environment ``FSDP_CPU_RAM_EFFICIENT_LOADING``) has transformers 4.x
+    build its models empty on ranks > 0, so it is held off while loading."""
+    from .families.weights import denoiser_shapes_only
+
+    acc.state.fsdp_plugin.cpu_ram_efficient_loading = True
+    saved = os.environ.get(RAM_EFFICIENT_ENV)
+    os.environ[RAM_EFFICIENT_ENV] = "false"
+    try:
+        with denoiser_shapes_only(not acc.is_main_process):
+            yield
+    finally:
+        if saved is None:
+            os.environ.pop(RAM_EFFICIENT_ENV, None)
+        else:
+            os.environ[RAM_EFFICIENT_ENV] = saved
+
+
 def check_sharded_run(cfg: "TrainConfig", fsdp2: bool = True) -> None:
     """The settings a sharded run cannot honour, refused before any model loads. ``fsdp2``: the accelerate config
     asks for FSDP version 2 (version 1 wraps the module in flat parameters, which this module does not gather)."""
@@ -39,12 +69,14 @@ def check_sharded_run(cfg: "TrainConfig", fsdp2: bool = True) -> None:
                           "fsdp_version: 2 (docs/accelerate/fsdp2_full_finetune.yaml)")
     net, tr = cfg.network, cfg.training
     why = {
-        "network.network_type": (net.network_type != "full",
-                                 f"is {net.network_type!r}: FSDP2 shards full fine-tunes; an adapter is small, so "
-                                 "train it with data parallelism (accelerate launch --multi_gpu)"),
+        "network.network_type": (net.network_type not in SHARDED_NETWORK_TYPES,
+                                 f"is {net.network_type!r}: FSDP2 runs shard full fine-tunes and LoRA (the frozen "
+                                 "base with its adapters); DoRA, LoHa and LoKr were not checked sharded: train them "
+                                 "with data parallelism (accelerate launch --multi_gpu)"),
+        "model.fp8_base": (cfg.model.fp8_base, "is on: fp8 layers are not sharded; turn it off (FSDP2 shards the "
+                                               "bf16 base over the GPUs instead)"),
         "network.train_text_encoder": (net.train_text_encoder,
                                        "is on: a sharded run trains the denoiser only; turn it off"),
-        "training.ema": (tr.ema, "is on: the EMA copy is not sharded; turn it off for FSDP2"),
         "training.full_bf16": (tr.full_bf16, "is on: FSDP2 keeps fp32 master weights and computes in bf16 through "
                                              "mixed_precision; turn it off"),
     }
@@ -90,10 +122,17 @@ def full_optimizer_state(module: torch.nn.Module, optimizer) -> dict[str, Any]:
 
 def load_full_state(module: torch.nn.Module, optimizer, network: dict[str, torch.Tensor],
                     optimizer_state: dict[str, Any]) -> None:
-    """Each rank takes its shards of a whole saved state (every rank has read the same file)."""
+    """Each rank takes its shards of a whole saved state (every rank has read the same file). ``network``: the whole
+    module, or its adapters alone (a LoRA run: the frozen base stays as loaded); checked against the module here."""
+    own = dict(module.named_parameters())
+    trained = {n for n, p in own.items() if p.requires_grad}
+    if not trained <= set(network) or not set(network) <= set(module.state_dict()):
+        odd = sorted((trained - set(network)) or (set(network) - set(module.state_dict())))[0]
+        raise CrucibleError(f"the training state does not match this run's network ('{odd}'); resume it with the "
+                            "network settings it was saved with")
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
-    set_model_state_dict(module, network, options=_options())
+    set_model_state_dict(module, network, options=_options(strict=False))
     set_optimizer_state_dict(module, _inner(optimizer), optimizer_state, options=_options())
 
 
@@ -112,10 +151,44 @@ class GatheredWeights:
         return dict(self._state)
 
 
-def training_state(trainer) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
-    """The network and optimizer parts of a resumable state, whole, on rank 0. Every rank calls it."""
+def trained_state(module: torch.nn.Module, adapters_only: bool) -> dict[str, torch.Tensor]:
+    """The trained weights of a sharded module, whole, on rank 0 (every rank calls it): the whole module, or its
+    adapter parameters alone (module names, e.g. ``…to_q.lora_A.default.weight``) without the frozen base."""
+    if not adapters_only:
+        return full_state_dict(module)
+    rank0 = torch.distributed.get_rank() == 0
+    out = {}
+    for name, p in module.named_parameters():
+        if p.requires_grad:
+            tensor = full_tensor(p.detach()).cpu()  # a collective, one tensor at a time
+            if rank0:
+                out[name] = tensor
+    return out
+
+
+def adapter_export_states(modules: dict[str, torch.nn.Module], adapter_name: str) -> dict[str, dict]:
+    """Each sharded module's peft adapter state (``get_peft_model_state_dict`` keys), whole, on rank 0 ({} per
+    module elsewhere): what a LoRA export reads. Every rank calls it."""
+    from peft import get_peft_model_state_dict
+
+    rank0 = torch.distributed.get_rank() == 0
+    states = {}
+    for comp, module in modules.items():
+        state = get_peft_model_state_dict(module, adapter_name=adapter_name, save_embedding_layers=False)
+        states[comp] = {}
+        for key, value in state.items():
+            tensor = full_tensor(value.detach()).cpu()
+            if rank0:
+                states[comp][key] = tensor
+    return states
+
+
+def training_state(trainer) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any], dict[str, Any]]:
+    """The network, optimizer and EMA parts of a resumable state, whole, on rank 0. Every rank calls it."""
     (name, module), = trainer.net.modules.items()
-    return {name: full_state_dict(module)}, full_optimizer_state(module, trainer.optimizer)
+    ema = trainer.ema.gathered_state() if trainer.ema is not None else {}
+    network = {name: trained_state(module, adapters_only=not trainer.net.is_full)}
+    return network, full_optimizer_state(module, trainer.optimizer), ema
 
 
 def load_training_state(trainer, payload: dict[str, Any], folder) -> None:

@@ -39,7 +39,7 @@ from .split_files import (CLIP_G_MIN_WIDTH, DIFFUSION_PREFIX, KIND_TITLES, TEXT_
                           clip_size, encoder_kind, load_clip, load_vae, transformer_layout)
 from .t5_text import find_t5_tokenizer_dir, load_t5, load_t5_tokenizer
 from .tokenizers import find_clip_tokenizer
-from .weights import Part, TensorFile, from_pretrained, unwrap
+from .weights import Part, TensorFile, from_pretrained, load_denoiser, place, unwrap
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -148,7 +148,7 @@ class FlowFamily(ModelFamily):
                            noise_scheduler=scheduler, denoiser_name=self.denoiser_name,
                            text_encoder_names=tuple(s.component for s in specs), source=str(path), extras=extras)
         for module in (comps.denoiser, comps.vae, *comps.text_encoders):
-            module.to(device)
+            place(module, device)
         return comps
 
     def load_encoders(self, cfg: "ModelConfig", comps: Components, dtype=None) -> dict[str, Any]:
@@ -282,7 +282,7 @@ class FlowFamily(ModelFamily):
     def _load_transformer(self, plan: LoadPlan, dtype):
         source = plan.transformer
         if isinstance(source, Path):
-            return from_pretrained(self.transformer_class(), source.parent, source.name, dtype)
+            return load_denoiser(self.transformer_class(), source.parent, source.name, dtype)
         sd = source.read(dtype)
         where = source.describe()
         if plan.layout == "original":

@@ -24,7 +24,7 @@ from .clip_text import WINDOW, check_clip_skip, chunked_token_ids, encode_window
 from .kohya_blocks import SD15_BLOCKS
 from .token_weights import apply_token_weights, token_weights
 from .tokenizers import find_clip_tokenizer
-from .weights import from_pretrained, param_dtype, unwrap
+from .weights import from_pretrained, load_denoiser, place, param_dtype, unwrap
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -153,7 +153,7 @@ class StableDiffusionFamily(ModelFamily):
                            extras={"family": self.name, "clip_skip": cfg.clip_skip,
                                    "format": "diffusers" if path.is_dir() else "single_file"})
         for module in (comps.denoiser, comps.vae, *comps.text_encoders):
-            module.to(device)
+            place(module, device)
         return comps
 
     def load_encoders(self, cfg: "ModelConfig", comps: Components, dtype=None) -> dict[str, Any]:
@@ -176,7 +176,7 @@ class StableDiffusionFamily(ModelFamily):
         classes = {"clip_l": CLIPTextModel, "clip_g": CLIPTextModelWithProjection}
         modules = {"vae": from_pretrained(AutoencoderKL, folder, "vae", dtype)}
         if unet:
-            modules["unet"] = from_pretrained(UNet2DConditionModel, folder, "unet", dtype)
+            modules["unet"] = load_denoiser(UNet2DConditionModel, folder, "unet", dtype)
         for spec in self.encoders:
             modules[spec.component] = from_pretrained(classes[spec.kind], folder, spec.component, dtype)
         return modules

@@ -5,6 +5,7 @@ naming the file and what to do.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
@@ -16,10 +17,51 @@ if TYPE_CHECKING:  # pragma: no cover
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 
+_DENOISER_SHAPES_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("crucible_denoiser_shapes_only",
+                                                                              default=False)
+
+
+@contextlib.contextmanager
+def denoiser_shapes_only(enabled: bool = True):
+    """While active, a denoiser in a model folder is built from its ``config.json`` on the meta device (shapes and
+    dtypes, no values, its weights file never read): a sharded run's other ranks, which receive their shards from
+    rank 0 (:mod:`trainer.sharding`). Single files are read as usual (their denoiser is not a file of its own)."""
+    token = _DENOISER_SHAPES_ONLY.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _DENOISER_SHAPES_ONLY.reset(token)
+
+
+def load_denoiser(cls, folder: Path, sub: str | None, dtype):
+    """The denoiser of a model folder: :func:`from_pretrained`, or its shapes alone under
+    :func:`denoiser_shapes_only`."""
+    if not _DENOISER_SHAPES_ONLY.get():
+        return from_pretrained(cls, folder, sub, dtype)
+    import torch
+    from accelerate import init_empty_weights
+
+    where = folder / sub if sub else folder
+    try:
+        config = cls.load_config(str(where), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"model.path: cannot read the config of '{where}' ({exc}); the folder is incomplete"
+                             ) from exc
+    with init_empty_weights():  # parameters on meta; buffers (RoPE tables, position ids) made as usual
+        model = cls.from_config(config)
+    return model.to(dtype=dtype or torch.float32).eval()
+
 
 def param_dtype(module) -> "torch.dtype":
     """The dtype of a module's first parameter (diffusers' ``.dtype`` walks every parameter: slow per step)."""
     return next(unwrap(module).parameters()).dtype
+
+
+def place(module, device) -> None:
+    """Move a loaded module to ``device``; a denoiser built as shapes only (:func:`denoiser_shapes_only`) stays on
+    the meta device, where a sharded run's ``prepare()`` expects it."""
+    if not any(p.is_meta for p in module.parameters()):
+        module.to(device)
 
 
 def unwrap(module):
