@@ -78,17 +78,57 @@ def sampling_hooks(patcher) -> list[str]:
     return sorted(names)
 
 
+def _tensors(value: Any) -> list:
+    """The tensors inside one patch (an adapter's ``weights``, a tuple's items, a module's state) in a fixed order."""
+    import torch
+
+    if torch.is_tensor(value):
+        return [value]
+    if isinstance(value, torch.nn.Module):
+        return [t for _, t in sorted(value.state_dict().items())]
+    if hasattr(value, "weights"):
+        value = value.weights
+    if isinstance(value, (tuple, list)):
+        return [t for item in value for t in _tensors(item)]
+    return []
+
+
+def patches_digest(patches: dict, objects: dict) -> str:
+    """A digest of the weight patches (keys, strengths, every patch tensor's bytes) and the object patches (class,
+    ``shift``, tensors): the base a run trained on, compared when it resumes (trainer.state)."""
+    import hashlib
+
+    import torch
+
+    digest = hashlib.blake2b(digest_size=8)
+    for key in sorted(patches):
+        for entry in patches[key]:
+            digest.update(f"{key}|{_number(entry[0])}|{_number(entry[2] if len(entry) > 2 else 1.0)}|"
+                          f"{_patch_kind(entry[1])}".encode())
+            for tensor in _tensors(entry[1]):
+                digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    for name in sorted(objects):
+        obj = objects[name]
+        digest.update(f"{name}|{type(obj).__name__}|{getattr(obj, 'shift', '')}".encode())
+        for tensor in _tensors(obj) if isinstance(obj, torch.nn.Module) else []:
+            digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def upstream_of(patcher) -> dict[str, Any]:
     """What was applied to the MODEL upstream of Crucible Train (empty when nothing): the weight patch groups and the
-    number of patched weights, the object patches by name, and the sampling hooks training does not apply."""
+    number of patched weights, the object patches by name, the sampling hooks training does not apply, and a digest
+    of the patches (a resumed run must train on the same base)."""
     patches = getattr(patcher, "patches", None) or {}
+    objects = getattr(patcher, "object_patches", None) or {}
     record: dict[str, Any] = {}
     if patches:
         record["patched_weights"] = len(patches)
         record["weight_patches"] = weight_patch_groups(patches)
-    objects = sorted(getattr(patcher, "object_patches", None) or {})
     if objects:
-        record["object_patches"] = objects
+        record["object_patches"] = sorted(objects)
+    if patches or objects:
+        record["digest"] = patches_digest(patches, objects)
     hooks = sampling_hooks(patcher)
     if hooks:
         record["not_in_training"] = hooks

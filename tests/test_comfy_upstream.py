@@ -66,7 +66,7 @@ def test_a_model_sampling_patch_upstream_decides_prediction_and_schedule(loading
     assert comps.noise_scheduler.config.prediction_type == "v_prediction"
     assert torch.allclose(comps.noise_scheduler.alphas_cumprod.double(), 1 / (1 + patched.sigmas.double() ** 2),
                           atol=1e-6)
-    assert family.base_patches == {"object_patches": ["model_sampling"]}
+    assert family.base_patches["object_patches"] == ["model_sampling"]
 
 
 def test_a_flow_shift_patch_upstream_is_the_shift_training_uses(loading):
@@ -97,6 +97,7 @@ def test_upstream_patches_are_recorded_and_sampling_hooks_named(loading, caplog)
     options = {"transformer_options": {"patches_replace": {"attn1": {("input", 1): print}}, "patches": {}},
                "model_function_wrapper": print, "sampler_cfg_function": None}
     family = family_with(loading, FakePatcher(base, patches=patches, model_options=options))
+    assert len(family.base_patches.pop("digest")) == 16
     assert family.base_patches == {
         "patched_weights": 3,
         "weight_patches": [{"kind": "diff", "strength": 0.5, "strength_model": 0.5, "weights": 1},
@@ -157,3 +158,34 @@ def test_training_leaves_the_models_patches_as_they_were(loading):
     family.restore()
     assert upstream.patch_state(patcher) == before
     assert not any("lora" in name for name, _ in base.diffusion_model.named_modules())
+
+
+def test_a_resume_on_a_base_patched_differently_is_refused(loading, make_config, tiny_sd15, demo_dataset, tmp_path):
+    """The state records the digest of the upstream patches: the same LoRA at the same strength resumes; another
+    strength, other LoRA weights or no LoRA is refused by name (unless forced), as a changed config is."""
+    from dataclasses import replace
+
+    from trainer.errors import CrucibleError
+    from trainer.families import hosted_family
+    from trainer.state import load_state, save_state
+
+    cfg = make_config(tiny_sd15, demo_dataset, tmp_path)
+    cfg = replace(cfg, model=replace(cfg.model, family="comfy", path=""))
+
+    class Lora(Adapter):
+        def __init__(self, scale):
+            self.weights = (torch.ones(2, 2) * scale, torch.ones(2, 2), None)
+
+    def family(strength=0.8, scale=1.0, patched=True):
+        patches = {"diffusion_model.ff.weight": [(strength, Lora(scale), 1.0, None, None)]} if patched else {}
+        return family_with(loading, FakePatcher(FakeBaseModel(sampling("epsilon")), patches=patches))
+
+    with hosted_family(family()):
+        save_state(tmp_path / "state", step=2, epoch=1, payload={"w": torch.zeros(1)}, cfg=cfg, data_fingerprint="d")
+    with hosted_family(family()):
+        assert load_state(tmp_path / "state", cfg, "d").step == 2
+    for changed in (family(strength=0.5), family(scale=2.0), family(patched=False)):
+        with hosted_family(changed):
+            with pytest.raises(CrucibleError, match="patches applied to the MODEL before Crucible Train"):
+                load_state(tmp_path / "state", cfg, "d")
+            assert load_state(tmp_path / "state", cfg, "d", force=True).step == 2
