@@ -60,8 +60,9 @@ def save_state(folder: Path, *, step: int, epoch: int, payload: dict[str, Any], 
     folder = Path(folder)
     meta = {"format": STATE_FORMAT, "step": step, "epoch": epoch, "config_hash": config_hash(cfg),
             "data_fingerprint": data_fingerprint, "config": cfg.to_dict(), **(extra or {})}
-    if base_patches_digest(cfg):
-        meta["base_patches_digest"] = base_patches_digest(cfg)
+    base = base_patches_digest(cfg)
+    if base:  # the MODEL path trained on top of upstream patches: a resume needs the same
+        meta["base_patches_digest"] = base
     blob = dict(payload, step=step, epoch=epoch, format=STATE_FORMAT, meta=meta)
     atomic_write(folder / "state.pt", lambda tmp: torch.save(blob, tmp))
     atomic_write_json(folder / "state.json", meta)
