@@ -7,7 +7,8 @@ projections and one 3×3 convolution, which the ``all_linear`` run does not trai
 
 1. **Training sees the patched weights**: with the new adapter attached (still zero), ``apply_model`` of the training
    forward equals ComfyUI's own forward of the LoRA-patched MODEL, after a normal load and after a low-VRAM load
-   (every layer patched per forward by ComfyUI's ``LowVramPatch``), and differs from the base MODEL's.
+   (every layer patched per forward by ComfyUI's ``LowVramPatch``), and differs from the base MODEL's; a backward
+   pass through it gives the adapter finite, non-zero gradients.
 2. **A 4-step run** on that MODEL plus a ``set_model_unet_function_wrapper`` that raises if it is ever called (a
    sampling hook the training forward must not run): the loss is finite; run.json's ``base_patches`` and the LoRA's
    ``crucible_base_patches`` name the upstream LoRA (kind, strength, weight count) and the hook; the exported file
@@ -16,7 +17,7 @@ projections and one 3×3 convolution, which the ``all_linear`` run does not trai
    objects as before, no adapter layer is left, its forward equals the patched forward before the run, and once
    ComfyUI unloads it the base weights are bit-identical to the loaded file's.
 4. **ModelSamplingDiscrete (v_prediction) upstream**: the family trains v on the patched σ table.
-Only on ComfyUI 0.8.0. The script prints its time.
+Only on ComfyUI 0.8.0. The script prints its time; ``--only forward,runs,sampling`` picks parts.
 """
 from __future__ import annotations
 
@@ -84,8 +85,9 @@ def small_dataset(folder: Path) -> Path:
     return folder
 
 
-def probe(patcher, clip):
-    """apply_model on one fixed input with the weights as they are now (load the patcher first)."""
+def probe(patcher, clip, grad: bool = False):
+    """apply_model on one fixed input with the weights as they are now (load the patcher first); with ``grad``, the
+    output keeps its graph (as the training forward runs)."""
     import torch
 
     base = patcher.model
@@ -93,6 +95,7 @@ def probe(patcher, clip):
     sigma = base.model_sampling.sigma(torch.tensor([500.0]))
     with torch.no_grad():
         cond = clip.encode_from_tokens(clip.tokenize(PROMPT), return_dict=True)["cond"]
+    with torch.enable_grad() if grad else torch.no_grad():
         return base.apply_model(x, sigma, c_crossattn=cond, transformer_options={}).float()
 
 
@@ -128,19 +131,23 @@ def check_forward(comfy_family, upstream, clip, vae, reference, base_probe) -> N
                                                        for m in models]
         try:
             comps = family.load(ModelConfig(family="comfy"))
-            attach_network(family, comps, network)
+            net = attach_network(family, comps, network)
             seen = probe(upstream, clip)
             lowvram = (bool(getattr(upstream.model, "model_lowvram", False)), upstream.lowvram_patch_counter())
+            probe(upstream, clip, grad=True).square().mean().backward()  # the adapter trains through the patches
+            grads = [p.grad for p in net.parameters()]
+            grads_ok = all(g is not None and bool(torch.isfinite(g).all()) for g in grads) and \
+                any(float(g.abs().max()) > 0 for g in grads)
         finally:
             mm.load_models_gpu = load
             family.restore()
             if mode == "low-VRAM":
                 upstream.unpatch_model(torch.device("cpu"))
         error, effect = relative(seen, reference), relative(reference, base_probe)
-        ok = error < SAME and effect > 1e-3 and (mode == "normal" or (lowvram[0] and lowvram[1] > 0))
+        ok = error < SAME and effect > 1e-3 and grads_ok and (mode == "normal" or (lowvram[0] and lowvram[1] > 0))
         report("pass" if ok else "fail", f"{mode} load: training runs on the upstream LoRA's patched weights",
                f"rel. difference to ComfyUI's patched forward {error:.1e} (the LoRA's effect {effect:.2f}); "
-               f"low-VRAM {lowvram[0]}, per-forward patches {lowvram[1]}")
+               f"low-VRAM {lowvram[0]}, per-forward patches {lowvram[1]}; adapter gradients {grads_ok}")
     mm.unload_all_models()
 
 
@@ -306,10 +313,12 @@ def main() -> None:
 
         mm.load_models_gpu([upstream])
         reference = probe(upstream, clip)  # ComfyUI's own forward of the LoRA-patched MODEL
-        for step in (lambda: check_forward(comfy_family, upstream, clip, vae, reference, base_probe),
-                     lambda: check_runs(comfy_family, upstream_mod, model, upstream, clip, vae, Path(tmp), reference,
-                                        loaded, lora),
-                     lambda: check_sampling(comfy_family, upstream, clip, vae)):
+        steps = {"forward": lambda: check_forward(comfy_family, upstream, clip, vae, reference, base_probe),
+                 "runs": lambda: check_runs(comfy_family, upstream_mod, model, upstream, clip, vae, Path(tmp),
+                                            reference, loaded, lora),
+                 "sampling": lambda: check_sampling(comfy_family, upstream, clip, vae)}
+        wanted = {n for n in args.only.split(",") if n} or set(steps)
+        for step in (steps[name] for name in steps if name in wanted):
             try:
                 step()
             except Exception:  # noqa: BLE001 - report and go on
