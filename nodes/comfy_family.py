@@ -29,6 +29,7 @@ import torch
 
 from ..trainer import Components, CrucibleError, KeyStyle, ModelFamily
 from .comfy_autograd import differentiable_rope, out_of_place_updates
+from .comfy_upstream import model_sampling_of, upstream_of, warn_upstream
 
 HOSTED_NAME = "comfy"  # model.family of a run through the graph's MODEL
 COMPONENT = "unet"  # the denoiser's component name (ComfyUI's LoRA keys call every diffusion model lora_unet_)
@@ -227,7 +228,8 @@ class ComfyModelFamily(ModelFamily):
         self.title = f"ComfyUI {type(base).__name__}"
         self.base_model_version = type(base).__name__
         self.modelspec_architecture = f"comfyui/{type(base).__name__}"
-        self.default_prediction = _prediction_of(base.model_sampling)
+        self.default_prediction = _prediction_of(model_sampling_of(model))  # ModelSampling* patches included
+        self.base_patches = upstream_of(model)  # LoRAs etc. applied upstream (nodes/comfy_upstream.py)
         self.latent_channels = int(getattr(base.latent_format, "latent_channels", 4))
         if key_map is None:
             import comfy.lora
@@ -253,7 +255,8 @@ class ComfyModelFamily(ModelFamily):
         with torch.inference_mode(False):
             usable_by_autograd(base.diffusion_model)
         differentiable_rope()  # comfy-kitchen's RoPE kernels have no backward of their own
-        ms = base.model_sampling
+        warn_upstream(self.base_patches)
+        ms = model_sampling_of(self.patcher)
         if self.default_prediction == "flow":
             from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -306,13 +309,15 @@ class ComfyModelFamily(ModelFamily):
         """The σ shift of ``training.flow_shift`` 0 ("auto"). A guidance-distilled model with Flux's time shift
         (Flux dev) shifts by resolution as the diffusers path does: ComfyUI's *ModelSamplingFlux* rule for this
         latent size, with the MODEL's own shift as ``max_shift`` (1.15 on a stock Flux dev, so this is exactly
-        ``FluxPipeline``'s ``exp(mu)``). Any other flow model trains with the shift it samples with."""
-        ms = self.patcher.model.model_sampling
+        ``FluxPipeline``'s ``exp(mu)``). Any other flow model, and a MODEL whose sampling a ModelSampling* node
+        patched upstream, trains with the shift it samples with."""
+        ms = model_sampling_of(self.patcher)
         import comfy.model_sampling as cms
 
+        patched = "model_sampling" in (getattr(self.patcher, "object_patches", None) or {})
         if isinstance(ms, cms.ModelSamplingFlux):  # flux_time_shift(μ, 1, t) is the σ shift by e^μ
             mu = float(ms.shift)
-            if self.guidance_distilled:
+            if self.guidance_distilled and not patched:
                 tokens = (latents.shape[-2] // 2) * (latents.shape[-1] // 2)  # 2×2 patches
                 slope = (mu - FLUX_BASE_SHIFT) / (FLUX_MAX_TOKENS - FLUX_BASE_TOKENS)
                 mu = FLUX_BASE_SHIFT + slope * (tokens - FLUX_BASE_TOKENS)
@@ -350,7 +355,7 @@ class ComfyModelFamily(ModelFamily):
         return self.patcher.model.process_latent_in(latents).to(pixels.device)
 
     def _sigma(self, timesteps: torch.Tensor) -> torch.Tensor:
-        ms = self.patcher.model.model_sampling
+        ms = model_sampling_of(self.patcher)
         if self.default_prediction == "flow":
             return timesteps.float() / 1000.0  # the loop's t = σ·1000 (FlowMatchingObjective)
         return ms.sigma(timesteps.float()).to(timesteps.device)

@@ -81,6 +81,8 @@ def lora_metadata(cfg: "TrainConfig", *, step: int, epoch: int, started_at: floa
     }
     if network_args:
         meta["ss_network_args"] = json.dumps(network_args, sort_keys=True)
+    if family.base_patches:  # trained on top of other patches (the MODEL path): say so
+        meta["crucible_base_patches"] = json.dumps(family.base_patches, sort_keys=True)
     trigger = cfg.datasets[0].captions.trigger_word if cfg.datasets else ""
     if trigger:
         meta["modelspec.trigger_phrase"] = trigger

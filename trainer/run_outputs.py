@@ -118,7 +118,8 @@ class RunOutputs:
                            self.run_dir, self.work_dir, list(self.checkpoints),
                            validation_summary(self.validator, self.checkpoints), list(self.losses),
                            self.plan.to_dict(), self.resolved,
-                           [{"step": s.step, "paths": [str(p) for p in s.paths]} for s in self.samples])
+                           [{"step": s.step, "paths": [str(p) for p in s.paths]} for s in self.samples],
+                           dict(self.family.base_patches))
         record.write()
         return record
 

@@ -160,12 +160,14 @@ class RunRecord:
     plan: dict[str, Any] = field(default_factory=dict)
     resolved: dict[str, Any] = field(default_factory=dict)  # what "auto" settings became
     samples: list[dict[str, Any]] = field(default_factory=list)  # {"step", "paths"}
+    base_patches: dict[str, Any] = field(default_factory=dict)  # ModelFamily.base_patches: trained on top of these
 
     def to_dict(self) -> dict[str, Any]:
         return {"run_name": self.run_name, "family": self.family, "kind": self.kind, "status": self.status,
                 "run_dir": str(self.run_dir), "work_dir": None if self.work_dir is None else str(self.work_dir),
                 "checkpoints": [c.to_dict() for c in self.checkpoints], "validation": self.validation,
-                "losses": list(self.losses), "plan": self.plan, "resolved": self.resolved, "samples": self.samples}
+                "losses": list(self.losses), "plan": self.plan, "resolved": self.resolved, "samples": self.samples,
+                "base_patches": self.base_patches}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, where: str = RUN_FILE) -> "RunRecord":
@@ -183,7 +185,7 @@ class RunRecord:
                    work_dir=Path(work_dir) if work_dir else None, checkpoints=checkpoints,
                    validation=dict(data.get("validation") or {}), losses=list(data.get("losses") or []),
                    plan=dict(data.get("plan") or {}), resolved=dict(data.get("resolved") or {}),
-                   samples=list(data.get("samples") or []))
+                   samples=list(data.get("samples") or []), base_patches=dict(data.get("base_patches") or {}))
 
     def write(self, work_dir: str | Path | None = None) -> Path:
         """Write ``<work_dir>/run.json`` (atomically: a reader never sees half a file)."""

@@ -35,6 +35,18 @@ def config_hash(cfg: TrainConfig) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def base_patches_digest(cfg: TrainConfig) -> str:
+    """The digest of what was patched into the base before training (``ModelFamily.base_patches``; the MODEL path's
+    upstream LoRAs and ModelSampling* patches), "" when nothing: a resumed run must train on the same base."""
+    from .errors import ConfigError
+    from .families import get_family
+
+    try:
+        return str(get_family(cfg.model.family).base_patches.get("digest", ""))
+    except ConfigError:  # a hosted family no longer registered: nothing to compare
+        return ""
+
+
 @dataclass(frozen=True)
 class SavedState:
     step: int
@@ -48,6 +60,9 @@ def save_state(folder: Path, *, step: int, epoch: int, payload: dict[str, Any], 
     folder = Path(folder)
     meta = {"format": STATE_FORMAT, "step": step, "epoch": epoch, "config_hash": config_hash(cfg),
             "data_fingerprint": data_fingerprint, "config": cfg.to_dict(), **(extra or {})}
+    base = base_patches_digest(cfg)
+    if base:  # the MODEL path trained on top of upstream patches: a resume needs the same
+        meta["base_patches_digest"] = base
     blob = dict(payload, step=step, epoch=epoch, format=STATE_FORMAT, meta=meta)
     atomic_write(folder / "state.pt", lambda tmp: torch.save(blob, tmp))
     atomic_write_json(folder / "state.json", meta)
@@ -105,6 +120,8 @@ def _check_unchanged(folder: Path, meta: dict[str, Any], cfg: TrainConfig, data_
         problems.append("the training config changed")
     if meta.get("data_fingerprint") != data_fingerprint:
         problems.append("the dataset files changed")
+    if meta.get("base_patches_digest", "") != base_patches_digest(cfg):
+        problems.append("the patches applied to the MODEL before Crucible Train (LoRAs, ModelSampling*) changed")
     if problems and not force:
         raise CrucibleError(f"cannot resume from '{folder}': {' and '.join(problems)} since it was saved. "
                             "Restore them, or resume with force (resume_force / --force-resume) to continue anyway")

@@ -115,6 +115,9 @@ class ModelFamily(ABC):
     # encoders (where the datasets allow it): for families whose large text encoder (T5-XXL) is frozen in a LoRA
     caches_by_default: bool = False
     vae_fp32: bool = False  # the VAE overflows in fp16/bf16 and always runs in float32 (kohya no_half_vae)
+    # what was applied to the loaded base before training (the MODEL path: LoRAs, ModelSampling* patches upstream of
+    # Crucible Train); recorded in run.json's base_patches and the LoRA's crucible_base_patches; empty = nothing
+    base_patches: Mapping[str, Any] = {}
 
     def __init_subclass__(cls, **kwargs):
         """Every family's ``load`` first checks each path it will read against the read policy in force
