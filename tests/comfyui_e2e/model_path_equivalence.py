@@ -265,6 +265,7 @@ def main() -> None:
 
     args = setup_comfy()
     import comfy_models
+    from model_path_trained_equivalence import check_training
 
     module = comfy_family_module(args.pack_dir)
     torch.set_grad_enabled(False)
@@ -282,13 +283,20 @@ def main() -> None:
                     report("fail" if check_problems else "pass", check, "\n".join(check_problems) or check_detail)
             else:
                 case = build_sdxl() if family == "sdxl" else comfy_models.build(family)
-                comps, model = case.comps, case.model
+                comps, model, clip, vae = case.comps, case.model, object(), _NoVae()
                 problems, detail = compare_denoiser(family, module, comps, model)
         except Exception:  # noqa: BLE001 - report and go on with the next family
             report("fail", name, traceback.format_exc()[-3000:])
             continue
         detail += f" ({time.perf_counter() - started:.1f}s)"
         report("fail" if problems else "pass", name, "\n".join(problems + [detail]) if problems else detail)
+        try:  # the same LoRA trained through both paths (model_path_trained_equivalence)
+            for check, check_problems, check_detail in check_training(family, module, comps, model, clip, vae,
+                                                                      args.pack_dir):
+                report("fail" if check_problems else "pass", check, "\n".join(check_problems + [check_detail]))
+        except Exception:  # noqa: BLE001
+            report("fail", f"{family} training: the MODEL path trains the diffusers path's LoRA",
+                   traceback.format_exc()[-3000:])
         comps = model = case = None
         gc.collect()
 
