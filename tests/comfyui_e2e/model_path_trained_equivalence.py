@@ -39,9 +39,9 @@ a mismatch (the comparison can fail).
 Tolerances (fp32 on the CPU): the forward passes agree to ~1e-6 relative (``model_path_equivalence``), so the losses
 agree to ~1e-7 (``LOSS_TOL`` 1e-5). AdamW divides each element's step by its gradient's running RMS, so an element
 whose gradient is near zero (within the paths' ~1e-6 fp32 difference) can step differently by up to a whole step:
-single tensors show up to ~1e-3 of their update (SDXL's worst measured 1.0e-3), the whole LoRA ≤ ~2e-4 (SDXL 1.4e-4). A 1 %
-learning-rate change gives ~1e-2 over the LoRA (the control); a module trained on another layer than its
-counterpart gives ~1 in that tensor.
+single tensors show up to ~1e-3 of their update (SDXL's worst measured 1.0e-3), the whole LoRA ≤ ~2e-4 (SDXL
+1.4e-4; SD1.5 2e-5, SD3 and Flux 1e-5). A 1 % learning-rate change gives ~1e-2 over the LoRA (the control); a
+module trained on another layer than its counterpart gives ~1 in that tensor.
 """
 from __future__ import annotations
 
