@@ -337,10 +337,10 @@ def check_training(family: str, module, comps, model, clip, vae, pack_dir: str) 
         finally:
             hosted.restore()
 
-    scope = (f"{facts['common']} {PRESET} modules" if not facts["fused"] else
-             f"{facts['common']} {PRESET} modules unfused on both sides (output projections and MLP layers; "
-             f"{facts['fused']} diffusers modules (q/k/v, Flux's proj_mlp) are slices of ComfyUI's fused qkv / linear1: "
-             "not compared)")
+    scope = f"{facts['common']} {PRESET} modules"
+    if facts["fused"]:
+        scope += (f" unfused on both sides (output projections and MLP layers; {facts['fused']} diffusers modules "
+                  "(q/k/v, Flux's proj_mlp) are slices of ComfyUI's fused qkv / linear1: not compared)")
     if facts["comfy_only"]:
         scope += (f"; note: the MODEL path's own {PRESET} also selects {len(facts['comfy_only'])} module(s) the "
                   f"diffusers preset does not (e.g. {facts['comfy_only'][0]}), not trained here")
@@ -349,19 +349,22 @@ def check_training(family: str, module, comps, model, clip, vae, pack_dir: str) 
                   f"(e.g. {facts['comfy_misses'][0]})")
     name = f"{family} training: the MODEL path trains the diffusers path's LoRA (same weights, data, noise, init)"
     out_checks = []
+
+    def took() -> str:
+        return f"{time.perf_counter() - started:.1f}s, CPU {time.process_time() - cpu:.0f}s"
+
     with tempfile.TemporaryDirectory(prefix=f"crucible-mp-trained-{family}-") as tmp:
         losses_d, lora_d = diffusers_run(Path(tmp), LEARNING_RATE, "diffusers")
         losses_c, lora_c = comfy_run(Path(tmp))
         problems, detail = compare(losses_d, lora_d, losses_c, lora_c, key_map)
-        out_checks.append((name, problems, f"{scope}; {detail} ({time.perf_counter() - started:.1f}s, "
-                           f"CPU {time.process_time() - cpu:.0f}s)"))
+        out_checks.append((name, problems, f"{scope}; {detail} ({took()})"))
         if family == CONTROL_FAMILY:
             started, cpu = time.perf_counter(), time.process_time()
             control_losses, control_lora = diffusers_run(Path(tmp), LEARNING_RATE * CONTROL_LR_FACTOR, "control")
             found, _ = compare(control_losses, control_lora, losses_c, lora_c, key_map)
-            out_checks.append((f"{family} training control: {CONTROL_LR_FACTOR}× the learning rate on the diffusers side "
-                               "is reported as a mismatch", [] if found else ["no mismatch reported: the check cannot fail"],
-                               f"reported: {'; '.join(found) or '-'} ({time.perf_counter() - started:.1f}s, CPU "
-                               f"{time.process_time() - cpu:.0f}s)"))
+            out_checks.append((f"{family} training control: {CONTROL_LR_FACTOR}× the learning rate on the diffusers "
+                               "side is reported as a mismatch",
+                               [] if found else ["no mismatch reported: the check cannot fail"],
+                               f"reported: {'; '.join(found) or '-'} ({took()})"))
     gc.collect()
     return out_checks
