@@ -15,6 +15,8 @@ adapter wraps the diffusers one; both are then asked what the loop asks:
   ``comfy/sd1_tokenizer`` files.
 * **latents** (SD1.5): ComfyUI's VAE (``vae.encode`` + ``process_latent_in``) against the diffusers VAE's scaled mean.
 * **σ shift** the flow families sample training noise with: compared and reported. Flux differs by design (below).
+* **training** (``model_path_trained_equivalence.py``, on the same objects): the same LoRA trained a few steps through
+  both families by the loop's own step gives the same losses and LoRA tensors; a 1 % learning-rate change fails.
 
 Differences by design, converted inside ComfyModelFamily and so not differences here:
 - ComfyUI's discrete models take ``x0 + σ·ε`` with σ = √((1-ᾱ)/ᾱ); the loop's DDPM latent ``√ᾱ·x0 + √(1-ᾱ)·ε`` is
