@@ -145,7 +145,7 @@ def preset_modules(modules: Mapping[str, torch.nn.Module], preset: str, mapped: 
         linear = isinstance(module, torch.nn.Linear)
         conv = isinstance(module, torch.nn.Conv2d)
         pointwise = conv and tuple(module.kernel_size) == (1, 1)
-        words = name.split(".")
+        words = [p for w in name.split(".") for p in (w, *w.split("_")[1:])]  # img_attn, txt_mlp, self_attn too
         attn = linear and any(w.startswith(_ATTN_WORDS) for w in words)
         mlp = linear and any(w.startswith(_MLP_WORDS) for w in words)
         wanted = {"attn": attn, "attn_mlp": attn or mlp, "all_linear": linear or pointwise,

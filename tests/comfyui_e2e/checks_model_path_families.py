@@ -3,7 +3,10 @@
 1. **Same weights, same numbers** (``model_path_equivalence.py``, run in the ComfyUI venv): for SD1.5, SDXL, SD3
    and Flux the denoiser prediction of the MODEL path (ComfyUI's own model objects behind ``ComfyModelFamily``)
    equals the diffusers path's on the same tiny weights; for SD1.5 also the encoded text and latents; the auto σ
-   shift of Flux dev equals the diffusers path's at three resolutions.
+   shift of Flux dev equals the diffusers path's at three resolutions. Then the same LoRA trained a few steps through
+   both paths by the loop's own step (same data, noise, initial adapter, AdamW) gives the same losses and LoRA
+   tensors (``model_path_trained_equivalence.py``; SD3/Flux on the modules unfused in both layouts), and a 1 %
+   learning-rate change on one side is reported as a mismatch.
 2. **SD3 trained the way users load it**: *Load Diffusion Model* (``UNETLoader``) + *Load CLIP* (type ``sd3``,
    CLIP-L alone) + *Load VAE* (``model_path_files.py`` writes the tiny files) → Crucible Train's comfy_model /
    comfy_clip / comfy_vae, 12 steps, a LoRA every 6: the loss falls, every key is one of ComfyUI's own

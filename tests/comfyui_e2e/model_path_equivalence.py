@@ -15,6 +15,8 @@ adapter wraps the diffusers one; both are then asked what the loop asks:
   ``comfy/sd1_tokenizer`` files.
 * **latents** (SD1.5): ComfyUI's VAE (``vae.encode`` + ``process_latent_in``) against the diffusers VAE's scaled mean.
 * **σ shift** the flow families sample training noise with: compared and reported. Flux differs by design (below).
+* **training** (``model_path_trained_equivalence.py``, on the same objects): the same LoRA trained a few steps through
+  both families by the loop's own step gives the same losses and LoRA tensors; a 1 % learning-rate change fails.
 
 Differences by design, converted inside ComfyModelFamily and so not differences here:
 - ComfyUI's discrete models take ``x0 + σ·ε`` with σ = √((1-ᾱ)/ᾱ); the loop's DDPM latent ``√ᾱ·x0 + √(1-ᾱ)·ε`` is
@@ -265,6 +267,7 @@ def main() -> None:
 
     args = setup_comfy()
     import comfy_models
+    from model_path_trained_equivalence import check_training
 
     module = comfy_family_module(args.pack_dir)
     torch.set_grad_enabled(False)
@@ -282,13 +285,20 @@ def main() -> None:
                     report("fail" if check_problems else "pass", check, "\n".join(check_problems) or check_detail)
             else:
                 case = build_sdxl() if family == "sdxl" else comfy_models.build(family)
-                comps, model = case.comps, case.model
+                comps, model, clip, vae = case.comps, case.model, object(), _NoVae()
                 problems, detail = compare_denoiser(family, module, comps, model)
         except Exception:  # noqa: BLE001 - report and go on with the next family
             report("fail", name, traceback.format_exc()[-3000:])
             continue
         detail += f" ({time.perf_counter() - started:.1f}s)"
         report("fail" if problems else "pass", name, "\n".join(problems + [detail]) if problems else detail)
+        try:  # the same LoRA trained through both paths (model_path_trained_equivalence)
+            for check, check_problems, check_detail in check_training(family, module, comps, model, clip, vae,
+                                                                      args.pack_dir):
+                report("fail" if check_problems else "pass", check, "\n".join(check_problems + [check_detail]))
+        except Exception:  # noqa: BLE001
+            report("fail", f"{family} training: the MODEL path trains the diffusers path's LoRA",
+                   traceback.format_exc()[-3000:])
         comps = model = case = None
         gc.collect()
 
