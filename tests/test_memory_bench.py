@@ -15,7 +15,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_memory  # noqa: E402
 
 LINE = re.compile(r"^case=(sd15|sdxl|sd3|flux)-(lora|full)-(default|low|lowest) res=\d+ peak_gib=\d+\.\d\d "
-                  r"budget_gib=\d+(\.\d+)? device=(cpu|cuda) ok=(true|false) method=(full-step|setup\+reduced-step)$")
+                  r"budget_gib=\d+(\.\d+)? device=(cpu|cuda) ok=(true|false) method=(full-step|setup\+reduced-step) "
+                  r"weights=(files|in-memory)$")
 
 
 def _row(case="sdxl-lora-low", peak=8.33, ok=False):
@@ -37,7 +38,7 @@ def test_record_replaces_a_case_and_keeps_the_others(tmp_path):
     assert [(r["case"], r["peak_gib"]) for r in record["rows"]] == [("sd15-lora-default", 3.7), ("sdxl-lora-low", 8.1)]
     assert record["device"] == "CPU: x" and record["torch"] == "2.13.0+cpu" and all(r["date"] for r in record["rows"])
     table = bench_memory.markdown_rows(record)
-    assert "| sdxl-lora-low (cache_latents True) | full-step | 512 | 8.10 | 0.46 | 8 (over) | 7.76 |" in table
+    assert "| sdxl-lora-low (cache_latents True) | full-step, in-memory | 512 | 8.10 | 0.46 | 8 (over) | 7.76 |" in table
 
 
 def test_cuda_only_and_too_large_cases_are_skipped_and_named():
