@@ -91,5 +91,20 @@ def test_setup_and_reduced_step_combine_into_one_labelled_row():
     assert reduced.combine("sd3-full-lowest", 512, setup, {"step_gib": 1.0}, 0.46)["peak_gib"] == 15.0
     row.update(budget_gib=16.0, ok=True)
     assert LINE.match(bench_memory.result_line(row)) and bench_memory.result_line(row).endswith(
-        "method=setup+reduced-step")
+        "method=setup+reduced-step weights=in-memory")
     assert "left_out" in row  # the row says what the reduced step cannot hold
+
+
+def test_a_files_row_names_its_weights_and_its_phases():
+    row = {**_row("sdxl-lora-low", 9.1, False), "weights": "files", "setup_peak_gib": 9.1, "setup_anon_peak_gib": 6.9,
+           "caching_peak_gib": 8.2, "step_peak_gib": 5.4, "train_peak_gib": 8.2}
+    assert bench_memory.result_line(row).endswith("method=full-step weights=files")
+    table = bench_memory.markdown_rows({"rows": [row]})
+    assert "| full-step, files | 512 | 9.10 (set-up 9.10 (anonymous 6.90), caching 8.20, steps 5.40) |" in table
+
+
+def test_case_processes_pin_glibcs_mmap_threshold_unless_the_caller_set_one():
+    """Left dynamic, glibc's threshold depends on what the process freed before (a file load raises it), and the
+    step's freed activations stay in the RSS: the rows would measure the allocation history, not the run."""
+    assert bench_memory.child_env({"PATH": "/bin"}) == {"PATH": "/bin", "MALLOC_MMAP_THRESHOLD_": "131072"}
+    assert bench_memory.child_env({"MALLOC_MMAP_THRESHOLD_": "65536"})["MALLOC_MMAP_THRESHOLD_"] == "65536"
