@@ -299,6 +299,7 @@ def main(argv=None) -> int:
             parser.error(f"unknown case(s) {', '.join(sorted(unknown))}; known: {', '.join(c.name for c in CASES)}")
         cases = [c for c in cases if c.name in args.cases]
     rows, failed, kohya_rows = [], False, []
+    device_name = torch.cuda.get_device_name() if cuda else f"CPU: {cpu_model()}, {os.cpu_count()} cores"
     files = ModelFiles(args.files_dir, in_memory=args.in_memory)
     for case in cases:
         resolved = resolve_case(case, device)
@@ -329,14 +330,16 @@ def main(argv=None) -> int:
         rows.append(row)
         failed |= not row["ok"]
         print(result_line(row), flush=True)
+        if args.record:  # after each case: a later case that fails or is stopped loses nothing measured
+            record_rows(args.record, [row], device_name, torch.__version__)
+        phases = {k: row[k] for k in ("setup_peak_gib", "setup_anon_peak_gib", "caching_peak_gib", "step_peak_gib",
+                                      "ready_gib", "train_peak_gib") if row.get(k) is not None}
+        print(f"#   phases (GiB) {phases}", flush=True)
         print(f"#   estimate {estimate.total_gib:.2f} GiB (trainer.memory); process baseline (imports + tiny warm-up "
               f"step) {row['base_gib']:.2f} GiB; precision {row['precision']}; losses {row.get('losses', 'n/a: set-up + reduced step')}"
               + (f"; {'; '.join(resolved.substituted)}" if resolved.substituted else ""), flush=True)
         if args.kohya:
             kohya_rows.append(kohya_side_by_side.compare_case(args, case, res, steps, row, cuda))
-    device_name = torch.cuda.get_device_name() if cuda else f"CPU: {cpu_model()}, {os.cpu_count()} cores"
-    if args.record and rows:
-        record_rows(args.record, rows, device_name, torch.__version__)
     kohya_side_by_side.finish(args, [r for r in kohya_rows if r], device_name)
     return 1 if failed else 0
 
