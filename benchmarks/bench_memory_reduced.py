@@ -121,8 +121,9 @@ def components(family: str, dtype, reduced: bool, scratch: Path, seed: int = 0):
     return comps
 
 
-def run_phase(case, cfg_for, res: int, steps: int, phase: str) -> dict:
-    """One process of the method (``setup`` or ``step``); returns its numbers."""
+def run_phase(case, cfg_for, res: int, steps: int, phase: str, from_files: bool = False) -> dict:
+    """One process of the method (``setup`` or ``step``); returns its numbers. ``from_files``: the config names the
+    model files to load (``bench_memory.py``'s default method), nothing is built in memory."""
     import torch
 
     import trainer.loop as loop
@@ -136,7 +137,7 @@ def run_phase(case, cfg_for, res: int, steps: int, phase: str) -> dict:
         lowp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         # frozen parts load in the compute dtype; a full fine-tune's denoiser too with full_bf16
         dtype = lowp if lowp is not None and (kind == "lora" or cfg.training.full_bf16) else torch.float32
-        comps = components(family, dtype, reduced=phase == "step", scratch=tmp)
+        comps = None if from_files else components(family, dtype, reduced=phase == "step", scratch=tmp)
         original = loop.Trainer._loop
         marks = {}
 
@@ -149,14 +150,19 @@ def run_phase(case, cfg_for, res: int, steps: int, phase: str) -> dict:
             return original(self, start_step)
 
         loop.Trainer._loop = measured_loop
+        from bench_fp8_load import AnonPeak
+
         try:
-            loop.train(cfg, components=comps)
+            with AnonPeak() as anon:  # a file's memory-mapped pages count in the RSS while it is read
+                loop.train(cfg, components=comps)
         except _FirstStep:
             pass
         finally:
             loop.Trainer._loop = original
         out = {"ready_gib": round(marks["ready"], 3), "setup_peak_gib": round(marks["setup_peak"], 3),
                "precision": precision}
+        if phase == "setup":
+            out["setup_anon_peak_gib"] = round(anon.peak / 2**30, 3)
         if phase == "step":
             peak = rss_gib("VmHWM")  # the step's peak (since the reset; the whole process's where it failed)
             out["step_gib"] = round(max(0.0, peak - marks["ready"]), 3)
@@ -171,6 +177,7 @@ def combine(case_name: str, res: int, setup: dict, step: dict, base_gib: float) 
     return {"case": case_name, "res": res, "peak_gib": round(peak, 3), "base_gib": round(base_gib, 3),
             "setup_peak_gib": setup["setup_peak_gib"], "train_peak_gib": round(train, 3),
             "ready_gib": setup["ready_gib"], "step_gib": step["step_gib"], "device": "cpu",
+            **({"setup_anon_peak_gib": setup["setup_anon_peak_gib"]} if "setup_anon_peak_gib" in setup else {}),
             "method": "setup+reduced-step", "precision": setup["precision"], "steps": 1,
             "reduced_layers": REDUCED_LAYERS,
             "left_out": "gradients and optimizer state of the blocks the reduced model lacks"}

@@ -15,7 +15,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_memory  # noqa: E402
 
 LINE = re.compile(r"^case=(sd15|sdxl|sd3|flux)-(lora|full)-(default|low|lowest) res=\d+ peak_gib=\d+\.\d\d "
-                  r"budget_gib=\d+(\.\d+)? device=(cpu|cuda) ok=(true|false) method=(full-step|setup\+reduced-step)$")
+                  r"budget_gib=\d+(\.\d+)? device=(cpu|cuda) ok=(true|false) method=(full-step|setup\+reduced-step) "
+                  r"weights=(files|in-memory)$")
 
 
 def _row(case="sdxl-lora-low", peak=8.33, ok=False):
@@ -37,7 +38,7 @@ def test_record_replaces_a_case_and_keeps_the_others(tmp_path):
     assert [(r["case"], r["peak_gib"]) for r in record["rows"]] == [("sd15-lora-default", 3.7), ("sdxl-lora-low", 8.1)]
     assert record["device"] == "CPU: x" and record["torch"] == "2.13.0+cpu" and all(r["date"] for r in record["rows"])
     table = bench_memory.markdown_rows(record)
-    assert "| sdxl-lora-low (cache_latents True) | full-step | 512 | 8.10 | 0.46 | 8 (over) | 7.76 |" in table
+    assert "| sdxl-lora-low (cache_latents True) | full-step, in-memory | 512 | 8.10 | 0.46 | 8 (over) | 7.76 |" in table
 
 
 def test_cuda_only_and_too_large_cases_are_skipped_and_named():
@@ -90,5 +91,20 @@ def test_setup_and_reduced_step_combine_into_one_labelled_row():
     assert reduced.combine("sd3-full-lowest", 512, setup, {"step_gib": 1.0}, 0.46)["peak_gib"] == 15.0
     row.update(budget_gib=16.0, ok=True)
     assert LINE.match(bench_memory.result_line(row)) and bench_memory.result_line(row).endswith(
-        "method=setup+reduced-step")
+        "method=setup+reduced-step weights=in-memory")
     assert "left_out" in row  # the row says what the reduced step cannot hold
+
+
+def test_a_files_row_names_its_weights_and_its_phases():
+    row = {**_row("sdxl-lora-low", 9.1, False), "weights": "files", "setup_peak_gib": 9.1, "setup_anon_peak_gib": 6.9,
+           "caching_peak_gib": 8.2, "step_peak_gib": 5.4, "train_peak_gib": 8.2}
+    assert bench_memory.result_line(row).endswith("method=full-step weights=files")
+    table = bench_memory.markdown_rows({"rows": [row]})
+    assert "| full-step, files | 512 | 9.10 (set-up 9.10 (anonymous 6.90), caching 8.20, steps 5.40) |" in table
+
+
+def test_case_processes_pin_glibcs_mmap_threshold_unless_the_caller_set_one():
+    """Left dynamic, glibc's threshold depends on what the process freed before (a file load raises it), and the
+    step's freed activations stay in the RSS: the rows would measure the allocation history, not the run."""
+    assert bench_memory.child_env({"PATH": "/bin"}) == {"PATH": "/bin", "MALLOC_MMAP_THRESHOLD_": "131072"}
+    assert bench_memory.child_env({"MALLOC_MMAP_THRESHOLD_": "65536"})["MALLOC_MMAP_THRESHOLD_"] == "65536"
