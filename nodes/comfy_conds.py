@@ -60,12 +60,14 @@ def batch_clip_outputs(outs: Sequence[dict], cond_key: str, pooled_key: str, ext
 def sample_kwargs(cond: Mapping[str, torch.Tensor], i: int, cond_key: str, pooled_key: str,
                   extra: str) -> dict[str, Any]:
     """``extra_conds`` keywords of sample ``i``: its cross-attention features and per-token outputs cut back to
-    its real length (all of them where no lengths were recorded), its pooled output and other CLIP outputs."""
+    its real length (all of them where no lengths were recorded), its pooled output (or None) and other CLIP
+    outputs."""
     features = cond[cond_key][i:i + 1]
     length = int(cond[TOKENS][i]) if TOKENS in cond else features.shape[1]
-    params: dict[str, Any] = {"cross_attn": features[:, :length]}
-    if pooled_key in cond:
-        params["pooled_output"] = cond[pooled_key][i:i + 1]
+    # pooled_output is always passed, None where the encoder has none (T5, LLMs), as ComfyUI's conditioning does:
+    # Flux-style models (Chroma) read the key unconditionally
+    params: dict[str, Any] = {"cross_attn": features[:, :length],
+                              "pooled_output": cond[pooled_key][i:i + 1] if pooled_key in cond else None}
     for key, value in cond.items():
         if key.startswith(PER_TOKEN):
             params[key[len(PER_TOKEN):]] = value[i:i + 1, :length]

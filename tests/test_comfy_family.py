@@ -551,9 +551,11 @@ class WordsClip:
 class TokenCountModel(FakeBaseModel):
     """Lumina 2 / Z-Image's extra_conds: num_tokens is a per-batch constant (ComfyUI never batches different
     lengths); the model refuses a batch whose features are longer than num_tokens, and its output depends on every
-    token (zero padding would change it)."""
+    token (zero padding would change it). Like Flux's encode_adm (Chroma), it reads pooled_output unconditionally:
+    ComfyUI's conditioning carries the key, None for an encoder without a pooled output (T5, LLMs)."""
 
     def extra_conds(self, **kwargs):
+        assert kwargs["pooled_output"] is None
         mask = kwargs.get("attention_mask")
         return {"c_crossattn": Cond(kwargs["cross_attn"]),
                 "num_tokens": Constant(int(mask.sum()) if mask is not None else kwargs["cross_attn"].shape[1])}
