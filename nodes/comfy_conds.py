@@ -76,15 +76,13 @@ def sample_kwargs(cond: Mapping[str, torch.Tensor], i: int, cond_key: str, poole
     return params
 
 
-def groups_comfy_batches(per_sample: Sequence[dict]) -> list[list[int]]:
+def groups_comfy_batches(per_sample: Sequence[dict], can_batch: Callable[[dict, dict], bool]) -> list[list[int]]:
     """Sample indices grouped as ComfyUI's sampler groups conds: a sample joins the first group whose conds it can
-    be concatenated with (``comfy.samplers.cond_equal_size``), else starts its own."""
-    from comfy.samplers import cond_equal_size
-
+    be concatenated with (``can_batch``: ``comfy.samplers.cond_equal_size``), else starts its own."""
     groups: list[list[int]] = []
     for i, conds in enumerate(per_sample):
         for group in groups:
-            if cond_equal_size(per_sample[group[0]], conds):
+            if can_batch(per_sample[group[0]], conds):
                 group.append(i)
                 break
         else:
@@ -93,12 +91,12 @@ def groups_comfy_batches(per_sample: Sequence[dict]) -> list[list[int]]:
 
 
 def apply_grouped(per_sample: Sequence[dict], x: torch.Tensor, sigma: torch.Tensor,
-                  apply: Callable[..., torch.Tensor]) -> torch.Tensor:
-    """``apply(x, σ, **conds)`` once per group of samples ComfyUI would batch (``comfy.samplers.cond_cat``), the
-    outputs back in the batch's order."""
-    from comfy.samplers import cond_cat
-
-    groups = groups_comfy_batches(per_sample)
+                  apply: Callable[..., torch.Tensor], can_batch: Callable[[dict, dict], bool],
+                  cond_cat: Callable[[list], dict]) -> torch.Tensor:
+    """``apply(x, σ, **conds)`` once per group of samples ComfyUI would batch, each group's conds joined by
+    ``cond_cat`` (ComfyUI's ``comfy.samplers.cond_equal_size`` / ``cond_cat``, passed in: only comfy_family imports
+    ComfyUI), the outputs back in the batch's order."""
+    groups = groups_comfy_batches(per_sample, can_batch)
     if len(groups) == 1:
         return apply(x, sigma, **cond_cat(per_sample))
     outs, order = [], []

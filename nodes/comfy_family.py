@@ -364,6 +364,8 @@ class ComfyModelFamily(ModelFamily):
         return per_sample
 
     def predict(self, comps: Components, noisy_latents: torch.Tensor, timesteps: torch.Tensor, cond) -> torch.Tensor:
+        from comfy.samplers import cond_cat, cond_equal_size
+
         base = self.patcher.model
         sigma = self._sigma(timesteps).to(noisy_latents.device, torch.float32)
         s = sigma.view(-1, *([1] * (noisy_latents.ndim - 1)))
@@ -373,7 +375,8 @@ class ComfyModelFamily(ModelFamily):
             x = noisy_latents.float() * torch.sqrt(1.0 + s * s)
         with out_of_place_updates():  # ComfyUI's blocks add to their residual streams in place
             denoised = apply_grouped(self._model_conds(cond, x), x, sigma,
-                                     lambda xs, ss, **c: base.apply_model(xs, ss, transformer_options={}, **c))
+                                     lambda xs, ss, **c: base.apply_model(xs, ss, transformer_options={}, **c),
+                                     cond_equal_size, cond_cat)  # samples batched only as ComfyUI's sampler would
         if self.default_prediction == "v_prediction":  # ComfyUI: x0 = x/(σ²+1) − v·σ/√(σ²+1)
             return (x / (s * s + 1.0) - denoised) * torch.sqrt(s * s + 1.0) / s
         return (x - denoised) / s  # ε (x0 = x − σ·ε) and flow velocity (x0 = x − σ·v)
