@@ -13,18 +13,23 @@ ComfyUI's own classes at tiny size instead:
 * **text encoder**: the class the family's own ``clip_target()`` names (Z-Image: ``ZImageTokenizer`` +
   ``z_image.te`` → ``Qwen3_4BModel`` → ``llama.Qwen3_4B``) built by ``comfy.sd.CLIP`` with ComfyUI's own size
   override (model option ``<name>_model_config``, read by ``sd1_clip.SDClipModel``), random weights loaded through
-  ``CLIP.load_sd``; the tokenizer is ComfyUI's, from the files in its source tree (offline). So the chat template,
-  hidden-layer choice (``layer_idx``), attention masks and unpadded lengths are ComfyUI's real code. Substituted:
-  the sizes (below), the weights (random).
+  ``CLIP.load_sd``; the tokenizer is ComfyUI's, from the files in its source tree (offline): Qwen's for Z-Image,
+  T5's for Chroma. Gemma 2's SentencePiece model is not in the tree (ComfyUI reads it from the encoder file), so a
+  small one trained on the demo captions with Gemma's special ids stands in, run by ComfyUI's ``SPieceTokenizer``.
+  So the chat template, hidden-layer choice (``layer_idx``), attention masks and unpadded lengths are ComfyUI's
+  real code. Substituted: the sizes (:data:`CASES`), the weights (random), Gemma's vocabulary.
 * **VAE**: ComfyUI's ``comfy.sd.VAE`` with its own ``AutoencoderKL`` class from an explicit config (as for a
   checkpoint's yaml), 32 base channels instead of 128, the family's 16 latent channels (``latent_formats.Flux``).
 
-Per case (``model_path_training.train_family``): 12 steps of LoRA (all_linear, dim 4) with cached latents and text
-embeddings through :class:`ComfyModelFamily`, batch 2 of captions of different token lengths; the loss falls; every
+Per case (``model_path_training.train_family``): 12 steps of LoRA (all_linear, dim 4, no gradient checkpointing)
+with cached latents and text embeddings through :class:`ComfyModelFamily`, batch 2, on 4 demo images whose captions
+have 1–4 comma-separated parts (so every batch holds captions of different token lengths); the loss falls; every
 exported module is in ComfyUI's key map (``comfy.lora.model_lora_keys_unet``) and ComfyUI's loader patches one
 weight per trained module with no unloaded key; a preview renders through the family's sampler; ComfyUI's sampler
-renders the LoRA-patched MODEL unlike the base; the MODEL is unchanged after the run; Cancel after step 6 → resume
-equals the whole run.
+renders the LoRA-patched MODEL unlike the base; the MODEL is unchanged after the run; on Z-Image, Cancel after step
+6 → resume equals the whole run (the other two skip it for the stage's time; the server checks resume them).
+Not here: Qwen-Image, whose Qwen2.5-VL encoder class always builds its fixed vision tower (32 layers, 1280 wide,
+about 0.6 G weights) whatever the text size, and whose VAE is Wan's 3-D one.
 """
 from __future__ import annotations
 
@@ -62,7 +67,7 @@ CASES = {
     "zimage": EncoderCase(
         "ZImage",
         # detection's Z-Image keys (comfy/model_detection.py, dim 3840 → 30 heads of 128): heads of 128 kept
-        dict(image_model="lumina2", patch_size=2, in_channels=16, dim=256, cap_feat_dim=TEXT_WIDTH, n_layers=2,
+        dict(image_model="lumina2", patch_size=2, in_channels=16, dim=256, cap_feat_dim=TEXT_WIDTH, n_layers=1,
              qk_norm=True, n_heads=2, n_kv_heads=2, axes_dims=[32, 48, 48], axes_lens=[1536, 512, 512],
              rope_theta=256.0, ffn_dim_multiplier=8.0 / 3.0, z_image_modulation=True, time_scale=1000.0,
              pad_tokens_multiple=32),
@@ -84,7 +89,7 @@ CASES = {
     "lumina2": EncoderCase(
         "Lumina2",
         # detection's Lumina 2 keys (dim 2304 → 24 heads of 96, 8 KV heads): heads of 96 kept
-        dict(image_model="lumina2", patch_size=2, in_channels=16, dim=192, cap_feat_dim=TEXT_WIDTH, n_layers=2,
+        dict(image_model="lumina2", patch_size=2, in_channels=16, dim=192, cap_feat_dim=TEXT_WIDTH, n_layers=1,
              qk_norm=True, n_heads=2, n_kv_heads=1, axes_dims=[32, 32, 32], axes_lens=[300, 512, 512],
              rope_theta=10000.0, ffn_dim_multiplier=4.0),
         "gemma2_2b",
