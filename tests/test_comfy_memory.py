@@ -273,3 +273,71 @@ def _images(tmp_path):
         Image.new("RGB", (64, 64), (i * 100, 0, 0)).save(folder / f"{i}.png")
         (folder / f"{i}.txt").write_text("a red square")
     return folder
+
+
+# --- gradient checkpointing on ComfyUI's UNet layout ---------------------------------------------------------------
+class TimestepEmbedSequential(torch.nn.Sequential):
+    """ComfyUI's UNet block kind: the UNet runs its layers itself (forward_timestep_embed), never its forward."""
+
+
+class SpatialTransformer(torch.nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.proj_in = torch.nn.Linear(width, width)
+        self.transformer_blocks = torch.nn.ModuleList(
+            torch.nn.Sequential(torch.nn.LayerNorm(width), torch.nn.Linear(width, 4 * width), torch.nn.GELU(),
+                                torch.nn.Linear(4 * width, width)) for _ in range(3))
+
+    def forward(self, x):
+        x = self.proj_in(x)
+        for block in self.transformer_blocks:
+            x = x + block(x)
+        return x
+
+
+class UNetLayout(torch.nn.Module):
+    def __init__(self, width=16):
+        super().__init__()
+        self.input_blocks = torch.nn.ModuleList([TimestepEmbedSequential(torch.nn.Linear(width, width)),
+                                                 TimestepEmbedSequential(torch.nn.Linear(width, width),
+                                                                         SpatialTransformer(width))])
+        self.middle_block = TimestepEmbedSequential(SpatialTransformer(width))
+        self.out = torch.nn.Sequential(torch.nn.LayerNorm(width), torch.nn.Linear(width, width))
+
+    def forward(self, x):
+        for block in [*self.input_blocks, self.middle_block]:
+            for layer in block:  # as comfy's forward_timestep_embed
+                x = layer(x)
+        return self.out(x)
+
+
+def test_checkpointing_reaches_the_layers_comfyuis_unet_runs_itself(module):  # noqa: F811
+    """Wrapping a TimestepEmbedSequential's forward did nothing (ComfyUI runs its layers itself): the UNet's
+    checkpointing saved exactly as much as no checkpointing. Now its layers, the middle block and each transformer
+    block are the units."""
+    from trainer.memory import _SavedBytes
+
+    torch.manual_seed(0)
+    unet = UNetLayout()
+    for p in unet.parameters():
+        p.requires_grad_(False)
+    unet.input_blocks[1][1].transformer_blocks[0][1].weight.requires_grad_(True)  # something to train
+    hosted = module.HostedModule("diffusion_model", unet)
+    x = torch.randn(2, 64, 16)
+
+    def saved():
+        counter = _SavedBytes()
+        with torch.autograd.graph.saved_tensors_hooks(counter.pack, counter.unpack):
+            out = unet(x)
+        out.pow(2).mean().backward()
+        return counter.total, out.detach()
+
+    plain, out_plain = saved()
+    hosted.enable_gradient_checkpointing()
+    units = hosted._blocks()
+    assert len(units) == 1 + 1 + 3 + 3  # a Linear, a Linear, 3 + 3 transformer blocks (proj_in outside)
+    checkpointed, out_checkpointed = saved()
+    assert torch.equal(out_plain, out_checkpointed)
+    assert checkpointed < plain / 2, (checkpointed, plain)
+    hosted.disable_gradient_checkpointing()
+    assert saved()[0] == plain
