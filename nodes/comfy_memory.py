@@ -217,8 +217,9 @@ def comfy_device() -> tuple[str, float, float, str]:
 
     device = mm.get_torch_device()
     free, total = mm.get_free_memory(device), mm.get_total_memory(device)
-    state = getattr(getattr(mm, "vram_state", None), "name", "unknown")
-    return getattr(device, "type", str(device)), free / GIB, total / GIB, state
+    kind = getattr(device, "type", str(device))
+    state = "host RAM" if kind == "cpu" else getattr(getattr(mm, "vram_state", None), "name", "unknown")
+    return kind, free / GIB, total / GIB, state
 
 
 def fitting_switches(estimator: ModelPathEstimator, opts: MemoryOptions, network, available_gib: float) -> list[str]:

@@ -10,7 +10,8 @@ so its attention on the CPU is PyTorch's SDPA, the fused kernel the estimate cou
    module trees (ComfyUI's UNet and diffusers'), so only the activations may differ; the checkpoint units differ too
    (ComfyUI's UNet layers vs diffusers' resnets / transformer blocks) and this estimate also counts each unit's
    saved input.
-2. **Tiny, measured** (ComfyUI's SDXL class on tiny weights, ComfyUI's VAE, a CLIP stand-in:
+2. **Tiny, measured** (the Step Plan's lines from the real objects and ComfyUI's ``get_free_memory``; ComfyUI's
+   SDXL class on tiny weights, ComfyUI's VAE, a CLIP stand-in:
    ``model_path_training.case_objects``; fp32 on the CPU, 512 px, batch 4, LoRA dim 8):
    * the traced activations equal what autograd saves in a real training forward of the real objects (the family's
      ``predict``, the adapter attached as the run attaches it; every saved tensor counted once per storage,
@@ -137,6 +138,12 @@ def tiny_sdxl_measured(memory, family_module) -> None:
     estimator = memory.ModelPathEstimator(family, cond1, "cpu")
     est = estimator.estimate(opts, network)
     est_checkpointed = estimator.estimate(opts.__class__(**{**opts.__dict__, "gradient_checkpointing": True}), network)
+    demo = Path(sys.modules["trainer"].__file__).parent / "demo_data"
+    text = memory.model_path_memory_report(model, clip, vae, None, (config.DatasetConfig(path=str(demo), resolution=RESOLUTION),),
+                                           network, None, config.TrainingConfig(mixed_precision="no"), BATCH)
+    wanted = ("estimated peak memory", f"at {RESOLUTION} px, batch {BATCH}", "ComfyUI's device cpu")
+    report("pass" if all(w in text for w in wanted) and ("fits: " in text or "will NOT fit" in text) else "fail",
+           "Step Plan's MODEL-path memory lines from ComfyUI's own objects and model management", text)
     comps = family.load(config.ModelConfig(family=family_module.HOSTED_NAME))
     net = attach_network(family, comps, network)
     params = net.parameters()
