@@ -27,10 +27,11 @@ VAE encode transient   without a latent cache: 3 feature maps of the VAE encoder
                        resolution (as :mod:`trainer.memory`)
 =====================  ==============================================================================================
 
+ComfyUI's manual cast (fp8 weights computed in bf16) runs in the trace, so each layer's cast copy that the backward
+pass keeps is counted (a whole bf16 copy of the model without gradient checkpointing; one block's with it).
 Not counted (a floor, like :mod:`trainer.memory`): the CUDA context and allocator fragmentation; autocast's copies
-of weights stored in another dtype than the compute dtype (fp16 weights under bf16: each layer's cast copy is saved
-for backward outside checkpointed blocks); split or sub-quadratic attention (ComfyUI's CPU default), which saves more
-than a fused kernel. Only ComfyUI-specific glue lives here; the arithmetic it shares is :mod:`trainer.memory`'s.
+of weights stored in another dtype than the compute dtype (fp16 weights under bf16 autocast: the trace runs without
+autocast); split or sub-quadratic attention (ComfyUI's CPU default), which saves more than a fused kernel. Only ComfyUI-specific glue lives here; the arithmetic it shares is :mod:`trainer.memory`'s.
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ so its attention on the CPU is PyTorch's SDPA, the fused kernel the estimate cou
    (``trainer.memory.estimate``) for the same case, with and without gradient checkpointing. They trace different
    module trees (ComfyUI's UNet and diffusers'), so only the activations may differ; the checkpoint units differ too
    (ComfyUI's UNet layers vs diffusers' resnets / transformer blocks) and this estimate also counts each unit's
-   saved input.
+   saved input. The same SDXL stored in fp8 with ComfyUI's manual cast to bf16 traces too, its weights at 1 byte.
 2. **Tiny, measured** (the Step Plan's lines from the real objects and ComfyUI's ``get_free_memory``; ComfyUI's
    SDXL class on tiny weights, ComfyUI's VAE, a CLIP stand-in:
    ``model_path_training.case_objects``; fp32 on the CPU, 512 px, batch 4, LoRA dim 8):
@@ -53,24 +53,32 @@ def pack_module(name: str):
     return importlib.import_module(f"{PACK_ALIAS}.{name}")
 
 
-def full_size_sdxl(memory, family_module) -> None:
+def full_size_estimator(memory, family_module, weight_dtype, manual_cast=None):
+    """The estimator for a full-size SDXL that ComfyUI builds on ``meta`` in ``weight_dtype``."""
     import comfy.model_detection
     import torch
 
     from trainer.full_size import build_meta
-    from trainer.memory import MemoryOptions, estimate
 
-    started = time.perf_counter()
     unet_config = comfy.model_detection.unet_config_from_diffusers_unet(build_meta("sdxl", "unet").state_dict())
     config = comfy.model_detection.model_config_from_unet_config(unet_config)
-    config.set_inference_dtype(torch.bfloat16, None)
+    config.set_inference_dtype(weight_dtype, manual_cast)
     with torch.device("meta"):
         base = config.get_model({})
     clip = types.SimpleNamespace(tokenize=lambda text: text)  # the conditioning below replaces the CLIP
     family = family_module.ComfyModelFamily(types.SimpleNamespace(model=base), clip,
                                             types.SimpleNamespace(first_stage_model=None))
     cond = {"encoder_hidden_states": torch.zeros(1, 77, 2048), "pooled_output": torch.zeros(1, 1280)}
-    estimator = memory.ModelPathEstimator(family, cond, "cuda")
+    return family, memory.ModelPathEstimator(family, cond, "cuda")
+
+
+def full_size_sdxl(memory, family_module) -> None:
+    import torch
+
+    from trainer.memory import MemoryOptions, estimate
+
+    started = time.perf_counter()
+    family, estimator = full_size_estimator(memory, family_module, torch.bfloat16)
     network = pack_module("trainer.config").NetworkConfig(network_dim=16)
     for checkpointing in (True, False):
         case = dict(network_type="lora", network_dim=16, target_preset="attn_mlp", precision="bf16",
@@ -86,6 +94,21 @@ def full_size_sdxl(memory, family_module) -> None:
                f"within {FULL_SIZE_TOL:.0%} of the Crucible Model path's",
                f"{ours.training_gib:.2f} vs {theirs.training_gib:.2f} GiB (×{ratio:.3f}); GiB, MODEL vs diffusers "
                f"path: {parts} ({time.perf_counter() - started:.0f}s)")
+    bf16 = ours  # the last case: checkpointing off
+    family, estimator = full_size_estimator(memory, family_module, torch.float8_e4m3fn, torch.bfloat16)
+    case["gradient_checkpointing"] = True  # SDXL's default (without it each layer's bf16 cast copy is saved)
+    fp8 = estimator.estimate(pack_module("trainer.memory").MemoryOptions(family=family.title, **case), network)
+    ratio = fp8.parts["denoiser weights"] / bf16.parts["denoiser weights"]
+    lines = memory.report(estimator, fp8.options, network, ("cuda", 3.0, 8.0, "NORMAL_VRAM"))
+    fp8_off = estimator.estimate(fp8.options.__class__(**{**fp8.options.__dict__, "gradient_checkpointing": False}),
+                                 network).parts["activations"]
+    report("pass" if abs(ratio - 0.5) < 0.01 and "float8_e4m3fn, computed in bfloat16 (manual cast)" in lines
+           and "ComfyUI would load the MODEL partially" in lines else "fail",
+           "MODEL-path estimate, full-size SDXL in fp8 with ComfyUI's manual cast: weights at 1 byte, traced on meta",
+           f"weights {fp8.parts['denoiser weights']:.2f} vs {bf16.parts['denoiser weights']:.2f} GiB in bf16; "
+           f"activations {fp8.parts['activations']:.2f} GiB with checkpointing (each layer's cast copy is saved: "
+           f"{fp8_off:.2f} GiB without it); on an 8 GiB card with "
+           f"3 GiB free:\n{lines} ({time.perf_counter() - started:.0f}s)")
 
 
 class RssPeak:
