@@ -89,7 +89,17 @@ class HostedModule(torch.nn.Module):
                 vars(block).pop("forward", None)
 
     def _blocks(self) -> list[torch.nn.Module]:
-        return [block for child in self.inner.children() if isinstance(child, torch.nn.ModuleList) for block in child]
+        """The blocks of the top-level block lists, and the top-level blocks of ComfyUI's own Sequential kinds (the
+        UNet's middle block); a Sequential block by its layers, because ComfyUI's UNet runs those itself
+        (``forward_timestep_embed`` never calls the block's forward, so wrapping it did nothing)."""
+        blocks = [block for child in self.inner.children() for block in (
+            child if isinstance(child, torch.nn.ModuleList) else [child] if isinstance(child, torch.nn.Sequential)
+            and type(child) is not torch.nn.Sequential else [])]
+        layers = [layer for block in blocks for layer in (block if isinstance(block, torch.nn.Sequential) else [block])]
+        # a layer that runs a list of blocks itself (the UNet's SpatialTransformer: up to 10 transformer blocks)
+        # checkpoints each of them, as diffusers does, so one recompute never holds the whole list's activations
+        return [unit for layer in layers for unit in ([b for c in layer.children() if isinstance(c, torch.nn.ModuleList)
+                                                       for b in c] or [layer])]
 
 
 def _call_out_of_place(forward, *args, **kwargs):

@@ -158,9 +158,13 @@ class CrucibleStepPlan:
             "network": (NETWORK, {"tooltip": "Crucible Network Options of the run (memory estimate)."}),
             "optimizer": (OPTIM, {"tooltip": "Crucible Optimizer Options of the run (memory estimate)."}),
             "training": (TRAINING, {"tooltip": "Crucible Training Options of the run (memory estimate; batch_size is this node's)."}),
+            "comfy_model": ("MODEL", {"tooltip": "Training the graph's own MODEL (Crucible Train's comfy_model)? Connect the same MODEL, CLIP and VAE here to see the memory estimate read from the loaded model (its weights as stored, fp8 included) and ComfyUI's view of the device."}),
+            "comfy_clip": ("CLIP", {"tooltip": "The CLIP of comfy_model (Crucible Train's comfy_clip): one empty caption is encoded to learn the conditioning's shape."}),
+            "comfy_vae": ("VAE", {"tooltip": "The VAE of comfy_model (Crucible Train's comfy_vae)."}),
         }}
 
-    def plan(self, dataset, model=None, network=None, optimizer=None, training=None, **f):
+    def plan(self, dataset, model=None, network=None, optimizer=None, training=None, comfy_model=None,
+             comfy_clip=None, comfy_vae=None, **f):
         from ..trainer import compute_plan, training_source
 
         cfg = plan_config(dataset, f)
@@ -175,6 +179,11 @@ class CrucibleStepPlan:
                               optim=optimizer or OptimConfig(),
                               training=replace(training or TrainingConfig(), batch_size=f["batch_size"]))
             text += "\n" + memory_report(run)
+        if comfy_model is not None or comfy_clip is not None or comfy_vae is not None:
+            from .comfy_memory import model_path_memory_report
+
+            text += "\n" + model_path_memory_report(comfy_model, comfy_clip, comfy_vae, model, dataset, network,
+                                                     optimizer, training, f["batch_size"])
         return text_result(text, (text,))
 
 

@@ -1,5 +1,5 @@
-"""trainer/ never imports ComfyUI; in nodes/ only _comfy.py and the MODEL-path adapter (comfy_family.py, which
-imports ComfyUI inside its methods only) touch ComfyUI's runtime modules."""
+"""trainer/ never imports ComfyUI; in nodes/ only _comfy.py and the MODEL-path adapter (comfy_family.py and its
+memory estimate comfy_memory.py, which import ComfyUI inside functions only) touch ComfyUI's runtime modules."""
 from __future__ import annotations
 
 import ast
@@ -33,11 +33,12 @@ def test_trainer_never_imports_comfyui():
 
 def test_only_the_comfy_modules_touch_comfyui():
     touching = [p.name for p in sorted((ROOT / "nodes").glob("*.py")) if imported_roots(p) & COMFY_MODULES]
-    assert touching == ["_comfy.py", "comfy_family.py"], touching
+    assert touching == ["_comfy.py", "comfy_family.py", "comfy_memory.py"], touching
 
 
 def test_the_model_path_adapter_imports_comfyui_lazily():
     assert not imported_roots(ROOT / "nodes" / "comfy_family.py", top_level_only=True) & COMFY_MODULES
+    assert not imported_roots(ROOT / "nodes" / "comfy_memory.py", top_level_only=True) & COMFY_MODULES
     assert imported_roots(ROOT / "tests" / "test_layering.py", top_level_only=True) == {"__future__", "ast", "pathlib"}  # can fail
 
 

@@ -30,6 +30,9 @@ _LAZY = {
     "scan_dataset": "dataset", "dataset_fingerprint": "dataset",
     "caption_preview": "preview_captions",
     "memory_report": "memory",
+    # the MODEL path's estimate (nodes/comfy_memory.py) reuses the parts and the tracing of trainer/memory.py
+    "Estimate": "memory", "MemoryOptions": "memory", "OPTIMIZER_STATE_BYTES": "memory",
+    "traced_activation_bytes": "memory", "attach_network": "network",
     "loss_curve": "plots",
     "forget_frames": "release",
     "write_captioned_images": "tagging",

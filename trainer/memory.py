@@ -440,3 +440,37 @@ def _forward(model, family: str, resolution: int) -> None:
     from .families import get_family
 
     model(**get_family(family).full_size_forward_inputs(resolution))
+
+
+def traced_activation_bytes(model, forward, checkpoint_blocks=()) -> int:
+    """Bytes autograd keeps for backward in one call of ``forward()`` (a forward pass of ``model``, already on the
+    ``meta`` device with its adapter attached), in fp32 units like :func:`activation_bytes`: every saved tensor once
+    per storage, the model's own parameters left out, attention counted as a fused kernel. Each module in
+    ``checkpoint_blocks`` is a checkpointed unit (gradient checkpointing: it saves its input only outside, and its
+    own saved tensors live during its recompute in backward), so the total is what is saved outside them (the
+    blocks' inputs included) plus the largest unit. For architectures known only at run time (the MODEL path, ``nodes/comfy_memory.py``)."""
+    import torch
+    import torch.nn.functional as F
+
+    weights = {p.untyped_storage()._cdata for p in model.parameters()}
+    counter, units = _SavedBytes(weights), []
+    for block in checkpoint_blocks:
+        def run(*args, _forward=block.forward, **kwargs):
+            for tensor in [*args, *kwargs.values()]:  # torch.utils.checkpoint keeps the block's tensor inputs
+                if torch.is_tensor(tensor) and tensor.is_floating_point():
+                    counter.pack(tensor)
+            inner = _SavedBytes(weights)
+            with torch.autograd.graph.saved_tensors_hooks(inner.pack, inner.unpack):
+                out = _forward(*args, **kwargs)
+            units.append(inner.total)
+            return out
+
+        block.forward = run  # instance attribute: nn.Module.__call__ runs it
+    try:
+        with torch.device("meta"), _fused_attention(F), \
+                torch.autograd.graph.saved_tensors_hooks(counter.pack, counter.unpack):
+            forward()
+    finally:
+        for block in checkpoint_blocks:
+            vars(block).pop("forward", None)
+    return counter.total + (max(units) if units else 0)
