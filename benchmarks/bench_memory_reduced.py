@@ -142,6 +142,8 @@ def run_phase(case, cfg_for, res: int, steps: int, phase: str, from_files: bool 
         marks = {}
 
         def measured_loop(self, start_step):
+            if phase == "setup":  # a full step reads every weight: count them all, file-mapped ones included
+                marks["touched_gib"] = round(touch_resident(self.comps) / 2**30, 3)
             marks["ready"] = rss_gib("VmRSS")  # set-up and caches done, the first step about to begin
             marks["setup_peak"] = rss_gib("VmHWM")
             if phase == "setup":
@@ -163,11 +165,34 @@ def run_phase(case, cfg_for, res: int, steps: int, phase: str, from_files: bool 
                "precision": precision}
         if phase == "setup":
             out["setup_anon_peak_gib"] = round(anon.peak / 2**30, 3)
+            out["touched_gib"] = marks["touched_gib"]
         if phase == "step":
             peak = rss_gib("VmHWM")  # the step's peak (since the reset; the whole process's where it failed)
             out["step_gib"] = round(max(0.0, peak - marks["ready"]), 3)
             out["step_peak_exact"] = marks["reset"]
         return out
+
+
+def touch_resident(comps) -> int:
+    """Read one byte per page of every tensor of the run's modules (returns their bytes). safetensors hands out
+    tensors that map the file (an fp8 file read as fp8 is never copied), whose pages join the RSS only when read: the
+    reduced method never runs the full-size model, so without this its set-up would not count such weights at all,
+    while a real step on the CPU reads every one (on a GPU they are copied to the device)."""
+    import torch
+
+    seen, total = set(), 0
+    modules = [m for m in vars(comps).values() if isinstance(m, torch.nn.Module)]
+    modules += [m for value in vars(comps).values() if isinstance(value, (list, tuple))
+                for m in value if isinstance(m, torch.nn.Module)]
+    for module in modules:
+        for tensor in list(module.parameters()) + list(module.buffers()):
+            if tensor.device.type != "cpu" or tensor.data_ptr() in seen or tensor.numel() == 0:
+                continue
+            seen.add(tensor.data_ptr())
+            raw = tensor.detach().reshape(-1).view(torch.uint8)
+            raw[::4096].sum()  # one byte per page
+            total += raw.numel()
+    return total
 
 
 def combine(case_name: str, res: int, setup: dict, step: dict, base_gib: float) -> dict:
@@ -178,6 +203,7 @@ def combine(case_name: str, res: int, setup: dict, step: dict, base_gib: float) 
             "setup_peak_gib": setup["setup_peak_gib"], "train_peak_gib": round(train, 3),
             "ready_gib": setup["ready_gib"], "step_gib": step["step_gib"], "device": "cpu",
             **({"setup_anon_peak_gib": setup["setup_anon_peak_gib"]} if "setup_anon_peak_gib" in setup else {}),
+            **({"touched_gib": setup["touched_gib"]} if "touched_gib" in setup else {}),
             "method": "setup+reduced-step", "precision": setup["precision"], "steps": 1,
             "reduced_layers": REDUCED_LAYERS,
             "left_out": "gradients and optimizer state of the blocks the reduced model lacks"}
