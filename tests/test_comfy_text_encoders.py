@@ -357,3 +357,67 @@ def test_the_node_passes_train_text_encoder_through(module):
             sys.modules.pop("comfy.lora", None)
         else:
             sys.modules["comfy.lora"] = saved
+
+
+# --- through the loop: the whole run, and Cancel → resume ---------------------------------------------------------------
+def _comfy_objects():
+    with torch.random.fork_rng(devices=[]), torch.inference_mode():  # as ComfyUI's loaders hand them over
+        torch.manual_seed(11)
+        base = FakeBaseModel(sampling("epsilon"))
+        clip = FakeClip()
+        encoder = torch.nn.Conv2d(3, 4, 1)
+    base.process_latent_in = lambda latents: latents
+    vae = types.SimpleNamespace(first_stage_model=encoder, encode=lambda images: torch.nn.functional.avg_pool2d(
+        encoder(images.movedim(-1, 1)), 8))
+    return types.SimpleNamespace(model=base), clip, vae
+
+
+def _run(module, objects, out, demo_dataset, callbacks=None, resume_from=None):
+    from trainer.config import TrainConfig
+    from trainer.families import hosted_family
+    from trainer.loop import train
+
+    patcher, clip, vae = objects
+    family = module.ComfyModelFamily(patcher, clip, vae, key_map=comfy_key_map(patcher.model), train_text_encoder=True,
+                                     clip_key_map=comfy_clip_key_map(clip.cond_stage_model))
+    with hosted_family(family):
+        cfg = TrainConfig.from_dict({
+            "model": {"family": "comfy"},
+            "datasets": [{"path": str(demo_dataset), "resolution": 64, "repeats": 1}],
+            "network": {"network_dim": 2, "network_alpha": 2, "target_preset": "attn_mlp", "train_text_encoder": True},
+            "optim": {"learning_rate": 1e-2, "text_encoder_lr": 5e-3, "lr_scheduler": "constant"},
+            "training": {"batch_size": 4, "max_train_steps": 4, "seed": 3, "mixed_precision": "no",
+                         "validation_split": 0.0},
+            "save": {"output_dir": str(out / "loras"), "work_dir": str(out / "runs"), "run_name": "te",
+                     "save_every_n_epochs": 0, "save_precision": "fp32"}})
+        try:
+            return train(cfg, callbacks, resume_from=resume_from)
+        finally:
+            family.restore()  # as the Train node does, also after Cancel and errors
+
+
+def test_text_encoder_training_resumes_exactly_and_leaves_the_clip_as_it_came(module, demo_dataset, tmp_path):
+    """Through the loop: the CLIP's adapter trains beside the UNet's (its keys in the file), a run cancelled after
+    step 2 and resumed ends with the uninterrupted run's losses and LoRA, and after every run (finished or
+    cancelled) the user's CLIP holds its own weights again."""
+    from safetensors.torch import load_file
+
+    from run_helpers import StopAt
+
+    objects = _comfy_objects()
+    clip_before = {k: v.clone() for k, v in objects[1].cond_stage_model.state_dict().items()}
+
+    def clip_unchanged():
+        after = objects[1].cond_stage_model.state_dict()
+        return after.keys() == clip_before.keys() and all(torch.equal(after[k], clip_before[k]) for k in clip_before)
+
+    whole = _run(module, objects, tmp_path / "whole", demo_dataset)
+    assert clip_unchanged()
+    first = _run(module, objects, tmp_path / "cut", demo_dataset, StopAt(2))
+    assert clip_unchanged() and first.losses == whole.losses[:2]
+    resumed = _run(module, objects, tmp_path / "cut", demo_dataset, resume_from=first.state_dir)
+    assert clip_unchanged() and resumed.losses == whole.losses
+    a, b = load_file(str(whole.checkpoints[-1].path)), load_file(str(resumed.checkpoints[-1].path))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    te = [k for k in a if k.startswith("lora_te_") and k.endswith("lora_up.weight")]
+    assert len(te) == LAYERS * len(CLIP_MAP) and all(a[k].abs().sum() > 0 for k in te)  # trained, not left at zero

@@ -73,9 +73,10 @@ async def write_files(ctx) -> tuple[dict[str, Path] | None, str]:
 
 
 async def train_and_sweep(ctx, label: str, prompt_of: Callable[..., tuple[dict, dict]], run_name: str,
-                          steps: int = STEPS, save_every: int = SAVE_EVERY) -> list[float]:
+                          steps: int = STEPS, save_every: int = SAVE_EVERY,
+                          key_prefixes: tuple[str, ...] = ("lora_unet_",)) -> list[float]:
     """Train (``steps``, a LoRA every ``save_every``) → sweep through the MODEL path; the checks of
-    checks_model_path on this family. Returns the losses."""
+    checks_model_path on this family (every key one of ``key_prefixes``). Returns the losses."""
     results = ctx.results
     started = time.perf_counter()
     offset = log_size(ctx.server_log)
@@ -93,8 +94,8 @@ async def train_and_sweep(ctx, label: str, prompt_of: Callable[..., tuple[dict, 
                   [f"family {record.get('family')!r}, {len(losses)} losses: {[round(x, 4) for x in losses]}"],
                   f"mean of the first five steps {first:.4f} → the last five {last:.4f}")
     lora = last_lora(ctx, run_name)
-    results.check(f"{label}: exported keys come from ComfyUI's key map (kohya lora_unet_*)",
-                  key_problems(lora) if lora else [f"no LoRA in models/loras/{run_name}"], str(lora))
+    results.check(f"{label}: exported keys come from ComfyUI's key map (kohya {'/'.join(key_prefixes)}*)",
+                  key_problems(lora, key_prefixes) if lora else [f"no LoRA in models/loras/{run_name}"], str(lora))
     results.check(f"{label}: the stock loader loads every key (server log)",
                   forbidden_lines(log_since(ctx.server_log, offset), LOG_FORBIDS),
                   "no 'lora key not loaded' / unpatched-weight lines")
