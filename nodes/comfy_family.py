@@ -18,10 +18,14 @@
   user's MODEL is unchanged after the run.
 * Export keys: ComfyUI's own ``comfy.lora.model_lora_keys_unet`` for the loaded model names every key, so the stock
   LoraLoader loads each one by construction (:func:`lora_key_names`).
+* Text encoders (``network.train_text_encoder``): the CLIP's CLIP-L/G/H towers train as components ``text_encoder``
+  (``_2``) through the same encode path, with gradients; keys from ``comfy.lora.model_lora_keys_clip``
+  (``nodes/comfy_text.py``); :meth:`ComfyModelFamily.restore` takes their adapter out of the user's CLIP too.
 """
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -30,6 +34,7 @@ import torch
 from ..trainer import Components, CrucibleError, KeyStyle, ModelFamily
 from .comfy_autograd import differentiable_rope, out_of_place_updates
 from .comfy_conds import apply_grouped, batch_clip_outputs, sample_kwargs
+from .comfy_text import clip_key_names, text_towers, tower_modules, tower_targets
 from .comfy_upstream import model_sampling_of, upstream_of, warn_upstream
 
 HOSTED_NAME = "comfy"  # model.family of a run through the graph's MODEL
@@ -229,7 +234,8 @@ class ComfyModelFamily(ModelFamily):
     def honoured_settings(self) -> frozenset[str]:
         return frozenset({"clip_skip"} | ({"guidance_scale"} if self.guidance_distilled else set()))
 
-    def __init__(self, model, clip, vae, key_map: Mapping[str, str] | None = None):
+    def __init__(self, model, clip, vae, key_map: Mapping[str, str] | None = None, train_text_encoder: bool = False,
+                 clip_key_map: Mapping[str, str] | None = None):
         if model is None or clip is None or vae is None:
             missing = [n for n, v in (("comfy_model", model), ("comfy_clip", clip), ("comfy_vae", vae)) if v is None]
             raise CrucibleError(f"Crucible Train: the MODEL path needs comfy_model, comfy_clip and comfy_vae connected; "
@@ -256,15 +262,42 @@ class ComfyModelFamily(ModelFamily):
         names = [n for n, m in modules.items() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
                  and n + ".weight" in self._mapped]
         self.key_styles = {COMPONENT: ComfyKeyStyle("lora_unet", kohya=True, names=lora_key_names(names, self.key_map))}
+        self.towers, self.frozen_encoders, self._tower_modules = [], [], {}
+        if train_text_encoder:
+            self._add_text_towers(clip_key_map)
+
+    def _add_text_towers(self, clip_key_map: Mapping[str, str] | None) -> None:
+        """The CLIP text towers as trained components, their modules and LoRA key names (nodes/comfy_text.py)."""
+        if clip_key_map is None:
+            import comfy.lora
+
+            clip_key_map = comfy.lora.model_lora_keys_clip(self.clip.cond_stage_model, {})
+        self.towers, self.frozen_encoders = text_towers(self.clip.cond_stage_model, clip_key_map)
+        mapped = set(clip_key_map.values())
+        numbered = len(self.towers) + len(self.frozen_encoders) > 1  # kohya: lora_te_ for one encoder, lora_teN_ else
+        for tower in self.towers:
+            modules = tower_modules(tower, mapped)
+            self._tower_modules[tower.component] = modules
+            self.key_styles[tower.component] = ComfyKeyStyle(
+                "lora_te", kohya=True, names=clip_key_names(list(modules), clip_key_map, numbered))
 
     # --- loading: the graph already loaded everything --------------------------------------------------------
     def load(self, cfg, device="cpu", dtype=None) -> Components:
         import comfy.model_management as mm
 
-        mm.load_models_gpu([self.patcher])  # ComfyUI places (and, in low-VRAM mode, streams) the weights
+        # ComfyUI places (and, in low-VRAM mode, streams) the weights; a trained CLIP with them
+        mm.load_models_gpu([self.patcher] + ([self.clip.patcher] if self.towers else []))
         base = self.patcher.model
         with torch.inference_mode(False):
-            usable_by_autograd(base.diffusion_model)
+            for module in [base.diffusion_model, *(tower.module for tower in self.towers)]:
+                usable_by_autograd(module)
+        if self.frozen_encoders:
+            import logging
+
+            logging.getLogger("crucible").warning(
+                "train_text_encoder: %s train; %s stay frozen (the MODEL path trains CLIP text encoders only, as "
+                "kohya trains T5 only with --train_t5xxl)", ", ".join(t.child for t in self.towers),
+                ", ".join(self.frozen_encoders))
         differentiable_rope()  # comfy-kitchen's RoPE kernels have no backward of their own
         warn_upstream(self.base_patches)
         ms = model_sampling_of(self.patcher)
@@ -275,8 +308,10 @@ class ComfyModelFamily(ModelFamily):
         else:
             scheduler = ddpm_scheduler(ms.sigmas.detach().float().cpu(), self.default_prediction)
         return Components(denoiser=self._denoiser, vae=HostedModule("first_stage_model", self.vae.first_stage_model),
-                          text_encoders=[], tokenizers=[], noise_scheduler=scheduler, denoiser_name=COMPONENT,
-                          text_encoder_names=(), source=f"ComfyUI {type(base).__name__}",
+                          text_encoders=[HostedModule(t.child, t.module) for t in self.towers], tokenizers=[],
+                          noise_scheduler=scheduler, denoiser_name=COMPONENT,
+                          text_encoder_names=tuple(t.component for t in self.towers),
+                          source=f"ComfyUI {type(base).__name__}",
                           extras={"comfy_model": self.patcher, "comfy_clip": self.clip, "comfy_vae": self.vae})
 
     def latent_cache_identity(self, cfg, comps: Components) -> str:
@@ -291,21 +326,27 @@ class ComfyModelFamily(ModelFamily):
         return f"comfy-vae-{digest.hexdigest()}"
 
     def restore(self) -> None:
-        """Take the trained adapter out of the user's MODEL again (peft layers → their base layers)."""
+        """Take the trained adapter out of the user's MODEL and CLIP again (peft layers → their base layers)."""
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         self._denoiser.disable_gradient_checkpointing()
-        root = self.patcher.model.diffusion_model
-        for name, module in list(root.named_modules()):
-            if name and isinstance(module, BaseTunerLayer):
-                parent_name, _, child = name.rpartition(".")
-                parent = root.get_submodule(parent_name) if parent_name else root
-                setattr(parent, child, module.get_base_layer())
+        for root in [self.patcher.model.diffusion_model, *(tower.module for tower in self.towers)]:
+            for name, module in list(root.named_modules()):
+                if name and isinstance(module, BaseTunerLayer):
+                    parent_name, _, child = name.rpartition(".")
+                    parent = root.get_submodule(parent_name) if parent_name else root
+                    setattr(parent, child, module.get_base_layer())
 
     def lora_target_modules(self, component: str, preset: str) -> list[str]:
+        if component in self._tower_modules:
+            from ..trainer import TEXT_ENCODER_TARGETS
+
+            if preset not in TEXT_ENCODER_TARGETS["clip_l"]:
+                raise CrucibleError(f"network.target_preset '{preset}' is unknown")
+            return tower_targets(self._tower_modules[component], TEXT_ENCODER_TARGETS["clip_l"][preset])
         if component != COMPONENT:
-            raise CrucibleError(f"the MODEL path trains the diffusion model only, not '{component}'; turn "
-                                "network.train_text_encoder off")
+            raise CrucibleError(f"the MODEL path trains the diffusion model and the CLIP's CLIP text encoders, not "
+                                f"'{component}'")
         chosen = preset_modules(self._modules, preset, self._mapped)
         if not chosen:
             raise CrucibleError(f"network.target_preset '{preset}' matched no module of {self.title} that ComfyUI "
@@ -344,7 +385,9 @@ class ComfyModelFamily(ModelFamily):
         if clip_skip > 1:
             clip = clip.clone()
             clip.clip_layer(-clip_skip)
-        outs = [clip.encode_from_tokens(clip.tokenize(text), return_dict=True) for text in captions]
+        trains = bool(self.towers) and torch.is_grad_enabled()  # ComfyUI's CLIP layers add to x in place
+        with out_of_place_updates() if trains else nullcontext():
+            outs = [clip.encode_from_tokens(clip.tokenize(text), return_dict=True) for text in captions]
         device = next(comps.denoiser.parameters()).device  # captions of different lengths: comfy_conds
         return batch_clip_outputs(outs, COND, POOLED, EXTRA, device)
 
@@ -434,8 +477,8 @@ class ComfyModelFamily(ModelFamily):
 
 def hosted_model_config(model, clip, vae, crucible_model=None, network=None):
     """The family, model config and network config of a Train run through the graph's MODEL / CLIP / VAE.
-    The adapter trains the diffusion model only: text-encoder training and full fine-tunes are refused by name,
-    before anything is built."""
+    The adapter trains the diffusion model and, with ``train_text_encoder``, the CLIP's CLIP text encoders; full
+    fine-tunes (and a CLIP with no CLIP text encoder to train) are refused by name, before anything is built."""
     from ..trainer import ModelConfig, NetworkConfig
 
     missing = [n for n, v in (("comfy_model", model), ("comfy_clip", clip), ("comfy_vae", vae)) if v is None]
@@ -448,8 +491,5 @@ def hosted_model_config(model, clip, vae, crucible_model=None, network=None):
     if network.network_type == "full":
         raise CrucibleError("Crucible Network Options: network_type 'full' is not available with comfy_model (it would "
                             "overwrite the loaded model); choose lora, dora, loha or lokr")
-    if network.train_text_encoder:
-        raise CrucibleError("Crucible Network Options: train_text_encoder is not available with comfy_model yet (the "
-                            "diffusion model trains); turn it off")
-    family = ComfyModelFamily(model, clip, vae)
+    family = ComfyModelFamily(model, clip, vae, train_text_encoder=network.train_text_encoder)
     return family, ModelConfig(family=family.name), network

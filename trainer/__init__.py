@@ -42,6 +42,7 @@ _LAZY = {
     "is_tokenizer_dir": "families.tokenizers", "all_families": "families",
     # a family around models a host loaded (nodes/comfy_family.py: ComfyUI's MODEL / CLIP / VAE)
     "ModelFamily": "families", "Components": "families", "hosted_family": "families", "KeyStyle": "lora_keys",
+    "TEXT_ENCODER_TARGETS": "lora_targets",
 }
 
 

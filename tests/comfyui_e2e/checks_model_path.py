@@ -91,15 +91,16 @@ def last_lora(ctx, run_name: str) -> Path | None:
     return files[-1] if files else None
 
 
-def key_problems(path: Path) -> list[str]:
-    """Exported keys that are not kohya-style ComfyUI keys of the diffusion model."""
+def key_problems(path: Path, prefixes: tuple[str, ...] = ("lora_unet_",)) -> list[str]:
+    """Exported keys that are not kohya-style ComfyUI keys of the diffusion model (and, with ``prefixes``
+    ``lora_te…``, of the text encoders)."""
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as fh:
         keys = list(fh.keys())
     suffixes = (".lora_down.weight", ".lora_up.weight", ".alpha")
-    bad = [k for k in keys if not (k.startswith("lora_unet_") and k.endswith(suffixes))]
-    return ([f"{len(bad)} of {len(keys)} keys are not lora_unet_* LoRA keys: {bad[:5]}"] if bad else []) + \
+    bad = [k for k in keys if not (k.startswith(prefixes) and k.endswith(suffixes))]
+    return ([f"{len(bad)} of {len(keys)} keys are not {'/'.join(prefixes)}* LoRA keys: {bad[:5]}"] if bad else []) + \
         ([] if keys else [f"{path.name} holds no keys"])
 
 
