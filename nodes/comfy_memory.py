@@ -163,8 +163,10 @@ class ModelPathEstimator:
         side = max(1, resolution // factor)
         x = torch.zeros(batch, family.latent_channels, side, side)
         cond = {k: torch.cat([v] * batch) if torch.is_tensor(v) else v for k, v in self.cond.items()}
-        with torch.no_grad():
-            conds = family._model_conds(cond, x)  # ComfyUI's extra_conds on the CPU: small tensors
+        from comfy.samplers import cond_cat
+
+        with torch.no_grad():  # ComfyUI's extra_conds on the CPU (small tensors); one caption, so one batch
+            conds = cond_cat(family._model_conds(cond, x))
         conds = {k: _to_meta(v) for k, v in conds.items()}
         sigma = torch.full((batch,), 0.5 if family.default_prediction == "flow" else 1.0, device="meta")
         options = _fused_attention_options()
