@@ -258,6 +258,59 @@ def check_runs(comfy_family, upstream_mod, model, upstream, clip, vae, out: Path
            f"{len(after)} base weights bit-identical; patches {len(hooked.patches)} as before")
 
 
+def check_unload(comfy_family, upstream_mod, upstream, clip, vae, out: Path, reference) -> None:
+    """5: ComfyUI's memory management mid-run (what an 8-12 GB GPU does when the VAE or CLIP loads): before the
+    2nd step's VAE encode every model is unloaded (``unload_all_models``), before the 3rd half of the MODEL is
+    freed (``free_memory``: a partial, low-VRAM unload). The run goes on with the same losses and LoRA as an
+    undisturbed run (same seed), and the MODEL is as before afterwards."""
+    import torch
+    from safetensors.torch import load_file
+
+    import comfy.model_management as mm
+
+    from model_path_run import train_model_path
+
+    state = upstream_mod.patch_state(upstream)
+    data = small_dataset(out / "data_unload")
+    settings = {"steps": 3, "data": data, "batch_size": 2, "cache_latents": False, "cache_text_embeddings": False}
+    runs, events = {}, []
+    encode = vae.encode
+
+    def disturbing_encode(pixels):
+        events.append(len(events))
+        if len(events) == 2:
+            mm.unload_all_models()
+        elif len(events) == 3:
+            loaded = next(m for m in mm.current_loaded_models if m.model is upstream)
+            size = loaded.model.loaded_size()
+            mm.free_memory(mm.get_free_memory(mm.get_torch_device()) + size // 2, mm.get_torch_device())
+            events.append(f"partial: {size} -> {loaded.model.loaded_size()} bytes loaded")
+        return encode(pixels)
+
+    for label in ("undisturbed", "unloaded"):
+        mm.unload_all_models()
+        vae.encode = disturbing_encode if label == "unloaded" else encode
+        try:  # an error here is the stage's failure (the traceback is reported)
+            result, family = train_model_path(comfy_family, upstream, clip, vae, out / f"unload_{label}", **settings)
+        finally:
+            vae.encode = encode
+        family.restore()
+        final = [c for c in result.checkpoints if c.final][-1].path
+        runs[label] = (result.losses, load_file(str(final)))
+    (quiet, quiet_lora), (moved, moved_lora) = runs["undisturbed"], runs["unloaded"]
+    problems = [] if len(moved) == 3 and torch.allclose(torch.tensor(moved), torch.tensor(quiet), rtol=1e-5,
+                                                         atol=0) else [f"losses {moved} != {quiet}"]
+    diff = [k for k in quiet_lora if not torch.allclose(moved_lora.get(k, quiet_lora[k] + 1), quiet_lora[k],
+                                                         rtol=1e-4, atol=1e-7)]
+    problems += [f"{len(diff)} LoRA tensors differ: {diff[:3]}"] if diff or set(moved_lora) != set(quiet_lora) else []
+    problems += model_after(upstream_mod, upstream, clip, state, reference, "after the disturbed run")
+    mm.unload_all_models()
+    report("fail" if problems else "pass", "ComfyUI unloads / partly unloads the MODEL mid-run (low VRAM): the run "
+           "goes on with the undisturbed run's losses and LoRA, the MODEL is unchanged",
+           "\n".join(problems) or f"losses {[round(x, 5) for x in moved]}; {len(moved_lora)} LoRA tensors equal; "
+           f"events {events}")
+
+
 def check_sampling(comfy_family, upstream, clip, vae) -> None:
     """4: ModelSamplingDiscrete(v_prediction) upstream: v on the patched σ table (the model's own is ε)."""
     import torch
@@ -316,7 +369,9 @@ def main() -> None:
         steps = {"forward": lambda: check_forward(comfy_family, upstream, clip, vae, reference, base_probe),
                  "runs": lambda: check_runs(comfy_family, upstream_mod, model, upstream, clip, vae, Path(tmp),
                                             reference, loaded, lora),
-                 "sampling": lambda: check_sampling(comfy_family, upstream, clip, vae)}
+                 "sampling": lambda: check_sampling(comfy_family, upstream, clip, vae),
+                 "unload": lambda: check_unload(comfy_family, upstream_mod, upstream, clip, vae, Path(tmp),
+                                                reference)}
         wanted = {n for n in args.only.split(",") if n} or set(steps)
         for step in (steps[name] for name in steps if name in wanted):
             try:
