@@ -15,7 +15,8 @@
   ComfyUI supports); encode_images: ``vae.encode`` and the latent format's ``process_in``.
 * LoRA: peft on ``model.model.diffusion_model``'s Linear / Conv modules (ComfyUI's casting ops stay the base layer,
   so fp8 weights are cast per forward as ComfyUI does); :meth:`ComfyModelFamily.restore` removes it again, so the
-  user's MODEL is unchanged after the run.
+  user's MODEL is unchanged after the run. Around every ComfyUI call (encodes, previews, the load before each
+  forward) the adapter is out of the tree, so ComfyUI may unload / re-patch the MODEL mid-run (comfy_adapter_swap).
 * Export keys: ComfyUI's own ``comfy.lora.model_lora_keys_unet`` for the loaded model names every key, so the stock
   LoraLoader loads each one by construction (:func:`lora_key_names`).
 """
@@ -28,6 +29,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from ..trainer import Components, CrucibleError, KeyStyle, ModelFamily
+from .comfy_adapter_swap import AdapterSwap
 from .comfy_autograd import differentiable_rope, out_of_place_updates
 from .comfy_conds import apply_grouped, batch_clip_outputs, sample_kwargs
 from .comfy_upstream import model_sampling_of, upstream_of, warn_upstream
@@ -249,6 +251,7 @@ class ComfyModelFamily(ModelFamily):
         self.key_map = dict(key_map)
         self.guidance = None
         self._denoiser = HostedModule("diffusion_model", base.diffusion_model)
+        self._swap = AdapterSwap(base.diffusion_model)  # ComfyUI's view of the MODEL (nodes/comfy_adapter_swap.py)
         modules = {f"{PREFIX}{n}": m for n, m in base.diffusion_model.named_modules() if n}
         self._mapped = set(self.key_map.values())
         self._modules = modules
@@ -295,6 +298,7 @@ class ComfyModelFamily(ModelFamily):
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         self._denoiser.disable_gradient_checkpointing()
+        self._swap.forget()  # a layer taken out is out already
         root = self.patcher.model.diffusion_model
         for name, module in list(root.named_modules()):
             if name and isinstance(module, BaseTunerLayer):
@@ -344,13 +348,15 @@ class ComfyModelFamily(ModelFamily):
         if clip_skip > 1:
             clip = clip.clone()
             clip.clip_layer(-clip_skip)
-        outs = [clip.encode_from_tokens(clip.tokenize(text), return_dict=True) for text in captions]
+        with self._swap.comfy_owns_model():  # loading the CLIP may unload the MODEL
+            outs = [clip.encode_from_tokens(clip.tokenize(text), return_dict=True) for text in captions]
         device = next(comps.denoiser.parameters()).device  # captions of different lengths: comfy_conds
         return batch_clip_outputs(outs, COND, POOLED, EXTRA, device)
 
     def encode_images(self, comps: Components, pixels: torch.Tensor) -> torch.Tensor:
         images = ((pixels.float() + 1.0) / 2.0).clamp(0.0, 1.0).movedim(1, -1)  # ComfyUI IMAGE: [B,H,W,C] in [0,1]
-        latents = self.vae.encode(images)
+        with self._swap.comfy_owns_model():  # loading the VAE may unload the MODEL
+            latents = self.vae.encode(images)
         return self.patcher.model.process_latent_in(latents).to(pixels.device)
 
     def _sigma(self, timesteps: torch.Tensor) -> torch.Tensor:
@@ -379,9 +385,14 @@ class ComfyModelFamily(ModelFamily):
         return per_sample
 
     def predict(self, comps: Components, noisy_latents: torch.Tensor, timesteps: torch.Tensor, cond) -> torch.Tensor:
+        import comfy.model_management as mm
         from comfy.samplers import cond_cat, cond_equal_size
 
         base = self.patcher.model
+        with self._swap.comfy_owns_model():  # reloaded and re-patched (upstream LoRAs) if ComfyUI moved it out
+            mm.load_models_gpu([self.patcher])
+            with torch.inference_mode(False):
+                usable_by_autograd(base.diffusion_model)  # a reload brings back the loader's inference tensors
         sigma = self._sigma(timesteps).to(noisy_latents.device, torch.float32)
         s = sigma.view(-1, *([1] * (noisy_latents.ndim - 1)))
         if self.default_prediction == "flow":
@@ -402,10 +413,7 @@ class ComfyModelFamily(ModelFamily):
 
     def sample(self, comps: Components, prompts: Sequence[str], *, seed: int, steps: int, cfg: float,
                width: int, height: int, negative_prompt: str = "", guidance: float | None = None):
-        """Previews through ComfyUI's own sampler (euler, normal) with the adapter in place."""
-        import comfy.sample
-        from PIL import Image
-
+        """Previews through ComfyUI's own sampler (euler, normal), the adapter in each forward of the MODEL."""
         def conditioning(text: str):
             out = self.clip.encode_from_tokens(self.clip.tokenize(text), return_dict=True)
             cond = out.pop("cond")
@@ -414,6 +422,13 @@ class ComfyModelFamily(ModelFamily):
             return [[cond, out]]
 
         factor = self.vae.spacial_compression_encode() if hasattr(self.vae, "spacial_compression_encode") else 8
+        with self._swap.comfy_owns_model(), self._swap.adapter_in_forwards():  # the adapter only inside forwards
+            return self._sample(prompts, conditioning, factor, seed, steps, cfg, width, height, negative_prompt)
+
+    def _sample(self, prompts, conditioning, factor, seed, steps, cfg, width, height, negative_prompt):
+        import comfy.sample
+        from PIL import Image
+
         negative = conditioning(negative_prompt)
         images = []
         for prompt in prompts:
