@@ -260,41 +260,59 @@ def check_runs(comfy_family, upstream_mod, model, upstream, clip, vae, out: Path
 
 def check_unload(comfy_family, upstream_mod, upstream, clip, vae, out: Path, reference) -> None:
     """5: ComfyUI's memory management mid-run (what an 8-12 GB GPU does when the VAE or CLIP loads): before the
-    2nd step's VAE encode every model is unloaded (``unload_all_models``), before the 3rd half of the MODEL is
-    freed (``free_memory``: a partial, low-VRAM unload). The run goes on with the same losses and LoRA as an
-    undisturbed run (same seed), and the MODEL is as before afterwards."""
+    2nd step's VAE encode half of the MODEL is freed (``free_memory``: a partial, low-VRAM unload), the preview
+    after step 2 and the 3rd step's encode unload every model (``unload_all_models``) before the VAE runs. The run goes on with the same losses and LoRA as an undisturbed run with the same preview (same
+    seed), and the MODEL is as before afterwards."""
+    from dataclasses import replace
+
     import torch
     from safetensors.torch import load_file
 
     import comfy.model_management as mm
 
-    from model_path_run import train_model_path
+    from model_path_run import model_path_config
+    from trainer import hosted_family, train
 
     state = upstream_mod.patch_state(upstream)
     data = small_dataset(out / "data_unload")
-    settings = {"steps": 3, "data": data, "batch_size": 2, "cache_latents": False, "cache_text_embeddings": False}
+
+    def config(label: str):  # built while the family is registered ("comfy" is known only then)
+        run = model_path_config(out / "unload", steps=3, data=data, batch_size=1, cache_latents=False,
+                                cache_text_embeddings=False)
+        return replace(run, save=replace(run.save, run_name=label), sample=replace(
+            run.sample, prompts=(PROMPT,), steps=1, cfg=1.0, width=64, height=64, sample_every_n_steps=2))
     runs, events = {}, []
-    encode = vae.encode
+    encode, decode = vae.encode, vae.decode
+
+    def disturbing_decode(samples):
+        events.append("preview decode after unload_all_models")
+        mm.unload_all_models()
+        return decode(samples)
 
     def disturbing_encode(pixels):
-        events.append(len(events))
-        if len(events) == 2:
-            mm.unload_all_models()
-        elif len(events) == 3:
+        encodes = sum(1 for e in events if e.startswith("encode"))
+        events.append(f"encode {encodes + 1}")
+        if encodes + 1 == 2:  # the MODEL is loaded from step 1: free half of it (ComfyUI's partial unload)
             loaded = next(m for m in mm.current_loaded_models if m.model is upstream)
             size = loaded.model.loaded_size()
             mm.free_memory(mm.get_free_memory(mm.get_torch_device()) + size // 2, mm.get_torch_device())
-            events.append(f"partial: {size} -> {loaded.model.loaded_size()} bytes loaded")
+            events.append(f"partial unload: {size} -> {loaded.model.loaded_size()} bytes loaded")
+        elif encodes + 1 == 3:
+            mm.unload_all_models()
+            events.append("unload_all_models")
         return encode(pixels)
 
     for label in ("undisturbed", "unloaded"):
         mm.unload_all_models()
-        vae.encode = disturbing_encode if label == "unloaded" else encode
+        if label == "unloaded":
+            vae.encode, vae.decode = disturbing_encode, disturbing_decode
+        family = comfy_family.ComfyModelFamily(upstream, clip, vae)
         try:  # an error here is the stage's failure (the traceback is reported)
-            result, family = train_model_path(comfy_family, upstream, clip, vae, out / f"unload_{label}", **settings)
+            with hosted_family(family):
+                result = train(config(label))
         finally:
-            vae.encode = encode
-        family.restore()
+            vae.encode, vae.decode = encode, decode
+            family.restore()
         final = [c for c in result.checkpoints if c.final][-1].path
         runs[label] = (result.losses, load_file(str(final)))
     (quiet, quiet_lora), (moved, moved_lora) = runs["undisturbed"], runs["unloaded"]
