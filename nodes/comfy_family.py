@@ -15,7 +15,8 @@
   ComfyUI supports); encode_images: ``vae.encode`` and the latent format's ``process_in``.
 * LoRA: peft on ``model.model.diffusion_model``'s Linear / Conv modules (ComfyUI's casting ops stay the base layer,
   so fp8 weights are cast per forward as ComfyUI does); :meth:`ComfyModelFamily.restore` removes it again, so the
-  user's MODEL is unchanged after the run.
+  user's MODEL is unchanged after the run. Around every ComfyUI call (encodes, previews, the load before each
+  forward) the adapter is out of the tree, so ComfyUI may unload / re-patch the MODEL mid-run (comfy_adapter_swap).
 * Export keys: ComfyUI's own ``comfy.lora.model_lora_keys_unet`` for the loaded model names every key, so the stock
   LoraLoader loads each one by construction (:func:`lora_key_names`).
 * Text encoders (``network.train_text_encoder``): the CLIP's CLIP-L/G/H towers train as components ``text_encoder``
@@ -32,10 +33,11 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from ..trainer import Components, CrucibleError, KeyStyle, ModelFamily
+from .comfy_adapter_swap import AdapterSwap
 from .comfy_autograd import differentiable_rope, out_of_place_updates
 from .comfy_conds import apply_grouped, batch_clip_outputs, sample_kwargs
 from .comfy_text import clip_key_names, text_towers, tower_modules, tower_targets
-from .comfy_upstream import model_sampling_of, upstream_of, warn_upstream
+from .comfy_upstream import ddpm_scheduler, model_sampling_of, upstream_of, warn_upstream
 
 HOSTED_NAME = "comfy"  # model.family of a run through the graph's MODEL
 COMPONENT = "unet"  # the denoiser's component name (ComfyUI's LoRA keys call every diffusion model lora_unet_)
@@ -207,16 +209,6 @@ def _prediction_of(model_sampling) -> str:
                         "flow; Crucible cannot train it through the comfy_model input yet")
 
 
-def ddpm_scheduler(sigmas: torch.Tensor, prediction: str):
-    """A DDPMScheduler whose ᾱ are the model's own (ᾱ = 1/(1+σ²)), so t ↔ σ is ComfyUI's table."""
-    from diffusers import DDPMScheduler
-
-    alphas_cumprod = 1.0 / (1.0 + sigmas.double() ** 2)
-    previous = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
-    betas = (1.0 - alphas_cumprod / previous).clamp(0.0, 0.999999)
-    return DDPMScheduler(num_train_timesteps=len(sigmas), trained_betas=betas.tolist(), prediction_type=prediction)
-
-
 class ComfyModelFamily(ModelFamily):
     """One run's family around ComfyUI's MODEL, CLIP and VAE (see the module docstring)."""
 
@@ -255,6 +247,7 @@ class ComfyModelFamily(ModelFamily):
         self.key_map = dict(key_map)
         self.guidance = None
         self._denoiser = HostedModule("diffusion_model", base.diffusion_model)
+        self._swap = AdapterSwap(base.diffusion_model)  # ComfyUI's view of the MODEL (nodes/comfy_adapter_swap.py)
         modules = {f"{PREFIX}{n}": m for n, m in base.diffusion_model.named_modules() if n}
         self._mapped = set(self.key_map.values())
         self._modules = modules
@@ -330,6 +323,7 @@ class ComfyModelFamily(ModelFamily):
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         self._denoiser.disable_gradient_checkpointing()
+        self._swap.forget()  # a layer taken out is out already
         for root in [self.patcher.model.diffusion_model, *(tower.module for tower in self.towers)]:
             for name, module in list(root.named_modules()):
                 if name and isinstance(module, BaseTunerLayer):
@@ -386,14 +380,15 @@ class ComfyModelFamily(ModelFamily):
             clip = clip.clone()
             clip.clip_layer(-clip_skip)
         trains = bool(self.towers) and torch.is_grad_enabled()  # ComfyUI's CLIP layers add to x in place
-        with out_of_place_updates() if trains else nullcontext():
+        with self._swap.comfy_owns_model(), out_of_place_updates() if trains else nullcontext():  # (may unload MODEL)
             outs = [clip.encode_from_tokens(clip.tokenize(text), return_dict=True) for text in captions]
         device = next(comps.denoiser.parameters()).device  # captions of different lengths: comfy_conds
         return batch_clip_outputs(outs, COND, POOLED, EXTRA, device)
 
     def encode_images(self, comps: Components, pixels: torch.Tensor) -> torch.Tensor:
         images = ((pixels.float() + 1.0) / 2.0).clamp(0.0, 1.0).movedim(1, -1)  # ComfyUI IMAGE: [B,H,W,C] in [0,1]
-        latents = self.vae.encode(images)
+        with self._swap.comfy_owns_model():  # loading the VAE may unload the MODEL
+            latents = self.vae.encode(images)
         return self.patcher.model.process_latent_in(latents).to(pixels.device)
 
     def _sigma(self, timesteps: torch.Tensor) -> torch.Tensor:
@@ -422,9 +417,14 @@ class ComfyModelFamily(ModelFamily):
         return per_sample
 
     def predict(self, comps: Components, noisy_latents: torch.Tensor, timesteps: torch.Tensor, cond) -> torch.Tensor:
+        import comfy.model_management as mm
         from comfy.samplers import cond_cat, cond_equal_size
 
         base = self.patcher.model
+        with self._swap.comfy_owns_model():  # reloaded and re-patched (upstream LoRAs) if ComfyUI moved it out
+            mm.load_models_gpu([self.patcher])
+            with torch.inference_mode(False):
+                usable_by_autograd(base.diffusion_model)  # a reload brings back the loader's inference tensors
         sigma = self._sigma(timesteps).to(noisy_latents.device, torch.float32)
         s = sigma.view(-1, *([1] * (noisy_latents.ndim - 1)))
         if self.default_prediction == "flow":
@@ -445,10 +445,7 @@ class ComfyModelFamily(ModelFamily):
 
     def sample(self, comps: Components, prompts: Sequence[str], *, seed: int, steps: int, cfg: float,
                width: int, height: int, negative_prompt: str = "", guidance: float | None = None):
-        """Previews through ComfyUI's own sampler (euler, normal) with the adapter in place."""
-        import comfy.sample
-        from PIL import Image
-
+        """Previews through ComfyUI's own sampler (euler, normal), the adapter in each forward of the MODEL."""
         def conditioning(text: str):
             out = self.clip.encode_from_tokens(self.clip.tokenize(text), return_dict=True)
             cond = out.pop("cond")
@@ -457,6 +454,13 @@ class ComfyModelFamily(ModelFamily):
             return [[cond, out]]
 
         factor = self.vae.spacial_compression_encode() if hasattr(self.vae, "spacial_compression_encode") else 8
+        with self._swap.comfy_owns_model(), self._swap.adapter_in_forwards():  # the adapter only inside forwards
+            return self._sample(prompts, conditioning, factor, seed, steps, cfg, width, height, negative_prompt)
+
+    def _sample(self, prompts, conditioning, factor, seed, steps, cfg, width, height, negative_prompt):
+        import comfy.sample
+        from PIL import Image
+
         negative = conditioning(negative_prompt)
         images = []
         for prompt in prompts:

@@ -19,6 +19,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import torch
+
 log = logging.getLogger("crucible")
 
 
@@ -163,3 +165,13 @@ def patch_state(patcher) -> dict[str, Any]:
 def warn_upstream(record: dict[str, Any]) -> None:
     for line in describe(record):
         log.warning("Crucible Train (comfy_model): %s", line)
+
+
+def ddpm_scheduler(sigmas: torch.Tensor, prediction: str):
+    """A DDPMScheduler whose ᾱ are the model's own (ᾱ = 1/(1+σ²)), so t ↔ σ is ComfyUI's table."""
+    from diffusers import DDPMScheduler
+
+    alphas_cumprod = 1.0 / (1.0 + sigmas.double() ** 2)
+    previous = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+    betas = (1.0 - alphas_cumprod / previous).clamp(0.0, 0.999999)
+    return DDPMScheduler(num_train_timesteps=len(sigmas), trained_betas=betas.tolist(), prediction_type=prediction)

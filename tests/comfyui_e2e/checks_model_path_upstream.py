@@ -258,6 +258,77 @@ def check_runs(comfy_family, upstream_mod, model, upstream, clip, vae, out: Path
            f"{len(after)} base weights bit-identical; patches {len(hooked.patches)} as before")
 
 
+def check_unload(comfy_family, upstream_mod, upstream, clip, vae, out: Path, reference) -> None:
+    """5: ComfyUI's memory management mid-run (what an 8-12 GB GPU does when the VAE or CLIP loads): before the
+    2nd step's VAE encode half of the MODEL is freed (``free_memory``: a partial, low-VRAM unload), the preview
+    after step 2 and the 3rd step's encode unload every model (``unload_all_models``) before the VAE runs. The run goes on with the same losses and LoRA as an undisturbed run with the same preview (same
+    seed), and the MODEL is as before afterwards."""
+    from dataclasses import replace
+
+    import torch
+    from safetensors.torch import load_file
+
+    import comfy.model_management as mm
+
+    from model_path_run import model_path_config
+    from trainer import hosted_family, train
+
+    state = upstream_mod.patch_state(upstream)
+    data = small_dataset(out / "data_unload")
+
+    def config(label: str):  # built while the family is registered ("comfy" is known only then)
+        run = model_path_config(out / "unload", steps=3, data=data, batch_size=1, cache_latents=False,
+                                cache_text_embeddings=False)
+        return replace(run, save=replace(run.save, run_name=label), sample=replace(
+            run.sample, prompts=(PROMPT,), steps=1, cfg=1.0, width=64, height=64, sample_every_n_steps=2))
+    runs, events = {}, []
+    encode, decode = vae.encode, vae.decode
+
+    def disturbing_decode(samples):
+        events.append("preview decode after unload_all_models")
+        mm.unload_all_models()
+        return decode(samples)
+
+    def disturbing_encode(pixels):
+        encodes = sum(1 for e in events if e.startswith("encode"))
+        events.append(f"encode {encodes + 1}")
+        if encodes + 1 == 2:  # the MODEL is loaded from step 1: free half of it (ComfyUI's partial unload)
+            loaded = next(m for m in mm.current_loaded_models if m.model is upstream)
+            size = loaded.model.loaded_size()
+            mm.free_memory(mm.get_free_memory(mm.get_torch_device()) + size // 2, mm.get_torch_device())
+            events.append(f"partial unload: {size} -> {loaded.model.loaded_size()} bytes loaded")
+        elif encodes + 1 == 3:
+            mm.unload_all_models()
+            events.append("unload_all_models")
+        return encode(pixels)
+
+    for label in ("undisturbed", "unloaded"):
+        mm.unload_all_models()
+        if label == "unloaded":
+            vae.encode, vae.decode = disturbing_encode, disturbing_decode
+        family = comfy_family.ComfyModelFamily(upstream, clip, vae)
+        try:  # an error here is the stage's failure (the traceback is reported)
+            with hosted_family(family):
+                result = train(config(label))
+        finally:
+            vae.encode, vae.decode = encode, decode
+            family.restore()
+        final = [c for c in result.checkpoints if c.final][-1].path
+        runs[label] = (result.losses, load_file(str(final)))
+    (quiet, quiet_lora), (moved, moved_lora) = runs["undisturbed"], runs["unloaded"]
+    problems = [] if len(moved) == 3 and torch.allclose(torch.tensor(moved), torch.tensor(quiet), rtol=1e-5,
+                                                         atol=0) else [f"losses {moved} != {quiet}"]
+    diff = [k for k in quiet_lora if not torch.allclose(moved_lora.get(k, quiet_lora[k] + 1), quiet_lora[k],
+                                                         rtol=1e-4, atol=1e-7)]
+    problems += [f"{len(diff)} LoRA tensors differ: {diff[:3]}"] if diff or set(moved_lora) != set(quiet_lora) else []
+    problems += model_after(upstream_mod, upstream, clip, state, reference, "after the disturbed run")
+    mm.unload_all_models()
+    report("fail" if problems else "pass", "ComfyUI unloads / partly unloads the MODEL mid-run (low VRAM): the run "
+           "goes on with the undisturbed run's losses and LoRA, the MODEL is unchanged",
+           "\n".join(problems) or f"losses {[round(x, 5) for x in moved]}; {len(moved_lora)} LoRA tensors equal; "
+           f"events {events}")
+
+
 def check_sampling(comfy_family, upstream, clip, vae) -> None:
     """4: ModelSamplingDiscrete(v_prediction) upstream: v on the patched σ table (the model's own is ε)."""
     import torch
@@ -316,7 +387,9 @@ def main() -> None:
         steps = {"forward": lambda: check_forward(comfy_family, upstream, clip, vae, reference, base_probe),
                  "runs": lambda: check_runs(comfy_family, upstream_mod, model, upstream, clip, vae, Path(tmp),
                                             reference, loaded, lora),
-                 "sampling": lambda: check_sampling(comfy_family, upstream, clip, vae)}
+                 "sampling": lambda: check_sampling(comfy_family, upstream, clip, vae),
+                 "unload": lambda: check_unload(comfy_family, upstream_mod, upstream, clip, vae, Path(tmp),
+                                                reference)}
         wanted = {n for n in args.only.split(",") if n} or set(steps)
         for step in (steps[name] for name in steps if name in wanted):
             try:
