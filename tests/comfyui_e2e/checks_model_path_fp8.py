@@ -6,7 +6,8 @@ dtype in each forward; the pack's peft LoRA sits on those cast-op Linear layers.
 succeeds, the loss falls, every exported key is ComfyUI's own (``lora_unet_…``), the stock LoraLoader loads each
 one (no unloaded-key line in the server log), and the sweep renders each LoRA unlike the base model.
 Then ``model_path_fp8.py`` (ComfyUI's process) loads the same file in fp8 the way UNETLoader does, trains it
-through ComfyModelFamily and checks that the user's MODEL is still fp8 and byte-identical after the run.
+through ComfyModelFamily (4 steps: finite losses, every lora_up moved) and checks that the user's MODEL is still
+fp8 and byte-identical after the run. ComfyUI's scaled-fp8 format is not verified (``model_path_fp8.SCALED_NOTE``).
 Only on ComfyUI 0.8.0.
 """
 from __future__ import annotations
@@ -50,3 +51,6 @@ async def run_checks(ctx) -> None:
     started = time.perf_counter()
     await run_script(ctx, HERE / "model_path_fp8.py", timeout=900)
     results.ok("MODEL path fp8: in-process check time", f"{time.perf_counter() - started:.0f}s")
+    from model_path_fp8 import SCALED_NOTE
+
+    results.skip("MODEL path scaled fp8", SCALED_NOTE)
