@@ -155,9 +155,11 @@ def test_traced_activations_equal_what_a_real_forward_saves(module, memory, chec
     comps = Components(denoiser=hosted, vae=None, text_encoders=[], tokenizers=[], noise_scheduler=None,
                        text_encoder_names=())
     net = attach_network(family, comps, network)
-    weights = {p.untyped_storage()._cdata for p in base.parameters()}
     x = torch.randn(2, 4, 8, 8)
     cond = family.encode_text(comps, ["", ""])
+    with torch.no_grad():  # predict's own load (and inference-tensor copy) happens first, so the weights listed
+        family.predict(comps, x, torch.full((2,), 500), cond)  # below are the ones the measured forward reads
+    weights = {p.untyped_storage()._cdata for p in base.parameters()}
     real = _SavedBytes(weights)
     units = []
     if checkpointing:  # what each checkpointed block saves while it is recomputed, and its input outside
