@@ -358,3 +358,47 @@ def test_fsdp2_lora_resumes_where_the_uninterrupted_run_ended(lora_runs, tiny_sd
     run_dir = _cancel_then_resume(_lora_config(tiny_sd15, demo_dataset, tmp_path / "out"), tmp_path)
     _assert_resumed_as(run_dir, lora_runs[1])
     _assert_same_lora(_checkpoint(run_dir, 2), _checkpoint(lora_runs[1], 2))
+
+
+@pytest.fixture(scope="module")
+def flux_fp8_file(tiny_flux, tmp_path_factory) -> Path:
+    """The tiny Flux transformer as ``flux1-dev-fp8`` ships it: a diffusion-model file, Linear weights in fp8."""
+    from test_rank0_single_file import _variant
+
+    return _variant(tiny_flux.transformer_file, tmp_path_factory.mktemp("flux-fp8"), "fp8")
+
+
+@pytest.fixture(scope="module")
+def flux_fp8_runs(tiny_flux, flux_fp8_file, tiny_sd15, demo_dataset, tmp_path_factory) -> tuple[Path, Path]:
+    """A Flux full fine-tune from the fp8 diffusion-model file (with the split text-encoder and VAE files), launched
+    unsharded (DDP) and sharded (FSDP2): (unsharded, sharded) run folders."""
+    def config(out: Path) -> dict:
+        cfg = _full_finetune_config(tiny_sd15, demo_dataset, out)
+        cfg["model"] = {"family": "flux", "path": str(flux_fp8_file), "vae_path": str(tiny_flux.vae_file),
+                        "text_encoder_paths": [str(p) for p in tiny_flux.text_encoder_files]}
+        cfg["sample"]["sample_every_n_steps"] = 0
+        return cfg
+
+    return _unsharded_and_sharded(config, tmp_path_factory, "flux-fp8")
+
+
+@pytest.mark.slow
+def test_fsdp2_rank0_alone_reads_an_fp8_flux_file_and_trains_as_the_unsharded_run(flux_fp8_runs, flux_fp8_file,
+                                                                                  tiny_flux):
+    """A diffusion-model-only file in fp8 (dequantized into the run's fp32): rank 1 builds the transformer from the
+    file's header (0 weight bytes before sharding), the weights gathered back are the file's (dequantized) bit for
+    bit, and the sharded run's losses and saved transformer are the unsharded run's."""
+    import torch
+
+    from trainer.families import get_family
+
+    unsharded, sharded = flux_fp8_runs
+    transformer = get_family("flux").load(tiny_flux.file_config(path=str(flux_fp8_file))).denoiser
+    _assert_rank0_loading(sharded, transformer)
+    record, reference = _run_record(sharded), _run_record(unsharded)
+    assert record["status"] == "finished" and len(record["losses"]) == 2
+    assert record["losses"] == pytest.approx(reference["losses"], rel=1e-5)
+    state, want = _checkpoint(sharded, 2), _checkpoint(unsharded, 2)
+    assert state.keys() == want.keys() and len(state) >= len(transformer.state_dict())
+    difference = torch.sqrt(sum(((state[k].float() - want[k].float()) ** 2).sum() for k in state))
+    assert difference <= 1e-4 * torch.sqrt(sum((want[k].float() ** 2).sum() for k in want))
