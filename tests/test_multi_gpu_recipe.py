@@ -170,17 +170,57 @@ def test_fsdp2_rank0_alone_reads_the_weights_and_each_rank_receives_exactly_its_
     its shards from rank 0; the whole weights gathered back from the shards are the
     model file's, bit for bit (tests/fsdp_cpu_shim.py reports both around prepare())."""
     import diffusers
+
+    _assert_rank0_loading(sharded_run, diffusers.UNet2DConditionModel.from_pretrained(tiny_sd15, subfolder="unet"))
+
+
+def _assert_rank0_loading(run_dir: Path, unet) -> None:
+    """The launch of ``run_dir`` (its shim's report): rank 1 held 0 weight bytes before sharding, the two shards
+    add up to ``unet``'s weights, and the weights gathered back from them are ``unet``'s, bit for bit."""
     from fsdp_cpu_shim import _digest
 
-    output = (sharded_run.parents[1] / "launch.log").read_text(encoding="utf-8")
+    output = (run_dir.parents[1] / "launch.log").read_text(encoding="utf-8")
     before = dict(re.findall(r"rank (\d) weight bytes before sharding (\d+)", output))
     after = dict(re.findall(r"rank (\d) shard bytes after sharding (\d+)", output))
-    unet = diffusers.UNet2DConditionModel.from_pretrained(tiny_sd15, subfolder="unet")
     whole = sum(p.numel() * p.element_size() for p in unet.parameters())
     assert {r: int(b) for r, b in before.items()} == {"0": whole, "1": 0}, output[-3000:]
     shards = {r: int(b) for r, b in after.items()}
     assert set(shards) == {"0", "1"} and sum(shards.values()) == whole and max(shards.values()) < 0.75 * whole
     assert re.findall(r"sharded weights sha256 ([0-9a-f]{64})", output) == [_digest(unet.state_dict())]
+
+
+@pytest.fixture(scope="module")
+def single_file_run(tiny_sd15, demo_dataset, tmp_path_factory) -> Path:
+    """``sharded_run``'s full fine-tune launched sharded from the ComfyUI single-file checkpoint of the same
+    weights (what ComfyUI users have) instead of the diffusers folder; no previews (the losses are compared)."""
+    from trainer.tiny import single_file_path
+
+    folder = tmp_path_factory.mktemp("fsdp-file")
+    cfg = _full_finetune_config(tiny_sd15, demo_dataset, folder / "out")
+    cfg["model"]["path"] = str(single_file_path(tiny_sd15))
+    cfg["sample"]["sample_every_n_steps"] = 0
+    assert_ranks_agree(_launch(folder, cfg, True))
+    return folder / "out" / "fsdp"
+
+
+@pytest.mark.slow
+def test_fsdp2_rank0_alone_reads_a_single_file_and_trains_as_the_folder_run(single_file_run, sharded_run,
+                                                                           tiny_sd15):
+    """Rank-0 loading from a single ``.safetensors`` checkpoint: rank 1 builds the UNet on the meta device from the
+    file's header (0 weight bytes before sharding; tests/test_rank0_single_file.py: nothing of the UNet is read
+    there), the weights gathered back from the shards are the file's UNet bit for bit, and the run trains as the
+    folder-loaded sharded run (the same weights) did: same losses, same validation loss, same checkpoint."""
+    from trainer.config import ModelConfig
+    from trainer.families import get_family
+    from trainer.tiny import single_file_path
+
+    file_unet = get_family("sd15").load(ModelConfig(family="sd15", path=str(single_file_path(tiny_sd15)))).denoiser
+    _assert_rank0_loading(single_file_run, file_unet)
+    record, reference = _run_record(single_file_run), _run_record(sharded_run)
+    assert record["status"] == "finished"
+    assert record["losses"] == pytest.approx(reference["losses"], rel=1e-6)
+    assert record["checkpoints"][0]["val_loss"] == pytest.approx(reference["checkpoints"][0]["val_loss"], rel=1e-6)
+    _assert_same_training(_checkpoint(single_file_run, 2), _checkpoint(sharded_run, 2), _base_unet(tiny_sd15))
 
 
 @pytest.mark.slow
@@ -209,15 +249,34 @@ def _ema_config(tiny_sd15, demo_dataset, out: Path) -> dict:
     return cfg
 
 
+def _unsharded_and_sharded(make_config, tmp_path_factory, name: str) -> tuple[Path, Path]:
+    """The run ``make_config(out)`` launched unsharded (DDP) and sharded (FSDP2): (unsharded, sharded) run folders."""
+    runs = []
+    for sharded in (False, True):
+        folder = tmp_path_factory.mktemp(f"{name}-fsdp" if sharded else f"{name}-ddp")
+        assert_ranks_agree(_launch(folder, make_config(folder / "out"), sharded))
+        runs.append(folder / "out" / "fsdp")
+    return runs[0], runs[1]
+
+
+def _cancel_then_resume(cfg: dict, folder: Path) -> Path:
+    """Launch ``cfg`` sharded, Cancel it after step 1, resume it from its state to the end: its run folder."""
+    run_dir = Path(cfg["save"]["output_dir"]) / cfg["save"]["run_name"]
+    assert_ranks_agree(_launch(folder, cfg, True, env={"CRUCIBLE_TEST_CANCEL_AT_STEP": "1"}))
+    assert_ranks_agree(_launch(folder, cfg, True, args=("--resume", str(run_dir / "state"))))
+    return run_dir
+
+
+def _assert_resumed_as(run_dir: Path, uninterrupted: Path) -> None:
+    resumed, reference = _run_record(run_dir), _run_record(uninterrupted)
+    assert resumed["status"] == "finished"
+    assert resumed["losses"] == pytest.approx(reference["losses"], rel=1e-6)
+
+
 @pytest.fixture(scope="module")
 def ema_runs(tiny_sd15, demo_dataset, tmp_path_factory) -> tuple[Path, Path]:
     """A full fine-tune with EMA launched unsharded (DDP) and sharded (FSDP2): (unsharded, sharded) run folders."""
-    runs = []
-    for sharded in (False, True):
-        folder = tmp_path_factory.mktemp("ema-fsdp" if sharded else "ema-ddp")
-        assert_ranks_agree(_launch(folder, _ema_config(tiny_sd15, demo_dataset, folder / "out"), sharded))
-        runs.append(folder / "out" / "fsdp")
-    return runs[0], runs[1]
+    return _unsharded_and_sharded(lambda out: _ema_config(tiny_sd15, demo_dataset, out), tmp_path_factory, "ema")
 
 
 @pytest.mark.slow
@@ -246,13 +305,8 @@ def test_fsdp2_ema_is_sharded_and_saves_the_unsharded_runs_ema(ema_runs, tiny_sd
 
 @pytest.mark.slow
 def test_fsdp2_ema_resumes_where_the_uninterrupted_run_ended(ema_runs, tiny_sd15, demo_dataset, tmp_path):
-    cfg = _ema_config(tiny_sd15, demo_dataset, tmp_path / "out")
-    run_dir = tmp_path / "out" / "fsdp"
-    assert_ranks_agree(_launch(tmp_path, cfg, True, env={"CRUCIBLE_TEST_CANCEL_AT_STEP": "1"}))
-    assert_ranks_agree(_launch(tmp_path, cfg, True, args=("--resume", str(run_dir / "state"))))
-    resumed, uninterrupted = _run_record(run_dir), _run_record(ema_runs[1])
-    assert resumed["status"] == "finished"
-    assert resumed["losses"] == pytest.approx(uninterrupted["losses"], rel=1e-6)
+    run_dir = _cancel_then_resume(_ema_config(tiny_sd15, demo_dataset, tmp_path / "out"), tmp_path)
+    _assert_resumed_as(run_dir, ema_runs[1])
     _assert_same_training(_checkpoint(run_dir, 2), _checkpoint(ema_runs[1], 2), _base_unet(tiny_sd15))
 
 
@@ -268,12 +322,7 @@ def _lora_config(tiny_sd15, demo_dataset, out: Path) -> dict:
 def lora_runs(tiny_sd15, demo_dataset, tmp_path_factory) -> tuple[Path, Path]:
     """A LoRA launched unsharded (DDP) and sharded (FSDP2: the frozen UNet and its adapters sharded together, one
     FSDP unit per block holding frozen and trained parameters): (unsharded, sharded) run folders."""
-    runs = []
-    for sharded in (False, True):
-        folder = tmp_path_factory.mktemp("lora-fsdp" if sharded else "lora-ddp")
-        assert_ranks_agree(_launch(folder, _lora_config(tiny_sd15, demo_dataset, folder / "out"), sharded))
-        runs.append(folder / "out" / "fsdp")
-    return runs[0], runs[1]
+    return _unsharded_and_sharded(lambda out: _lora_config(tiny_sd15, demo_dataset, out), tmp_path_factory, "lora")
 
 
 def _assert_same_lora(state: dict, reference: dict) -> None:
@@ -306,11 +355,50 @@ def test_fsdp2_lora_trains_and_saves_the_unsharded_runs_lora(lora_runs):
 
 @pytest.mark.slow
 def test_fsdp2_lora_resumes_where_the_uninterrupted_run_ended(lora_runs, tiny_sd15, demo_dataset, tmp_path):
-    cfg = _lora_config(tiny_sd15, demo_dataset, tmp_path / "out")
-    run_dir = tmp_path / "out" / "fsdp"
-    assert_ranks_agree(_launch(tmp_path, cfg, True, env={"CRUCIBLE_TEST_CANCEL_AT_STEP": "1"}))
-    assert_ranks_agree(_launch(tmp_path, cfg, True, args=("--resume", str(run_dir / "state"))))
-    resumed, uninterrupted = _run_record(run_dir), _run_record(lora_runs[1])
-    assert resumed["status"] == "finished"
-    assert resumed["losses"] == pytest.approx(uninterrupted["losses"], rel=1e-6)
+    run_dir = _cancel_then_resume(_lora_config(tiny_sd15, demo_dataset, tmp_path / "out"), tmp_path)
+    _assert_resumed_as(run_dir, lora_runs[1])
     _assert_same_lora(_checkpoint(run_dir, 2), _checkpoint(lora_runs[1], 2))
+
+
+@pytest.fixture(scope="module")
+def flux_fp8_file(tiny_flux, tmp_path_factory) -> Path:
+    """The tiny Flux transformer as ``flux1-dev-fp8`` ships it: a diffusion-model file, Linear weights in fp8."""
+    from test_rank0_single_file import _variant
+
+    return _variant(tiny_flux.transformer_file, tmp_path_factory.mktemp("flux-fp8"), "fp8")
+
+
+@pytest.fixture(scope="module")
+def flux_fp8_runs(tiny_flux, flux_fp8_file, tiny_sd15, demo_dataset, tmp_path_factory) -> tuple[Path, Path]:
+    """A Flux full fine-tune from the fp8 diffusion-model file (with the split text-encoder and VAE files), launched
+    unsharded (DDP) and sharded (FSDP2): (unsharded, sharded) run folders."""
+    def config(out: Path) -> dict:
+        cfg = _full_finetune_config(tiny_sd15, demo_dataset, out)
+        cfg["model"] = {"family": "flux", "path": str(flux_fp8_file), "vae_path": str(tiny_flux.vae_file),
+                        "text_encoder_paths": [str(p) for p in tiny_flux.text_encoder_files]}
+        cfg["sample"]["sample_every_n_steps"] = 0
+        return cfg
+
+    return _unsharded_and_sharded(config, tmp_path_factory, "flux-fp8")
+
+
+@pytest.mark.slow
+def test_fsdp2_rank0_alone_reads_an_fp8_flux_file_and_trains_as_the_unsharded_run(flux_fp8_runs, flux_fp8_file,
+                                                                                  tiny_flux):
+    """A diffusion-model-only file in fp8 (dequantized into the run's fp32): rank 1 builds the transformer from the
+    file's header (0 weight bytes before sharding), the weights gathered back are the file's (dequantized) bit for
+    bit, and the sharded run's losses and saved transformer are the unsharded run's."""
+    import torch
+
+    from trainer.families import get_family
+
+    unsharded, sharded = flux_fp8_runs
+    transformer = get_family("flux").load(tiny_flux.file_config(path=str(flux_fp8_file))).denoiser
+    _assert_rank0_loading(sharded, transformer)
+    record, reference = _run_record(sharded), _run_record(unsharded)
+    assert record["status"] == "finished" and len(record["losses"]) == 2
+    assert record["losses"] == pytest.approx(reference["losses"], rel=1e-5)
+    state, want = _checkpoint(sharded, 2), _checkpoint(unsharded, 2)
+    assert state.keys() == want.keys() and len(state) >= len(transformer.state_dict())
+    difference = torch.sqrt(sum(((state[k].float() - want[k].float()) ** 2).sum() for k in state))
+    assert difference <= 1e-4 * torch.sqrt(sum((want[k].float() ** 2).sum() for k in want))

@@ -83,3 +83,36 @@ def launch_two_processes(folder: Path, cfg: dict, config_file: Path | None = Non
     output = out + err
     assert proc.returncode == 0 or not check, output[-3000:]
     return output
+
+
+def test_two_processes_fill_the_caches_once_each_rank_its_share(tiny_sd15, demo_dataset, tmp_path):
+    """Issue 16: with the latent and text caches on, each rank runs the VAE and the text encoder over its share of
+    the images only (6 and 5 of the 11 trained), writes those latent files once, receives the other rank's entries,
+    and trains as the same launch without caches does (the same losses: the cached latents and embeddings are what
+    encoding in the step gives)."""
+    def config(folder: Path, cached: bool) -> dict:
+        return {"model": {"family": "sd15", "path": str(tiny_sd15)},
+                "datasets": [{"path": str(demo_dataset), "resolution": 64, "repeats": 1}],
+                "network": {"network_dim": 4, "network_alpha": 4},
+                "training": {"batch_size": 2, "epochs": 2, "seed": 1, "max_train_steps": 5, "mixed_precision": "no",
+                             "cache_latents": cached, "cache_text_embeddings": cached,
+                             "cache_latents_to_disk": cached},
+                "save": {"output_dir": str(folder / "out"), "run_name": "mp", "save_every_n_epochs": 0,
+                         "save_state": False}}
+
+    runs = {}
+    for cached in (True, False):
+        folder = tmp_path / ("cached" if cached else "uncached")
+        folder.mkdir()
+        output = launch_two_processes(folder, config(folder, cached))
+        assert_ranks_agree(output)
+        runs[cached] = (folder, output)
+    folder, output = runs[True]
+    latents = dict(re.findall(r"rank (\d) cached latents of (\d+ of \d+ images \(\d+ encoded\))", output))
+    assert latents == {"0": "6 of 11 images (6 encoded)", "1": "5 of 11 images (5 encoded)"}, output[-3000:]
+    texts = dict(re.findall(r"rank (\d) cached text embeddings of (\d+ of \d+) images", output))
+    assert texts == {"0": "6 of 11", "1": "5 of 11"}, output[-3000:]
+    files = list(folder.rglob("cache/latents/*.safetensors"))
+    assert len(files) == 11 and not list(folder.rglob("cache/latents/*.tmp*"))
+    losses = [json.loads(next(f.rglob("run.json")).read_text())["losses"] for f in (folder, runs[False][0])]
+    assert len(losses[0]) == 5 and losses[0] == pytest.approx(losses[1], rel=1e-4)

@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from .cache_sharing import ONE_PROCESS, CacheShare
 from .captions import caption_dropped, process_caption, sample_rng
 from .errors import ConfigError
 from .fileio import save_safetensors
@@ -59,6 +60,7 @@ class LatentCache:
         self.folder = Path(folder) if folder else None
         self.memory: dict[int, torch.Tensor] = {}
         self.hits = self.misses = 0
+        self.encoded = 0  # images this process ran through the VAE
 
     def key(self, item: int) -> str:
         image = self.source.items[item]
@@ -80,13 +82,20 @@ class LatentCache:
             out.append(self.memory[item])
         return torch.stack(out)
 
-    def fill(self, encode, report: Callable[[int, int], None] = lambda done, total: None) -> None:
-        """Encode (or load from disk) every image now, before training starts, so the VAE can leave the device."""
+    def fill(self, encode, report: Callable[[int, int], None] = lambda done, total: None,
+             share: CacheShare = ONE_PROCESS) -> None:
+        """Encode (or load from disk) every image now, before training starts, so the VAE can leave the device.
+        ``share``: with several processes each encodes its share and receives the others' (:mod:`.cache_sharing`)."""
         items = trained_items(self.source)
-        for done, item in enumerate(items, 1):
+        mine = share.mine(items)
+        for done, item in enumerate(mine, 1):
             if item not in self.memory:
                 self.memory[item] = self._load_or_encode(item, 1, encode)  # no random augmentation: any epoch
-            report(done, len(items))
+            report(done, len(mine))
+        share.spread(items, self.memory.__getitem__, self.memory.__setitem__)
+        if share.world > 1:
+            log.info("rank %d cached latents of %d of %d images (%d encoded); the other ranks sent the rest",
+                     share.rank, len(mine), len(items), self.encoded)
 
     def _load_or_encode(self, item: int, epoch: int, encode) -> torch.Tensor:
         path = self.folder / f"{self.key(item)}.safetensors" if self.folder else None
@@ -99,6 +108,7 @@ class LatentCache:
                 log.warning("latent cache file %s is unreadable (%s); re-encoding", path, exc)
         batch = self.source.load_batch([(item, 0)], epoch)
         latents = encode(batch.pixels)[0].detach().float().cpu()
+        self.encoded += 1
         if not torch.isfinite(latents).all():  # never cached, never reused (kohya no_half_vae territory)
             raise ConfigError(f"the VAE returned NaN/inf latents for {self.source.items[item].path}; nothing was "
                               "cached. Run the VAE in float32 (mixed_precision 'no', or a VAE fixed for fp16)")
@@ -150,12 +160,27 @@ class TextCache:
             parts.append(self.empty if v is None else self.entries[item][v])
         return {k: cat_rows([p[k] for p in parts]) for k in parts[0]}
 
-    def fill(self, report: Callable[[int, int], None] = lambda done, total: None) -> None:
-        """Encode every image's caption variants now, before training starts, so the text encoders can leave."""
+    def fill(self, report: Callable[[int, int], None] = lambda done, total: None,
+             share: CacheShare = ONE_PROCESS) -> None:
+        """Encode every image's caption variants now, before training starts, so the text encoders can leave.
+        ``share``: with several processes each encodes its share and receives the others' (:mod:`.cache_sharing`);
+        the empty caption's embedding is the one encoded with the first image, on every process, as in one."""
         items = trained_items(self.source)
-        for done, item in enumerate(items, 1):
+        mine = share.mine(items)
+        for done, item in enumerate(mine, 1):
             self._fill(item)
-            report(done, len(items))
+            report(done, len(mine))
+        first = items[0] if items else None
+
+        def put(item: int, entry: tuple) -> None:
+            self.entries[item] = entry[0]
+            if entry[1] is not None:
+                self.empty = entry[1]
+
+        share.spread(items, lambda item: (self.entries[item], self.empty if item == first else None), put)
+        if share.world > 1:
+            log.info("rank %d cached text embeddings of %d of %d images; the other ranks sent the rest", share.rank,
+                     len(mine), len(items))
 
     def _fill(self, item: int) -> None:
         if item in self.entries:

@@ -114,14 +114,18 @@ def dequantize_tensor(key: str, tensor: torch.Tensor, scale: torch.Tensor | None
 
 
 def read_tensors(handle, where: Any, prefix: str = "", exclude: tuple[str, ...] = (),
-                 dtype: torch.dtype | None = None, reopen: str | Path | None = None) -> dict[str, torch.Tensor]:
+                 dtype: torch.dtype | None = None, reopen: str | Path | None = None,
+                 shapes_only: bool = False) -> dict[str, torch.Tensor]:
     """The tensors of an open ``safe_open`` ``handle`` whose names start with ``prefix`` (removed) and not with an
     ``exclude`` prefix, read one at a time and each converted at once (:func:`dequantize_tensor`); ComfyUI's
     quantization entries are consumed, not returned.
 
     While :func:`trainer.quantized.fp8_loading` is active and ``reopen`` names the file, nothing is read yet: each
     value is a :class:`~trainer.lazy_tensors.LazyTensor` that reads (and converts) its tensor from ``reopen`` when
-    the model is assigned, so the fp8 base is quantized tensor by tensor. Bad files are refused here all the same."""
+    the model is assigned, so the fp8 base is quantized tensor by tensor. Bad files are refused here all the same.
+
+    ``shapes_only``: nothing is read at all; each value is a meta tensor of the shape and dtype the read would give
+    (a sharded run's ranks > 0 build the denoiser from those: :func:`trainer.families.weights.denoiser_shapes_only`)."""
     keys = list(handle.keys())
     formats = layer_formats(keys, handle.metadata(), handle.get_tensor, where)
     check_supported(keys, formats, where)
@@ -135,6 +139,9 @@ def read_tensors(handle, where: Any, prefix: str = "", exclude: tuple[str, ...] 
         if key.endswith(".weight"):
             layer = key[: -len(".weight")]
             scale_key = next((layer + s for s in SCALE_SUFFIXES if layer + s in present), None)
+        if shapes_only:
+            out[key[len(prefix):]] = _meta_value(handle, key, scale_key, dtype, keep_fp8, where)
+            continue
         if keep_fp8 and reopen is not None:
             out[key[len(prefix):]] = _lazy_tensor(handle, reopen, key, scale_key, dtype, where)
             continue
@@ -143,18 +150,25 @@ def read_tensors(handle, where: Any, prefix: str = "", exclude: tuple[str, ...] 
     return out
 
 
-def _lazy_tensor(handle, path: str | Path, key: str, scale_key: str | None, dtype, where):
-    """:func:`dequantize_tensor` of ``key``, deferred: checked now on the meta device, read from ``path`` later."""
-    from safetensors import safe_open
-
-    from .lazy_tensors import SAFETENSORS_DTYPES, lazy
+def _meta_value(handle, key: str, scale_key: str | None, dtype, keep_fp8: bool, where) -> torch.Tensor:
+    """:func:`dequantize_tensor` of ``key`` worked out on the meta device from the file's header (nothing read)."""
+    from .lazy_tensors import SAFETENSORS_DTYPES
 
     def meta(name: str) -> torch.Tensor:
         view = handle.get_slice(name)
         return torch.empty(view.get_shape(), dtype=SAFETENSORS_DTYPES[view.get_dtype()], device="meta")
 
-    scale = meta(scale_key) if scale_key is not None else None
-    shape = dequantize_tensor(key, meta(key), scale, dtype, True, where)
+    return dequantize_tensor(key, meta(key), meta(scale_key) if scale_key is not None else None, dtype, keep_fp8,
+                             where)
+
+
+def _lazy_tensor(handle, path: str | Path, key: str, scale_key: str | None, dtype, where):
+    """:func:`dequantize_tensor` of ``key``, deferred: checked now on the meta device, read from ``path`` later."""
+    from safetensors import safe_open
+
+    from .lazy_tensors import lazy
+
+    shape = _meta_value(handle, key, scale_key, dtype, True, where)
 
     def make() -> torch.Tensor:
         with safe_open(str(path), framework="pt") as again:

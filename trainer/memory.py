@@ -16,7 +16,8 @@ text encoders          Σ N_te × b (the compute dtype while frozen; T5's Linear
                        host memory, and they leave it too (0) unless ``training.release_encoders`` is off
                        (:mod:`trainer.encoder_residency`)
 VAE                    N_vae × (4 for SDXL, which runs its VAE in fp32, or without mixed precision; else 2), 0 when
-                       ``cache_latents`` moves it off the device (on the CPU: as the text encoders)
+                       ``cache_latents`` moves it off the device (on the CPU: as the text encoders, except that a
+                       run with previews keeps it in host memory, :mod:`trainer.sample_prompts`)
 trainable parameters   LoRA: N_lora × (4 weight + 4 gradient + s_opt); full fine-tune: N_denoiser × (b_g gradient +
                        s_opt) (its weights are the denoiser weights above; b_g = 2 with ``full_bf16``, whose
                        optimizer states stay fp32 for the stochastic-rounding update); a fused backward pass holds
@@ -34,6 +35,10 @@ caching (before step   with a latent or text cache, the caches fill before step 
                        adapter wait in host memory until the encoders leave (trainer.run_setup), on the CPU they count
                        too. The estimate is the larger of this and the training peak (``Estimate.caching_gib`` /
                        ``training_gib``)
+previews (between      with ``sample.prompts``: the training activations are gone, the VAE is on the device (brought
+steps, a third peak)   back from host memory) and decodes: the training peak's weights and optimizer state + the VAE
+                       + 3 feature maps of 128 channels at full resolution (the decoder's widest layer, one image);
+                       the prompts were encoded before step 1, no text encoder comes back (``Estimate.previewing_gib``)
 =====================  ==============================================================================================
 
 s_opt (optimizer state bytes per trained parameter): AdamW 8, AdamW 8-bit 2, Lion 4, SGD 0 (no momentum), Adafactor
@@ -43,8 +48,8 @@ The switches of the benchmark's presets (``default``/``low``/``lowest``) are :mo
 
 Assumptions and what is left out (so the number is a floor on CUDA, within ~15% where measured):
 
-* CUDA: the context (~0.3–0.5 GiB) and allocator fragmentation are not included, nor are preview samples (the
-  sampler needs the encoders back on the device and its own activations).
+* CUDA: the context (~0.3–0.5 GiB) and allocator fragmentation are not included, nor are the sampler's own
+  (no-grad) denoiser activations during previews; the previews' decode term is arithmetic, not measured yet.
 * CPU: a process also holds Python, torch, diffusers and torch's runtime (oneDNN kernels, thread pools, the
   allocator arenas of its threads): ~0.45 GiB, measured by the benchmark after a tiny warm-up step (``base_gib``) and
   added to the estimate when it is compared with a CPU measurement.
@@ -84,6 +89,7 @@ class MemoryOptions:
     blocks_to_swap: int = 0  # denoiser blocks kept in host memory, streamed in ahead of use (CUDA)
     fused_backward_pass: bool = False  # the optimizer steps each parameter as its gradient arrives
     full_bf16: bool = False  # full fine-tune: weights, gradients and optimizer states in bf16
+    previews: bool = False  # sample.prompts: previews render during training with the VAE kept (trainer.sample_prompts)
 
     @classmethod
     def from_config(cls, cfg, resolved: dict | None = None) -> "MemoryOptions":
@@ -100,7 +106,8 @@ class MemoryOptions:
                    cache_text_embeddings=resolved["cache_text_embeddings"] and not n.train_text_encoder,
                    train_text_encoder=n.train_text_encoder, release_encoders=t.release_encoders,
                    fp8_base=cfg.model.fp8_base, blocks_to_swap=t.blocks_to_swap,
-                   fused_backward_pass=t.fused_backward_pass, full_bf16=t.full_bf16)
+                   fused_backward_pass=t.fused_backward_pass, full_bf16=t.full_bf16,
+                   previews=bool(cfg.sample.prompts))
 
 
 @dataclass(frozen=True)
@@ -108,6 +115,7 @@ class Estimate:
     options: MemoryOptions
     parts: dict = field(default_factory=dict)  # name -> GiB, during the training steps
     caching_gib: float = 0.0  # the peak while the caches fill, before step 1 (0 without caches)
+    previewing_gib: float = 0.0  # the peak while a preview renders between steps (0 without previews)
 
     @property
     def training_gib(self) -> float:
@@ -117,7 +125,7 @@ class Estimate:
 
     @property
     def total_gib(self) -> float:
-        return max(self.training_gib, self.caching_gib)
+        return max(self.training_gib, self.caching_gib, self.previewing_gib)
 
     def format(self) -> str:
         o = self.options
@@ -130,7 +138,9 @@ class Estimate:
                 f"{'on' if o.gradient_checkpointing else 'off'}{''.join(', ' + e for e in extra)} ({detail} GiB)"
                 + (f"; the peak is while the caches fill before step 1 ({self.caching_gib:.1f} GiB: every "
                    f"encoder on the device, training {self.training_gib:.1f} GiB)"
-                   if self.caching_gib > self.training_gib else ""))
+                   if self.caching_gib > self.training_gib else "")
+                + (f"; previews peak at {self.previewing_gib:.1f} GiB (the VAE decoding on the device)"
+                   if self.previewing_gib > max(self.training_gib, self.caching_gib) else ""))
 
 
 def estimate(opts: MemoryOptions, device: str = "cuda") -> Estimate:
@@ -151,13 +161,14 @@ def estimate(opts: MemoryOptions, device: str = "cuda") -> Estimate:
     fp8 = opts.fp8_base and not full  # fp8 stores frozen weights only
     host = device == "cpu"
     kept = host and not opts.release_encoders  # cached encoders stay in host memory: the CPU's training device
+    vae_kept = kept or (host and opts.previews)  # previews keep the VAE in host memory (trainer.sample_prompts)
     parts = {"denoiser weights": _stored_bytes(opts.family, denoiser, b_w, fp8)}
     if opts.blocks_to_swap and not host:  # swapped blocks wait in host memory; two are on the device at a time
         swapped = sorted(_swapped_block_bytes(opts.family, opts.blocks_to_swap, b_w, fp8), reverse=True)
         parts["denoiser weights"] -= sum(swapped[2:])
     resident_encoders = sum(_stored_bytes(opts.family, n, b_te, fp8 and _is_t5(opts.family, n)) for n in encoders)
     parts["text encoders"] = 0 if opts.cache_text_embeddings and not kept else resident_encoders
-    parts["vae"] = 0 if opts.cache_latents and not kept else counts["vae"] * b_vae
+    parts["vae"] = 0 if opts.cache_latents and not vae_kept else counts["vae"] * b_vae
     s_opt = OPTIMIZER_STATE_BYTES.get(opts.optimizer, 8)  # fp32 states, also under full_bf16
     if full:
         b_g = 2 if opts.full_bf16 else 4  # gradients take the trained weights' dtype
@@ -179,7 +190,11 @@ def estimate(opts: MemoryOptions, device: str = "cuda") -> Estimate:
             (transient if opts.cache_latents else 0)
     if not opts.cache_latents:
         parts["vae encode (transient)"] = transient
-    return Estimate(opts, {k: v / GIB for k, v in parts.items()}, caching / GIB)
+    previewing = 0
+    if opts.previews:  # between steps: no activations; the VAE back on the device (if it left) decodes one image
+        held = sum(v for k, v in parts.items() if k not in ("activations", "vae encode (transient)"))
+        previewing = held + (0 if parts["vae"] else counts["vae"] * b_vae) + 3 * 128 * opts.resolution ** 2 * b_vae
+    return Estimate(opts, {k: v / GIB for k, v in parts.items()}, caching / GIB, previewing / GIB)
 
 
 def estimate_case(case, resolution: int, device: str = "cuda") -> Estimate:

@@ -237,13 +237,16 @@ class RunSetup:
         from .encoder_residency import EncoderResidency
         from .sample_prompts import encode_preview_prompts, renders_previews
 
+        from .cache_sharing import CacheShare
+
         report = self.callbacks.on_prepare if self.acc.is_main_process else (lambda *a: None)
+        share = CacheShare.of(self.acc)  # several processes: each encodes its share of the images, then they swap
         cached = []
         if self.latent_cache is not None:
-            self.latent_cache.fill(self._encode_pixels, lambda d, t: report(d, t, "caching latents"))
+            self.latent_cache.fill(self._encode_pixels, lambda d, t: report(d, t, "caching latents"), share)
             cached.append("vae")
         if self.text_cache is not None:
-            self.text_cache.fill(lambda d, t: report(d, t, "caching text embeddings"))
+            self.text_cache.fill(lambda d, t: report(d, t, "caching text embeddings"), share)
             cached += list(self.comps.text_encoder_names)
         previews = renders_previews(self)  # they render from prompts encoded now, with the VAE alone
         self.residency = EncoderResidency(self, cached, self.owns_encoders, keep=("vae",) if previews else ())

@@ -39,11 +39,13 @@ def shards_weights(acc) -> bool:
 @contextlib.contextmanager
 def rank0_loading(acc):
     """The context a sharded run loads its model in: rank 0 reads the weights; every other rank builds the
-    denoiser's shapes on the meta device and never holds it whole (a model folder's denoiser; a single file is read
-    on every rank). ``prepare()`` then shards the empty module and broadcasts each tensor from rank 0, which keeps
+    denoiser's shapes on the meta device and never holds it whole — from a model folder's ``config.json``, or from a
+    single file's header (a ComfyUI checkpoint or diffusion-model file, fp16/bf16/fp8 alike: none of its denoiser
+    tensors is read). ``prepare()`` then shards the empty module and broadcasts each tensor from rank 0, which keeps
     only its shard (accelerate's ``cpu_ram_efficient_loading``, switched on here whatever the config file says).
 
-    The text encoders and VAE are not sharded, so every rank loads them whole: the config file's
+    The text encoders and VAE are not sharded, so every rank loads them whole (each then encodes its share of the
+    caches, :mod:`trainer.cache_sharing`, and releases them): the config file's
     ``fsdp_cpu_ram_efficient_loading: true`` (environment ``FSDP_CPU_RAM_EFFICIENT_LOADING``) has transformers 4.x
     build its models empty on ranks > 0, so it is held off while loading."""
     from .families.weights import denoiser_shapes_only

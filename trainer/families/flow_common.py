@@ -39,7 +39,7 @@ from .split_files import (CLIP_G_MIN_WIDTH, DIFFUSION_PREFIX, KIND_TITLES, TEXT_
                           clip_size, encoder_kind, load_clip, load_vae, transformer_layout)
 from .t5_text import find_t5_tokenizer_dir, load_t5, load_t5_tokenizer
 from .tokenizers import find_clip_tokenizer
-from .weights import Part, TensorFile, from_pretrained, load_denoiser, place, unwrap
+from .weights import Part, TensorFile, denoiser_tensors, from_pretrained, load_denoiser, place, unwrap
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -283,7 +283,7 @@ class FlowFamily(ModelFamily):
         source = plan.transformer
         if isinstance(source, Path):
             return load_denoiser(self.transformer_class(), source.parent, source.name, dtype)
-        sd = source.read(dtype)
+        sd = denoiser_tensors(source, dtype)  # meta stand-ins on a sharded run's ranks > 0
         where = source.describe()
         if plan.layout == "original":
             sd = sf._derive(f"{self.title} transformer", where, self.to_diffusers, sd)

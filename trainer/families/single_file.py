@@ -124,18 +124,23 @@ def load_single_file(path: str | Path, family: "str | ModelFamily", dtype=None, 
     component's tensors are taken out of the file's dict before it is built, so the file's copy of a component
     is freed as soon as that component exists (an SDXL file does not sit in memory twice). ``unet=False``: the VAE
     and text encoders only, and only their tensors are read (the file was checked when the run first loaded it).
+    Under :func:`~trainer.families.weights.denoiser_shapes_only` the UNet's tensors are not read: it is built on the
+    meta device from the header's shapes.
     """
     from . import get_family
-    from .weights import TensorFile
+    from .weights import TensorFile, building_shapes_only
 
     family = get_family(family)
+    shapes_only = unet and sd is None and building_shapes_only()
+    if sd is None and (shapes_only or not unet):  # the encoders and VAE read; the rest as meta tensors, or not at all
+        file = TensorFile(path, "model.path")
+        encoders = (*family.single_file_prefixes.values(), VAE_PREFIX)
+        sd = {p + k: v for p in encoders for k, v in file.read(p, dtype=dtype).items()}
+        if shapes_only:  # a sharded run's rank > 0: the UNet from the header's shapes (weights.denoiser_shapes_only)
+            sd.update(file.read(exclude=encoders, dtype=dtype, shapes_only=True))
     if unet:
         sd = dict(read_checkpoint(path, dtype=dtype) if sd is None else sd)
         check_family(sd, family, path)
-    elif sd is None:
-        file = TensorFile(path, "model.path")
-        sd = {p + k: v for p in (*family.single_file_prefixes.values(), VAE_PREFIX)
-              for k, v in file.read(p, dtype=dtype).items()}
 
     def take(prefix: str) -> dict[str, "torch.Tensor"]:
         return {k: sd.pop(k) for k in [k for k in sd if k.startswith(prefix)]}

@@ -23,14 +23,27 @@ _DENOISER_SHAPES_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("cr
 
 @contextlib.contextmanager
 def denoiser_shapes_only(enabled: bool = True):
-    """While active, a denoiser in a model folder is built from its ``config.json`` on the meta device (shapes and
-    dtypes, no values, its weights file never read): a sharded run's other ranks, which receive their shards from
-    rank 0 (:mod:`trainer.sharding`). Single files are read as usual (their denoiser is not a file of its own)."""
+    """While active, the denoiser is built on the meta device (shapes and dtypes, no values, its weights never
+    read): a sharded run's other ranks, which receive their shards from rank 0 (:mod:`trainer.sharding`). A model
+    folder's denoiser is built from its ``config.json``; a single file's (a checkpoint, or a diffusion-model file) is
+    built from meta tensors with the shapes and dtypes of its header (:func:`denoiser_tensors`), going through the
+    same key conversion, config derivation and checks as the real read; the text encoders and VAE are read as usual."""
     token = _DENOISER_SHAPES_ONLY.set(bool(enabled))
     try:
         yield
     finally:
         _DENOISER_SHAPES_ONLY.reset(token)
+
+
+def building_shapes_only() -> bool:
+    """Whether :func:`denoiser_shapes_only` is active."""
+    return _DENOISER_SHAPES_ONLY.get()
+
+
+def denoiser_tensors(part: "Part", dtype=None) -> dict[str, "torch.Tensor"]:
+    """A single file's denoiser tensors (:meth:`Part.read`), or their meta stand-ins under
+    :func:`denoiser_shapes_only`."""
+    return part.read(dtype, shapes_only=building_shapes_only())
 
 
 def load_denoiser(cls, folder: Path, sub: str | None, dtype):
@@ -239,13 +252,15 @@ class TensorFile:
     def has_prefix(self, prefix: str) -> bool:
         return any(k.startswith(prefix) for k in self.shapes)
 
-    def read(self, prefix: str = "", exclude: tuple[str, ...] = (), dtype=None) -> dict[str, "torch.Tensor"]:
+    def read(self, prefix: str = "", exclude: tuple[str, ...] = (), dtype=None,
+             shapes_only: bool = False) -> dict[str, "torch.Tensor"]:
         """The tensors whose names start with ``prefix`` (removed from the names), skipping ``exclude`` prefixes, read
-        tensor by tensor into ``dtype``; ComfyUI fp8 / scaled-fp8 files dequantized (:mod:`trainer.fp8_files`)."""
+        tensor by tensor into ``dtype``; ComfyUI fp8 / scaled-fp8 files dequantized (:mod:`trainer.fp8_files`).
+        ``shapes_only``: meta tensors of the same shapes and dtypes, nothing read."""
         from ..fp8_files import read_tensors
 
         with self._open() as handle:
-            return read_tensors(handle, self.path, prefix, exclude, dtype, reopen=self.path)
+            return read_tensors(handle, self.path, prefix, exclude, dtype, reopen=self.path, shapes_only=shapes_only)
 
 
 @dataclass(frozen=True)
@@ -260,8 +275,8 @@ class Part:
         return {k[len(self.prefix):]: s for k, s in self.file.shapes.items()
                 if k.startswith(self.prefix) and not k.startswith(self.exclude)}
 
-    def read(self, dtype=None) -> dict[str, "torch.Tensor"]:
-        return self.file.read(self.prefix, self.exclude, dtype)
+    def read(self, dtype=None, shapes_only: bool = False) -> dict[str, "torch.Tensor"]:
+        return self.file.read(self.prefix, self.exclude, dtype, shapes_only)
 
     def describe(self) -> str:
         return f"{self.file.path}" + (f" ({self.prefix}…)" if self.prefix else "")
