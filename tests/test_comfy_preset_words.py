@@ -1,4 +1,4 @@
-"""The MODEL path's target presets (``nodes/comfy_family.preset_modules``) read module names by their words, also the
+"""The MODEL path's target presets (``nodes/comfy_presets.preset_modules``) read module names by their words, also the
 parts of underscore-joined words: ComfyUI's Flux / Chroma / Qwen-Image blocks call their attention and MLP layers
 ``img_attn.proj`` / ``txt_mlp.0``, Wan ``self_attn.o``. ``attn_mlp`` on them must train what the diffusers path's
 ``attn_mlp`` trains there (tests/comfyui_e2e/model_path_trained_equivalence.py compares the trained LoRAs)."""
@@ -27,14 +27,19 @@ def chosen(preset_modules, names: list[str], preset: str) -> list[str]:
     return preset_modules(modules, preset, {n + ".weight" for n in names})
 
 
-FLUX_DOUBLE = ["double_blocks.0.img_attn.qkv", "double_blocks.0.img_attn.proj", "double_blocks.0.img_mlp.0",
-               "double_blocks.0.img_mlp.2", "double_blocks.0.txt_attn.proj", "double_blocks.0.txt_mlp.0",
-               "double_blocks.0.img_mod.lin", "single_blocks.0.linear1", "time_in.in_layer"]
+FLUX = ["double_blocks.0.img_attn.qkv", "double_blocks.0.img_attn.proj", "double_blocks.0.img_mlp.0",
+        "double_blocks.0.img_mlp.2", "double_blocks.0.txt_attn.proj", "double_blocks.0.txt_mlp.0",
+        "double_blocks.0.img_mod.lin", "single_blocks.0.linear1", "single_blocks.0.linear2", "single_blocks.0.modulation.lin",
+        "time_in.in_layer", "final_layer.linear", "final_layer.adaLN_modulation.1"]
 
 
 def test_flux_blocks_attention_and_mlp_layers_are_attn_mlp(preset_modules):
-    assert chosen(preset_modules, FLUX_DOUBLE, "attn") == FLUX_DOUBLE[:2] + ["double_blocks.0.txt_attn.proj"]
-    assert chosen(preset_modules, FLUX_DOUBLE, "attn_mlp") == FLUX_DOUBLE[:6]
+    """Single-stream blocks fuse q/k/v with the MLP input (linear1: attn) and the attention output with the MLP
+    output (linear2: mlp), as the diffusers Flux preset trains q/k/v with attn and proj_mlp/proj_out with attn_mlp;
+    the final output projection trains with attn_mlp (the diffusers preset's proj_out), its modulation does not."""
+    attn = FLUX[:2] + ["double_blocks.0.txt_attn.proj", "single_blocks.0.linear1"]
+    assert chosen(preset_modules, FLUX, "attn") == attn
+    assert chosen(preset_modules, FLUX, "attn_mlp") == FLUX[:6] + FLUX[7:9] + ["final_layer.linear"]
 
 
 def test_underscore_parts_do_not_widen_the_unet_presets(preset_modules):
@@ -42,3 +47,13 @@ def test_underscore_parts_do_not_widen_the_unet_presets(preset_modules):
             "input_blocks.1.1.proj_in", "input_blocks.1.0.emb_layers.1", "time_embed.0", "label_emb.0.0",
             "blocks.0.self_attn.o", "blocks.0.cross_attn.k"]
     assert chosen(preset_modules, unet, "attn_mlp") == [unet[0], unet[1], unet[6], unet[7]]
+
+
+def test_block_output_projections_and_embedder_mlps_are_not_attention_or_mlp(preset_modules):
+    """SDXL's transformer proj_out (a Linear) and SD3's timestep / pooled-text embedder MLPs train with all_linear,
+    as on the diffusers path; SD3.5's second self-attention (attn2) is attention."""
+    names = ["input_blocks.4.1.proj_out", "input_blocks.4.1.proj_in", "t_embedder.mlp.0", "y_embedder.mlp.2",
+             "joint_blocks.0.x_block.attn2.qkv", "joint_blocks.0.x_block.attn2.proj", "joint_blocks.0.x_block.mlp.fc1"]
+    assert chosen(preset_modules, names, "attn") == names[4:6]
+    assert chosen(preset_modules, names, "attn_mlp") == names[4:]
+    assert chosen(preset_modules, names, "all_linear") == names
