@@ -5,12 +5,13 @@ Every entry is a peft ``target_modules`` item: peft adapts a module when its nam
 ``"." + entry``. The four presets grow one into the next:
 
 * ``attn`` – attention projections,
-* ``attn_mlp`` – plus the feed-forward layers,
+* ``attn_mlp`` – plus the feed-forward layers (on SD3/Flux also the small final output projection ``proj_out``),
 * ``all_linear`` – every ``nn.Linear`` of the component (SD1.5 also its 1×1-conv ``proj_in``/``proj_out``),
 * ``all_linear_conv`` – plus every ``nn.Conv2d`` (LoCon).
 
 Every module listed here exports to a key prefix that ComfyUI 0.8.0's LoraLoader maps; ``tests/test_export_keys.py``
-checks that on the full-size models. Left out on purpose:
+checks that on the full-size models; the MODEL path's presets (``nodes/comfy_presets.py``) select the same weights
+(``tests/test_preset_paths_agree.py``). Left out on purpose:
 
 * CLIP-G's ``text_projection``: ComfyUI maps it (``lora_te2_text_projection``), but no loader test covers that key
   and training it rarely helps.
