@@ -2,7 +2,7 @@
 module names (used by ``nodes/comfy_family.py``; never imports ComfyUI).
 
 The presets mean what they mean on the diffusers path (``trainer/lora_targets.py``), and on SD1.5, SDXL, SD3/SD3.5
-and Flux they select the same weights (``tests/test_preset_paths_agree.py`` pairs both sides through ComfyUI's key
+and Flux they select the same weights (``tests/test_comfy_preset_words.py`` pairs both sides through ComfyUI's key
 map on the full-size models):
 
 * ``attn`` – attention projections: ``to_q``/``to_k``/``to_v``/``to_out`` (UNets), fused ``qkv`` and ``proj`` of

@@ -11,7 +11,7 @@ Every entry is a peft ``target_modules`` item: peft adapts a module when its nam
 
 Every module listed here exports to a key prefix that ComfyUI 0.8.0's LoraLoader maps; ``tests/test_export_keys.py``
 checks that on the full-size models; the MODEL path's presets (``nodes/comfy_presets.py``) select the same weights
-(``tests/test_preset_paths_agree.py``). Left out on purpose:
+(``tests/test_comfy_preset_words.py``). Left out on purpose:
 
 * CLIP-G's ``text_projection``: ComfyUI maps it (``lora_te2_text_projection``), but no loader test covers that key
   and training it rarely helps.

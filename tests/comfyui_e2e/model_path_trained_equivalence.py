@@ -31,7 +31,7 @@ Which modules train (preset ``attn_mlp``):
 Both families' ``lora_target_modules`` are narrowed to that common set for the run (no user option involved): the
 diffusers modules whose export key ComfyUI's key map sends onto one whole weight. Separately, the two paths' own
 ``attn_mlp`` must select the same ComfyUI weights (fused ones counted once): a weight only one side selects fails
-(``tests/test_preset_paths_agree.py`` checks every preset on the full-size models).
+(``tests/test_comfy_preset_words.py`` checks every preset on the full-size models).
 
 Control: SD3 trained again on the diffusers side at ``CONTROL_LR_FACTOR`` × the learning rate must be reported as
 a mismatch (the comparison can fail).
