@@ -17,7 +17,8 @@ map on the full-size models):
 
 Not attention or MLP, whatever their words: a block's output projection ``proj_out`` (SDXL's transformers: the
 diffusers preset puts it in ``all_linear``), an embedder's MLP (SD3's ``t_embedder.mlp``: the diffusers preset puts
-``time_text_embed`` in ``all_linear``) and the final layer's modulation. Only modules whose weight ComfyUI maps for LoRAs count.
+``time_text_embed`` in ``all_linear``) and the final layer's modulation. Only modules whose weight ComfyUI maps for
+LoRAs count.
 """
 from __future__ import annotations
 

@@ -44,7 +44,8 @@ def chosen(preset_modules, names: list[str], preset: str) -> list[str]:
 
 FLUX = ["double_blocks.0.img_attn.qkv", "double_blocks.0.img_attn.proj", "double_blocks.0.img_mlp.0",
         "double_blocks.0.img_mlp.2", "double_blocks.0.txt_attn.proj", "double_blocks.0.txt_mlp.0",
-        "double_blocks.0.img_mod.lin", "single_blocks.0.linear1", "single_blocks.0.linear2", "single_blocks.0.modulation.lin",
+        "double_blocks.0.img_mod.lin", "single_blocks.0.linear1", "single_blocks.0.linear2",
+        "single_blocks.0.modulation.lin",
         "time_in.in_layer", "final_layer.linear", "final_layer.adaLN_modulation.1"]
 
 
@@ -55,6 +56,7 @@ def test_flux_blocks_attention_and_mlp_layers_are_attn_mlp(preset_modules):
     attn = FLUX[:2] + ["double_blocks.0.txt_attn.proj", "single_blocks.0.linear1"]
     assert chosen(preset_modules, FLUX, "attn") == attn
     assert chosen(preset_modules, FLUX, "attn_mlp") == FLUX[:6] + FLUX[7:9] + ["final_layer.linear"]
+    assert "single_blocks.0.modulation.lin" not in chosen(preset_modules, FLUX, "attn_mlp")
 
 
 def test_underscore_parts_do_not_widen_the_unet_presets(preset_modules):
