@@ -11,7 +11,8 @@ map on the full-size models):
   holds q/k/v (fused with the MLP input: a LoRA on it adapts both).
 * ``attn_mlp`` – plus the feed-forward layers (``ff``, ``mlp``, ``ffn`` …) and a single-stream block's ``linear2``
   (the attention output fused with the MLP output), as the diffusers Flux preset trains ``proj_mlp``/``proj_out``,
-  and a DiT's final output projection ``final_layer.linear`` (SD3, Flux: the diffusers presets' ``proj_out``).
+  and a DiT's final output projection (``final_layer.linear`` of SD3 and Flux: the diffusers presets' ``proj_out``;
+  a top-level ``proj_out``: Qwen-Image, LTXV).
 * ``all_linear`` – every Linear, and the 1×1 Conv ``proj_in``/``proj_out`` of SD1.5's transformers.
 * ``all_linear_conv`` – every Linear and Conv (LoCon).
 
@@ -27,12 +28,14 @@ from typing import Mapping
 import torch
 
 from ..trainer import CrucibleError
+from .comfy_keys import PREFIX
 
 ATTN_WORDS = ("attn", "attention", "to_q", "to_k", "to_v", "to_out", "qkv")
 MLP_WORDS = ("ff", "mlp", "feed_forward", "ffn")
 SINGLE_STREAM = "single_blocks"  # Flux-style blocks: linear1 = q/k/v + MLP in, linear2 = attention + MLP out
 SINGLE_ATTN, SINGLE_MLP = "linear1", "linear2"
-FINAL_LAYER = "final_layer.linear"  # a DiT's final output projection (SD3, Flux: diffusers' proj_out, in attn_mlp)
+# a DiT's final output projection (SD3, Flux: diffusers' proj_out, which their attn_mlp trains; Qwen-Image, LTXV)
+FINAL_LAYERS = ("final_layer.linear", "proj_out")  # the latter only at the top level (SDXL's blocks have one too)
 POINTWISE_LINEAR = ("proj_in", "proj_out")  # SD1.5's transformers project in and out with 1×1 convolutions
 
 
@@ -46,7 +49,7 @@ def layer_kind(name: str) -> str | None:
     parts = name.split(".")
     if any(p.endswith("embedder") for p in parts):
         return None
-    if name.endswith(FINAL_LAYER):
+    if name.removeprefix(PREFIX) in FINAL_LAYERS:
         return "mlp"
     if SINGLE_STREAM in parts and parts[-1] in (SINGLE_ATTN, SINGLE_MLP):
         return "attn" if parts[-1] == SINGLE_ATTN else "mlp"
