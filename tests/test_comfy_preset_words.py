@@ -74,7 +74,8 @@ def test_block_output_projections_and_embedder_mlps_are_not_attention_or_mlp(pre
     assert chosen(preset_modules, names, "attn") == names[4:6]
     assert chosen(preset_modules, names, "attn_mlp") == names[4:]
     assert chosen(preset_modules, names, "all_linear") == names
-    final = ["diffusion_model.proj_out", "diffusion_model.final_layer.linear", "diffusion_model.output_blocks.0.1.proj_out"]
+    final = ["diffusion_model.proj_out", "diffusion_model.final_layer.linear",
+             "diffusion_model.output_blocks.0.1.proj_out"]
     assert chosen(preset_modules, final, "attn_mlp") == final[:2]  # final output projections, not a block's
 
 
