@@ -40,16 +40,6 @@ def rss_gib(field: str) -> float:
         return next(int(line.split()[1]) for line in fh if line.startswith(field + ":")) / 2**20
 
 
-def reset_peak() -> bool:
-    """Reset the RSS high-water mark (Linux: ``5`` to ``/proc/self/clear_refs``); False where that fails."""
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def reduced_module(family: str, component: str, cls=None, reduced: bool = True):
     """The full-size component on the meta device, each layer count cut to ``REDUCED_LAYERS`` (same width) where
     ``reduced``, as ``cls`` where given (the class the family loads, e.g. SD3's CLIP-L with its projection)."""
@@ -127,6 +117,7 @@ def run_phase(case, cfg_for, res: int, steps: int, phase: str, from_files: bool 
     import torch
 
     import trainer.loop as loop
+    from bench_memory import reset_rss_peak  # beside this file (bench_memory imports this module only lazily)
     from trainer.defaults import resolve_mixed_precision
 
     family, kind = case[0], case[1]
@@ -148,7 +139,7 @@ def run_phase(case, cfg_for, res: int, steps: int, phase: str, from_files: bool 
             marks["setup_peak"] = rss_gib("VmHWM")
             if phase == "setup":
                 raise _FirstStep
-            marks["reset"] = reset_peak()
+            marks["reset"] = reset_rss_peak()
             return original(self, start_step)
 
         loop.Trainer._loop = measured_loop

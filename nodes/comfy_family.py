@@ -18,7 +18,8 @@
   user's MODEL is unchanged after the run. Around every ComfyUI call (encodes, previews, the load before each
   forward) the adapter is out of the tree, so ComfyUI may unload / re-patch the MODEL mid-run (comfy_adapter_swap).
 * Export keys: ComfyUI's own ``comfy.lora.model_lora_keys_unet`` for the loaded model names every key, so the stock
-  LoraLoader loads each one by construction (:func:`lora_key_names`).
+  LoraLoader loads each one by construction (``nodes/comfy_keys.py``); which modules each target preset
+  trains: ``nodes/comfy_presets.py``.
 * Text encoders (``network.train_text_encoder``): the CLIP's CLIP-L/G/H towers train as components ``text_encoder``
   (``_2``) through the same encode path, with gradients; keys from ``comfy.lora.model_lora_keys_clip``
   (``nodes/comfy_text.py``); :meth:`ComfyModelFamily.restore` takes their adapter out of the user's CLIP too.
@@ -27,31 +28,26 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import torch
 
-from ..trainer import Components, CrucibleError, KeyStyle, ModelFamily
+from ..trainer import Components, CrucibleError, ModelFamily
 from .comfy_adapter_swap import AdapterSwap
 from .comfy_autograd import differentiable_rope, out_of_place_updates
 from .comfy_conds import apply_grouped, batch_clip_outputs, sample_kwargs
+from .comfy_keys import PREFIX, ComfyKeyStyle, lora_key_names
+from .comfy_presets import preset_modules
 from .comfy_text import clip_key_names, text_towers, tower_modules, tower_targets
 from .comfy_upstream import ddpm_scheduler, model_sampling_of, upstream_of, warn_upstream
 
 HOSTED_NAME = "comfy"  # model.family of a run through the graph's MODEL
 COMPONENT = "unet"  # the denoiser's component name (ComfyUI's LoRA keys call every diffusion model lora_unet_)
-PREFIX = "diffusion_model."  # ComfyUI's state-dict prefix of the diffusion model inside BaseModel
 COND, POOLED, GEOMETRY = "encoder_hidden_states", "pooled_output", "image_geometry"
 # ComfyUI's ModelSamplingFlux node (and FluxPipeline's calculate_shift): μ = base_shift at 256 image tokens, max_shift
 # at 4096, linear in between
 FLUX_BASE_SHIFT, FLUX_BASE_TOKENS, FLUX_MAX_TOKENS = 0.5, 256, 4096
 EXTRA = "comfy:"  # other CLIP outputs (attention masks, …) travel in the conditioning under this prefix
-
-# What each target preset trains on an architecture Crucible knows only through ComfyUI: module-name words.
-_ATTN_WORDS = ("attn", "attention", "to_q", "to_k", "to_v", "to_out", "qkv", "proj_out")
-_MLP_WORDS = ("ff", "mlp", "feed_forward", "ffn")
-
 
 class HostedModule(torch.nn.Module):
     """A module ComfyUI owns, seen by the loop: ``.to()`` is a no-op, because ComfyUI's memory management places
@@ -114,67 +110,6 @@ def _call_out_of_place(forward, *args, **kwargs):
         return forward(*args, **kwargs)
 
 
-@dataclass(frozen=True)
-class ComfyKeyStyle(KeyStyle):
-    """LoRA key prefixes taken from ComfyUI's key map of the loaded model (module name → prefix)."""
-
-    names: Mapping[str, str] = field(default_factory=dict, hash=False, compare=False)
-
-    def module_key(self, module_name: str) -> str:
-        key = self.names.get(module_name)
-        if key is None:
-            raise CrucibleError(f"LoRA export: ComfyUI has no LoRA key for module '{module_name}' of this model")
-        return key
-
-    def owns(self, key: str) -> bool:
-        return any(key.startswith(prefix + ".") for prefix in self.names.values())
-
-
-def lora_key_names(module_names: Sequence[str], key_map: Mapping[str, str]) -> dict[str, str]:
-    """The LoRA key prefix of each module (``diffusion_model.x.y``), from ComfyUI's key map (LoRA key → weight
-    name, ``comfy.lora.model_lora_keys_unet``). The kohya name ``lora_unet_x_y`` is preferred when ComfyUI maps
-    it to this module's weight (what kohya, A1111 and civitai files use); otherwise the generic ``diffusion_model.x.y``
-    (ComfyUI maps it for every weight). A module ComfyUI does not map raises: its key would never load."""
-    by_weight: dict[str, set[str]] = {}
-    for key, weight in key_map.items():
-        if isinstance(weight, str):
-            by_weight.setdefault(weight, set()).add(key)
-    names = {}
-    for name in module_names:
-        keys = by_weight.get(name + ".weight", set())
-        kohya = "lora_unet_" + name.removeprefix(PREFIX).replace(".", "_")
-        if kohya in keys:
-            names[name] = kohya
-        elif name in keys:
-            names[name] = name
-        else:
-            raise CrucibleError(f"ComfyUI's LoRA key map for this model has no key for '{name}': a LoRA trained on it "
-                                "would not load; choose another network.target_preset")
-    return names
-
-
-def preset_modules(modules: Mapping[str, torch.nn.Module], preset: str, mapped: set[str]) -> list[str]:
-    """Module names a target preset trains (only those whose weight ComfyUI maps for LoRAs): attention
-    projections, + feed-forward layers, + every Linear (and 1×1 Conv), + every Conv (LoCon)."""
-    chosen = []
-    for name, module in modules.items():
-        if name + ".weight" not in mapped:
-            continue
-        linear = isinstance(module, torch.nn.Linear)
-        conv = isinstance(module, torch.nn.Conv2d)
-        pointwise = conv and tuple(module.kernel_size) == (1, 1)
-        words = [p for w in name.split(".") for p in (w, *w.split("_")[1:])]  # img_attn, txt_mlp, self_attn too
-        attn = linear and any(w.startswith(_ATTN_WORDS) for w in words)
-        mlp = linear and any(w.startswith(_MLP_WORDS) for w in words)
-        wanted = {"attn": attn, "attn_mlp": attn or mlp, "all_linear": linear or pointwise,
-                  "all_linear_conv": linear or conv}.get(preset)
-        if wanted is None:
-            raise CrucibleError(f"network.target_preset '{preset}' is unknown")
-        if wanted:
-            chosen.append(name)
-    return chosen
-
-
 def usable_by_autograd(module: torch.nn.Module) -> int:
     """Replace the module's inference tensors by normal copies (same values; returns how many). ComfyUI runs nodes
     under ``torch.inference_mode()``, so a model loaded there holds inference tensors, which autograd may not save:
@@ -188,6 +123,25 @@ def usable_by_autograd(module: torch.nn.Module) -> int:
                     table[name] = make(tensor.detach().clone())
                     copied += 1
     return copied
+
+
+def held_loaded(patcher) -> bool:
+    """ComfyUI holds this MODEL as its last ``load_models_gpu`` left it: among its loaded models, every weight on the
+    load device (no low-VRAM streaming), its own weight patches applied, no extra patch models to load with it. Then
+    another ``load_models_gpu`` changes nothing, and ``predict`` skips it with the adapter swap and the inference-tensor
+    walk around it (together ~85 ms per forward on the full-size SDXL UNet's ~9000 modules, measured on the CPU;
+    the call alone ~0.05 ms). Any unload, partial unload or re-patch fails one of these tests."""
+    import comfy.model_management as mm
+
+    model = patcher.model
+    try:
+        return (any(loaded.model is patcher for loaded in getattr(mm, "current_loaded_models", ()))
+                and getattr(model, "model_lowvram", True) is False
+                and patcher.loaded_size() >= patcher.model_size() > 0
+                and getattr(model, "current_weight_patches_uuid", None) == patcher.patches_uuid
+                and not patcher.model_patches_models())
+    except AttributeError:  # a ComfyUI without these: always load, as before
+        return False
 
 
 def _prediction_of(model_sampling) -> str:
@@ -421,10 +375,11 @@ class ComfyModelFamily(ModelFamily):
         from comfy.samplers import cond_cat, cond_equal_size
 
         base = self.patcher.model
-        with self._swap.comfy_owns_model():  # reloaded and re-patched (upstream LoRAs) if ComfyUI moved it out
-            mm.load_models_gpu([self.patcher])
-            with torch.inference_mode(False):
-                usable_by_autograd(base.diffusion_model)  # a reload brings back the loader's inference tensors
+        if not held_loaded(self.patcher):  # ComfyUI moved it out (a VAE / CLIP / preview load) or never loaded it
+            with self._swap.comfy_owns_model():  # reloaded and re-patched (upstream LoRAs)
+                mm.load_models_gpu([self.patcher])
+                with torch.inference_mode(False):
+                    usable_by_autograd(base.diffusion_model)  # a reload brings back the loader's inference tensors
         sigma = self._sigma(timesteps).to(noisy_latents.device, torch.float32)
         s = sigma.view(-1, *([1] * (noisy_latents.ndim - 1)))
         if self.default_prediction == "flow":

@@ -11,7 +11,7 @@ denoiser weights       Σ numel × element size of the diffusion model's tensors
                        ``weight_dtype`` fp8 on Load Diffusion Model: 1 byte; ComfyUI's manual cast computes in
                        ``manual_cast_dtype`` per layer and stores as loaded)
 trainable parameters   the adapter the run attaches (network type, rank, conv/block ranks, the target preset's
-                       modules: ``comfy_family.preset_modules`` via the family), counted exactly by attaching it
+                       modules: ``comfy_presets.preset_modules`` via the family), counted exactly by attaching it
                        to a ``meta`` copy of the module tree: × (4 weight + 4 gradient + optimizer state bytes)
 activations            one forward of the ``meta`` copy (ComfyUI's own ``apply_model`` with the run's conditioning
                        shapes, resolution and batch) traced with :func:`trainer.memory.traced_activation_bytes`:

@@ -76,21 +76,12 @@ def clip_key_names(module_names: Sequence[str], key_map: Mapping[str, str], numb
     preferred when ComfyUI maps it to this module's weight: ``lora_te_…`` for a CLIP with one text encoder,
     ``lora_teN_…`` (``numbered``) for several; else ComfyUI's generic ``text_encoders.<name>``. A module ComfyUI
     does not map raises: its key would never load."""
-    by_weight: dict[str, set[str]] = {}
-    for key, weight in key_map.items():
-        if isinstance(weight, str):
-            by_weight.setdefault(weight, set()).add(key)
-    names = {}
-    for name in module_names:
-        keys = by_weight.get(name + ".weight", set())
+    from .comfy_keys import preferred_keys  # the key-map inversion the diffusion model's keys use too
+
+    def kohya(name: str, keys: set[str]) -> str | None:
         rest = name.split(CLIP_LEVEL, 1)[-1].replace(".", "_")
-        kohya = sorted((k for k in keys if re.fullmatch(r"lora_te\d?_" + re.escape(rest), k)),
+        found = sorted((k for k in keys if re.fullmatch(r"lora_te\d?_" + re.escape(rest), k)),
                        key=lambda k: (k.startswith("lora_te_") == numbered, k))
-        if kohya:
-            names[name] = kohya[0]
-        elif GENERIC + name in keys:
-            names[name] = GENERIC + name
-        else:
-            raise CrucibleError(f"ComfyUI's LoRA key map for this CLIP has no key for '{name}': a LoRA trained on it "
-                                "would not load; choose another network.target_preset")
-    return names
+        return found[0] if found else None
+
+    return preferred_keys(module_names, key_map, kohya, lambda name: GENERIC + name, "CLIP")

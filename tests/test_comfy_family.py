@@ -327,7 +327,8 @@ def test_presets_choose_modules_by_kind_and_only_mapped_ones(module):
     names = lambda preset: sorted(n.removeprefix("diffusion_model.") for n in family.lora_target_modules("unet", preset))
     assert names("attn") == ["attn1.to_out", "attn1.to_q"]
     assert names("attn_mlp") == ["attn1.to_out", "attn1.to_q", "ff"]
-    assert names("all_linear") == ["attn1.to_out", "attn1.to_q", "blocks.0", "blocks.1", "ff", "proj_in"]  # + 1x1 convs
+    # + the 1×1 conv proj_in (SD1.5's transformers' per-pixel linear map); other 1×1 convs only with LoCon
+    assert names("all_linear") == ["attn1.to_out", "attn1.to_q", "ff", "proj_in"]
     assert names("all_linear_conv") == ["attn1.to_out", "attn1.to_q", "blocks.0", "blocks.1", "conv", "ff", "proj_in"]
     narrow = {k: v for k, v in comfy_key_map(base).items() if ".ff." not in v}
     family, _ = family_of(module, "epsilon", narrow)

@@ -98,3 +98,41 @@ def test_the_model_unloaded_mid_run_reloads_with_its_patches_and_the_adapter_sur
     mm.unload_all_models()
     now = base.state_dict()
     assert now.keys() == original.keys() and all(torch.equal(now[k], original[k]) for k in original)
+
+
+def test_predict_loads_the_model_only_when_comfyui_no_longer_holds_it_loaded(module, monkeypatch):  # noqa: F811
+    """ComfyUI's load_models_gpu before each training forward (with the adapter swap and the inference-tensor walk
+    around it) is skipped while ComfyUI holds the MODEL as its last load left it; an unload, a partial unload
+    (low-VRAM streaming), a re-patch or an extra patch model makes the next forward load it again."""
+    family, base = family_of(module, "epsilon")
+    patcher, state = family.patcher, types.SimpleNamespace(loaded_size=100, extra=[])
+    patcher.loaded_size, patcher.model_size = (lambda: state.loaded_size), (lambda: 100)
+    patcher.patches_uuid, patcher.model_patches_models = "patches-1", (lambda: state.extra)
+    mm = sys.modules["comfy.model_management"]
+    calls = []
+    monkeypatch.setattr(mm, "load_models_gpu", lambda models, **kw: calls.append(len(models)), raising=False)
+    monkeypatch.setattr(mm, "current_loaded_models", [], raising=False)
+    comps = family.load(CFG)
+    latents, _, cond = batch(2)
+    timesteps = torch.tensor([200, 700])
+
+    def held() -> None:  # what ComfyUI 0.8.0's load leaves: the LoadedModel listed, all weights, its patches
+        mm.current_loaded_models[:] = [types.SimpleNamespace(model=patcher)]
+        state.loaded_size, state.extra = 100, []
+        base.model_lowvram, base.current_weight_patches_uuid = False, "patches-1"
+
+    held()
+    calls.clear()
+    first = family.predict(comps, latents, timesteps, cond)
+    assert torch.equal(family.predict(comps, latents, timesteps, cond), first) and calls == []
+    changes = {"unloaded": lambda: mm.current_loaded_models.clear(),
+               "partly unloaded": lambda: setattr(state, "loaded_size", 40),
+               "streamed (low VRAM)": lambda: setattr(base, "model_lowvram", True),
+               "re-patched": lambda: setattr(base, "current_weight_patches_uuid", None),
+               "with a patch model": lambda: state.extra.append(object())}
+    for what, change in changes.items():
+        held()
+        change()
+        calls.clear()
+        assert torch.equal(family.predict(comps, latents, timesteps, cond), first), what
+        assert calls == [1], what

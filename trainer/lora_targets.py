@@ -5,12 +5,13 @@ Every entry is a peft ``target_modules`` item: peft adapts a module when its nam
 ``"." + entry``. The four presets grow one into the next:
 
 * ``attn`` – attention projections,
-* ``attn_mlp`` – plus the feed-forward layers,
+* ``attn_mlp`` – plus the feed-forward layers (on SD3/Flux also the small final output projection ``proj_out``),
 * ``all_linear`` – every ``nn.Linear`` of the component (SD1.5 also its 1×1-conv ``proj_in``/``proj_out``),
 * ``all_linear_conv`` – plus every ``nn.Conv2d`` (LoCon).
 
 Every module listed here exports to a key prefix that ComfyUI 0.8.0's LoraLoader maps; ``tests/test_export_keys.py``
-checks that on the full-size models. Left out on purpose:
+checks that on the full-size models; the MODEL path's presets (``nodes/comfy_presets.py``) select the same weights
+(``tests/test_comfy_preset_words.py``). Left out on purpose:
 
 * CLIP-G's ``text_projection``: ComfyUI maps it (``lora_te2_text_projection``), but no loader test covers that key
   and training it rarely helps.
@@ -47,10 +48,12 @@ UNET_LINEAR = ("proj_in", "proj_out", "time_emb_proj", "time_embedding.linear_1"
 UNET_CONV = ("conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "conv_in", "conv_out")
 
 # --- MMDiT transformers (SD3, Flux) --------------------------------------------------------------------------------
-# Image-stream and text-stream (``add_*``) attention; ComfyUI maps q/k/v onto slices of its fused qkv weights.
-MMDIT_ATTN = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
-              "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
-MMDIT_MLP = ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
+# Image-stream and text-stream (``add_*``) attention, ``attn`` and SD3.5's second self-attention ``attn2`` (MMDiT-X
+# blocks; nothing else in these transformers ends so); ComfyUI maps q/k/v onto slices of its fused qkv weights.
+MMDIT_ATTN = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+# The feed-forward layers and the final output projection ``proj_out`` (small: width -> patch channels), which
+# SimpleTuner's ``all+ffs`` trains too (the MODEL path's attn_mlp: ComfyUI's ``final_layer.linear``).
+MMDIT_MLP = ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_out")
 
 # --- text encoders -------------------------------------------------------------------------------------------------
 CLIP = grow(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj"),

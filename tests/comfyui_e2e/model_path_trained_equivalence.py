@@ -21,17 +21,17 @@ over the whole LoRA and ≤ ``TENSOR_TOL`` per tensor (alphas equal). Tensors tr
 
 Which modules train (preset ``attn_mlp``):
 * SD1.5 and SDXL: the diffusers preset's modules (every attention and feed-forward Linear) map 1:1 onto ComfyUI's
-  UNet modules; where the MODEL path's own ``attn_mlp`` selects more (SDXL's Linear ``proj_out``), that extra is
-  reported and left out of the comparison.
+  UNet modules.
 * SD3 and Flux: ComfyUI fuses q/k/v into one ``qkv`` Linear (Flux single blocks fuse q/k/v and the MLP input into
   ``linear1``), so a LoRA on a fused layer is another parameterisation than three LoRAs on the diffusers layers.
   Only modules unfused on both sides train here: attention output projections (``to_out.0`` ↔ ``x_block.attn.proj``
-  / ``img_attn.proj``, ``to_add_out`` ↔ ``context_block.attn.proj`` / ``txt_attn.proj``) and the MLP layers
-  (``ff.net.0.proj``/``ff.net.2`` ↔ ``mlp.fc1``/``fc2`` / ``img_mlp.0``/``2``, ``ff_context`` likewise); Flux
-  also its single blocks' ``proj_out`` ↔ ``linear2`` and the final ``proj_out`` ↔ ``final_layer.linear``, which the
-  diffusers preset trains (the MODEL path's own ``attn_mlp`` does not select those two: reported as a note).
+  / ``attn2.proj`` / ``img_attn.proj``, ``to_add_out`` ↔ ``context_block.attn.proj`` / ``txt_attn.proj``), the MLP
+  layers (``ff.net.0.proj``/``ff.net.2`` ↔ ``mlp.fc1``/``fc2`` / ``img_mlp.0``/``2``, ``ff_context`` likewise), the
+  final ``proj_out`` ↔ ``final_layer.linear`` and Flux's single-block ``proj_out`` ↔ ``linear2``.
 Both families' ``lora_target_modules`` are narrowed to that common set for the run (no user option involved): the
-diffusers modules whose export key ComfyUI's key map sends onto one whole weight.
+diffusers modules whose export key ComfyUI's key map sends onto one whole weight. Separately, the two paths' own
+``attn_mlp`` must select the same ComfyUI weights (fused ones counted once): a weight only one side selects fails
+(``tests/test_comfy_preset_words.py`` checks every preset on the full-size models).
 
 Control: SD3 trained again on the diffusers side at ``CONTROL_LR_FACTOR`` × the learning rate must be reported as
 a mismatch (the comparison can fail).
@@ -90,18 +90,19 @@ def comfy_weight(key_map, key: str) -> str | None:
 def common_targets(diffusers_family, comps, comfy_family) -> tuple[list[str], list[str], dict]:
     """(diffusers module names, ComfyUI module names, facts): the diffusers preset's modules whose export key
     ComfyUI's key map sends onto one whole weight (not a slice of a fused one), and those weights' modules. ``facts``
-    also says how the MODEL path's own preset differs: weights it selects beyond those (fused ones aside) and
-    those it misses."""
+    also says how the MODEL path's own preset differs from the diffusers preset: the ComfyUI weights (whole, or
+    fused ones any of whose slices the diffusers preset trains) it selects beyond those and those it misses."""
     component = comps.denoiser_name
     style = diffusers_family.key_styles[component]
     entries = diffusers_family.lora_target_modules(component, PRESET)
     ours = [n for n, m in comps.denoiser.named_modules() if n and matches(n, entries)]
     weight_of = {n: comfy_weight(comfy_family.key_map, style.module_key(n)) for n in ours}
     common = {w for w in weight_of.values() if w is not None}
-    fused = {v[0] for v in comfy_family.key_map.values() if not isinstance(v, str)}
+    targets = [comfy_family.key_map.get(style.module_key(n)) for n in ours]  # whole weights and slices of fused ones
+    selected = {t if isinstance(t, str) else t[0] for t in targets if t is not None}
     theirs = {n + ".weight" for n in comfy_family.lora_target_modules("unet", PRESET)}
     facts = {"fused": sum(w is None for w in weight_of.values()), "common": len(common),
-             "comfy_only": sorted(theirs - common - fused), "comfy_misses": sorted(common - theirs)}
+             "comfy_only": sorted(theirs - selected), "comfy_misses": sorted(selected - theirs)}
     return [n for n in ours if weight_of[n] is not None], sorted(w.removesuffix(".weight") for w in common), facts
 
 
@@ -341,14 +342,11 @@ def check_training(family: str, module, comps, model, clip, vae, pack_dir: str) 
     if facts["fused"]:
         scope += (f" unfused on both sides (output projections and MLP layers; {facts['fused']} diffusers modules "
                   "(q/k/v, Flux's proj_mlp) are slices of ComfyUI's fused qkv / linear1: not compared)")
-    if facts["comfy_only"]:
-        scope += (f"; note: the MODEL path's own {PRESET} also selects {len(facts['comfy_only'])} module(s) the "
-                  f"diffusers preset does not (e.g. {facts['comfy_only'][0]}), not trained here")
-    if facts["comfy_misses"]:  # the MODEL path picks modules by name words for any architecture
-        scope += (f"; note: the MODEL path's own {PRESET} does not select {len(facts['comfy_misses'])} of them "
-                  f"(e.g. {facts['comfy_misses'][0]})")
     name = f"{family} training: the MODEL path trains the diffusers path's LoRA (same weights, data, noise, init)"
-    out_checks = []
+    out_checks = [(f"{family} {PRESET}: the MODEL path's preset selects the diffusers preset's weights", [
+        f"{label} {len(facts[key])} weight(s) (e.g. {facts[key][0]})" for key, label in (
+            ("comfy_only", "only the MODEL path selects"), ("comfy_misses", "the MODEL path misses"))
+        if facts[key]], f"{facts['common']} whole weights, {facts['fused']} diffusers modules on fused ones")]
 
     def took() -> str:
         return f"{time.perf_counter() - started:.1f}s, CPU {time.process_time() - cpu:.0f}s"

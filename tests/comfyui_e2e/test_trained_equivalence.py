@@ -90,3 +90,32 @@ def test_a_key_on_a_slice_of_a_fused_weight_cannot_be_paired():
 def test_target_names_follow_peft_suffix_matching():
     assert mte.matches("transformer_blocks.0.ff.net.2", ["ff.net.2"])
     assert not mte.matches("transformer_blocks.0.ff_context.net.2", ["ff.net.2"])
+
+
+def test_preset_differences_count_fused_weights_by_their_slices():
+    """A fused ComfyUI weight the diffusers preset trains a slice of counts as selected by it: the MODEL path must
+    select it too (Flux's single-block linear1), and a weight only one side selects is reported either way."""
+    import types
+
+    class Denoiser(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.ModuleList([torch.nn.Module()])
+            for name in ("ff", "to_q"):
+                setattr(self.blocks[0], name, torch.nn.Linear(2, 2))
+
+    style = types.SimpleNamespace(module_key=lambda name: "transformer." + name)
+    diffusers = types.SimpleNamespace(key_styles={"transformer": style},
+                                      lora_target_modules=lambda component, preset: ["ff", "to_q"])
+    comps = types.SimpleNamespace(denoiser_name="transformer", denoiser=Denoiser())
+
+    def facts(selected):
+        comfy = types.SimpleNamespace(key_map=KEY_MAP, lora_target_modules=lambda component, preset: selected)
+        return mte.common_targets(diffusers, comps, comfy)
+
+    ours, theirs, same = facts(["diffusion_model.blocks.0.mlp", "diffusion_model.blocks.0.qkv"])
+    assert (ours, theirs) == (["blocks.0.ff"], ["diffusion_model.blocks.0.mlp"])
+    assert (same["comfy_only"], same["comfy_misses"], same["fused"]) == ([], [], 1)
+    _, _, missing = facts(["diffusion_model.blocks.0.mlp", "diffusion_model.input_blocks.1.proj"])
+    assert missing["comfy_misses"] == ["diffusion_model.blocks.0.qkv.weight"]
+    assert missing["comfy_only"] == ["diffusion_model.input_blocks.1.proj.weight"]

@@ -120,10 +120,9 @@ def image_ids(h: int, w: int, device=None, dtype=None) -> "torch.Tensor":
     return FluxPipeline._prepare_latent_image_ids(1, h // 2, w // 2, device, dtype)
 
 
-# Single blocks: q/k/v (matched by MMDIT_ATTN), the MLP input ``proj_mlp`` and ``proj_out``, which projects the
-# concatenated attention and MLP outputs. peft matches by name suffix, so ``proj_out`` also picks the small final
-# output projection (3072 -> 64); that costs little and ComfyUI maps it too.
-_MLP = MMDIT_MLP + ("proj_mlp", "proj_out")
+# Single blocks: q/k/v (matched by MMDIT_ATTN), the MLP input ``proj_mlp`` and ``proj_out`` (matched by MMDIT_MLP's
+# final ``proj_out`` too: peft matches by name suffix), which projects the concatenated attention and MLP outputs.
+_MLP = MMDIT_MLP + ("proj_mlp",)
 _LINEAR = ("norm1.linear", "norm1_context.linear", "norm.linear", "x_embedder", "context_embedder", "norm_out.linear",
            "time_text_embed.timestep_embedder.linear_1", "time_text_embed.timestep_embedder.linear_2",
            "time_text_embed.guidance_embedder.linear_1", "time_text_embed.guidance_embedder.linear_2",

@@ -65,7 +65,7 @@ def sd3_transformer_config(sd: Mapping[str, "torch.Tensor"]) -> dict[str, Any]:
     }
 
 
-_LINEAR = ("norm1.linear", "norm1_context.linear", "context_embedder", "norm_out.linear", "proj_out",
+_LINEAR = ("norm1.linear", "norm1_context.linear", "context_embedder", "norm_out.linear",
            "time_text_embed.timestep_embedder.linear_1", "time_text_embed.timestep_embedder.linear_2",
            "time_text_embed.text_embedder.linear_1", "time_text_embed.text_embedder.linear_2")
 _CONV = ("pos_embed.proj",)
