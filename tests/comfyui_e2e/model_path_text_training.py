@@ -30,11 +30,14 @@ import sys
 import tempfile
 import time
 import traceback
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # tests/: the model fixtures
 from comfy_python import LogCapture, report, setup_comfy  # noqa: E402
+from model_path_training import (CaseSettings, cancel_resume_problems, comfy_vae, hosted_run,  # noqa: E402
+                                 pack_modules, run_config, stop_after, weight_digests)
 
 STEPS, SAVE_EVERY, BATCH = 10, 5, 2
 CLIP_LAYERS = 2  # of CLIP-L's 12 (hidden size stays 768: the UNet's cross-attention width)
@@ -45,6 +48,12 @@ LABEL = "SD1.5 MODEL path text encoder"
 UNLOAD_STEPS, CLIP_STRENGTH, SAME = 3, 0.8, 1e-5
 UPSTREAM_LORA = "crucible_ci_clip_upstream.safetensors"
 PROMPT = "crucible, a red circle"
+SETTINGS = CaseSettings(BATCH, LEARNING_RATE, 1.0, network={"train_text_encoder": True},
+                        optim={"text_encoder_lr": TEXT_ENCODER_LR}, steps=STEPS, save_every=SAVE_EVERY,
+                        training={"cache_text_embeddings": False,  # a trained text encoder's outputs change every step
+                                  "validation_split": 0.0})  # the held-out loss costs a dozen seconds at every save
+# the unload check: per-step VAE encodes (no latent cache) disturb the CLIP; a preview after step 2
+UNLOAD_SETTINGS = replace(SETTINGS, batch=1, steps=UNLOAD_STEPS, training={**SETTINGS.training, "cache_latents": False})
 
 
 def case_objects():
@@ -53,7 +62,6 @@ def case_objects():
     import torch
 
     from comfy_sd15 import comfy_sd15_components
-    from model_path_training import comfy_vae
     from trainer.families.single_file import diffusers_to_single_file
 
     state = diffusers_to_single_file(comfy_sd15_components(0), "sd15")
@@ -61,20 +69,6 @@ def case_objects():
     model, clip, _vae, _ = comfy.sd.load_state_dict_guess_config(
         state, output_vae=False, output_clip=True, model_options={"dtype": torch.float32}, te_model_options=te_options)
     return model, clip, comfy_vae(4)
-
-
-def run_config(pack, demo: Path, out: Path, run_name: str):
-    return pack.config.TrainConfig.from_dict({
-        "model": {"family": "comfy", "path": ""},
-        "datasets": [{"path": str(demo), "resolution": 64, "repeats": 1}],
-        "network": {"network_type": "lora", "network_dim": 4, "network_alpha": 4, "target_preset": "all_linear",
-                    "train_text_encoder": True},
-        "optim": {"learning_rate": LEARNING_RATE, "text_encoder_lr": TEXT_ENCODER_LR, "lr_scheduler": "constant"},
-        "training": {"batch_size": BATCH, "epochs": 100, "max_train_steps": STEPS, "seed": 7,
-                     "mixed_precision": "no", "cache_latents": True, "cache_text_embeddings": False,
-                     "validation_split": 0.0},  # the held-out loss costs a dozen seconds at every save
-        "save": {"output_dir": str(out / "loras"), "work_dir": str(out / "runs"), "run_name": run_name,
-                 "save_every_n_steps": SAVE_EVERY, "save_every_n_epochs": 0, "save_precision": "fp32"}})
 
 
 def key_checks(path: Path, model, clip) -> list[str]:
@@ -105,23 +99,14 @@ def key_checks(path: Path, model, clip) -> list[str]:
 
 
 def train(args, pack, module, out: Path, objects) -> None:
-    import torch
-    from safetensors.torch import load_file
-
-    from model_path_training import weight_digests
-
     started = time.perf_counter()
     model, clip, vae = objects
     demo = Path(args.pack_dir) / "trainer" / "demo_data"
     before = {"MODEL": weight_digests(model.model.diffusion_model), "CLIP": weight_digests(clip.cond_stage_model)}
 
     def run(run_name: str, callbacks=None, resume_from=None):
-        family = module.ComfyModelFamily(model, clip, vae, train_text_encoder=True)
-        try:
-            with pack.families.hosted_family(family):
-                return pack.loop.train(run_config(pack, demo, out, run_name), callbacks, resume_from=resume_from)
-        finally:
-            family.restore()
+        return hosted_run(pack, module.ComfyModelFamily(model, clip, vae, train_text_encoder=True),
+                          lambda: run_config(pack, SETTINGS, demo, out, run_name), callbacks, resume_from)
 
     result = run("te_whole")
     losses = result.losses
@@ -144,25 +129,9 @@ def train(args, pack, module, out: Path, objects) -> None:
            f"{LABEL}: lora_unet_ + lora_te_ keys, each in comfy.lora's key maps; ComfyUI's loader patches every one",
            "\n".join(problems) or f"{CLIP_LAYERS * CLIP_MODULES} CLIP modules")
     started = time.perf_counter()
-
-    class StopAt(pack.Callbacks):
-        seen = 0
-
-        def on_step(self, info):
-            self.seen = info.step
-
-        def should_stop(self):
-            return self.seen >= SAVE_EVERY
-
-    first_part = run("te_parts", StopAt())
-    resumed = run("te_parts", resume_from=first_part.state_dir)
-    ours, theirs = load_file(str(final[-1])), load_file(str(sorted(resumed.run_dir.glob("*.safetensors"))[-1]))
-    differ = [k for k in ours if k not in theirs or not torch.equal(ours[k], theirs[k])]
+    problems, ours = cancel_resume_problems(pack, run, "te_parts", result, SAVE_EVERY)
     te_keys = sum(k.startswith("lora_te_") for k in ours)
-    problems = ([] if first_part.cancelled else ["the first part was not cancelled"]) + \
-        ([] if te_keys else ["no lora_te_ tensor to compare"]) + \
-        ([f"{len(differ)} of {len(ours)} LoRA tensors differ: {differ[:3]}"] if differ else []) + \
-        ([f"losses differ: {resumed.losses} vs {losses}"] if resumed.losses != losses else [])
+    problems += [] if te_keys else ["no lora_te_ tensor to compare"]
     report("fail" if problems else "pass", f"{LABEL}: Cancel after step {SAVE_EVERY} → resume equals the whole run",
            "\n".join(problems) or f"{len(ours)} tensors ({te_keys} lora_te_) and {STEPS} losses equal "
                                   f"({time.perf_counter() - started:.0f}s)")
@@ -221,7 +190,6 @@ def check_unload(pack, module, objects, data: Path, out: Path) -> None:
     low-VRAM unload), before the 3rd every model is unloaded, and the preview after step 2 unloads every model before
     its decode. Then a Cancel after step 2 and an error raised inside the 3rd (disturbed) VAE encode."""
     import torch
-    from dataclasses import replace
     from safetensors.torch import load_file
 
     import comfy.model_management as mm
@@ -229,7 +197,6 @@ def check_unload(pack, module, objects, data: Path, out: Path) -> None:
     import nodes
 
     from model_path_equivalence import PACK_ALIAS
-    from model_path_training import weight_digests
 
     started = time.perf_counter()
     upstream_mod = importlib.import_module(f"{PACK_ALIAS}.nodes.comfy_upstream")
@@ -274,18 +241,15 @@ def check_unload(pack, module, objects, data: Path, out: Path) -> None:
         mm.unload_all_models()
         if disturbed:
             vae.encode, vae.decode = disturbing_encode, disturbing_decode
-        family = module.ComfyModelFamily(model, clip, vae, train_text_encoder=True)
+        def config_of():
+            config = run_config(pack, UNLOAD_SETTINGS, data, out, f"unload_{label}")
+            return replace(config, sample=replace(config.sample, prompts=(PROMPT,), steps=1, cfg=1.0, width=64,
+                                                  height=64, sample_every_n_steps=2))
         try:
-            with pack.families.hosted_family(family):
-                config = run_config(pack, data, out, f"unload_{label}")
-                config = replace(config, training=replace(config.training, max_train_steps=UNLOAD_STEPS,
-                                                          batch_size=1, cache_latents=False),
-                                 sample=replace(config.sample, prompts=(PROMPT,), steps=1, cfg=1.0, width=64,
-                                                height=64, sample_every_n_steps=2))
-                return pack.loop.train(config, callbacks)
+            return hosted_run(pack, module.ComfyModelFamily(model, clip, vae, train_text_encoder=True), config_of,
+                              callbacks)
         finally:
             vae.encode, vae.decode = vae_encode, vae_decode
-            family.restore()
 
     quiet = run("undisturbed", False)
     moved = run("unloaded", True)
@@ -310,17 +274,8 @@ def check_unload(pack, module, objects, data: Path, out: Path) -> None:
            f"({te} lora_te_) equal; upstream LoRA on {patched} CLIP modules (effect {effect:.2f}); events {moved_events} "
            f"({time.perf_counter() - started:.0f}s)")
 
-    class StopAt(pack.Callbacks):
-        seen = 0
-
-        def on_step(self, info):
-            self.seen = info.step
-
-        def should_stop(self):
-            return self.seen >= 2
-
     problems = []
-    cancelled = run("cancel", True, StopAt())
+    cancelled = run("cancel", True, stop_after(pack, 2))
     problems += [] if cancelled.cancelled else ["the Cancel run was not cancelled"]
     problems += clip_problems(upstream_mod, clip, state, reference, "after Cancel")
     try:
@@ -341,12 +296,7 @@ def check_unload(pack, module, objects, data: Path, out: Path) -> None:
 
 def main() -> None:
     args = setup_comfy()
-    from model_path_equivalence import PACK_ALIAS, comfy_family_module
-
-    module = comfy_family_module(args.pack_dir)
-    pack = type("Pack", (), {name: importlib.import_module(f"{PACK_ALIAS}.trainer.{name}")
-                             for name in ("config", "loop", "families")})
-    pack.Callbacks = importlib.import_module(f"{PACK_ALIAS}.trainer").Callbacks
+    module, pack = pack_modules(args.pack_dir)
     wanted = {n for n in args.only.split(",") if n} or {"train", "unload"}
     with tempfile.TemporaryDirectory(prefix="crucible-mp-te-") as tmp:
         objects = case_objects()
