@@ -188,7 +188,8 @@ def check_unload(pack, module, objects, data: Path, out: Path) -> None:
     LoRA (stock LoraLoader, strength_clip CLIP_STRENGTH); per-step VAE encodes (no latent cache) disturb it: before
     the 2nd encode half of the CLIP is unloaded (``LoadedModel.model_unload(memory_to_free)``, as ``free_memory``
     asks: ComfyUI's partial, low-VRAM unload), before the 3rd every model is unloaded, and the preview after step 2
-    unloads every model before its decode. Then a Cancel after step 2 and an error raised inside the 2nd (disturbed) VAE encode."""
+    unloads every model before its decode. Then a Cancel after step 2 and an error raised inside the 2nd (disturbed)
+    VAE encode."""
     import torch
     from safetensors.torch import load_file
 
