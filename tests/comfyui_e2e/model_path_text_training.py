@@ -186,7 +186,7 @@ def clip_problems(upstream_mod, clip, state, reference, label: str) -> list[str]
 def check_unload(pack, module, objects, data: Path, out: Path) -> None:
     """ComfyUI unloads / partly unloads the trained CLIP mid-run (see the module doc). The CLIP carries an upstream
     LoRA (stock LoraLoader, strength_clip CLIP_STRENGTH); per-step VAE encodes (no latent cache) disturb it: before
-    the 2nd encode half of the CLIP is unloaded (``LoadedModel.model_unload(memory_to_free)``, as ``free_memory``
+    the 2nd encode part of the CLIP is unloaded (``LoadedModel.model_unload(memory_to_free)``, as ``free_memory``
     asks: ComfyUI's partial, low-VRAM unload), before the 3rd every model is unloaded, and the preview after step 2
     unloads every model before its decode. Then a Cancel after step 2 and an error raised inside the 2nd (disturbed)
     VAE encode."""
@@ -217,10 +217,10 @@ def check_unload(pack, module, objects, data: Path, out: Path) -> None:
     def disturbing_encode(pixels):
         encodes = sum(1 for e in events if e.startswith("encode"))
         events.append(f"encode {encodes + 1}")
-        if encodes + 1 == 2:  # the CLIP is loaded from step 1: free half of it (ComfyUI's partial unload)
+        if encodes + 1 == 2:  # the CLIP is loaded from step 1: free part of it (ComfyUI's partial unload)
             held = next(m for m in mm.current_loaded_models if m.model is clip.patcher)
-            size = held.model.loaded_size()
-            held.model_unload(memory_to_free=size // 2)  # free_memory's call (on the CPU its share would vary)
+            size = held.model.loaded_size()  # the smallest modules go first: an eighth is the layers, not the embedding
+            held.model_unload(memory_to_free=size // 8)  # free_memory's call (on the CPU its share would vary)
             events.append(f"CLIP partly unloaded: {size} -> {held.model.loaded_size()} bytes loaded")
             if "error" in events:
                 raise RuntimeError("an error inside ComfyUI's VAE encode")
