@@ -36,10 +36,13 @@ class AdapterSwap:
 
     def __init__(self, *roots: torch.nn.Module):
         self.roots = list(roots)
+        self.encoders: list[torch.nn.Module] = []  # the roots that are trained CLIP towers
         self.taken: dict[int, list[tuple[torch.nn.Module, str, torch.nn.Module]]] = {}  # id(root) → (parent, child, layer)
 
-    def add_root(self, root: torch.nn.Module) -> None:
+    def add_encoder(self, root: torch.nn.Module) -> None:
+        """A trained text encoder of the CLIP (``clip.cond_stage_model.clip_l`` …): one more root."""
         self.roots.append(root)
+        self.encoders.append(root)
 
     def is_out(self, root: torch.nn.Module) -> bool:
         return bool(self.taken.get(id(root)))
@@ -84,6 +87,13 @@ class AdapterSwap:
             self.put_back(taken_here)
 
     @contextmanager
+    def comfy_encodes(self, prepare: Callable[[torch.nn.Module], None] | None = None):
+        """Around ``clip.encode_from_tokens``: ComfyUI owns every tree (it loads the CLIP itself, which may unload the
+        MODEL), and each trained encoder runs its forward with its adapter (``prepare`` first, see below)."""
+        with self.comfy_owns_model(), self.adapter_in_forwards(self.encoders, prepare):
+            yield
+
+    @contextmanager
     def adapter_in_forwards(self, roots: Sequence[torch.nn.Module] | None = None,
                             prepare: Callable[[torch.nn.Module], None] | None = None):
         """Inside :meth:`comfy_owns_model`, ComfyUI's sampler / encode still runs the adapter: each forward of a root
@@ -112,19 +122,3 @@ class AdapterSwap:
                 if vars(root).pop("_crucible_swapped_in", False):
                     self.take_out([root])
 
-
-def usable_by_autograd(module: torch.nn.Module) -> int:
-    """Replace the module's inference tensors by normal copies (same values; returns how many). ComfyUI runs nodes
-    under ``torch.inference_mode()``, so a model loaded there holds inference tensors, which autograd may not save:
-    a frozen weight between a LoRA and the loss is saved for the backward pass. One tensor at a time is copied.
-    Inference mode is left for the copies (a (re)load by ComfyUI may bring the loader's inference tensors back)."""
-    copied = 0
-    with torch.inference_mode(False):
-        for sub in module.modules():
-            for table, make in ((sub._parameters, lambda t: torch.nn.Parameter(t, requires_grad=False)),
-                                (sub._buffers, lambda t: t)):
-                for name, tensor in list(table.items()):
-                    if tensor is not None and tensor.is_inference():
-                        table[name] = make(tensor.detach().clone())
-                        copied += 1
-    return copied

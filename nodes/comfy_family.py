@@ -21,7 +21,7 @@
   LoraLoader loads each one by construction (:func:`lora_key_names`).
 * Text encoders (``network.train_text_encoder``): the CLIP's CLIP-L/G/H towers train as components ``text_encoder``
   (``_2``) through the same encode path, with gradients; keys from ``comfy.lora.model_lora_keys_clip``
-  (``nodes/comfy_text.py``); ComfyUI may unload / re-patch the CLIP too (the towers are roots of the same swap);
+  (``nodes/comfy_text.py``); ComfyUI may unload / re-patch the CLIP mid-run too (the towers are swap roots);
   :meth:`ComfyModelFamily.restore` takes their adapter out of the user's CLIP too.
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from ..trainer import Components, CrucibleError, KeyStyle, ModelFamily
-from .comfy_adapter_swap import AdapterSwap, usable_by_autograd
+from .comfy_adapter_swap import AdapterSwap
 from .comfy_autograd import differentiable_rope, out_of_place_updates
 from .comfy_conds import apply_grouped, batch_clip_outputs, sample_kwargs
 from .comfy_text import clip_key_names, text_towers, tower_modules, tower_targets
@@ -176,6 +176,21 @@ def preset_modules(modules: Mapping[str, torch.nn.Module], preset: str, mapped: 
     return chosen
 
 
+def usable_by_autograd(module: torch.nn.Module) -> int:
+    """Replace the module's inference tensors by normal copies (same values; returns how many). ComfyUI runs nodes
+    under ``torch.inference_mode()``, so a model loaded there holds inference tensors, which autograd may not save:
+    a frozen weight between a LoRA and the loss is saved for the backward pass. One tensor at a time is copied."""
+    copied = 0
+    for sub in module.modules():
+        for table, make in ((sub._parameters, lambda t: torch.nn.Parameter(t, requires_grad=False)),
+                            (sub._buffers, lambda t: t)):
+            for name, tensor in list(table.items()):
+                if tensor is not None and tensor.is_inference():
+                    table[name] = make(tensor.detach().clone())
+                    copied += 1
+    return copied
+
+
 def _prediction_of(model_sampling) -> str:
     """epsilon | v_prediction | flow, from the classes ComfyUI mixes into the model's model_sampling: a discrete
     1000-step ε or v schedule, or rectified flow (SD3-style or Flux σ shift). Anything else is refused by name."""
@@ -259,7 +274,7 @@ class ComfyModelFamily(ModelFamily):
             self._tower_modules[tower.component] = modules
             self.key_styles[tower.component] = ComfyKeyStyle(
                 "lora_te", kohya=True, names=clip_key_names(list(modules), clip_key_map, numbered))
-            self._swap.add_root(tower.module)  # ComfyUI loads / unloads the CLIP too (comfy_adapter_swap)
+            self._swap.add_encoder(tower.module)  # ComfyUI loads / unloads the CLIP too (comfy_adapter_swap)
 
     # --- loading: the graph already loaded everything --------------------------------------------------------
     def load(self, cfg, device="cpu", dtype=None) -> Components:
@@ -268,8 +283,9 @@ class ComfyModelFamily(ModelFamily):
         # ComfyUI places (and, in low-VRAM mode, streams) the weights; a trained CLIP with them
         mm.load_models_gpu([self.patcher] + ([self.clip.patcher] if self.towers else []))
         base = self.patcher.model
-        for module in [base.diffusion_model, *(tower.module for tower in self.towers)]:
-            usable_by_autograd(module)
+        with torch.inference_mode(False):
+            for module in [base.diffusion_model, *(tower.module for tower in self.towers)]:
+                usable_by_autograd(module)
         if self.frozen_encoders:
             import logging
 
@@ -306,16 +322,10 @@ class ComfyModelFamily(ModelFamily):
 
     def restore(self) -> None:
         """Take the trained adapter out of the user's MODEL and CLIP again (peft layers → their base layers)."""
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
         self._denoiser.disable_gradient_checkpointing()
         self._swap.forget()  # a layer taken out is out already
-        for root in [self.patcher.model.diffusion_model, *(tower.module for tower in self.towers)]:
-            for name, module in list(root.named_modules()):
-                if name and isinstance(module, BaseTunerLayer):
-                    parent_name, _, child = name.rpartition(".")
-                    parent = root.get_submodule(parent_name) if parent_name else root
-                    setattr(parent, child, module.get_base_layer())
+        self._swap.take_out()  # the diffusion model's and every trained tower's, for good
+        self._swap.forget()
 
     def lora_target_modules(self, component: str, preset: str) -> list[str]:
         if component in self._tower_modules:
@@ -366,9 +376,7 @@ class ComfyModelFamily(ModelFamily):
             clip = clip.clone()
             clip.clip_layer(-clip_skip)
         trains = bool(self.towers) and torch.is_grad_enabled()  # ComfyUI's CLIP layers add to x in place
-        with self._swap.comfy_owns_model(), self._swap.adapter_in_forwards(  # ComfyUI loads the CLIP, then encodes
-                [t.module for t in self.towers], prepare=usable_by_autograd), \
-                out_of_place_updates() if trains else nullcontext():
+        with self._swap.comfy_encodes(usable_by_autograd), out_of_place_updates() if trains else nullcontext():
             outs = [clip.encode_from_tokens(clip.tokenize(text), return_dict=True) for text in captions]
         device = next(comps.denoiser.parameters()).device  # captions of different lengths: comfy_conds
         return batch_clip_outputs(outs, COND, POOLED, EXTRA, device)
@@ -411,7 +419,8 @@ class ComfyModelFamily(ModelFamily):
         base = self.patcher.model
         with self._swap.comfy_owns_model():  # reloaded and re-patched (upstream LoRAs) if ComfyUI moved it out
             mm.load_models_gpu([self.patcher])
-            usable_by_autograd(base.diffusion_model)  # a reload brings back the loader's inference tensors
+            with torch.inference_mode(False):
+                usable_by_autograd(base.diffusion_model)  # a reload brings back the loader's inference tensors
         sigma = self._sigma(timesteps).to(noisy_latents.device, torch.float32)
         s = sigma.view(-1, *([1] * (noisy_latents.ndim - 1)))
         if self.default_prediction == "flow":
