@@ -15,76 +15,110 @@ optimizer's parameters and the exporter's view are untouched; the original modul
 states, so whatever ComfyUI wrote into it (a reloaded, re-patched weight, a ``LowVramPatch``) is what the next
 forward sees. Making ComfyUI's key paths resolve through peft layers would need per-adapter-type ``__setattr__``
 and ``named_modules`` overrides; a bypass (forward-hook) adapter would replace the peft network the exporter reads.
+
+The CLIP is a ``ModelPatcher`` too (``clip.patcher``, weights of ``clip.cond_stage_model`` by key path
+``clip_l.transformer.…``), and ``clip.encode_from_tokens`` loads it itself before it encodes: each trained CLIP tower
+is one more root of the same swap. Around every ComfyUI call its adapter is out like the MODEL's; for the training
+encode, :meth:`AdapterSwap.adapter_in_forwards` puts it back for the tower's own forward only (after ComfyUI's load,
+with gradients), so ComfyUI loads, unloads, partly unloads and re-patches (upstream CLIP LoRAs) the tree it built.
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
+from typing import Callable, Sequence
 
 import torch
 
 
 class AdapterSwap:
-    """Moves the top-level peft tuner layers of ``root`` out of the module tree and back in."""
+    """Moves the top-level peft tuner layers of each root (the diffusion model, each trained CLIP tower) out of the
+    module tree and back in, root by root."""
 
-    def __init__(self, root: torch.nn.Module):
-        self.root = root
-        self.taken: list[tuple[torch.nn.Module, str, torch.nn.Module]] = []  # (parent, child name, peft layer)
+    def __init__(self, *roots: torch.nn.Module):
+        self.roots = list(roots)
+        self.encoders: list[torch.nn.Module] = []  # the roots that are trained CLIP towers
+        self.taken: dict[int, list[tuple[torch.nn.Module, str, torch.nn.Module]]] = {}  # id(root) → (parent, child, layer)
+
+    def add_encoder(self, root: torch.nn.Module) -> None:
+        """A trained text encoder of the CLIP (``clip.cond_stage_model.clip_l`` …): one more root."""
+        self.roots.append(root)
+        self.encoders.append(root)
+
+    def is_out(self, root: torch.nn.Module) -> bool:
+        return bool(self.taken.get(id(root)))
 
     @property
     def out(self) -> bool:
-        return bool(self.taken)
+        return any(self.taken.values())
 
-    def take_out(self) -> int:
-        """Put each peft layer's base layer back where the layer is (returns how many); idempotent."""
+    def take_out(self, roots: Sequence[torch.nn.Module] | None = None) -> int:
+        """Put each peft layer's base layer back where the layer is (returns how many are out); idempotent."""
         from peft.tuners.tuners_utils import BaseTunerLayer
 
-        for name, module in list(self.root.named_modules()):
-            if name and isinstance(module, BaseTunerLayer):
-                parent_name, _, child = name.rpartition(".")
-                parent = self.root.get_submodule(parent_name) if parent_name else self.root
-                if getattr(parent, child) is module:  # not a tuner layer nested in one already taken out
-                    setattr(parent, child, module.get_base_layer())
-                    self.taken.append((parent, child, module))
-        return len(self.taken)
+        for root in self.roots if roots is None else roots:
+            taken = self.taken.setdefault(id(root), [])
+            for name, module in list(root.named_modules()):
+                if name and isinstance(module, BaseTunerLayer):
+                    parent_name, _, child = name.rpartition(".")
+                    parent = root.get_submodule(parent_name) if parent_name else root
+                    if getattr(parent, child) is module:  # not a tuner layer nested in one already taken out
+                        setattr(parent, child, module.get_base_layer())
+                        taken.append((parent, child, module))
+        return sum(len(t) for t in self.taken.values())
 
-    def put_back(self) -> None:
-        for parent, child, layer in reversed(self.taken):
-            setattr(parent, child, layer)
-        self.taken.clear()
+    def put_back(self, roots: Sequence[torch.nn.Module] | None = None) -> None:
+        for root in self.roots if roots is None else roots:
+            for parent, child, layer in reversed(self.taken.pop(id(root), [])):
+                setattr(parent, child, layer)
 
     def forget(self) -> None:
-        """The run is over: the adapter stays out of the MODEL."""
+        """The run is over: the adapter stays out of the MODEL and the CLIP."""
         self.taken.clear()
 
     @contextmanager
     def comfy_owns_model(self):
-        """ComfyUI may load, unload or re-patch the MODEL in here: the tree is the one it built. Nested uses put the
-        adapter back only where it was taken out."""
-        was_in = not self.out
-        if was_in:
-            self.take_out()
+        """ComfyUI may load, unload or re-patch the MODEL and the CLIP in here: each tree is the one it built. Nested
+        uses put the adapter back only where they took it out."""
+        taken_here = [root for root in self.roots if not self.is_out(root)]
+        self.take_out(taken_here)
         try:
             yield
         finally:
-            if was_in:
-                self.put_back()
+            self.put_back(taken_here)
 
     @contextmanager
-    def adapter_in_forwards(self):
-        """Inside :meth:`comfy_owns_model`, ComfyUI's sampler still runs the adapter: each forward of ``root`` puts it
-        back for that call (no gradients are kept across sampling steps) and takes it out again after."""
+    def comfy_encodes(self, prepare: Callable[[torch.nn.Module], None] | None = None):
+        """Around ``clip.encode_from_tokens``: ComfyUI owns every tree (it loads the CLIP itself, which may unload the
+        MODEL), and each trained encoder runs its forward with its adapter (``prepare`` first, see below)."""
+        with self.comfy_owns_model(), self.adapter_in_forwards(self.encoders, prepare):
+            yield
+
+    @contextmanager
+    def adapter_in_forwards(self, roots: Sequence[torch.nn.Module] | None = None,
+                            prepare: Callable[[torch.nn.Module], None] | None = None):
+        """Inside :meth:`comfy_owns_model`, ComfyUI's sampler / encode still runs the adapter: each forward of a root
+        (by default every root) puts its adapter back for that call, ``prepare(root)`` first (what ComfyUI's load
+        left there is used as it is now), and takes it out again after."""
         def before(module, args):
-            if self.out:
-                self.put_back()
+            if self.is_out(module):
+                if prepare is not None:
+                    prepare(module)
+                self.put_back([module])
                 module._crucible_swapped_in = True
 
         def after(module, args, output):
             if vars(module).pop("_crucible_swapped_in", False):
-                self.take_out()
+                self.take_out([module])
 
-        handles = (self.root.register_forward_pre_hook(before), self.root.register_forward_hook(after))
+        hooked = self.roots if roots is None else list(roots)
+        handles = [hook for root in hooked
+                   for hook in (root.register_forward_pre_hook(before), root.register_forward_hook(after))]
         try:
             yield
         finally:
             for handle in handles:
                 handle.remove()
+            for root in hooked:  # a forward that raised: out again, as around any ComfyUI call
+                if vars(root).pop("_crucible_swapped_in", False):
+                    self.take_out([root])
+

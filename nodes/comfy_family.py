@@ -22,7 +22,8 @@
   trains: ``nodes/comfy_presets.py``.
 * Text encoders (``network.train_text_encoder``): the CLIP's CLIP-L/G/H towers train as components ``text_encoder``
   (``_2``) through the same encode path, with gradients; keys from ``comfy.lora.model_lora_keys_clip``
-  (``nodes/comfy_text.py``); :meth:`ComfyModelFamily.restore` takes their adapter out of the user's CLIP too.
+  (``nodes/comfy_text.py``); ComfyUI may unload / re-patch the CLIP mid-run too (the towers are swap roots);
+  :meth:`ComfyModelFamily.restore` takes their adapter out of the user's CLIP too.
 """
 from __future__ import annotations
 
@@ -227,6 +228,7 @@ class ComfyModelFamily(ModelFamily):
             self._tower_modules[tower.component] = modules
             self.key_styles[tower.component] = ComfyKeyStyle(
                 "lora_te", kohya=True, names=clip_key_names(list(modules), clip_key_map, numbered))
+            self._swap.add_encoder(tower.module)  # ComfyUI loads / unloads the CLIP too (comfy_adapter_swap)
 
     # --- loading: the graph already loaded everything --------------------------------------------------------
     def load(self, cfg, device="cpu", dtype=None) -> Components:
@@ -274,16 +276,10 @@ class ComfyModelFamily(ModelFamily):
 
     def restore(self) -> None:
         """Take the trained adapter out of the user's MODEL and CLIP again (peft layers → their base layers)."""
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
         self._denoiser.disable_gradient_checkpointing()
         self._swap.forget()  # a layer taken out is out already
-        for root in [self.patcher.model.diffusion_model, *(tower.module for tower in self.towers)]:
-            for name, module in list(root.named_modules()):
-                if name and isinstance(module, BaseTunerLayer):
-                    parent_name, _, child = name.rpartition(".")
-                    parent = root.get_submodule(parent_name) if parent_name else root
-                    setattr(parent, child, module.get_base_layer())
+        self._swap.take_out()  # the diffusion model's and every trained tower's, for good
+        self._swap.forget()
 
     def lora_target_modules(self, component: str, preset: str) -> list[str]:
         if component in self._tower_modules:
@@ -334,7 +330,7 @@ class ComfyModelFamily(ModelFamily):
             clip = clip.clone()
             clip.clip_layer(-clip_skip)
         trains = bool(self.towers) and torch.is_grad_enabled()  # ComfyUI's CLIP layers add to x in place
-        with self._swap.comfy_owns_model(), out_of_place_updates() if trains else nullcontext():  # (may unload MODEL)
+        with self._swap.comfy_encodes(usable_by_autograd), out_of_place_updates() if trains else nullcontext():
             outs = [clip.encode_from_tokens(clip.tokenize(text), return_dict=True) for text in captions]
         device = next(comps.denoiser.parameters()).device  # captions of different lengths: comfy_conds
         return batch_clip_outputs(outs, COND, POOLED, EXTRA, device)
@@ -409,7 +405,7 @@ class ComfyModelFamily(ModelFamily):
             return [[cond, out]]
 
         factor = self.vae.spacial_compression_encode() if hasattr(self.vae, "spacial_compression_encode") else 8
-        with self._swap.comfy_owns_model(), self._swap.adapter_in_forwards():  # the adapter only inside forwards
+        with self._swap.comfy_owns_model(), self._swap.adapter_in_forwards():  # adapters only inside forwards
             return self._sample(prompts, conditioning, factor, seed, steps, cfg, width, height, negative_prompt)
 
     def _sample(self, prompts, conditioning, factor, seed, steps, cfg, width, height, negative_prompt):

@@ -72,7 +72,10 @@ class ClipTower(torch.nn.Module):
         self.transformer.text_model = TextModel()
         self.layer_idx = None
 
-    def encode(self, tokens):
+    def encode(self, tokens):  # SDClipModel.encode: self(tokens), so forward hooks on the tower run
+        return self(tokens)
+
+    def forward(self, tokens):
         z = self.transformer.text_model(tokens, self.layer_idx)
         return z, z[:, -1]
 

@@ -13,7 +13,9 @@ beside the UNet through ComfyUI's own encode path. ComfyUI builds the full-size 
    *LoraLoader* at strength_model 0, strength_clip 1 differs: the trained CLIP keys load and change the
    conditioning, so a CLIP left adapted would show.
 3. The loss trend and Cancel → resume with the CLIP training run in ComfyUI's process at a size CI can afford
-   (``model_path_text_training.py``: ComfyUI's own SD1.5 MODEL and a 2-layer ``comfy.sd.CLIP``).
+   (``model_path_text_training.py``: ComfyUI's own SD1.5 MODEL and a 2-layer ``comfy.sd.CLIP``), and ComfyUI's model
+   management unloading / partly unloading that CLIP mid-run with an upstream LoraLoader CLIP LoRA (its ``unload``
+   part: same losses and LoRA as undisturbed, every key loads, the CLIP byte-identical after a run, Cancel, error).
 The check's wall time is printed with each result. Only on ComfyUI 0.8.0.
 """
 from __future__ import annotations

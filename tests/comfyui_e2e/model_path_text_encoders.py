@@ -44,7 +44,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # tests/: the model fixtures
 from comfy_python import report, setup_comfy  # noqa: E402
-from model_path_training import CaseSettings  # noqa: E402
+from model_path_training import CaseSettings, pack_modules  # noqa: E402
 
 TEXT_WIDTH = 64  # the tiny encoders' hidden size = the diffusion models' caption width
 PROMPTS = ("crucible, red circle, black background",)
@@ -238,15 +238,8 @@ def run_case(args, pack, module, name: str, out: Path) -> None:
 
 
 def main() -> None:
-    import importlib
-
     args = setup_comfy()
-    from model_path_equivalence import PACK_ALIAS, comfy_family_module
-
-    module = comfy_family_module(args.pack_dir)
-    pack = type("Pack", (), {name: importlib.import_module(f"{PACK_ALIAS}.trainer.{name}")
-                             for name in ("config", "loop", "families")})
-    pack.Callbacks = importlib.import_module(f"{PACK_ALIAS}.trainer").Callbacks
+    module, pack = pack_modules(args.pack_dir)
     wanted = [n for n in args.only.split(",") if n] or list(CASES)
     for name in wanted:
         with tempfile.TemporaryDirectory(prefix=f"crucible-te-{name}-") as tmp:

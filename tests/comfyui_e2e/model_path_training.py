@@ -38,13 +38,18 @@ STEPS, SAVE_EVERY = 12, 6
 @dataclass(frozen=True)
 class CaseSettings:
     """What differs between the cases' runs: batch size, learning rate, the render's cfg, Flux dev's guidance,
-    other training settings, whether Cancel → resume is checked too."""
+    other training / network / optimizer settings, whether Cancel → resume is checked too, the steps and the
+    save interval."""
     batch: int
     learning_rate: float
     cfg: float
     guidance: float | None = None
     training: dict = field(default_factory=dict, hash=False)
     resume: bool = True
+    network: dict = field(default_factory=dict, hash=False)
+    optim: dict = field(default_factory=dict, hash=False)
+    steps: int = STEPS
+    save_every: int = SAVE_EVERY
 
 
 # Adam moves every LoRA weight by about lr per step: the 3072-wide Flux diverges at the tiny SDXL's 1e-2
@@ -108,18 +113,74 @@ def case_objects(family: str):
     return model, clip, comfy_vae(16 if family == "flux" else 4)
 
 
+def pack_modules(pack_dir: str):
+    """(the pack's ``nodes/comfy_family`` module, its library: ``config``, ``loop``, ``families``, ``Callbacks``),
+    imported under the equivalence scripts' pack alias."""
+    from model_path_equivalence import PACK_ALIAS, comfy_family_module
+
+    module = comfy_family_module(pack_dir)
+    pack = type("Pack", (), {name: importlib.import_module(f"{PACK_ALIAS}.trainer.{name}")
+                             for name in ("config", "loop", "families")})
+    pack.Callbacks = importlib.import_module(f"{PACK_ALIAS}.trainer").Callbacks
+    return module, pack
+
+
 def run_config(pack, settings: CaseSettings, demo: Path, out: Path, run_name: str):
+    """The TrainConfig of one in-process MODEL-path run (family ``comfy``): LoRA dim 4 on all_linear, 64 px,
+    ``settings.steps`` steps, a LoRA every ``settings.save_every``."""
     return pack.config.TrainConfig.from_dict({
         "model": {"family": "comfy", "path": ""},
         "datasets": [{"path": str(demo), "resolution": 64, "repeats": 1}],
-        "network": {"network_type": "lora", "network_dim": 4, "network_alpha": 4, "target_preset": "all_linear"},
-        "optim": {"learning_rate": settings.learning_rate, "lr_scheduler": "constant"},
-        "training": {"batch_size": settings.batch, "epochs": 100, "max_train_steps": STEPS, "seed": 7,
+        "network": {"network_type": "lora", "network_dim": 4, "network_alpha": 4, "target_preset": "all_linear",
+                    **settings.network},
+        "optim": {"learning_rate": settings.learning_rate, "lr_scheduler": "constant", **settings.optim},
+        "training": {"batch_size": settings.batch, "epochs": 100, "max_train_steps": settings.steps, "seed": 7,
                      "mixed_precision": "no", "cache_latents": True, "cache_text_embeddings": True,
                      **({"guidance_scale": settings.guidance} if settings.guidance is not None else {}),
                      **settings.training},
         "save": {"output_dir": str(out / "loras"), "work_dir": str(out / "runs"), "run_name": run_name,
-                 "save_every_n_steps": SAVE_EVERY, "save_every_n_epochs": 0, "save_precision": "fp32"}})
+                 "save_every_n_steps": settings.save_every, "save_every_n_epochs": 0, "save_precision": "fp32"}})
+
+
+def hosted_run(pack, family, config_of, callbacks=None, resume_from=None):
+    """``pack.loop.train`` on ``family`` as Crucible Train runs it: the family registered (``config_of()`` is built
+    then: family "comfy" is known only while registered), and ``restore`` after, also after a Cancel or an error."""
+    try:
+        with pack.families.hosted_family(family):
+            return pack.loop.train(config_of(), callbacks, resume_from=resume_from)
+    finally:
+        family.restore()
+
+
+def stop_after(pack, step: int):
+    """Callbacks that cancel the run after ``step`` (as the Cancel button does between steps)."""
+    class StopAt(pack.Callbacks):
+        seen = 0
+
+        def on_step(self, info):
+            self.seen = info.step
+
+        def should_stop(self):
+            return self.seen >= step
+
+    return StopAt()
+
+
+def cancel_resume_problems(pack, run, run_name: str, whole, stop: int) -> tuple[list[str], dict]:
+    """A run (``run(run_name, callbacks=None, resume_from=None)`` → RunResult) cancelled after step ``stop`` and
+    resumed, against the uninterrupted ``whole`` RunResult: (problems, the whole run's final LoRA tensors)."""
+    import torch
+    from safetensors.torch import load_file
+
+    first_part = run(run_name, stop_after(pack, stop))
+    resumed = run(run_name, resume_from=first_part.state_dir)
+    ours = load_file(str(sorted(whole.run_dir.glob("*.safetensors"))[-1]))
+    theirs = load_file(str(sorted(resumed.run_dir.glob("*.safetensors"))[-1]))
+    differ = [k for k in ours if k not in theirs or not torch.equal(ours[k], theirs[k])]
+    problems = ([] if first_part.cancelled else ["the first part was not cancelled"]) + \
+        ([f"{len(differ)} of {len(ours)} LoRA tensors differ: {differ[:3]}"] if differ else []) + \
+        ([f"losses differ: {resumed.losses} vs {whole.losses}"] if resumed.losses != whole.losses else [])
+    return problems, ours
 
 
 def render(model, clip, vae, cfg: float):
@@ -197,8 +258,6 @@ def train_family(args, pack, module, family: str, out: Path, objects=None, setti
     :func:`case_objects`; ``settings`` by default :data:`SETTINGS`; ``sample_prompts``: a preview at the last step
     through the family's own sampler, which must render; ``lora_extra(path)``: one more (status, name, detail) check
     of the final LoRA; ``data``: the dataset folder, by default the demo data)."""
-    import torch
-
     from model_path_equivalence import model_config  # noqa: F401 - the pack alias is set up by comfy_family_module
 
     started = time.perf_counter()
@@ -208,23 +267,23 @@ def train_family(args, pack, module, family: str, out: Path, objects=None, setti
     before = weight_digests(model.model.diffusion_model)
     base_image = render(model, clip, vae, settings.cfg)
 
+    def config_of(run_name: str):
+        config = run_config(pack, settings, demo, out, run_name)
+        if sample_prompts:
+            config = replace(config, sample=replace(config.sample, prompts=sample_prompts, steps=2, cfg=settings.cfg,
+                                                    sample_every_n_steps=settings.steps))
+        return config
+
     def run(run_name: str, callbacks=None, resume_from=None):
-        family_obj = module.ComfyModelFamily(model, clip, vae)
-        try:
-            with pack.families.hosted_family(family_obj):
-                config = run_config(pack, settings, demo, out, run_name)
-                if sample_prompts:
-                    config = replace(config, sample=replace(config.sample, prompts=sample_prompts, steps=2,
-                                                            cfg=settings.cfg, sample_every_n_steps=STEPS))
-                return pack.loop.train(config, callbacks, resume_from=resume_from)
-        finally:
-            family_obj.restore()
+        return hosted_run(pack, module.ComfyModelFamily(model, clip, vae), lambda: config_of(run_name), callbacks,
+                          resume_from)
 
     result = run(f"{family}_whole")
     losses = result.losses
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     label = f"{family} MODEL path"
-    report("pass" if len(losses) == STEPS and last < first else "fail", f"{label}: {STEPS} steps, the loss falls",
+    report("pass" if len(losses) == settings.steps and last < first else "fail",
+           f"{label}: {settings.steps} steps, the loss falls",
            f"mean of the first five steps {first:.4f} → the last five {last:.4f} ({time.perf_counter() - started:.0f}s)")
     after = weight_digests(model.model.diffusion_model)
     changed = [k for k, v in before.items() if after.get(k) != v]
@@ -245,39 +304,16 @@ def train_family(args, pack, module, family: str, out: Path, objects=None, setti
     if not settings.resume:
         return
     started = time.perf_counter()
-
-    class StopAt(pack.Callbacks):
-        seen = 0
-
-        def on_step(self, info):
-            self.seen = info.step
-
-        def should_stop(self):
-            return self.seen >= SAVE_EVERY
-
-    first_part = run(f"{family}_parts", StopAt())
-    resumed = run(f"{family}_parts", resume_from=first_part.state_dir)
-    from safetensors.torch import load_file
-
-    ours, theirs = load_file(str(final[-1])), load_file(str(sorted(resumed.run_dir.glob("*.safetensors"))[-1]))
-    differ = [k for k in ours if k not in theirs or not torch.equal(ours[k], theirs[k])]
-    problems = ([] if first_part.cancelled else ["the first part was not cancelled"]) + \
-        ([f"{len(differ)} of {len(ours)} LoRA tensors differ"] if differ else []) + \
-        ([f"losses differ: {resumed.losses} vs {losses}"] if resumed.losses != losses else [])
-    report("fail" if problems else "pass", f"{label}: Cancel after step {SAVE_EVERY} → resume equals the whole run",
-           "\n".join(problems) or f"{len(ours)} tensors equal ({time.perf_counter() - started:.0f}s)")
+    problems, ours = cancel_resume_problems(pack, run, f"{family}_parts", result, settings.save_every)
+    report("fail" if problems else "pass", f"{label}: Cancel after step {settings.save_every} → resume equals the "
+           "whole run", "\n".join(problems) or f"{len(ours)} tensors equal ({time.perf_counter() - started:.0f}s)")
 
 
 def main() -> None:
     import traceback
 
     args = setup_comfy()
-    from model_path_equivalence import PACK_ALIAS, comfy_family_module
-
-    module = comfy_family_module(args.pack_dir)
-    pack = type("Pack", (), {name: importlib.import_module(f"{PACK_ALIAS}.trainer.{name}")
-                             for name in ("config", "loop", "families")})
-    pack.Callbacks = importlib.import_module(f"{PACK_ALIAS}.trainer").Callbacks
+    module, pack = pack_modules(args.pack_dir)
     wanted = {n for n in args.only.split(",") if n} or set(FAMILIES)
     for family in FAMILIES:
         if family not in wanted:
