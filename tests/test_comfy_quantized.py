@@ -168,3 +168,33 @@ def test_a_family_that_fails_to_build_leaves_the_layers_as_they_were(module, mon
         family_for(module, base)
     layer = base.diffusion_model.ff
     assert type(layer) is QuantLinear and layer._full_precision_mm is False
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_the_step_plan_gives_the_users_model_back(module, monkeypatch, fails):  # noqa: F811
+    """The Step Plan builds the same family as Train (its layers seen as Linear until restore): it restores it after
+    its report, also when the report fails, so a scaled-fp8 MODEL leaves the Step Plan as it came in."""
+    import importlib
+
+    memory = importlib.import_module(module.__name__.rsplit(".", 1)[0] + ".comfy_memory")
+    base = quantized_base(full_precision_mm=False)
+    built = []
+
+    def hosted_model_config(model, clip, vae, crucible_model=None, network=None):
+        built.append(family_for(module, base))
+        return built[-1], None, network
+
+    def report(*args):
+        assert type(base.diffusion_model.ff) is not QuantLinear  # seen as a Linear meanwhile
+        if fails:
+            raise CrucibleError("estimate failed")
+        return "estimate"
+
+    monkeypatch.setattr(module, "hosted_model_config", hosted_model_config)
+    monkeypatch.setattr(memory, "_model_path_report", report)
+    if fails:
+        with pytest.raises(CrucibleError, match="estimate failed"):
+            memory.model_path_memory_report(None, None, None, None, [], None, None, None, 1)
+    else:
+        assert memory.model_path_memory_report(None, None, None, None, [], None, None, None, 1) == "estimate"
+    assert built and type(base.diffusion_model.ff) is QuantLinear and base.diffusion_model.ff._full_precision_mm is False
