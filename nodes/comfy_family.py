@@ -41,6 +41,7 @@ from .comfy_keys import PREFIX, ComfyKeyStyle, lora_key_names
 from .comfy_presets import preset_modules
 from .comfy_text import clip_key_names, text_towers, tower_modules, tower_targets
 from .comfy_upstream import ddpm_scheduler, model_sampling_of, upstream_of, warn_upstream
+from .comfy_weights import QuantizedLinearViews, usable_by_autograd
 
 HOSTED_NAME = "comfy"  # model.family of a run through the graph's MODEL
 COMPONENT = "unet"  # the denoiser's component name (ComfyUI's LoRA keys call every diffusion model lora_unet_)
@@ -109,21 +110,6 @@ class HostedModule(torch.nn.Module):
 def _call_out_of_place(forward, *args, **kwargs):
     with out_of_place_updates():
         return forward(*args, **kwargs)
-
-
-def usable_by_autograd(module: torch.nn.Module) -> int:
-    """Replace the module's inference tensors by normal copies (same values; returns how many). ComfyUI runs nodes
-    under ``torch.inference_mode()``, so a model loaded there holds inference tensors, which autograd may not save:
-    a frozen weight between a LoRA and the loss is saved for the backward pass. One tensor at a time is copied."""
-    copied = 0
-    for sub in module.modules():
-        for table, make in ((sub._parameters, lambda t: torch.nn.Parameter(t, requires_grad=False)),
-                            (sub._buffers, lambda t: t)):
-            for name, tensor in list(table.items()):
-                if tensor is not None and tensor.is_inference():
-                    table[name] = make(tensor.detach().clone())
-                    copied += 1
-    return copied
 
 
 def held_loaded(patcher) -> bool:
@@ -203,6 +189,14 @@ class ComfyModelFamily(ModelFamily):
         self.guidance = None
         self._denoiser = HostedModule("diffusion_model", base.diffusion_model)
         self._swap = AdapterSwap(base.diffusion_model)  # ComfyUI's view of the MODEL (nodes/comfy_adapter_swap.py)
+        self._views = QuantizedLinearViews(base.diffusion_model)  # scaled-fp8 layers as Linear until restore()
+        try:
+            self._collect_modules(base, train_text_encoder, clip_key_map)
+        except BaseException:
+            self._views.undo()
+            raise
+
+    def _collect_modules(self, base, train_text_encoder: bool, clip_key_map) -> None:
         modules = {f"{PREFIX}{n}": m for n, m in base.diffusion_model.named_modules() if n}
         self._mapped = set(self.key_map.values())
         self._modules = modules
@@ -280,6 +274,7 @@ class ComfyModelFamily(ModelFamily):
         self._swap.forget()  # a layer taken out is out already
         self._swap.take_out()  # the diffusion model's and every trained tower's, for good
         self._swap.forget()
+        self._views.undo()  # each quantized layer's own class again (nodes/comfy_weights.py)
 
     def lora_target_modules(self, component: str, preset: str) -> list[str]:
         if component in self._tower_modules:

@@ -296,10 +296,18 @@ def model_path_memory_report(comfy_model, comfy_clip, comfy_vae, crucible_model,
     same resolved settings as Crucible Train (``hosted_model_config``, ``MemoryOptions.from_config`` under the
     hosted family), the conditioning of one empty caption as ComfyUI's CLIP pads it (CLIP 77 tokens, Flux's T5 at
     least 256)."""
-    from ..trainer import OptimConfig, TrainConfig, TrainingConfig, hosted_family
     from .comfy_family import hosted_model_config
 
     family, model_cfg, network = hosted_model_config(comfy_model, comfy_clip, comfy_vae, crucible_model, network)
+    try:  # the family changes the user's MODEL until restore (scaled-fp8 layers seen as Linear: comfy_weights.py)
+        return _model_path_report(family, model_cfg, network, dataset, optimizer, training, batch_size, device)
+    finally:
+        family.restore()
+
+
+def _model_path_report(family, model_cfg, network, dataset, optimizer, training, batch_size: int, device) -> str:
+    from ..trainer import OptimConfig, TrainConfig, TrainingConfig, hosted_family
+
     run = TrainConfig(model=model_cfg, datasets=tuple(dataset), network=network, optim=optimizer or OptimConfig(),
                       training=replace(training or TrainingConfig(), batch_size=batch_size))
     with hosted_family(family):

@@ -104,14 +104,21 @@ def key_problems(path: Path, prefixes: tuple[str, ...] = ("lora_unet_",)) -> lis
         ([] if keys else [f"{path.name} holds no keys"])
 
 
+def model_path_ready(ctx, label: str, needs: tuple[str, ...] = NEEDS) -> bool:
+    """Whether a MODEL-path check can run here: on ComfyUI 0.8.0 only (a SKIP otherwise), with the stage resources
+    it ``needs`` (a FAIL naming the missing ones otherwise)."""
+    if ctx.comfy_version != "0.8.0":
+        ctx.results.skip(label, f"runs on ComfyUI 0.8.0 only (this is {ctx.comfy_version})")
+        return False
+    missing = [n for n in needs if ctx.resources.get(n, {}).get("status") != "ok"]
+    if missing:
+        ctx.results.fail(label, f"needs the stage resources {missing}")
+    return not missing
+
+
 async def run_checks(ctx) -> None:
     results = ctx.results
-    if ctx.comfy_version != "0.8.0":
-        results.skip("MODEL path", f"runs on ComfyUI 0.8.0 only (this is {ctx.comfy_version})")
-        return
-    missing = [n for n in NEEDS if ctx.resources.get(n, {}).get("status") != "ok"]
-    if missing:
-        results.fail("MODEL path", f"needs the stage resources {missing}")
+    if not model_path_ready(ctx, "MODEL path"):
         return
     info = ctx.object_info.get("CrucibleTrain", {}).get("input", {}).get("optional", {})
     if not {"comfy_model", "comfy_clip", "comfy_vae"} <= set(info):

@@ -241,9 +241,11 @@ def preview_check(result, label: str) -> tuple[str, str, str]:
 
 
 def weight_digests(module) -> dict[str, str]:
-    """A digest of every tensor's bytes by name (a copy of the 2 GB Flux would double its memory)."""
-    return {name: hashlib.blake2b(tensor.detach().cpu().contiguous().view(-1).view(torch_uint8()).numpy().tobytes(),
-                                  digest_size=16).hexdigest() for name, tensor in module.state_dict().items()}
+    """A digest of every tensor's bytes by name (a copy of the 2 GB Flux would double its memory); a quantized
+    weight (ComfyUI's ``QuantizedTensor``) by its stored fp8 data (its scale is a tensor of its own)."""
+    return {name: hashlib.blake2b(getattr(tensor, "_qdata", tensor).detach().cpu().contiguous().view(-1)
+                                  .view(torch_uint8()).numpy().tobytes(), digest_size=16).hexdigest()
+            for name, tensor in module.state_dict().items()}
 
 
 def torch_uint8():
