@@ -14,9 +14,10 @@
 * encode_text: ``clip.encode_from_tokens(clip.tokenize(text), return_dict=True)`` per caption (every text encoder
   ComfyUI supports); encode_images: ``vae.encode`` and the latent format's ``process_in``.
 * LoRA: peft on ``model.model.diffusion_model``'s Linear / Conv modules (ComfyUI's casting ops stay the base layer,
-  so fp8 weights are cast per forward as ComfyUI does); :meth:`ComfyModelFamily.restore` removes it again, so the
-  user's MODEL is unchanged after the run. Around every ComfyUI call (encodes, previews, the load before each
-  forward) the adapter is out of the tree, so ComfyUI may unload / re-patch the MODEL mid-run (comfy_adapter_swap).
+  so fp8 weights are cast per forward as ComfyUI does; scaled-fp8 layers: nodes/comfy_weights.py);
+  :meth:`ComfyModelFamily.restore` removes it again, so the user's MODEL is unchanged after the run. Around every
+  ComfyUI call (encodes, previews, the load before each forward) the adapter is out of the tree, so ComfyUI may
+  unload / re-patch the MODEL mid-run (comfy_adapter_swap).
 * Export keys: ComfyUI's own ``comfy.lora.model_lora_keys_unet`` for the loaded model names every key, so the stock
   LoraLoader loads each one by construction (``nodes/comfy_keys.py``); which modules each target preset
   trains: ``nodes/comfy_presets.py``.
@@ -197,6 +198,7 @@ class ComfyModelFamily(ModelFamily):
             raise
 
     def _collect_modules(self, base, train_text_encoder: bool, clip_key_map) -> None:
+        """The trainable modules and their LoRA key names (diffusion model; CLIP towers when trained)."""
         modules = {f"{PREFIX}{n}": m for n, m in base.diffusion_model.named_modules() if n}
         self._mapped = set(self.key_map.values())
         self._modules = modules
