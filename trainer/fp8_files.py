@@ -131,23 +131,62 @@ def read_tensors(handle, where: Any, prefix: str = "", exclude: tuple[str, ...] 
     check_supported(keys, formats, where)
     present = set(keys)
     keep_fp8 = loading_fp8()
+    reader = ChunkedReader(handle, None if shapes_only else reopen)
     out: dict[str, torch.Tensor] = {}
-    for key in keys:
-        if not key.startswith(prefix) or (exclude and key.startswith(exclude)) or is_aux_key(key):
-            continue
-        scale_key = None
-        if key.endswith(".weight"):
-            layer = key[: -len(".weight")]
-            scale_key = next((layer + s for s in SCALE_SUFFIXES if layer + s in present), None)
-        if shapes_only:
-            out[key[len(prefix):]] = _meta_value(handle, key, scale_key, dtype, keep_fp8, where)
-            continue
-        if keep_fp8 and reopen is not None:
-            out[key[len(prefix):]] = _lazy_tensor(handle, reopen, key, scale_key, dtype, where)
-            continue
-        scale = handle.get_tensor(scale_key) if scale_key is not None else None
-        out[key[len(prefix):]] = dequantize_tensor(key, handle.get_tensor(key), scale, dtype, keep_fp8, where)
+    try:
+        for key in keys:
+            if not key.startswith(prefix) or (exclude and key.startswith(exclude)) or is_aux_key(key):
+                continue
+            scale_key = None
+            if key.endswith(".weight"):
+                layer = key[: -len(".weight")]
+                scale_key = next((layer + s for s in SCALE_SUFFIXES if layer + s in present), None)
+            if shapes_only:
+                out[key[len(prefix):]] = _meta_value(handle, key, scale_key, dtype, keep_fp8, where)
+                continue
+            if keep_fp8 and reopen is not None:
+                out[key[len(prefix):]] = _lazy_tensor(handle, reopen, key, scale_key, dtype, where)
+                continue
+            scale = reader.get(scale_key) if scale_key is not None else None
+            out[key[len(prefix):]] = dequantize_tensor(key, reader.get(key), scale, dtype, keep_fp8, where)
+    finally:
+        reader.close()
     return out
+
+
+READ_CHUNK_BYTES = 256 << 20  # a fresh handle after this many bytes read (:class:`ChunkedReader`)
+
+
+class ChunkedReader:
+    """Reads a file's tensors through a fresh ``safe_open`` handle every :data:`READ_CHUNK_BYTES`.
+
+    safetensors (0.6+) maps the file and hands out tensors backed by the mapping; every page a handle has read stays
+    in the process's resident memory until that handle closes, even once the tensor read from it was converted and
+    dropped. One handle kept open for a whole file therefore holds the file beside its converted copy: loading the
+    fp16 SDXL single file as bf16 peaked at 13.3 GiB RSS, 6.1 GiB of it file pages (measured, 2026-12-07). A tensor
+    kept unconverted keeps its own pages, as it must. Without ``path`` (nothing to reopen) ``handle`` reads all."""
+
+    def __init__(self, handle, path: str | Path | None):
+        self.handle, self.path = handle, path
+        self.own = None
+        self.bytes_read = 0
+
+    def get(self, key: str) -> torch.Tensor:
+        if self.path is None:
+            return self.handle.get_tensor(key)
+        if self.own is None or self.bytes_read >= READ_CHUNK_BYTES:
+            from safetensors import safe_open
+
+            self.close()
+            self.own = safe_open(str(self.path), framework="pt")
+        value = self.own.get_tensor(key)
+        self.bytes_read += value.numel() * value.element_size()
+        return value
+
+    def close(self) -> None:
+        if self.own is not None:
+            self.own.__exit__(None, None, None)
+            self.own, self.bytes_read = None, 0
 
 
 def _meta_value(handle, key: str, scale_key: str | None, dtype, keep_fp8: bool, where) -> torch.Tensor:
