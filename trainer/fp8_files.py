@@ -25,6 +25,7 @@ are kept as they are (the fp8 base stores them without another rounding).
 from __future__ import annotations
 
 import json
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -170,6 +171,7 @@ class ChunkedReader:
         self.handle, self.path = handle, path
         self.own = None
         self.bytes_read = 0
+        self._open = ExitStack()
 
     def get(self, key: str) -> torch.Tensor:
         if self.path is None:
@@ -178,15 +180,14 @@ class ChunkedReader:
             from safetensors import safe_open
 
             self.close()
-            self.own = safe_open(str(self.path), framework="pt")
+            self.own = self._open.enter_context(safe_open(str(self.path), framework="pt"))
         value = self.own.get_tensor(key)
         self.bytes_read += value.numel() * value.element_size()
         return value
 
     def close(self) -> None:
-        if self.own is not None:
-            self.own.__exit__(None, None, None)
-            self.own, self.bytes_read = None, 0
+        self._open.close()
+        self.own, self.bytes_read = None, 0
 
 
 def _meta_value(handle, key: str, scale_key: str | None, dtype, keep_fp8: bool, where) -> torch.Tensor:
