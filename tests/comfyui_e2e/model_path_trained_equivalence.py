@@ -144,7 +144,7 @@ class SameData:
         conds = [self.item(s[0])[1] for s in batch_plan]
         return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
 
-    def fill(self, report) -> None:
+    def fill(self, report=None, share=None) -> None:  # TextCache.fill's signature: nothing to encode
         pass
 
 

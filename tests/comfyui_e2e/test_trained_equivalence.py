@@ -119,3 +119,15 @@ def test_preset_differences_count_fused_weights_by_their_slices():
     _, _, missing = facts(["diffusion_model.blocks.0.mlp", "diffusion_model.input_blocks.1.proj"])
     assert missing["comfy_misses"] == ["diffusion_model.blocks.0.qkv.weight"]
     assert missing["comfy_only"] == ["diffusion_model.input_blocks.1.proj.weight"]
+
+
+def test_the_text_stand_in_takes_every_argument_the_loop_passes_the_text_cache():
+    """The run's text cache is replaced by a stand-in that serves the same embeddings to both paths; the loop calls
+    ``fill(report, share)`` on it (since the caches fill by shares across processes). A stand-in with an older
+    signature failed every training comparison of the stage with a TypeError."""
+    import inspect
+
+    from trainer.cache import TextCache
+
+    wanted = set(inspect.signature(TextCache.fill).parameters)
+    assert wanted <= set(inspect.signature(mte.SameData.fill).parameters)
