@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import random
+import select
 import signal
 import stat
 import time
@@ -57,13 +58,15 @@ def write_every_kind(folder: Path, version: int) -> None:
     atomic_write(folder / "strip.png", lambda tmp: strip.save(tmp, format="PNG", pnginfo=info))
 
 
-def _writer_child(folder: Path, first_version: int) -> None:
-    """Runs in a forked child until it is killed; a crash is reported through ``child-error.txt``."""
+def _writer_child(folder: Path, first_version: int, done_fd: int) -> None:
+    """Runs in a forked child until it is killed, writing a byte to ``done_fd`` after each complete round of saves;
+    a crash is reported through ``child-error.txt``."""
     try:
         version = first_version
         while True:
             version += 1
             write_every_kind(folder, version)
+            os.write(done_fd, b".")
     except BaseException:  # noqa: BLE001 - report anything to the parent, then leave without cleanup
         (folder.parent / "child-error.txt").write_text(traceback.format_exc())
         os._exit(1)
@@ -110,12 +113,20 @@ def test_sigkill_mid_save_never_exposes_a_partial_file(tmp_path):
     rng = random.Random(2024)
     seen, killed_mid_write, versions = 0, 0, set()
     for kill in range(KILLS):
+        done_read, done_write = os.pipe()
         pid = os.fork()
         if pid == 0:  # the child: save forever (only SIGKILL stops it)
-            _writer_child(folder, first_version=(kill + 1) * 1_000_000)
+            os.close(done_read)
+            _writer_child(folder, first_version=(kill + 1) * 1_000_000, done_fd=done_write)
+        os.close(done_write)
+        # the kill lands after the child's first complete round (on a loaded machine a fixed delay could land before
+        # it had written anything), then somewhere in the saves that follow
+        ready, _, _ = select.select([done_read], [], [], 120)
         time.sleep(rng.uniform(0.0, 0.15))
         os.kill(pid, signal.SIGKILL)
         _, status = os.waitpid(pid, 0)
+        os.close(done_read)
+        assert ready, "the writer completed no round of saves in 120 s"
         error = tmp_path / "child-error.txt"
         assert not error.exists(), error.read_text()
         assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
@@ -128,7 +139,7 @@ def test_sigkill_mid_save_never_exposes_a_partial_file(tmp_path):
             assert digest(path) == sha, f"{path.name} changed"
     # The test is only meaningful if the kills really landed in the middle of saves, after real progress.
     assert killed_mid_write >= KILLS // 4, f"only {killed_mid_write} of {KILLS} kills hit a save in progress"
-    assert len(versions) >= KILLS // 4, f"the writer made progress in only {len(versions)} of {KILLS} runs"
+    assert len(versions) == KILLS, "every writer completed a round before its kill: each run leaves a newer LoRA"
     # The next process that writes there removes the temp files the killed writers left (stale ones only).
     assert _in_a_fresh_process(lambda: write_every_kind(folder, version=seen + 1)) == 0
     assert not stray_temps(folder), stray_temps(folder)
