@@ -145,11 +145,16 @@ class ComfyClient:
         seconds (or at the absolute ``time.monotonic()`` ``deadline`` if that comes first).
         """
         limit = _Deadline(prompt_id, timeout, deadline)
-        if self.use_websocket and not self._ws_broken:
-            entry = self._wait_ws(prompt_id, limit)
-            if entry is not None:
-                return entry
-        return self._wait_poll(prompt_id, limit)
+        try:
+            if self.use_websocket and not self._ws_broken:
+                entry = self._wait_ws(prompt_id, limit)
+                if entry is not None:
+                    return entry
+            return self._wait_poll(prompt_id, limit)
+        except ComfyTimeoutError:
+            if limit.remaining() <= 0:  # a request cut short by the deadline: say which limit ran out
+                limit.check()
+            raise
 
     def _socket(self, limit: "_Deadline") -> Any | None:
         """The open websocket, connecting on first use; None (and polling from now on) if that fails."""
