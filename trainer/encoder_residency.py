@@ -181,7 +181,7 @@ class EncoderResidency:
         from .errors import CrucibleError, ModelLoadError
         from .families.base import check_model_paths
         from .quantized import apply_fp8_base, cast_frozen, fp8_loading
-        from .run_setup import DTYPES
+        from .run_setup import DTYPES, load_dtypes
 
         t = self.trainer
         cfg, family = t.cfg, t.family
@@ -195,8 +195,7 @@ class EncoderResidency:
         try:
             check_model_paths(cfg.model)
             with fp8_loading(cfg.model.fp8_base):
-                modules = family.load_encoders(cfg.model, t.comps,
-                                               dtype=DTYPES[precision] if lowp and not full else None)
+                modules = family.load_encoders(cfg.model, t.comps, dtype=load_dtypes(cfg, precision, family.vae_fp32))
         except (CrucibleError, OSError) as exc:
             raise ModelLoadError(f"{hint}, and could not: {exc}. Restore the files, or set "
                                  "training.release_encoders false") from exc

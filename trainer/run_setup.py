@@ -15,7 +15,7 @@ import torch
 
 from .block_swap import attach_block_swap, place_resident
 from .errors import CrucibleError
-from .families import Components
+from .families import Components, PartDtypes
 from .families.objectives import make_objective
 from .network import Network, attach_network, param_groups
 from .memory_options import check_run_memory_options, memory_lean, trained_weight_dtype
@@ -29,6 +29,19 @@ from .train_step import rounding_generator
 log = logging.getLogger("crucible")
 
 DTYPES = {"fp32": torch.float32, "no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def load_dtypes(cfg, precision: str, vae_fp32: bool) -> PartDtypes:
+    """The dtype each part is read into, so nothing is built wider and cast after. Under mixed precision the frozen
+    parts are read in the compute dtype (kohya/diffusers practice: a 12B Flux in fp32 would not fit), and a full
+    fine-tune's trained ones in fp32 (bf16 with ``full_bf16``); a VAE that overflows in half precision (SDXL's) in
+    fp32. ``None`` (no mixed precision): the loader's default, fp32."""
+    compute = DTYPES[precision] if precision != "no" else None
+    trained = trained_weight_dtype(cfg) if cfg.network.network_type == "full" else compute
+    net = cfg.network
+    return PartDtypes(denoiser=trained if net.train_unet else compute,
+                      text_encoders=trained if net.train_text_encoder else compute,
+                      vae=torch.float32 if vae_fp32 else compute)
 
 
 def make_accelerator(mixed_precision: str, find_unused_parameters: bool = False):
@@ -103,11 +116,10 @@ class RunSetup:
         if shards_weights(self.acc):
             check_sharded_run(cfg, self.acc.is_fsdp2)
         device = self.acc.device
-        # LoRA under mixed precision: frozen base weights load straight in the compute dtype (kohya/diffusers
-        # practice; a 12B Flux in fp32 would not fit), the trainable adapter stays fp32 (below). A full fine-tune
-        # keeps its frozen parts in the compute dtype too, and the trained ones in fp32 (bf16 with full_bf16).
+        # every part is read straight into its training dtype (load_dtypes); a LoRA's adapter stays fp32 (below)
         full = cfg.network.network_type == "full"
         lowp = precision != "no"
+        dtypes = load_dtypes(cfg, precision, self.family.vae_fp32)
         weight_dtype = DTYPES[precision] if lowp and not full else None
         swap = cfg.training.blocks_to_swap
         # cache, then free: the denoiser waits in host memory while the caches fill (placed by _pre_encode)
@@ -118,7 +130,7 @@ class RunSetup:
         # sharded: rank 0 alone reads the denoiser's weights, the other ranks get their shards in prepare()
         with fp8_loading(cfg.model.fp8_base), rank0_loading(self.acc) if sharded else contextlib.nullcontext():
             on_host = swap or cfg.model.fp8_base or self.denoiser_waits or sharded
-            comps = components or self.family.load(cfg.model, device="cpu" if on_host else device, dtype=weight_dtype)
+            comps = components or self.family.load(cfg.model, device="cpu" if on_host else device, dtype=dtypes)
         self.owns_encoders = components is None  # the caller's encoders are never released (encoder_residency)
         if cfg.model.fp8_base:
             apply_fp8_base([comps.denoiser, *comps.text_encoders], weight_dtype or torch.float32)

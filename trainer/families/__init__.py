@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from typing import Callable, Iterator
 
 from ..errors import ConfigError
-from .base import Components, Conditioning, EncoderSpec, ModelFamily
+from .base import Components, Conditioning, EncoderSpec, ModelFamily, PartDtypes
 from .registry import FAMILY_NAMES
 
 _cache: dict[str, ModelFamily] = {}
@@ -78,5 +78,5 @@ def family_of_pipeline(class_name: str) -> str | None:
     return family.name if family else None
 
 
-__all__ = ["Components", "Conditioning", "EncoderSpec", "ModelFamily", "FAMILY_NAMES", "get_family", "all_families",
+__all__ = ["Components", "Conditioning", "EncoderSpec", "ModelFamily", "PartDtypes", "FAMILY_NAMES", "get_family", "all_families",
            "find_family", "family_of_pipeline", "hosted_family", "known_family_names"]

@@ -48,6 +48,22 @@ class EncoderSpec:
         return self.component.replace("text_encoder", "tokenizer")
 
 
+@dataclass(frozen=True)
+class PartDtypes:
+    """The dtype each part of a model is read into (``None``: float32 for quantized or converted weights, as stored
+    otherwise). A run reads every part straight into the dtype it trains or computes in, so no part is ever built
+    in a wider dtype first: SD3's T5-XXL read as float32 and cast after would hold 17.7 GiB instead of 8.9.
+    :meth:`ModelFamily.load` takes one of these or a single dtype for every part (:meth:`of`)."""
+
+    denoiser: "torch.dtype | None" = None
+    text_encoders: "torch.dtype | None" = None
+    vae: "torch.dtype | None" = None
+
+    @classmethod
+    def of(cls, dtype: "torch.dtype | PartDtypes | None") -> "PartDtypes":
+        return dtype if isinstance(dtype, PartDtypes) else cls(dtype, dtype, dtype)
+
+
 @dataclass
 class Components:
     """Loaded model parts. ``denoiser_name`` is ``"unet"`` or ``"transformer"``."""
@@ -135,10 +151,11 @@ class ModelFamily(ABC):
     # --- loading ------------------------------------------------------------------------------------------------
     @abstractmethod
     def load(self, cfg: "ModelConfig", device: "torch.device | str" = "cpu",
-             dtype: "torch.dtype | None" = None) -> Components:
-        """Load every component from ``cfg.path`` (diffusers folder or single file) without network access."""
+             dtype: "torch.dtype | PartDtypes | None" = None) -> Components:
+        """Load every component from ``cfg.path`` (diffusers folder or single file) without network access, each
+        read straight into its dtype (one for all, or :class:`PartDtypes`)."""
 
-    def load_encoders(self, cfg: "ModelConfig", comps: Components, dtype: "torch.dtype | None" = None
+    def load_encoders(self, cfg: "ModelConfig", comps: Components, dtype: "torch.dtype | PartDtypes | None" = None
                       ) -> "dict[str, Any] | None":
         """The VAE and text encoders alone, read again from the files :meth:`load` read them from and built as it
         built them, on the CPU: ``{"vae": …, <text encoder component>: …}`` for those in ``comps`` (whose tokenizers

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 from ..errors import ConfigError, ModelLoadError
 from . import FAMILY_NAMES
 from . import single_file as sf
-from .base import Components, EncoderSpec, ModelFamily
+from .base import Components, EncoderSpec, ModelFamily, PartDtypes
 from .clip_text import use_tokenizer_eos
 from .split_files import (CLIP_G_MIN_WIDTH, DIFFUSION_PREFIX, KIND_TITLES, TEXT_ENCODER_PREFIX, VAE_PREFIXES, Source,
                           clip_size, encoder_kind, load_clip, load_vae, transformer_layout)
@@ -119,8 +119,9 @@ class FlowFamily(ModelFamily):
 
     # loading ----------------------------------------------------------------------------------------------------
     def load(self, cfg: "ModelConfig", device: "torch.device | str" = "cpu",
-             dtype: "torch.dtype | None" = None) -> Components:
+             dtype: "torch.dtype | PartDtypes | None" = None) -> Components:
         """Load from a diffusers folder or split files (see the module docstring); never touches the network."""
+        dtype = PartDtypes.of(dtype)
         if not cfg.path:
             raise ModelLoadError(f"model.path is empty: choose a diffusers {self.title} folder or the {self.title} "
                                  "transformer .safetensors (ComfyUI/models/diffusion_models)")
@@ -132,15 +133,15 @@ class FlowFamily(ModelFamily):
         self._apply_overrides(plan, cfg)
         self._check_complete(plan, cfg)
         tokenizers = self._find_tokenizers(cfg, plan)  # cheap: fail before reading gigabytes
-        transformer = self._load_transformer(plan, dtype)
+        transformer = self._load_transformer(plan, dtype.denoiser)
         specs = [s for s in self.encoders if s.kind in plan.encoders]
-        encoders = [self._load_encoder(plan.encoders[s.kind], s, dtype) for s in specs]
+        encoders = [self._load_encoder(plan.encoders[s.kind], s, dtype.text_encoders) for s in specs]
         for spec, encoder, tokenizer in zip(specs, encoders, tokenizers):
             _check_vocab(spec, encoder, tokenizer, path)
             if spec.kind != "t5xxl":
                 use_tokenizer_eos(encoder, tokenizer)  # CLIP pools at the tokenizer's EOS
         self.check_fit(transformer, dict(zip((s.kind for s in specs), encoders)), plan)
-        vae = self._load_vae(plan.vae, dtype)
+        vae = self._load_vae(plan.vae, dtype.vae)
         scheduler = make_flow_scheduler(plan.scheduler or self.scheduler_config(transformer.config))
         extras = {"family": self.name, "format": plan.format, "clip_skip": cfg.clip_skip,
                   "t5_length": self.t5_length, **self.model_extras(transformer)}
@@ -154,14 +155,15 @@ class FlowFamily(ModelFamily):
     def load_encoders(self, cfg: "ModelConfig", comps: Components, dtype=None) -> dict[str, Any]:
         """The VAE and text encoders from the files and folders :meth:`load` read them from (never the
         transformer's weights)."""
+        dtype = PartDtypes.of(dtype)
         path = Path(cfg.path).expanduser()
         plan = self._folder_plan(path) if path.is_dir() else self._file_plan(path)
         self._apply_overrides(plan, cfg)
         kinds = {s.component: s for s in self.encoders}
-        modules = {"vae": self._load_vae(plan.vae, dtype)}
+        modules = {"vae": self._load_vae(plan.vae, dtype.vae)}
         for name, tokenizer in zip(comps.text_encoder_names, comps.tokenizers):
             spec = kinds[name]
-            modules[name] = self._load_encoder(plan.encoders[spec.kind], spec, dtype)
+            modules[name] = self._load_encoder(plan.encoders[spec.kind], spec, dtype.text_encoders)
             if spec.kind != "t5xxl":
                 use_tokenizer_eos(modules[name], tokenizer)  # as load does: CLIP pools at the tokenizer's EOS
         return modules

@@ -19,7 +19,7 @@ from ..errors import ConfigError, ModelLoadError
 from ..lora_keys import kohya
 from ..lora_targets import CLIP, UNET_ATTN, UNET_CONV, UNET_LINEAR, UNET_MLP, grow
 from . import single_file as sf
-from .base import Components, Conditioning, EncoderSpec, ModelFamily
+from .base import Components, Conditioning, EncoderSpec, ModelFamily, PartDtypes
 from .clip_text import WINDOW, check_clip_skip, chunked_token_ids, encode_windows, use_tokenizer_eos, windows_needed
 from .kohya_blocks import SD15_BLOCKS
 from .token_weights import apply_token_weights, token_weights
@@ -114,8 +114,9 @@ class StableDiffusionFamily(ModelFamily):
 
     # --- loading ------------------------------------------------------------------------------------------------
     def load(self, cfg: "ModelConfig", device: "torch.device | str" = "cpu",
-             dtype: "torch.dtype | None" = None) -> Components:
+             dtype: "torch.dtype | PartDtypes | None" = None) -> Components:
         """Load from a diffusers folder or a ComfyUI ``.safetensors`` checkpoint; never touches the network."""
+        dtype = PartDtypes.of(dtype)
         if not cfg.path:
             raise ModelLoadError("model.path is empty: choose a diffusers model folder or a .safetensors checkpoint")
         if cfg.prediction_type not in ("", "epsilon", "v_prediction"):
@@ -135,7 +136,7 @@ class StableDiffusionFamily(ModelFamily):
             schedule = {"prediction_type": "v_prediction" if loaded["v_pred"] else None,
                         "rescale_betas_zero_snr": loaded["ztsnr"]}
         if cfg.vae_path:
-            modules["vae"] = self._load_vae_override(cfg.vae_path, dtype)
+            modules["vae"] = self._load_vae_override(cfg.vae_path, dtype.vae)
         prediction = cfg.prediction_type or schedule.get("prediction_type") or self.default_prediction
         scheduler = make_noise_scheduler(prediction, cfg.zero_terminal_snr or
                                          bool(schedule.get("rescale_betas_zero_snr")), schedule)
@@ -158,27 +159,28 @@ class StableDiffusionFamily(ModelFamily):
 
     def load_encoders(self, cfg: "ModelConfig", comps: Components, dtype=None) -> dict[str, Any]:
         """The VAE and text encoders from the folder or single file (never its UNet) and ``model.vae_path``."""
+        dtype = PartDtypes.of(dtype)
         path = Path(cfg.path).expanduser()
         if path.is_dir():
             modules = self._load_folder(path, dtype, unet=False)
         else:
             modules = sf.load_single_file(path, self, dtype, unet=False)
         if cfg.vae_path:
-            modules["vae"] = self._load_vae_override(cfg.vae_path, dtype)
+            modules["vae"] = self._load_vae_override(cfg.vae_path, dtype.vae)
         for name, tokenizer in zip(comps.text_encoder_names, comps.tokenizers):
             use_tokenizer_eos(modules[name], tokenizer)
         return {name: modules[name] for name in ("vae", *comps.text_encoder_names)}
 
-    def _load_folder(self, folder: Path, dtype, unet: bool = True) -> dict[str, Any]:
+    def _load_folder(self, folder: Path, dtype: PartDtypes, unet: bool = True) -> dict[str, Any]:
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
         classes = {"clip_l": CLIPTextModel, "clip_g": CLIPTextModelWithProjection}
-        modules = {"vae": from_pretrained(AutoencoderKL, folder, "vae", dtype)}
+        modules = {"vae": from_pretrained(AutoencoderKL, folder, "vae", dtype.vae)}
         if unet:
-            modules["unet"] = load_denoiser(UNet2DConditionModel, folder, "unet", dtype)
+            modules["unet"] = load_denoiser(UNet2DConditionModel, folder, "unet", dtype.denoiser)
         for spec in self.encoders:
-            modules[spec.component] = from_pretrained(classes[spec.kind], folder, spec.component, dtype)
+            modules[spec.component] = from_pretrained(classes[spec.kind], folder, spec.component, dtype.text_encoders)
         return modules
 
     def _check_folder(self, folder: Path) -> None:

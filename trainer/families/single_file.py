@@ -128,18 +128,23 @@ def load_single_file(path: str | Path, family: "str | ModelFamily", dtype=None, 
     meta device from the header's shapes.
     """
     from . import get_family
+    from .base import PartDtypes
     from .weights import TensorFile, building_shapes_only
 
-    family = get_family(family)
+    family, dtypes = get_family(family), PartDtypes.of(dtype)
     shapes_only = unet and sd is None and building_shapes_only()
-    if sd is None and (shapes_only or not unet):  # the encoders and VAE read; the rest as meta tensors, or not at all
-        file = TensorFile(path, "model.path")
-        encoders = (*family.single_file_prefixes.values(), VAE_PREFIX)
-        sd = {p + k: v for p in encoders for k, v in file.read(p, dtype=dtype).items()}
+    # each part is read in its own dtype (a full fine-tune: the UNet in the trained dtype, the rest in the compute one)
+    by_part = len({dtypes.denoiser, dtypes.text_encoders, dtypes.vae}) > 1
+    if sd is None and (shapes_only or not unet or by_part):  # the encoders and VAE read; the rest as meta tensors,
+        file = TensorFile(path, "model.path")  # or in the UNet's dtype, or not at all
+        part_dtype = {p: dtypes.text_encoders for p in family.single_file_prefixes.values()} | {VAE_PREFIX: dtypes.vae}
+        sd = {p + k: v for p, d in part_dtype.items() for k, v in file.read(p, dtype=d).items()}
         if shapes_only:  # a sharded run's rank > 0: the UNet from the header's shapes (weights.denoiser_shapes_only)
-            sd.update(file.read(exclude=encoders, dtype=dtype, shapes_only=True))
+            sd.update(file.read(exclude=tuple(part_dtype), dtype=dtypes.denoiser, shapes_only=True))
+        elif unet:
+            sd.update(file.read(exclude=tuple(part_dtype), dtype=dtypes.denoiser))
     if unet:
-        sd = dict(read_checkpoint(path, dtype=dtype) if sd is None else sd)
+        sd = dict(read_checkpoint(path, dtype=dtypes.denoiser) if sd is None else sd)
         check_family(sd, family, path)
 
     def take(prefix: str) -> dict[str, "torch.Tensor"]:
@@ -150,12 +155,12 @@ def load_single_file(path: str | Path, family: "str | ModelFamily", dtype=None, 
     for spec in family.encoders:
         prefix = family.single_file_prefixes[spec.component]
         load = load_clip_g if spec.kind == "clip_g" else load_clip_l
-        out[spec.component] = load(take(prefix), prefix, path, dtype)
+        out[spec.component] = load(take(prefix), prefix, path, dtypes.text_encoders)
         if spec.kind == "clip_g":  # SDXL's pooled text embedding is CLIP-G's projection
             pooled = int(out[spec.component].config.projection_dim)
     if unet:
-        out["unet"] = load_unet(take(UNET_PREFIX), family, path, dtype, pooled_dim=pooled)
-    out["vae"] = load_vae(take(VAE_PREFIX), family, path, dtype)
+        out["unet"] = load_unet(take(UNET_PREFIX), family, path, dtypes.denoiser, pooled_dim=pooled)
+    out["vae"] = load_vae(take(VAE_PREFIX), family, path, dtypes.vae)
     return out
 
 
