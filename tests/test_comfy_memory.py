@@ -259,6 +259,14 @@ def test_step_plan_shows_the_model_path_estimate(module, memory, tmp_path, monke
     assert "estimated peak memory" in text and "ComfyUI FakeBaseModel lora at 64 px, batch 2" in text
     assert "gradient checkpointing on" in text and "MODEL path: weights as stored (float32)" in text
     assert "fits: ComfyUI's device cpu" in text and "8.0 GiB free of 16.0 GiB" in text
+    assert "previews" not in text  # the plan samples nothing: no preview renders
+    # a plan that samples: the run renders previews; here a preview's decode (a 128-wide full-resolution layer) is
+    # larger than the steps' activations and the encode transient, so the previews peak is the run's and is named
+    out = plan.plan(dataset=dataset, comfy_model=family.patcher, comfy_clip=family.clip, comfy_vae=family.vae,
+                    network=NetworkConfig(network_dim=4), optimizer=OptimConfig(),
+                    training=TrainingConfig(gradient_checkpointing=True), **{**fields, "sample_every_n_epochs": 1})
+    sampled = out["result"][0] if isinstance(out, dict) else out[0]
+    assert "previews peak at" in sampled and "and the VAE in the previews peak" in sampled
     with pytest.raises(CrucibleError, match="comfy_clip"):
         plan.plan(dataset=dataset, comfy_model=family.patcher, comfy_vae=family.vae, **fields)
     # the plan attached its adapter to a meta copy: the user's MODEL has none, and its weights stay where they were
