@@ -25,7 +25,7 @@ text encoders, VAE     ComfyUI's model management owns them: after encoding they
                        device)
 VAE encode transient   without a latent cache: 3 feature maps of the VAE encoder's first convolution's width at full
                        resolution (as :mod:`trainer.memory`)
-previews (a third      with preview prompts (``MemoryOptions.previews``), the terms of :func:`trainer.memory.preview_terms`
+previews (a third      with preview prompts (``MemoryOptions.previews``), :func:`trainer.memory.preview_terms`
 peak, between steps)   for the loaded VAE (its bytes as stored, the decoder's widest layer): each preview re-encodes its
                        prompts with the CLIP, samples with the MODEL, then ``VAE.decode`` loads the VAE from host memory
                        and frees what ComfyUI owns (the MODEL, the CLIP) to make room for it and its decode. So on a GPU
@@ -159,7 +159,7 @@ class ModelPathEstimator:
         # what ComfyUI owns (the MODEL, the CLIP) as far as the VAE and its decode need; the adapter, its gradients and
         # optimizer state stay. On the CPU host memory is the device: everything stays, the VAE counted already.
         preview = preview_terms(opts, vae, vae_b, host, parts["vae"] > 0, decoder_width(vae_model))
-        kept = ("trainable parameters", "vae") if not host else [k for k in parts if k not in ("activations", TRANSIENT)]
+        kept = [k for k in parts if k not in ("activations", TRANSIENT)] if host else ["trainable parameters", "vae"]
         previewing = preview.peak(sum(parts[k] for k in kept)) if preview else 0
         return Estimate(opts, {k: v / GIB for k, v in parts.items()}, caching / GIB, previewing / GIB, preview)
 

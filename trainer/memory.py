@@ -225,12 +225,11 @@ def estimate_case(case, resolution: int, device: str = "cuda") -> Estimate:
     c = get_case(case)
     s = resolve_case(c, device).settings
     precision = resolve_mixed_precision("auto", Device(cuda=device == "cuda", bf16=True))
-    checkpointing = s.get("gradient_checkpointing")
     caches = resolve_caches(s.get("cache_latents"), s.get("cache_text_embeddings"), c.family)
     return estimate(MemoryOptions(
         family=c.family, network_type="lora" if c.kind == "lora" else "full", precision=precision,
         optimizer=s.get("optimizer", "adamw"),
-        gradient_checkpointing=resolve_gradient_checkpointing(checkpointing, c.family, resolution),
+        gradient_checkpointing=resolve_gradient_checkpointing(s.get("gradient_checkpointing"), c.family, resolution),
         resolution=resolution, **caches,
         fp8_base=s.get("fp8_base", False), blocks_to_swap=s.get("blocks_to_swap", 0),
         fused_backward_pass=s.get("fused_backward_pass", False), full_bf16=s.get("full_bf16", False)), device)
@@ -274,8 +273,7 @@ def device_memory_gib() -> tuple[float, float] | None:
 
     if not torch.cuda.is_available():
         return None
-    free, total = torch.cuda.mem_get_info()
-    return free / GIB, total / GIB
+    return tuple(b / GIB for b in torch.cuda.mem_get_info())
 
 
 def memory_report(cfg, resolved: dict | None = None) -> str:
@@ -419,15 +417,17 @@ def activation_bytes(family: str, resolution: int, checkpointing: bool, rank: in
 
 
 class _SavedBytes:
-    """Counts saved tensors once per storage, leaving out the weights (counted as weights, not activations)."""
+    """Counts saved tensors once per storage (by address), leaving out the weights (counted as weights). It holds each
+    storage it counted: a freed one's address comes back for the next (always on ``meta``), which then passed for one
+    already counted (a checkpointed block's input nothing else keeps: the count followed the allocation history)."""
 
     def __init__(self, weights: set | None = None):
-        self.total, self.seen, self.weights = 0, set(), weights or set()
+        self.total, self.seen, self.weights = 0, {}, weights or set()
 
     def pack(self, t):
-        key = t.untyped_storage()._cdata
+        key = (storage := t.untyped_storage())._cdata
         if key not in self.seen and key not in self.weights:  # a tensor saved by several ops is held once
-            self.seen.add(key)
+            self.seen[key] = storage
             self.total += t.numel() * 4  # fp32 units; the caller scales to the compute dtype
         return t
 
