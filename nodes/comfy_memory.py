@@ -270,9 +270,15 @@ def fitting_switches(estimator: ModelPathEstimator, opts: MemoryOptions, network
             network = replace(network, network_dim=change["network_dim"])
         fp8 = fp8 or bool(extra.get("fp8"))
         chosen.append(label)
-        if estimator.estimate(opts, network, fp8_weights=fp8).total_gib <= available_gib:
+        if needed_gib(estimator.estimate(opts, network, fp8_weights=fp8), estimator.device) <= available_gib:
             return chosen
     return chosen + ["nothing available here fits"]
+
+
+def needed_gib(est: Estimate, kind: str) -> float:
+    """What must fit on ComfyUI's device: the estimate's peak, except a preview's decode on a GPU, which ComfyUI's
+    ``VAE.decode`` retries in tiles when it runs out of memory (comfy/sd.py; slower previews, no failed run)."""
+    return est.total_gib if kind == "cpu" else max(est.training_gib, est.caching_gib)
 
 
 def _is_fp8(module: torch.nn.Module) -> bool:
@@ -289,14 +295,16 @@ def report(estimator: ModelPathEstimator, opts: MemoryOptions, network, device=N
              "ComfyUI's: counted while their cache is off, in the caching peak before step 1"
              + (", and the VAE in the previews peak" if opts.previews else "")]
     where = f"ComfyUI's device {kind} ({state}): {free:.1f} GiB free of {total:.1f} GiB"
-    if est.total_gib <= free:
-        lines.append(f"fits: {where}")
+    need = needed_gib(est, kind)
+    if need <= free:
+        tiled = f"; a preview's whole decode ({est.previewing_gib:.1f} GiB) does not: ComfyUI's VAE decode retries"
+        lines.append(f"fits: {where}" + (tiled + " in tiles (slower previews)" if est.total_gib > free else ""))
         return "\n".join(lines)
     lines.append(f"will NOT fit: {where}")
     weights = est.parts["denoiser weights"]
-    rest = est.total_gib - weights
+    rest = need - weights
     if kind != "cpu" and rest < free:
-        lines.append(f"ComfyUI would load the MODEL partially (low VRAM): about {min(weights, est.total_gib - free):.1f} "
+        lines.append(f"ComfyUI would load the MODEL partially (low VRAM): about {min(weights, need - free):.1f} "
                      f"of its {weights:.1f} GiB of weights stay in RAM and stream in layer by layer each step (slower); "
                      f"the adapter, optimizer state and activations ({rest:.1f} GiB) must fit on the device")
     elif kind != "cpu":

@@ -150,3 +150,23 @@ def test_both_paths_give_the_same_preview_terms_for_the_same_vae(module, memory)
         if device == "cuda":
             assert model_path.preview == crucible.preview
             assert crucible.preview.vae == param_counts("sd15")["vae"] * 4
+
+
+def test_on_a_gpu_a_preview_decode_that_does_not_fit_is_tiled_not_a_failed_run(module, memory):  # noqa: F811
+    """ComfyUI's VAE.decode catches the out-of-memory error and decodes in tiles (comfy/sd.py): on a GPU the Step Plan
+    says so instead of "will NOT fit" and asks for no switch; on the CPU there is no such retry and the decode counts."""
+    family, _ = deep_family(module)  # its VAE stand-in has no decoder: 128 wide, 6 MiB to decode at 64 px in fp32
+    network = NetworkConfig(network_dim=4)
+    opts = options(memory, cache_latents=True, cache_text_embeddings=True, previews=True)
+    est = estimator(memory, family).estimate(opts, network)
+    steps = max(est.training_gib, est.caching_gib)
+    assert est.previewing_gib > steps and est.total_gib == est.previewing_gib
+    free = (steps + est.previewing_gib) / 2
+    text = memory.report(estimator(memory, family), opts, network, ("cuda", free, 24.0, "NORMAL_VRAM"))
+    assert "fits: ComfyUI's device cuda" in text and "ComfyUI's VAE decode retries in tiles" in text
+    assert "will NOT fit" not in text and f"previews peak at {est.previewing_gib:.1f} GiB" in text
+    assert memory.needed_gib(est, "cuda") == steps and memory.needed_gib(est, "cpu") == est.total_gib
+    on_cpu = estimator(memory, family, "cpu")
+    cpu_est = on_cpu.estimate(opts, network)
+    text = memory.report(on_cpu, opts, network, ("cpu", cpu_est.previewing_gib * 0.99, 24.0, "host RAM"))
+    assert "will NOT fit" in text and "retries in tiles" not in text
