@@ -25,6 +25,13 @@ text encoders, VAE     ComfyUI's model management owns them: after encoding they
                        device)
 VAE encode transient   without a latent cache: 3 feature maps of the VAE encoder's first convolution's width at full
                        resolution (as :mod:`trainer.memory`)
+previews (a third      with preview prompts (``MemoryOptions.previews``), :func:`trainer.memory.preview_terms`
+peak, between steps)   for the loaded VAE (its bytes as stored, the decoder's widest layer): each preview re-encodes its
+                       prompts with the CLIP, samples with the MODEL, then ``VAE.decode`` loads the VAE from host memory
+                       and frees what ComfyUI owns (the MODEL, the CLIP) to make room for it and its decode. So on a GPU
+                       the adapter, its gradients and optimizer state + the VAE + its decode; on the CPU the training
+                       peak's weights and encoders (all in host memory) + the decode. The CLIP's load for the prompts
+                       stays below the training or caching peak, which hold the CLIP and the MODEL at once
 =====================  ==============================================================================================
 
 ComfyUI's manual cast (fp8 weights computed in bf16) runs in the trace, so each layer's cast copy that the backward
@@ -42,7 +49,7 @@ from types import SimpleNamespace
 
 import torch
 
-from ..trainer import (OPTIMIZER_STATE_BYTES, Components, Estimate, MemoryOptions, attach_network,
+from ..trainer import (OPTIMIZER_STATE_BYTES, Components, Estimate, MemoryOptions, attach_network, preview_terms,
                        traced_activation_bytes)
 from .comfy_family import COMPONENT, HostedModule, out_of_place_updates
 
@@ -98,6 +105,13 @@ def vae_module(vae):
     return getattr(vae, "first_stage_model", None)
 
 
+def decoder_width(vae) -> int:
+    """The width of the VAE decoder's last convolution's input (its widest layer at full resolution: 128 for the SD
+    and Flux VAEs), for a preview's decode; 128 where the module has no such layer."""
+    conv = getattr(getattr(vae_module(vae), "decoder", None), "conv_out", None)
+    return int(conv.in_channels) if isinstance(conv, (torch.nn.Conv2d, torch.nn.Conv3d)) else 128
+
+
 def encoder_width(vae) -> int:
     """The width of the VAE encoder's first convolution (128 for the SD VAEs), for the encode transient."""
     module = vae_module(vae)
@@ -127,9 +141,10 @@ class ModelPathEstimator:
             weights -= linear - count
         adapter, traced = self._trace(network, opts.gradient_checkpointing, opts.resolution, opts.batch_size)
         b_act = 2 if opts.precision in ("bf16", "fp16") else 4
-        clip, vae = stored_bytes(clip_module(self.family.clip)), stored_bytes(vae_module(self.family.vae))
-        vae_b = _element_size(vae_module(self.family.vae))
-        transient = 3 * encoder_width(self.family.vae) * opts.resolution ** 2 * opts.batch_size * vae_b
+        vae_model = self.family.vae
+        clip, vae = stored_bytes(clip_module(self.family.clip)), stored_bytes(vae_module(vae_model))
+        vae_b = _element_size(vae_module(vae_model))
+        transient = 3 * encoder_width(vae_model) * opts.resolution ** 2 * opts.batch_size * vae_b
         parts = {"denoiser weights": weights,
                  "text encoders": clip if host or not opts.cache_text_embeddings else 0,
                  "vae": vae if host or not opts.cache_latents else 0,
@@ -140,7 +155,13 @@ class ModelPathEstimator:
             caching = weights + adapter * 4 + clip + vae + (transient if opts.cache_latents else 0)
         if not opts.cache_latents:
             parts[TRANSIENT] = transient
-        return Estimate(opts, {k: v / GIB for k, v in parts.items()}, caching / GIB)
+        # previews: ComfyUI's VAE lives in host memory (its offload device) and is loaded for each decode, which frees
+        # what ComfyUI owns (the MODEL, the CLIP) as far as the VAE and its decode need; the adapter, its gradients and
+        # optimizer state stay. On the CPU host memory is the device: everything stays, the VAE counted already.
+        preview = preview_terms(opts, vae, vae_b, host, parts["vae"] > 0, decoder_width(vae_model))
+        kept = [k for k in parts if k not in ("activations", TRANSIENT)] if host else ["trainable parameters", "vae"]
+        previewing = preview.peak(sum(parts[k] for k in kept)) if preview else 0
+        return Estimate(opts, {k: v / GIB for k, v in parts.items()}, caching / GIB, previewing / GIB, preview)
 
     def _trace(self, network, checkpointing: bool, resolution: int, batch: int) -> tuple[int, int]:
         """(adapter parameters, saved activation bytes in fp32 units) from a meta copy of the diffusion model."""
@@ -249,9 +270,15 @@ def fitting_switches(estimator: ModelPathEstimator, opts: MemoryOptions, network
             network = replace(network, network_dim=change["network_dim"])
         fp8 = fp8 or bool(extra.get("fp8"))
         chosen.append(label)
-        if estimator.estimate(opts, network, fp8_weights=fp8).total_gib <= available_gib:
+        if needed_gib(estimator.estimate(opts, network, fp8_weights=fp8), estimator.device) <= available_gib:
             return chosen
     return chosen + ["nothing available here fits"]
+
+
+def needed_gib(est: Estimate, kind: str) -> float:
+    """What must fit on ComfyUI's device: the estimate's peak, except a preview's decode on a GPU, which ComfyUI's
+    ``VAE.decode`` retries in tiles when it runs out of memory (comfy/sd.py; slower previews, no failed run)."""
+    return est.total_gib if kind == "cpu" else max(est.training_gib, est.caching_gib)
 
 
 def _is_fp8(module: torch.nn.Module) -> bool:
@@ -265,16 +292,19 @@ def report(estimator: ModelPathEstimator, opts: MemoryOptions, network, device=N
     kind, free, total, state = device or comfy_device()
     lines = [est.format(),
              "MODEL path: weights as stored (" + _dtypes(estimator.family.patcher.model) + "); CLIP and VAE are "
-             "ComfyUI's: counted while their cache is off, and in the caching peak before step 1"]
+             "ComfyUI's: counted while their cache is off, in the caching peak before step 1"
+             + (", and the VAE in the previews peak" if opts.previews else "")]
     where = f"ComfyUI's device {kind} ({state}): {free:.1f} GiB free of {total:.1f} GiB"
-    if est.total_gib <= free:
-        lines.append(f"fits: {where}")
+    need = needed_gib(est, kind)
+    if need <= free:
+        tiled = f"; a preview's whole decode ({est.previewing_gib:.1f} GiB) does not: ComfyUI's VAE decode retries"
+        lines.append(f"fits: {where}" + (tiled + " in tiles (slower previews)" if est.total_gib > free else ""))
         return "\n".join(lines)
     lines.append(f"will NOT fit: {where}")
     weights = est.parts["denoiser weights"]
-    rest = est.total_gib - weights
+    rest = need - weights
     if kind != "cpu" and rest < free:
-        lines.append(f"ComfyUI would load the MODEL partially (low VRAM): about {min(weights, est.total_gib - free):.1f} "
+        lines.append(f"ComfyUI would load the MODEL partially (low VRAM): about {min(weights, need - free):.1f} "
                      f"of its {weights:.1f} GiB of weights stay in RAM and stream in layer by layer each step (slower); "
                      f"the adapter, optimizer state and activations ({rest:.1f} GiB) must fit on the device")
     elif kind != "cpu":
@@ -291,27 +321,29 @@ def _dtypes(base) -> str:
 
 
 def model_path_memory_report(comfy_model, comfy_clip, comfy_vae, crucible_model, dataset, network, optimizer,
-                             training, batch_size: int, device=None) -> str:
+                             training, batch_size: int, device=None, previews: bool = False) -> str:
     """The Step Plan's memory lines for a run through comfy_model / comfy_clip / comfy_vae: the same checks and the
     same resolved settings as Crucible Train (``hosted_model_config``, ``MemoryOptions.from_config`` under the
     hosted family), the conditioning of one empty caption as ComfyUI's CLIP pads it (CLIP 77 tokens, Flux's T5 at
-    least 256)."""
+    least 256); ``previews``: the run renders previews (the plan samples)."""
     from .comfy_family import hosted_model_config
 
     family, model_cfg, network = hosted_model_config(comfy_model, comfy_clip, comfy_vae, crucible_model, network)
     try:  # the family changes the user's MODEL until restore (scaled-fp8 layers seen as Linear: comfy_weights.py)
-        return _model_path_report(family, model_cfg, network, dataset, optimizer, training, batch_size, device)
+        return _model_path_report(family, model_cfg, network, dataset, optimizer, training, batch_size, device,
+                                  previews)
     finally:
         family.restore()
 
 
-def _model_path_report(family, model_cfg, network, dataset, optimizer, training, batch_size: int, device) -> str:
+def _model_path_report(family, model_cfg, network, dataset, optimizer, training, batch_size: int, device,
+                       previews: bool) -> str:
     from ..trainer import OptimConfig, TrainConfig, TrainingConfig, hosted_family
 
     run = TrainConfig(model=model_cfg, datasets=tuple(dataset), network=network, optim=optimizer or OptimConfig(),
                       training=replace(training or TrainingConfig(), batch_size=batch_size))
     with hosted_family(family):
-        opts = replace(MemoryOptions.from_config(run), family=family.title)
+        opts = replace(MemoryOptions.from_config(run), family=family.title, previews=previews)
     cond = family.encode_text(SimpleNamespace(denoiser=torch.nn.Linear(1, 1)), [""])
     device = device or comfy_device()
     return report(ModelPathEstimator(family, cond, device[0]), opts, network, device)

@@ -182,8 +182,9 @@ class CrucibleStepPlan:
         if comfy_model is not None or comfy_clip is not None or comfy_vae is not None:
             from .comfy_memory import model_path_memory_report
 
+            samples = bool(f["sample_every_n_epochs"] or f["sample_every_n_steps"])  # previews render (with prompts)
             text += "\n" + model_path_memory_report(comfy_model, comfy_clip, comfy_vae, model, dataset, network,
-                                                     optimizer, training, f["batch_size"])
+                                                     optimizer, training, f["batch_size"], previews=samples)
         return text_result(text, (text,))
 
 

@@ -183,6 +183,24 @@ def test_traced_activations_equal_what_a_real_forward_saves(module, memory, chec
     family.restore()
 
 
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_a_counted_storage_that_is_freed_does_not_hide_the_next_one(device):
+    """The counter keys storages by address. A checkpointed block's input it counts may be kept by nothing else and
+    freed; the next storage then comes back at that address (on ``meta`` every time, on the CPU as the allocator's
+    history has it) and passed for one already counted: test_traced_activations_equal_what_a_real_forward_saves[True]
+    failed by the order the tests ran in. Every storage counts once, whatever is freed in between."""
+    from trainer.memory import _SavedBytes
+
+    counter = _SavedBytes()
+    counter.pack(torch.empty(10, device=device))  # its only reference: freed at once
+    for _ in range(100):
+        counter.pack(torch.empty(10, device=device))
+    assert counter.total == 101 * 10 * 4
+    kept = torch.empty(10, device=device)
+    counter.pack(kept), counter.pack(kept[2:])  # a storage saved twice (a view) is still held once
+    assert counter.total == 102 * 10 * 4
+
+
 def test_checkpointing_and_resolution_move_the_activations_the_right_way(module, memory):  # noqa: F811
     family, _ = deep_family(module)
     est = estimator(memory, family)
@@ -259,6 +277,14 @@ def test_step_plan_shows_the_model_path_estimate(module, memory, tmp_path, monke
     assert "estimated peak memory" in text and "ComfyUI FakeBaseModel lora at 64 px, batch 2" in text
     assert "gradient checkpointing on" in text and "MODEL path: weights as stored (float32)" in text
     assert "fits: ComfyUI's device cpu" in text and "8.0 GiB free of 16.0 GiB" in text
+    assert "previews" not in text  # the plan samples nothing: no preview renders
+    # a plan that samples: the run renders previews; here a preview's decode (a 128-wide full-resolution layer) is
+    # larger than the steps' activations and the encode transient, so the previews peak is the run's and is named
+    out = plan.plan(dataset=dataset, comfy_model=family.patcher, comfy_clip=family.clip, comfy_vae=family.vae,
+                    network=NetworkConfig(network_dim=4), optimizer=OptimConfig(),
+                    training=TrainingConfig(gradient_checkpointing=True), **{**fields, "sample_every_n_epochs": 1})
+    sampled = out["result"][0] if isinstance(out, dict) else out[0]
+    assert "previews peak at" in sampled and "and the VAE in the previews peak" in sampled
     with pytest.raises(CrucibleError, match="comfy_clip"):
         plan.plan(dataset=dataset, comfy_model=family.patcher, comfy_vae=family.vae, **fields)
     # the plan attached its adapter to a meta copy: the user's MODEL has none, and its weights stay where they were

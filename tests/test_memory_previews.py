@@ -1,14 +1,20 @@
 """Issue 16: the memory estimate counts the VAE a run keeps for its previews (trainer.sample_prompts: with the latent
 cache on and the encoders released, a run with ``sample.prompts`` keeps the VAE in host memory and brings it to the
-device for each preview) — where the run keeps it, and only then."""
+device for each preview) — where the run keeps it, and only then. The MODEL path (nodes/comfy_memory.py, the Step
+Plan with comfy_model) counts ComfyUI's VAE by the same helper, :func:`trainer.memory.preview_terms`."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
-from trainer.full_size import param_counts
-from trainer.memory import GIB, MemoryOptions, estimate, estimate_case
+from test_comfy_family import module  # noqa: F401 - a fixture
+from test_comfy_memory import deep_family, estimator, memory, options  # noqa: F401 - memory is a fixture
+from trainer.config import NetworkConfig
+from trainer.full_size import build_meta, param_counts
+from trainer.memory import GIB, MemoryOptions, PreviewTerms, estimate, estimate_case, preview_terms
 
 CACHED = dict(precision="bf16", resolution=512, cache_latents=True, cache_text_embeddings=True)
 
@@ -85,3 +91,82 @@ def test_the_benchmark_rows_ran_without_previews_and_are_estimated_so(tmp_path):
         opts = MemoryOptions.from_config(cfg)
         assert opts.previews is False and not cfg.sample.prompts
         assert estimate_case(case, 512, "cpu").previewing_gib == 0
+
+
+# --- the MODEL path: ComfyUI's VAE ---------------------------------------------------------------------------------
+class VaeStandIn(torch.nn.Module):
+    """ComfyUI's AutoencoderKL layout, tiny: an encoder whose first convolution is 16 wide, a decoder whose last
+    convolution reads 24 channels (its widest layer at full resolution)."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = torch.nn.Conv2d(3, 16, 3)
+        self.decoder = torch.nn.Module()
+        self.decoder.conv_out = torch.nn.Conv2d(24, 3, 3)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_the_model_path_adds_what_the_helper_says(module, memory, device):  # noqa: F811
+    """ComfyUI's VAE lives in host memory and VAE.decode loads it, freeing the MODEL and the CLIP (ComfyUI's) as far
+    as it needs: on a GPU a preview holds the adapter with its gradients and optimizer state + the VAE + its decode;
+    on the CPU (host memory is the device) everything stays and the VAE is counted already."""
+    family, _ = deep_family(module)
+    family.vae.first_stage_model = VaeStandIn()
+    vae = sum(p.numel() for p in family.vae.first_stage_model.parameters()) * 4
+    network, est = NetworkConfig(network_dim=4), estimator(memory, family, device)
+    opts = options(memory, cache_latents=True, cache_text_embeddings=True)
+    off, on = est.estimate(opts, network), est.estimate(replace(opts, previews=True), network)
+    decode = 3 * 24 * 64 ** 2 * 4  # the decoder's width, one image at the run's resolution, fp32 as the VAE is stored
+    host = device == "cpu"
+    terms = preview_terms(replace(opts, previews=True), vae, 4, host, counted=host, decoder_width=24)
+    assert on.preview == terms == PreviewTerms(in_steps=0, vae=0 if host else vae, decode=decode)
+    assert off.preview is None and off.previewing_gib == 0
+    assert on.parts == off.parts  # ComfyUI's VAE adds nothing to the steps: off a GPU then, in host memory anyway
+    assert on.parts["vae"] * GIB == pytest.approx(vae if host else 0)
+    held = sum(v for k, v in off.parts.items() if k != "activations") if host else off.parts["trainable parameters"]
+    assert on.previewing_gib * GIB == pytest.approx(terms.peak(held * GIB))
+    assert on.previewing_gib * GIB == pytest.approx(held * GIB + (0 if host else vae) + decode)
+    assert on.total_gib == max(on.training_gib, on.caching_gib, on.previewing_gib)
+    # without the latent cache the VAE is on the device during the steps: the preview brings no second copy
+    uncached = est.estimate(replace(opts, previews=True, cache_latents=False), network)
+    assert uncached.preview.vae == 0 and uncached.parts["vae"] * GIB == pytest.approx(vae)
+    if not host:
+        assert uncached.previewing_gib * GIB == pytest.approx((uncached.parts["trainable parameters"]
+                                                               + uncached.parts["vae"]) * GIB + decode)
+
+
+def test_both_paths_give_the_same_preview_terms_for_the_same_vae(module, memory):  # noqa: F811
+    """SD1.5's full-size VAE (on the meta device: no memory) as the graph's VAE: the MODEL path reads its bytes as
+    stored and its decoder's width (128) and gets the Crucible path's terms for sd15 without mixed precision."""
+    family, _ = deep_family(module)
+    family.vae.first_stage_model = build_meta("sd15", "vae")
+    network = NetworkConfig(network_dim=4)
+    cached = dict(precision="no", resolution=64, cache_latents=True, cache_text_embeddings=True, previews=True)
+    for device in ("cuda", "cpu"):
+        model_path = estimator(memory, family, device).estimate(options(memory, **cached), network)
+        crucible = estimate(MemoryOptions("sd15", **cached), device)
+        assert model_path.preview.decode == crucible.preview.decode == 3 * 128 * 64 ** 2 * 4
+        assert model_path.parts["vae"] == pytest.approx(crucible.parts["vae"])  # on the CPU: held all run long
+        if device == "cuda":
+            assert model_path.preview == crucible.preview
+            assert crucible.preview.vae == param_counts("sd15")["vae"] * 4
+
+
+def test_on_a_gpu_a_preview_decode_that_does_not_fit_is_tiled_not_a_failed_run(module, memory):  # noqa: F811
+    """ComfyUI's VAE.decode catches the out-of-memory error and decodes in tiles (comfy/sd.py): on a GPU the Step Plan
+    says so instead of "will NOT fit" and asks for no switch; on the CPU there is no such retry and the decode counts."""
+    family, _ = deep_family(module)  # its VAE stand-in has no decoder: 128 wide, 6 MiB to decode at 64 px in fp32
+    network = NetworkConfig(network_dim=4)
+    opts = options(memory, cache_latents=True, cache_text_embeddings=True, previews=True)
+    est = estimator(memory, family).estimate(opts, network)
+    steps = max(est.training_gib, est.caching_gib)
+    assert est.previewing_gib > steps and est.total_gib == est.previewing_gib
+    free = (steps + est.previewing_gib) / 2
+    text = memory.report(estimator(memory, family), opts, network, ("cuda", free, 24.0, "NORMAL_VRAM"))
+    assert "fits: ComfyUI's device cuda" in text and "ComfyUI's VAE decode retries in tiles" in text
+    assert "will NOT fit" not in text and f"previews peak at {est.previewing_gib:.1f} GiB" in text
+    assert memory.needed_gib(est, "cuda") == steps and memory.needed_gib(est, "cpu") == est.total_gib
+    on_cpu = estimator(memory, family, "cpu")
+    cpu_est = on_cpu.estimate(opts, network)
+    text = memory.report(on_cpu, opts, network, ("cpu", cpu_est.previewing_gib * 0.99, 24.0, "host RAM"))
+    assert "will NOT fit" in text and "retries in tiles" not in text

@@ -1,8 +1,10 @@
 """Nothing lost: every write is atomic, proven by trying to break it.
 
-* A child process saves a multi-MB LoRA, a training state, a JSON file and a PNG over and over; it is SIGKILLed at
-  random moments, dozens of times. Under the final names there is only ever a complete file of one version, the
-  files written before are untouched, and the temp files the kills leave behind are removed by the next save.
+* A child process saves a multi-MB LoRA, a training state, a JSON file and a PNG over and over; it is SIGKILLed
+  dozens of times: half of the kills at random moments, half while it is inside a chosen save (it says so through
+  a pipe and waits), so kills land mid-save however loaded the machine is. Under the final names there is only ever
+  a complete file of one version, the files written before are untouched, and the temp files the kills leave behind
+  are removed by the next save.
 * Disk full (``ENOSPC``) and permission denied (``EACCES``) at every stage of a write: a :class:`CrucibleError`
   naming the file, the previous file intact, no temp file left.
 * A real training run (LoRA with samples, disk latent cache and a sweep strip; a full fine-tune with its
@@ -36,6 +38,7 @@ from trainer.state import load_state, save_state
 LORA_ELEMENTS = 1 << 20  # 4 MB of float32: a save takes long enough to be killed in the middle of it
 STATE_ELEMENTS = 1 << 18
 KILLS = 40
+SAVES_PER_ROUND = 5  # lora.safetensors, state/state.pt, state/state.json, config.json, strip.png
 STATE_CFG = TrainConfig()
 FINGERPRINT = "fixed-dataset"
 
@@ -58,15 +61,31 @@ def write_every_kind(folder: Path, version: int) -> None:
     atomic_write(folder / "strip.png", lambda tmp: strip.save(tmp, format="PNG", pnginfo=info))
 
 
-def _writer_child(folder: Path, first_version: int, done_fd: int) -> None:
+def _writer_child(folder: Path, first_version: int, done_fd: int, pause_at: int = 0) -> None:
     """Runs in a forked child until it is killed, writing a byte to ``done_fd`` after each complete round of saves;
-    a crash is reported through ``child-error.txt``."""
+    a crash is reported through ``child-error.txt``. With ``pause_at`` > 0 it stops inside its ``pause_at``-th save
+    after the first round (that save's temp file written and fsynced, the final name not yet replaced), writes
+    ``!`` to ``done_fd`` and waits there to be killed."""
+    real_replace, armed, saves = os.replace, [], []
+
+    def replace_or_pause(src, dst, *args, **kwargs):  # atomic_path's last step; patched in this child process only
+        if armed and f".{os.getpid()}." in Path(src).name:
+            saves.append(dst)
+            if len(saves) == pause_at:
+                os.write(done_fd, b"!")
+                while True:
+                    time.sleep(60)
+        return real_replace(src, dst, *args, **kwargs)
+
     try:
+        if pause_at:
+            os.replace = replace_or_pause
         version = first_version
         while True:
             version += 1
             write_every_kind(folder, version)
             os.write(done_fd, b".")
+            armed.append(True)  # saves count from the second round on
     except BaseException:  # noqa: BLE001 - report anything to the parent, then leave without cleanup
         (folder.parent / "child-error.txt").write_text(traceback.format_exc())
         os._exit(1)
@@ -111,39 +130,58 @@ def test_sigkill_mid_save_never_exposes_a_partial_file(tmp_path):
                                 {"w": torch.full((LORA_ELEMENTS // 4,), float(step))}, {"version": str(step)})
         earlier[path] = digest(path)
     rng = random.Random(2024)
-    seen, killed_mid_write, versions = 0, 0, set()
+    seen, killed_mid_write, paused, versions = 0, 0, 0, set()
     for kill in range(KILLS):
+        # odd kills: inside a chosen save (one of the round's kinds, at random); even kills: at a random moment
+        pause_at = rng.randint(1, SAVES_PER_ROUND) if kill % 2 else 0
         done_read, done_write = os.pipe()
         pid = os.fork()
         if pid == 0:  # the child: save forever (only SIGKILL stops it)
             os.close(done_read)
-            _writer_child(folder, first_version=(kill + 1) * 1_000_000, done_fd=done_write)
+            _writer_child(folder, first_version=(kill + 1) * 1_000_000, done_fd=done_write, pause_at=pause_at)
         os.close(done_write)
         # the kill lands after the child's first complete round (on a loaded machine a fixed delay could land before
-        # it had written anything), then somewhere in the saves that follow
-        ready, _, _ = select.select([done_read], [], [], 120)
-        time.sleep(rng.uniform(0.0, 0.15))
+        # it had written anything), then somewhere in the saves that follow, or inside the chosen one
+        said = _read_until(done_read, b"!" if pause_at else b".")
+        if not pause_at:
+            time.sleep(rng.uniform(0.0, 0.15))
         os.kill(pid, signal.SIGKILL)
         _, status = os.waitpid(pid, 0)
         os.close(done_read)
-        assert ready, "the writer completed no round of saves in 120 s"
         error = tmp_path / "child-error.txt"
         assert not error.exists(), error.read_text()
+        assert said, f"the writer did not say {'it was inside a save' if pause_at else 'it completed a round'} in 120 s"
         assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
         version = check_files(folder)
         assert version >= seen, "an older LoRA replaced a newer one"
         seen = version
         versions.add(version)
-        killed_mid_write += any(f".{pid}." in p.name for p in stray_temps(folder))
+        mid_write = any(f".{pid}." in p.name for p in stray_temps(folder))
+        assert mid_write or not pause_at, "a writer killed inside a save left no temp file"
+        killed_mid_write, paused = killed_mid_write + mid_write, paused + bool(pause_at)
         for path, sha in earlier.items():
             assert digest(path) == sha, f"{path.name} changed"
-    # The test is only meaningful if the kills really landed in the middle of saves, after real progress.
-    assert killed_mid_write >= KILLS // 4, f"only {killed_mid_write} of {KILLS} kills hit a save in progress"
+    # The test is only meaningful if the kills really landed in the middle of saves, after real progress: the paused
+    # ones did by construction, whatever the machine's load (the random ones add what they hit)
+    assert paused == KILLS // 2 and killed_mid_write >= paused, f"{killed_mid_write} of {KILLS} kills hit a save"
     assert len(versions) == KILLS, "every writer completed a round before its kill: each run leaves a newer LoRA"
     # The next process that writes there removes the temp files the killed writers left (stale ones only).
     assert _in_a_fresh_process(lambda: write_every_kind(folder, version=seen + 1)) == 0
     assert not stray_temps(folder), stray_temps(folder)
     assert check_files(folder) == seen + 1
+
+
+def _read_until(fd: int, mark: bytes, timeout: float = 120.0) -> bool:
+    """Read the child's pipe until ``mark`` arrives (True) or ``timeout`` seconds pass without it (False)."""
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        ready, _, _ = select.select([fd], [], [], left)
+        data = os.read(fd, 4096) if ready else b""
+        if mark in data:
+            return True
+        if ready and not data:  # the child is gone (a crash: child-error.txt says why)
+            return False
+    return False
 
 
 def _in_a_fresh_process(work) -> int:

@@ -32,7 +32,7 @@ _LAZY = {
     "memory_report": "memory",
     # the MODEL path's estimate (nodes/comfy_memory.py) reuses the parts and the tracing of trainer/memory.py
     "Estimate": "memory", "MemoryOptions": "memory", "OPTIMIZER_STATE_BYTES": "memory",
-    "traced_activation_bytes": "memory", "attach_network": "network",
+    "traced_activation_bytes": "memory", "preview_terms": "memory", "attach_network": "network",
     "loss_curve": "plots",
     "forget_frames": "release",
     "write_captioned_images": "tagging",

@@ -35,10 +35,10 @@ caching (before step   with a latent or text cache, the caches fill before step 
                        adapter wait in host memory until the encoders leave (trainer.run_setup), on the CPU they count
                        too. The estimate is the larger of this and the training peak (``Estimate.caching_gib`` /
                        ``training_gib``)
-previews (between      with ``sample.prompts``: the training activations are gone, the VAE is on the device (brought
-steps, a third peak)   back from host memory) and decodes: the training peak's weights and optimizer state + the VAE
-                       + 3 feature maps of 128 channels at full resolution (the decoder's widest layer, one image);
-                       the prompts were encoded before step 1, no text encoder comes back (``Estimate.previewing_gib``)
+previews (between      with ``sample.prompts`` (:func:`preview_terms`, shared with the MODEL path): no activations;
+steps, a third peak)   the training peak's weights and optimizer state + the VAE (back from host memory) + 3 feature
+                       maps of 128 channels at full resolution (the decoder's widest layer, one image); the prompts were
+                       encoded before step 1, no text encoder comes back (``Estimate.previewing_gib``)
 =====================  ==============================================================================================
 
 s_opt (optimizer state bytes per trained parameter): AdamW 8, AdamW 8-bit 2, Lion 4, SGD 0 (no momentum), Adafactor
@@ -93,11 +93,9 @@ class MemoryOptions:
 
     @classmethod
     def from_config(cls, cfg, resolved: dict | None = None) -> "MemoryOptions":
-        from .defaults import resolved_settings
+        from .defaults import resolved_settings, training_resolution
 
         resolved = resolved or resolved_settings(cfg)
-        from .defaults import training_resolution
-
         t, n = cfg.training, cfg.network
         return cls(family=cfg.model.family, network_type=n.network_type, network_dim=n.network_dim,
                    target_preset=n.target_preset, precision=resolved["mixed_precision"], optimizer=cfg.optim.optimizer,
@@ -116,6 +114,7 @@ class Estimate:
     parts: dict = field(default_factory=dict)  # name -> GiB, during the training steps
     caching_gib: float = 0.0  # the peak while the caches fill, before step 1 (0 without caches)
     previewing_gib: float = 0.0  # the peak while a preview renders between steps (0 without previews)
+    preview: PreviewTerms | None = None  # what the previews add (bytes: preview_terms), None without previews
 
     @property
     def training_gib(self) -> float:
@@ -161,14 +160,15 @@ def estimate(opts: MemoryOptions, device: str = "cuda") -> Estimate:
     fp8 = opts.fp8_base and not full  # fp8 stores frozen weights only
     host = device == "cpu"
     kept = host and not opts.release_encoders  # cached encoders stay in host memory: the CPU's training device
-    vae_kept = kept or (host and opts.previews)  # previews keep the VAE in host memory (trainer.sample_prompts)
     parts = {"denoiser weights": _stored_bytes(opts.family, denoiser, b_w, fp8)}
     if opts.blocks_to_swap and not host:  # swapped blocks wait in host memory; two are on the device at a time
         swapped = sorted(_swapped_block_bytes(opts.family, opts.blocks_to_swap, b_w, fp8), reverse=True)
         parts["denoiser weights"] -= sum(swapped[2:])
     resident_encoders = sum(_stored_bytes(opts.family, n, b_te, fp8 and _is_t5(opts.family, n)) for n in encoders)
     parts["text encoders"] = 0 if opts.cache_text_embeddings and not kept else resident_encoders
-    parts["vae"] = 0 if opts.cache_latents and not vae_kept else counts["vae"] * b_vae
+    parts["vae"] = 0 if opts.cache_latents and not kept else counts["vae"] * b_vae
+    preview = preview_terms(opts, counts["vae"] * b_vae, b_vae, host, counted=parts["vae"] > 0)
+    parts["vae"] += preview.in_steps if preview else 0
     s_opt = OPTIMIZER_STATE_BYTES.get(opts.optimizer, 8)  # fp32 states, also under full_bf16
     if full:
         b_g = 2 if opts.full_bf16 else 4  # gradients take the trained weights' dtype
@@ -190,11 +190,29 @@ def estimate(opts: MemoryOptions, device: str = "cuda") -> Estimate:
             (transient if opts.cache_latents else 0)
     if not opts.cache_latents:
         parts["vae encode (transient)"] = transient
-    previewing = 0
-    if opts.previews:  # between steps: no activations; the VAE back on the device (if it left) decodes one image
-        held = sum(v for k, v in parts.items() if k not in ("activations", "vae encode (transient)"))
-        previewing = held + (0 if parts["vae"] else counts["vae"] * b_vae) + 3 * 128 * opts.resolution ** 2 * b_vae
-    return Estimate(opts, {k: v / GIB for k, v in parts.items()}, caching / GIB, previewing / GIB)
+    held = sum(v for k, v in parts.items() if k not in ("activations", "vae encode (transient)"))  # between steps
+    return Estimate(opts, {k: v / GIB for k, v in parts.items()}, caching / GIB,
+                    preview.peak(held) / GIB if preview else 0.0, preview)
+
+
+@dataclass(frozen=True)
+class PreviewTerms:  # bytes a run with preview prompts adds, the same on both paths for the same VAE: see preview_terms
+    in_steps: int = 0  # joins the training peak: on the CPU the VAE stays in host memory (the device) all run long
+    vae: int = 0  # brought onto a GPU for each preview's decode (0 when the held parts have it already)
+    decode: int = 0  # 3 feature maps of the decoder's widest layer at full resolution, one image
+
+    def peak(self, held: int) -> int:  # ``held``: what stays on the device between steps (no activations)
+        return held + self.vae + self.decode
+
+
+def preview_terms(opts: MemoryOptions, vae_bytes: int, element_size: int, host: bool, counted: bool,
+                  decoder_width: int = 128) -> PreviewTerms | None:
+    """The previews' terms (None without ``opts.previews``) for a VAE of ``vae_bytes`` (elements of
+    ``element_size``); ``host``: the device is host memory; ``counted``: the held parts hold the VAE already."""
+    if not opts.previews:
+        return None
+    extra, decode = 0 if counted else vae_bytes, 3 * decoder_width * opts.resolution ** 2 * element_size
+    return PreviewTerms(in_steps=extra, decode=decode) if host else PreviewTerms(vae=extra, decode=decode)
 
 
 def estimate_case(case, resolution: int, device: str = "cuda") -> Estimate:
@@ -207,12 +225,11 @@ def estimate_case(case, resolution: int, device: str = "cuda") -> Estimate:
     c = get_case(case)
     s = resolve_case(c, device).settings
     precision = resolve_mixed_precision("auto", Device(cuda=device == "cuda", bf16=True))
-    checkpointing = s.get("gradient_checkpointing")
     caches = resolve_caches(s.get("cache_latents"), s.get("cache_text_embeddings"), c.family)
     return estimate(MemoryOptions(
         family=c.family, network_type="lora" if c.kind == "lora" else "full", precision=precision,
         optimizer=s.get("optimizer", "adamw"),
-        gradient_checkpointing=resolve_gradient_checkpointing(checkpointing, c.family, resolution),
+        gradient_checkpointing=resolve_gradient_checkpointing(s.get("gradient_checkpointing"), c.family, resolution),
         resolution=resolution, **caches,
         fp8_base=s.get("fp8_base", False), blocks_to_swap=s.get("blocks_to_swap", 0),
         fused_backward_pass=s.get("fused_backward_pass", False), full_bf16=s.get("full_bf16", False)), device)
@@ -256,8 +273,7 @@ def device_memory_gib() -> tuple[float, float] | None:
 
     if not torch.cuda.is_available():
         return None
-    free, total = torch.cuda.mem_get_info()
-    return free / GIB, total / GIB
+    return tuple(b / GIB for b in torch.cuda.mem_get_info())
 
 
 def memory_report(cfg, resolved: dict | None = None) -> str:
@@ -330,6 +346,8 @@ def _stored_bytes(family: str, component: str, b_w: int, fp8: bool, prefix: str 
 def _swapped_block_bytes(family: str, n: int, b_w: int, fp8: bool) -> list[int]:
     """Bytes of each block ``blocks_to_swap = n`` keeps in host memory: the last n of the family's blocks in running
     order (the family's ``swap_block_attributes``, as :mod:`trainer.block_swap` swaps them)."""
+    import torch
+
     from .families import get_family
     from .full_size import ARCHITECTURES, build_meta
 
@@ -338,17 +356,11 @@ def _swapped_block_bytes(family: str, n: int, b_w: int, fp8: bool) -> list[int]:
     names = []
     for attr in get_family(family).swap_block_attributes:
         sub = getattr(module, attr, None)
-        if isinstance(sub, torch_module_list()):
+        if isinstance(sub, torch.nn.ModuleList):
             names += [f"{attr}.{i}" for i in range(len(sub))]
         elif sub is not None:
             names.append(attr)
     return [_stored_bytes(family, component, b_w, fp8, name) for name in names[-n:]] if n > 0 else []
-
-
-def torch_module_list():
-    import torch
-
-    return torch.nn.ModuleList
 
 
 @functools.lru_cache(maxsize=None)
@@ -366,6 +378,7 @@ def activation_bytes(family: str, resolution: int, checkpointing: bool, rank: in
     import torch
     import torch.nn.functional as F
 
+    from .families import get_family
     from .full_size import ARCHITECTURES, build_meta
     from .lora_targets import lora_target_modules
 
@@ -399,20 +412,22 @@ def activation_bytes(family: str, resolution: int, checkpointing: bool, rank: in
                 sub._gradient_checkpointing_func = run_unit
     with torch.device("meta"), _fused_attention(F), \
             torch.autograd.graph.saved_tensors_hooks(counter.pack, counter.unpack):
-        _forward(model, family, resolution)
+        model(**get_family(family).full_size_forward_inputs(resolution))
     return counter.total + (max(units) if units else 0)
 
 
 class _SavedBytes:
-    """Counts saved tensors once per storage, leaving out the weights (counted as weights, not activations)."""
+    """Counts saved tensors once per storage (by address), leaving out the weights (counted as weights). It holds each
+    storage it counted: a freed one's address comes back for the next (always on ``meta``), which then passed for one
+    already counted (a checkpointed block's input nothing else keeps: the count followed the allocation history)."""
 
     def __init__(self, weights: set | None = None):
-        self.total, self.seen, self.weights = 0, set(), weights or set()
+        self.total, self.seen, self.weights = 0, {}, weights or set()
 
     def pack(self, t):
-        key = t.untyped_storage()._cdata
+        key = (storage := t.untyped_storage())._cdata
         if key not in self.seen and key not in self.weights:  # a tensor saved by several ops is held once
-            self.seen.add(key)
+            self.seen[key] = storage
             self.total += t.numel() * 4  # fp32 units; the caller scales to the compute dtype
         return t
 
@@ -449,12 +464,6 @@ def _fused_attention(F):
         yield
     finally:
         F.scaled_dot_product_attention = real
-
-
-def _forward(model, family: str, resolution: int) -> None:
-    from .families import get_family
-
-    model(**get_family(family).full_size_forward_inputs(resolution))
 
 
 def traced_activation_bytes(model, forward, checkpoint_blocks=()) -> int:
