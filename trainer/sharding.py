@@ -25,7 +25,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .config import TrainConfig
 
 RAM_EFFICIENT_ENV = "FSDP_CPU_RAM_EFFICIENT_LOADING"  # accelerate's launcher sets it; transformers reads it
-SHARDED_NETWORK_TYPES = ("full", "lora")
+SHARDED_NETWORK_TYPES = ("full", "lora", "dora", "loha", "lokr")
 OPTIMIZER_BY_NAME = "names"  # state.pt's "optimizer_keys" for a full optimizer state keyed by parameter names
 
 
@@ -183,6 +183,24 @@ def adapter_export_states(modules: dict[str, torch.nn.Module], adapter_name: str
             if rank0:
                 states[comp][key] = tensor
     return states
+
+
+def dora_base_weights(modules: dict[str, torch.nn.Module], adapter_name: str) -> dict[str, dict]:
+    """The base weight of each DoRA layer (module name -> tensor), whole, on rank 0 ({} per module elsewhere): a
+    DoRA export's ``dora_scale`` divides by the row norms of base + update, which a shard does not hold. Gathered one
+    layer at a time (a collective: every rank calls it), kept in its stored dtype; {} per module without DoRA."""
+    from .export import adapter_layers, layer_kind
+
+    rank0 = torch.distributed.get_rank() == 0
+    bases = {}
+    for comp, module in modules.items():
+        bases[comp] = {}
+        for name, layer in adapter_layers(module, adapter_name).items():
+            if layer_kind(layer, adapter_name) == "dora":
+                tensor = full_tensor(layer.get_base_layer().weight.detach()).cpu()
+                if rank0:
+                    bases[comp][name] = tensor
+    return bases
 
 
 def training_state(trainer) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any], dict[str, Any]]:
