@@ -8,6 +8,7 @@ What breaks without trainer/sharding.py's gathering: DoRA's export reads each ad
 ``dora_scale`` is the magnitude over the norm of base + update), which in a sharded run is one rank's shard."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -19,11 +20,17 @@ ADAPTERS = ["dora", "loha", "lokr"]
 TRAINED_KEYS = {"dora": ("lora_down.weight", "lora_up.weight", "dora_scale"),
                 "loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"),
                 "lokr": ("lokr_w1", "lokr_w2")}
+ZERO_AT_START = {"dora": "lora_up.weight", "loha": "hada_w2_b", "lokr": "lokr_w1"}  # peft's init: no change at step 0
+TOLERANCE = 1e-5
+# The tiny UNet's 32-channel resnets have 32 GroupNorm groups: norm2 cancels the time embedding's per-channel shift
+# exactly, so their time_emb_proj gradient is float noise, which AdamW scales to a step of its own (different noise,
+# different step, sharded or not). Those modules are in the file with the same keys and shapes; not compared.
+NOISE_ONLY = re.compile(r"lora_unet_(down_blocks_0|up_blocks_1)_resnets_\d+_time_emb_proj\.")
 
 
 def _adapter_config(network_type: str, tiny_sd15, demo_dataset, out: Path) -> dict:
     cfg = _lora_config(tiny_sd15, demo_dataset, out)
-    cfg["network"]["network_type"] = network_type
+    cfg["network"].update(network_type=network_type, target_preset="all_linear_conv")  # 2-D and 4-D base weights
     return cfg
 
 
@@ -37,15 +44,20 @@ def adapter_runs(request, tiny_sd15, demo_dataset, tmp_path_factory) -> tuple[st
 
 
 def _assert_same_file(kind: str, state: dict, reference: dict) -> None:
-    """The same LoRA file up to float noise: identical keys (this adapter's kind), each tensor within 1e-5."""
-    import torch
-
+    """The same LoRA file up to float noise: identical keys (this adapter's kind, on linear and conv layers), each
+    tensor within ``TOLERANCE``, and training moved the factor peft starts at zero far beyond that tolerance."""
     assert state.keys() == reference.keys()
     for suffix in TRAINED_KEYS[kind]:
         assert any(k.endswith("." + suffix) for k in state), (kind, suffix, sorted(state)[:8])
+    assert any(k.startswith("lora_unet_conv_in.") for k in state), sorted(state)[:8]  # a 3×3 conv is adapted
     assert all(state[k].shape == reference[k].shape for k in state)
-    off = {k: float((state[k].float() - reference[k].float()).abs().max()) for k in state}
-    assert max(off.values()) <= 1e-5, sorted(off.items(), key=lambda kv: -kv[1])[:3]
+    compared = [k for k in state if not NOISE_ONLY.match(k)]
+    skipped = {NOISE_ONLY.match(k).group(0) for k in state if NOISE_ONLY.match(k)}  # module key prefixes
+    assert len(skipped) == 3, sorted(skipped)  # down_blocks.0.resnets.0, up_blocks.1.resnets.0 and .1
+    off = {k: float((state[k].float() - reference[k].float()).abs().max()) for k in compared}
+    assert max(off.values()) <= TOLERANCE, sorted(off.items(), key=lambda kv: -kv[1])[:3]
+    moved = max(float(reference[k].float().abs().max()) for k in compared if k.endswith("." + ZERO_AT_START[kind]))
+    assert moved > 10 * TOLERANCE, (kind, moved)  # the comparison is finer than one training step
 
 
 @pytest.mark.slow
