@@ -5,7 +5,9 @@ noise), its resumable state holds the adapters whole, and a run Cancelled after 
 state ends where the uninterrupted sharded run did.
 
 What breaks without trainer/sharding.py's gathering: DoRA's export reads each adapted layer's base weight (its
-``dora_scale`` is the magnitude over the norm of base + update), which in a sharded run is one rank's shard."""
+``dora_scale`` is the magnitude over the norm of base + update), which in a sharded run is one rank's shard.
+
+``model.fp8_base`` stays refused sharded; the data-parallel launch the refusal names trains it (last test)."""
 from __future__ import annotations
 
 import re
@@ -88,3 +90,25 @@ def test_fsdp2_adapter_resumes_where_the_uninterrupted_run_ended(adapter_runs, t
     assert resumed["status"] == "finished"
     assert resumed["losses"] == pytest.approx(uninterrupted["losses"], rel=1e-6)
     _assert_same_file(kind, _checkpoint(run_dir, 2), _checkpoint(sharded, 2))
+
+
+@pytest.mark.slow
+def test_an_fp8_base_lora_trains_with_data_parallelism_as_the_sharded_refusal_says(tiny_sd15, demo_dataset,
+                                                                                  tmp_path):
+    """FSDP2 refuses ``model.fp8_base`` and names ``accelerate launch --multi_gpu`` instead (tests/test_sharding.py):
+    that launch trains a LoRA on an fp8 base on 2 processes, both ranks ending with the same weights; its losses are
+    near the fp32-base run's and not equal to them (the base really was fp8)."""
+    from test_multiprocess import assert_ranks_agree, launch_two_processes
+
+    losses = {}
+    for fp8 in (True, False):
+        folder = tmp_path / f"fp8-{fp8}"
+        folder.mkdir()
+        cfg = _lora_config(tiny_sd15, demo_dataset, folder / "out")
+        cfg["model"]["fp8_base"] = fp8
+        cfg["save"]["save_state"] = False
+        assert_ranks_agree(launch_two_processes(folder, cfg))
+        record = _run_record(folder / "out" / "fsdp")
+        assert record["status"] == "finished" and (folder / "out" / "fsdp" / "fsdp-e0001-s000002.safetensors").is_file()
+        losses[fp8] = record["losses"]
+    assert losses[True] != losses[False] and losses[True] == pytest.approx(losses[False], rel=0.05)
