@@ -8,10 +8,11 @@ resumable state. This module holds those collectives; the trainer calls them on 
 Every network type is sharded: a full fine-tune, or the frozen base with its peft adapters (LoRA, DoRA, LoHa, LoKr)
 in the same FSDP units; an export gathers the adapters alone, and DoRA's base weights too
 (:func:`dora_base_weights`). What a sharded run refuses (each named, before a model loads): training a text encoder
-beside the denoiser (the recipe shards one trained module), ``fp8_base`` (fp8 storage is not sharded; a LoRA on an fp8
-base fits one card: data parallelism) and ``full_bf16`` (FSDP2 keeps fp32 master weights). ``blocks_to_swap`` and
-``fused_backward_pass`` are refused for every multi-process run (:mod:`trainer.memory_options`). The EMA is sharded
-like the weights (:mod:`trainer.sharded_ema`). Rank 0 alone reads the denoiser's weights (:func:`rank0_loading`).
+beside the denoiser (the recipe shards one trained module), ``fp8_base`` (fp8 storage is not sharded; an adapter on
+an fp8 base often fits one card: data parallelism) and ``full_bf16`` (FSDP2 keeps fp32 master weights).
+``blocks_to_swap`` and ``fused_backward_pass`` are refused for every multi-process run (:mod:`trainer.memory_options`).
+The EMA is sharded like the weights (:mod:`trainer.sharded_ema`). Rank 0 alone reads the denoiser's weights
+(:func:`rank0_loading`).
 """
 from __future__ import annotations
 
@@ -75,9 +76,8 @@ def check_sharded_run(cfg: "TrainConfig", fsdp2: bool = True) -> None:
         "model.fp8_base": (cfg.model.fp8_base,
                            "is on: FSDP2 does not shard fp8-stored layers. An fp8 base is half the bf16 one "
                            "(Flux.1-dev: ~11 GiB) and often fits one card whole; then train the adapter with data "
-                           "parallelism instead: accelerate launch "
-                           "--multi_gpu --num_processes N -m trainer train <run file>; or turn fp8_base off and "
-                           "let FSDP2 shard the bf16 base"),
+                           "parallelism instead: accelerate launch --multi_gpu --num_processes N -m trainer train "
+                           "<run file>; or turn fp8_base off and let FSDP2 shard the bf16 base"),
         "network.train_text_encoder": (net.train_text_encoder,
                                        "is on: a sharded run trains the denoiser only; turn it off"),
         "training.full_bf16": (tr.full_bf16, "is on: FSDP2 keeps fp32 master weights and computes in bf16 through "
