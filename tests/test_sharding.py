@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from trainer.config import TrainConfig
+from trainer.config import NETWORK_TYPES, TrainConfig
 from trainer.errors import ConfigError, CrucibleError
 from trainer.sharding import RAM_EFFICIENT_ENV, check_sharded_run, load_training_state, rank0_loading
 
@@ -21,25 +21,27 @@ def _config(network: dict, training: dict | None = None) -> TrainConfig:
     })
 
 
-def test_a_sharded_full_finetune_or_lora_of_the_denoiser_is_accepted_with_or_without_ema():
-    for network in ({"network_type": "full"}, {"network_type": "lora"}):
+def test_every_network_type_of_the_denoiser_is_accepted_sharded_with_or_without_ema():
+    """DoRA, LoHa and LoKr train sharded as LoRA does (tests/test_fsdp_adapters.py runs them)."""
+    for kind in NETWORK_TYPES:
+        network = {"network_type": kind}
         check_sharded_run(_config(network))
         check_sharded_run(_config(network, {"ema": True}))
 
 
-def test_fp8_base_is_refused_when_sharded():
+@pytest.mark.parametrize("kind", ["lora", "loha", "lokr"])
+def test_fp8_base_is_refused_when_sharded_pointing_to_data_parallelism(kind):
     import dataclasses
 
-    cfg = _config({"network_type": "lora"})
+    cfg = _config({"network_type": kind})
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, fp8_base=True))
-    with pytest.raises(ConfigError, match=r"model\.fp8_base"):
+    with pytest.raises(ConfigError, match=r"model\.fp8_base") as refused:
         check_sharded_run(cfg)
+    message = str(refused.value)
+    assert "accelerate launch --multi_gpu" in message and "not checked" not in message
 
 
 @pytest.mark.parametrize("network, training, field", [
-    ({"network_type": "dora"}, {}, "network.network_type"),
-    ({"network_type": "loha"}, {}, "network.network_type"),
-    ({"network_type": "lokr"}, {}, "network.network_type"),
     ({"network_type": "full", "train_text_encoder": True}, {}, "network.train_text_encoder"),
     ({"network_type": "full"}, {"full_bf16": True, "mixed_precision": "bf16"}, "training.full_bf16"),
 ])

@@ -51,9 +51,10 @@ def write_checkpoint(family: "ModelFamily", comps: "Components", net: "Network",
                      run_dir: Path, run_name: str, step: int, epoch: int, meta: dict[str, str], *,
                      loss: float | None = None, final: bool = False,
                      validation: "ValidationResult | None" = None,
-                     adapter_states: "dict | None" = None) -> CheckpointInfo:
+                     adapter_states: "dict | None" = None, dora_bases: "dict | None" = None) -> CheckpointInfo:
     """Export the current weights of ``net`` (on ``comps``) into ``run_dir`` and return what was written.
-    ``adapter_states``: a sharded LoRA run's adapter states, gathered whole (:mod:`trainer.sharding`).
+    ``adapter_states`` / ``dora_bases``: a sharded adapter run's adapter states / DoRA base weights, gathered whole
+    (:mod:`trainer.sharding`).
 
     A LoRA/LyCORIS run writes its adapters in ComfyUI's key names; a full fine-tune writes the whole denoiser (and,
     with ``save.single_file_dir``, the whole model as one single-file checkpoint)."""
@@ -66,7 +67,8 @@ def write_checkpoint(family: "ModelFamily", comps: "Components", net: "Network",
         meta = {k: v for k, v in meta.items() if not k.startswith("ss_network")}
         kind = "full"
     else:
-        tensors = export_peft_modules(family, net.modules, dtype=dtype, states=adapter_states)
+        tensors = export_peft_modules(family, net.modules, dtype=dtype, states=adapter_states,
+                                      dora_bases=dora_bases)
         kind = "lora"
     save_safetensors(path, tensors, meta)
     if net.is_full and save.single_file_dir:

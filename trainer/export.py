@@ -121,9 +121,11 @@ def export_lora(family: "str | ModelFamily", states: Mapping[str, Mapping[str, "
 
 def export_peft_modules(family: "str | ModelFamily", modules: Mapping[str, "nn.Module"], *, adapter_name: str = "default",
                         dtype: "torch.dtype | None" = None,
-                        states: "Mapping[str, Mapping[str, Tensor]] | None" = None) -> dict[str, "Tensor"]:
+                        states: "Mapping[str, Mapping[str, Tensor]] | None" = None,
+                        dora_bases: "Mapping[str, Mapping[str, Tensor]] | None" = None) -> dict[str, "Tensor"]:
     """:func:`export_lora` straight from peft-wrapped modules (state, config and DoRA base weights read from them).
-    ``states``: each module's adapter state gathered already (a sharded run, :mod:`trainer.sharding`)."""
+    ``states`` / ``dora_bases``: each module's adapter state / DoRA base weights gathered already (a sharded run,
+    whose modules hold shards: :mod:`trainer.sharding`)."""
     from peft import get_peft_model_state_dict
 
     given, states, configs, bases = states, {}, {}, {}
@@ -131,9 +133,9 @@ def export_peft_modules(family: "str | ModelFamily", modules: Mapping[str, "nn.M
         states[component] = dict(given[component]) if given is not None else \
             get_peft_model_state_dict(module, adapter_name=adapter_name, save_embedding_layers=False)
         configs[component] = module.peft_config[adapter_name]
-        bases[component] = {name: layer.get_base_layer().weight
-                            for name, layer in adapter_layers(module, adapter_name).items()
-                            if layer_kind(layer, adapter_name) == "dora"}
+        bases[component] = dict(dora_bases[component]) if dora_bases is not None else \
+            {name: layer.get_base_layer().weight for name, layer in adapter_layers(module, adapter_name).items()
+             if layer_kind(layer, adapter_name) == "dora"}
     return export_lora(family, states, configs=configs, base_weights=bases, dtype=dtype)
 
 

@@ -19,7 +19,8 @@ from .plots import save_loss_curve
 from .run_record import RunRecord
 from .network import ADAPTER
 from .sample_prompts import preview_conditioning
-from .sharding import OPTIMIZER_BY_NAME, GatheredWeights, adapter_export_states, full_state_dict, training_state
+from .sharding import (OPTIMIZER_BY_NAME, GatheredWeights, adapter_export_states, dora_base_weights, full_state_dict,
+                       training_state)
 from .state import save_state
 from .validation import validation_summary
 
@@ -36,11 +37,12 @@ class RunOutputs:
             # the encoders come back only for a single-file export (validation encoded its inputs before step 1)
             with self._ema_weights(), self._encoders_on_device(self._save_needs_encoders()), self.acc.autocast():
                 validation = self.validator.evaluate()
-                comps, adapters = self.comps, None  # sharded: only the denoiser trains (trainer.sharding)
+                comps, adapters, bases = self.comps, None, None  # sharded: only the denoiser trains (trainer.sharding)
                 if self.sharded and self.net.is_full:  # gathered whole on rank 0
                     comps = dataclasses.replace(comps, denoiser=GatheredWeights(full_state_dict(comps.denoiser)))
-                elif self.sharded:  # LoRA: its adapters alone, gathered whole on rank 0
+                elif self.sharded:  # adapters: they alone (and DoRA's base weights), gathered whole on rank 0
                     adapters = adapter_export_states(self.net.modules, ADAPTER)
+                    bases = dora_base_weights(self.net.modules, ADAPTER)
                 if main:
                     loss = self.losses[-1] if self.losses else None
                     meta = checkpoint_metadata(self.cfg, self.source, run_name=self.run_name, step=step,
@@ -48,8 +50,9 @@ class RunOutputs:
                                                validation=validation)
                     info = write_checkpoint(self.family, comps, self.net, self.cfg.save, self.run_dir,
                                             self.run_name, step, epoch, meta, loss=loss, final=final,
-                                            validation=validation, adapter_states=adapters)
-            del comps  # the gathered copy goes before the state is gathered
+                                            validation=validation, adapter_states=adapters,
+                                            dora_bases=bases)
+            del comps, bases  # the gathered copies go before the state is gathered
         state = training_state(self) if self.sharded and self.cfg.save.save_state else None
         if main:
             self.checkpoints.append(info)

@@ -5,11 +5,14 @@ shard, in place. Everything that reads whole weights is then a collective that e
 order: a forward pass (validation, preview samples), the full state dict of a checkpoint, the optimizer state of a
 resumable state. This module holds those collectives; the trainer calls them on every rank and lets rank 0 write.
 
-What a sharded run refuses (each named, before a model loads): training a text encoder beside the denoiser (the
-recipe shards one trained module), DoRA/LoHa/LoKr networks (LoRA is sharded with its frozen base), ``fp8_base``
-and ``full_bf16`` (FSDP2 keeps fp32 master weights). ``blocks_to_swap`` and ``fused_backward_pass`` are refused for
-every multi-process run (:mod:`trainer.memory_options`). The EMA is sharded like the weights
-(:mod:`trainer.sharded_ema`). Rank 0 alone reads the denoiser's weights (:func:`rank0_loading`).
+Every network type is sharded: a full fine-tune, or the frozen base with its peft adapters (LoRA, DoRA, LoHa, LoKr)
+in the same FSDP units; an export gathers the adapters alone, and DoRA's base weights too
+(:func:`dora_base_weights`). What a sharded run refuses (each named, before a model loads): training a text encoder
+beside the denoiser (the recipe shards one trained module), ``fp8_base`` (fp8 storage is not sharded; an adapter on
+an fp8 base often fits one card: data parallelism) and ``full_bf16`` (FSDP2 keeps fp32 master weights).
+``blocks_to_swap`` and ``fused_backward_pass`` are refused for every multi-process run (:mod:`trainer.memory_options`).
+The EMA is sharded like the weights (:mod:`trainer.sharded_ema`). Rank 0 alone reads the denoiser's weights
+(:func:`rank0_loading`).
 """
 from __future__ import annotations
 
@@ -25,7 +28,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from .config import TrainConfig
 
 RAM_EFFICIENT_ENV = "FSDP_CPU_RAM_EFFICIENT_LOADING"  # accelerate's launcher sets it; transformers reads it
-SHARDED_NETWORK_TYPES = ("full", "lora")
 OPTIMIZER_BY_NAME = "names"  # state.pt's "optimizer_keys" for a full optimizer state keyed by parameter names
 
 
@@ -71,12 +73,11 @@ def check_sharded_run(cfg: "TrainConfig", fsdp2: bool = True) -> None:
                           "fsdp_version: 2 (docs/accelerate/fsdp2_full_finetune.yaml)")
     net, tr = cfg.network, cfg.training
     why = {
-        "network.network_type": (net.network_type not in SHARDED_NETWORK_TYPES,
-                                 f"is {net.network_type!r}: FSDP2 runs shard full fine-tunes and LoRA (the frozen "
-                                 "base with its adapters); DoRA, LoHa and LoKr were not checked sharded: train them "
-                                 "with data parallelism (accelerate launch --multi_gpu)"),
-        "model.fp8_base": (cfg.model.fp8_base, "is on: fp8 layers are not sharded; turn it off (FSDP2 shards the "
-                                               "bf16 base over the GPUs instead)"),
+        "model.fp8_base": (cfg.model.fp8_base,
+                           "is on: FSDP2 does not shard fp8-stored layers. An fp8 base is half the bf16 one "
+                           "(Flux.1-dev: ~11 GiB) and often fits one card whole; then train the adapter with data "
+                           "parallelism instead: accelerate launch --multi_gpu --num_processes N -m trainer train "
+                           "<run file>; or turn fp8_base off and let FSDP2 shard the bf16 base"),
         "network.train_text_encoder": (net.train_text_encoder,
                                        "is on: a sharded run trains the denoiser only; turn it off"),
         "training.full_bf16": (tr.full_bf16, "is on: FSDP2 keeps fp32 master weights and computes in bf16 through "
@@ -183,6 +184,24 @@ def adapter_export_states(modules: dict[str, torch.nn.Module], adapter_name: str
             if rank0:
                 states[comp][key] = tensor
     return states
+
+
+def dora_base_weights(modules: dict[str, torch.nn.Module], adapter_name: str) -> dict[str, dict]:
+    """The base weight of each DoRA layer (module name -> tensor), whole, on rank 0 ({} per module elsewhere): a
+    DoRA export's ``dora_scale`` divides by the row norms of base + update, which a shard does not hold. Gathered one
+    layer at a time (a collective: every rank calls it), kept in its stored dtype; {} per module without DoRA."""
+    from .export import adapter_layers, layer_kind
+
+    rank0 = torch.distributed.get_rank() == 0
+    bases = {}
+    for comp, module in modules.items():
+        bases[comp] = {}
+        for name, layer in adapter_layers(module, adapter_name).items():
+            if layer_kind(layer, adapter_name) == "dora":
+                tensor = full_tensor(layer.get_base_layer().weight.detach()).cpu()
+                if rank0:
+                    bases[comp][name] = tensor
+    return bases
 
 
 def training_state(trainer) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any], dict[str, Any]]:
