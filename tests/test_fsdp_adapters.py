@@ -83,7 +83,10 @@ def test_fsdp2_adapter_trains_and_saves_the_unsharded_runs_file(adapter_runs):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("adapter_runs", ["dora"], indirect=True)
 def test_fsdp2_adapter_resumes_where_the_uninterrupted_run_ended(adapter_runs, tiny_sd15, demo_dataset, tmp_path):
+    """Cancel after step 1, resume from the sharded state: DoRA only, to keep CI short (LoHa's and LoKr's state takes
+    the adapters-by-name path of the sharded LoRA, whose resume tests/test_multi_gpu_recipe.py checks)."""
     kind, _, sharded = adapter_runs
     run_dir = _cancel_then_resume(_adapter_config(kind, tiny_sd15, demo_dataset, tmp_path / "out"), tmp_path)
     resumed, uninterrupted = _run_record(run_dir), _run_record(sharded)
