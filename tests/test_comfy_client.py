@@ -546,14 +546,28 @@ def test_without_websocket_client_progress_is_polled(make_fake, run_dir):
         "websocket-client is not installed; following progress by polling /history"]
 
 
+class FinishThenLose(RecordedSocket):
+    """The prompt finishes only once the client listens on the socket, which is lost at that moment: the fallback to
+    polling is always taken (with a timer, a loaded machine could finish the prompt before the client listened)."""
+
+    def __init__(self, fake, error):
+        super().__init__([error])
+        self.fake, self.prompt_id = fake, None
+
+    def recv(self, timeout):
+        self.fake._finish(self.prompt_id, self.fake.bodies[-1])
+        return super().recv(timeout)
+
+
 def test_lost_websocket_falls_back_to_polling(make_fake, run_dir):
-    fake = make_fake(loras=LORAS, websocket=False)
+    fake = make_fake(loras=LORAS, websocket=False, mode="hang")
     logs = []
-    lost = RecordedSocket([WebSocketLost("connection reset")])
+    lost = FinishThenLose(fake, WebSocketLost("connection reset"))
     client = ComfyClient(fake.address, poll_interval=0.02, log=logs.append, ws_factory=lambda url, timeout: lost)
     prompt = cc.prepare_workflow(WORKFLOW)
     prompt["10"]["inputs"]["lora_name"] = LORAS[0]
-    entry = client.wait(client.queue(prompt), timeout=5)
+    lost.prompt_id = client.queue(prompt)
+    entry = client.wait(lost.prompt_id, timeout=5)
     assert entry["status"]["status_str"] == "success"
     assert any("websocket lost (connection reset)" in line for line in logs)
 
