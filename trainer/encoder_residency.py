@@ -186,7 +186,7 @@ class EncoderResidency:
         t = self.trainer
         cfg, family = t.cfg, t.family
         precision = t.resolved["mixed_precision"]
-        full, lowp = cfg.network.network_type == "full", precision != "no"
+        lowp = precision != "no"
         hint = ("the run released its encoders after caching (training.release_encoders) and reads them again from "
                 f"model.path '{cfg.model.path}' (and its VAE / text-encoder paths) for previews")
         if self._files_identity() != self.files:
@@ -202,12 +202,7 @@ class EncoderResidency:
         texts = [modules[n] for n in self.released if n != "vae"]
         if cfg.model.fp8_base:
             apply_fp8_base(texts, DTYPES[precision] if lowp else torch.float32)
-        vae = modules.get("vae") if "vae" in self.released else None
-        if vae is not None and family.vae_fp32:
-            vae.to(dtype=torch.float32)
-        elif vae is not None and lowp and full:
-            vae.to(dtype=DTYPES[precision])
-        if lowp:
+        if lowp:  # the VAE and text encoders were read in their run dtypes (load_dtypes); T5's wo stays fp32 under fp16
             for module in texts:
                 cast_frozen(module, DTYPES[precision])
         for name, signature in self.released.items():

@@ -120,7 +120,6 @@ class RunSetup:
         full = cfg.network.network_type == "full"
         lowp = precision != "no"
         dtypes = load_dtypes(cfg, precision, self.family.vae_fp32)
-        weight_dtype = DTYPES[precision] if lowp and not full else None
         swap = cfg.training.blocks_to_swap
         # cache, then free: the denoiser waits in host memory while the caches fill (placed by _pre_encode)
         self.denoiser_waits = denoiser_waits_for_caches(cfg, device, self.acc.num_processes, self.resolved)
@@ -133,7 +132,7 @@ class RunSetup:
             comps = components or self.family.load(cfg.model, device="cpu" if on_host else device, dtype=dtypes)
         self.owns_encoders = components is None  # the caller's encoders are never released (encoder_residency)
         if cfg.model.fp8_base:
-            apply_fp8_base([comps.denoiser, *comps.text_encoders], weight_dtype or torch.float32)
+            apply_fp8_base([comps.denoiser, *comps.text_encoders], dtypes.denoiser or torch.float32)  # LoRA only
         if not (self.denoiser_waits or sharded):
             self._place_denoiser(comps.denoiser)
         for module in [comps.vae, *comps.text_encoders]:

@@ -135,8 +135,8 @@ def load_single_file(path: str | Path, family: "str | ModelFamily", dtype=None, 
     shapes_only = unet and sd is None and building_shapes_only()
     # each part is read in its own dtype (a full fine-tune: the UNet in the trained dtype, the rest in the compute one)
     by_part = len({dtypes.denoiser, dtypes.text_encoders, dtypes.vae}) > 1
-    if sd is None and (shapes_only or not unet or by_part):  # the encoders and VAE read; the rest as meta tensors,
-        file = TensorFile(path, "model.path")  # or in the UNet's dtype, or not at all
+    if sd is None and (shapes_only or not unet or by_part):  # the encoders and VAE read first, each in its dtype;
+        file = TensorFile(path, "model.path")  # the UNet then in its own, as meta tensors, or not at all
         part_dtype = {p: dtypes.text_encoders for p in family.single_file_prefixes.values()} | {VAE_PREFIX: dtypes.vae}
         sd = {p + k: v for p, d in part_dtype.items() for k, v in file.read(p, dtype=d).items()}
         if shapes_only:  # a sharded run's rank > 0: the UNet from the header's shapes (weights.denoiser_shapes_only)
