@@ -93,6 +93,28 @@ class FamilyContract:
         assert files.vae.config.scaling_factor == family.vae_factors["scaling_factor"]
         assert comps.noise_scheduler.config.get("prediction_type", "flow") in ("epsilon", "flow", "v_prediction")
 
+    @pytest.mark.parametrize("source", [0, 1], ids=["folder", "files"])
+    def test_the_denoiser_read_apart_is_the_one_load_reads(self, family, model_configs, tiny_components, source):
+        """A run loads the model with the denoiser as shapes only, and reads it after caching with ``load_denoiser``
+        (trainer.run_setup): the same config, scheduler and extras as a whole load; then the same weights, in the
+        dtype asked for, and nothing of the denoiser read before."""
+        from trainer.families import PartDtypes
+        from trainer.families.weights import denoiser_shapes_only
+
+        whole = tiny_components(family.name, source)
+        with denoiser_shapes_only():
+            apart = family.load(model_configs[source], dtype=PartDtypes(denoiser=torch.bfloat16))
+        assert all(p.is_meta for p in apart.denoiser.parameters())  # shapes only: nothing read
+        config = {k: v for k, v in whole.denoiser.config.items() if k != "_name_or_path"}
+        assert {k: v for k, v in apart.denoiser.config.items() if k != "_name_or_path"} == config
+        assert apart.extras == whole.extras and dict(apart.noise_scheduler.config) == dict(whole.noise_scheduler.config)
+        denoiser = family.load_denoiser(model_configs[source], apart, dtype=PartDtypes(denoiser=torch.bfloat16))
+        theirs = whole.denoiser.state_dict()
+        mine = denoiser.state_dict()
+        assert set(mine) == set(theirs) and not any(t.is_meta for t in mine.values())
+        assert all(v.dtype == torch.bfloat16 and torch.equal(v, theirs[k].to(torch.bfloat16))
+                   for k, v in mine.items() if v.is_floating_point())
+
     def test_single_file_layout_is_told_apart(self, family, model_configs):
         from trainer.families.weights import checkpoint_keys
 

@@ -29,7 +29,7 @@ from .run_paths import run_paths
 from .run_record import RUN_FILE, RunRecord
 from .run_setup import RunSetup
 from .sharding import full_tensor, load_training_state
-from .state import load_state
+from .state import check_state, load_state
 from .train_step import TrainStep
 
 log = logging.getLogger("crucible")
@@ -88,14 +88,18 @@ class Trainer(RunSetup, TrainStep, RunOutputs):
 
     # --- run -----------------------------------------------------------------------------------------------------
     def run(self, resume_from, force_resume: bool, components: Components | None) -> RunResult:
-        self._setup(components)
-        start = self._resume(resume_from, force_resume) if resume_from else 0
+        """Set up the encoders, fill the caches and release the encoders, then read and set up the denoiser
+        (:mod:`trainer.run_setup`), resume, and train."""
+        self._setup_encoders(components)
+        if resume_from:  # a state that cannot resume this run is refused before any caching
+            check_state(Path(resume_from), self.cfg, self.source.fingerprint(), force=force_resume)
         if self.acc.is_main_process:
             self.work_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_json(self.work_dir / "config.json", self.cfg.to_dict())
-        if self.acc.is_main_process:
             self.callbacks.on_start(self.plan)
         self._pre_encode()
+        self._setup_denoiser()
+        start = self._resume(resume_from, force_resume) if resume_from else 0
         try:
             cancelled = self._loop(start)
         finally:

@@ -31,10 +31,11 @@ activations            the tensors autograd saves for the backward pass (once pe
 VAE encode transient   without a latent cache: 3 feature maps of 128 channels at full resolution (the VAE encoder's
                        widest layer), alive before the denoiser runs; the peak takes the larger of this and activations
 caching (before step   with a latent or text cache, the caches fill before step 1 while every encoder is resident:
-1, a separate peak)    their weights + the VAE (+ its encode transient for latents); on a GPU the denoiser and the
-                       adapter wait in host memory until the encoders leave (trainer.run_setup), on the CPU they count
-                       too. The estimate is the larger of this and the training peak (``Estimate.caching_gib`` /
-                       ``training_gib``)
+1, a separate peak)    their weights + the VAE (+ its encode transient for latents). The denoiser is read from the
+                       model files only once they are filled and the encoders released (trainer.run_setup); a model
+                       handed to the run in memory (``model_given``) waits in host memory, which on the CPU is the
+                       device, so it counts there. The estimate is the larger of this and the training peak
+                       (``Estimate.caching_gib`` / ``training_gib``)
 previews (between      with ``sample.prompts`` (:func:`preview_terms`, shared with the MODEL path): no activations;
 steps, a third peak)   the training peak's weights and optimizer state + the VAE (back from host memory) + 3 feature
                        maps of 128 channels at full resolution (the decoder's widest layer, one image); the prompts were
@@ -60,9 +61,10 @@ Assumptions and what is left out (so the number is a floor on CUDA, within ~15% 
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 from dataclasses import dataclass, field
+
+from .activation_trace import _SavedBytes, activation_bytes, traced_activation_bytes  # noqa: F401 (re-exported)
 
 GIB = 2**30
 OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw8bit": 2, "lion": 4, "sgd": 0, "adafactor": 0, "dadaptation": 12,
@@ -90,6 +92,9 @@ class MemoryOptions:
     fused_backward_pass: bool = False  # the optimizer steps each parameter as its gradient arrives
     full_bf16: bool = False  # full fine-tune: weights, gradients and optimizer states in bf16
     previews: bool = False  # sample.prompts: previews render during training with the VAE kept (trainer.sample_prompts)
+    # the model was handed to the run in memory (the benchmark's --in-memory): its denoiser is there while the caches
+    # fill; read from model files, the denoiser is read only after they are filled and the encoders released
+    model_given: bool = False
 
     @classmethod
     def from_config(cls, cfg, resolved: dict | None = None) -> "MemoryOptions":
@@ -183,11 +188,10 @@ def estimate(opts: MemoryOptions, device: str = "cuda") -> Estimate:
     transient = 3 * 128 * opts.resolution ** 2 * opts.batch_size * b_vae
     caching = 0
     if opts.cache_latents or opts.cache_text_embeddings:  # the caches fill before step 1 with every encoder resident
-        # (they leave after): their weights, the VAE's encode transient; the denoiser and adapter join on the CPU only
-        # (on a GPU they wait in host memory until the caches are filled: trainer.run_setup)
-        adapter = 0 if full else lora_param_count(opts.family, denoiser, opts.target_preset, opts.network_dim) * 4
-        caching = (parts["denoiser weights"] + adapter if host else 0) + resident_encoders + counts["vae"] * b_vae + \
-            (transient if opts.cache_latents else 0)
+        # (they leave after): their weights and the VAE's encode transient. The denoiser is read from the model files
+        # only after that (trainer.run_setup); one handed to the run is in host memory: on the CPU, the device
+        caching = (parts["denoiser weights"] if host and opts.model_given else 0) + resident_encoders + \
+            counts["vae"] * b_vae + (transient if opts.cache_latents else 0)
     if not opts.cache_latents:
         parts["vae encode (transient)"] = transient
     held = sum(v for k, v in parts.items() if k not in ("activations", "vae encode (transient)"))  # between steps
@@ -215,10 +219,11 @@ def preview_terms(opts: MemoryOptions, vae_bytes: int, element_size: int, host: 
     return PreviewTerms(in_steps=extra, decode=decode) if host else PreviewTerms(vae=extra, decode=decode)
 
 
-def estimate_case(case, resolution: int, device: str = "cuda") -> Estimate:
+def estimate_case(case, resolution: int, device: str = "cuda", model_given: bool = False) -> Estimate:
     """The estimate for a benchmark case (a name such as ``sdxl-lora-low`` or ``(family, kind, preset)``; the
     switches are :mod:`trainer.memory_presets`'; what a case leaves unset takes the config default, ``auto``
-    resolved as a run resolves it: :mod:`trainer.defaults`)."""
+    resolved as a run resolves it: :mod:`trainer.defaults`). ``model_given``: the model is handed to the run in
+    memory (:attr:`MemoryOptions.model_given`), not read from files."""
     from .defaults import Device, resolve_caches, resolve_gradient_checkpointing, resolve_mixed_precision
     from .memory_presets import get_case, resolve_case
 
@@ -232,7 +237,8 @@ def estimate_case(case, resolution: int, device: str = "cuda") -> Estimate:
         gradient_checkpointing=resolve_gradient_checkpointing(s.get("gradient_checkpointing"), c.family, resolution),
         resolution=resolution, **caches,
         fp8_base=s.get("fp8_base", False), blocks_to_swap=s.get("blocks_to_swap", 0),
-        fused_backward_pass=s.get("fused_backward_pass", False), full_bf16=s.get("full_bf16", False)), device)
+        fused_backward_pass=s.get("fused_backward_pass", False), full_bf16=s.get("full_bf16", False),
+        model_given=model_given), device)
 
 
 def fitting_switches(cfg, available_gib: float, resolved: dict | None = None, device: str = "cuda") -> list[str]:
@@ -368,133 +374,3 @@ def _largest_tensor(family: str, component: str) -> int:
     from .full_size import build_meta
 
     return max(p.numel() for p in build_meta(family, component).parameters())
-
-
-@functools.lru_cache(maxsize=None)
-def activation_bytes(family: str, resolution: int, checkpointing: bool, rank: int = 16,
-                     preset: str = "attn_mlp") -> int:
-    """Bytes autograd keeps for backward for one sample, in fp32 units (scale by 2/4 for half precision)."""
-    import peft
-    import torch
-    import torch.nn.functional as F
-
-    from .families import get_family
-    from .full_size import ARCHITECTURES, build_meta
-    from .lora_targets import lora_target_modules
-
-    component = ARCHITECTURES[family][0][0]
-    model = build_meta(family, component)
-    with torch.device("meta"):
-        model = peft.inject_adapter_in_model(peft.LoraConfig(
-            r=rank, lora_alpha=rank, target_modules=lora_target_modules(family, component, preset)), model)
-    for name, p in model.named_parameters():
-        p.requires_grad_("lora_" in name)
-    model.train()
-    weights = {p.untyped_storage()._cdata for p in model.parameters()}
-    counter = _SavedBytes(weights)
-    units: list[int] = []
-
-    def run_unit(fn, *args, **kwargs):  # a checkpointed block: count what it would save, keep none of it outside
-        for k in ("use_reentrant", "preserve_rng_state", "determinism_check", "debug", "context_fn"):
-            kwargs.pop(k, None)
-        inner = _SavedBytes(weights)
-        with torch.autograd.graph.saved_tensors_hooks(inner.pack, inner.unpack):
-            out = fn(*args, **kwargs)
-        units.append(inner.total)
-        return out
-
-    if checkpointing:
-        if hasattr(model, "enable_gradient_checkpointing"):
-            model.enable_gradient_checkpointing()
-        model._gradient_checkpointing_func = run_unit
-        for sub in model.modules():
-            if hasattr(sub, "_gradient_checkpointing_func"):
-                sub._gradient_checkpointing_func = run_unit
-    with torch.device("meta"), _fused_attention(F), \
-            torch.autograd.graph.saved_tensors_hooks(counter.pack, counter.unpack):
-        model(**get_family(family).full_size_forward_inputs(resolution))
-    return counter.total + (max(units) if units else 0)
-
-
-class _SavedBytes:
-    """Counts saved tensors once per storage (by address), leaving out the weights (counted as weights). It holds each
-    storage it counted: a freed one's address comes back for the next (always on ``meta``), which then passed for one
-    already counted (a checkpointed block's input nothing else keeps: the count followed the allocation history)."""
-
-    def __init__(self, weights: set | None = None):
-        self.total, self.seen, self.weights = 0, {}, weights or set()
-
-    def pack(self, t):
-        key = (storage := t.untyped_storage())._cdata
-        if key not in self.seen and key not in self.weights:  # a tensor saved by several ops is held once
-            self.seen[key] = storage
-            self.total += t.numel() * 4  # fp32 units; the caller scales to the compute dtype
-        return t
-
-    @staticmethod
-    def unpack(t):
-        return t
-
-
-@contextlib.contextmanager
-def _fused_attention(F):
-    """SDPA as a fused kernel saves its inputs, output and a log-sum-exp row, not the attention matrix."""
-    import torch
-
-    class Fused(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, q, k, v):
-            out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
-            lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
-            ctx.save_for_backward(q, k, v, out, lse)
-            return out
-
-        @staticmethod
-        def backward(ctx, grad):  # pragma: no cover - never run (meta trace only)
-            raise NotImplementedError
-
-    real = F.scaled_dot_product_attention
-
-    def fused(*args, **kwargs):
-        q, k, v = (list(args) + [kwargs.get(n) for n in ("query", "key", "value")[len(args):]])[:3]
-        return Fused.apply(q, k, v)
-
-    F.scaled_dot_product_attention = fused
-    try:
-        yield
-    finally:
-        F.scaled_dot_product_attention = real
-
-
-def traced_activation_bytes(model, forward, checkpoint_blocks=()) -> int:
-    """Bytes autograd keeps for backward in one call of ``forward()`` (a forward pass of ``model``, already on the
-    ``meta`` device with its adapter attached), in fp32 units like :func:`activation_bytes`: every saved tensor once
-    per storage, the model's own parameters left out, attention counted as a fused kernel. Each module in
-    ``checkpoint_blocks`` is a checkpointed unit (gradient checkpointing: it saves its input only outside, and its
-    own saved tensors live during its recompute in backward), so the total is what is saved outside them (the
-    blocks' inputs included) plus the largest unit. For architectures known only at run time (the MODEL path, ``nodes/comfy_memory.py``)."""
-    import torch
-    import torch.nn.functional as F
-
-    weights = {p.untyped_storage()._cdata for p in model.parameters()}
-    counter, units = _SavedBytes(weights), []
-    for block in checkpoint_blocks:
-        def run(*args, _forward=block.forward, **kwargs):
-            for tensor in [*args, *kwargs.values()]:  # torch.utils.checkpoint keeps the block's tensor inputs
-                if torch.is_tensor(tensor) and tensor.is_floating_point():
-                    counter.pack(tensor)
-            inner = _SavedBytes(weights)
-            with torch.autograd.graph.saved_tensors_hooks(inner.pack, inner.unpack):
-                out = _forward(*args, **kwargs)
-            units.append(inner.total)
-            return out
-
-        block.forward = run  # instance attribute: nn.Module.__call__ runs it
-    try:
-        with torch.device("meta"), _fused_attention(F), \
-                torch.autograd.graph.saved_tensors_hooks(counter.pack, counter.unpack):
-            forward()
-    finally:
-        for block in checkpoint_blocks:
-            vars(block).pop("forward", None)
-    return counter.total + (max(units) if units else 0)

@@ -123,11 +123,11 @@ def _conv_patterns(module: torch.nn.Module, cfg: NetworkConfig,
 
 
 def attach_network(family: ModelFamily, comps: Components, cfg: NetworkConfig) -> Network:
-    """Freeze the base model and make the configured parts trainable."""
-    for module in comps.modules().values():
-        module.requires_grad_(False)
-    if comps.vae is not None:
-        comps.vae.requires_grad_(False)
+    """Freeze the base model and make the configured parts trainable (encoders released after caching are
+    placeholders, not modules: nothing to freeze)."""
+    for module in [*comps.modules().values(), comps.vae]:
+        if isinstance(module, torch.nn.Module):
+            module.requires_grad_(False)
     wanted = []
     if cfg.train_unet:
         wanted.append(comps.denoiser_name)

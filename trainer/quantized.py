@@ -54,6 +54,8 @@ def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     (lossless), else ``absmax / 448`` so the largest value uses fp8's full range."""
     if weight.dtype == FP8:
         return weight, torch.ones((), dtype=torch.float32, device=weight.device)
+    if weight.is_meta:  # shapes only (trainer.families.weights.denoiser_shapes_only): no values to quantize
+        return torch.empty_like(weight, dtype=FP8), torch.ones((), dtype=torch.float32)
     if weight.dtype in FP8_DTYPES:  # e5m2 reaches 57344, past e4m3fn's 448: rescale like any other weight
         weight = weight.float()
     as_fp8 = weight.to(FP8)

@@ -69,23 +69,6 @@ def offload_module(module) -> None:
         torch.cuda.empty_cache()
 
 
-def is_host(device) -> bool:
-    """Whether the training device is host memory (the CPU)."""
-    return torch.device(device).type == "cpu"
-
-
-def denoiser_waits_for_caches(cfg, device, num_processes: int, resolved: dict | None = None) -> bool:
-    """Whether the denoiser stays in host memory until the caches are filled and their encoders offloaded (kohya
-    order), so the caching phase never holds the denoiser and every encoder on the device at once. Not on the CPU
-    (nothing to save) nor with several processes (DDP wraps the modules where they are). ``resolved``: what the
-    caches' ``auto`` became (:func:`trainer.defaults.resolved_settings`)."""
-    from .defaults import resolved_settings
-
-    resolved = resolved or resolved_settings(cfg)
-    caching = resolved["cache_latents"] or (resolved["cache_text_embeddings"] and not cfg.network.train_text_encoder)
-    return bool(caching) and not is_host(device) and num_processes == 1
-
-
 def use_attention(comps: Components, mode: str) -> None:
     """``sdpa``: diffusers' default processors already call torch's scaled_dot_product_attention. ``xformers``:
     memory-efficient attention from the optional xformers package (CUDA builds)."""
@@ -100,9 +83,19 @@ class RunSetup:
     """Builds the run's models, adapter, optimizer, objective and caches (part of :class:`trainer.loop.Trainer`)."""
 
     def _setup(self, components: Components | None):
+        """Every part of the set-up, without filling the caches in between (as :meth:`trainer.loop.Trainer.run`
+        does)."""
+        self._setup_encoders(components)
+        self._setup_denoiser()
+
+    def _setup_encoders(self, components: Components | None):
+        """The accelerator, the plan, the model with its denoiser as shapes only (nothing of it read: it is read
+        after the caches are filled and their encoders released, :meth:`_setup_denoiser`), the encoders on the
+        device in their dtypes, the caches and the validator."""
         from .defaults import resolved_settings
+        from .families.weights import denoiser_shapes_only
         from .plan import compute_plan
-        from .validation import training_source
+        from .validation import Validator, training_source
 
         cfg = self.cfg
         self.resolved = resolved_settings(cfg)  # "auto" precision / checkpointing, recorded in run.json
@@ -113,51 +106,84 @@ class RunSetup:
         for note in self.plan.notes:  # settings this model ignores: said, never silent
             log.warning("%s", note)
         check_run_memory_options(cfg, precision, self.acc.num_processes)
-        if shards_weights(self.acc):
+        # FSDP: known before prepare() shards anything (a sharded model's forward, previews included, needs every rank)
+        self.sharded = shards_weights(self.acc)
+        if self.sharded:
             check_sharded_run(cfg, self.acc.is_fsdp2)
         device = self.acc.device
         # every part is read straight into its training dtype (load_dtypes); a LoRA's adapter stays fp32 (below)
-        full = cfg.network.network_type == "full"
-        lowp = precision != "no"
-        dtypes = load_dtypes(cfg, precision, self.family.vae_fp32)
-        swap = cfg.training.blocks_to_swap
-        # cache, then free: the denoiser waits in host memory while the caches fill (placed by _pre_encode)
-        self.denoiser_waits = denoiser_waits_for_caches(cfg, device, self.acc.num_processes, self.resolved)
-        # FSDP: the denoiser stays in host memory; prepare() moves it to the device one block at a time as it shards
-        sharded = shards_weights(self.acc)
-        # fp8 base: quantized on the host while loading, then moved; block swap: swapped blocks never go whole
-        # sharded: rank 0 alone reads the denoiser's weights, the other ranks get their shards in prepare()
-        with fp8_loading(cfg.model.fp8_base), rank0_loading(self.acc) if sharded else contextlib.nullcontext():
-            on_host = swap or cfg.model.fp8_base or self.denoiser_waits or sharded
-            comps = components or self.family.load(cfg.model, device="cpu" if on_host else device, dtype=dtypes)
+        self.dtypes = load_dtypes(cfg, precision, self.family.vae_fp32)
+        # cache, then read: the denoiser is read after the caches are filled and the encoders released (SimpleTuner's
+        # order), so host memory never holds it beside T5-XXL; a model handed to the run (ComfyUI's MODEL) is there
+        self.denoiser_read_later = components is None
+        # fp8 base: quantized on the host while loading, then moved; sharded: rank 0 alone reads the denoiser
+        with self._loading(), denoiser_shapes_only():
+            on_host = cfg.model.fp8_base or self.sharded
+            comps = components or self.family.load(cfg.model, device="cpu" if on_host else device, dtype=self.dtypes)
         self.owns_encoders = components is None  # the caller's encoders are never released (encoder_residency)
         if cfg.model.fp8_base:
-            apply_fp8_base([comps.denoiser, *comps.text_encoders], dtypes.denoiser or torch.float32)  # LoRA only
-        if not (self.denoiser_waits or sharded):
-            self._place_denoiser(comps.denoiser)
+            apply_fp8_base(comps.text_encoders, self.dtypes.denoiser or torch.float32)  # LoRA only
         for module in [comps.vae, *comps.text_encoders]:
             if module is not None:
                 module.to(device)
         if self.family.vae_fp32 and comps.vae is not None:
             comps.vae.to(dtype=torch.float32)  # kohya no_half_vae: this VAE overflows to NaN in half precision
         self.comps = comps
-        if lowp:
-            trained = {n for n, on in [(comps.denoiser_name, cfg.network.train_unet)]
-                       + [(n, cfg.network.train_text_encoder) for n in comps.text_encoder_names] if on} if full else ()
-            for name, module in comps.modules().items():
-                if module is None:
-                    continue
-                if name in trained:
-                    module.to(dtype=trained_weight_dtype(cfg))
-                else:  # T5's wo stays fp32 under fp16 (transformers' keep-in-fp32); fp8 weights stay fp8
-                    cast_frozen(module, DTYPES[precision])
-            if full and comps.vae is not None and not self.family.vae_fp32:
-                comps.vae.to(dtype=DTYPES[precision])  # a LoRA run loads it in the compute dtype already
+        for name, module in zip(comps.text_encoder_names, comps.text_encoders):
+            self._cast(name, module)
+        if precision != "no" and cfg.network.network_type == "full" and comps.vae is not None \
+                and not self.family.vae_fp32:
+            comps.vae.to(dtype=DTYPES[precision])  # a LoRA run loads it in the compute dtype already
         self.family.configure_training(comps, cfg.training)
-        use_attention(comps, cfg.model.attention)
         if cfg.network.network_type == "full" and cfg.network.train_text_encoder and not cfg.save.single_file_dir:
             log.warning("network_type 'full' exports only the %s; the trained text encoder is kept in the training "
                         "state only. Set save.single_file_dir to also save the whole model", comps.denoiser_name)
+        self.max_token_length = max(d.captions.max_token_length for d in cfg.datasets)
+        self._setup_caches()
+        # a sharded model's forward needs every rank: then every rank validates (and rank 0 records it)
+        self.validator = Validator.for_run(self) if self.acc.is_main_process or self.sharded else None
+
+    def _loading(self):
+        """The context the model's weights are read in: fp8 base quantizes while reading; a sharded run's rank 0
+        alone reads the denoiser (trainer.sharding)."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(fp8_loading(self.cfg.model.fp8_base))
+        if self.sharded:
+            stack.enter_context(rank0_loading(self.acc))
+        return stack
+
+    def _cast(self, name: str, module) -> None:
+        """A trained module into its trained dtype, a frozen one into the compute dtype (T5's ``wo`` stays fp32 under
+        fp16, transformers' keep-in-fp32; fp8 weights stay fp8); nothing without mixed precision."""
+        precision = self.resolved["mixed_precision"]
+        if precision == "no" or module is None:
+            return
+        net = self.cfg.network
+        trains = net.train_unet if name == self.comps.denoiser_name else net.train_text_encoder
+        if net.network_type == "full" and trains:
+            module.to(dtype=trained_weight_dtype(self.cfg))
+        else:
+            cast_frozen(module, DTYPES[precision])
+
+    def _setup_denoiser(self):
+        """The denoiser (read now unless the run was handed it) on the device in its dtype, the adapter, block swap,
+        optimizer, scheduler, objective, ``prepare()``, EMA and the fused backward pass."""
+        cfg, comps = self.cfg, self.comps
+        device = self.acc.device
+        swap = cfg.training.blocks_to_swap
+        if self.denoiser_read_later:
+            # block swap: the swapped blocks never go to the device whole; sharded: prepare() moves it as it shards
+            with self._loading():
+                on_host = swap or cfg.model.fp8_base or self.sharded
+                comps.denoiser = self.family.load_denoiser(cfg.model, comps, device="cpu" if on_host else device,
+                                                           dtype=self.dtypes)
+            self.denoiser_read_later = False
+        if cfg.model.fp8_base:
+            apply_fp8_base([comps.denoiser], self.dtypes.denoiser or torch.float32)  # LoRA only
+        if not self.sharded:
+            self._place_denoiser(comps.denoiser)
+        self._cast(comps.denoiser_name, comps.denoiser)
+        use_attention(comps, cfg.model.attention)
         with torch.random.fork_rng(devices=[]):  # adapter init draws from the global RNG: seed it, leave it as it was
             torch.manual_seed(cfg.training.seed)
             self.net: Network = attach_network(self.family, comps, cfg.network)
@@ -173,17 +199,10 @@ class RunSetup:
         prediction = cfg.model.prediction_type or self.family.default_prediction
         self.objective = make_objective(prediction, comps.noise_scheduler, cfg.training,
                                         shift_fn=lambda latents: self.family.flow_shift(comps, latents))
-        self.max_token_length = max(d.captions.max_token_length for d in cfg.datasets)
-        self._setup_caches()
-        from .validation import Validator
-
-        # a sharded model's forward needs every rank: then every rank validates (and rank 0 records it)
-        self.validator = Validator.for_run(self) if self.acc.is_main_process or shards_weights(self.acc) else None
         names = list(self.net.modules)
-        # with block swap, accelerate must not move the denoiser (its swapped blocks would land on the device whole);
-        # nor while it waits for the caches to fill
-        placement = ([n != comps.denoiser_name for n in names] + [True]
-                     if self.block_swap is not None or self.denoiser_waits else None)
+        # the denoiser is placed already (with block swap, all but its swapped blocks, which accelerate would move
+        # whole); a sharded one accelerate places as it shards it
+        placement = None if self.sharded else [n != comps.denoiser_name for n in names] + [True]
         prepared = self.acc.prepare(*self.net.modules.values(), self.optimizer, device_placement=placement)
         self.optimizer = prepared[-1]
         # read after prepare(): FSDP2 replaces the parameters with their shards (and after param_groups froze
@@ -266,14 +285,6 @@ class RunSetup:
         if previews and self.text_cache is not None:
             self.preview_prompts = encode_preview_prompts(self)
         self.residency.leave()
-        if self.denoiser_waits:  # the encoders are off the device: now the denoiser goes on
-            self._place_denoiser(self.comps.denoiser)
-            self.denoiser_waits = False
-            if self.ema is not None:
-                self.ema.to(device=self.acc.device)
-            inner = getattr(self.optimizer, "optimizer", self.optimizer)
-            if inner.state:  # a resumed state was loaded beside the host weights: torch's load puts it by them
-                inner.load_state_dict(inner.state_dict())
 
     def _place_denoiser(self, denoiser) -> None:
         """The denoiser onto the training device; with block swap, all but its swapped blocks (trainer.block_swap)."""

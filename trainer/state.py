@@ -69,8 +69,9 @@ def save_state(folder: Path, *, step: int, epoch: int, payload: dict[str, Any], 
     return folder
 
 
-def load_state(folder: Path, cfg: TrainConfig, data_fingerprint: str, *, force: bool = False) -> SavedState:
-    """Load a state folder, refusing a changed config or dataset unless ``force``."""
+def check_state(folder: Path, cfg: TrainConfig, data_fingerprint: str, *, force: bool = False) -> dict[str, Any]:
+    """Refuse a state folder that is missing, of another format, or saved with another config or dataset (unless
+    ``force``), from its ``state.json`` alone (the weights are not read); returns that record."""
     folder = Path(folder)
     meta_path, blob_path = folder / "state.json", folder / "state.pt"
     if not meta_path.is_file() or not blob_path.is_file():
@@ -84,6 +85,14 @@ def load_state(folder: Path, cfg: TrainConfig, data_fingerprint: str, *, force: 
         found = meta.get("format") if isinstance(meta, dict) else None
         raise CrucibleError(f"training state '{folder}' has format {found}, this Crucible reads {STATE_FORMAT}")
     _check_unchanged(folder, meta, cfg, data_fingerprint, force)  # before reading a possibly large file
+    return meta
+
+
+def load_state(folder: Path, cfg: TrainConfig, data_fingerprint: str, *, force: bool = False) -> SavedState:
+    """Load a state folder, refusing a changed config or dataset unless ``force``."""
+    folder = Path(folder)
+    meta = check_state(folder, cfg, data_fingerprint, force=force)
+    blob_path = folder / "state.pt"
     blob = _load_blob(blob_path)
     if not isinstance(blob, dict):
         raise CrucibleError(f"training state '{blob_path}' is not a Crucible training state")

@@ -131,7 +131,7 @@ class TrainStep:
     def _encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         vae_dtype = next(self.comps.vae.parameters()).dtype
         with torch.no_grad():
-            return self.family.encode_images(self.train_comps, pixels.to(self.acc.device, dtype=vae_dtype)).float()
+            return self.family.encode_images(self.comps, pixels.to(self.acc.device, dtype=vae_dtype)).float()
 
     def _latents(self, batch_plan, epoch: int) -> torch.Tensor:
         if self.latent_cache is not None:

@@ -139,14 +139,15 @@ class ModelFamily(ABC):
         """Every family's ``load`` first checks each path it will read against the read policy in force
         (:func:`check_model_paths`), whoever calls it: confinement holds where files are opened."""
         super().__init_subclass__(**kwargs)
-        load = cls.__dict__.get("load")
-        if load is not None and not getattr(load, "_checks_paths", False):
-            def checked_load(self, cfg, *args, __load=load, **kw):
-                check_model_paths(cfg)
-                return __load(self, cfg, *args, **kw)
+        for name in ("load", "load_denoiser"):
+            load = cls.__dict__.get(name)
+            if load is not None and not getattr(load, "_checks_paths", False):
+                def checked_load(self, cfg, *args, __load=load, **kw):
+                    check_model_paths(cfg)
+                    return __load(self, cfg, *args, **kw)
 
-            checked_load.__doc__, checked_load.__name__, checked_load._checks_paths = load.__doc__, "load", True
-            cls.load = checked_load
+                checked_load.__doc__, checked_load.__name__, checked_load._checks_paths = load.__doc__, name, True
+                setattr(cls, name, checked_load)
 
     # --- loading ------------------------------------------------------------------------------------------------
     @abstractmethod
@@ -154,6 +155,16 @@ class ModelFamily(ABC):
              dtype: "torch.dtype | PartDtypes | None" = None) -> Components:
         """Load every component from ``cfg.path`` (diffusers folder or single file) without network access, each
         read straight into its dtype (one for all, or :class:`PartDtypes`)."""
+
+    def load_denoiser(self, cfg: "ModelConfig", comps: Components, device: "torch.device | str" = "cpu",
+                      dtype: "torch.dtype | PartDtypes | None" = None) -> Any:
+        """The denoiser alone, read from the file or folder :meth:`load` read the rest from and built as it builds
+        it, in ``dtype`` (its ``denoiser`` field) on ``device``; nothing else is read. A run loads the model with
+        the denoiser as shapes only (:func:`~trainer.families.weights.denoiser_shapes_only`: every check and
+        config value that needs the denoiser still runs, nothing is read), fills its caches, releases the encoders,
+        and only then reads the denoiser with this (SimpleTuner's order), so host memory never holds T5-XXL and a
+        12B transformer at once. ``comps``: what :meth:`load` returned."""
+        raise NotImplementedError(f"{self.title or self.name} cannot read its denoiser apart from the rest")
 
     def load_encoders(self, cfg: "ModelConfig", comps: Components, dtype: "torch.dtype | PartDtypes | None" = None
                       ) -> "dict[str, Any] | None":

@@ -152,13 +152,26 @@ class FlowFamily(ModelFamily):
             place(module, device)
         return comps
 
+    def load_denoiser(self, cfg: "ModelConfig", comps: Components, device: "torch.device | str" = "cpu",
+                      dtype: "torch.dtype | PartDtypes | None" = None) -> Any:
+        """The transformer alone, from the folder or file :meth:`load` read it from (see
+        :meth:`ModelFamily.load_denoiser`)."""
+        transformer = self._load_transformer(self._plan(cfg), PartDtypes.of(dtype).denoiser)
+        place(transformer, device)
+        return transformer
+
+    def _plan(self, cfg: "ModelConfig") -> LoadPlan:
+        """Where each part is read from (``model.path`` and its overrides)."""
+        path = Path(cfg.path).expanduser()
+        plan = self._folder_plan(path) if path.is_dir() else self._file_plan(path)
+        self._apply_overrides(plan, cfg)
+        return plan
+
     def load_encoders(self, cfg: "ModelConfig", comps: Components, dtype=None) -> dict[str, Any]:
         """The VAE and text encoders from the files and folders :meth:`load` read them from (never the
         transformer's weights)."""
         dtype = PartDtypes.of(dtype)
-        path = Path(cfg.path).expanduser()
-        plan = self._folder_plan(path) if path.is_dir() else self._file_plan(path)
-        self._apply_overrides(plan, cfg)
+        plan = self._plan(cfg)
         kinds = {s.component: s for s in self.encoders}
         modules = {"vae": self._load_vae(plan.vae, dtype.vae)}
         for name, tokenizer in zip(comps.text_encoder_names, comps.tokenizers):

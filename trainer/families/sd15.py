@@ -157,6 +157,24 @@ class StableDiffusionFamily(ModelFamily):
             place(module, device)
         return comps
 
+    def load_denoiser(self, cfg: "ModelConfig", comps: Components, device: "torch.device | str" = "cpu",
+                      dtype: "torch.dtype | PartDtypes | None" = None) -> Any:
+        """The UNet alone, from the folder or single file :meth:`load` read it from (see
+        :meth:`ModelFamily.load_denoiser`); a single file's other tensors are not read."""
+        from diffusers import UNet2DConditionModel
+
+        dtype = PartDtypes.of(dtype).denoiser
+        path = Path(cfg.path).expanduser()
+        if path.is_dir():
+            unet = load_denoiser(UNet2DConditionModel, path, "unet", dtype)
+        else:
+            # SDXL's pooled width splits the UNet's added conditioning as load did (a released encoder keeps its config)
+            pooled = [int(m.config.projection_dim) for s, m in zip(self.encoders, comps.text_encoders)
+                      if s.kind == "clip_g"]
+            unet = sf.load_single_file_unet(path, self, dtype, pooled_dim=pooled[0] if pooled else None)
+        place(unet, device)
+        return unet
+
     def load_encoders(self, cfg: "ModelConfig", comps: Components, dtype=None) -> dict[str, Any]:
         """The VAE and text encoders from the folder or single file (never its UNet) and ``model.vae_path``."""
         dtype = PartDtypes.of(dtype)

@@ -164,6 +164,18 @@ def load_single_file(path: str | Path, family: "str | ModelFamily", dtype=None, 
     return out
 
 
+def load_single_file_unet(path: str | Path, family: "str | ModelFamily", dtype=None, pooled_dim: int | None = None):
+    """The UNet of a single file alone (``pooled_dim`` as :func:`load_unet` takes it); only its tensors are read
+    (their shapes alone under :func:`~trainer.families.weights.denoiser_shapes_only`)."""
+    from . import get_family
+    from .weights import TensorFile, building_shapes_only
+
+    file = TensorFile(path, "model.path")
+    tensors = file.read(UNET_PREFIX, dtype=dtype, shapes_only=building_shapes_only())
+    return load_unet({UNET_PREFIX + k: v for k, v in tensors.items()}, get_family(family), path, dtype, pooled_dim)
+
+
 __all__ = ["detect_family", "check_family", "load_unet", "load_vae", "load_clip_l", "load_clip_g", "load_single_file",
+           "load_single_file_unet",
            "check_safetensors_path", "checkpoint_keys", "read_checkpoint", "diffusers_to_single_file", "vae_to_ldm",
            "UNET_PREFIX", "VAE_PREFIX", "OTHER_LAYOUTS"]
