@@ -303,7 +303,7 @@ def main(argv=None) -> int:
     files = ModelFiles(args.files_dir, in_memory=args.in_memory)
     for case in cases:
         resolved = resolve_case(case, device)
-        estimate = estimate_case(case.name, res, device=device)
+        estimate = estimate_case(case.name, res, device=device, model_given=args.in_memory)
         head = f"case={case.name} res={res}"
         if resolved.skip_reason:
             print(f"{head} skipped: {resolved.skip_reason}; estimate {estimate.total_gib:.2f} GiB", flush=True)

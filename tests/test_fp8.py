@@ -134,17 +134,17 @@ def fp8_run(tiny, demo_dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("fp8run")
     cfg = _config(tiny, demo_dataset, out, steps=24)
     seen = {}
-    original = Trainer._setup
+    original = Trainer._setup_denoiser
 
-    def spy(self, components):
-        original(self, components)
+    def spy(self):
+        original(self)
         seen["denoiser"] = self.comps.denoiser
 
-    Trainer._setup = spy
+    Trainer._setup_denoiser = spy
     try:
         result = train(cfg, Callbacks())
     finally:
-        Trainer._setup = original
+        Trainer._setup_denoiser = original
     return cfg, result, seen["denoiser"]
 
 

@@ -170,10 +170,10 @@ def same_data_trainer(loop, data: SameData, weight_of):
         def _latents(self, batch_plan, epoch: int):
             return data.latents(batch_plan).to(self.acc.device)
 
-        def _pre_encode(self):
+        def _setup_denoiser(self):
             import torch
 
-            super()._pre_encode()
+            super()._setup_denoiser()
             module = next(iter(self.net.modules.values()))
             with torch.no_grad():
                 for name, layer in module.named_modules():
