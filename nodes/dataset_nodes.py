@@ -170,6 +170,8 @@ class CrucibleStepPlan:
         cfg = plan_config(dataset, f)
         source = training_source(cfg)  # held-out validation images are not counted
         text = compute_plan(cfg, source).format()
+        # previews render when the plan samples (the Train node's prompts are not seen here): both paths count them
+        samples = bool(f["sample_every_n_epochs"] or f["sample_every_n_steps"])
         if model is not None:
             from dataclasses import replace
 
@@ -178,11 +180,10 @@ class CrucibleStepPlan:
             run = TrainConfig(model=model, datasets=tuple(dataset), network=network or NetworkConfig(),
                               optim=optimizer or OptimConfig(),
                               training=replace(training or TrainingConfig(), batch_size=f["batch_size"]))
-            text += "\n" + memory_report(run)
+            text += "\n" + memory_report(run, previews=samples)
         if comfy_model is not None or comfy_clip is not None or comfy_vae is not None:
             from .comfy_memory import model_path_memory_report
 
-            samples = bool(f["sample_every_n_epochs"] or f["sample_every_n_steps"])  # previews render (with prompts)
             text += "\n" + model_path_memory_report(comfy_model, comfy_clip, comfy_vae, model, dataset, network,
                                                      optimizer, training, f["batch_size"], previews=samples)
         return text_result(text, (text,))

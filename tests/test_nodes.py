@@ -785,6 +785,22 @@ def test_step_plan_shows_the_memory_estimate_when_the_model_is_connected(nodes, 
     assert "device memory: unknown" in text  # no CUDA device in the tests
 
 
+def test_step_plan_counts_the_previews_of_a_plan_that_samples(nodes, demo_input):
+    """The Step Plan does not see the Train node's preview prompts: a plan that samples is estimated with its
+    previews (the VAE back for each decode), as the MODEL path's is; one that does not, without. Counted only when
+    the previews are the largest phase: SD1.5 at 1024 px with every cache on and lean steps."""
+    from trainer.config import ModelConfig
+
+    data = run(nodes, "CrucibleDataset", path=demo_input, resolution=1024)[0][0]
+    (training,), _ = run(nodes, "CrucibleTrainingOptions", cache_latents=True, cache_text_embeddings=True,
+                         gradient_checkpointing=True)
+    plans = {}
+    for every in (0, 2):
+        (plans[every],), _ = run(nodes, "CrucibleStepPlan", dataset=data, model=ModelConfig(family="sd15"),
+                                 training=training, batch_size=1, sample_every_n_epochs=every)
+    assert "previews peak" not in plans[0] and "previews peak" in plans[2], plans[2]
+
+
 def test_progress_bar_counts_the_images_cached_before_step_1(nodes):
     comfy_module = sys.modules[f"{comfy_stubs.PACK_NAME}.nodes._comfy"]
     progress = comfy_module.ComfyProgress(total=1)

@@ -97,7 +97,9 @@ class MemoryOptions:
     model_given: bool = False
 
     @classmethod
-    def from_config(cls, cfg, resolved: dict | None = None) -> "MemoryOptions":
+    def from_config(cls, cfg, resolved: dict | None = None, previews: bool | None = None) -> "MemoryOptions":
+        """``previews``: whether previews render (default: the config has preview prompts; the Step Plan, which
+        does not see the Train node's prompts, says whether its plan samples)."""
         from .defaults import resolved_settings, training_resolution
 
         resolved = resolved or resolved_settings(cfg)
@@ -110,7 +112,7 @@ class MemoryOptions:
                    train_text_encoder=n.train_text_encoder, release_encoders=t.release_encoders,
                    fp8_base=cfg.model.fp8_base, blocks_to_swap=t.blocks_to_swap,
                    fused_backward_pass=t.fused_backward_pass, full_bf16=t.full_bf16,
-                   previews=bool(cfg.sample.prompts))
+                   previews=bool(cfg.sample.prompts) if previews is None else previews)
 
 
 @dataclass(frozen=True)
@@ -241,13 +243,14 @@ def estimate_case(case, resolution: int, device: str = "cuda", model_given: bool
         model_given=model_given), device)
 
 
-def fitting_switches(cfg, available_gib: float, resolved: dict | None = None, device: str = "cuda") -> list[str]:
+def fitting_switches(cfg, available_gib: float, resolved: dict | None = None, device: str = "cuda",
+                     previews: bool | None = None) -> list[str]:
     """Switches that bring the estimate under ``available_gib``, cheapest first, cumulatively; each names config
     fields (``trainer.memory_presets.option_path`` finds them, a test checks), ending with "nothing available here
     fits" when even all of them do not."""
     from dataclasses import replace
 
-    opts = MemoryOptions.from_config(cfg, resolved)
+    opts = MemoryOptions.from_config(cfg, resolved, previews)
     full = opts.network_type == "full"
     steps = [("gradient_checkpointing on", dict(gradient_checkpointing=True)),
              ("mixed_precision bf16", dict(precision="bf16") if opts.precision == "no" else None),
@@ -282,9 +285,10 @@ def device_memory_gib() -> tuple[float, float] | None:
     return tuple(b / GIB for b in torch.cuda.mem_get_info())
 
 
-def memory_report(cfg, resolved: dict | None = None) -> str:
-    """The lines the Step Plan node and ``python -m trainer plan`` show."""
-    est = estimate(MemoryOptions.from_config(cfg, resolved))
+def memory_report(cfg, resolved: dict | None = None, previews: bool | None = None) -> str:
+    """The lines the Step Plan node and ``python -m trainer plan`` show (``previews``: see
+    :meth:`MemoryOptions.from_config`)."""
+    est = estimate(MemoryOptions.from_config(cfg, resolved, previews))
     lines = [est.format()]
     mem = device_memory_gib()
     if mem is None:
@@ -295,7 +299,7 @@ def memory_report(cfg, resolved: dict | None = None) -> str:
         lines.append(f"fits: {free:.1f} GiB free of {total:.1f} GiB")
     else:
         lines.append(f"will NOT fit: {free:.1f} GiB free of {total:.1f} GiB. To fit, turn on: "
-                     + ", ".join(fitting_switches(cfg, free, resolved)))
+                     + ", ".join(fitting_switches(cfg, free, resolved, previews=previews)))
     return "\n".join(lines)
 
 
