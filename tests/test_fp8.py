@@ -439,3 +439,15 @@ def test_two_processes_train_on_the_fp8_base(tiny_sd15, demo_dataset, tmp_path):
            "save": {"output_dir": str(tmp_path / "out"), "run_name": "mp8", "save_every_n_epochs": 0,
                     "save_state": False}}
     assert_ranks_agree(launch_two_processes(tmp_path, cfg))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, FP8], ids=["bf16", "fp8"])
+def test_a_shapes_only_weight_is_quantized_to_its_shape(dtype):
+    """A run builds the denoiser as shapes only until the caches are filled (trainer.run_setup), under fp8 loading:
+    a meta weight, bf16 or read from an fp8 file, becomes a meta fp8 weight with a usable scale, nothing computed."""
+    from trainer.quantized import quantize
+
+    q, scale = quantize(torch.empty(48, 96, dtype=dtype, device="meta"))
+    assert q.is_meta and q.dtype == FP8 and q.shape == (48, 96) and float(scale) == 1.0
+    layer = Fp8Linear.from_linear(nn.Linear(96, 48, device="meta", dtype=torch.bfloat16))
+    assert layer.weight.is_meta and layer.weight.dtype == FP8

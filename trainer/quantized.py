@@ -52,10 +52,10 @@ _LOADING: contextvars.ContextVar[bool] = contextvars.ContextVar("crucible_fp8_lo
 def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(fp8 tensor, fp32 scale)`` with ``fp8 × scale ≈ weight``: scale 1 when ``weight`` holds fp8 values already
     (lossless), else ``absmax / 448`` so the largest value uses fp8's full range."""
-    if weight.dtype == FP8:
-        return weight, torch.ones((), dtype=torch.float32, device=weight.device)
     if weight.is_meta:  # shapes only (trainer.families.weights.denoiser_shapes_only): no values to quantize
         return torch.empty_like(weight, dtype=FP8), torch.ones((), dtype=torch.float32)
+    if weight.dtype == FP8:
+        return weight, torch.ones((), dtype=torch.float32, device=weight.device)
     if weight.dtype in FP8_DTYPES:  # e5m2 reaches 57344, past e4m3fn's 448: rescale like any other weight
         weight = weight.float()
     as_fp8 = weight.to(FP8)
