@@ -54,3 +54,28 @@ def test_tensors_kept_in_the_files_dtype_stay_valid_after_their_handle_closes(tm
     monkeypatch.setattr(fp8_files, "READ_CHUNK_BYTES", 200_000)  # a fresh handle for nearly every tensor
     out = fp8_files.read_file(path)
     assert [float(out[f"t{i}"].float().mean()) for i in range(8)] == [float(i) for i in range(8)]
+
+
+def test_a_small_tensor_kept_in_the_files_dtype_does_not_pin_its_chunk(tmp_path, monkeypatch):
+    """ComfyUI's ``t5xxl_fp8_e4m3fn``: fp8 Linear weights (converted) beside bf16 layer norms (kept as they are). A
+    kept tensor left in the mapping held every page its handle had read: SD3's T5-XXL kept 4.6 GiB of the fp8 file
+    resident beside its bf16 copy until the encoder was released (measured 2026-12-07). Kept tensors are copied out,
+    so the mapping goes with its handle."""
+    path = tmp_path / "t5_like.safetensors"
+    count, shape = 24, (2048, 1024)  # 24 blocks of a 2 MiB fp8 weight and a small bf16 norm: ~48 MiB
+    layout = {}
+    for i in range(count):
+        layout[f"block{i}.weight"] = (shape, torch.float8_e4m3fn)
+        layout[f"block{i}.norm.weight"] = ((1024,), torch.bfloat16)
+
+    def value(key):
+        dtype = layout[key][1]
+        return torch.full(layout[key][0], 0.5).to(dtype)
+
+    write_streamed(path, layout, value, metadata={"format": "pt"})
+    monkeypatch.setattr(fp8_files, "READ_CHUNK_BYTES", 8 * MIB)
+    start = rss_file_bytes()
+    out = fp8_files.read_file(path, torch.bfloat16)
+    held = rss_file_bytes() - start
+    assert all(v.dtype == torch.bfloat16 and float(v.flatten()[0]) == 0.5 for v in out.values())
+    assert held <= 8 * MIB + 4 * MIB, round(held / MIB, 1)  # was the whole ~48 MiB file

@@ -91,11 +91,6 @@ def test_estimate_is_within_15_percent_of_every_recorded_measurement():
         assert abs(est - measured) <= 0.15 * measured, (row["case"], est, measured)
 
 
-# flux-lora-low from fp8 files: the estimate holds the transformer resident while T5 fills the cache, which from an
-# fp8 file on the CPU it is not yet (safetensors maps it; docs/memory.md "Flux from fp8 files"): conservative there
-CONSERVATIVE_FROM_FILES = {"flux-lora-low"}
-
-
 def test_estimate_is_within_15_percent_of_every_measurement_from_files():
     """benchmarks/results/memory-cpu-files.json: the runs that load the files a ComfyUI user has. A full-step row is
     compared from the run's start (its set-up is apart); a setup+reduced-step row holds its caching phase in the
@@ -107,10 +102,7 @@ def test_estimate_is_within_15_percent_of_every_measurement_from_files():
         assert row["weights"] == "files" and row["device"] == "cpu", row["case"]
         est = estimate_case(row["case"], row["res"], device="cpu").total_gib + row["base_gib"]
         measured = row["train_peak_gib"] if row["method"] == "full-step" else row["peak_gib"]
-        if row["case"] in CONSERVATIVE_FROM_FILES:  # still over by more than 15%, or the exception goes
-            assert est > 1.15 * measured, (row["case"], est, measured)
-        else:
-            assert abs(est - measured) <= 0.15 * measured, (row["case"], est, measured)
+        assert abs(est - measured) <= 0.15 * measured, (row["case"], est, measured)
 
 
 def test_presets_are_one_table_and_name_the_new_options():
