@@ -69,10 +69,19 @@ def save_state(folder: Path, *, step: int, epoch: int, payload: dict[str, Any], 
     return folder
 
 
-def check_state(folder: Path, cfg: TrainConfig, data_fingerprint: str, *, force: bool = False) -> dict[str, Any]:
-    """Refuse a state folder that is missing, of another format, or saved with another config or dataset (unless
-    ``force``), from its ``state.json`` alone (the weights are not read); returns that record."""
-    folder = Path(folder)
+def check_state(folder: Path, cfg: TrainConfig, data_fingerprint: str, *, force: bool = False) -> None:
+    """Everything :func:`load_state` refuses (a missing, damaged, crafted or inconsistent state, or one saved with
+    another config or dataset unless ``force``), checked with the weights mapped from the file, not read: a run
+    checks its resume this way before it fills its caches, and loads the state after its denoiser is read."""
+    _read_state(Path(folder), cfg, data_fingerprint, force, mmap=True)
+
+
+def load_state(folder: Path, cfg: TrainConfig, data_fingerprint: str, *, force: bool = False) -> SavedState:
+    """Load a state folder, refusing a changed config or dataset unless ``force``."""
+    return _read_state(Path(folder), cfg, data_fingerprint, force, mmap=False)
+
+
+def _read_state(folder: Path, cfg: TrainConfig, data_fingerprint: str, force: bool, mmap: bool) -> SavedState:
     meta_path, blob_path = folder / "state.json", folder / "state.pt"
     if not meta_path.is_file() or not blob_path.is_file():
         raise CrucibleError(f"no training state in '{folder}' (expected state.json and state.pt); "
@@ -85,15 +94,7 @@ def check_state(folder: Path, cfg: TrainConfig, data_fingerprint: str, *, force:
         found = meta.get("format") if isinstance(meta, dict) else None
         raise CrucibleError(f"training state '{folder}' has format {found}, this Crucible reads {STATE_FORMAT}")
     _check_unchanged(folder, meta, cfg, data_fingerprint, force)  # before reading a possibly large file
-    return meta
-
-
-def load_state(folder: Path, cfg: TrainConfig, data_fingerprint: str, *, force: bool = False) -> SavedState:
-    """Load a state folder, refusing a changed config or dataset unless ``force``."""
-    folder = Path(folder)
-    meta = check_state(folder, cfg, data_fingerprint, force=force)
-    blob_path = folder / "state.pt"
-    blob = _load_blob(blob_path)
+    blob = _load_blob(blob_path, mmap)
     if not isinstance(blob, dict):
         raise CrucibleError(f"training state '{blob_path}' is not a Crucible training state")
     own = blob.get("meta")
@@ -107,12 +108,13 @@ def load_state(folder: Path, cfg: TrainConfig, data_fingerprint: str, *, force: 
     return SavedState(step=int(meta["step"]), epoch=int(meta["epoch"]), payload=blob, meta=meta)
 
 
-def _load_blob(path: Path) -> Any:
-    """``torch.load(weights_only=True)``: tensors and plain values only, so a crafted pickle cannot run code."""
+def _load_blob(path: Path, mmap: bool = False) -> Any:
+    """``torch.load(weights_only=True)``: tensors and plain values only, so a crafted pickle cannot run code.
+    ``mmap``: the tensors are mapped from the file, not read (a check)."""
     import pickle
 
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         raise CrucibleError(f"training state '{path}' was refused: it holds Python objects other than tensors and "
                             "plain values, which could run code when loaded. Crucible did not write it; delete the "
