@@ -1,5 +1,8 @@
-"""Setting a run up: the accelerator, the model in its training dtypes, the adapter, optimizer and objective, the
-caches filled before step 1 and the encoders they replace moved off the device.
+"""Setting a run up, in the order memory asks for: the accelerator and the encoders in their dtypes, with the
+denoiser as shapes only (:meth:`RunSetup._setup_encoders`); the caches filled and the encoders they replace released
+(:meth:`RunSetup._pre_encode`); then the denoiser read from the model files, the adapter, optimizer and objective
+(:meth:`RunSetup._setup_denoiser`). So neither the device nor host memory ever holds the denoiser beside every
+encoder (SimpleTuner's order; a model handed to the run goes onto the device after the caches fill: kohya's).
 
 :class:`RunSetup` is one part of :class:`trainer.loop.Trainer`; it writes the attributes the step
 (:mod:`trainer.train_step`) and the outputs (:mod:`trainer.run_outputs`) read.
