@@ -275,10 +275,17 @@ def fitting_switches(estimator: ModelPathEstimator, opts: MemoryOptions, network
     return chosen + ["nothing available here fits"]
 
 
+# devices whose out-of-memory error ComfyUI's VAE.decode catches to retry in tiles (comfy/sd.py catches
+# model_management.OOM_EXCEPTION, torch.cuda.OutOfMemoryError): CUDA (and ROCm, also "cuda") raises it. MPS has been
+# seen raising a plain RuntimeError ("MPS backend out of memory"); XPU is unchecked: there the whole decode counts
+TILED_DECODE_RETRY = frozenset({"cuda"})
+
+
 def needed_gib(est: Estimate, kind: str) -> float:
-    """What must fit on ComfyUI's device: the estimate's peak, except a preview's decode on a GPU, which ComfyUI's
-    ``VAE.decode`` retries in tiles when it runs out of memory (comfy/sd.py; slower previews, no failed run)."""
-    return est.total_gib if kind == "cpu" else max(est.training_gib, est.caching_gib)
+    """What must fit on ComfyUI's device: the estimate's peak, except a preview's decode on a device whose
+    out-of-memory error ``VAE.decode`` retries in tiles (:data:`TILED_DECODE_RETRY`; slower previews, no failed
+    run)."""
+    return max(est.training_gib, est.caching_gib) if kind in TILED_DECODE_RETRY else est.total_gib
 
 
 def _is_fp8(module: torch.nn.Module) -> bool:

@@ -166,6 +166,11 @@ def test_on_a_gpu_a_preview_decode_that_does_not_fit_is_tiled_not_a_failed_run(m
     assert "fits: ComfyUI's device cuda" in text and "ComfyUI's VAE decode retries in tiles" in text
     assert "will NOT fit" not in text and f"previews peak at {est.previewing_gib:.1f} GiB" in text
     assert memory.needed_gib(est, "cuda") == steps and memory.needed_gib(est, "cpu") == est.total_gib
+    # only where ComfyUI's retry is known to catch the error: not on MPS (a RuntimeError there) nor an unchecked XPU
+    for kind in ("mps", "xpu"):
+        assert memory.needed_gib(est, kind) == est.total_gib
+        text = memory.report(estimator(memory, family), opts, network, (kind, free, 24.0, "NORMAL_VRAM"))
+        assert "will NOT fit" in text and "retries in tiles" not in text, kind
     on_cpu = estimator(memory, family, "cpu")
     cpu_est = on_cpu.estimate(opts, network)
     text = memory.report(on_cpu, opts, network, ("cpu", cpu_est.previewing_gib * 0.99, 24.0, "host RAM"))
