@@ -322,7 +322,11 @@ def test_a_crafted_state_pickle_never_runs_and_is_refused(tmp_path, how):
 
 
 @pytest.mark.slow
-def test_resume_from_a_crafted_state_is_refused_before_anything_trains(tiny_sd15, demo_dataset, tmp_path):
+@pytest.mark.parametrize("how", ["torch zip", "torch legacy", "plain pickle"])
+def test_resume_from_a_crafted_state_is_refused_before_anything_trains(tiny_sd15, demo_dataset, tmp_path, how):
+    """Refused (not called damaged) in every pickle format, before anything is cached, written or trained: the
+    resume is checked with the state mapped, which only torch's zip format allows (a plain pickle was reported
+    damaged by the real-ComfyUI stage)."""
     from trainer.callbacks import Callbacks
     from trainer.loop import train
 
@@ -337,7 +341,7 @@ def test_resume_from_a_crafted_state_is_refused_before_anything_trains(tiny_sd15
         "save": {"output_dir": str(tmp_path / "out"), "run_name": "r"}})
     stopped = train(cfg, StopAfterFirst())
     marker = tmp_path / "pwned"
-    write_exploit(stopped.state_dir / "state.pt", marker)
+    write_exploit(stopped.state_dir / "state.pt", marker, how)
     before = all_files(tmp_path / "out")
     with pytest.raises(CrucibleError, match="refused"):
         train(cfg, resume_from=stopped.state_dir)

@@ -110,11 +110,14 @@ def _read_state(folder: Path, cfg: TrainConfig, data_fingerprint: str, force: bo
 
 def _load_blob(path: Path, mmap: bool = False) -> Any:
     """``torch.load(weights_only=True)``: tensors and plain values only, so a crafted pickle cannot run code.
-    ``mmap``: the tensors are mapped from the file, not read (a check)."""
+    ``mmap``: the tensors are mapped from the file, not read (a check); only torch's zip format can be mapped, so
+    any other file (never one Crucible wrote) is read whole and refused or found damaged as it is."""
     import pickle
+    import zipfile
 
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        mapped = mmap and zipfile.is_zipfile(path)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mapped)
     except pickle.UnpicklingError as exc:
         raise CrucibleError(f"training state '{path}' was refused: it holds Python objects other than tensors and "
                             "plain values, which could run code when loaded. Crucible did not write it; delete the "
