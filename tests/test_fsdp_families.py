@@ -1,0 +1,66 @@
+"""A LoRA with the denoiser sharded (FSDP2, 2 CPU processes, gloo, ``tests/fsdp_cpu_shim.py``) for the families the
+SD1.5 tests of ``tests/test_multi_gpu_recipe.py`` leave out, each from the files a ComfyUI user has: SDXL from its
+single-file checkpoint, SD3 from its split diffusion-model, text-encoder and VAE files.
+
+Both runs fill the latent and text caches first, each rank its share, then release the encoders and read the
+denoiser (the order of ``trainer/run_setup.py``), so this is also the sharded run with caches. Each sharded run
+trains as the same launch unsharded (DDP) does: the same losses and validation loss, the same LoRA file (every key,
+each tensor within float noise) and a resumable state that holds the adapters alone, whole."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from test_multi_gpu_recipe import _checkpoint, _lora_config, _run_record, _unsharded_and_sharded
+
+TOLERANCE = 1e-5
+
+
+def _model(name: str, request) -> dict:
+    from trainer.tiny import single_file_path
+
+    tiny = request.getfixturevalue(f"tiny_{name}")
+    if name == "sdxl":
+        return {"family": "sdxl", "path": str(single_file_path(tiny))}
+    return {"family": name, "path": str(tiny.transformer_file), "vae_path": str(tiny.vae_file),
+            "text_encoder_paths": [str(p) for p in tiny.text_encoder_files]}
+
+
+@pytest.fixture(scope="module", params=["sdxl", "sd3"])
+def family_runs(request, tiny_sd15, demo_dataset, tmp_path_factory) -> tuple[str, Path, Path]:
+    """(family, unsharded run folder, sharded run folder) of a cached LoRA run from the family's files."""
+    name = request.param
+    model = _model(name, request)
+
+    def config(out: Path) -> dict:
+        cfg = _lora_config(tiny_sd15, demo_dataset, out)
+        cfg["model"] = model
+        cfg["training"].update(cache_latents=True, cache_text_embeddings=True)
+        return cfg
+
+    unsharded, sharded = _unsharded_and_sharded(config, tmp_path_factory, name)
+    return name, unsharded, sharded
+
+
+@pytest.mark.slow
+def test_fsdp2_lora_of_each_family_trains_and_saves_the_unsharded_runs_lora(family_runs):
+    import torch
+
+    name, unsharded, sharded = family_runs
+    record, reference = _run_record(sharded), _run_record(unsharded)
+    assert record["status"] == "finished" and len(record["losses"]) == 2, record
+    assert record["losses"] == pytest.approx(reference["losses"], rel=1e-5)
+    assert record["checkpoints"][0]["val_loss"] == pytest.approx(reference["checkpoints"][0]["val_loss"], rel=1e-5)
+    state, want = _checkpoint(sharded, 2), _checkpoint(unsharded, 2)
+    prefix, up = ("lora_unet_", "lora_up.weight") if name == "sdxl" else ("transformer.", "lora_B.weight")
+    assert state.keys() == want.keys() and all(k.startswith(prefix) for k in state), sorted(state)[:4]
+    assert any(k.endswith(up) for k in state)
+    off = {k: float((state[k].float() - want[k].float()).abs().max()) for k in state}
+    assert max(off.values()) <= TOLERANCE, sorted(off.items(), key=lambda kv: -kv[1])[:3]
+    moved = max(float(want[k].float().abs().max()) for k in want if k.endswith(up))
+    assert moved > 10 * TOLERANCE, moved  # peft starts the up factor at zero: the comparison is finer than one step
+    blob = torch.load(sharded / "state" / "state.pt", map_location="cpu", weights_only=True)
+    adapters = next(iter(blob["network"].values()))
+    assert adapters and not any(k.endswith("base_layer.weight") for k in adapters)
+    assert all(not hasattr(t, "placements") for t in adapters.values())  # whole tensors, not DTensor shards
