@@ -118,10 +118,8 @@ def test_encoders_handed_to_the_run_are_never_released(tiny_sd15, demo_dataset, 
 def test_a_family_that_cannot_reload_keeps_its_encoders(tiny_sd15, demo_dataset, tmp_path, monkeypatch, caplog):
     """As ComfyUI's MODEL path (nodes/comfy_family.py has no load_encoders): its CLIP and VAE are ComfyUI's objects,
     left to ComfyUI's model management, never dropped by the run."""
-    from trainer.encoder_residency import family_reloads_encoders
-
     assert ModelFamily.load_encoders(get_family("sd15"), None, None) is None  # the base class: cannot
-    assert all(family_reloads_encoders(get_family(n)) for n in ("sd15", "sdxl", "sd3", "flux"))
+    assert all(get_family(n).reloads_encoders for n in ("sd15", "sdxl", "sd3", "flux"))
     watch = Watch(monkeypatch)
     monkeypatch.setattr(type(get_family("sd15")), "load_encoders", ModelFamily.load_encoders)
     steps = AliveAtSteps(watch)

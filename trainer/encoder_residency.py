@@ -87,7 +87,7 @@ class EncoderResidency:
         if not owned:
             log.info("encoders kept in host memory: they were handed to the run, which does not own them")
             return False
-        if not family_reloads_encoders(t.family):
+        if not t.family.reloads_encoders:
             log.info("encoders kept in host memory: %s leaves them to their owner", t.family.title)
             return False
         return True
@@ -213,11 +213,3 @@ class EncoderResidency:
             self._put(name, module)
         log.info("reloaded %s from the model files", ", ".join(self.released))
         self.released = {}
-
-
-def family_reloads_encoders(family: Any) -> bool:
-    """Whether ``family`` can read its encoders again (it has a ``load_encoders`` of its own; the base class's
-    answers None)."""
-    from .families.base import ModelFamily
-
-    return type(family).load_encoders is not ModelFamily.load_encoders

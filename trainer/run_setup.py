@@ -72,14 +72,6 @@ def offload_module(module) -> None:
         torch.cuda.empty_cache()
 
 
-def reads_denoiser_apart(family) -> bool:
-    """Whether ``family`` reads its denoiser apart from the rest (its own ``load_denoiser``); a family hosting a
-    ComfyUI MODEL is handed its model whole."""
-    from .families import ModelFamily
-
-    return type(family).load_denoiser is not ModelFamily.load_denoiser
-
-
 def use_attention(comps: Components, mode: str) -> None:
     """``sdpa``: diffusers' default processors already call torch's scaled_dot_product_attention. ``xformers``:
     memory-efficient attention from the optional xformers package (CUDA builds)."""
@@ -126,7 +118,7 @@ class RunSetup:
         self.dtypes = load_dtypes(cfg, precision, self.family.vae_fp32)
         # cache, then read: the denoiser is read after the caches are filled and the encoders released (SimpleTuner's
         # order), so host memory never holds it beside T5-XXL; a model handed to the run (ComfyUI's MODEL) is there
-        self.denoiser_read_later = components is None and reads_denoiser_apart(self.family)
+        self.denoiser_read_later = components is None and self.family.reads_denoiser_apart
         # fp8 base: quantized on the host while loading, then moved; sharded: rank 0 alone reads the denoiser
         with self._loading(), denoiser_shapes_only() if self.denoiser_read_later else contextlib.nullcontext():
             on_host = cfg.model.fp8_base or self.sharded

@@ -166,6 +166,17 @@ class ModelFamily(ABC):
         12B transformer at once. ``comps``: what :meth:`load` returned."""
         raise NotImplementedError(f"{self.title or self.name} cannot read its denoiser apart from the rest")
 
+    @property
+    def reads_denoiser_apart(self) -> bool:
+        """Whether this family reads its denoiser apart from the rest (a :meth:`load_denoiser` of its own); a family
+        hosting a ComfyUI MODEL is handed its model whole."""
+        return type(self).load_denoiser is not ModelFamily.load_denoiser
+
+    @property
+    def reloads_encoders(self) -> bool:
+        """Whether this family can read its encoders again (a :meth:`load_encoders` of its own)."""
+        return type(self).load_encoders is not ModelFamily.load_encoders
+
     def load_encoders(self, cfg: "ModelConfig", comps: Components, dtype: "torch.dtype | PartDtypes | None" = None
                       ) -> "dict[str, Any] | None":
         """The VAE and text encoders alone, read again from the files :meth:`load` read them from and built as it
