@@ -255,8 +255,9 @@ def compare_case(args, case, res: int, steps: int, row: dict, cuda: bool) -> dic
     """Run Crucible and kohya on the same inputs (checkpoint file, dataset folder) in fresh processes, print the
     ratio line; the record row, or None (and a ``#`` line saying why) when either did not finish.
 
-    ``crucible_peak_gib`` is Crucible loading the same file (like for like); the benchmark's own row (``row``,
-    weights built in memory) is kept beside it as ``crucible_row_peak_gib``."""
+    ``crucible_peak_gib`` is Crucible loading the same file (like for like: both processes run with glibc's default
+    malloc settings); the benchmark's own row (``row``: its own files or modules built in memory, glibc's mmap
+    threshold pinned) is kept beside it as ``crucible_row_peak_gib``."""
     import tempfile
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -303,7 +304,8 @@ def compare_case(args, case, res: int, steps: int, row: dict, cuda: bool) -> dic
     print(ratio_line(case.name, peak, crucible["peak_gib"]), flush=True)
     losses = [float(x) for x in RESULT.findall(log)][-1:]
     print(f"#   Crucible from the same file: set-up {crucible['setup_peak_gib']:.2f}, training "
-          f"{crucible['train_peak_gib']:.2f} GiB (weights built in memory: {row['peak_gib']:.2f}); kohya "
+          f"{crucible['train_peak_gib']:.2f} GiB (the benchmark's own row, {row.get('weights', 'in-memory')}: "
+          f"{row['peak_gib']:.2f}); kohya "
           f"{plan.script}: training ~{train_sampled or 0:.2f} GiB (sampled), loss {losses}; not matched: "
           f"{'; '.join(plan.unmatched) or 'nothing'}", flush=True)
     return {"case": case.name, "res": res, "steps": steps, "kohya_peak_gib": round(peak, 3),
