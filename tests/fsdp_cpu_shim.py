@@ -8,7 +8,10 @@ with ``tests/`` on ``PYTHONPATH``. Nothing in ``trainer/`` imports it.
 
 Around ``Accelerator.prepare`` it reports, per rank, the bytes of real (non-meta) weights the trained module held
 before sharding and the bytes of its local shards after, and rank 0 the sha256 of the whole weights gathered back
-from the shards (``report_sharding``): what the rank-0 loading test compares with the model file.
+from the shards (``report_sharding``): what the rank-0 loading test compares with the model file
+(``FSDP_CPU_SHIM_DIGEST=0`` leaves that gathering out, as a memory benchmark must).
+
+At exit each process prints its peak resident set (``report_peak_at_exit``).
 
 ``CRUCIBLE_TEST_CANCEL_AT_STEP=N`` presses Cancel on rank 0 once step N has run (the ComfyUI node's Cancel: only
 the main process's callbacks are asked), to check that every rank stops there together.
@@ -70,11 +73,13 @@ def report_sharding() -> None:
         print(f"fsdp_cpu_shim: rank {rank} weight bytes before sharding {real_bytes(modules, False)}", flush=True)
         out = original(self, *args, **kwargs)
         print(f"fsdp_cpu_shim: rank {rank} shard bytes after sharding {real_bytes(modules, True)}", flush=True)
-        state = get_model_state_dict(modules[0], options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if rank == 0:
-            print(f"fsdp_cpu_shim: sharded weights sha256 {_digest(state)}", flush=True)
         print(f"fsdp_cpu_shim: rank {rank} peak rss kib {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}",
               flush=True)
+        if os.environ.get("FSDP_CPU_SHIM_DIGEST", "1") == "1":  # gathers the whole weights into rank 0's RAM
+            state = get_model_state_dict(modules[0], options=StateDictOptions(full_state_dict=True,
+                                                                              cpu_offload=True))
+            if rank == 0:
+                print(f"fsdp_cpu_shim: sharded weights sha256 {_digest(state)}", flush=True)
         return out
 
     accelerate.Accelerator.prepare = prepare
@@ -93,7 +98,23 @@ def cancel_on_rank0_at(step: int) -> None:
     MultiCallbacks.should_stop = lambda self: getattr(self, "last_step", 0) >= step
 
 
+def report_peak_at_exit() -> None:
+    """At exit, this process's peak resident set (``VmHWM``): what ``benchmarks/bench_fsdp_memory.py`` reads per
+    rank."""
+    import atexit
+
+    def report():
+        with open("/proc/self/status", encoding="ascii") as fh:
+            kib = next((int(line.split()[1]) for line in fh if line.startswith("VmHWM:")), None)
+        rank = os.environ.get("RANK", "0")
+        print(f"fsdp_cpu_shim: rank {rank} exit peak rss kib {kib}", flush=True)
+
+    if os.path.exists("/proc/self/status"):
+        atexit.register(report)
+
+
 if __name__ == "__main__":
+    report_peak_at_exit()
     enable_fsdp_on_cpu()
     report_sharding()
     if os.environ.get("CRUCIBLE_TEST_CANCEL_AT_STEP"):
