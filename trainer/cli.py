@@ -2,6 +2,7 @@
 
     python -m trainer train CONFIG.toml [--set training.epochs=4] [--resume RUN/state] [--force-resume]
     python -m trainer plan CONFIG.toml            # the step plan, nothing trains
+    python -m trainer plan CONFIG.toml --num-processes 2 --fsdp   # ... for a sharded 2-GPU launch, per rank
     python -m trainer preview CONFIG.toml         # captions exactly as training will see them
     python -m trainer sweep RUN_DIR --prompt "…" --seed 1 [--strengths 0.6,0.8,1.0] [--out strip.png]
     python -m trainer demo [--out demo_output]    # pre-trained tiny base + a LoRA on a new concept, end to end
@@ -19,7 +20,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import run_command
+from .errors import ConfigError, run_command
 from .run_paths import run_paths
 
 
@@ -58,12 +59,21 @@ def cmd_plan(args) -> int:
     from .validation import training_source
 
     cfg = _config(args)
+    if args.num_processes < 1:
+        raise ConfigError(f"--num-processes must be 1 or more, not {args.num_processes}")
+    if args.fsdp:  # what the sharded launch would refuse, before anything is estimated
+        from .sharding import check_sharded_run
+
+        if args.num_processes < 2:
+            raise ConfigError("--fsdp shards the denoiser over --num-processes N processes: give N of 2 or more")
+        check_sharded_run(cfg)
     source = training_source(cfg)
     print(source.report_text())
-    print(compute_plan(cfg, source).format())
+    print(compute_plan(cfg, source, args.num_processes).format())
     from .memory import memory_report
 
-    print(memory_report(cfg))  # estimated peak memory, the device's memory, switches that would make it fit
+    # estimated peak memory (per rank when sharded), the device's memory, switches that would make it fit
+    print(memory_report(cfg, shards=args.num_processes if args.fsdp else 1))
     return 0
 
 
@@ -126,7 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--force-resume", action="store_true", help="resume even if the config or dataset changed")
     t.add_argument("--tensorboard", action="store_true", help="log loss and LR to <run>/logs (needs tensorboard)")
     t.set_defaults(fn=cmd_train)
-    with_config(sub.add_parser("plan", help="print the dataset report and step plan")).set_defaults(fn=cmd_plan)
+    pl = with_config(sub.add_parser("plan", help="print the dataset report, step plan and memory estimate"))
+    pl.add_argument("--num-processes", type=int, default=1, metavar="N",
+                    help="plan for an `accelerate launch` of N processes (GPUs): each takes every Nth batch")
+    pl.add_argument("--fsdp", action="store_true",
+                    help="the launch shards the denoiser over the N processes (FSDP2, docs/multi_gpu.md): the "
+                         "memory estimate is per rank")
+    pl.set_defaults(fn=cmd_plan)
     pv = with_config(sub.add_parser("preview", help="print captions exactly as training will see them"))
     pv.add_argument("--images", type=int, default=4)
     pv.add_argument("--epochs", type=int, default=2)

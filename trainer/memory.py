@@ -42,6 +42,8 @@ steps, a third peak)   the training peak's weights and optimizer state + the VAE
                        encoded before step 1, no text encoder comes back (``Estimate.previewing_gib``)
 =====================  ==============================================================================================
 
+Sharded over N processes (FSDP2, ``shards``), each part is per rank: :mod:`trainer.sharded_memory` says what changes.
+
 s_opt (optimizer state bytes per trained parameter): AdamW 8, AdamW 8-bit 2, Lion 4, SGD 0 (no momentum), Adafactor
 ~0 (factored second moments: O(rows + columns), ignored), DAdapt* 12, Prodigy 16.
 
@@ -95,11 +97,14 @@ class MemoryOptions:
     # the model was handed to the run in memory (the benchmark's --in-memory): its denoiser is there while the caches
     # fill; read from model files, the denoiser is read only after they are filled and the encoders released
     model_given: bool = False
+    shards: int = 1  # processes the denoiser is sharded over (FSDP2, trainer.sharded_memory): the estimate is per rank
 
     @classmethod
-    def from_config(cls, cfg, resolved: dict | None = None, previews: bool | None = None) -> "MemoryOptions":
+    def from_config(cls, cfg, resolved: dict | None = None, previews: bool | None = None,
+                    shards: int = 1) -> "MemoryOptions":
         """``previews``: whether previews render (default: the config has preview prompts; the Step Plan, which
-        does not see the Train node's prompts, says whether its plan samples)."""
+        does not see the Train node's prompts, says whether its plan samples). ``shards``: the processes an FSDP2
+        launch shards the denoiser over (``python -m trainer plan --fsdp N``)."""
         from .defaults import resolved_settings, training_resolution
 
         resolved = resolved or resolved_settings(cfg)
@@ -112,7 +117,7 @@ class MemoryOptions:
                    train_text_encoder=n.train_text_encoder, release_encoders=t.release_encoders,
                    fp8_base=cfg.model.fp8_base, blocks_to_swap=t.blocks_to_swap,
                    fused_backward_pass=t.fused_backward_pass, full_bf16=t.full_bf16,
-                   previews=bool(cfg.sample.prompts) if previews is None else previews)
+                   previews=bool(cfg.sample.prompts) if previews is None else previews, shards=shards)
 
 
 @dataclass(frozen=True)
@@ -122,6 +127,8 @@ class Estimate:
     caching_gib: float = 0.0  # the peak while the caches fill, before step 1 (0 without caches)
     previewing_gib: float = 0.0  # the peak while a preview renders between steps (0 without previews)
     preview: PreviewTerms | None = None  # what the previews add (bytes: preview_terms), None without previews
+    loading_gib: float = 0.0  # sharded: rank 0's whole denoiser while prepare() shards it (host memory on a GPU)
+    loading_on_device: bool = False  # the CPU: host memory is the device, so loading is one of the peaks
 
     @property
     def training_gib(self) -> float:
@@ -131,7 +138,8 @@ class Estimate:
 
     @property
     def total_gib(self) -> float:
-        return max(self.training_gib, self.caching_gib, self.previewing_gib)
+        return max(self.training_gib, self.caching_gib, self.previewing_gib,
+                   self.loading_gib if self.loading_on_device else 0.0)
 
     def format(self) -> str:
         o = self.options
@@ -146,7 +154,10 @@ class Estimate:
                    f"encoder on the device, training {self.training_gib:.1f} GiB)"
                    if self.caching_gib > self.training_gib else "")
                 + (f"; previews peak at {self.previewing_gib:.1f} GiB (the VAE decoding on the device)"
-                   if self.previewing_gib > max(self.training_gib, self.caching_gib) else ""))
+                   if self.previewing_gib > max(self.training_gib, self.caching_gib) else "")
+                + (f"; per rank, the denoiser sharded over {o.shards} processes (FSDP2); rank 0 first reads it "
+                   f"whole: {self.loading_gib:.1f} GiB of host memory while prepare() shards it"
+                   if o.shards > 1 else ""))
 
 
 def estimate(opts: MemoryOptions, device: str = "cuda") -> Estimate:
@@ -184,6 +195,16 @@ def estimate(opts: MemoryOptions, device: str = "cuda") -> Estimate:
     else:
         lora = lora_param_count(opts.family, denoiser, opts.target_preset, opts.network_dim)
         parts["trainable parameters"] = lora * (4 + 4 + s_opt)
+    loading = 0
+    if opts.shards > 1:  # FSDP2: per rank (trainer.sharded_memory)
+        from .sharded_memory import largest_unit_params, sharded_denoiser_bytes
+
+        whole = parts["denoiser weights"]
+        # rank 0 reads the whole denoiser into host memory; on the CPU (the device) it keeps its shard beside it
+        loading = whole + (whole // opts.shards if host else 0)
+        parts["denoiser weights"] = sharded_denoiser_bytes(opts.family, whole, opts.shards, 2 if lowp else 4)
+        key = "gradients + optimizer state" if full else "trainable parameters"
+        parts[key] = parts[key] // opts.shards + (largest_unit_params(opts.family) * b_g if full else 0)
     b_act = 2 if lowp else 4
     parts["activations"] = activation_bytes(opts.family, opts.resolution, opts.gradient_checkpointing,
                                             opts.network_dim, opts.target_preset) * opts.batch_size * b_act / 4
@@ -198,7 +219,7 @@ def estimate(opts: MemoryOptions, device: str = "cuda") -> Estimate:
         parts["vae encode (transient)"] = transient
     held = sum(v for k, v in parts.items() if k not in ("activations", "vae encode (transient)"))  # between steps
     return Estimate(opts, {k: v / GIB for k, v in parts.items()}, caching / GIB,
-                    preview.peak(held) / GIB if preview else 0.0, preview)
+                    preview.peak(held) / GIB if preview else 0.0, preview, loading / GIB, host)
 
 
 @dataclass(frozen=True)
@@ -244,25 +265,27 @@ def estimate_case(case, resolution: int, device: str = "cuda", model_given: bool
 
 
 def fitting_switches(cfg, available_gib: float, resolved: dict | None = None, device: str = "cuda",
-                     previews: bool | None = None) -> list[str]:
+                     previews: bool | None = None, shards: int = 1) -> list[str]:
     """Switches that bring the estimate under ``available_gib``, cheapest first, cumulatively; each names config
     fields (``trainer.memory_presets.option_path`` finds them, a test checks), ending with "nothing available here
-    fits" when even all of them do not."""
+    fits" when even all of them do not. Sharded (``shards`` > 1), only those a sharded run honours
+    (:mod:`trainer.sharding`)."""
     from dataclasses import replace
 
-    opts = MemoryOptions.from_config(cfg, resolved, previews)
+    opts = MemoryOptions.from_config(cfg, resolved, previews, shards)
     full = opts.network_type == "full"
+    one = shards == 1  # full_bf16, fp8_base, fused_backward_pass and blocks_to_swap are refused sharded
     steps = [("gradient_checkpointing on", dict(gradient_checkpointing=True)),
              ("mixed_precision bf16", dict(precision="bf16") if opts.precision == "no" else None),
              ("cache_latents on", dict(cache_latents=True)),
              ("cache_text_embeddings on", dict(cache_text_embeddings=True) if not opts.train_text_encoder else None),
-             ("full_bf16 on", dict(full_bf16=True) if full else None),
-             ("fp8_base on", dict(fp8_base=True) if not full else None),
+             ("full_bf16 on", dict(full_bf16=True) if full and one else None),
+             ("fp8_base on", dict(fp8_base=True) if not full and one else None),
              ("optimizer adamw8bit", dict(optimizer="adamw8bit") if opts.optimizer == "adamw" and not full else None),
              ("fused_backward_pass on with optimizer adafactor",
-              dict(fused_backward_pass=True, optimizer="adafactor") if full else None),
+              dict(fused_backward_pass=True, optimizer="adafactor") if full and one else None),
              ("batch_size 1", dict(batch_size=1) if opts.batch_size > 1 else None),
-             ("blocks_to_swap 16", dict(blocks_to_swap=16) if device == "cuda" and not full
+             ("blocks_to_swap 16", dict(blocks_to_swap=16) if device == "cuda" and not full and one
               and opts.blocks_to_swap < 16 else None),
              ("a lower resolution (768)", dict(resolution=768) if opts.resolution > 768 else None)]
     chosen = []
@@ -285,10 +308,10 @@ def device_memory_gib() -> tuple[float, float] | None:
     return tuple(b / GIB for b in torch.cuda.mem_get_info())
 
 
-def memory_report(cfg, resolved: dict | None = None, previews: bool | None = None) -> str:
-    """The lines the Step Plan node and ``python -m trainer plan`` show (``previews``: see
+def memory_report(cfg, resolved: dict | None = None, previews: bool | None = None, shards: int = 1) -> str:
+    """The lines the Step Plan node and ``python -m trainer plan`` show (``previews``, ``shards``: see
     :meth:`MemoryOptions.from_config`)."""
-    est = estimate(MemoryOptions.from_config(cfg, resolved, previews))
+    est = estimate(MemoryOptions.from_config(cfg, resolved, previews, shards))
     lines = [est.format()]
     mem = device_memory_gib()
     if mem is None:
@@ -299,7 +322,7 @@ def memory_report(cfg, resolved: dict | None = None, previews: bool | None = Non
         lines.append(f"fits: {free:.1f} GiB free of {total:.1f} GiB")
     else:
         lines.append(f"will NOT fit: {free:.1f} GiB free of {total:.1f} GiB. To fit, turn on: "
-                     + ", ".join(fitting_switches(cfg, free, resolved, previews=previews)))
+                     + ", ".join(fitting_switches(cfg, free, resolved, previews=previews, shards=shards)))
     return "\n".join(lines)
 
 
