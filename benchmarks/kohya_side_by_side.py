@@ -335,8 +335,11 @@ def finish(args, rows: list, device: str) -> None:
         row.update(date=date, kohya_commit=commit,
                    kohya_env=dict(zip(("torch", "diffusers", "transformers", "accelerate"), version)))
     kept = [r for r in old.get("rows", []) if r["case"] not in {r2["case"] for r2 in rows}]
+    # the command of this run (kept rows came from earlier runs: each row has its own date)
+    argv = [a.replace(str(ROOT) + os.sep, "") for a in sys.argv[1:]]
+    command = " ".join(["python", "benchmarks/bench_memory.py", *argv])
     merged = {**old, "device": device, "date": date, "kohya_commit": commit, "kohya_env_notes": KOHYA_ENV_NOTES,
-              "rows": sorted(kept + rows, key=lambda r: r["case"])}
+              "run_command": command, "rows": sorted(kept + rows, key=lambda r: r["case"])}
     atomic_write_bytes(path, (json.dumps(merged, indent=2) + "\n").encode("utf-8"))
 
 
