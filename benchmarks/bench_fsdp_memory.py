@@ -47,10 +47,11 @@ FIELDS = {"weight bytes before sharding": ("weights_gib", 2**30), "shard bytes a
           "peak rss kib": ("prepare_peak_gib", 2**20), "exit peak rss kib": ("peak_gib", 2**20)}
 
 
-def run_config(kind: str, model: str, data: Path, out: Path, res: int) -> dict:
+def run_config(kind: str, model: dict, data: Path, out: Path, res: int) -> dict:
+    """``model``: the ``model`` fields that load the files (``model_files.write_full_size_files``)."""
     network = ({"network_type": "full"} if kind == "full" else
                {"network_type": "lora", "network_dim": 16, "network_alpha": 16, "target_preset": "attn_mlp"})
-    return {"model": {"family": "sd15", "path": model},
+    return {"model": {"family": "sd15", **model},
             "datasets": [{"path": str(data), "resolution": res}],
             "network": network, "optim": {"optimizer": "adamw", "learning_rate": 1e-5, "lr_scheduler": "constant"},
             "training": {"batch_size": 1, "max_train_steps": 1, "seed": 1, "mixed_precision": "no",
@@ -132,11 +133,11 @@ def main(argv=None) -> int:
         if args.tiny:
             from trainer.tiny import build_tiny_pipeline, single_file_path
 
-            model = str(single_file_path(build_tiny_pipeline(files / "tiny-sd15", family="sd15", seed=0,
-                                                             single_file=True)))
+            model = {"path": str(single_file_path(build_tiny_pipeline(files / "tiny-sd15", family="sd15", seed=0,
+                                                                      single_file=True)))}
         else:
             print(f"# writing the full-size random sd15 model file to {files} ...", flush=True)
-            model = write_full_size_files("sd15", files / "sd15")["path"]
+            model = write_full_size_files("sd15", files / "sd15")  # the checkpoint and its tokenizer
         data = two_image_dataset(tmp / "data", args.res)
         rows, summary = [], []
         for kind in args.kinds:
