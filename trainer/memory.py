@@ -138,8 +138,13 @@ class Estimate:
 
     @property
     def total_gib(self) -> float:
-        return max(self.training_gib, self.caching_gib, self.previewing_gib,
-                   self.loading_gib if self.loading_on_device else 0.0)
+        """The peak (of rank 0, where the denoiser is sharded: on the CPU its loading is one of the peaks)."""
+        return max(self.other_ranks_gib, self.loading_gib if self.loading_on_device else 0.0)
+
+    @property
+    def other_ranks_gib(self) -> float:
+        """The peak without rank 0's loading: every rank's but rank 0's in a sharded run (the same on a GPU)."""
+        return max(self.training_gib, self.caching_gib, self.previewing_gib)
 
     def format(self) -> str:
         o = self.options
@@ -157,6 +162,8 @@ class Estimate:
                    if self.previewing_gib > max(self.training_gib, self.caching_gib) else "")
                 + (f"; per rank, the denoiser sharded over {o.shards} processes (FSDP2); rank 0 first reads it "
                    f"whole: {self.loading_gib:.1f} GiB of host memory while prepare() shards it"
+                   + (f" (the other ranks peak at {self.other_ranks_gib:.1f} GiB)"
+                      if self.loading_on_device and self.total_gib > self.other_ranks_gib else "")
                    if o.shards > 1 else ""))
 
 
