@@ -31,8 +31,10 @@ def _cfg(network_type="lora", full_bf16=False, train_text_encoder=False, train_u
     (_cfg("full", full_bf16=True), "bf16", False, PartDtypes(BF16, BF16, BF16)),
     (_cfg("full", train_text_encoder=True), "bf16", True, PartDtypes(F32, F32, F32)),
     (_cfg("full", train_unet=False, train_text_encoder=True), "fp16", False, PartDtypes(F16, F32, F16)),
-    (_cfg("full"), "no", False, PartDtypes(F32, None, None)),  # no mixed precision: the loader's fp32
-], ids=["lora", "lora-fp16-vae-fp32", "lora-text", "full", "full-bf16", "full-text", "full-text-only", "fp32"])
+    (_cfg("full"), "no", False, PartDtypes(F32, F32, F32)),  # no mixed precision: every part read as fp32
+    (_cfg(), "no", True, PartDtypes(F32, F32, F32)),  # an fp32 LoRA's base too (not read as stored, then upcast)
+], ids=["lora", "lora-fp16-vae-fp32", "lora-text", "full", "full-bf16", "full-text", "full-text-only", "fp32",
+        "lora-fp32"])
 def test_each_part_is_read_in_the_dtype_the_run_keeps_it_in(cfg, precision, vae_fp32, expected):
     assert load_dtypes(cfg, precision, vae_fp32) == expected
 

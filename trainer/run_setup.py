@@ -38,8 +38,10 @@ def load_dtypes(cfg, precision: str, vae_fp32: bool) -> PartDtypes:
     """The dtype each part is read into, so nothing is built wider and cast after. Under mixed precision the frozen
     parts are read in the compute dtype (kohya/diffusers practice: a 12B Flux in fp32 would not fit), and a full
     fine-tune's trained ones in fp32 (bf16 with ``full_bf16``); a VAE that overflows in half precision (SDXL's) in
-    fp32. ``None`` (no mixed precision): the loader's default, fp32."""
-    compute = DTYPES[precision] if precision != "no" else None
+    fp32. Without mixed precision every part is read as fp32, tensor by tensor: left to the loader (``None``), an
+    fp16 file's tensors were read as they are stored and upcast after, so a whole fp16 copy sat beside the fp32
+    model (+1.4 GiB of RSS loading the full-size SD1.5 for an fp32 LoRA, benchmarks/bench_fsdp_memory.py)."""
+    compute = DTYPES[precision]
     trained = trained_weight_dtype(cfg) if cfg.network.network_type == "full" else compute
     net = cfg.network
     return PartDtypes(denoiser=trained if net.train_unet else compute,
