@@ -104,7 +104,7 @@ class MemoryOptions:
                     shards: int = 1) -> "MemoryOptions":
         """``previews``: whether previews render (default: the config has preview prompts; the Step Plan, which
         does not see the Train node's prompts, says whether its plan samples). ``shards``: the processes an FSDP2
-        launch shards the denoiser over (``python -m trainer plan --fsdp N``)."""
+        launch shards the denoiser over (``python -m trainer plan --num-processes N --fsdp``)."""
         from .defaults import resolved_settings, training_resolution
 
         resolved = resolved or resolved_settings(cfg)
