@@ -29,7 +29,8 @@
 # pytest-junit.xml, bench.log, memory-cuda.json (6 files: the device tool brings back at most 8).
 # Exit status: 0 all passed; 1 a CUDA test failed or could not run; 2 the tests passed but a bench stage failed
 # (a case crashed, ran out of time or was over its budget).
-# CRUCIBLE_GPU_CHECKS_DRY_RUN=1: print each command instead of running it, then exit 0 (tests/test_gpu_checks_script.py).
+# CRUCIBLE_GPU_CHECKS_DRY_RUN=1: print each command instead of running it, then exit 0
+# (tests/test_gpu_checks_script.py).
 # CRUCIBLE_GPU_PYTHON: the python to use (default: as above); CRUCIBLE_GPU_STAGES: the stages to run (default: all);
 # CRUCIBLE_GPU_WHEELS: the folder of wheels to unpack (default: .gpu-wheels).
 set -uo pipefail

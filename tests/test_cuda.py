@@ -177,7 +177,10 @@ def _train_with_overflows(cfg, overflowing: set[int] | None, monkeypatch, seen: 
         scaler = trainer.acc.scaler
         assert scaler is not None, "fp16 on CUDA runs with accelerate's gradient scaler"
         if "hook" not in seen:
-            scaler._init_scale = 1024.0  # read when the scale is first made (the first backward)
+            if scaler._scale is None:
+                scaler._init_scale = 1024.0  # read when the scale is first made (the first backward)
+            else:
+                scaler._scale.fill_(1024.0)
             seen["hook"] = trainer.params[0].register_hook(
                 lambda g: torch.full_like(g, float("inf")) if overflowing is None or seen["step"] in overflowing
                 else g)
@@ -287,9 +290,10 @@ def test_sdxl_vae_runs_in_fp32_under_half_precision(device, make_config, tiny_sd
         release_run(trainer)
 
 
-@pytest.mark.xfail(strict=True, reason="likely bug, found writing this test: RunOutputs._sample renders under "
-                   "acc.autocast(), so the fp32 SDXL VAE decodes previews in the half precision (fp16 on CUDA: the "
-                   "overflow no_half_vae exists for, NaN/black previews). Remove this mark with the fix")
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "likely bug, found writing this test: RunOutputs._sample renders under acc.autocast(), so the fp32 SDXL VAE "
+    "decodes previews in the half precision (fp16 on CUDA: the overflow no_half_vae exists for, NaN/black "
+    "previews). Remove this mark with the fix"))
 def test_sdxl_previews_decode_with_the_fp32_vae(device, make_config, tiny_sdxl, demo_dataset, tmp_path, monkeypatch):
     from trainer.loop import Trainer, train
 
