@@ -64,12 +64,16 @@ def test_stages_that_do_not_fit_the_budget_are_skipped_and_said(tmp_path):
     assert re.search(r"bench flux: SKIPPED: \d+ s left of the budget", summary)
 
 
-def test_stages_can_be_chosen(tmp_path):
+def test_stages_can_be_chosen_and_ordered(tmp_path):
     done = _dry_run(tmp_path, CRUCIBLE_GPU_STAGES="flux")
     commands = [line for line in done.stdout.splitlines() if line.startswith("+ ")]
     assert done.returncode == 0 and not any(" -m pytest " in c for c in commands)
     assert [c for c in commands if "bench_memory.py" in c and "flux-lora-low flux-lora-lowest" in c]
     assert not any("--quick" in c or "sd3-full" in c for c in commands)
+    done = _dry_run(tmp_path, CRUCIBLE_GPU_STAGES="flux tests quick")
+    benches = [line for line in done.stdout.splitlines() if "bench_memory.py" in line or " -m pytest " in line]
+    assert ["-m pytest" in benches[0], "flux-lora" in benches[1], "--quick" in benches[2]] == [True] * 3
+    assert len(benches) == 3
 
 
 FAKE_PYTHON = """#!/usr/bin/env bash
