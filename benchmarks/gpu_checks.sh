@@ -10,7 +10,7 @@
 #   quick  bench_memory.py --quick (SD1.5, SDXL) at 1024 px, rows recorded to $OUT/memory-cuda.json
 #   sd3    bench_memory.py --cases sd3-full-lowest sd3-full-low
 #   flux   bench_memory.py --cases flux-lora-low flux-lora-lowest flux-lora-default (writes ~17 GB of random fp8
-#          model files first; rarely fits after the others: run it alone with CRUCIBLE_GPU_STAGES=flux)
+#          model files first; rarely fits after the others: run it alone, CRUCIBLE_GPU_STAGES=flux, or before sd3)
 # The bench writes its full-size random model files under CRUCIBLE_GPU_FILES_DIR (default ./.gpu-bench-files, on the
 # machine's disk rather than a RAM-backed /tmp) and the folder is deleted at the end.
 #
@@ -19,7 +19,9 @@
 #     bash benchmarks/gpu_checks.sh --prepare
 # It downloads into .gpu-wheels/ (git-ignored) the wheels of diffusers and importlib_metadata (the versions in
 # constraints.txt) and bitsandbytes (for the adamw8bit cases, its CUDA 11/12, ROCm and XPU libraries left out:
-# ~12 MB in all, within the 64 MiB a call carries). Then call, from the repository root:
+# ~13 MB in all, within the 64 MiB a call carries; in the checkout the session started in: the device tool sends that
+# one). The image's transformers 5.17, accelerate 1.15 and huggingface_hub 1.33 pass the CPU tests of these paths.
+# Then call, from the repository root:
 #     device run: command="bash benchmarks/gpu_checks.sh", carry=[".gpu-wheels"], timeout_s=600
 # Do not carry .venv: it holds a CPU-only torch (1.4 GiB, and a symlink in a worktree). The script uses .venv's
 # python only where one is there and its torch sees CUDA, else the machine's python3 (the summary says which); it
