@@ -9,6 +9,7 @@
 * ``fused=True`` AdamW where every trained parameter is on CUDA;
 * cache, then free: at step 1 no encoder is left on the device, and ``torch.cuda.max_memory_allocated`` of the
   steps is lower than a run that keeps its encoders.
+* the Step Plan's memory line reads the GPU's free and total memory.
 
 A test whose body also works on the CPU is parametrized over ``device``: its CPU variant runs everywhere (so the test
 code itself is exercised in CI), its CUDA variant carries the ``cuda`` mark and is skipped without a GPU. Tests
@@ -381,3 +382,22 @@ def test_with_caches_no_encoder_is_on_the_device_during_the_steps(device, make_c
     if device == "cuda":  # the allocator agrees: the encoders' bytes are no longer allocated on the GPU
         assert kept["allocated"] - cached["allocated"] >= kept["encoder_bytes"] // 2, (kept, cached)
         assert cached["peak"] < kept["peak"], (kept, cached)
+
+
+# --- the Step Plan's memory line --------------------------------------------------------------------------------------
+
+def test_the_memory_report_reads_the_devices_memory(device):
+    import re
+
+    from trainer.memory import memory_report
+
+    cfg = TrainConfig.from_dict({"model": {"family": "sd15"}, "datasets": [{"path": "x", "resolution": 512}]})
+    report = memory_report(cfg)
+    if device == "cpu":
+        assert "device memory: unknown here (no CUDA device)" in report
+        return
+    total = torch.cuda.get_device_properties(0).total_memory / 2**30
+    found = re.search(r"fits: ([\d.]+) GiB free of ([\d.]+) GiB", report)  # an SD1.5 LoRA at 512 px: ~3 GiB
+    assert found, report
+    free, reported_total = float(found.group(1)), float(found.group(2))
+    assert abs(reported_total - total) < 0.5 and 0 < free <= reported_total
