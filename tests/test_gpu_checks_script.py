@@ -1,5 +1,7 @@
-"""benchmarks/gpu_checks.sh, the one command a session lent a GPU runs: it parses, and its dry run names every command
-it would run (the CUDA tests, each benchmark case at 1024 px recorded to $OUT) and writes its summary, on the CPU."""
+"""benchmarks/gpu_checks.sh, the one command a session lent a GPU runs: it parses, its dry run names every command it
+would run (the CUDA tests, each benchmark case at 1024 px recorded to $OUT) and writes its summary, and its exit
+status follows the tests and the bench (a stand-in python); and on CUDA the bench runs SD3 and Flux as full steps.
+All on the CPU."""
 from __future__ import annotations
 
 import os
@@ -110,3 +112,32 @@ def test_the_exit_status_and_summary_follow_the_tests_and_the_bench(tmp_path, py
     assert f"bench flux: rc {bench_rc} " in summary and f"(exit {status})" in summary
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["bench.log", "env.txt", "pytest.txt",
                                                                   "summary.txt"]
+
+
+def test_on_cuda_the_bench_runs_sd3_and_flux_as_full_steps_from_their_files(monkeypatch, capsys):
+    """On a GPU every family takes real steps from its model files: SD3 and Flux were skipped there before (the
+    CPU's setup+reduced-step stays the CPU's). The case processes are stubbed; what is checked is which kind runs."""
+    import sys
+
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_memory
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "a stand-in GPU")
+    monkeypatch.setattr(bench_memory.ModelFiles, "of", lambda self, family, remaining: {"path": f"{family}.st"})
+    monkeypatch.setattr(bench_memory.ModelFiles, "done", lambda self, family, remaining: None)
+    monkeypatch.setattr(bench_memory, "run_child", lambda name, res, steps, timeout, files=None: calls.append(
+        ("full-step", name, res, files["path"])) or "(stub)")
+    monkeypatch.setattr(bench_memory, "measure_reduced", lambda name, *a, **k: calls.append(("reduced", name)) or "")
+    import types
+
+    import trainer.memory
+
+    monkeypatch.setattr(trainer.memory, "estimate_case", lambda *a, **k: types.SimpleNamespace(total_gib=1.0))
+    bench_memory.main(["--cases", "sd3-full-low", "flux-lora-lowest", "sdxl-lora-low"])
+    assert calls == [("full-step", "sdxl-lora-low", 1024, "sdxl.st"), ("full-step", "flux-lora-lowest", 1024, "flux.st"),
+                     ("full-step", "sd3-full-low", 1024, "sd3.st")]
+    assert "skipped" not in capsys.readouterr().out
