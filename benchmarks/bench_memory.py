@@ -25,9 +25,10 @@ reading, and the cached encoders leave RAM (read back from the files for preview
 method: the modules are built in RAM (``trainer.full_size.random_components``) and handed to the trainer, so the
 encoders stay (nothing to reload from) and ``fp8_base`` quantizes a bf16 model after it is built.
 
-Methods: SD1.5 and SDXL rows are ``method=full-step``: the full-size model, real optimizer steps. SD3 and Flux rows
-on the CPU are ``method=setup+reduced-step`` (the issue's "full-size model after set-up plus one step of a
-same-width model with fewer blocks", ``benchmarks/bench_memory_reduced.py``). In a full-step row the peak is split at the
+Methods: SD1.5 and SDXL rows are ``method=full-step``: the full-size model, real optimizer steps; so are SD3 and
+Flux rows on CUDA (from their model files; not yet run on a GPU). SD3 and Flux rows on the CPU are
+``method=setup+reduced-step`` (the issue's "full-size model after set-up plus one step of a same-width model with
+fewer blocks", ``benchmarks/bench_memory_reduced.py``). In a full-step row the peak is split at the
 run's start (``on_start``, after set-up, before the caches fill): ``setup_peak_gib`` (building the random weights
 and converting them, e.g. quantizing to fp8 — host memory on a GPU machine) and ``train_peak_gib`` (caches and steps,
 what :mod:`trainer.memory` estimates); ``peak_gib`` is the larger. The training peak is split again where the first
@@ -308,8 +309,8 @@ def main(argv=None) -> int:
         if resolved.skip_reason:
             print(f"{head} skipped: {resolved.skip_reason}; estimate {estimate.total_gib:.2f} GiB", flush=True)
             continue
-        if case.family not in BUILDABLE + REDUCED or (cuda and case.family not in BUILDABLE):
-            print(f"{head} skipped: not measured (full steps are built for {', '.join(BUILDABLE)}; "
+        if case.family not in BUILDABLE + REDUCED or (cuda and args.in_memory and case.family not in BUILDABLE):
+            print(f"{head} skipped: not measured (--in-memory builds full steps for {', '.join(BUILDABLE)}; "
                   f"setup+reduced-step runs on the CPU); estimate {estimate.total_gib:.2f} GiB", flush=True)
             continue
         if not cuda and estimate.total_gib > args.max_ram_gib:
@@ -317,7 +318,8 @@ def main(argv=None) -> int:
                   flush=True)
             continue
         fields = files.of(case.family, remaining=[c.family for c in cases[cases.index(case) + 1:]])
-        row = measure_reduced(case.name, res, args.timeout, fields) if case.family in REDUCED else \
+        # on CUDA every family takes full steps from its model files; setup+reduced-step is the CPU's method
+        row = measure_reduced(case.name, res, args.timeout, fields) if case.family in REDUCED and not cuda else \
             run_child(case.name, res, steps, args.timeout, fields)
         files.done(case.family, remaining=[c.family for c in cases[cases.index(case) + 1:]])
         if isinstance(row, str):

@@ -54,17 +54,18 @@ class RecordingMover(block_swap.StreamMover):
 SGD = {"optimizer": "sgd", "learning_rate": 0.1, "lr_scheduler": "constant"}
 
 
-def _assert_same(plain, swapped):
+def _assert_same(plain, swapped, loss_rtol=1e-5, weight_rtol=1e-4, weight_atol=1e-7):
     """Same losses and LoRA weights up to float rounding. The swap's identity nodes change the order in which
     autograd sums a tensor's gradient contributions (gradients agree to ~1e-6 relative); SGD keeps that rounding
-    at rounding size in the weights, where AdamW's normalisation would magnify it for near-zero gradients."""
-    torch.testing.assert_close(torch.tensor(swapped.losses), torch.tensor(plain.losses), rtol=1e-5, atol=0)
+    at rounding size in the weights, where AdamW's normalisation would magnify it for near-zero gradients.
+    (tests/test_cuda.py passes wider tolerances: CUDA kernels may sum in another order from run to run.)"""
+    torch.testing.assert_close(torch.tensor(swapped.losses), torch.tensor(plain.losses), rtol=loss_rtol, atol=0)
     a, b = load_file(str(plain.checkpoints[-1].path)), load_file(str(swapped.checkpoints[-1].path))
     assert a.keys() == b.keys()
     ups = [k for k in a if k.endswith(("lora_up.weight", "lora_B.weight"))]
     assert ups and any(a[k].abs().max() > 1e-4 for k in ups)  # the LoRA did train
     for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(b[key], a[key], rtol=weight_rtol, atol=weight_atol)
 
 
 @pytest.mark.parametrize("checkpointing", [True, False], ids=["checkpointed", "plain"])
