@@ -300,15 +300,34 @@ class ModelFamily(ABC):
         for i, prompt in enumerate(prompts):
             generator = torch.Generator("cpu").manual_seed(seed)
             kwargs = dict(num_inference_steps=steps, guidance_scale=cfg, width=width,
-                          height=height, generator=generator, output_type="pil")
+                          height=height, generator=generator, output_type="latent")
             if conditioning is not None:
                 kwargs.update(conditioning[i])
             else:
                 kwargs["prompt"] = prompt
                 if negative_prompt and cfg > 1:
                     kwargs["negative_prompt"] = negative_prompt
-            images.extend(pipe(**kwargs).images)
+            images.extend(self.decode_latents(comps, self.pipeline_latents(pipe(**kwargs).images, height, width)))
         return images
+
+    def pipeline_latents(self, latents: "torch.Tensor", height: int, width: int) -> "torch.Tensor":
+        """The pipeline's ``output_type="latent"`` result as the VAE's ``[B, C, h, w]`` latents."""
+        return latents
+
+    def decode_latents(self, comps: Components, latents: "torch.Tensor") -> list["Image.Image"]:
+        """PIL images from scaled latents (the inverse of :meth:`encode_images`), decoded in the VAE's own dtype,
+        outside any autocast: a run's previews render under it, and SDXL's fp32 VAE would otherwise decode in fp16
+        and overflow (what kohya's ``no_half_vae`` avoids)."""
+        import torch
+        from diffusers.image_processor import VaeImageProcessor
+
+        from .weights import unwrap
+
+        vae = unwrap(comps.vae)
+        latents = latents / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
+        with torch.autocast(vae.device.type, enabled=False):
+            decoded = vae.decode(latents.to(vae.device, vae.dtype), return_dict=False)[0]
+        return VaeImageProcessor(vae_scale_factor=self.vae_scale_factor).postprocess(decoded.float(), output_type="pil")
 
     def latent_cache_identity(self, cfg: "ModelConfig", comps: Components) -> str:
         """What the latent cache's key records about the VAE in use (with its dtype, added by the loop): the model

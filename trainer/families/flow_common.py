@@ -347,14 +347,11 @@ class FlowFamily(ModelFamily):
         """Pipeline keyword arguments carrying the prompt embeddings, encoded exactly as in training (see
         :meth:`ModelFamily.sample_conditioning`)."""
 
-    def pipeline_latents(self, latents: "torch.Tensor", height: int, width: int) -> "torch.Tensor":
-        """The pipeline's ``output_type="latent"`` result as ``[B, 16, h, w]`` latents."""
-        return latents
-
     def sample(self, comps: Components, prompts: Sequence[str], *, seed: int, steps: int, cfg: float,
                width: int, height: int, negative_prompt: str = "", guidance: float | None = None,
                conditioning: "Sequence[Mapping[str, torch.Tensor]] | None" = None) -> list["Image.Image"]:
-        """Render one image per prompt with a fixed CPU seed; the VAE decode happens here, in the VAE's dtype.
+        """Render one image per prompt with a fixed CPU seed; the VAE decode happens here, in the VAE's dtype
+        (:meth:`~trainer.families.base.ModelFamily.decode_latents`).
         ``conditioning``: the prompts encoded already (see :meth:`ModelFamily.sample`)."""
         import torch
 
@@ -374,15 +371,6 @@ class FlowFamily(ModelFamily):
                                generator=generator, output_type="latent").images
                 images.extend(self.decode_latents(comps, self.pipeline_latents(latents, height, width)))
         return images
-
-    def decode_latents(self, comps: Components, latents: "torch.Tensor") -> list["Image.Image"]:
-        """PIL images from scaled latents (the inverse of :meth:`encode_images`)."""
-        from diffusers.image_processor import VaeImageProcessor
-
-        vae = unwrap(comps.vae)
-        latents = latents / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
-        decoded = vae.decode(latents.to(vae.device, vae.dtype), return_dict=False)[0]
-        return VaeImageProcessor(vae_scale_factor=self.vae_scale_factor).postprocess(decoded.float(), output_type="pil")
 
     def sampling_scheduler(self, comps: Components):
         """A fresh Euler flow-matching scheduler with the model's config (pipelines change their scheduler)."""

@@ -286,8 +286,9 @@ class StableDiffusionFamily(ModelFamily):
                 embeds = (conditioning[i] if conditioning is not None
                           else self.sample_conditioning(comps, prompt, negative_prompt, cfg))
                 generator = torch.Generator("cpu").manual_seed(seed)
-                images.extend(pipe(**embeds, num_inference_steps=steps, guidance_scale=cfg, width=width,
-                                   height=height, generator=generator, output_type="pil").images)
+                latents = pipe(**embeds, num_inference_steps=steps, guidance_scale=cfg, width=width, height=height,
+                               generator=generator, output_type="latent").images
+                images.extend(self.decode_latents(comps, latents))  # in the VAE's dtype (SDXL: fp32)
         return images
 
     def sample_conditioning(self, comps: Components, prompt: str, negative_prompt: str, cfg: float
