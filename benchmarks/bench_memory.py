@@ -4,7 +4,9 @@ Each case runs in a fresh subprocess: the full-size architecture (``trainer.full
 download), a one-image dataset at the case's resolution, LoRA rank 16 on the ``attn_mlp`` preset, batch 1, and
 ``--steps`` real optimizer steps through ``trainer.loop.train``. Peak memory is ``torch.cuda.max_memory_allocated``
 on CUDA and the process's peak resident set size (``VmHWM``) on the CPU; the RSS right after the imports (Python,
-torch, diffusers) is reported too (``base_gib``), since a CUDA figure does not include it.
+torch, diffusers) is reported too (``base_gib``), since a CUDA figure does not include it. A CUDA row also records
+``torch.cuda.max_memory_reserved`` (``reserved_peak_gib``: the allocator's reserve, what an out-of-memory is decided
+by) and the process's peak host RSS (``host_peak_gib``: the cache-first order's host RAM on a GPU machine).
 
 Presets: ``trainer/memory_presets.py`` (one table: the switches of ``default``, ``low``, ``lowest`` per family, and
 the budgets). A CUDA-only switch (block swap) prints ``skipped: CUDA only`` on the CPU; AdamW 8-bit (bitsandbytes,
@@ -247,6 +249,9 @@ def child(case, res: int, steps: int, files: dict | None = None) -> dict:
                    ready_gib=round(step.ready_gib, 3))
     if phases.anon is not None:
         row["setup_anon_peak_gib"] = round(phases.anon.peak / 2**30, 3)
+    if cuda:  # what decides an out-of-memory (the allocator's reserve, since the last reset), and host RAM
+        row.update(reserved_peak_gib=round(torch.cuda.max_memory_reserved() / 2**30, 3),
+                   host_peak_gib=round(rss_gib("VmHWM"), 3))
     return row
 
 
