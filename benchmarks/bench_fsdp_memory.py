@@ -13,8 +13,8 @@ text caches on (so the encoders leave before the denoiser is read), no checkpoin
 
 accelerate enables FSDP on GPUs only; ``tests/fsdp_cpu_shim.py`` (the shim the sharded tests run) switches it on
 for CPU (gloo) processes and prints, per rank, the denoiser's weight bytes before and after ``prepare()``, the peak
-RSS at the end of ``prepare()`` (the caching and loading phases: rank 0 reads the whole denoiser there) and at exit
-(``VmHWM``: the whole run). glibc's mmap threshold is pinned as in ``bench_memory.py``.
+RSS (``VmHWM``) at the end of ``prepare()`` (the caching and loading phases: rank 0 reads the whole denoiser there)
+and at exit (the whole run). glibc's mmap threshold is pinned as in ``bench_memory.py``.
 
 Each line reads ``case=sd15-<kind>-<launch> rank=<r> peak_gib=<x> prepare_peak_gib=<y> weights_gib=<w>
 shard_gib=<s>``, then per kind ``case=sd15-<kind> rank=<r> sharded_peak_gib=<x> baseline_peak_gib=<y>
@@ -165,7 +165,7 @@ def main(argv=None) -> int:
                 "device": f"CPU: {cpu_model()}, {os.cpu_count()} cores, 2 processes (gloo)",
                 "date": datetime.date.today().isoformat(), "torch": torch.__version__, "res": args.res,
                 "model": "tiny sd15" if args.tiny else "full-size sd15 (random weights, single file)",
-                "method": "peak RSS per rank (VmHWM at exit; ru_maxrss at the end of prepare()), one step",
+                "method": "peak RSS per rank (VmHWM at the end of prepare() and at exit), one step",
                 "rows": rows, "ratios": summary}, indent=1) + "\n", encoding="utf-8")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

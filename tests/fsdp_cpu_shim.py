@@ -54,8 +54,6 @@ def _digest(state: dict) -> str:
 
 
 def report_sharding() -> None:
-    import resource
-
     import accelerate
     import torch
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -73,8 +71,7 @@ def report_sharding() -> None:
         print(f"fsdp_cpu_shim: rank {rank} weight bytes before sharding {real_bytes(modules, False)}", flush=True)
         out = original(self, *args, **kwargs)
         print(f"fsdp_cpu_shim: rank {rank} shard bytes after sharding {real_bytes(modules, True)}", flush=True)
-        print(f"fsdp_cpu_shim: rank {rank} peak rss kib {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}",
-              flush=True)
+        print(f"fsdp_cpu_shim: rank {rank} peak rss kib {peak_rss_kib()}", flush=True)
         if os.environ.get("FSDP_CPU_SHIM_DIGEST", "1") == "1":  # gathers the whole weights into rank 0's RAM
             state = get_model_state_dict(modules[0], options=StateDictOptions(full_state_dict=True,
                                                                               cpu_offload=True))
@@ -98,19 +95,27 @@ def cancel_on_rank0_at(step: int) -> None:
     MultiCallbacks.should_stop = lambda self: getattr(self, "last_step", 0) >= step
 
 
+def peak_rss_kib() -> int:
+    """This process's peak resident set so far, in KiB: ``VmHWM`` where Linux has it. ``ru_maxrss`` is the fallback
+    only: it survives ``exec``, so a process started from a large one (a pytest worker) reports its parent's RSS."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
 def report_peak_at_exit() -> None:
-    """At exit, this process's peak resident set (``VmHWM``): what ``benchmarks/bench_fsdp_memory.py`` reads per
-    rank."""
+    """At exit, this process's peak resident set: what ``benchmarks/bench_fsdp_memory.py`` reads per rank."""
     import atexit
 
     def report():
-        with open("/proc/self/status", encoding="ascii") as fh:
-            kib = next((int(line.split()[1]) for line in fh if line.startswith("VmHWM:")), None)
         rank = os.environ.get("RANK", "0")
-        print(f"fsdp_cpu_shim: rank {rank} exit peak rss kib {kib}", flush=True)
+        print(f"fsdp_cpu_shim: rank {rank} exit peak rss kib {peak_rss_kib()}", flush=True)
 
-    if os.path.exists("/proc/self/status"):
-        atexit.register(report)
+    atexit.register(report)
 
 
 if __name__ == "__main__":
