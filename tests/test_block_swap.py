@@ -93,17 +93,19 @@ def test_sdxl_lora_with_block_swap_trains_exactly_as_without(tiny_sdxl, demo_dat
     assert placed == [("UNet2DConditionModel", False)]  # accelerate never moves the swapped blocks to the device
 
 
+def flux_swap_config(tiny_flux, demo_dataset, out, swap: int) -> TrainConfig:
+    """3 SGD steps of a tiny Flux LoRA with ``swap`` blocks swapped."""
+    data = flux_config(tiny_flux, demo_dataset, out, steps=3, lr=0.1).to_dict()
+    data["optim"].update(SGD)
+    data["training"]["blocks_to_swap"] = swap
+    return TrainConfig.from_dict(data)
+
+
 def test_flux_lora_with_block_swap_trains_exactly_as_without(tiny_flux, demo_dataset, tmp_path, monkeypatch):
     """The tiny Flux has one double and one single block: swapping 2 streams both kinds."""
-    def config(out, swap):
-        data = flux_config(tiny_flux, demo_dataset, out, steps=3, lr=0.1).to_dict()
-        data["optim"].update(SGD)
-        data["training"]["blocks_to_swap"] = swap
-        return TrainConfig.from_dict(data)
-
-    plain = train(config(tmp_path / "plain", 0))
+    plain = train(flux_swap_config(tiny_flux, demo_dataset, tmp_path / "plain", 0))
     monkeypatch.setattr(block_swap, "StreamMover", RecordingMover)
-    swapped = train(config(tmp_path / "swap", 2))
+    swapped = train(flux_swap_config(tiny_flux, demo_dataset, tmp_path / "swap", 2))
     _assert_same(plain, swapped)
 
 

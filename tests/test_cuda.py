@@ -147,18 +147,12 @@ def test_block_swap_on_cuda_trains_sdxl_as_without_it(tiny_sdxl, demo_dataset, t
 @pytest.mark.cuda
 @requires_cuda
 def test_block_swap_on_cuda_trains_flux_as_without_it(tiny_flux, demo_dataset, tmp_path, monkeypatch, exact_cuda):
-    from test_block_swap import SGD, _assert_same, flux_config
+    from test_block_swap import _assert_same, flux_swap_config
     from trainer.loop import train
 
-    def config(out, swap):
-        data = flux_config(tiny_flux, demo_dataset, out, steps=3, lr=0.1).to_dict()
-        data["optim"].update(SGD)
-        data["training"]["blocks_to_swap"] = swap
-        return TrainConfig.from_dict(data)
-
-    plain = train(config(tmp_path / "plain", 0))
+    plain = train(flux_swap_config(tiny_flux, demo_dataset, tmp_path / "plain", 0))
     seen = _watch_block_swap(monkeypatch)
-    swapped = train(config(tmp_path / "swap", 2))
+    swapped = train(flux_swap_config(tiny_flux, demo_dataset, tmp_path / "swap", 2))
     _assert_same(plain, swapped, **CUDA_SWAP_TOLERANCES)
     _check_swapped_on_cuda(seen, steps=3, swapped=2)
 
