@@ -61,6 +61,9 @@ def test_fsdp2_lora_of_each_family_trains_and_saves_the_unsharded_runs_lora(fami
     moved = max(float(want[k].float().abs().max()) for k in want if k.endswith(up))
     assert moved > 10 * TOLERANCE, moved  # peft starts the up factor at zero: the comparison is finer than one step
     blob = torch.load(sharded / "state" / "state.pt", map_location="cpu", weights_only=True)
-    adapters = next(iter(blob["network"].values()))
+    reference_blob = torch.load(unsharded / "state" / "state.pt", map_location="cpu", weights_only=True)
+    adapters, reference_adapters = (next(iter(b["network"].values())) for b in (blob, reference_blob))
     assert adapters and not any(k.endswith("base_layer.weight") for k in adapters)
-    assert all(not hasattr(t, "placements") for t in adapters.values())  # whole tensors, not DTensor shards
+    # whole tensors, not one rank's shards: the unsharded state's shapes (it names them without peft's adapter name)
+    shapes = {k.replace(".default.", "."): tuple(t.shape) for k, t in adapters.items()}
+    assert shapes == {k: tuple(t.shape) for k, t in reference_adapters.items()}

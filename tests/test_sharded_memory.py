@@ -11,6 +11,9 @@ import pytest
 from trainer.config import TrainConfig
 from trainer.full_size import ARCHITECTURES, build_meta, param_counts
 from trainer.memory import GIB, MemoryOptions, estimate, fitting_switches
+from trainer.memory_options import check_run_memory_options
+from trainer.memory_presets import option_path
+from trainer.sharding import check_sharded_run
 from trainer.sharded_memory import fsdp_unit_params
 
 FAMILIES = ("sd15", "sdxl", "sd3", "flux")
@@ -74,13 +77,26 @@ def test_switches_for_a_sharded_run_name_only_what_it_honours():
         sharded = fitting_switches(cfg, 1.0, shards=2)
         assert not any(r in s for s in sharded for r in refused), sharded
         assert sharded[-1] == "nothing available here fits"
+        # and the launch's own checks accept the config with every switch it suggests applied
+        data = {"model": {"family": "flux"}, "datasets": [{"path": "x", "resolution": 1024}],
+                "network": {"network_type": kind}, "training": {}, "optim": {}}
+        for switch in sharded[:-1]:
+            for name, value in zip(*[iter(switch.replace(" with ", " ").split())] * 2):
+                path = option_path(name)
+                if path:  # "a lower resolution (768)" and "mixed_precision bf16" name no config field to set
+                    section, field = path.split(".")
+                    data[section][field] = {"on": True}.get(value, int(value) if value.isdigit() else value)
+        switched = TrainConfig.from_dict(data)
+        check_sharded_run(switched)
+        check_run_memory_options(switched, "bf16", 2)
 
 
-def _plan_config(tmp_path, tiny_sd15, demo_dataset, **model) -> str:
+def _plan_config(tmp_path, tiny_sd15, demo_dataset, training=None, network="full", **model) -> str:
     path = tmp_path / "run.json"
     path.write_text(json.dumps({"model": {"family": "sd15", "path": str(tiny_sd15), **model},
                                 "datasets": [{"path": str(demo_dataset), "resolution": 64}],
-                                "network": {"network_type": "full"}, "training": {"batch_size": 2, "epochs": 1}}),
+                                "network": {"network_type": network},
+                                "training": {"batch_size": 2, "epochs": 1, **(training or {})}}),
                     encoding="utf-8")
     return str(path)
 
@@ -111,6 +127,11 @@ def test_plan_refuses_what_a_sharded_launch_would_refuse(tmp_path, tiny_sd15, de
     assert "model.fp8_base" in capsys.readouterr().err
     assert main(["plan", _plan_config(tmp_path, tiny_sd15, demo_dataset), "--fsdp"]) != 0
     assert "--num-processes" in capsys.readouterr().err
+    # refused for every multi-process launch, sharded or not (trainer.memory_options)
+    swap = _plan_config(tmp_path, tiny_sd15, demo_dataset, training={"blocks_to_swap": 2}, network="lora")
+    assert main(["plan", swap, "--num-processes", "2"]) != 0
+    assert "training.blocks_to_swap is for one GPU" in capsys.readouterr().err
+    assert main(["plan", swap]) == 0  # one process: swapping is allowed
 
 
 def test_the_per_rank_estimate_is_within_15_percent_of_each_measured_rank(monkeypatch):

@@ -61,12 +61,16 @@ def cmd_plan(args) -> int:
     cfg = _config(args)
     if args.num_processes < 1:
         raise ConfigError(f"--num-processes must be 1 or more, not {args.num_processes}")
-    if args.fsdp:  # what the sharded launch would refuse, before anything is estimated
+    if args.fsdp and args.num_processes < 2:
+        raise ConfigError("--fsdp shards the denoiser over --num-processes N processes: give N of 2 or more")
+    if args.num_processes > 1:  # what the launch would refuse, before anything is estimated
+        from .defaults import resolved_settings
+        from .memory_options import check_run_memory_options
         from .sharding import check_sharded_run
 
-        if args.num_processes < 2:
-            raise ConfigError("--fsdp shards the denoiser over --num-processes N processes: give N of 2 or more")
-        check_sharded_run(cfg)
+        check_run_memory_options(cfg, resolved_settings(cfg)["mixed_precision"], args.num_processes)
+        if args.fsdp:
+            check_sharded_run(cfg)
     source = training_source(cfg)
     print(source.report_text())
     print(compute_plan(cfg, source, args.num_processes).format())

@@ -160,11 +160,16 @@ class Estimate:
                    if self.caching_gib > self.training_gib else "")
                 + (f"; previews peak at {self.previewing_gib:.1f} GiB (the VAE decoding on the device)"
                    if self.previewing_gib > max(self.training_gib, self.caching_gib) else "")
-                + (f"; per rank, the denoiser sharded over {o.shards} processes (FSDP2); rank 0 first reads it "
-                   f"whole: {self.loading_gib:.1f} GiB of host memory while prepare() shards it"
-                   + (f" (the other ranks peak at {self.other_ranks_gib:.1f} GiB)"
-                      if self.loading_on_device and self.total_gib > self.other_ranks_gib else "")
-                   if o.shards > 1 else ""))
+                + self._sharding_note())
+
+    def _sharding_note(self) -> str:
+        if self.options.shards == 1:
+            return ""
+        note = (f"; per rank, the denoiser sharded over {self.options.shards} processes (FSDP2); rank 0 first reads "
+                f"it whole: {self.loading_gib:.1f} GiB of host memory while prepare() shards it")
+        if self.total_gib > self.other_ranks_gib:  # on the CPU, where loading is rank 0's peak
+            note += f" (the other ranks peak at {self.other_ranks_gib:.1f} GiB)"
+        return note
 
 
 def estimate(opts: MemoryOptions, device: str = "cuda") -> Estimate:
