@@ -84,6 +84,7 @@ class Trainer(RunSetup, TrainStep, RunOutputs):
         self.started_at = time.time()  # kohya ss_training_started_at: when this run (not the process) started
         self.residency = None  # the encoders the caches replace, off the device / out of memory (_pre_encode)
         self.sharded = False  # FSDP: the trained weights are shards on each rank (trainer.sharding); set up by _setup
+        self.deepspeed = False  # DeepSpeed ZeRO-2 steps the weights (trainer.deepspeed_zero); set up by _setup
         self.overflow_skips = 0  # consecutive fp16 overflow steps the gradient scaler skipped (trainer.numerics)
 
     # --- run -----------------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import torch
 
 from .callbacks import SampleInfo
 from .checkpoints import checkpoint_metadata, write_checkpoint
+from .deepspeed_zero import deepspeed_training_state, master_weights
 from .fileio import atomic_write, atomic_write_json
 from .plots import save_loss_curve
 from .run_record import RunRecord
@@ -33,6 +34,8 @@ class RunOutputs:
     def _save(self, step: int, epoch: int, final: bool) -> None:
         self.acc.wait_for_everyone()
         main = self.acc.is_main_process
+        # DeepSpeed: the fp32 master weights a full fine-tune exports, gathered from every rank's slice onto rank 0
+        masters = master_weights(self.comps.denoiser) if self.deepspeed else None
         if main or self.sharded:  # sharded: validating and gathering the weights need every rank; rank 0 writes
             # the encoders come back only for a single-file export (validation encoded its inputs before step 1)
             with self._ema_weights(), self._encoders_on_device(self._save_needs_encoders()), self.acc.autocast():
@@ -40,6 +43,8 @@ class RunOutputs:
                 comps, adapters, bases = self.comps, None, None  # sharded: only the denoiser trains (trainer.sharding)
                 if self.sharded and self.net.is_full:  # gathered whole on rank 0
                     comps = dataclasses.replace(comps, denoiser=GatheredWeights(full_state_dict(comps.denoiser)))
+                elif masters is not None:
+                    comps = dataclasses.replace(comps, denoiser=GatheredWeights(masters))
                 elif self.sharded:  # adapters: they alone (and DoRA's base weights), gathered whole on rank 0
                     adapters = adapter_export_states(self.net.modules, ADAPTER)
                     bases = dora_base_weights(self.net.modules, ADAPTER)
@@ -53,7 +58,10 @@ class RunOutputs:
                                             validation=validation, adapter_states=adapters,
                                             dora_bases=bases)
             del comps, bases  # the gathered copies go before the state is gathered
-        state = training_state(self) if self.sharded and self.cfg.save.save_state else None
+        del masters
+        state = None
+        if self.cfg.save.save_state and (self.sharded or self.deepspeed):  # gathered whole on rank 0
+            state = training_state(self) if self.sharded else deepspeed_training_state(self)
         if main:
             self.checkpoints.append(info)
             self._prune()

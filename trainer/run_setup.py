@@ -26,6 +26,7 @@ from .optim import build_optimizer, build_scheduler
 from .quantized import apply_fp8_base, cast_frozen, fp8_loading
 from .param_step import FusedBackward, keep_float32_state_on_load
 from .prefetch import BatchPrefetcher
+from .deepspeed_zero import check_deepspeed_run, configure_deepspeed, uses_deepspeed
 from .sharding import check_sharded_run, is_sharded, rank0_loading, shards_weights
 from .train_step import rounding_generator
 
@@ -115,6 +116,10 @@ class RunSetup:
         self.sharded = shards_weights(self.acc)
         if self.sharded:
             check_sharded_run(cfg, self.acc.is_fsdp2)
+        # DeepSpeed ZeRO-2: whole weights on every rank, the optimizer's fp32 copy and state in slices
+        self.deepspeed = uses_deepspeed(self.acc)
+        if self.deepspeed:
+            check_deepspeed_run(cfg, self.acc.state.deepspeed_plugin.deepspeed_config)
         device = self.acc.device
         # every part is read straight into its training dtype (load_dtypes); a LoRA's adapter stays fp32 (below)
         self.dtypes = load_dtypes(cfg, precision, self.family.vae_fp32)
@@ -207,7 +212,9 @@ class RunSetup:
         names = list(self.net.modules)
         # the denoiser is placed already (with block swap, all but its swapped blocks, which accelerate would move
         # whole); a sharded one accelerate places as it shards it
-        placement = None if self.sharded else [n != comps.denoiser_name for n in names] + [True]
+        placement = None if self.sharded or self.deepspeed else [n != comps.denoiser_name for n in names] + [True]
+        if self.deepspeed:
+            configure_deepspeed(self.acc, cfg)
         prepared = self.acc.prepare(*self.net.modules.values(), self.optimizer, device_placement=placement)
         self.optimizer = prepared[-1]
         # read after prepare(): FSDP2 replaces the parameters with their shards (and after param_groups froze

@@ -215,6 +215,14 @@ def training_state(trainer) -> tuple[dict[str, dict[str, torch.Tensor]], dict[st
 def load_training_state(trainer, payload: dict[str, Any], folder) -> None:
     """Put a saved state's weights and optimizer state into the (possibly sharded) run."""
     by_name = payload.get("optimizer_keys") == OPTIMIZER_BY_NAME
+    if trainer.deepspeed:  # a state gathered by name: from a ZeRO-2 or FSDP2 run, on any number of ranks
+        if not by_name:
+            raise CrucibleError(f"training state '{folder}' was saved by a run on one GPU or with --multi_gpu; resume "
+                                "it the way it was trained")
+        from .deepspeed_zero import load_deepspeed_state
+
+        load_deepspeed_state(trainer, payload["network"], payload["optimizer"], folder)
+        return
     if not trainer.sharded:
         if by_name:
             raise CrucibleError(f"training state '{folder}' was saved by a sharded (FSDP) run; resume it with the "

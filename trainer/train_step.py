@@ -46,7 +46,7 @@ class TrainStep:
             self.fused.begin(step)
         for micro, batch_plan in enumerate(group):
             last = micro == len(group) - 1
-            sync = contextlib.nullcontext() if last or self.acc.num_processes == 1 else \
+            sync = contextlib.nullcontext() if last or self.acc.num_processes == 1 or self.deepspeed else \
                 self.acc.no_sync(self.train_comps.denoiser)
             with sync:
                 loss = self._loss(batch_plan, epoch, step, micro)
@@ -54,7 +54,11 @@ class TrainStep:
                     raise TrainingDivergedError(
                         f"loss became {loss.item()} at step {step} (epoch {epoch}); training stopped. The last "
                         "good checkpoint is kept. Lower the learning rate, or use bf16/no mixed precision")
-                self.acc.backward(loss / len(group))
+                if self.deepspeed:  # the engine steps at the group's last micro-batch; the loss is scaled here
+                    self.acc.gradient_state._set_sync_gradients(last)
+                    self.acc.backward(loss / len(group), scale_wrt_gas=False)
+                else:
+                    self.acc.backward(loss / len(group))
             total += loss.detach()
         if self.block_swap is not None:
             self.block_swap.settle()  # every swapped block back in CPU memory before the next forward
