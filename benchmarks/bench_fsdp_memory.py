@@ -40,7 +40,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 FSDP_FILE = ROOT / "docs" / "accelerate" / "fsdp2_full_finetune.yaml"
-LAUNCHES = {"full": ("one-process", "fsdp2"), "lora": ("ddp", "fsdp2")}
+DEEPSPEED_FILE = ROOT / "docs" / "accelerate" / "deepspeed_zero2.yaml"
+# per kind: the baseline, then the launches compared with it (``--launches`` picks some of them)
+LAUNCHES = {"full": ("one-process", "fsdp2", "zero2"), "lora": ("ddp", "fsdp2")}
 SHIM = re.compile(r"fsdp_cpu_shim: rank (\d) (weight bytes before sharding|shard bytes after sharding|"
                   r"peak rss kib|exit peak rss kib) (\d+)")
 FIELDS = {"weight bytes before sharding": ("weights_gib", 2**30), "shard bytes after sharding": ("shard_gib", 2**30),
@@ -79,9 +81,11 @@ def launch_argv(launch: str) -> list[str]:
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or shutil.which("accelerate")
     if not accelerate:
         raise SystemExit("accelerate's launcher is part of the accelerate package: pip install accelerate")
-    how = (["--config_file", str(FSDP_FILE), "--num_processes", "2"] if launch == "fsdp2" else
-           ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"])
-    return [accelerate, "launch", *how, "--dynamo_backend", "no", "-m", "fsdp_cpu_shim", "train", "cfg.json"]
+    how = {"fsdp2": ["--config_file", str(FSDP_FILE), "--num_processes", "2"],
+           "zero2": ["--config_file", str(DEEPSPEED_FILE), "--num_processes", "2", "--mixed_precision", "no"],
+           "ddp": ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"]}[launch]
+    shim = "deepspeed_cpu_shim" if launch == "zero2" else "fsdp_cpu_shim"
+    return [accelerate, "launch", *how, "--dynamo_backend", "no", "-m", shim, "train", "cfg.json"]
 
 
 def measure(launch: str, cfg: dict, folder: Path, timeout: int) -> dict:
@@ -116,6 +120,8 @@ def result_line(case: str, rank: int, row: dict) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kinds", nargs="*", default=list(LAUNCHES), choices=list(LAUNCHES))
+    parser.add_argument("--launches", nargs="*", help="only these of each kind's launches (its baseline always "
+                        f"runs): {sorted({x for v in LAUNCHES.values() for x in v[1:]})}")
     parser.add_argument("--res", type=int, default=512)
     parser.add_argument("--timeout", type=int, default=3600)
     parser.add_argument("--files-dir", type=Path, help="where the model file is written (default: a temp folder)")
@@ -141,8 +147,10 @@ def main(argv=None) -> int:
         data = two_image_dataset(tmp / "data", args.res)
         rows, summary = [], []
         for kind in args.kinds:
+            baseline_launch, *compared = LAUNCHES[kind]
+            compared = [c for c in compared if not args.launches or c in args.launches]
             measured = {}
-            for launch in LAUNCHES[kind]:
+            for launch in [baseline_launch, *compared]:
                 case = f"sd15-{kind}-{launch}"
                 ranks = measure(launch, run_config(kind, model, data, tmp / case / "out", args.res), tmp / case,
                                 args.timeout)
@@ -150,16 +158,17 @@ def main(argv=None) -> int:
                 for rank, row in sorted(ranks.items()):
                     print(result_line(case, rank, row), flush=True)
                     rows.append({"case": case, "rank": rank, "res": args.res, **row})
-            baseline, sharded = (measured[launch] for launch in LAUNCHES[kind])
-            for rank, row in sorted(sharded.items()):
-                base = baseline.get(rank, baseline[0])  # one process: rank 0 is what one GPU's host would hold
-                ratio = row["peak_gib"] / base["peak_gib"]
-                print(f"case=sd15-{kind} rank={rank} sharded_peak_gib={row['peak_gib']:.2f} "
-                      f"baseline_peak_gib={base['peak_gib']:.2f} baseline={LAUNCHES[kind][0]} ratio={ratio:.2f}",
-                      flush=True)
-                summary.append({"case": f"sd15-{kind}", "rank": rank, "sharded_peak_gib": row["peak_gib"],
-                                "baseline": LAUNCHES[kind][0], "baseline_peak_gib": base["peak_gib"],
-                                "ratio": round(ratio, 3)})
+            baseline = measured[baseline_launch]
+            for launch in compared:
+                for rank, row in sorted(measured[launch].items()):
+                    base = baseline.get(rank, baseline[0])  # one process: rank 0 is what one GPU's host would hold
+                    ratio = row["peak_gib"] / base["peak_gib"]
+                    print(f"case=sd15-{kind} launch={launch} rank={rank} peak_gib={row['peak_gib']:.2f} "
+                          f"baseline_peak_gib={base['peak_gib']:.2f} baseline={baseline_launch} ratio={ratio:.2f}",
+                          flush=True)
+                    summary.append({"case": f"sd15-{kind}", "launch": launch, "rank": rank,
+                                    "sharded_peak_gib": row["peak_gib"], "baseline": baseline_launch,
+                                    "baseline_peak_gib": base["peak_gib"], "ratio": round(ratio, 3)})
         if args.record:
             args.record.write_text(json.dumps({
                 "device": f"CPU: {cpu_model()}, {os.cpu_count()} cores, 2 processes (gloo)",

@@ -7,6 +7,9 @@ accelerate read from the launch's config file; ``prepare()`` then builds a real 
 optimizer (``tests/test_deepspeed_zero2.py``). Launch: ``accelerate launch --config_file <deepspeed yaml> -m
 deepspeed_cpu_shim ...`` with ``tests/`` on ``PYTHONPATH``. Nothing in ``trainer/`` imports it.
 
+Each rank reports its weight bytes around ``prepare()`` and its peak RSS as ``tests/fsdp_cpu_shim.py`` does (ZeRO-2
+keeps the weights whole: both figures are the whole module's), for ``benchmarks/bench_fsdp_memory.py``.
+
 ``CRUCIBLE_TEST_CANCEL_AT_STEP=N`` presses Cancel on rank 0 once step N has run, as ``tests/fsdp_cpu_shim.py`` does.
 """
 from __future__ import annotations
@@ -53,7 +56,11 @@ def enable_deepspeed_on_cpu() -> None:
 
 
 if __name__ == "__main__":
+    from fsdp_cpu_shim import report_peak_at_exit, report_sharding
+
+    report_peak_at_exit()  # the per-rank figures benchmarks/bench_fsdp_memory.py reads, in the FSDP shim's words
     enable_deepspeed_on_cpu()
+    report_sharding()
     if os.environ.get("CRUCIBLE_TEST_CANCEL_AT_STEP"):
         from fsdp_cpu_shim import cancel_on_rank0_at
 

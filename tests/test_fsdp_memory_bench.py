@@ -22,6 +22,7 @@ def test_the_per_rank_benchmark_reads_every_launch_and_the_shards_are_halves(tmp
     data = json.loads(record.read_text(encoding="utf-8"))
     rows = {(r["case"], r["rank"]): r for r in data["rows"]}
     assert set(rows) == {("sd15-full-one-process", 0), ("sd15-full-fsdp2", 0), ("sd15-full-fsdp2", 1),
+                         ("sd15-full-zero2", 0), ("sd15-full-zero2", 1),
                          ("sd15-lora-ddp", 0), ("sd15-lora-ddp", 1), ("sd15-lora-fsdp2", 0), ("sd15-lora-fsdp2", 1)}
     for kind in ("full", "lora"):
         whole, rank0, rank1 = (rows[f"sd15-{kind}-{c}", r] for c, r in
@@ -32,5 +33,9 @@ def test_the_per_rank_benchmark_reads_every_launch_and_the_shards_are_halves(tmp
         assert max(rank0["shard_bytes"], rank1["shard_bytes"]) <= 0.75 * whole["weights_bytes"]
         for r in (whole, rank0, rank1):
             assert 0 < r["prepare_peak_gib"] <= r["peak_gib"]
-    assert {(s["case"], s["rank"]) for s in data["ratios"]} == {("sd15-full", 0), ("sd15-full", 1),
-                                                                ("sd15-lora", 0), ("sd15-lora", 1)}
+    for rank in (0, 1):  # ZeRO-2 keeps the weights whole on every rank (it splits the optimizer's copy and state)
+        zero2 = rows["sd15-full-zero2", rank]
+        assert zero2["weights_bytes"] == zero2["shard_bytes"] == rows["sd15-full-one-process", 0]["weights_bytes"]
+    assert {(s["case"], s["launch"], s["rank"]) for s in data["ratios"]} == {
+        (case, launch, rank) for case, launch in (("sd15-full", "fsdp2"), ("sd15-full", "zero2"),
+                                                  ("sd15-lora", "fsdp2")) for rank in (0, 1)}

@@ -7,7 +7,7 @@ what the doc says, and what of them runs on 2 CPU processes (gloo) here.
   (FSDP2 ``fully_shard``). It trains as the unsharded run does (same losses, same saved weights within float
   tolerance), its checkpoint is the whole UNet, Cancel stops every rank at the same step, and a resumed run ends
   where the uninterrupted one did.
-* DeepSpeed is not installed here: its file is only parsed (checked on paper).
+* The DeepSpeed file is parsed here; it runs on 2 CPU processes in ``tests/test_deepspeed_zero2.py``.
 """
 from __future__ import annotations
 

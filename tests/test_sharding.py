@@ -56,9 +56,13 @@ def test_fsdp_version_1_is_refused():
 
 
 def test_a_sharded_state_is_not_loaded_by_an_unsharded_run_nor_the_reverse(tmp_path):
-    trainer = SimpleNamespace(sharded=False, net=None, optimizer=None)
+    trainer = SimpleNamespace(sharded=False, deepspeed=False, net=None, optimizer=None)
     with pytest.raises(CrucibleError, match="saved by a sharded"):
         load_training_state(trainer, {"optimizer_keys": "names", "network": {}, "optimizer": {}}, tmp_path)
+    trainer.deepspeed = True  # DeepSpeed ZeRO-2 reads a state gathered by name only
+    with pytest.raises(CrucibleError, match="saved by a run on one GPU or with --multi_gpu"):
+        load_training_state(trainer, {"optimizer_keys": "indices", "network": {}, "optimizer": {}}, tmp_path)
+    trainer.deepspeed = False
     trainer.sharded = True
     with pytest.raises(CrucibleError, match="saved by an unsharded"):
         load_training_state(trainer, {"optimizer_keys": "indices", "network": {}, "optimizer": {}}, tmp_path)

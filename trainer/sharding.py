@@ -225,8 +225,8 @@ def load_training_state(trainer, payload: dict[str, Any], folder) -> None:
         return
     if not trainer.sharded:
         if by_name:
-            raise CrucibleError(f"training state '{folder}' was saved by a sharded (FSDP) run; resume it with the "
-                                "same accelerate config file")
+            raise CrucibleError(f"training state '{folder}' was saved by a sharded (FSDP2) or DeepSpeed run; resume it "
+                                "with the accelerate config file it was trained with")
         trainer.net.load_state_dicts(payload["network"])
         trainer.optimizer.load_state_dict(payload["optimizer"])
         return
