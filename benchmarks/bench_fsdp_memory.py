@@ -8,6 +8,11 @@ text caches on (so the encoders leave before the denoiser is read), no checkpoin
 
 * ``full``: a full fine-tune with AdamW — one process (what one GPU would hold: the whole weights, gradients and
   AdamW states) against FSDP2 on 2 ranks (each 1/2 of them);
+* ``full``, ``zero2``: the same full fine-tune under DeepSpeed ZeRO-2 (``docs/accelerate/deepspeed_zero2.yaml``,
+  ``tests/deepspeed_cpu_shim.py``). Not measured at full size: in fp32 its two ranks need more than a 23 GiB machine
+  has (each had passed 11.4 GiB when the kernel ended the run, 2026-12-07; one process peaks at 13.5), since each
+  keeps the whole fp32 weights and gradients, DeepSpeed's gradient bucket (5e8 elements by default) and its slice
+  of the fp32 copy beside its slice of the AdamW state. ``--tiny`` runs it (the test);
 * ``lora``: a LoRA (rank 16, ``attn_mlp``) — data parallel on 2 ranks (each holds the whole frozen base) against
   FSDP2 on 2 ranks (each 1/2 of the base).
 
