@@ -13,11 +13,13 @@ What this module adds to a ZeRO-2 run (the trainer calls it on every rank, rank 
   dataloader for accelerate to read it from);
 * :func:`master_weights` / :func:`deepspeed_training_state`: the whole fp32 master weights and optimizer state,
   gathered from the slices by parameter name (``state.pt``'s ``optimizer_keys: "names"``, the format a sharded FSDP2
-  run writes), so a state saved on N ranks resumes on any number of them;
+  run writes): each rank takes its slices from whole tensors, so the number of ranks may change (by construction;
+  tested on the same 2);
 * :func:`load_deepspeed_state`: each rank takes its slices of such a state back.
 
 Tested on 2 CPU processes (gloo, ``tests/deepspeed_cpu_shim.py``: accelerate turns DeepSpeed on for GPUs only) in
-fp32; bf16 and NCCL were checked on paper only (docs/multi_gpu.md).
+fp32 and bf16 (``tests/test_deepspeed_zero2.py``); GPUs (NCCL) and CPU offload were checked on paper only
+(docs/multi_gpu.md).
 """
 from __future__ import annotations
 
