@@ -69,6 +69,23 @@ def test_a_config_file_that_disagrees_with_the_run_is_refused(ds_config, says):
         check_deepspeed_run(_config(), ds_config)
 
 
+def test_plan_refuses_what_a_zero2_launch_would_refuse(tmp_path, tiny_sd15, demo_dataset, capsys):
+    from test_sharded_memory import _plan_config
+    from trainer.cli import main
+
+    full = _plan_config(tmp_path, tiny_sd15, demo_dataset)
+    assert main(["plan", full, "--num-processes", "2", "--deepspeed"]) == 0
+    assert "DeepSpeed ZeRO-2: the estimate above is a data-parallel rank's" in capsys.readouterr().out
+    (tmp_path / "lora").mkdir()
+    lora = _plan_config(tmp_path / "lora", tiny_sd15, demo_dataset, network="lora")
+    assert main(["plan", lora, "--num-processes", "2", "--deepspeed"]) != 0
+    assert "network.network_type is 'lora'" in capsys.readouterr().err
+    assert main(["plan", full, "--deepspeed"]) != 0
+    assert "--num-processes" in capsys.readouterr().err
+    assert main(["plan", full, "--num-processes", "2", "--deepspeed", "--fsdp"]) != 0
+    assert "two different launches" in capsys.readouterr().err
+
+
 def _zero2_launch(folder: Path, cfg: dict, config_file: Path = DEEPSPEED, **kwargs) -> str:
     folder.mkdir(parents=True, exist_ok=True)
     output = launch_two_processes(folder, cfg, config_file=config_file, module="deepspeed_cpu_shim", timeout=500,

@@ -3,6 +3,7 @@
     python -m trainer train CONFIG.toml [--set training.epochs=4] [--resume RUN/state] [--force-resume]
     python -m trainer plan CONFIG.toml            # the step plan, nothing trains
     python -m trainer plan CONFIG.toml --num-processes 2 --fsdp   # ... for a sharded 2-GPU launch, per rank
+    python -m trainer plan CONFIG.toml --num-processes 2 --deepspeed   # ... what a ZeRO-2 launch would refuse
     python -m trainer preview CONFIG.toml         # captions exactly as training will see them
     python -m trainer sweep RUN_DIR --prompt "…" --seed 1 [--strengths 0.6,0.8,1.0] [--out strip.png]
     python -m trainer demo [--out demo_output]    # pre-trained tiny base + a LoRA on a new concept, end to end
@@ -61,8 +62,11 @@ def cmd_plan(args) -> int:
     cfg = _config(args)
     if args.num_processes < 1:
         raise ConfigError(f"--num-processes must be 1 or more, not {args.num_processes}")
-    if args.fsdp and args.num_processes < 2:
-        raise ConfigError("--fsdp shards the denoiser over --num-processes N processes: give N of 2 or more")
+    if args.fsdp and args.deepspeed:
+        raise ConfigError("--fsdp and --deepspeed are two different launches: give one of them")
+    for flag in ("fsdp", "deepspeed"):
+        if getattr(args, flag) and args.num_processes < 2:
+            raise ConfigError(f"--{flag} shards the run over --num-processes N processes: give N of 2 or more")
     if args.num_processes > 1:  # what the launch would refuse, before anything is estimated
         from .defaults import resolved_settings
         from .memory_options import check_run_memory_options
@@ -71,6 +75,10 @@ def cmd_plan(args) -> int:
         check_run_memory_options(cfg, resolved_settings(cfg)["mixed_precision"], args.num_processes)
         if args.fsdp:
             check_sharded_run(cfg)
+        if args.deepspeed:  # the file's own values (accumulation, clipping) are checked at launch
+            from .deepspeed_zero import check_deepspeed_run
+
+            check_deepspeed_run(cfg, {"zero_optimization": {"stage": 2}})
     source = training_source(cfg)
     print(source.report_text())
     print(compute_plan(cfg, source, args.num_processes).format())
@@ -78,6 +86,10 @@ def cmd_plan(args) -> int:
 
     # estimated peak memory (per rank when sharded), the device's memory, switches that would make it fit
     print(memory_report(cfg, shards=args.num_processes if args.fsdp else 1))
+    if args.deepspeed:
+        print("DeepSpeed ZeRO-2: the estimate above is a data-parallel rank's (whole weights, gradients and optimizer "
+              "state); ZeRO-2 splits the fp32 copy, gradients and optimizer state over the ranks, which this estimate "
+              "does not count (docs/multi_gpu.md)")
     return 0
 
 
@@ -146,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--fsdp", action="store_true",
                     help="the launch shards the denoiser over the N processes (FSDP2, docs/multi_gpu.md): the "
                          "memory estimate is per rank")
+    pl.add_argument("--deepspeed", action="store_true",
+                    help="the launch runs DeepSpeed ZeRO-2 (docs/accelerate/deepspeed_zero2.yaml): refuse what it "
+                         "would refuse")
     pl.set_defaults(fn=cmd_plan)
     pv = with_config(sub.add_parser("preview", help="print captions exactly as training will see them"))
     pv.add_argument("--images", type=int, default=4)
