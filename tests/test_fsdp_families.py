@@ -1,6 +1,7 @@
 """A LoRA with the denoiser sharded (FSDP2, 2 CPU processes, gloo, ``tests/fsdp_cpu_shim.py``) for the families the
 SD1.5 tests of ``tests/test_multi_gpu_recipe.py`` leave out, each from the files a ComfyUI user has: SDXL from its
-single-file checkpoint, SD3 from its split diffusion-model, text-encoder and VAE files.
+single-file checkpoint, SD3 from its split diffusion-model, text-encoder and VAE files. Then a full fine-tune of SDXL,
+SD3 and Flux sharded (FSDP2) and under DeepSpeed ZeRO-2 (``tests/deepspeed_cpu_shim.py``), each against DDP.
 
 Both runs fill the latent and text caches first, each rank its share, then release the encoders and read the
 denoiser (the order of ``trainer/run_setup.py``), so this is also the sharded run with caches. Each sharded run
@@ -67,3 +68,65 @@ def test_fsdp2_lora_of_each_family_trains_and_saves_the_unsharded_runs_lora(fami
     # whole tensors, not one rank's shards: the unsharded state's shapes (it names them without peft's adapter name)
     shapes = {k.replace(".default.", "."): tuple(t.shape) for k, t in adapters.items()}
     assert shapes == {k: tuple(t.shape) for k, t in reference_adapters.items()}
+
+
+@pytest.fixture(scope="module", params=["sdxl", "sd3", "flux"])
+def full_finetune_runs(request, tiny_sd15, demo_dataset, tmp_path_factory) -> tuple[str, dict[str, Path]]:
+    """(family, {launch: run folder}) of a cached full fine-tune from the family's files, launched as data parallel
+    (DDP), sharded (FSDP2) and, where DeepSpeed is installed, under ZeRO-2."""
+    import importlib.util
+
+    from test_deepspeed_zero2 import _zero2_launch
+    from test_multi_gpu_recipe import _full_finetune_config, _launch
+    from test_multiprocess import assert_ranks_agree
+
+    name = request.param
+    runs = {}
+    launches = ["ddp", "fsdp2"] + (["zero2"] if importlib.util.find_spec("deepspeed") else [])
+    for launch in launches:
+        folder = tmp_path_factory.mktemp(f"{name}-full-{launch}")
+        cfg = _full_finetune_config(tiny_sd15, demo_dataset, folder / "out")
+        cfg["model"] = _model(name, request)
+        cfg["training"].update(cache_latents=True, cache_text_embeddings=True)
+        cfg["sample"]["sample_every_n_steps"] = 0
+        output = _zero2_launch(folder, cfg) if launch == "zero2" else _launch(folder, cfg, launch == "fsdp2")
+        assert_ranks_agree(output)
+        runs[launch] = folder / "out" / "fsdp"
+    return name, runs
+
+
+@pytest.mark.slow
+def test_a_full_finetune_of_each_family_trains_alike_sharded_and_under_zero2(full_finetune_runs, request):
+    """SDXL (single file), SD3 and Flux (split files) full fine-tunes: FSDP2 (weights split) and ZeRO-2 (optimizer split)
+    train what data parallelism trains: the same losses and validation loss, a checkpoint of the whole denoiser
+    within 1% of what training changed."""
+    import torch
+
+    name, runs = full_finetune_runs
+    reference = _run_record(runs["ddp"])
+    base = _denoiser_weights(name, request)
+    want = _checkpoint(runs["ddp"], 2)
+    assert want.keys() == base.keys(), sorted(set(want) ^ set(base))[:4]
+    update = torch.sqrt(sum(((want[k].float() - base[k].float()) ** 2).sum() for k in want))
+    assert update > 0
+    for launch in [n for n in runs if n != "ddp"]:
+        record = _run_record(runs[launch])
+        assert record["status"] == "finished" and len(record["losses"]) == 2, (launch, record)
+        assert record["losses"] == pytest.approx(reference["losses"], rel=1e-5), launch
+        assert record["checkpoints"][0]["val_loss"] == pytest.approx(reference["checkpoints"][0]["val_loss"],
+                                                                     rel=1e-5), launch
+        state = _checkpoint(runs[launch], 2)
+        assert state.keys() == want.keys(), launch
+        difference = torch.sqrt(sum(((state[k].float() - want[k].float()) ** 2).sum() for k in state))
+        assert difference <= 0.01 * update, (launch, float(difference), float(update))
+
+
+def _denoiser_weights(name: str, request) -> dict:
+    """The denoiser the run started from, keyed as its full fine-tune's checkpoint is."""
+    from trainer.families import get_family
+    from trainer.config import ModelConfig
+
+    model = _model(name, request)
+    comps = get_family(name).load(ModelConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                                 for k, v in model.items()}), device="cpu")
+    return comps.denoiser.state_dict()
