@@ -241,3 +241,35 @@ def test_zero2_under_bf16_steps_fp32_master_weights_and_exports_them(tiny_sd15, 
     assert off_bf16 > 0  # fp32 values no bf16 holds: the master weights, not the bf16 module's
     (weights,) = torch.load(run_dir / "state" / "state.pt", weights_only=True)["network"].values()
     assert all(torch.equal(saved[k], weights[k]) for k in weights)
+
+
+@needs_deepspeed
+@pytest.mark.slow
+def test_zero2_with_lion_trains_as_data_parallel_and_resumes_exactly(tiny_sd15, demo_dataset, tmp_path):
+    """Another elementwise optimizer (kohya's ``Lion``: one moment, no step count): the state's keys come from the
+    optimizer, not from AdamW's, and a resumed run ends as the uninterrupted one."""
+    import torch
+
+    def config(out: Path) -> dict:
+        cfg = _three_step_config(tiny_sd15, demo_dataset, out)
+        cfg["optim"].update(optimizer="Lion", learning_rate=1e-5)
+        cfg["sample"]["sample_every_n_steps"] = 0
+        return cfg
+
+    runs = {}
+    for name in ("ddp", "zero2"):
+        cfg = config(tmp_path / name / "out")
+        output = _launch(tmp_path / name, cfg, sharded=False) if name == "ddp" else _zero2_launch(tmp_path / name, cfg)
+        assert_ranks_agree(output)
+        runs[name] = tmp_path / name / "out" / "fsdp"
+    reference = _run_record(runs["ddp"])["losses"]
+    assert _run_record(runs["zero2"])["losses"] == pytest.approx(reference, rel=1e-5)
+    _assert_same_training(_checkpoint(runs["zero2"], 3), _checkpoint(runs["ddp"], 3), _base_unet(tiny_sd15))
+    state = torch.load(runs["zero2"] / "state" / "state.pt", weights_only=True)["optimizer"]["state"]
+    assert {tuple(sorted(entry)) for entry in state.values()} == {("exp_avg",)}
+
+    cfg = config(tmp_path / "resumed" / "out")
+    run_dir = tmp_path / "resumed" / "out" / "fsdp"
+    assert_ranks_agree(_zero2_launch(tmp_path / "resumed", cfg, env={"CRUCIBLE_TEST_CANCEL_AT_STEP": "1"}))
+    assert_ranks_agree(_zero2_launch(tmp_path / "resumed", cfg, args=("--resume", str(run_dir / "state"))))
+    assert _run_record(run_dir)["losses"] == pytest.approx(_run_record(runs["zero2"])["losses"], rel=1e-6)
