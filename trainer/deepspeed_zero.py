@@ -168,7 +168,8 @@ def deepspeed_training_state(trainer) -> tuple[dict[str, dict[str, torch.Tensor]
 def load_deepspeed_state(trainer, network: dict[str, dict[str, torch.Tensor]], optimizer_state: dict[str, Any],
                          folder) -> None:
     """Each rank takes its slices of a whole saved state (every rank has read the same file): the module's weights,
-    the fp32 master weights and the optimizer state; saved on any number of ranks, by ZeRO-2 or FSDP2."""
+    the fp32 master weights and the optimizer state. Written for a state saved by ZeRO-2 on any number of ranks
+    (tested: the same 2); a state saved by FSDP2 has the same layout, but loading one here is untested."""
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     (name, module), = trainer.net.modules.items()
